@@ -1,0 +1,196 @@
+"""Artifacts of a run: atomic files (temp + fsync + rename), checksums, and the run manifest that records which
+stage finished, from which config and inputs, with which outputs, so a rerun skips finished work."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from irm.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it onto `path`.
+    A crash leaves only a `.tmp-*` file that no reader looks at. Disk-full and other OS errors become UserError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` (e.g. for `save_pretrained`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            old = path.with_name(f".old-{path.name}.{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"missing {path}: run the stage that writes it first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and rerun its stage") from e
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record and fsync: the line is on disk before the caller moves on. A torn last line (crash
+    mid-write) is skipped by `read_jsonl`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, default=_json_default) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON-lines file; a torn (partial) last line from a crash is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write: never read as data
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (config sections, upstream fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=_json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """The folder of one run and its manifest (`manifest.json`): for each completed stage, the fingerprint it was
+    made from and the checksums of its outputs."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def manifest(self) -> dict:
+        p = self.path(MANIFEST)
+        return read_json(p) if p.exists() else {"stages": {}}
+
+    def stage_record(self, stage: str) -> dict | None:
+        return self.manifest()["stages"].get(stage)
+
+    def is_complete(self, stage: str, fp: str) -> bool:
+        """True when `stage` completed with fingerprint `fp` and every output still matches its checksum."""
+        rec = self.stage_record(stage)
+        if rec is None or rec.get("fingerprint") != fp:
+            return False
+        for rel, digest in rec.get("outputs", {}).items():
+            p = self.path(rel)
+            if not p.is_file() or sha256_file(p) != digest:
+                return False
+        return True
+
+    def mark_complete(self, stage: str, fp: str, outputs: list[str | os.PathLike], **extra: Any) -> None:
+        """Record `stage` as complete; `outputs` are files (or folders, all files inside) under the run dir."""
+        files: dict[str, str] = {}
+        for out in outputs:
+            p = Path(out)
+            p = p if p.is_absolute() else self.path(str(p))
+            for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+                if f.is_file() and not f.name.startswith(".tmp-"):
+                    files[str(f.relative_to(self.root))] = sha256_file(f)
+        m = self.manifest()
+        m["stages"][stage] = {"fingerprint": fp, "completed_at": time.time(), "outputs": files, **extra}
+        write_json(self.path(MANIFEST), m)
+
+    def invalidate(self, stage: str) -> None:
+        m = self.manifest()
+        if m["stages"].pop(stage, None) is not None:
+            write_json(self.path(MANIFEST), m)

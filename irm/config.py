@@ -1,0 +1,215 @@
+"""The run configuration: one typed dataclass per stage, composed into `RunConfig`.
+
+Every stage subcommand (`python -m irm rlhf|cache|...`) and `python -m irm pipeline` read the same YAML, so one
+file describes one run. Research values (the paper's hyperparameters) are set in `configs/*.yaml` with the paper
+section they come from; the defaults here are conventions or the paper's values where a default is needed at all.
+This module imports nothing heavy: `python -m irm --help` and config errors stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """The base model M_base. `name` is one of: a registry alias (`smollm2-135m-instruct`, the embedded default;
+    `tiny-gpt-neox`, `tiny-gpt-neo`, `tiny-llama`, `tiny-gpt2`: randomly initialised from `RunConfig.seed`),
+    a hub id (`EleutherAI/pythia-70m`), a local HF directory, or a `.gguf` file."""
+
+    name: str = "smollm2-135m-instruct"
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # off unless the user turns it on: hub code runs on this machine
+    # Sizes of the tiny models (ignored for real ones).
+    tiny_layers: int = 4
+    tiny_d_model: int = 64
+
+
+@dataclass
+class CorpusConfig:
+    """Texts for PPO prompts, the activation cache, triples and evaluation. `source` is `generated` (the built-in
+    review corpus), a `datasets` hub name (`stanfordnlp/imdb`), or local json/jsonl/csv/parquet/txt file(s)."""
+
+    source: str = "generated"
+    text_column: str = "text"
+    split: str = "train"
+    eval_split: str = "test"  # held-out texts: reward evaluation, validation, ablation prompts
+    n_documents: int = 4000  # size of the generated corpus (per split); also a cap for loaded corpora
+    data_files: Optional[list[str]] = None
+
+
+@dataclass
+class RewardConfig:
+    """The RLHF reward. `lexicon`: paper eq. 3 (VADER lexicon, spaCy tokens, sum / scale, clipped).
+    `classifier`: positive-label logit of an HF sequence classifier (paper appendix F)."""
+
+    kind: Literal["lexicon", "classifier"] = "lexicon"
+    scale: float = 5.0  # eq. 3 divisor
+    clip: float = 10.0  # eq. 3 clip bound
+    spacy_pipeline: str = "blank:en"  # `blank:en` tokenises as en_core_web_md does, with no download
+    classifier: Optional[str] = None  # hub id or local dir of a sequence classifier
+    positive_label: int = 1
+    description: Optional[str] = None  # plain-language description for the explainer; None = default for kind
+
+
+@dataclass
+class RLHFConfig:
+    """PPO (paper 4.1, appendix C) through TRL 1.12's PPOTrainer."""
+
+    steps: int = 100  # PPO batches (TRL: total_episodes = steps * batch_size)
+    batch_size: int = 64
+    mini_batch_size: int = 16
+    ppo_epochs: int = 4  # TRL default num_ppo_epochs
+    learning_rate: float = 1.0e-6
+    kl_coef: float = 0.5
+    max_grad_norm: float = 1.0
+    prompt_min_tokens: int = 2
+    prompt_max_tokens: int = 10
+    response_length: int = 20
+    temperature: float = 1.0
+    checkpoint_every: int = 10  # steps between full-state checkpoints
+    bf16: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    """Paper table 7: mean reward of completions to held-out prefixes, base vs tuned."""
+
+    n: int = 1000
+    prefix_tokens: int = 30
+    new_tokens: int = 30
+    batch_size: int = 32
+
+
+@dataclass
+class DivergenceConfig:
+    top_k: int = 5  # paper 4.2
+
+
+@dataclass
+class CacheConfig:
+    """MLP activations of the chosen layers over the corpus (paper 4.2)."""
+
+    layers: Optional[list[int]] = None  # None: the divergence stage's top-k layers
+    site: Literal["mlp_out", "mlp_hidden"] = "mlp_out"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = 64  # tokens per document
+    batch_size: int = 16
+    n_documents: Optional[int] = None  # None: the whole corpus split
+    shard_rows: int = 65536
+
+
+@dataclass
+class SAEConfig:
+    """Sparse autoencoders (paper 4.2, appendix D)."""
+
+    expansions: list[int] = field(default_factory=lambda: [1, 2])  # dictionary sizes as multiples of d_model
+    l1_coefficient: float = 1.0e-3
+    learning_rate: float = 1.0e-3
+    batch_size: int = 32
+    epochs: int = 3
+    tied: bool = True
+    val_fraction: float = 0.05
+    trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
+
+
+@dataclass
+class DictionariesConfig:
+    top_k: int = 10  # shared feature pairs per layer (paper E.1)
+
+
+@dataclass
+class ExplainConfig:
+    """Feature descriptions and reward labels (paper 4.4, E.1, F)."""
+
+    backend: Literal["offline", "local", "openai"] = "offline"
+    model: Optional[str] = None  # openai: model name; local: registry alias / hub id / dir (default embedded)
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key itself is never in a config
+    concurrency: int = 4
+    max_retries: int = 5
+    timeout: float = 60.0
+    max_features: Optional[int] = None  # per layer and dictionary; None: every shared feature
+    window: int = 32  # tokens per example window
+    n_top: int = 10  # top-activating windows shown
+    n_quantile: int = 5  # windows sampled from lower quantiles
+    score: bool = True  # detection scoring of each explanation
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TriplesConfig:
+    """Contrastive (positive, neutral, negative) inputs (paper E.2)."""
+
+    n: int = 2000  # maximum number of triples
+    substitution: Literal["lexicon", "llm"] = "lexicon"
+    multi_token: Literal["skip", "pool"] = "skip"
+    heldout_fraction: float = 0.2  # lexicon words never used in triples: measure generalisation
+    max_length: int = 64
+
+
+@dataclass
+class RegressionConfig:
+    """Sentiment activation deltas and the linear IRM R (paper 4.3, E.2)."""
+
+    batch_size: int = 64
+    learning_rate: float = 1.0e-2
+    weight_decay: float = 1.0e-4  # ridge
+    epochs: int = 50
+    val_fraction: float = 0.1
+    trainer: dict = field(default_factory=dict)
+
+
+@dataclass
+class LexiconConfig:
+    """Lexicon reconstruction and Kendall tau (paper 5.1, H, I)."""
+
+    contexts_per_word: int = 5
+    bootstrap: int = 1000
+    sample_size: int = 20  # rows of the table 3/10-style sample
+    percentiles: list[float] = field(default_factory=lambda: [10.0, 90.0])  # mapped onto [-4, 4]
+
+
+@dataclass
+class ValidateConfig:
+    threshold: float = 3.0  # paper table 6: inputs where R predicts delta > 3
+    n_inputs: int = 500
+
+
+@dataclass
+class AblateConfig:
+    """Zero-ablation of the labelled features (paper 5.2, table 5) with controls."""
+
+    n_prompts: int = 200
+    new_tokens: int = 30
+    prefix_tokens: int = 30
+    random_draws: int = 5
+    modes: list[str] = field(default_factory=lambda: ["reconstruction", "error"])
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    """One run: every artifact lives in `run_dir`."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N for the non-Lightning stages
+    log_dir: str = "lightning_logs"  # TensorBoard root; each stage logs under <log_dir>/<run name>/<stage>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    dictionaries: DictionariesConfig = field(default_factory=DictionariesConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    triples: TriplesConfig = field(default_factory=TriplesConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    lexicon: LexiconConfig = field(default_factory=LexiconConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
