@@ -30,7 +30,7 @@ STAGES = {
     "explain": ("irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)"),
     "triples": ("irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)"),
     "deltas": ("irm.deltas", "8. sentiment activation deltas through the spliced SAEs (paper 4.3)"),
-    "regression": ("irm.regression_stage", "8. fit the linear IRM R on the deltas (paper 4.3, E.2)"),
+    "regression": ("irm.regression", "8. fit the linear IRM R on the deltas (paper 4.3, E.2)"),
     "lexicon": ("irm.lexicon", "9. reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)"),
     "validate-features": ("irm.validate", "10. activation frequency of labelled features where R > 3 (table 6)"),
     "ablate": ("irm.ablation", "11. reward before/after ablating labelled features, with controls (table 5)"),
