@@ -1,0 +1,1 @@
+"""Texts for PPO prompts, the activation cache, triples and evaluation (loaders arrive next)."""
