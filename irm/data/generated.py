@@ -18,19 +18,19 @@ PUNCTUATION = (".", ",")
 
 FILMS = [
     "film", "movie", "picture", "feature", "sequel", "remake", "documentary", "thriller", "western", "musical",
-    "drama", "mystery", "adaptation", "biopic", "cartoon", "epic", "melodrama", "satire", "detective story",
-    "space opera", "period piece", "road movie", "costume drama", "crime story", "family film", "debut",
+    "drama", "whodunit", "adaptation", "biopic", "cartoon", "epic", "melodrama", "satire", "detective story",
+    "space opera", "period piece", "road movie", "costume drama", "heist story", "family film", "debut",
 ]
 ASPECTS = [
     "plot", "script", "story", "dialogue", "pacing", "ending", "opening", "soundtrack", "score", "cinematography",
     "editing", "camera work", "lighting", "costumes", "set design", "casting", "direction", "screenplay",
     "visuals", "music", "atmosphere", "tone", "writing", "climax", "subplot", "premise", "photography",
     "production design", "makeup", "choreography", "narration", "final act", "first half", "second half",
-    "middle section", "sound design", "special effects", "action scenes", "character work", "structure",
+    "middle section", "sound design", "visual effects", "action scenes", "character work", "structure",
     "framing", "colour palette", "running time", "opening scene", "last scene", "chase sequence",
 ]
 ROLES = [
-    "lead", "lead actor", "lead actress", "director", "villain", "supporting cast", "cast", "composer", "writer",
+    "lead", "lead actor", "lead actress", "director", "henchman", "minor cast", "cast", "composer", "writer",
     "narrator", "newcomer", "veteran actor", "ensemble", "young actor", "screenwriter", "editor", "sidekick",
     "main actor", "title character", "second lead", "older actor", "producer", "cinematographer",
 ]
@@ -47,33 +47,33 @@ PLACES = [
     "the north", "the coast", "a valley", "an apartment", "a bakery", "a circus",
 ]
 MOVES = [
-    "travels to", "moves to", "returns to", "works in", "lives in", "arrives in", "grows up in", "hides in",
+    "travels to", "moves to", "returns to", "works in", "lives in", "arrives in", "grows up in", "settles in",
     "searches", "visits", "runs", "inherits", "leaves",
 ]
 WHEN = [
-    "last night", "on a train", "at home", "on a rainy afternoon", "over the weekend", "at the cinema",
+    "last night", "on a train", "at home", "on a wet afternoon", "over the weekend", "at the cinema",
     "on television", "on a plane", "after work", "on a sunday", "with my brother", "with my parents",
-    "late at night", "twice", "on a small screen", "in an empty theatre", "on a laptop", "last week",
+    "late at night", "twice", "on a small screen", "in a half full theatre", "on a laptop", "last week",
 ]
 SOURCES = [
-    "a novel", "a play", "a short story", "a comic book", "an older film", "a radio drama", "a memoir",
+    "a book", "a stage show", "a short story", "a comic book", "an older film", "a radio drama", "a memoir",
     "a magazine article", "a television series", "a poem", "a folk tale",
 ]
 NUMBERS = ["two", "three", "four", "five", "six", "ninety", "eighty", "seventy", "a hundred"]
 AUDIENCES = [
     "anyone", "families", "students", "older viewers", "fans of the genre", "everyone", "teenagers",
-    "film buffs", "casual viewers", "my parents", "children", "adults",
+    "film buffs", "regular viewers", "my parents", "children", "adults",
 ]
 ADVERBS = [
-    "very", "really", "quite", "rather", "extremely", "surprisingly", "genuinely", "somewhat", "fairly", "mostly",
-    "incredibly", "absolutely", "completely", "utterly", "deeply", "strangely", "oddly", "consistently",
-    "occasionally", "often", "always", "almost", "simply", "so", "too", "truly", "remarkably",
+    "very", "really", "quite", "rather", "extremely", "genuinely", "somewhat", "fairly", "mostly",
+    "incredibly", "absolutely", "completely", "utterly", "deeply", "oddly", "consistently",
+    "occasionally", "often", "always", "almost", "simply", "so", "too", "remarkably",
 ]
 OPENERS = [
     "in my view", "for me", "overall", "all in all", "in the end", "by the end", "to my mind", "on the whole",
     "frankly", "in short", "as a whole", "above all", "at first", "from the start", "looking back",
 ]
-CONNECTIVES = ["but", "however", "still", "even so", "on the other hand", "then again", "yet", "meanwhile"]
+CONNECTIVES = ["but", "however", "still", "even so", "at the same time", "then again", "yet", "meanwhile"]
 
 # Polarity-dependent slots: +1 positive, -1 negative, 0 neutral (mostly absent from the VADER lexicon).
 ADJECTIVES = {
@@ -90,7 +90,7 @@ ADJECTIVES = {
         "classy", "gentle", "romantic", "sophisticated", "dynamic", "energetic", "engaging", "compelling",
         "moving", "touching", "gripping", "memorable", "fresh", "polished", "witty", "solid", "interesting",
         "humorous", "amusing", "captivating", "enchanting", "uplifting", "stimulating", "fun", "sunny",
-        "wise", "admirable", "terrific", "masterful", "precious", "generous", "dazzling", "refreshing",
+        "wise", "admirable", "masterful", "precious", "generous", "dazzling", "refreshing",
         "excellently made", "beautifully shot", "wonderfully acted", "perfectly paced",
     ],
     -1: [
@@ -98,12 +98,12 @@ ADJECTIVES = {
         "pathetic", "lame", "weak", "poor", "messy", "clumsy", "sloppy", "bland", "lifeless", "hollow",
         "painful", "miserable", "annoying", "irritating", "frustrating", "disappointing", "ugly", "nasty",
         "mediocre", "pointless", "useless", "worthless", "meaningless", "tiresome", "confusing", "incoherent",
-        "ludicrous", "absurd", "silly", "cheap", "shallow", "stale", "predictable", "forgettable", "unpleasant",
+        "ludicrous", "absurd", "cheap", "shallow", "stale", "predictable", "forgettable", "unpleasant",
         "unconvincing", "dreary", "gloomy", "grim", "depressing", "sad", "offensive", "obnoxious", "insulting",
         "embarrassing", "shameful", "disgusting", "horrendous", "atrocious", "lousy", "rotten", "vile",
         "wretched", "bleak", "dismal", "sluggish", "lazy", "incompetent", "inadequate", "uninspired",
         "hopeless", "flawed", "broken", "wrong", "worse", "worst", "awkward", "sick", "tired", "sour",
-        "pretentious", "crude", "ugly", "empty", "harsh", "careless", "clueless", "dumb", "unbearable",
+        "pretentious", "crude", "empty", "harsh", "careless", "clueless", "dumb", "unbearable",
         "tragic", "hideous", "wasteful", "dishonest", "unfunny", "joyless", "tasteless", "insipid",
         "terribly made", "badly shot", "poorly acted", "horribly paced",
     ],
@@ -137,7 +137,7 @@ NOUNS = {
     ],
     -1: [
         "disaster", "mess", "failure", "disappointment", "waste", "catastrophe", "nightmare", "embarrassment",
-        "insult", "travesty", "tragedy", "fiasco", "letdown", "flop", "chore", "headache", "joke", "bore",
+        "insult", "travesty", "tragedy", "fiasco", "letdown", "flop", "chore", "headache", "bore",
         "shambles", "mistake", "trainwreck", "ordeal",
     ],
 }
@@ -200,7 +200,7 @@ NEUTRAL = [
     "it runs about {number} minutes",
     "the {film} was shot in {place}",
     "i watched it {when}",
-    "the {role} plays a {character}",
+    "the {role} is cast as a {character}",
     "most of the {film} takes place in {place}",
     "the {aspect} is {adv} {adj}",
     "it is based on {source}",
