@@ -74,9 +74,10 @@ def open_run_dir(cfg: RunConfig) -> Path:
     if ident_path.exists():
         recorded = read_json(ident_path)
         if recorded.get("identity") != identity:
+            was = recorded.get("identity", {}).get("model", {}).get("name")
             raise UserError(
-                f"run_dir {root} was made by a different config (model {recorded.get('identity', {}).get('model', {})"
-                f".get('name')!r}, this config has {cfg.model.name!r}); choose a new run_dir or delete the old one"
+                f"run_dir {root} was made by a different config (model {was!r}, this config has "
+                f"{cfg.model.name!r}); choose a new run_dir or delete the old one"
             )
     else:
         root.mkdir(parents=True, exist_ok=True)

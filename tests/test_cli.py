@@ -1,0 +1,68 @@
+"""The command line: help lists every stage, config errors end in one line with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from irm.cli import LIGHTNING, STAGES
+
+RESERVED = ["rlhf", "evaluate-reward", "divergence", "cache", "dictionaries", "explain", "triples", "lexicon",
+            "ablate", "report", "pipeline"]
+
+
+def irm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "irm", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    out = irm("--help")
+    assert out.returncode == 0
+    for name in [*LIGHTNING, *RESERVED]:
+        assert f"  {name} " in out.stdout, name
+    assert set(RESERVED) <= set(STAGES)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from irm.cli import main; main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rlhf.stepz", "3"], "stepz"),                       # misspelled key
+    (["--rlhf.steps", "many"], "steps"),                    # wrong type
+    (["--config", "no/such/file.yaml"], "no/such/file.yaml"),  # missing config file
+    (["--explain.backend", "gpt5"], "backend"),             # value outside the allowed set
+])
+def test_config_errors_are_one_line_exit_2(args, needle, tmp_path):
+    out = irm("rlhf", *args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_misspelled_key_in_yaml_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("run_dir: r\nsae:\n  epocs: 3\n")
+    out = irm("sae", "--config", "c.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "epocs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_print_config_round_trips(tmp_path):
+    out = irm("cache", "--config", "configs/tiny.yaml".replace("configs", str(__import__("pathlib").Path(__file__)
+                                                                               .parents[1] / "configs")),
+              "--cache.max_length", "17", "--print_config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "printed.yaml").write_text(out.stdout)
+    from irm.cli import parse_config
+
+    cfg = parse_config("cache", ["--config", str(tmp_path / "printed.yaml")])
+    assert cfg.cache.max_length == 17
+    assert cfg.model.name == "tiny-gpt-neox"
+
+
+def test_unknown_command_exit_2():
+    out = irm("frobnicate")
+    assert out.returncode == 2 and "frobnicate" in out.stderr
