@@ -1,0 +1,235 @@
+"""Stage 5 (paper section 2, eq. 2; appendix E.1): how much two dictionaries of one layer agree (MMCS) and which
+features they share.
+
+Two definitions are computed and always labelled:
+- `max` (the paper's eq. 2): for each row d of the small dictionary, the largest cosine similarity to any row of the
+  large one, averaged over the small dictionary. Several small rows may pick the same large row.
+- `hungarian` (what the authors' code computed): a one-to-one matching of small rows to large rows that maximises
+  the summed cosine (`scipy.optimize.linear_sum_assignment`, equivalent to minimising 1 - cos), averaged.
+Every row of the small dictionary contributes at most as much under `hungarian` as under `max`, so max >= hungarian.
+
+Shared features are the top-k pairs of the `max` matching: the rows of D that "realise the highest contribution to
+the MMCS" (the paper's D_g). A pair holds an index into *each* dictionary; the authors' code indexed the large
+dictionary with the small one's index, which this module never does.
+
+Zero-norm rows (a feature whose decoder row is exactly zero, e.g. a dead tied feature) have no direction: their
+cosine with anything is defined as 0. They are counted and reported, not dropped, so |D| stays the dictionary size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+from irm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("max", "hungarian")
+# Cosine entries held at once by the chunked `max` search (float64: 32 MiB). A 4096 x 8192 pair of dictionaries
+# would need 256 MiB for the full matrix; the chunked search needs this much whatever the sizes.
+CHUNK_ELEMENTS = 1 << 22
+# Row norms at or below this are zero rows (no direction). Decoder rows of live features are O(1e-3) or larger.
+ZERO_NORM = 1e-12
+
+
+class Pair(NamedTuple):
+    """A matched feature pair: `small` indexes the small dictionary, `large` the large one."""
+
+    small: int
+    large: int
+    cosine: float
+
+
+def _as_float64(dictionary, device=None):
+    import torch
+
+    t = torch.as_tensor(dictionary)
+    if t.ndim != 2:
+        raise ValueError(f"a dictionary is a 2-D [features, width] matrix, got shape {tuple(t.shape)}")
+    return t.to(device=device if device is not None else t.device, dtype=torch.float64)
+
+
+def _unit_rows(d_FW):
+    """Rows scaled to unit norm; zero rows stay zero (so their cosine with anything is 0). Returns (unit, n_zero)."""
+    norms_F = d_FW.norm(dim=1, keepdim=True)
+    zero_F = norms_F <= ZERO_NORM
+    unit_FW = d_FW / norms_F.masked_fill(zero_F, 1.0)
+    unit_FW.masked_fill_(zero_F, 0.0)
+    return unit_FW, int(zero_F.sum())
+
+
+def _row_chunks(n_rows: int, n_cols: int, chunk_elements: int):
+    step = max(1, chunk_elements // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _check(small, large, method: str):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if small.shape[1] != large.shape[1]:
+        raise ValueError(f"dictionaries of different widths: {small.shape[1]} vs {large.shape[1]}")
+    if small.shape[0] == 0 or large.shape[0] == 0:
+        raise ValueError("an empty dictionary has no MMCS")
+    if method == "hungarian" and small.shape[0] > large.shape[0]:
+        raise ValueError(
+            f"hungarian matching needs the small dictionary first ({small.shape[0]} rows > {large.shape[0]})"
+        )
+
+
+def mmcs(small, large, method: str = "max", *, device=None,
+         chunk_elements: int = CHUNK_ELEMENTS) -> tuple[float, list[Pair]]:
+    """MMCS of dictionary `small` [n, width] against `large` [m, width] (torch tensors or numpy arrays).
+
+    Returns (score, pairs): `pairs` has one `Pair` per matched small row (every row for `max`; all n rows for
+    `hungarian`, which needs n <= m), sorted by cosine descending (ties: small index ascending); `score` is the
+    mean of their cosines. The top-k shared features are `pairs[:k]`. Computed in float64 on `device` (default:
+    where `small` lives). `max` holds at most `chunk_elements` cosines at once; `hungarian` needs the full n x m
+    matrix (the assignment solver takes it whole).
+    """
+    import numpy as np
+    import torch
+
+    small_NW = _as_float64(small, device)
+    large_MW = _as_float64(large, small_NW.device)
+    _check(small_NW, large_MW, method)
+    unit_small_NW, _ = _unit_rows(small_NW)
+    unit_large_MW, _ = _unit_rows(large_MW)
+    n, m = unit_small_NW.shape[0], unit_large_MW.shape[0]
+
+    if method == "max":
+        best_N = torch.empty(n, dtype=torch.float64, device=unit_small_NW.device)
+        arg_N = torch.empty(n, dtype=torch.long, device=unit_small_NW.device)
+        for lo, hi in _row_chunks(n, m, chunk_elements):
+            best_N[lo:hi], arg_N[lo:hi] = (unit_small_NW[lo:hi] @ unit_large_MW.T).max(dim=1)
+        rows = np.arange(n)
+        cols = arg_N.cpu().numpy()
+        cos = best_N.cpu().numpy()
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        # The cost 1 - cos is filled in place chunk by chunk: the n x m float64 matrix is the only full-size array
+        # (`maximize=True` on cos would make scipy hold a negated copy as well).
+        cost_NM = np.empty((n, m), dtype=np.float64)
+        for lo, hi in _row_chunks(n, m, chunk_elements):
+            cost_NM[lo:hi] = (1.0 - unit_small_NW[lo:hi] @ unit_large_MW.T).cpu().numpy()
+        rows, cols = linear_sum_assignment(cost_NM)
+        cos = 1.0 - cost_NM[rows, cols]
+    # Rounding can put a unit vector's cosine with itself a hair above 1.
+    cos = np.clip(cos, -1.0, 1.0)
+    order = np.lexsort((rows, -cos))
+    pairs = [Pair(int(rows[i]), int(cols[i]), float(cos[i])) for i in order]
+    return float(cos.mean()), pairs
+
+
+def zero_rows(dictionary) -> int:
+    """Number of rows with no direction (norm <= ZERO_NORM): their cosine with anything counts as 0."""
+    return _unit_rows(_as_float64(dictionary))[1]
+
+
+def compare_layer(small, large, top_k: int, device=None) -> dict:
+    """The mmcs.json record of one layer: both scores, the top-k shared pairs (max matching) and a summary of
+    the per-feature max cosines."""
+    import numpy as np
+
+    score_max, pairs_max = mmcs(small, large, "max", device=device)
+    score_hungarian, pairs_hungarian = mmcs(small, large, "hungarian", device=device)
+    best = np.array([p.cosine for p in pairs_max])
+    return {
+        "max": score_max,
+        "hungarian": score_hungarian,
+        "pairs": [p._asdict() for p in pairs_max[:top_k]],
+        "hungarian_pairs": [p._asdict() for p in pairs_hungarian[:top_k]],
+        "max_cosine": {
+            "mean": float(best.mean()),
+            "median": float(np.median(best)),
+            "min": float(best.min()),
+            "max": float(best.max()),
+        },
+        "sizes": [int(small.shape[0]), int(large.shape[0])],  # [small, large] rows
+        "width": int(small.shape[1]),
+        "zero_rows": {"small": zero_rows(small), "large": zero_rows(large)},
+    }
+
+
+def _expansion_pair(cfg) -> tuple[int, int]:
+    expansions = sorted(set(cfg.sae.expansions))
+    if len(expansions) < 2:
+        raise UserError(
+            f"sae.expansions={cfg.sae.expansions} gives one dictionary per layer; MMCS compares two: "
+            "set sae.expansions: [1, 2] and rerun `python -m irm sae`"
+        )
+    return expansions[0], expansions[-1]
+
+
+def _load_dictionary(run_dir: Path, layer: int, expansion: int):
+    import torch
+
+    from irm.sae import load_sae, sae_dir
+
+    path = sae_dir(run_dir, layer, expansion)
+    if not path.exists():
+        raise UserError(f"missing SAE {path}: run `python -m irm sae` first")
+    with torch.no_grad():
+        return load_sae(path).dictionary.detach().cpu()
+
+
+def run(cfg) -> None:
+    """Compare the small and large dictionary of every chosen layer; write `<run_dir>/mmcs.json` and log the
+    scores to TensorBoard under `<log_dir>/<run name>/dictionaries`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from irm.artifacts import RunDir, write_json
+    from irm.divergence import chosen_layers
+    from irm.runtime import progress, resolve_device, seed_all
+    from irm.stages import mark_done
+
+    if cfg.dictionaries.top_k < 1:
+        raise UserError(f"dictionaries.top_k={cfg.dictionaries.top_k}: must be at least 1")
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    run_dir = RunDir(cfg.run_dir)
+    layers = chosen_layers(cfg)
+    small_e, large_e = _expansion_pair(cfg)
+
+    records = {}
+    for layer in progress(layers, desc="dictionaries", unit="layer"):
+        small = _load_dictionary(run_dir.root, layer, small_e)
+        large = _load_dictionary(run_dir.root, layer, large_e)
+        if small.shape[1] != large.shape[1]:
+            raise UserError(
+                f"layer {layer}: the x{small_e} and x{large_e} SAEs have different input widths "
+                f"({small.shape[1]} vs {large.shape[1]}); rerun `python -m irm sae` for this run_dir"
+            )
+        rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device)
+        rec["dictionaries"] = {"small": f"x{small_e}", "large": f"x{large_e}"}
+        if rec["zero_rows"]["small"] or rec["zero_rows"]["large"]:
+            log.warning("layer %d: %d/%d zero rows in x%d/x%d (cosine 0 with anything)", layer,
+                        rec["zero_rows"]["small"], rec["zero_rows"]["large"], small_e, large_e)
+        records[str(layer)] = rec
+
+    out = run_dir.path("mmcs.json")
+    write_json(out, {
+        "definitions": {
+            "max": "paper eq. 2: mean over the small dictionary of the max cosine to any large-dictionary row",
+            "hungarian": "authors' code: mean cosine of a one-to-one matching maximising the summed cosine",
+            "pairs": "top-k pairs of the max matching (small index, large index, cosine)",
+            "zero_rows": "rows with zero norm; their cosine with anything counts as 0",
+        },
+        "top_k": cfg.dictionaries.top_k,
+        "layers": records,
+    })
+
+    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).name / "dictionaries"))
+    try:
+        for layer in layers:
+            rec = records[str(layer)]
+            writer.add_scalar("mmcs/max", rec["max"], global_step=layer)
+            writer.add_scalar("mmcs/hungarian", rec["hungarian"], global_step=layer)
+            writer.add_scalar("max_cosine/median", rec["max_cosine"]["median"], global_step=layer)
+    finally:
+        writer.close()
+
+    mark_done(cfg, "dictionaries", [out])

@@ -1,0 +1,159 @@
+"""Stage 2 (paper 4.2, appendix G, figure 4): how far each transformer block moved during RLHF.
+
+A block's divergence is the sum, over its parameter tensors (weights and biases, attention and LayerNorm included),
+of the Frobenius norm of theta_base - theta_RLHF. Blocks are ranked by it; the top k are the layers the cache, SAE
+and later stages work on (`chosen_layers`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from irm.errors import UserError
+
+OUTPUT_JSON = "divergence.json"
+OUTPUT_PNG = "divergence.png"
+
+
+def _block_parameters(model, i: int) -> dict:
+    """Block i's parameters keyed by their name relative to the block (`attention.dense.weight`), so blocks of two
+    models line up by name whatever their class prefixes."""
+    from irm.models import block_prefix
+
+    prefix = block_prefix(model, i)
+    return {name[len(prefix):]: p for name, p in model.named_parameters() if name.startswith(prefix)}
+
+
+def layer_divergence(base, tuned) -> list[float]:
+    """One value per block, in block order: sum over the block's parameters of ||base - tuned||_F.
+
+    Raises UserError when the two models do not have the same blocks, parameter names and shapes."""
+    import torch
+
+    from irm.models import n_layers
+
+    n_base, n_tuned = n_layers(base), n_layers(tuned)
+    if type(base) is not type(tuned) or n_base != n_tuned:
+        raise UserError(
+            f"base ({type(base).__name__}, {n_base} blocks) and tuned ({type(tuned).__name__}, {n_tuned} blocks) "
+            "models differ in architecture; the tuned policy must be fine-tuned from model.name"
+        )
+    values = []
+    with torch.no_grad():
+        for i in range(n_base):
+            params_base, params_tuned = _block_parameters(base, i), _block_parameters(tuned, i)
+            if params_base.keys() != params_tuned.keys():
+                diff = sorted(params_base.keys() ^ params_tuned.keys())
+                raise UserError(
+                    f"block {i}: base and tuned have different parameters ({', '.join(diff[:4])}); "
+                    "the tuned policy must be fine-tuned from model.name"
+                )
+            total = 0.0
+            for name, p in params_base.items():
+                q = params_tuned[name]
+                if p.shape != q.shape:
+                    raise UserError(
+                        f"block {i}: parameter {name} has shape {tuple(p.shape)} in base and {tuple(q.shape)} in "
+                        "tuned; the tuned policy must be fine-tuned from model.name"
+                    )
+                # float64: bf16/fp16 differences of nearby weights would round away in their own precision.
+                total += float((p.detach().to(torch.float64) - q.detach().to(p.device, torch.float64)).norm())
+            values.append(total)
+    return values
+
+
+def rank_layers(values: list[float], k: int) -> tuple[list[int], list[int]]:
+    """(all blocks by divergence descending, the first k of them); ties keep block order."""
+    if not 1 <= k <= len(values):
+        raise UserError(f"divergence.top_k={k} must be between 1 and the model's {len(values)} blocks")
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return order, order[:k]
+
+
+def plot_divergence(values: list[float], top_k: list[int], path, title: str) -> None:
+    """Figure 4: one bar per block, the top-k highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from irm.artifacts import atomic_path
+
+    chosen = set(top_k)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(values) + 2.0), 3.2))
+    try:
+        ax.bar(range(len(values)), values, color=["tab:red" if i in chosen else "tab:gray" for i in range(len(values))])
+        ax.set_xlabel("layer (transformer block)")
+        ax.set_ylabel("sum of ||base - tuned||_F")
+        ax.set_title(title)
+        ax.set_xticks(range(len(values)))
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:red")], labels=[f"top {len(top_k)}"])
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def chosen_layers(cfg, n_layers: int | None = None) -> list[int]:
+    """The layers later stages work on, in ascending order: `cache.layers` when set, else divergence.json's top-k.
+
+    Indices are checked against the model's block count: `n_layers` when the caller has the model, else the length
+    of divergence.json's values when that file exists. UserError when no layers can be determined or one is out of
+    range."""
+    from irm.artifacts import read_json
+
+    path = Path(cfg.run_dir) / OUTPUT_JSON
+    saved = read_json(path) if path.exists() else None
+    if n_layers is None and saved is not None:
+        n_layers = len(saved["values"])
+    if cfg.cache.layers is not None:
+        layers = list(cfg.cache.layers)
+        source = "cache.layers"
+        if not layers:
+            raise UserError("cache.layers is empty; list layer indices or remove it to use the divergence top-k")
+        if len(set(layers)) != len(layers):
+            raise UserError(f"cache.layers={layers} repeats a layer; list each layer once")
+    elif saved is not None:
+        if saved.get("k") != cfg.divergence.top_k:
+            raise UserError(
+                f"{path} holds the top {saved.get('k')} layers but divergence.top_k={cfg.divergence.top_k}; "
+                "rerun `python -m irm divergence`"
+            )
+        layers = list(saved["top_k"])
+        source = str(path)
+    else:
+        raise UserError(f"no layers chosen: set cache.layers or run `python -m irm divergence` first ({path} missing)")
+    for layer in layers:
+        if layer < 0 or (n_layers is not None and layer >= n_layers):
+            bound = f"0..{n_layers - 1}" if n_layers is not None else "non-negative"
+            raise UserError(f"layer {layer} from {source} is out of range (the model's blocks are {bound})")
+    return sorted(layers)
+
+
+def run(cfg) -> None:
+    """Load base and tuned models, write divergence.json and divergence.png, record the stage as complete."""
+    from irm.artifacts import RunDir, write_json
+    from irm.models import load_model, load_tuned
+    from irm.runtime import resolve_device, seed_all
+    from irm.stages import mark_done
+
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    base, _ = load_model(cfg.model, cfg.seed, device=device)
+    tuned, _ = load_tuned(cfg, device=device)
+    values = layer_divergence(base, tuned)
+    order, top_k = rank_layers(values, cfg.divergence.top_k)
+
+    run_dir = RunDir(cfg.run_dir)
+    json_path, png_path = run_dir.path(OUTPUT_JSON), run_dir.path(OUTPUT_PNG)
+    write_json(json_path, {
+        "values": values,
+        "order": order,
+        "top_k": top_k,
+        "k": cfg.divergence.top_k,
+        "model": cfg.model.name,
+        "measure": "per block: sum over parameter tensors of the Frobenius norm of (base - tuned)",
+    })
+    plot_divergence(values, top_k, png_path, title=f"{cfg.model.name}: per-layer divergence after RLHF")
+    mark_done(cfg, "divergence", [json_path, png_path])

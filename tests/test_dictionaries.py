@@ -1,0 +1,247 @@
+"""MMCS (paper eq. 2) both ways, checked against brute force; shared-pair indexing; the dictionaries stage."""
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from irm.dictionaries import Pair, mmcs
+
+torch.set_num_threads(1)
+
+
+def brute_cos(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    na = np.linalg.norm(a, axis=1, keepdims=True)
+    nb = np.linalg.norm(b, axis=1, keepdims=True)
+    ua = np.where(na > 0, a / np.where(na > 0, na, 1), 0)
+    ub = np.where(nb > 0, b / np.where(nb > 0, nb, 1), 0)
+    return ua @ ub.T
+
+
+def brute_max(a, b):
+    return brute_cos(a, b).max(axis=1).mean()
+
+
+def brute_hungarian(a, b):
+    """Best one-to-one matching by trying every injection of small rows into large rows."""
+    cos = brute_cos(a, b)
+    n, m = cos.shape
+    best = max(sum(cos[i, j] for i, j in enumerate(perm)) for perm in itertools.permutations(range(m), n))
+    return best / n
+
+
+def rng_dicts(seed, n, m, d):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.standard_normal((m, d))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_max_matches_bruteforce_numpy(seed):
+    small, large = rng_dicts(seed, 37, 81, 12)
+    score, pairs = mmcs(small, large, "max")
+    cos = brute_cos(small, large)
+    assert score == pytest.approx(brute_max(small, large), abs=1e-12)
+    assert len(pairs) == 37
+    for p in pairs:
+        assert p.cosine == pytest.approx(cos[p.small].max(), abs=1e-12)
+        assert cos[p.small, p.large] == pytest.approx(cos[p.small].max(), abs=1e-12)
+    assert sorted(p.small for p in pairs) == list(range(37))
+
+
+@pytest.mark.parametrize("seed,n,m", [(0, 3, 3), (1, 4, 6), (2, 5, 7), (3, 6, 6), (4, 2, 8)])
+def test_hungarian_matches_exhaustive_permutation_search(seed, n, m):
+    small, large = rng_dicts(seed, n, m, 5)
+    score, pairs = mmcs(small, large, "hungarian")
+    assert score == pytest.approx(brute_hungarian(small, large), abs=1e-12)
+    assert len({p.large for p in pairs}) == n  # one-to-one
+    cos = brute_cos(small, large)
+    assert score == pytest.approx(np.mean([cos[p.small, p.large] for p in pairs]), abs=1e-12)
+
+
+def test_hungarian_differs_from_max_when_large_rows_are_contested():
+    # Both small rows are closest to large row 0; the one-to-one matching must give one of them row 1.
+    small = np.array([[1.0, 0.0], [1.0, 0.1]])
+    large = np.array([[1.0, 0.05], [0.0, 1.0]])
+    s_max, p_max = mmcs(small, large, "max")
+    s_h, p_h = mmcs(small, large, "hungarian")
+    assert {p.large for p in p_max} == {0}
+    assert {p.large for p in p_h} == {0, 1}
+    assert s_max > s_h + 0.3
+
+
+@pytest.mark.parametrize("method", ["max", "hungarian"])
+def test_identical_dictionaries_score_one(method):
+    small, _ = rng_dicts(0, 20, 1, 8)
+    score, pairs = mmcs(small, small.copy(), method)
+    assert score == pytest.approx(1.0, abs=1e-12)
+    assert all(p.small == p.large for p in pairs)
+
+
+@pytest.mark.parametrize("method", ["max", "hungarian"])
+def test_pairs_index_each_dictionary(method):
+    """The large dictionary contains the small one's rows (rescaled) at known shuffled positions, none at the small
+    row's own index: every pair must name the large row where the small row was put."""
+    rng = np.random.default_rng(7)
+    n, m, d = 12, 40, 16
+    small = rng.standard_normal((n, d))
+    large = rng.standard_normal((m, d))
+    positions = rng.permutation(np.arange(n, m))[:n]  # all >= n, so position i != i for every small row i
+    large[positions] = small * rng.uniform(0.5, 3.0, size=(n, 1))
+    score, pairs = mmcs(small, large, method)
+    assert score == pytest.approx(1.0, abs=1e-12)
+    assert {p.small: p.large for p in pairs} == {i: int(positions[i]) for i in range(n)}
+    assert all(p.cosine == pytest.approx(1.0, abs=1e-12) for p in pairs)
+
+
+def test_pairs_sorted_by_cosine_descending():
+    small, large = rng_dicts(3, 30, 50, 6)
+    for method in ("max", "hungarian"):
+        _, pairs = mmcs(small, large, method)
+        assert [p.cosine for p in pairs] == sorted((p.cosine for p in pairs), reverse=True)
+        assert all(isinstance(p, Pair) for p in pairs)
+
+
+def test_torch_tensors_and_float32_accepted():
+    small, large = rng_dicts(4, 10, 20, 8)
+    score_np, _ = mmcs(small, large, "max")
+    score_t, _ = mmcs(torch.tensor(small, dtype=torch.float32), torch.tensor(large, dtype=torch.float32), "max")
+    assert score_t == pytest.approx(score_np, abs=1e-6)
+
+
+def test_zero_rows_have_cosine_zero():
+    small, large = rng_dicts(5, 6, 9, 4)
+    small[2] = 0.0
+    large[:] = np.abs(large)  # every cosine with a zero row is 0, with the others whatever they are
+    score, pairs = mmcs(small, large, "max")
+    by_small = {p.small: p for p in pairs}
+    assert by_small[2].cosine == 0.0
+    assert score == pytest.approx(brute_max(small, large), abs=1e-12)
+    large[4] = 0.0
+    score_h, _ = mmcs(small, large, "hungarian")
+    assert score_h == pytest.approx(brute_hungarian(small, large), abs=1e-12)
+    assert np.isfinite(score_h)
+
+
+def test_chunking_does_not_change_results():
+    small, large = rng_dicts(6, 50, 70, 5)
+    for method in ("max", "hungarian"):
+        whole = mmcs(small, large, method)
+        chunked = mmcs(small, large, method, chunk_elements=1)  # one small row at a time
+        assert chunked[0] == pytest.approx(whole[0], abs=1e-12)
+        assert [(p.small, p.large) for p in chunked[1]] == [(p.small, p.large) for p in whole[1]]
+        assert np.allclose([p.cosine for p in chunked[1]], [p.cosine for p in whole[1]], rtol=0, atol=1e-12)
+
+
+def test_bad_inputs_rejected():
+    small, large = rng_dicts(0, 5, 4, 3)
+    with pytest.raises(ValueError, match="small dictionary first"):
+        mmcs(small, large, "hungarian")
+    with pytest.raises(ValueError, match="widths"):
+        mmcs(small, large[:, :2], "max")
+    with pytest.raises(ValueError, match="method"):
+        mmcs(small, large, "mean")
+
+
+def test_large_max_mmcs_memory_stays_bounded():
+    """4096 x 8192 dictionaries: a full float64 cosine matrix is 256 MiB; the chunked max search must stay far below
+    that (measured as the growth of the peak resident set of a fresh process)."""
+    code = textwrap.dedent("""
+        import resource, torch
+        torch.set_num_threads(1)
+        from irm.dictionaries import mmcs
+        g = torch.Generator().manual_seed(0)
+        small = torch.randn(4096, 32, generator=g)
+        large = torch.randn(8192, 32, generator=g)
+        large[:4096] = small
+        mmcs(small[:8], large[:8], "max")  # warm up allocator and kernels
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        score, pairs = mmcs(small, large, "max")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert abs(score - 1.0) < 1e-9 and len(pairs) == 4096, score
+        print((after - before) // 1024)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    grown_mib = int(out.stdout.strip().splitlines()[-1])
+    assert grown_mib < 128, f"peak memory grew by {grown_mib} MiB"
+
+
+# Property tests ---------------------------------------------------------------------------------------------------
+
+finite = st.floats(min_value=-10, max_value=10, allow_nan=False, allow_subnormal=False).map(
+    lambda x: 0.0 if abs(x) < 1e-3 else x)
+
+
+@st.composite
+def dictionary_pair(draw, equal=False):
+    d = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 6))
+    m = n if equal else draw(st.integers(n, 9))
+    small = draw(arrays(np.float64, (n, d), elements=finite))
+    large = draw(arrays(np.float64, (m, d), elements=finite))
+    # Rows are either exactly zero or clearly non-zero, so rescaling never moves a row across the zero threshold.
+    assume(all(np.linalg.norm(r) == 0 or np.linalg.norm(r) > 1e-2 for r in np.vstack([small, large])))
+    return small, large
+
+
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+
+
+@PROPS
+@given(dictionary_pair(), st.sampled_from(["max", "hungarian"]))
+def test_property_bounds(pair, method):
+    score, pairs = mmcs(*pair, method)
+    assert -1.0 <= score <= 1.0
+    assert all(-1.0 <= p.cosine <= 1.0 for p in pairs)
+
+
+@PROPS
+@given(dictionary_pair())
+def test_property_max_at_least_hungarian(pair):
+    assert mmcs(*pair, "max")[0] >= mmcs(*pair, "hungarian")[0] - 1e-12
+
+
+@PROPS
+@given(dictionary_pair(), st.sampled_from(["max", "hungarian"]), st.randoms(use_true_random=False))
+def test_property_row_permutation_invariance(pair, method, rnd):
+    small, large = pair
+    ps, pl = list(range(len(small))), list(range(len(large)))
+    rnd.shuffle(ps)
+    rnd.shuffle(pl)
+    score, pairs = mmcs(small, large, method)
+    score_p, pairs_p = mmcs(small[ps], large[pl], method)
+    assert score_p == pytest.approx(score, abs=1e-9)
+    if method == "max":
+        # Same per-feature best cosine for each original small row.
+        orig = {p.small: p.cosine for p in pairs}
+        for p in pairs_p:
+            assert p.cosine == pytest.approx(orig[ps[p.small]], abs=1e-9)
+
+
+@PROPS
+@given(dictionary_pair(), st.sampled_from(["max", "hungarian"]), st.data())
+def test_property_positive_row_scaling_invariance(pair, method, data):
+    small, large = pair
+    scale_s = np.array(data.draw(st.lists(st.floats(1e-2, 1e2), min_size=len(small), max_size=len(small))))
+    scale_l = np.array(data.draw(st.lists(st.floats(1e-2, 1e2), min_size=len(large), max_size=len(large))))
+    score, _ = mmcs(small, large, method)
+    score_s, _ = mmcs(small * scale_s[:, None], large * scale_l[:, None], method)
+    assert score_s == pytest.approx(score, abs=1e-9)
+
+
+@PROPS
+@given(dictionary_pair(equal=True))
+def test_property_hungarian_symmetric_for_equal_sizes(pair):
+    small, large = pair
+    assert mmcs(small, large, "hungarian")[0] == pytest.approx(mmcs(large, small, "hungarian")[0], abs=1e-9)
