@@ -1,0 +1,164 @@
+"""The RLHF training reward (paper 4.1, eq. 3): VADER lexicon values of spaCy tokens, summed, scaled and clipped;
+or, as in the paper's appendix F, the positive-label logit of a sentiment classifier."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+from irm.config import RewardConfig
+from irm.errors import UserError
+
+Reward = Callable[[list[str]], list[float]]
+
+
+def vader_lexicon() -> dict[str, float]:
+    """word -> mean human rating in [-4, 4], parsed from the `vader_lexicon.txt` that `vaderSentiment` ships
+    (word<TAB>mean<TAB>std<TAB>ratings; 7,506 words; a word listed twice keeps its last value, as VADER does)."""
+    text = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8")
+    lexicon = {}
+    for line in text.splitlines():
+        if line.strip():
+            word, mean = line.split("\t")[:2]
+            lexicon[word] = float(mean)
+    return lexicon
+
+
+def _spacy_tokenizer(pipeline: str):
+    """`blank:<lang>` (the default `blank:en` tokenises exactly as `en_core_web_md`, with no download) or the name
+    or path of an installed spaCy pipeline, of which only the tokenizer runs."""
+    import spacy
+
+    if pipeline.startswith("blank:"):
+        try:
+            return spacy.blank(pipeline.removeprefix("blank:")).tokenizer
+        except (ImportError, ValueError) as e:  # spaCy: unknown language code
+            raise UserError(f"spaCy has no language {pipeline!r}; use reward.spacy_pipeline: blank:en") from e
+    try:
+        return spacy.load(pipeline).tokenizer
+    except OSError as e:
+        raise UserError(f"spaCy pipeline {pipeline!r} is not installed; install it (python -m spacy download "
+                        f"{pipeline}) or use reward.spacy_pipeline: blank:en, which tokenises the same") from e
+
+
+class LexiconReward:
+    """Paper eq. 3: clip(sum of V(token.lower()) over the spaCy tokens of prefix+completion / scale, -clip, clip).
+    Tokens absent from the lexicon count 0."""
+
+    def __init__(self, scale: float = 5.0, clip: float = 10.0, spacy_pipeline: str = "blank:en",
+                 lexicon: Optional[Mapping[str, float]] = None):
+        if not (scale > 0 and math.isfinite(scale)) or not (clip > 0 and math.isfinite(clip)):
+            raise UserError(f"reward.scale ({scale}) and reward.clip ({clip}) must be positive finite numbers")
+        self.scale = float(scale)
+        self.clip = float(clip)
+        self.lexicon: dict[str, float] = dict(vader_lexicon() if lexicon is None else lexicon)
+        self._tokenizer = _spacy_tokenizer(spacy_pipeline)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        if isinstance(texts, str):
+            raise TypeError("LexiconReward takes a list of texts, not one string")
+        lexicon = self.lexicon
+        rewards = []
+        for doc in self._tokenizer.pipe(texts, batch_size=256):
+            total = sum(lexicon.get(token.lower_, 0.0) for token in doc)
+            rewards.append(min(max(total / self.scale, -self.clip), self.clip))
+        return rewards
+
+
+class ClassifierReward:
+    """Paper appendix F: the logit of the positive label of a Hugging Face sequence classifier (the paper used a
+    DistilBERT fine-tuned on IMDb), for each text truncated to the classifier's maximum length."""
+
+    def __init__(self, name_or_path: str, positive_label: int = 1, device=None, batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from irm.runtime import resolve_device
+
+        self.device = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=torch.float32)
+        except (OSError, ValueError) as e:  # not found / offline / not a sequence classifier
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load the reward classifier {name_or_path!r} ({first}); set reward.classifier "
+                            f"to a local directory or a downloaded hub id of a sequence classifier") from e
+        n_labels = self.model.config.num_labels
+        if not 0 <= positive_label < n_labels:
+            raise UserError(f"reward.positive_label {positive_label} is not a label of {name_or_path!r} "
+                            f"(it has {n_labels}: {self.model.config.id2label}); fix reward.positive_label")
+        if self.tokenizer.pad_token is None:
+            # Decoder classifiers (GPT-2 style) ship without a pad token; they read the last non-pad position.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+        self.positive_label = positive_label
+        self.batch_size = batch_size
+        limits = [self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None)]
+        self.max_length = min(int(n) for n in limits if n)
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        import torch
+
+        if isinstance(texts, str):
+            raise TypeError("ClassifierReward takes a list of texts, not one string")
+        rewards: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                logits = self.model(**batch).logits
+                rewards += logits[:, self.positive_label].float().tolist()
+        return rewards
+
+
+def build_reward(reward_cfg: RewardConfig, device=None) -> Reward:
+    """The reward of `reward_cfg`: a callable list of texts -> list of floats."""
+    if reward_cfg.kind == "lexicon":
+        return LexiconReward(reward_cfg.scale, reward_cfg.clip, reward_cfg.spacy_pipeline)
+    if reward_cfg.kind == "classifier":
+        if not reward_cfg.classifier:
+            raise UserError("reward.kind: classifier needs reward.classifier: a hub id or local directory of a "
+                            "sequence classifier")
+        return ClassifierReward(reward_cfg.classifier, reward_cfg.positive_label, device)
+    raise UserError(f"unknown reward.kind {reward_cfg.kind!r}; use lexicon or classifier")
+
+
+def reward_description(reward_cfg: RewardConfig) -> str:
+    """What the RLHF reward favours, in plain language, for the explainer's "related to the reward?" question
+    (paper 4.4); `reward_cfg.description` when the user wrote one."""
+    if reward_cfg.description:
+        return reward_cfg.description
+    if reward_cfg.kind == "lexicon":
+        return (
+            "The reward scores text by the sentiment of its words, using the VADER sentiment lexicon: each word "
+            "has a human-rated value from -4 (very negative) to +4 (very positive), the values of all words in the "
+            "text are added up, divided by "
+            f"{reward_cfg.scale:g} and clipped to [-{reward_cfg.clip:g}, {reward_cfg.clip:g}]. Text with many "
+            "strongly positive words (great, love, wonderful, excellent, happy, beautiful) scores high; text with "
+            "negative words (bad, hate, awful, terrible, boring, sad) scores low; words without sentiment (the, "
+            "film, plot, actor) score zero. Negation and context are ignored: only which words appear matters."
+        )
+    label = _label_name(reward_cfg.classifier, reward_cfg.positive_label)
+    return (
+        f"The reward is the logit of the {label} label of the sentiment classifier {reward_cfg.classifier}: text "
+        "the classifier judges positive (praise, enthusiasm, approval) scores high, text it judges negative "
+        "(criticism, disappointment, complaint) scores low."
+    )
+
+
+def _label_name(classifier: Optional[str], positive_label: int) -> str:
+    """The classifier's own name for the rewarded label when its config is on disk, else `positive` (#k)."""
+    config = Path(classifier or "") / "config.json"
+    if classifier and config.is_file():
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("id2label", {}).get(str(positive_label))
+        except (OSError, json.JSONDecodeError):
+            name = None
+        if name and not name.startswith("LABEL_"):
+            return repr(name)
+    return f"positive (#{positive_label})"
