@@ -32,11 +32,12 @@ def layer_divergence(base, tuned) -> list[float]:
 
     from irm.models import n_layers
 
+    kind_base, kind_tuned = base.config.model_type, tuned.config.model_type
     n_base, n_tuned = n_layers(base), n_layers(tuned)
-    if type(base) is not type(tuned) or n_base != n_tuned:
+    if kind_base != kind_tuned or n_base != n_tuned:
         raise UserError(
-            f"base ({type(base).__name__}, {n_base} blocks) and tuned ({type(tuned).__name__}, {n_tuned} blocks) "
-            "models differ in architecture; the tuned policy must be fine-tuned from model.name"
+            f"base ({kind_base}, {n_base} blocks) and tuned ({kind_tuned}, {n_tuned} blocks) models differ in "
+            "architecture; the tuned policy must be fine-tuned from model.name"
         )
     values = []
     with torch.no_grad():
@@ -80,12 +81,12 @@ def plot_divergence(values: list[float], top_k: list[int], path, title: str) -> 
     from irm.artifacts import atomic_path
 
     chosen = set(top_k)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(values) + 2.0), 3.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(values) + 2.0), 3.4))
     try:
         ax.bar(range(len(values)), values, color=["tab:red" if i in chosen else "tab:gray" for i in range(len(values))])
         ax.set_xlabel("layer (transformer block)")
-        ax.set_ylabel("sum of ||base - tuned||_F")
-        ax.set_title(title)
+        ax.set_ylabel(r"$\sum_p \|\theta^{base}_p - \theta^{RLHF}_p\|_F$")
+        ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(values)))
         ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:red")], labels=[f"top {len(top_k)}"])
         fig.tight_layout()
