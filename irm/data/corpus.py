@@ -11,7 +11,6 @@ import io
 import json
 import random
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -119,7 +118,7 @@ def _json_values(path: Path, raw: str, text_column: str) -> list:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"corpus file {path} must hold JSON objects (one per record) with a {text_column!r} field")
     if data and not any(text_column in r for r in data):
-        raise _missing_column(path, text_column, sorted({k for r in data for k in r}))
+        raise _missing_column(path, text_column, list(dict.fromkeys(k for r in data for k in r)))
     return [r.get(text_column) for r in data]
 
 
@@ -228,8 +227,10 @@ def _token_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
 
 def corpus_fingerprint(corpus_cfg: CorpusConfig, split: str, seed: int) -> str:
     """A hash that changes when `load_texts(corpus_cfg, split, seed)` may: the config, split and seed, the
-    generator's source for the generated corpus, and each local file's size, mtime and checksum."""
-    parts: list = [dataclasses.asdict(corpus_cfg), split, seed]
+    generator's source for the generated corpus, and each local file's name and checksum."""
+    # The `split` argument is what is loaded; the config's split/eval_split names only choose it.
+    settings = {k: v for k, v in dataclasses.asdict(corpus_cfg).items() if k not in ("split", "eval_split")}
+    parts: list = [settings, split, seed]
     if corpus_cfg.source == "generated" and not corpus_cfg.data_files:
         parts.append(_file_stamp(Path(generated.__file__)))
     elif corpus_cfg.data_files or _is_local(corpus_cfg.source):
@@ -239,11 +240,5 @@ def corpus_fingerprint(corpus_cfg: CorpusConfig, split: str, seed: int) -> str:
 
 
 def _file_stamp(path: Path) -> list:
-    st = path.stat()
-    return [str(path), st.st_size, _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)]
-
-
-@lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Checksum of a file, computed once per (path, size, mtime) in this process: stages ask repeatedly."""
-    return sha256_file(path)
+    """A file by name and content: touching or copying it elsewhere changes nothing, any edit does."""
+    return [path.name, sha256_file(path)]
