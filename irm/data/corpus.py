@@ -37,7 +37,8 @@ def _expand(pattern: str) -> list[Path]:
     if glob.has_magic(pattern):
         return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not path.is_file():
-        raise UserError(f"corpus file {pattern} not found; fix corpus.source/corpus.data_files or use source: generated")
+        raise UserError(f"corpus file {pattern} not found; fix corpus.source/corpus.data_files "
+                        f"or use source: generated")
     return [path]
 
 
@@ -77,7 +78,8 @@ def _read_column(path: Path, text_column: str) -> list:
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a damaged or foreign file
-            raise UserError(f"corpus file {path} is not a readable parquet file ({e}); re-export it") from e
+            raise UserError(f"corpus file {path} is not a readable parquet file ({_first_line(e)}); "
+                        f"re-export it") from e
         columns = table.column_names
         if text_column not in columns:
             raise _missing_column(path, text_column, columns)
@@ -91,10 +93,14 @@ def _read_column(path: Path, text_column: str) -> list:
         return [line for line in raw.splitlines() if line.strip()]
     if fmt == "csv":
         reader = csv.DictReader(io.StringIO(raw, newline=""))
-        columns = reader.fieldnames or []
-        if text_column not in columns:
-            raise _missing_column(path, text_column, columns)
-        return [row[text_column] for row in reader]
+        try:
+            columns = reader.fieldnames or []
+            if text_column not in columns:
+                raise _missing_column(path, text_column, columns)
+            return [row[text_column] for row in reader]
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise UserError(f"corpus file {path} line {reader.line_num} is not valid CSV ({e}); "
+                            f"fix it or convert it to jsonl/parquet") from e
     return _json_values(path, raw, text_column)
 
 
@@ -109,7 +115,8 @@ def _json_values(path: Path, raw: str, text_column: str) -> list:
                 try:
                     data.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"corpus file {path} line {number} is not valid JSON ({e.msg}); fix the file") from e
+                    raise UserError(f"corpus file {path} line {number} is not valid JSON ({e.msg}); "
+                                    f"fix the file") from e
     if isinstance(data, dict):
         if text_column not in data:
             raise _missing_column(path, text_column, list(data))
@@ -123,8 +130,13 @@ def _json_values(path: Path, raw: str, text_column: str) -> list:
 
 
 def _missing_column(where, text_column: str, columns) -> UserError:
-    return UserError(f"corpus {where} has no column {text_column!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
-                     f"set corpus.text_column")
+    present = ", ".join(map(str, columns)) or "none"
+    return UserError(f"corpus {where} has no column {text_column!r} (columns: {present}); set corpus.text_column")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _held_out(text: str) -> bool:
@@ -139,7 +151,8 @@ def _local_texts(cfg: CorpusConfig, split: str) -> list[str]:
     for pattern in patterns:
         files = _expand(pattern)
         if not files:
-            raise UserError(f"no data files ({', '.join(sorted(FORMATS))}) match {pattern}; fix corpus.source/data_files")
+            raise UserError(f"no data files ({', '.join(sorted(FORMATS))}) match {pattern}; "
+                            f"fix corpus.source/data_files")
         per_split = _split_files(files, Path(pattern), split) if Path(pattern).is_dir() else None
         if per_split is not None:
             values += [v for f in per_split for v in _read_texts(f, cfg.text_column)]
@@ -158,8 +171,7 @@ def _hub_texts(cfg: CorpusConfig, split: str) -> list[str]:
     try:
         ds = datasets.load_dataset(cfg.source, split=split)
     except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, its own errors ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load corpus {cfg.source!r} split {split!r} through datasets ({first}); "
+        raise UserError(f"could not load corpus {cfg.source!r} split {split!r} through datasets ({_first_line(e)}); "
                         f"check the name and network, or use local files or source: generated") from e
     if cfg.text_column not in ds.column_names:
         raise _missing_column(repr(cfg.source), cfg.text_column, ds.column_names)
@@ -179,14 +191,16 @@ def load_texts(corpus_cfg: CorpusConfig, split: str, seed: int = 0, n: Optional[
         raise UserError(f"corpus size must be a whole number of documents >= 1, not {cap!r}; fix corpus.n_documents")
     if corpus_cfg.source == "generated" and not corpus_cfg.data_files:
         if split not in ("train", "test"):
-            raise UserError(f"the generated corpus has splits train and test, not {split!r}; fix corpus.split/eval_split")
+            raise UserError(f"the generated corpus has splits train and test, not {split!r}; "
+                            f"fix corpus.split/eval_split")
         return generated.generate_reviews(cap, seed, split)
     if corpus_cfg.data_files or _is_local(corpus_cfg.source):
-        texts, where = _local_texts(corpus_cfg, split), corpus_cfg.data_files or corpus_cfg.source
+        texts, where = _local_texts(corpus_cfg, split), ", ".join(corpus_cfg.data_files or [corpus_cfg.source])
     else:
         texts, where = _hub_texts(corpus_cfg, split), corpus_cfg.source
     if not texts:
-        raise UserError(f"corpus {where} has no non-empty texts in split {split!r}; check the files and corpus.text_column")
+        raise UserError(f"corpus {where} has no non-empty texts in split {split!r}; "
+                        f"check the files and corpus.text_column")
     random.Random(f"irm-corpus:{seed}").shuffle(texts)
     return texts[:cap]
 
@@ -220,7 +234,8 @@ def _token_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
     if not texts:
         return []
     # A tokenizer that truncates on the left would keep the ends of texts: let it encode them whole instead.
-    cut = {"truncation": True, "max_length": max_tokens} if getattr(tokenizer, "truncation_side", "right") == "right" else {}
+    right = getattr(tokenizer, "truncation_side", "right") == "right"
+    cut = {"truncation": True, "max_length": max_tokens} if right else {}
     encoded = tokenizer(list(texts), add_special_tokens=False, **cut)
     return [list(row[:max_tokens]) for row in encoded["input_ids"]]
 
