@@ -12,19 +12,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import operator
 import os
 import string
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from irm.errors import UserError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from irm.config import ModelConfig, RunConfig
 
@@ -112,8 +114,8 @@ def _check_site(site: str) -> str:
 
 
 def _check_layer(model: "nn.Module", layer: int) -> None:
-    n = n_layers(model)
-    if not isinstance(layer, int) or not 0 <= layer < n:
+    layer, n = _layer_index(layer), n_layers(model)
+    if not 0 <= layer < n:
         raise UserError(f"layer {layer!r} is out of range: model {_label(model)} has {n} blocks (0..{n - 1}); fix the layer list")
 
 
@@ -126,8 +128,12 @@ def _site_module(model: "nn.Module", layer: int, site: str) -> "nn.Module":
     return mlp if site == "mlp_out" else getattr(mlp, spec.out_proj)
 
 
-def _layer_list(layers: Union[int, Iterable[int]]) -> list[int]:
-    return [layers] if isinstance(layers, int) else list(layers)
+def _layer_index(layer) -> int:
+    """An integer layer index (numpy integers welcome); anything else is a user error."""
+    try:
+        return operator.index(layer)
+    except TypeError:
+        raise UserError(f"layer {layer!r} is not an integer block index; fix the layer list") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,57 +141,61 @@ def _layer_list(layers: Union[int, Iterable[int]]) -> list[int]:
 
 
 @contextlib.contextmanager
-def capture(model: "nn.Module", layers: Union[int, Iterable[int]], site: str = "mlp_out") -> Iterator[dict]:
-    """Yield {layer: Tensor[batch, seq, width]} holding the activations at `site` of the latest forward pass
-    (detached). A capture opened inside a `splice` of the same site sees the spliced values."""
-    layers = _layer_list(layers)
-    modules = {layer: _site_module(model, layer, site) for layer in layers}  # validate everything before hooking
-    store: dict[int, "torch.Tensor"] = {}
+def _hooked(model: "nn.Module", fns: dict[int, Callable], site: str) -> Iterator[None]:
+    """Call `fns[layer](x)` on the activations x at `site` of each layer during every forward pass; a returned
+    tensor replaces x, None leaves it. Every layer is validated before anything is hooked; hooks go in `finally`."""
+    modules = {layer: _site_module(model, layer, site) for layer in fns}
     handles = []
-
-    def keep(layer, value):
-        store[layer] = value.detach()
-
     try:
         for layer, module in modules.items():
+            fn = fns[layer]
             if site == "mlp_out":
-                handles.append(module.register_forward_hook(lambda _m, _args, out, layer=layer: keep(layer, out)))
+                handles.append(module.register_forward_hook(lambda _m, _args, out, fn=fn: fn(out)))
             else:
-                handles.append(module.register_forward_pre_hook(lambda _m, args, layer=layer: keep(layer, args[0])))
-        yield store
+                handles.append(module.register_forward_pre_hook(lambda _m, args, fn=fn: _with_first(args, fn(args[0]))))
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _with_first(args: tuple, first) -> Optional[tuple]:
+    return None if first is None else (first, *args[1:])
+
+
+@contextlib.contextmanager
+def capture(model: "nn.Module", layers: Union[int, Iterable[int]], site: str = "mlp_out") -> Iterator[dict]:
+    """Yield {layer: Tensor[batch, seq, width]} holding the activations at `site` of the latest forward pass
+    (detached). A capture opened inside a `splice` of the same site sees the spliced values."""
+    layers = [_layer_index(layers)] if not isinstance(layers, Iterable) else [_layer_index(x) for x in layers]
+    store: dict[int, "torch.Tensor"] = {}
+
+    def keeper(layer: int) -> Callable:
+        return lambda x: store.__setitem__(layer, x.detach())
+
+    with _hooked(model, {layer: keeper(layer) for layer in layers}, site):
+        yield store
 
 
 @contextlib.contextmanager
 def splice(model: "nn.Module", fns: dict[int, Callable[["torch.Tensor"], "torch.Tensor"]], site: str = "mlp_out"):
     """Within the block, replace the activations x at `site` of each layer in `fns` by `fns[layer](x)`: the MLP's
     output for `mlp_out`, the output projection's input for `mlp_hidden`. `fn` must keep x's shape."""
-    modules = {layer: _site_module(model, layer, site) for layer in fns}
-    handles = []
 
-    def replaced(layer, x):
-        y = fns[layer](x)
-        if y.shape != x.shape:
-            raise UserError(
-                f"splice at layer {layer} ({site}) returned shape {tuple(y.shape)} for activations of shape "
-                f"{tuple(x.shape)}; the replacement (e.g. an SAE) must match the site's width {x.shape[-1]}"
-            )
-        return y
+    def checked(layer: int, fn: Callable) -> Callable:
+        def replace(x):
+            y = fn(x)
+            if y.shape != x.shape:
+                raise UserError(
+                    f"splice at layer {layer} ({site}) returned shape {tuple(y.shape)} for activations of shape "
+                    f"{tuple(x.shape)}; the replacement (e.g. an SAE) must match the site's width {x.shape[-1]}"
+                )
+            return y
 
-    try:
-        for layer, module in modules.items():
-            if site == "mlp_out":
-                hook = lambda _m, _args, out, layer=layer: replaced(layer, out)  # noqa: E731
-                handles.append(module.register_forward_hook(hook))
-            else:
-                pre = lambda _m, args, layer=layer: (replaced(layer, args[0]), *args[1:])  # noqa: E731
-                handles.append(module.register_forward_pre_hook(pre))
+        return replace
+
+    with _hooked(model, {_layer_index(layer): checked(layer, fn) for layer, fn in fns.items()}, site):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,7 +366,7 @@ def converted_gguf(gguf: Path) -> Path:
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read GGUF file {gguf}: {_first_line(e)}; give a GGUF of a supported architecture") from None
     config = quantized.config
-    del config.quantization_config
+    del config.quantization_config  # the marker that makes save_pretrained refuse; the weights are dequantised
     arch_for_type(config.model_type, str(gguf))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())

@@ -6,6 +6,7 @@ import math
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -151,7 +152,17 @@ def test_bad_layer_or_site_is_a_user_error_and_hooks_nothing():
     with pytest.raises(UserError, match="unknown activation site"):
         with models.capture(model, [0], site="resid"):
             pass
+    with pytest.raises(UserError, match="not an integer block index"):
+        with models.capture(model, [1.0]):
+            pass
     assert no_hooks_anywhere(model)
+
+
+def test_layers_may_be_numpy_integers_as_read_from_json_or_argsort():
+    model, tok = tiny("tiny-gpt2")
+    with torch.no_grad(), models.capture(model, np.argsort([2.0, 1.0, 3.0])[:1]) as acts:
+        model(**batch(tok))
+    assert list(acts) == [1] and type(list(acts)[0]) is int
 
 
 # --- splice -------------------------------------------------------------------------------------------------------
