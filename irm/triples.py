@@ -1,0 +1,374 @@
+"""Contrastive triples (paper E.2): corpus texts truncated at their first positive lexicon token, with that token
+kept (positive), replaced by a word outside the lexicon (neutral) and by a negative lexicon word (negative).
+
+Offline the substitutes come from the lexicon and the corpus itself: a negative word of comparable magnitude, and
+a neutral word that follows the same left neighbour somewhere in the corpus (so "very good" becomes "very long",
+"i loved" becomes "i watched"); choices are seeded per text. With `substitution: llm` the explain stage's backend
+proposes both words, as the paper did with GPT-3.5; a proposal that breaks the rules falls back to the lexicon.
+
+A seeded `heldout_fraction` of the positive and of the negative lexicon words never appears as a positive or a
+substitute, so the lexicon stage can measure how R generalises to words it never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from irm.artifacts import append_jsonl, read_jsonl, write_json, write_text
+from irm.config import RunConfig, TriplesConfig
+from irm.errors import UserError
+
+TRIPLES_JSONL = "triples.jsonl"
+TRIPLES_JSON = "triples.json"
+LLM_ANSWERS = "triples_llm.jsonl"  # append-only LLM answers: a rerun never pays twice
+VARIANTS = ("positive", "neutral", "negative")
+NEGATIVE_POOL = 5  # a negative substitute is drawn among this many closest in magnitude: spreads rows over words
+MIN_NEUTRAL_LEN = 3  # neutral substitutes of 1-2 letters are function words ("a", "i"), not slot fillers
+CARRIER = "the "  # context in which a word's token count is measured: mid-sentence, after a space
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Words and tokens
+
+
+def heldout_words(lexicon: dict[str, float], fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded `fraction` of the positive and of the negative lexicon words, each list sorted."""
+    out = {}
+    for name, sign in (("positive", 1), ("negative", -1)):
+        words = sorted(w for w, v in lexicon.items() if v * sign > 0)
+        rng = random.Random(f"irm-heldout:{name}:{seed}")
+        out[name] = sorted(rng.sample(words, round(fraction * len(words))))
+    return out
+
+
+def locate(tokenizer, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (with the tokenizer's special tokens) and the indices of the tokens covering characters
+    [start, end): the word's positions, found from offsets so it is right whatever the tokenizer merges."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+    return list(enc["input_ids"]), positions
+
+
+def token_counts(tokenizer, words: Iterable[str]) -> dict[str, int]:
+    """How many tokens each word takes mid-sentence (after `CARRIER`)."""
+    words = sorted(set(words))
+    if not words:
+        return {}
+    enc = tokenizer([CARRIER + w for w in words], return_offsets_mapping=True, add_special_tokens=False)
+    start = len(CARRIER)
+    return {
+        w: sum(1 for a, b in offsets if b > a and b > start)
+        for w, offsets in zip(words, enc["offset_mapping"])
+    }
+
+
+def fit_prefix(tokenizer, prefix: str, words: Iterable[str], max_length: int) -> str:
+    """`prefix` cut from the left at a token boundary until `prefix + word` is at most `max_length` tokens for
+    every word: the sentiment word, at the end, always survives."""
+    words = list(words)
+    while True:
+        longest = max(words, key=lambda w: len(tokenizer(prefix + w)["input_ids"]))
+        enc = tokenizer(prefix + longest, return_offsets_mapping=True, add_special_tokens=True)
+        excess = len(enc["input_ids"]) - max_length
+        if excess <= 0:
+            return prefix
+        real = [(a, b) for a, b in enc["offset_mapping"] if b > a]
+        cut = min(excess, len(real) - 1)
+        if cut <= 0 or real[cut][0] >= len(prefix):
+            return ""
+        prefix = prefix[real[cut][0]:].lstrip()
+
+
+def match_case(word: str, like: str) -> str:
+    return word.capitalize() if like[:1].isupper() and not like.isupper() else word
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Substitutes
+
+
+class Substitutes:
+    """Lexicon substitution: a negative word of comparable magnitude and a neutral word absent from the lexicon,
+    preferring words the corpus shows after the same left neighbour (they fit the slot)."""
+
+    def __init__(
+        self,
+        lexicon: dict[str, float],
+        heldout: set[str],
+        follows: dict[str, set[str]],
+        positive_lefts: set[str],
+        usable: Callable[[str], bool],
+    ):
+        self.lexicon = lexicon
+        self.follows = follows
+        self.negatives = {
+            w: v for w, v in lexicon.items() if v < 0 and w.isalpha() and w not in heldout and usable(w)
+        }
+        if not self.negatives:
+            raise UserError("no usable negative lexicon word to substitute; lower triples.heldout_fraction or use "
+                            "triples.multi_token: pool")
+
+        def neutral_ok(w: str) -> bool:
+            return w.isalpha() and len(w) >= MIN_NEUTRAL_LEN and w not in lexicon and usable(w)
+
+        self.neutral_ok = neutral_ok
+        slot = {w for left in positive_lefts for w in follows.get(left, ())}
+        self.neutral_default = sorted(w for w in slot if neutral_ok(w)) or sorted(
+            {w for nexts in follows.values() for w in nexts if neutral_ok(w)}
+        )
+        if not self.neutral_default:
+            raise UserError("the corpus has no word outside the lexicon to use as a neutral substitute; use a "
+                            "larger corpus or triples.substitution: llm")
+
+    def neutral(self, left: str, rng: random.Random) -> str:
+        fits = sorted(w for w in self.follows.get(left, ()) if self.neutral_ok(w))
+        return rng.choice(fits or self.neutral_default)
+
+    def negative(self, value: float, left: str, rng: random.Random) -> str:
+        fits = [w for w in self.follows.get(left, ()) if w in self.negatives]
+        pool = fits or list(self.negatives)
+        pool.sort(key=lambda w: (abs(abs(self.negatives[w]) - value), w))
+        return rng.choice(pool[:NEGATIVE_POOL])
+
+
+LLM_SYSTEM = "You replace one word in a sentence. Answer with a JSON object only."
+LLM_USER = (
+    'Text: "{text}"\n'
+    'The last word, "{word}", is positive. Give one neutral word (no sentiment at all) and one negative word '
+    '(the opposite sentiment, of similar strength) that could each replace "{word}" in the same place. '
+    'Answer exactly as {{"neutral": "...", "negative": "..."}}.'
+)
+
+
+def parse_llm_answer(answer: str) -> tuple[Optional[str], Optional[str]]:
+    """(neutral, negative) from an answer holding a JSON object; None for whatever is missing or not one word."""
+    match = re.search(r"\{.*?\}", answer, flags=re.S)
+    try:
+        obj = json.loads(match.group(0)) if match else {}
+    except json.JSONDecodeError:
+        obj = {}
+
+    def one_word(v) -> Optional[str]:
+        v = str(v).strip().strip(".\"'").lower() if isinstance(v, str) else ""
+        return v if v.isalpha() else None
+
+    return one_word(obj.get("neutral")), one_word(obj.get("negative"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _check(tc: TriplesConfig) -> None:
+    if tc.n < 1:
+        raise UserError(f"triples.n must be at least 1, got {tc.n}")
+    if not 0.0 <= tc.heldout_fraction < 1.0:
+        raise UserError(f"triples.heldout_fraction must be in [0, 1), got {tc.heldout_fraction}")
+    if tc.max_length < 2:
+        raise UserError(f"triples.max_length must be at least 2 tokens, got {tc.max_length}")
+
+
+def _text_key(text: str, word: str) -> str:
+    return hashlib.sha256(f"{text}\x00{word}".encode()).hexdigest()[:20]
+
+
+class _LLM:
+    """LLM substitution through the explain stage's backend, answers cached on disk."""
+
+    def __init__(self, cfg: RunConfig, path: Path):
+        from irm.explain import make_backend
+
+        self.backend = make_backend(cfg.explain)
+        self.path = path
+        self.cache = {r["key"]: r["answer"] for r in read_jsonl(path)}
+        self.workers = cfg.explain.concurrency if cfg.explain.backend == "openai" else 1
+        self.model = cfg.explain.model
+
+    def answers(self, items: list[tuple[str, str]]) -> list[str]:
+        """The answer for each (text, word), asking (concurrently for a remote API) only what is not cached."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [(t, w) for t, w in items if _text_key(t, w) not in self.cache]
+
+        def ask(item):
+            text, word = item
+            messages = [{"role": "system", "content": LLM_SYSTEM},
+                        {"role": "user", "content": LLM_USER.format(text=text, word=word)}]
+            return item, self.backend.chat(messages)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            for (text, word), answer in pool.map(ask, todo):
+                key = _text_key(text, word)
+                append_jsonl(self.path, {"key": key, "word": word, "answer": answer, "model": self.model})
+                self.cache[key] = answer
+        return [self.cache[_text_key(t, w)] for t, w in items]
+
+
+def build_triples(
+    texts: list[str],
+    lexicon: dict[str, float],
+    tokenizer,
+    tc: TriplesConfig,
+    seed: int,
+    nlp,
+    llm: Optional[_LLM] = None,
+) -> tuple[list[dict], dict]:
+    """Triples from `texts` (scanned in a seeded order) and the counts that describe them."""
+    from irm.runtime import progress
+
+    _check(tc)
+    heldout = heldout_words(lexicon, tc.heldout_fraction, seed)
+    heldout_all = set(heldout["positive"]) | set(heldout["negative"])
+
+    # Pass 1: which words follow which (left neighbour -> next words) and which neighbours precede positives.
+    follows: dict[str, set[str]] = {}
+    positive_lefts: set[str] = set()
+    for doc in progress(nlp.pipe(texts, batch_size=256), desc="triples: corpus bigrams", total=len(texts),
+                        unit="doc"):
+        for a, b in zip(doc[:-1], doc[1:]):
+            follows.setdefault(a.lower_, set()).add(b.lower_)
+            if lexicon.get(b.lower_, 0.0) > 0:
+                positive_lefts.add(a.lower_)
+
+    candidates = {w for w, v in lexicon.items() if v < 0} | {w for s in follows.values() for w in s}
+    counts = token_counts(tokenizer, candidates)
+
+    def usable(word: str) -> bool:
+        if tc.multi_token == "pool":
+            return True
+        if word not in counts:  # an LLM proposal outside the corpus and the lexicon
+            counts.update(token_counts(tokenizer, [word]))
+        return counts[word] == 1
+
+    subs = Substitutes(lexicon, heldout_all, follows, positive_lefts, usable)
+    multi_token_candidates = sum(1 for w in candidates if counts[w] > 1 and w.isalpha())
+
+    # Pass 2: texts in a seeded order, each truncated at its first positive lexicon token.
+    order = list(range(len(texts)))
+    random.Random(f"irm-triples-order:{seed}").shuffle(order)
+    skipped = Counter()
+    skipped_multi: set[str] = set()
+    llm_fallback = Counter()
+    triples: list[dict] = []
+    bar = progress(desc="triples", total=tc.n, unit="triple")
+    for doc_id in order:
+        if len(triples) >= tc.n:
+            break
+        doc = nlp(texts[doc_id])
+        first = next((t for t in doc if lexicon.get(t.lower_, 0.0) > 0), None)
+        if first is None:
+            skipped["no_positive"] += 1
+            continue
+        if first.lower_ in heldout_all:
+            skipped["heldout_positive"] += 1
+            continue
+        word, value = first.text, lexicon[first.lower_]
+        prefix = texts[doc_id][: first.idx]
+        left = doc[first.i - 1].lower_ if first.i > 0 else ""
+        rng = random.Random(f"irm-triples:{seed}:{doc_id}")
+        neutral, negative = subs.neutral(left, rng), subs.negative(value, left, rng)
+        source = "lexicon"
+        if llm is not None:
+            proposed_neutral, proposed_negative = parse_llm_answer(llm.answers([(prefix + word, word)])[0])
+            source = "llm"
+            if proposed_neutral and subs.neutral_ok(proposed_neutral):
+                neutral = proposed_neutral
+            else:
+                llm_fallback["neutral"] += 1
+            if proposed_negative in subs.negatives:
+                negative = proposed_negative
+            else:
+                llm_fallback["negative"] += 1
+        words = {"positive": word, "neutral": match_case(neutral, word), "negative": match_case(negative, word)}
+        prefix = fit_prefix(tokenizer, prefix, words.values(), tc.max_length)
+        record = {"id": len(triples), "doc_id": doc_id, "prefix": prefix, "words": words,
+                  "values": {"positive": value, "negative": lexicon[negative]}, "substitution": source,
+                  "texts": {}, "ids": {}, "positions": {}}
+        multi = False
+        for variant, w in words.items():
+            text = prefix + w
+            ids, positions = locate(tokenizer, text, len(prefix), len(text))
+            if len(positions) != 1:
+                multi = True
+                if tc.multi_token == "skip":
+                    skipped_multi.add(w.lower())
+            record["texts"][variant], record["ids"][variant], record["positions"][variant] = text, ids, positions
+        if not all(record["positions"].values()):
+            skipped["word_not_tokenised"] += 1
+            continue
+        if multi and tc.multi_token == "skip":
+            skipped["multi_token"] += 1
+            continue
+        triples.append(record)
+        bar.update(1)
+    bar.close()
+
+    used = {v: sorted({t["words"][v].lower() for t in triples}) for v in VARIANTS}
+    summary = {
+        "n_triples": len(triples),
+        "texts_scanned": sum(skipped.values()) + len(triples),
+        "texts_available": len(texts),
+        "skipped": dict(skipped),
+        "substitution": tc.substitution,
+        "multi_token": tc.multi_token,
+        "multi_token_words_skipped": sorted(skipped_multi),
+        "n_multi_token_words_skipped": len(skipped_multi),
+        "n_multi_token_candidates": multi_token_candidates,
+        "words_used": {v: len(used[v]) for v in VARIANTS},
+        "used": used,
+        "heldout": {**heldout, "fraction": tc.heldout_fraction, "seed": seed,
+                    "n_positive": len(heldout["positive"]), "n_negative": len(heldout["negative"])},
+        "max_length": tc.max_length,
+    }
+    if llm is not None:
+        summary["llm_fallback"] = {"neutral": llm_fallback["neutral"], "negative": llm_fallback["negative"]}
+    return triples, summary
+
+
+def read_triples(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / TRIPLES_JSONL
+    if not path.exists():
+        raise UserError(f"no triples in {path}; run `python -m irm triples` first")
+    return read_jsonl(path)
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.data import load_texts
+    from irm.models import load_tuned
+    from irm.reward import LexiconReward, _spacy_tokenizer
+    from irm.runtime import seed_all
+    from irm.stages import mark_done
+
+    _check(cfg.triples)
+    if cfg.triples.substitution == "llm" and cfg.explain.backend == "offline":
+        raise UserError("triples.substitution: llm needs a language model; set explain.backend to local or openai")
+    seed_all(cfg.seed)
+    root = Path(cfg.run_dir)
+    _, tokenizer = load_tuned(cfg, device="cpu")
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer of {cfg.model.name} has no fast (Rust) version; token positions need its "
+                        "offset mapping")
+    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+    texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
+    llm = _LLM(cfg, root / LLM_ANSWERS) if cfg.triples.substitution == "llm" else None
+    # The reward's own spaCy tokenizer: "first positive lexicon token" means a token the reward counts.
+    triples, summary = build_triples(texts, lexicon, tokenizer, cfg.triples, cfg.seed,
+                                     _spacy_tokenizer(cfg.reward.spacy_pipeline), llm)
+    if not triples:
+        raise UserError(f"no triple could be built from {len(texts)} texts ({summary['skipped']}); use a corpus "
+                        "with positive lexicon words, or triples.multi_token: pool")
+    write_text(root / TRIPLES_JSONL, "".join(json.dumps(t) + "\n" for t in triples))
+    write_json(root / TRIPLES_JSON, summary)
+    outputs = [TRIPLES_JSONL, TRIPLES_JSON] + ([LLM_ANSWERS] if llm is not None else [])
+    mark_done(cfg, "triples", outputs, n_triples=len(triples))
+    print(f"triples: {summary['n_triples']} triples from {summary['texts_scanned']} texts "
+          f"(skipped {summary['skipped']}); words used: {summary['words_used']}; held out: "
+          f"{summary['heldout']['n_positive']} positive, {summary['heldout']['n_negative']} negative; "
+          f"multi-token words skipped ({cfg.triples.multi_token}): {summary['n_multi_token_words_skipped']}")
+    return summary
