@@ -130,12 +130,14 @@ class ExplainConfig:
     api_key_env: str = "OPENAI_API_KEY"  # the key itself is never in a config
     concurrency: int = 4
     max_retries: int = 5
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles with each further retry
     timeout: float = 60.0
     max_features: Optional[int] = None  # per layer and dictionary; None: every shared feature
     window: int = 32  # tokens per example window
     n_top: int = 10  # top-activating windows shown
     n_quantile: int = 5  # windows sampled from lower quantiles
     score: bool = True  # detection scoring of each explanation
+    n_score: int = 5  # activating windows (not among those shown) and as many inactive ones per detection test
     max_new_tokens: int = 64
 
 

@@ -1,0 +1,30 @@
+"""Feature explanations and reward labels (paper 4.4, E.1): top-activating records (records), prompts, the explainer
+backends (backends), the detection score (scoring) and `python -m irm explain` (stage)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from irm.artifacts import read_jsonl
+from irm.errors import UserError
+from irm.explain.backends import make_backend
+
+EXPLANATIONS = "explanations.jsonl"
+
+__all__ = ["EXPLANATIONS", "make_backend", "related_features"]
+
+
+def related_features(run_dir: str | os.PathLike) -> dict[int, list[int]]:
+    """Layer -> indices of small-dictionary (x1) features the explainer labelled 1, "related to the reward";
+    every explained layer is present, with an empty list when none was."""
+    path = Path(run_dir) / EXPLANATIONS
+    if not path.exists():
+        raise UserError(f"missing {path}: run `python -m irm explain` first")
+    out: dict[int, set[int]] = {}
+    for line in read_jsonl(path):
+        if line.get("role") == "small":
+            hits = out.setdefault(int(line["layer"]), set())
+            if line.get("label") == 1:
+                hits.add(int(line["index"]))
+    return {layer: sorted(ix) for layer, ix in sorted(out.items())}

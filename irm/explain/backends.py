@@ -1,0 +1,241 @@
+"""The explainer LLM behind `.chat(messages) -> str` (paper 4.4 used GPT-4): any OpenAI-compatible endpoint, an
+in-process HF chat model, or a deterministic offline stand-in for tests and air-gapped runs. Other stages reuse
+these through `make_backend(cfg.explain)`.
+
+The API key is read from the environment variable the config names and lives only inside the openai client;
+every error text that leaves this module has it redacted, since an endpoint may echo request headers back.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from typing import Optional
+
+from irm.errors import UserError
+from irm.explain import prompts
+
+RETRY_CAP_S = 60.0  # longest wait between two attempts, whatever the backoff or a Retry-After header says
+
+
+class BackendError(Exception):
+    """A request that got no usable answer (retries exhausted or refused); the message holds no secret."""
+
+
+class OpenAIBackend:
+    """Chat completions through the `openai` client: OpenAI itself or any compatible server (vLLM, Ollama,
+    llama.cpp server) via `base_url`. Retries rate limits, 5xx, timeouts, dropped connections and malformed
+    replies with exponential backoff; the client's own retries are off so the count and waits are ours."""
+
+    name = "openai"
+
+    def __init__(self, cfg):
+        import openai
+
+        if not cfg.model:
+            raise UserError("explain.model is empty: name the chat model for the openai backend (e.g. gpt-4o-mini, "
+                            "or the model your vLLM/Ollama/llama.cpp server serves)")
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise UserError(f"environment variable {cfg.api_key_env} is not set: put the API key for explain.backend "
+                            f"openai in it (any non-empty value for a server that needs no key)")
+        self.model = cfg.model
+        self.params = {"max_tokens": cfg.max_new_tokens, "temperature": 0}
+        self._env = cfg.api_key_env
+        self._base_url = cfg.base_url
+        self._retries = cfg.max_retries
+        self._backoff = cfg.retry_backoff
+        self._secret = key
+        self._jitter = random.Random()  # its own stream: waiting must not shift the run's seeded randomness
+        self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout, max_retries=0)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.model!r}, base_url={self._base_url!r}, key from ${self._env})"
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._secret, f"<${self._env}>") if self._secret else text
+
+    def chat(self, messages: list[dict]) -> str:
+        import openai
+
+        # APIConnectionError covers timeouts; a body that is not JSON surfaces as json's ValueError.
+        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
+                     openai.APIResponseValidationError, _Malformed, ValueError)
+        last = ""
+        for attempt in range(self._retries + 1):
+            retry_after = None
+            try:
+                resp = self._client.chat.completions.create(model=self.model, messages=messages, **self.params)
+                return self.redact(_content(resp))
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise UserError(f"the endpoint refused the key in ${self._env} (HTTP {e.status_code}); check the key "
+                                f"and explain.base_url") from None
+            except openai.NotFoundError:
+                raise UserError(f"model {self.model!r} or its endpoint was not found at "
+                                f"{self._base_url or 'api.openai.com'}; check explain.model and explain.base_url") \
+                    from None
+            except retryable as e:
+                last = f"{type(e).__name__}: {e}"
+                retry_after = _retry_after(e)
+            except openai.APIStatusError as e:
+                if e.status_code not in (408, 409):  # other 4xx: this request is wrong, asking again will not help
+                    raise BackendError(self.redact(f"HTTP {e.status_code}: {e.message}")) from None
+                last = f"HTTP {e.status_code}: {e.message}"
+            if attempt < self._retries:
+                delay = self._backoff * 2**attempt * self._jitter.uniform(1.0, 1.25)
+                time.sleep(min(RETRY_CAP_S, max(delay, retry_after or 0.0)))
+        raise BackendError(self.redact(f"no answer after {self._retries + 1} attempts; last: {last}")) from None
+
+
+class _Malformed(Exception):
+    """A 200 reply without a chat completion in it."""
+
+
+def _content(resp) -> str:
+    choices = getattr(resp, "choices", None)
+    message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+    if message is None:
+        raise _Malformed(f"reply without choices[0].message: {str(resp)[:200]!r}")
+    return message.content or ""
+
+
+def _retry_after(e: Exception) -> Optional[float]:
+    response = getattr(e, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+class LocalBackend:
+    """An HF chat model in this process (default: the embedded SmolLM2-135M-Instruct), greedy decoding through its
+    chat template. Loaded on the first request, so a rerun with nothing left to ask loads nothing; one generation
+    at a time, since threads would only contend for the same cores or GPU."""
+
+    name = "local"
+
+    def __init__(self, cfg, device=None):
+        self.model = cfg.model or "smollm2-135m-instruct"
+        self.params = {"max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+        self._device = device
+        self._lock = threading.Lock()
+        self._loaded = None
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(model={self.model!r})"
+
+    def _load(self):
+        if self._loaded is None:
+            from irm.config import ModelConfig
+            from irm.models import load_model
+
+            model, tokenizer = load_model(ModelConfig(name=self.model), device=self._device)
+            if not getattr(tokenizer, "chat_template", None):
+                raise UserError(f"explain.model {self.model!r} has no chat template; choose an instruction-tuned "
+                                f"chat model (e.g. smollm2-135m-instruct)")
+            model.eval()
+            self._loaded = model, tokenizer
+        return self._loaded
+
+    def chat(self, messages: list[dict]) -> str:
+        import torch
+
+        with self._lock:
+            model, tokenizer = self._load()
+            enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.inference_mode():
+                out = model.generate(**enc, **self.params, pad_token_id=tokenizer.pad_token_id)
+            return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class OfflineBackend:
+    """No model at all: answers this package's three prompts deterministically. An explanation names the tokens
+    with the most activation; a label is 1 when the explanation contains a word of the VADER sentiment lexicon;
+    detection says 1 for a text sharing a word with the explanation. Every answer says it came from here."""
+
+    name = "offline"
+    model = "offline-no-llm"
+    params: dict = {}
+
+    def __repr__(self) -> str:
+        return "OfflineBackend()"
+
+    def chat(self, messages: list[dict]) -> str:
+        task = prompts.task_of(messages)
+        text = messages[-1]["content"]
+        if task == "explain":
+            return _summarise(prompts.read_activations(text))
+        if task == "label":
+            words = _explanation_words(prompts.read_explanation(text))
+            hits = sorted(w for w in words if w in _lexicon())
+            if hits:
+                return f"Answer: 1 (offline: lexicon words {', '.join(hits)})"
+            return "Answer: 0 (offline: no lexicon word in the explanation)"
+        if task == "detect":
+            words = _explanation_words(prompts.read_explanation(text))
+            marks = [int(bool(words & set(_words(t)))) for t in prompts.read_examples(text)]
+            return f"{marks} (offline: word overlap with the explanation)"
+        raise UserError("the offline explain backend answers only irm's explain prompts; set explain.backend to "
+                        "local or openai for this stage")
+
+
+N_SUMMARY_TOKENS = 3  # tokens named by an offline explanation
+
+
+def _summarise(records: list[list[tuple[str, int]]]) -> str:
+    weight: dict[str, int] = {}
+    for rec in records:
+        for tok, act in rec:
+            key = tok.strip().lower()
+            if act > 0 and key:
+                weight[key] = weight.get(key, 0) + act
+    top = sorted(weight, key=lambda t: (-weight[t], t))[:N_SUMMARY_TOKENS]
+    if not top:
+        return "nothing: no token activates (offline summary, no LLM)"
+    quoted = ", ".join(f'"{t}"' for t in top)
+    return f"the tokens {quoted} (offline summary of the top-activating tokens, no LLM)"
+
+
+_STOP = frozenset("a an and are as at be by feature find for from in is it its of on or that the this to with "
+                  "tokens token words word offline summary top activating no llm nothing".split())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+|[^\w\s]+", text.lower())
+
+
+def _explanation_words(explanation: str) -> set[str]:
+    """The quoted tokens of an offline explanation; for any other explanation, its content words."""
+    quoted = re.findall(r'"([^"]+)"', explanation)
+    if quoted:
+        return {q.strip().lower() for q in quoted}
+    return {w for w in _words(explanation) if w not in _STOP and w.isalpha()}
+
+
+_LEXICON: Optional[frozenset] = None
+
+
+def _lexicon() -> frozenset:
+    global _LEXICON
+    if _LEXICON is None:
+        from irm.reward import vader_lexicon
+
+        _LEXICON = frozenset(vader_lexicon())
+    return _LEXICON
+
+
+def make_backend(explain_cfg, device=None):
+    """The backend `explain_cfg.backend` names. Fails early (UserError) on a missing model name or API key."""
+    if explain_cfg.backend == "openai":
+        return OpenAIBackend(explain_cfg)
+    if explain_cfg.backend == "local":
+        return LocalBackend(explain_cfg, device=device)
+    if explain_cfg.backend == "offline":
+        return OfflineBackend()
+    raise UserError(f"explain.backend {explain_cfg.backend!r} is not one of offline, local, openai")

@@ -1,0 +1,301 @@
+"""`python -m irm explain` (paper 4.4, E.1): explain each shared feature of each layer's two dictionaries from its
+top-activating windows, label the explanation 1/0 "related to the RLHF reward", and score it by detection.
+
+Resumable and pay-once: every raw answer is appended to `explain/answers.jsonl` (keyed by a hash of backend, model
+and messages) the moment it arrives, and every finished feature to `explanations.jsonl`; a rerun skips finished
+features and answers repeated questions from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from irm.artifacts import RunDir, append_jsonl, fingerprint, read_json, read_jsonl, write_json, write_text
+from irm.errors import UserError
+from irm.explain import EXPLANATIONS, prompts, scoring
+from irm.explain.backends import BackendError, make_backend
+from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
+from irm.runtime import progress, resolve_device, seed_all
+
+ANSWERS = "explain/answers.jsonl"
+FAILURES = "explain/failures.jsonl"
+SCORES = "explain/scores.json"
+# Settings that change how answers are fetched, not what is asked: changing them keeps finished features.
+OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
+
+
+class AnswerCache:
+    """Raw answers on disk keyed by a hash of (backend, model, generation parameters, messages), appended and
+    fsynced as each arrives: a rerun, or a second feature asking the same question (two identical explanations get
+    identical label prompts), never sends it again, even while the first request is still in flight."""
+
+    def __init__(self, path: Path, backend):
+        self.path = path
+        self.backend = backend
+        self._answers = {r["key"]: r["answer"] for r in read_jsonl(path) if "key" in r and "answer" in r}
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.sent = 0  # requests that went to the backend in this run
+        self.reused = 0
+
+    def key(self, messages: list[dict]) -> str:
+        blob = json.dumps({"backend": self.backend.name, "model": self.backend.model, "params": self.backend.params,
+                           "messages": messages}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def ask(self, messages: list[dict], **about) -> str:
+        key = self.key(messages)
+        with self._lock:
+            if key in self._answers:
+                self.reused += 1
+                return self._answers[key]
+            waiting = self._pending.get(key)
+            if waiting is None:
+                mine = self._pending[key] = Future()
+        if waiting is not None:
+            return waiting.result()
+        try:
+            with self._lock:
+                self.sent += 1
+            answer = self.backend.chat(messages)
+        except BaseException as e:
+            with self._lock:
+                del self._pending[key]
+            mine.set_exception(e)
+            raise
+        with self._lock:
+            append_jsonl(self.path, {"key": key, "backend": self.backend.name, "model": self.backend.model, **about,
+                                     "answer": answer, "time": time.time()})
+            self._answers[key] = answer
+            del self._pending[key]
+        mine.set_result(answer)
+        return answer
+
+
+@dataclass
+class Target:
+    """One shared feature to explain: `index` in the dictionary of width `expansion` x d_model."""
+
+    layer: int
+    role: str  # "small" | "large": which side of the MMCS pairs
+    expansion: int
+    index: int
+    pair_expansion: int
+    pair: int  # its best partner in the other dictionary
+    cosine: float
+
+    @property
+    def dictionary(self) -> str:
+        return f"x{self.expansion}"
+
+    @property
+    def id(self) -> tuple:
+        return (self.layer, self.dictionary, self.index)
+
+
+def shared_features(cfg) -> dict[int, list[Target]]:
+    """Per layer, the shared features of `<run_dir>/mmcs.json`: the pairs' small-dictionary indices in the small
+    dictionary and their large-dictionary indices in the large one, best cosine first, each index once, at most
+    `explain.max_features` per dictionary."""
+    mmcs = read_json(Path(cfg.run_dir) / "mmcs.json")
+    small, large = min(cfg.sae.expansions), max(cfg.sae.expansions)
+    cap = cfg.explain.max_features
+    out: dict[int, list[Target]] = {}
+    for layer, entry in sorted(((int(k), v) for k, v in mmcs.get("layers", {}).items())):
+        pairs = sorted(entry.get("pairs", []), key=lambda p: -p["cosine"])
+        targets = []
+        for mine, exp, other, other_exp in (("small", small, "large", large), ("large", large, "small", small)):
+            seen: set[int] = set()
+            for p in pairs:
+                if p[mine] not in seen and (cap is None or len(seen) < cap):
+                    seen.add(p[mine])
+                    targets.append(Target(layer, mine, exp, int(p[mine]), other_exp, int(p[other]),
+                                          float(p["cosine"])))
+        out[layer] = targets
+    if not out:
+        raise UserError(f"{cfg.run_dir}/mmcs.json lists no layers; rerun `python -m irm dictionaries`")
+    return out
+
+
+def _tokenizer(root: Path):
+    policy = root / "rlhf" / "policy"
+    if not policy.is_dir():
+        raise UserError(f"missing {policy}: run `python -m irm rlhf` first (windows are decoded with the tuned "
+                        f"model's tokenizer)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(policy)
+
+
+def _rng(cfg, t: Target) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, t.layer, t.expansion, t.index])
+
+
+def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> list[dict]:
+    """Records and detection texts for `targets` of one layer, from one pass over its cache with both SAEs."""
+    from irm.activations import ActivationCache
+    from irm.sae import load_sae, sae_dir
+
+    root = Path(cfg.run_dir)
+    cache = ActivationCache(root / "cache" / f"layer-{layer:02d}")
+    roles = sorted({(t.role, t.expansion) for t in targets})
+    saes, columns = {}, {}
+    for role, exp in roles:
+        sae = load_sae(sae_dir(root, layer, exp)).to(device)
+        width = sae.dictionary.shape[0]
+        idx = [t.index for t in targets if t.role == role]
+        bad = [i for i in idx if not 0 <= i < width]
+        if bad:
+            raise UserError(f"mmcs.json names feature {bad[0]} of layer {layer}'s x{exp} dictionary, which has "
+                            f"{width} features; rerun `python -m irm dictionaries` after `python -m irm sae`")
+        saes[role] = (sae, torch.tensor(idx, device=device))
+    order = [t for role, _ in roles for t in targets if t.role == role]  # column c of the codes is order[c]
+
+    def encode(acts_BD: torch.Tensor) -> torch.Tensor:
+        acts_BD = acts_BD.to(device)
+        return torch.cat([sae.encode(acts_BD)[:, idx] for sae, idx in saes.values()], dim=1)
+
+    wins, maxima = window_maxima(cache, encode, cfg.explain.window, desc=f"explain: layer {layer} maxima")
+    sels = [select_windows(maxima[:, c], cfg.explain.n_top, cfg.explain.n_quantile, cfg.explain.n_score,
+                           _rng(cfg, t)) for c, t in enumerate(order)]
+    windows = read_windows(cache, encode, wins, [w for s in sels for w in s.top + s.quantile + s.active + s.inactive])
+    decode_token = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
+    text = lambda w: tokenizer.decode(windows[w][0].tolist())  # noqa: E731
+    jobs = []
+    for c, (t, sel) in enumerate(zip(order, sels)):
+        texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
+                                             _rng(cfg, t))
+        jobs.append({"target": t, "records": feature_records(sel, c, wins, windows, decode_token),
+                     "max_activation": float(maxima[:, c].max()) if len(maxima) else 0.0,
+                     "detect": (texts, truth)})
+    return jobs
+
+
+def _explain(job: dict, answers: AnswerCache, description: str, score: bool, made_from: str) -> dict:
+    """One feature's line: explanation, label, detection score, the records shown. An unparseable answer gives a
+    null with the raw answer kept beside it."""
+    t: Target = job["target"]
+    about = {"layer": t.layer, "dictionary": t.dictionary, "index": t.index}
+    line = {"layer": t.layer, "dictionary": t.dictionary, "role": t.role, "index": t.index,
+            "pair": {"dictionary": f"x{t.pair_expansion}", "index": t.pair, "cosine": t.cosine},
+            "explanation": None, "label": None, "score": None, "max_activation": job["max_activation"],
+            "records": job["records"], "backend": answers.backend.name, "model": answers.backend.model,
+            "made_from": made_from}
+    if job["max_activation"] <= 0:
+        line["note"] = "never active in the cache: nothing to explain"
+        return line
+    raw = answers.ask(prompts.explanation_messages(job["records"]), task="explain", **about)
+    line["explanation_answer"] = raw
+    line["explanation"] = prompts.parse_explanation(raw)
+    if line["explanation"] is None:
+        return line
+    raw = answers.ask(prompts.label_messages(description, line["explanation"]), task="label", **about)
+    line["label_answer"] = raw
+    line["label"] = prompts.parse_label(raw)
+    if score:
+        texts, truth = job["detect"]
+        ask = lambda m: answers.ask(m, task="detect", **about)  # noqa: E731
+        line["score"] = scoring.score(ask, line["explanation"], texts, truth)
+    return line
+
+
+def _made_from(cfg, backend, description: str) -> str:
+    """What a finished feature's answer depends on: a line made from anything else is stale."""
+    rd = RunDir(cfg.run_dir)
+    stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("cache", "sae", "dictionaries")}
+    content = {k: v for k, v in dataclasses.asdict(cfg.explain).items() if k not in OPERATIONAL}
+    return fingerprint(content, description, cfg.seed, sorted(cfg.sae.expansions), backend.name, backend.model,
+                       stamps)
+
+
+def _finished(path: Path, made_from: str) -> dict[tuple, dict]:
+    """Finished lines made from the current inputs; the file is rewritten without any others."""
+    lines = read_jsonl(path)
+    keep = {(ln["layer"], ln["dictionary"], ln["index"]): ln for ln in lines if ln.get("made_from") == made_from}
+    if len(keep) != len(lines) or (path.exists() and not path.read_text(encoding="utf-8").endswith("\n")):
+        write_text(path, "".join(json.dumps(ln) + "\n" for ln in keep.values()))
+    return keep
+
+
+def _reward_description(cfg) -> str:
+    if cfg.reward.description:
+        return cfg.reward.description
+    from irm.reward import reward_description
+
+    return reward_description(cfg.reward)
+
+
+def run(cfg) -> None:
+    from irm.stages import mark_done
+
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    root = Path(cfg.run_dir)
+    targets = shared_features(cfg)
+    backend = make_backend(cfg.explain, device=device)
+    description = _reward_description(cfg)
+    made_from = _made_from(cfg, backend, description)
+    done = _finished(root / EXPLANATIONS, made_from)
+    todo = {layer: [t for t in ts if t.id not in done] for layer, ts in targets.items()}
+    todo = {layer: ts for layer, ts in todo.items() if ts}
+    answers = AnswerCache(root / ANSWERS, backend)
+    failures = []
+    if todo:
+        tokenizer = _tokenizer(root)
+        jobs = [job for layer, ts in todo.items() for job in _layer_jobs(cfg, layer, ts, tokenizer, device)]
+        failures = _ask_all(cfg, jobs, answers, description, made_from, done)
+    if failures:
+        raise UserError(f"{len(failures)} of {sum(map(len, targets.values()))} features got no answer after retries "
+                        f"(first: {failures[0]}); rerun `python -m irm explain` to ask for just those")
+    wanted = [t.id for ts in targets.values() for t in ts]
+    lines = [done[i] for i in sorted(wanted)]
+    write_text(root / EXPLANATIONS, "".join(json.dumps(ln) + "\n" for ln in lines))
+    scores = scoring.summarise(lines)
+    write_json(root / SCORES, {"backend": backend.name, "model": backend.model, **scores})
+    mark_done(cfg, "explain", [EXPLANATIONS, SCORES], backend=backend.name, model=backend.model)
+    related = sum(1 for ln in lines if ln["label"] == 1)
+    acc = scores["mean"]["accuracy"]
+    offline = " (offline backend: token summaries, no LLM)" if backend.name == "offline" else ""
+    print(f"explain: {len(lines)} features by {backend.name}/{backend.model}{offline}: {related} related to the "
+          f"reward, mean detection accuracy {'n/a' if acc is None else f'{acc:.2f}'}; {answers.sent} requests sent, "
+          f"{answers.reused} answered from {root / ANSWERS}", flush=True)
+
+
+def _ask_all(cfg, jobs, answers, description, made_from, done) -> list[str]:
+    """Run the features' requests on a pool of `explain.concurrency` threads; each finished feature is appended to
+    explanations.jsonl at once. Returns the failures (features to retry on a rerun)."""
+    path = Path(cfg.run_dir) / EXPLANATIONS
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, cfg.explain.concurrency)) as pool:
+        futures = {pool.submit(_explain, job, answers, description, cfg.explain.score, made_from): job["target"]
+                   for job in jobs}
+        try:
+            for fut in progress(as_completed(futures), desc="explain", total=len(futures), unit="feature"):
+                t = futures[fut]
+                try:
+                    line = fut.result()
+                except BackendError as e:
+                    msg = f"layer {t.layer} {t.dictionary} feature {t.index}: {e}"
+                    print(f"explain: no answer for {msg}", file=sys.stderr, flush=True)
+                    append_jsonl(Path(cfg.run_dir) / FAILURES, {"layer": t.layer, "dictionary": t.dictionary,
+                                                                "index": t.index, "error": str(e), "time": time.time()})
+                    failures.append(msg)
+                    continue
+                append_jsonl(path, line)
+                done[t.id] = line
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # a refused key or Ctrl-C: stop asking
+            raise
+    return failures

@@ -1,0 +1,164 @@
+"""`python -m irm explain` on the tiny config with the offline backend, over a run directory whose features are known
+(tests/explain_rundir.py): every shared feature explained from the right dictionary, labels and detection scores
+checked against independent computations, one cache pass per layer, reruns free, stale lines replaced."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explain_rundir import LAYERS, PERM, TRIGGERS, build_run, codes
+from irm.artifacts import RunDir, read_jsonl
+from irm.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("template")
+    return root, build_run(root, n_docs=150)
+
+
+@pytest.fixture
+def cfg(tiny_cfg, template):
+    shutil.copytree(template[0], tiny_cfg.run_dir)
+    return tiny_cfg
+
+
+def vader() -> dict:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer().lexicon
+
+
+def coordinate(line) -> int:
+    """The cache coordinate a feature reads, by construction of the test SAEs."""
+    return line["index"] if line["dictionary"] == "x1" else PERM[line["index"]]
+
+
+def lines_of(cfg):
+    return read_jsonl(Path(cfg.run_dir) / "explanations.jsonl")
+
+
+def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_shared_feature(cfg, capsys):
+    from irm.explain import related_features
+    from irm.explain.stage import run
+    from irm.stages import is_done
+
+    run(cfg)
+    lines = lines_of(cfg)
+    cap = cfg.explain.max_features  # 4 on the tiny config: pairs of small 0..3 (best cosine first)
+    inverse = {k: j for j, k in enumerate(PERM)}
+    expected = {(layer, "x1", k) for layer in LAYERS for k in range(cap)}
+    expected |= {(layer, "x2", inverse[k]) for layer in LAYERS for k in range(cap)}
+    assert {(ln["layer"], ln["dictionary"], ln["index"]) for ln in lines} == expected
+    lexicon = vader()
+    for ln in lines:
+        word = TRIGGERS[coordinate(ln)]
+        assert ln["backend"] == "offline" and "offline" in ln["model"] and "no LLM" in ln["explanation"]
+        assert f'"{word}"' in ln["explanation"]
+        assert ln["label"] == int(word in lexicon)
+        top = ln["records"][0]
+        assert top["tokens"][top["discrete"].index(10)] == word
+        s = ln["score"]
+        assert s["accuracy"] == np.mean(np.array(s["predictions"]) == np.array(s["truth"]))
+        assert s["n_active"] > 0 and s["n_inactive"] > 0
+    scores = json.loads((Path(cfg.run_dir) / "explain" / "scores.json").read_text())
+    assert scores["n_scored"] == len(lines)
+    assert scores["mean"]["accuracy"] == pytest.approx(np.mean([ln["score"]["accuracy"] for ln in lines]))
+    assert scores["mean"]["f1"] == pytest.approx(np.mean([ln["score"]["f1"] for ln in lines]))
+    assert is_done(cfg, "explain")
+    assert "offline" in capsys.readouterr().out
+    want = sorted(k for k in range(cap) if TRIGGERS[k] in lexicon)
+    assert related_features(cfg.run_dir) == {layer: want for layer in LAYERS}
+
+
+def test_large_dictionary_features_are_read_with_large_dictionary_indices(cfg, template):
+    """The authors' code indexed the large dictionary with small-dictionary indices: here that shows another word."""
+    from irm.explain.stage import run
+
+    run(cfg)
+    data = template[1]
+    for ln in lines_of(cfg):
+        if ln["dictionary"] != "x2":
+            continue
+        j = ln["index"]
+        assert TRIGGERS[PERM[j]] != TRIGGERS[j]
+        assert f'"{TRIGGERS[PERM[j]]}"' in ln["explanation"] and f'"{TRIGGERS[j]}"' not in ln["explanation"]
+        acts, token_ids, docs, pos = data[ln["layer"]]
+        c = codes(acts, "x2")[:, j]
+        assert ln["max_activation"] == pytest.approx(c.max(), rel=1e-6)
+        for rec in ln["records"]:
+            rows = np.flatnonzero((docs == rec["doc"]) & (pos >= rec["start"]) & (pos < rec["start"] +
+                                                                                  len(rec["tokens"])))
+            np.testing.assert_allclose(rec["activations"], c[rows], rtol=1e-6)
+        assert ln["pair"] == {"dictionary": "x1", "index": PERM[j], "cosine": pytest.approx(1 - 0.01 * PERM[j])}
+
+
+def test_each_layer_cache_is_read_in_one_pass_for_all_its_features(cfg, monkeypatch):
+    from irm.activations import ActivationCache
+    from irm.explain.stage import run
+
+    passes = []
+    original = ActivationCache.iter_batches
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.dir.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationCache, "iter_batches", counted)
+    run(cfg)
+    assert sorted(passes) == [f"layer-{layer:02d}" for layer in LAYERS]
+
+
+def test_rerun_asks_nothing_and_keeps_the_same_lines(cfg):
+    from irm.explain.stage import run
+
+    run(cfg)
+    before = (Path(cfg.run_dir) / "explanations.jsonl").read_text()
+    answers = (Path(cfg.run_dir) / "explain" / "answers.jsonl").read_text()
+    run(cfg)
+    assert (Path(cfg.run_dir) / "explanations.jsonl").read_text() == before
+    assert (Path(cfg.run_dir) / "explain" / "answers.jsonl").read_text() == answers
+
+
+def test_changed_settings_replace_stale_lines(cfg):
+    from irm.explain.stage import run
+
+    run(cfg)
+    cfg.explain.n_top = 2
+    run(cfg)
+    lines = lines_of(cfg)
+    assert len(lines) == len({(ln["layer"], ln["dictionary"], ln["index"]) for ln in lines}) == 16
+    assert all(sum(r["kind"] == "top" for r in ln["records"]) == 2 for ln in lines)
+
+
+def test_missing_inputs_are_user_errors_naming_the_stage_to_run(cfg):
+    from irm.explain.stage import run
+
+    shutil.rmtree(Path(cfg.run_dir) / "rlhf")
+    with pytest.raises(UserError, match="irm rlhf"):
+        run(cfg)
+    (Path(cfg.run_dir) / "mmcs.json").unlink()
+    with pytest.raises(UserError, match="mmcs.json"):
+        run(cfg)
+
+
+def test_a_feature_index_beyond_the_dictionary_is_a_user_error(cfg):
+    from irm.explain.stage import run
+
+    path = Path(cfg.run_dir) / "mmcs.json"
+    mmcs = json.loads(path.read_text())
+    mmcs["layers"]["1"]["pairs"][0]["large"] = 99
+    path.write_text(json.dumps(mmcs))
+    with pytest.raises(UserError, match="feature 99 of layer 1's x2 dictionary"):
+        run(cfg)
+
+
+def test_related_features_without_explanations_is_a_user_error(tmp_path):
+    from irm.explain import related_features
+
+    with pytest.raises(UserError, match="irm explain"):
+        related_features(tmp_path)
+
