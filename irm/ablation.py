@@ -180,7 +180,7 @@ def run(cfg: RunConfig) -> dict:
     from irm.data import load_texts, prefixes
     from irm.divergence import chosen_layers
     from irm.explain import related_features
-    from irm.models import load_tuned, splice
+    from irm.models import load_tuned, n_layers, site_width, splice
     from irm.reward import build_reward
     from irm.sae import load_sae, sae_dir
     from irm.stages import mark_done
@@ -193,7 +193,8 @@ def run(cfg: RunConfig) -> dict:
     if unknown or not a.modes:
         raise UserError(f"ablate.modes {a.modes} must be a non-empty subset of {list(MODES)}")
 
-    layers = sorted(chosen_layers(cfg))
+    model, tokenizer = load_tuned(cfg, device)
+    layers = sorted(chosen_layers(cfg, n_layers(model)))
     related = {int(layer): sorted({int(i) for i in ix}) for layer, ix in related_features(cfg.run_dir).items() if ix}
     stray = sorted(set(related) - set(layers))
     if stray:
@@ -201,7 +202,8 @@ def run(cfg: RunConfig) -> dict:
             f"features are labelled related at layer(s) {stray}, which are not among the chosen layers {layers}; "
             f"rerun `python -m irm explain` with this config"
         )
-    saes = {layer: load_sae(sae_dir(cfg.run_dir, layer, DICTIONARY)).to(device) for layer in layers}
+    width = site_width(model, cfg.cache.site)
+    saes = {layer: load_sae(sae_dir(cfg.run_dir, layer, DICTIONARY), d_in=width, device=device) for layer in layers}
     widths = {layer: int(sae.dictionary.shape[0]) for layer, sae in saes.items()}
     for layer, ix in related.items():
         if ix[-1] >= widths[layer]:
@@ -213,14 +215,14 @@ def run(cfg: RunConfig) -> dict:
     n_features = sum(len(ix) for ix in features.values())
     random_sets = draw_random_features(features, widths, a.random_draws, cfg.seed)
 
-    model, tokenizer = load_tuned(cfg, device)
-    model.eval()
-    texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=a.n_prompts)
+    # The whole split, not n_prompts texts: prefixes() drops texts shorter than prefix_tokens.
+    texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed)
     prompts = prefixes(texts, tokenizer, a.prefix_tokens)[: a.n_prompts]
     if len(prompts) < a.n_prompts:
         raise UserError(
             f"ablate.n_prompts is {a.n_prompts} but the {cfg.corpus.eval_split!r} split gives only {len(prompts)} "
-            f"prefixes of {a.prefix_tokens} tokens; lower ablate.n_prompts or use a larger corpus"
+            f"prefixes of {a.prefix_tokens} tokens; lower ablate.n_prompts or ablate.prefix_tokens, or raise "
+            f"corpus.n_documents"
         )
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     reward = build_reward(cfg.reward, device)

@@ -2,14 +2,132 @@
 changes; the error-term splice with nothing ablated is the model itself; the controls and intervals are right; a
 killed run resumes without redoing a batch; the stage writes every condition."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
+from scipy.linalg import hadamard
 
-from irm.ablation import condition_rewards, draw_random_features, mean_ci, prompt_seed, _per_prompt_sampler
+from irm.ablation import (
+    _per_prompt_sampler,
+    _random_summary,
+    condition_rewards,
+    draw_random_features,
+    intervention,
+    mean_ci,
+    prompt_seed,
+    run,
+)
+from irm.artifacts import read_jsonl
+from irm.config import ModelConfig
+from irm.models import capture, load_model, splice
+from irm.sae import SparseAutoencoder, sae_dir, save_sae
 
 torch.set_num_threads(1)
+D = 64  # tiny model width (configs/tiny.yaml)
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=4, tiny_d_model=D), seed=0)
+    batch = tokenizer(["the film was great and the music", "boring plot", "i love this actor"],
+                      return_tensors="pt", padding=True)
+    return model, tokenizer, batch
+
+
+def random_sae(seed: int, d_hidden: int = D) -> SparseAutoencoder:
+    """An SAE with random (not unit) decoder rows and non-zero biases, so no term of the maths can hide."""
+    g = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(D, d_hidden)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(d_hidden, D, generator=g) * 0.5)
+        sae.b_enc.copy_(torch.randn(d_hidden, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
+    return sae.eval().requires_grad_(False)
+
+
+def hadamard_sae() -> SparseAutoencoder:
+    """Identity-like SAE with known decoder rows: feature k reads and writes H[k] (a Hadamard row / 8, spread evenly
+    over all 64 dimensions) and feature 64 + k reads and writes -H[k], so decode(encode(x)) = H^T H x = x."""
+    h = torch.tensor(hadamard(D), dtype=torch.float32) / np.sqrt(D)
+    sae = SparseAutoencoder(D, 2 * D)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([h, -h]))
+    return sae.eval().requires_grad_(False)
+
+
+def logits(model, batch, fns=None):
+    with torch.no_grad(), splice(model, fns or {}):
+        return model(**batch).logits
+
+
+def sae_codes_np(sae: SparseAutoencoder, x: np.ndarray) -> np.ndarray:
+    """Codes computed in float64 numpy from the SAE's parameters: ReLU(x W_dec^T + b_enc) (tied)."""
+    w = sae.W_dec.double().numpy()
+    return np.maximum(x @ w.T + sae.b_enc.double().numpy(), 0.0)
+
+
+# --- splicing maths --------------------------------------------------------------------------------------------
+
+
+def test_error_splice_with_nothing_ablated_reproduces_the_models_logits_exactly(tiny):
+    model, _, batch = tiny
+    plain = logits(model, batch)
+    saes = {layer: random_sae(layer) for layer in LAYERS}
+    error = logits(model, batch, {layer: intervention(saes[layer], [], "error") for layer in LAYERS})
+    assert torch.equal(error, plain)
+    # The same SAEs in reconstruction mode do change the model: the equality above is not vacuous.
+    recon = logits(model, batch, {layer: intervention(saes[layer], [], "reconstruction") for layer in LAYERS})
+    assert not torch.allclose(recon, plain, atol=1e-3)
+
+
+def test_reconstruction_splice_with_an_identity_like_sae_is_close_to_the_model(tiny):
+    model, _, batch = tiny
+    sae = hadamard_sae()
+    recon = logits(model, batch, {layer: intervention(sae, [], "reconstruction") for layer in LAYERS})
+    torch.testing.assert_close(recon, logits(model, batch), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["reconstruction", "error"])
+def test_ablating_a_feature_removes_exactly_its_decoder_contribution(tiny, mode):
+    model, _, batch = tiny
+    sae = random_sae(7)
+    with torch.no_grad(), capture(model, [1]) as acts:
+        model(**batch)
+    x = acts[1]
+    codes = sae_codes_np(sae, x.double().numpy())
+    j, other = (int(i) for i in np.argsort(-(codes > 0).sum(axis=(0, 1)), kind="stable")[:2])  # fire often
+    contribution = codes[..., [j]] * sae.W_dec[j].double().numpy()
+    base = x.double().numpy() if mode == "error" else codes @ sae.W_dec.double().numpy() + sae.b_dec.double().numpy()
+    got = intervention(sae, [j], mode)(x)
+    np.testing.assert_allclose(got.double().numpy(), base - contribution, atol=1e-5)
+    both = codes[..., [j, other]] @ sae.W_dec[[j, other]].double().numpy()
+    np.testing.assert_allclose(intervention(sae, [j, other], mode)(x).double().numpy(), base - both, atol=1e-5)
+    # Spliced into the model, layer 1 passes on exactly that output (activations before the splice are unchanged).
+    with torch.no_grad(), splice(model, {1: intervention(sae, [j], mode)}), capture(model, [1]) as spliced:
+        model(**batch)
+    np.testing.assert_allclose(spliced[1].double().numpy(), base - contribution, atol=1e-5)
+
+
+def test_ablation_zeroes_a_feature_not_a_dimension_of_the_reconstruction():
+    """Feature k's decoder row is H[k], spread over every dimension. Zeroing the feature subtracts ReLU(x . H[k]) H[k]
+    from all dimensions; the authors' bug (zeroing dimension k of the reconstruction) would leave the others alone."""
+    sae, k = hadamard_sae(), 5
+    x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(0))
+    h_k = torch.tensor(hadamard(D)[k], dtype=torch.float64) / np.sqrt(D)
+    code_k = torch.relu(x.double() @ h_k)
+    got = intervention(sae, [k], "reconstruction")(x).double()
+    torch.testing.assert_close(got, x.double() - code_k[..., None] * h_k, atol=1e-5, rtol=0)
+    fired = code_k > 0
+    assert fired.any() and (~fired).any()
+    changed = (got - x.double()).abs() > 1e-6
+    assert changed[fired].all()  # every dimension moves where the feature fired ...
+    assert not changed[~fired].any()  # ... and nothing moves where it did not
+    assert (got[..., k].abs() > 1e-3).all()  # dimension k is not zeroed
 
 
 # --- intervals -------------------------------------------------------------------------------------------------
@@ -29,6 +147,21 @@ def test_paired_difference_interval_is_scipys_paired_t_interval():
     after = before - 0.3 + rng.normal(0.0, 0.2, size=25)
     lo, hi = stats.ttest_rel(after, before).confidence_interval(0.95)
     assert mean_ci(after - before)["ci95"] == pytest.approx([lo, hi], rel=1e-12)
+
+
+def test_random_control_intervals_pool_samples_average_draws_and_pair_prompts():
+    rng = np.random.default_rng(2)
+    before = rng.normal(1.0, 1.0, size=20)
+    draws = before + rng.normal(-0.2, 0.5, size=(4, 20))
+    sets = [{1: [i]} for i in range(4)]
+    got = _random_summary(draws, sets, before)
+    assert got["ci95"] == pytest.approx(list(stats.ttest_1samp(draws.ravel(), 0).confidence_interval(0.95)))
+    assert got["per_draw_means"]["ci95"] == pytest.approx(
+        list(stats.ttest_1samp(draws.mean(axis=1), 0).confidence_interval(0.95)))
+    assert got["diff_vs_before"]["ci95"] == pytest.approx(
+        list(stats.ttest_rel(draws.mean(axis=0), before).confidence_interval(0.95)))
+    assert [d["features"] for d in got["draws"]] == [{"1": [i]} for i in range(4)]
+    assert [d["mean"] for d in got["draws"]] == pytest.approx(draws.mean(axis=1).tolist())
 
 
 def test_mean_ci_of_one_value_has_no_interval():
@@ -112,3 +245,109 @@ def test_condition_rewards_resumes_without_redoing_a_finished_batch(tmp_path):
     calls.clear()
     assert condition_rewards(path, 10, 3, score, "test").tolist() == rewards.tolist()
     assert calls == []
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+
+RELATED = {1: [3, 10], 2: [7]}
+
+
+def build_run(cfg, related: dict[int, list[int]]) -> None:
+    """What `ablate` reads, made by hand: the tuned policy (a tiny model), x1 SAEs at the chosen layers and
+    explanations.jsonl labelling `related` (every other explained feature labelled 0)."""
+    root = Path(cfg.run_dir)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model.save_pretrained(root / "rlhf" / "policy")
+    tokenizer.save_pretrained(root / "rlhf" / "policy")
+    lines = []
+    for layer in LAYERS:
+        save_sae(random_sae(layer), sae_dir(root, layer, 1), layer=layer)
+        for index in range(12):
+            label = int(index in related.get(layer, []))
+            lines.append({"layer": layer, "dictionary": "x1", "role": "small", "index": index,
+                          "explanation": "words", "label": label})
+    (root / "explanations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def ablate_cfg(tiny_cfg):
+    tiny_cfg.cache.layers = LAYERS
+    a = tiny_cfg.ablate
+    a.n_prompts, a.batch_size, a.new_tokens, a.prefix_tokens, a.random_draws = 12, 5, 6, 6, 2
+    return tiny_cfg
+
+
+def condition_files(cfg) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((Path(cfg.run_dir) / "ablate").glob("*.jsonl"))}
+
+
+def test_ablate_writes_every_condition_with_paired_intervals(ablate_cfg):
+    from irm.reward import build_reward
+    from irm.stages import is_done
+
+    cfg = ablate_cfg
+    build_run(cfg, RELATED)
+    result = run(cfg)
+    saved = json.loads((Path(cfg.run_dir) / "ablation.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["n_prompts"] == 12 and saved["new_tokens"] == 6
+    assert saved["features"] == {"1": [3, 10], "2": [7]} and saved["n_features"] == 3
+    assert set(saved["modes"]) == {"reconstruction", "error"}
+    for conds in saved["modes"].values():
+        assert set(conds) == {"splice", "ablated", "random"}
+        draws = conds["random"]["draws"]
+        assert len(draws) == 2
+        for d in draws:
+            assert {k: len(v) for k, v in d["features"].items()} == {"1": 2, "2": 1}
+            assert not set(d["features"]["1"]) & {3, 10} and 7 not in d["features"]["2"]
+    assert saved["after"]["mean"] == saved["modes"]["reconstruction"]["ablated"]["mean"]
+    assert saved["before"]["mean"] == saved["model"]["mean"]
+    assert is_done(cfg, "ablate")
+    assert len(condition_files(cfg)) == 1 + 2 * (2 + 2)  # model + per mode: splice, ablated, 2 random draws
+
+    # Rewards recomputed from the stored texts; the interval recomputed with scipy from them.
+    model_file = next(p for p in (Path(cfg.run_dir) / "ablate").glob("model-*.jsonl"))
+    records = read_jsonl(model_file)
+    assert [rec["prompts"] for rec in records] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    texts = [t for rec in records for t in rec["texts"]]
+    before = np.array([r for rec in records for r in rec["rewards"]])
+    np.testing.assert_allclose(build_reward(cfg.reward)(texts), before)
+    lo, hi = stats.ttest_1samp(before, 0.0).confidence_interval(0.95)
+    assert saved["before"]["ci95"] == pytest.approx([lo, hi])
+
+    # Error mode with nothing ablated is the model itself: identical samples, so identical rewards.
+    err_splice = saved["modes"]["error"]["splice"]
+    assert err_splice["mean"] == saved["model"]["mean"]
+    assert err_splice["diff_vs_before"]["mean"] == 0.0
+
+
+def test_ablate_rerun_redoes_only_the_lost_batch_and_reproduces_it(ablate_cfg):
+    cfg = ablate_cfg
+    build_run(cfg, RELATED)
+    first = run(cfg)
+    files = condition_files(cfg)
+    # A kill while one condition's last batch was generating: that batch never reached the file.
+    victim = Path(cfg.run_dir) / "ablate" / sorted(files)[3]
+    lines = files[victim.name].decode().splitlines(keepends=True)
+    victim.write_text("".join(lines[:-1]))
+    second = run(cfg)
+    assert second == first
+    after = condition_files(cfg)
+    assert after.keys() == files.keys()
+    for name, content in files.items():
+        if name != victim.name:
+            assert after[name] == content  # untouched: nothing regenerated
+    redone = read_jsonl(victim)
+    assert [rec["prompts"] for rec in redone] == [json.loads(line)["prompts"] for line in lines]
+    assert redone[-1] == json.loads(lines[-1])  # per-prompt seeds: the same texts and rewards again
+
+
+def test_no_labelled_feature_still_runs_the_controls(ablate_cfg):
+    cfg = ablate_cfg
+    build_run(cfg, {})
+    result = run(cfg)
+    assert result["n_features"] == 0 and "no feature is labelled" in result["note"]
+    for conds in result["modes"].values():
+        assert conds["ablated"]["mean"] == conds["splice"]["mean"] == conds["random"]["mean"]
+    # Identical interventions share one file: model + one splice per mode.
+    assert len(condition_files(cfg)) == 3
