@@ -169,11 +169,8 @@ def _load_dictionary(run_dir: Path, layer: int, expansion: int):
 
     from irm.sae import load_sae, sae_dir
 
-    path = sae_dir(run_dir, layer, expansion)
-    if not path.exists():
-        raise UserError(f"missing SAE {path}: run `python -m irm sae` first")
-    with torch.no_grad():
-        return load_sae(path).dictionary.detach().cpu()
+    with torch.no_grad():  # load_sae names the missing or damaged SAE and says to run the sae stage
+        return load_sae(sae_dir(run_dir, layer, expansion)).dictionary.cpu()
 
 
 def run(cfg) -> None:
@@ -222,7 +219,7 @@ def run(cfg) -> None:
         "layers": records,
     })
 
-    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).name / "dictionaries"))
+    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / "dictionaries"))
     try:
         for layer in layers:
             rec = records[str(layer)]

@@ -245,3 +245,83 @@ def test_property_positive_row_scaling_invariance(pair, method, data):
 def test_property_hungarian_symmetric_for_equal_sizes(pair):
     small, large = pair
     assert mmcs(small, large, "hungarian")[0] == pytest.approx(mmcs(large, small, "hungarian")[0], abs=1e-9)
+
+
+# The stage ------------------------------------------------------------------------------------------------------
+
+
+def stage_cfg(tmp_path, layers=(1, 3), top_k=3):
+    from irm.config import CacheConfig, DictionariesConfig, RunConfig
+
+    return RunConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "tb"), device="cpu",
+                     cache=CacheConfig(layers=list(layers)), dictionaries=DictionariesConfig(top_k=top_k))
+
+
+def export_pair(cfg, layer, d=16, shared=5, seed=0):
+    """Export an x1 and an x2 SAE of one layer; x2 holds x1's first `shared` rows (rescaled) at shuffled positions
+    that never equal the x1 index. Returns (small, large, positions). x1's last row is zero (a dead feature)."""
+    from irm.sae import SparseAutoencoder, sae_dir, save_sae
+
+    rng = np.random.default_rng(seed)
+    small, large = SparseAutoencoder(d, d), SparseAutoencoder(d, 2 * d)
+    w_small = rng.standard_normal((d, d))
+    w_small[-1] = 0.0
+    w_large = rng.standard_normal((2 * d, d))
+    positions = rng.permutation(np.arange(d, 2 * d))[:shared]
+    w_large[positions] = w_small[:shared] * 2.0
+    with torch.no_grad():
+        small.W_dec.copy_(torch.tensor(w_small))
+        large.W_dec.copy_(torch.tensor(w_large))
+    save_sae(small, sae_dir(cfg.run_dir, layer, 1), layer=layer)
+    save_sae(large, sae_dir(cfg.run_dir, layer, 2), layer=layer)
+    return w_small.astype(np.float32), w_large.astype(np.float32), positions
+
+
+def test_stage_writes_mmcs_json_tensorboard_and_manifest(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from irm.dictionaries import run
+    from irm.stages import is_done
+
+    cfg = stage_cfg(tmp_path)
+    planted = {layer: export_pair(cfg, layer, seed=layer) for layer in (1, 3)}
+    run(cfg)
+    out = json.loads((tmp_path / "run" / "mmcs.json").read_text())
+    assert set(out["layers"]) == {"1", "3"}
+    for layer, (small, large, positions) in planted.items():
+        rec = out["layers"][str(layer)]
+        assert rec["max"] == pytest.approx(brute_max(small, large), abs=1e-9)
+        assert rec["hungarian"] <= rec["max"] + 1e-12
+        assert rec["sizes"] == [16, 32] and rec["width"] == 16
+        assert rec["dictionaries"] == {"small": "x1", "large": "x2"}
+        assert rec["zero_rows"] == {"small": 1, "large": 0}
+        assert len(rec["pairs"]) == 3
+        for p in rec["pairs"]:  # the planted rows are the exact matches; each maps to where it was put
+            assert p["cosine"] == pytest.approx(1.0, abs=1e-6)
+            assert p["large"] == positions[p["small"]]
+        best = brute_cos(small, large).max(axis=1)
+        assert rec["max_cosine"]["median"] == pytest.approx(np.median(best), abs=1e-9)
+    assert is_done(cfg, "dictionaries")
+
+    events = list((tmp_path / "tb" / "run" / "dictionaries").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("mmcs/max")}
+    assert logged == pytest.approx({1: out["layers"]["1"]["max"], 3: out["layers"]["3"]["max"]}, abs=1e-6)
+    assert {e.step for e in acc.Scalars("mmcs/hungarian")} == {1, 3}
+
+
+def test_stage_missing_sae_and_single_expansion_are_user_errors(tmp_path):
+    from irm.dictionaries import run
+    from irm.errors import UserError
+
+    cfg = stage_cfg(tmp_path, layers=(0,))
+    with pytest.raises(UserError, match="python -m irm sae"):
+        run(cfg)
+    export_pair(cfg, 0)
+    cfg.sae.expansions = [1]
+    with pytest.raises(UserError, match="sae.expansions"):
+        run(cfg)
