@@ -165,12 +165,10 @@ def _expansion_pair(cfg) -> tuple[int, int]:
 
 
 def _load_dictionary(run_dir: Path, layer: int, expansion: int):
-    import torch
-
     from irm.sae import load_sae, sae_dir
 
-    with torch.no_grad():  # load_sae names the missing or damaged SAE and says to run the sae stage
-        return load_sae(sae_dir(run_dir, layer, expansion)).dictionary.cpu()
+    # load_sae raises a UserError naming a missing or damaged SAE and the stage that makes it.
+    return load_sae(sae_dir(run_dir, layer, expansion)).dictionary.cpu()
 
 
 def run(cfg) -> None:
@@ -212,7 +210,8 @@ def run(cfg) -> None:
         "definitions": {
             "max": "paper eq. 2: mean over the small dictionary of the max cosine to any large-dictionary row",
             "hungarian": "authors' code: mean cosine of a one-to-one matching maximising the summed cosine",
-            "pairs": "top-k pairs of the max matching (small index, large index, cosine)",
+            "pairs": "top-k pairs of the max matching (small index, large index, cosine): the shared features",
+            "hungarian_pairs": "top-k pairs of the one-to-one matching, for comparison",
             "zero_rows": "rows with zero norm; their cosine with anything counts as 0",
         },
         "top_k": cfg.dictionaries.top_k,
