@@ -1,0 +1,190 @@
+"""The on-disk activation cache of one layer (paper 4.2: activations are computed once, then read by every SAE
+epoch): `shard-NNNNN.safetensors` files holding `acts` [rows, width] and, per row, `token_ids`, `doc_ids` and
+`positions`, plus `manifest.json` with each shard's row count and sha256. Writing keeps one shard in memory;
+reading goes through safetensors' memory map, one shard or one row range at a time."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from irm.artifacts import read_json, sha256_file, write_json
+from irm.errors import UserError
+
+MANIFEST = "manifest.json"
+TENSORS = ("acts", "token_ids", "doc_ids", "positions")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
+    """`<run_dir>/cache/layer-NN`."""
+    return Path(run_dir) / "cache" / f"layer-{int(layer):02d}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+class ShardWriter:
+    """Appends rows of one layer to fixed-size shards in `directory`, flushing each shard as it fills, so memory is
+    one preallocated shard whatever the corpus size. `close(**manifest)` writes the last shard and the manifest."""
+
+    def __init__(self, directory: str | os.PathLike, width: int, dtype: str = "float32", shard_rows: int = 65536):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if shard_rows < 1:
+            raise UserError(f"cache.shard_rows must be >= 1, not {shard_rows}")
+        self.directory, self.width, self.dtype = Path(directory), int(width), dtype
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.acts_RD = torch.empty(shard_rows, width, dtype=DTYPES[dtype])
+        self.ids_3R = torch.empty(3, shard_rows, dtype=torch.int64)  # token_ids, doc_ids, positions
+        self.fill = 0
+        self.shards: list[dict[str, Any]] = []
+
+    @property
+    def rows(self) -> int:
+        return sum(s["rows"] for s in self.shards) + self.fill
+
+    def add(self, acts_RD: torch.Tensor, token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        n = acts_RD.shape[0]
+        if acts_RD.shape[1] != self.width:
+            raise ValueError(f"rows of width {acts_RD.shape[1]} added to a cache of width {self.width}")
+        done = 0
+        while done < n:
+            take = min(n - done, self.acts_RD.shape[0] - self.fill)
+            dst = slice(self.fill, self.fill + take)
+            self.acts_RD[dst] = acts_RD[done:done + take]
+            for i, column in enumerate((token_ids, doc_ids, positions)):
+                self.ids_3R[i, dst] = column[done:done + take]
+            self.fill += take
+            done += take
+            if self.fill == self.acts_RD.shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.fill == 0:
+            return
+        name = shard_name(len(self.shards))
+        tensors = {"acts": self.acts_RD[: self.fill].contiguous()}
+        tensors.update({key: self.ids_3R[i, : self.fill].contiguous() for i, key in enumerate(TENSORS[1:])})
+        path = self.directory / name
+        save_file(tensors, str(path))
+        self.shards.append({"file": name, "rows": self.fill, "sha256": sha256_file(path)})
+        self.fill = 0
+
+    def close(self, **manifest: Any) -> dict:
+        """Flush the last shard and write manifest.json (`manifest` adds model, layer, site, corpus fingerprint...)."""
+        self._flush()
+        record = {**manifest, "dtype": self.dtype, "rows": self.rows, "width": self.width,
+                  "shards": self.shards, "complete": True}
+        write_json(self.directory / MANIFEST, record)
+        return record
+
+
+class ActivationCache:
+    """Read side of one layer's cache. Nothing is loaded up front: shards are opened (memory-mapped) on demand."""
+
+    def __init__(self, layer_dir: str | os.PathLike):
+        self.dir = Path(layer_dir)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise UserError(f"no activation cache in {self.dir} ({MANIFEST} missing); run `python -m irm cache` first")
+        self.manifest: dict = read_json(path)
+        if not self.manifest.get("complete"):
+            raise UserError(f"activation cache {self.dir} is incomplete; rerun `python -m irm cache`")
+        self.shards: list[dict] = list(self.manifest["shards"])
+        self.rows: int = int(self.manifest["rows"])
+        self.width: int = int(self.manifest["width"])
+        self.layer: Optional[int] = self.manifest.get("layer")
+        self.dtype: str = self.manifest["dtype"]
+        # offsets[i] = first global row of shard i; offsets[-1] = rows
+        self.offsets: list[int] = [0]
+        for s in self.shards:
+            self.offsets.append(self.offsets[-1] + int(s["rows"]))
+        if self.offsets[-1] != self.rows:
+            raise UserError(f"{path} lists shards with {self.offsets[-1]} rows but says rows={self.rows}; "
+                            "rerun `python -m irm cache`")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def path(self, shard: int) -> Path:
+        return self.dir / self.shards[shard]["file"]
+
+    def verify(self, shards: Optional[list[int]] = None) -> None:
+        """Check every shard's sha256 against the manifest; UserError naming the first damaged or missing shard."""
+        for i in range(len(self.shards)) if shards is None else shards:
+            path = self.path(i)
+            if not path.is_file():
+                raise UserError(f"cache shard {path} is missing; rerun `python -m irm cache`")
+            if sha256_file(path) != self.shards[i]["sha256"]:
+                raise UserError(f"cache shard {path} fails its checksum (damaged or modified); "
+                                "rerun `python -m irm cache`")
+
+    def _open(self, shard: int):
+        from safetensors import SafetensorError, safe_open
+
+        path = self.path(shard)
+        try:
+            return safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"cannot read cache shard {path} ({e}); rerun `python -m irm cache`") from e
+
+    def read_shard(self, shard: int, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Whole tensors of one shard, acts in their stored dtype."""
+        with self._open(shard) as f:
+            return {k: f.get_tensor(k) for k in keys}
+
+    def read_range(self, start: int, stop: int, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Global rows [start, stop), read through the memory map (only those rows leave the disk). Acts as float32."""
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside a cache of {self.rows} rows")
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        shard = self.shard_of(start) if start < self.rows else len(self.shards)
+        while start < stop:
+            lo, hi = start - self.offsets[shard], min(stop, self.offsets[shard + 1]) - self.offsets[shard]
+            with self._open(shard) as f:
+                for k in keys:
+                    parts[k].append(f.get_slice(k)[lo:hi])
+            start = self.offsets[shard] + hi
+            shard += 1
+        out = {k: torch.cat(v) if v else self._empty(k) for k, v in parts.items()}
+        if "acts" in out:
+            out["acts"] = out["acts"].float()
+        return out
+
+    def _empty(self, key: str) -> torch.Tensor:
+        return torch.empty(0, self.width) if key == "acts" else torch.empty(0, dtype=torch.int64)
+
+    def shard_of(self, row: int) -> int:
+        return bisect.bisect_right(self.offsets, row) - 1
+
+    def iter_batches(self, batch_rows: int, keys: tuple[str, ...] = TENSORS) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row in order, `batch_rows` at a time (the last batch may be shorter); acts as float32."""
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be >= 1")
+        for start in range(0, self.rows, batch_rows):
+            yield self.read_range(start, min(start + batch_rows, self.rows), keys)
+
+    def read_rows(self, indices, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Rows at global `indices` (any order, repeats allowed), returned in that order; acts as float32."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rows):
+            raise IndexError(f"row index out of range for a cache of {self.rows} rows")
+        out = {k: (torch.empty(idx.numel(), self.width) if k == "acts" else torch.empty(idx.numel(), dtype=torch.int64))
+               for k in keys}
+        shard_ids = torch.searchsorted(torch.as_tensor(self.offsets), idx, right=True) - 1
+        for shard in torch.unique(shard_ids).tolist():
+            where = (shard_ids == shard).nonzero().squeeze(1)
+            local = idx[where] - self.offsets[shard]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            with self._open(shard) as f:  # read only the span that holds the requested rows
+                for k in keys:
+                    out[k][where] = f.get_slice(k)[lo:hi][local - lo].to(out[k].dtype)
+        return out

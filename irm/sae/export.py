@@ -1,0 +1,119 @@
+"""Trained SAEs on disk: `<run_dir>/sae/layer-NN/x<expansion>/` with `cfg.json` + `sae_weights.safetensors`, in
+SAELens's layout (weights W_enc, b_enc, W_dec, b_dec; cfg keys d_in, d_sae, hook_name, ...) so SAELens's
+`SAE.load_from_disk` can read them; our own settings sit under the `irm` key."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from irm.errors import UserError
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# TransformerLens hook names (what SAELens's `hook_name` means) of our activation sites.
+HOOK_NAMES = {"mlp_out": "blocks.{layer}.hook_mlp_out", "mlp_hidden": "blocks.{layer}.mlp.hook_post"}
+
+
+def layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
+    """`<run_dir>/sae/layer-NN`: a layer's exported SAEs and its Lightning checkpoints."""
+    return Path(run_dir) / "sae" / f"layer-{int(layer):02d}"
+
+
+def sae_dir(run_dir: str | os.PathLike, layer: int, expansion: int) -> Path:
+    """`<run_dir>/sae/layer-NN/x<expansion>`: the exported SAE whose width is `expansion` x the layer's width."""
+    return layer_dir(run_dir, layer) / f"x{int(expansion)}"
+
+
+def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, site: str = "mlp_out",
+             model_name: Optional[str] = None, context_size: Optional[int] = None,
+             irm: Optional[dict[str, Any]] = None) -> Path:
+    """Write `sae` (a SparseAutoencoder) atomically as cfg.json + sae_weights.safetensors. Tied SAEs are stored with
+    an explicit W_enc = W_dec^T, which any SAELens-style reader expects; `load_sae` ties them again."""
+    from safetensors.torch import save_file
+
+    from irm.artifacts import atomic_dir, write_json
+
+    weights = {
+        "W_enc": sae.encoder_weight().detach().float().cpu().contiguous(),
+        "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
+        "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
+        "b_dec": sae.b_dec.detach().float().cpu().contiguous(),
+    }
+    cfg = {
+        "architecture": "standard",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_hidden,
+        "dtype": "float32",
+        "device": "cpu",
+        # Our encoder reads x itself, not x - b_dec (SPEC: f = ReLU(W_e x + b_e)).
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "activation_fn_str": "relu",
+        "finetuning_scaling_factor": False,
+        "model_name": model_name,
+        "hook_name": HOOK_NAMES[site].format(layer=layer) if layer is not None and site in HOOK_NAMES else None,
+        "hook_layer": layer,
+        "hook_head_index": None,
+        "context_size": context_size,
+        "prepend_bos": False,
+        "irm": {"tied": sae.tied, "layer": layer, "site": site, **(irm or {})},
+    }
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CFG_FILE, cfg)
+    return directory
+
+
+def read_cfg(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CFG_FILE
+    if not path.is_file():
+        raise UserError(f"no exported SAE in {directory} ({CFG_FILE} missing); run `python -m irm sae` first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}); rerun `python -m irm sae`") from e
+
+
+def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=None):
+    """The SparseAutoencoder exported in `directory`, in eval mode. With `d_in`, an SAE of another width (trained on
+    another layer or model) is refused with a UserError instead of failing later inside a matmul."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from irm.sae.model import SparseAutoencoder
+
+    directory = Path(directory)
+    cfg = read_cfg(directory)
+    if d_in is not None and int(cfg["d_in"]) != int(d_in):
+        raise UserError(
+            f"SAE {directory} was trained on {cfg['d_in']}-wide activations but this layer's are {d_in} wide; "
+            "retrain it for this run (`python -m irm sae`) or point at the SAE of the right layer/model"
+        )
+    try:
+        weights = load_file(str(directory / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"cannot read {directory / WEIGHTS_FILE} ({e}); rerun `python -m irm sae`") from e
+    missing = [k for k in WEIGHT_KEYS if k not in weights]
+    expected = {"W_enc": (cfg["d_in"], cfg["d_sae"]), "b_enc": (cfg["d_sae"],),
+                "W_dec": (cfg["d_sae"], cfg["d_in"]), "b_dec": (cfg["d_in"],)}
+    wrong = [k for k in WEIGHT_KEYS if k in weights and tuple(weights[k].shape) != tuple(expected[k])]
+    if missing or wrong:
+        raise UserError(
+            f"{directory / WEIGHTS_FILE} does not match its {CFG_FILE} (missing {missing}, wrong shape {wrong}); "
+            "rerun `python -m irm sae`"
+        )
+    tied = bool(cfg.get("irm", {}).get("tied", False))
+    sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), tied=tied)
+    state = {k: weights[k] for k in ("W_dec", "b_enc", "b_dec")}
+    if not tied:
+        state["W_enc"] = weights["W_enc"]
+    sae.load_state_dict(state)
+    if device is not None:
+        sae.to(device)
+    return sae.eval().requires_grad_(False)

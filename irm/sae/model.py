@@ -1,0 +1,92 @@
+"""The sparse autoencoder of paper 4.2 / appendix D: f = ReLU(W_enc^T x + b_enc), x_hat = W_dec^T f + b_dec, trained
+on MSE + alpha * L1(f). Tied weights by default (the paper's choice, appendix J): the encoder is the transposed
+decoder, one matrix whose rows are the dictionary's feature directions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SparseAutoencoder(nn.Module):
+    """One dictionary of `d_hidden` features over `d_in`-wide activations.
+
+    Parameter names and shapes follow SAELens: `W_dec` [d_hidden, d_in] (rows = features), `W_enc` [d_in, d_hidden]
+    (absent when tied), `b_enc` [d_hidden], `b_dec` [d_in]. Inputs may have any leading dimensions."""
+
+    def __init__(self, d_in: int, d_hidden: int, tied: bool = True):
+        super().__init__()
+        if d_in < 1 or d_hidden < 1:
+            raise ValueError(f"SAE sizes must be positive, got d_in={d_in}, d_hidden={d_hidden}")
+        self.d_in, self.d_hidden, self.tied = int(d_in), int(d_hidden), bool(tied)
+        # Random unit-norm features: every feature starts equally able to fire, none starts dead or dominant.
+        w_dec_FD = torch.randn(d_hidden, d_in)
+        w_dec_FD /= w_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec_FD)
+        self.W_enc: Optional[nn.Parameter]
+        if tied:
+            self.register_parameter("W_enc", None)
+        else:
+            self.W_enc = nn.Parameter(w_dec_FD.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_hidden))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encoder_weight(self) -> torch.Tensor:
+        """[d_in, d_hidden]: W_enc, or the transposed decoder when tied."""
+        return self.W_dec.t() if self.W_enc is None else self.W_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations (codes) f = ReLU(x W_enc + b_enc), shape [..., d_hidden]."""
+        # F.linear takes weight [out, in]; W_dec already is [d_hidden, d_in], so the tied case needs no transpose.
+        weight_FD = self.W_dec if self.W_enc is None else self.W_enc.t()
+        return F.relu(F.linear(x, weight_FD, self.b_enc))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat = f W_dec + b_dec, shape [..., d_in]."""
+        return F.linear(codes, self.W_dec.t(), self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    @property
+    def dictionary(self) -> torch.Tensor:
+        """[d_hidden, d_in]: the feature directions (decoder rows), detached."""
+        return self.W_dec.detach()
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm. Untied SAEs need it after every step: otherwise the L1 penalty is
+        dodged by shrinking codes while growing the decoder. (Tied weights cannot dodge it: scaling a row scales
+        its code and its contribution together.)"""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_hidden={self.d_hidden}, tied={self.tied}"
+
+
+def sae_loss(
+    x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor, l1_coefficient: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, l1) of appendix D eq. 8 as the authors computed it: MSE averaged over rows and dimensions, L1 the
+    per-row sum of |f| averaged over rows (the main text's "L1 on the decoder weights" is a slip, SPEC)."""
+    mse = F.mse_loss(x_hat_BD, x_BD)
+    # Codes are ReLU outputs, so |f| = f: a plain sum skips the abs pass over the [rows, features] tensor.
+    l1 = codes_BF.sum() / codes_BF.shape[0]
+    return mse + l1_coefficient * l1, mse, l1
+
+
+@torch.no_grad()
+def reconstruction_stats(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Normalised MSE (MSE / total variance of x) and explained variance (1 - Var(x - x_hat) / Var(x)); the two
+    differ by the residual's mean, i.e. a bias the decoder has not learnt. Variances are summed over dimensions."""
+    x, err = x_BD.float(), (x_BD - x_hat_BD).float()
+    total_var = x.var(dim=0, unbiased=False).sum().clamp_min(1e-12)
+    mse_sum = err.pow(2).mean(dim=0).sum()
+    return {
+        "nmse": mse_sum / total_var,
+        "explained_variance": 1.0 - err.var(dim=0, unbiased=False).sum() / total_var,
+    }

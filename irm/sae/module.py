@@ -1,0 +1,242 @@
+"""The SAE LightningModule (paper 4.2, appendix D): a layer's dictionaries of every size (1x and 2x the activation
+width) trained side by side on the same batches, so one read of the cache trains the pair; and the callback that
+exports them for the later stages when a fit ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from irm.errors import UserError
+from irm.sae.model import SparseAutoencoder, reconstruction_stats, sae_loss
+
+
+class FeatureActivity(nn.Module):
+    """Which features fired recently, for the dead-feature fraction: a feature is dead when it has not fired for
+    `window` optimizer steps. Buffers, so a resumed fit keeps the history."""
+
+    def __init__(self, d_hidden: int):
+        super().__init__()
+        self.register_buffer("fired_since_check", torch.zeros(d_hidden, dtype=torch.bool))
+        self.register_buffer("last_fired_step", torch.zeros(d_hidden, dtype=torch.long))
+
+    @torch.no_grad()
+    def observe(self, codes_BF: torch.Tensor) -> None:
+        # One reduction over the batch per step and no host sync; the per-feature step is stamped at the next check.
+        self.fired_since_check |= codes_BF.amax(dim=0) > 0
+
+    @torch.no_grad()
+    def dead_fraction(self, step: int, window: int, reduce=None) -> torch.Tensor:
+        """Stamp features that fired since the last check with `step`; the fraction silent for >= `window` steps.
+        `reduce` sums a tensor over DDP ranks, so a feature firing on any rank counts."""
+        fired = self.fired_since_check.float()
+        fired = (reduce(fired) if reduce is not None else fired) > 0
+        self.last_fired_step[fired] = step
+        self.fired_since_check.zero_()
+        return ((step - self.last_fired_step) >= window).float().mean()
+
+
+class SAEModule(L.LightningModule):
+    """Sparse autoencoders of sizes `expansions` x `d_in` over one layer's activations.
+
+    Args:
+        d_in: activation width; None takes it from the datamodule's `width` when the fit starts.
+        expansions: dictionary sizes as multiples of d_in (paper table 1: 1x and 2x d_model).
+        l1_coefficient: alpha of the L1 term (paper 4.2: 1e-3; 1.5e-3 for GPT-Neo-125m).
+        learning_rate: Adam step size (paper 4.2: 1e-3).
+        tied: decoder = transposed encoder (paper appendix J's choice).
+        dead_window: optimizer steps without firing after which a feature counts as dead.
+
+    Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance) are computed on the
+    steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the statistics cost passes
+    over the codes and their logging would otherwise sync with the host each step.
+    """
+
+    def __init__(self, d_in: Optional[int] = None, expansions: list[int] = [1, 2], l1_coefficient: float = 1.0e-3,
+                 learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000):
+        super().__init__()
+        expansions = list(expansions)
+        if not expansions or any(int(e) != e or e < 1 for e in expansions) or len(set(expansions)) != len(expansions):
+            raise UserError(f"expansions must be distinct whole numbers >= 1 (e.g. [1, 2]), not {expansions}")
+        if l1_coefficient < 0 or learning_rate <= 0 or dead_window < 1:
+            raise UserError("l1_coefficient must be >= 0, learning_rate > 0 and dead_window >= 1")
+        self.save_hyperparameters()
+        # Manual optimisation: one backward for all dictionaries and no closure machinery per step.
+        self.automatic_optimization = False
+        self.saes = nn.ModuleDict()
+        self.activity = nn.ModuleDict()
+        self._val_fired: dict[str, torch.Tensor] = {}
+        if d_in is not None:
+            self._build(int(d_in))
+
+    def _build(self, d_in: int) -> None:
+        self.hparams.d_in = d_in  # recorded in checkpoints, so load_from_checkpoint rebuilds the same shapes
+        for e in self.hparams.expansions:
+            name = f"x{e}"
+            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=self.hparams.tied)
+            self.activity[name] = FeatureActivity(e * d_in)
+
+    @property
+    def d_in(self) -> Optional[int]:
+        return self.hparams.d_in
+
+    def setup(self, stage: str) -> None:
+        width = getattr(self.trainer.datamodule, "width", None) if self.trainer.datamodule is not None else None
+        if not self.saes:
+            if width is None:
+                raise UserError("SAEModule needs d_in (the activation width) or a datamodule with a `width`; "
+                                "set model.init_args.d_in or use irm.activations.ActivationDataModule")
+            self._build(int(width))
+        elif width is not None and int(width) != self.d_in:
+            raise UserError(f"the SAEs are {self.d_in} wide but the activations of {self.trainer.datamodule.cache.dir} "
+                            f"are {width} wide; drop model.init_args.d_in or point data at the matching layer")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        found = {k.split(".")[1] for k in state if k.startswith("saes.")}
+        if found != set(self.saes):
+            raise UserError(f"checkpoint holds SAEs {sorted(found)} but this fit trains {sorted(self.saes)}; "
+                            "use the same expansions or start without --ckpt_path")
+        for name, sae in self.saes.items():
+            width = state[f"saes.{name}.W_dec"].shape[1]
+            if width != sae.d_in:
+                raise UserError(f"checkpoint SAE {name} is {width} wide but this layer's activations are {sae.d_in} "
+                                "wide: it belongs to another layer or model; point --ckpt_path at this layer's "
+                                "checkpoints or start without it")
+
+    def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{dictionary name: (reconstruction, codes)}."""
+        return {name: sae(x) for name, sae in self.saes.items()}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+    def training_step(self, x_BD: torch.Tensor, batch_idx: int) -> None:
+        alpha = self.hparams.l1_coefficient
+        total = 0.0
+        parts = {}
+        for name, sae in self.saes.items():
+            x_hat_BD, codes_BF = sae(x_BD)
+            loss, mse, l1 = sae_loss(x_BD, x_hat_BD, codes_BF, alpha)
+            total = total + loss
+            self.activity[name].observe(codes_BF)
+            parts[name] = (x_hat_BD, codes_BF, mse, l1)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        opt.step()
+        if not self.hparams.tied:
+            for sae in self.saes.values():
+                sae.normalize_decoder_()
+        if self._logging_step():
+            self._log_train(x_BD, parts, total)
+
+    def _logging_step(self) -> bool:
+        # The step Lightning's logger connector writes on: every batch steps here, so batches == optimizer steps.
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+
+    @torch.no_grad()
+    def _log_train(self, x_BD: torch.Tensor, parts: dict, total: torch.Tensor) -> None:
+        reduce = None
+        if self.trainer.world_size > 1:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        metrics = {"train/loss": total.detach()}
+        for name, (x_hat_BD, codes_BF, mse, l1) in parts.items():
+            metrics.update(_prefixed(f"train/{name}", x_BD, x_hat_BD, codes_BF, mse, l1))
+            metrics[f"train/{name}/dead_fraction"] = self.activity[name].dead_fraction(
+                self.global_step, self.hparams.dead_window, reduce)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x_BD.shape[0])
+
+    # Validation and test: the held-out, document-aligned tail of the cache.
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_fired = {name: torch.zeros(sae.d_hidden, dtype=torch.bool, device=self.device)
+                           for name, sae in self.saes.items()}
+
+    def validation_step(self, x_BD: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(x_BD, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_dead("val")
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def test_step(self, x_BD: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(x_BD, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dead("test")
+
+    def _evaluate(self, x_BD: torch.Tensor, stage: str) -> None:
+        alpha = self.hparams.l1_coefficient
+        metrics = {}
+        total = 0.0
+        for name, sae in self.saes.items():
+            x_hat_BD, codes_BF = sae(x_BD)
+            loss, mse, l1 = sae_loss(x_BD, x_hat_BD, codes_BF, alpha)
+            total = total + loss
+            self._val_fired[name] |= codes_BF.amax(dim=0) > 0
+            metrics.update(_prefixed(f"{stage}/{name}", x_BD, x_hat_BD, codes_BF, mse, l1))
+        metrics[f"{stage}/loss"] = total
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=x_BD.shape[0])
+
+    def _log_dead(self, stage: str) -> None:
+        # Over the whole held-out set: a feature that fires on no held-out row is dead there.
+        for name, fired in self._val_fired.items():
+            fired = fired.float()
+            if self.trainer.world_size > 1:
+                fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
+            self.log(f"{stage}/{name}/dead_fraction", 1.0 - (fired > 0).float().mean(), on_epoch=True)
+
+
+def _prefixed(prefix: str, x_BD, x_hat_BD, codes_BF, mse, l1) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        stats = reconstruction_stats(x_BD, x_hat_BD)
+        return {
+            f"{prefix}/mse": mse.detach(),
+            f"{prefix}/nmse": stats["nmse"],
+            f"{prefix}/l1": l1.detach(),
+            # "True sparsity" (appendix J): mean number of active features per row.
+            f"{prefix}/l0": torch.count_nonzero(codes_BF).float() / codes_BF.shape[0],
+            f"{prefix}/explained_variance": stats["explained_variance"],
+        }
+
+
+class ExportSAEs(L.Callback):
+    """When a fit ends, write every SAE of the module as cfg.json + sae_weights.safetensors under `dirpath/x<e>`
+    (rank 0 only). Without `dirpath`, a datamodule reading `<run_dir>/cache/layer-NN` exports to
+    `<run_dir>/sae/layer-NN`, where the later stages look."""
+
+    def __init__(self, dirpath: Optional[str] = None):
+        self.dirpath = dirpath
+
+    def target(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        cache = getattr(trainer.datamodule, "cache", None)
+        if cache is None or cache.dir.parent.name != "cache" or cache.layer is None:
+            raise UserError("ExportSAEs needs dirpath unless the data is an ActivationDataModule reading "
+                            "<run_dir>/cache/layer-NN; set trainer.callbacks' ExportSAEs dirpath")
+        from irm.sae.export import layer_dir
+
+        return layer_dir(cache.dir.parent.parent, cache.layer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from irm.sae.export import save_sae
+
+        manifest = getattr(trainer.datamodule, "manifest", None) or {}
+        root = self.target(trainer)
+        hp = pl_module.hparams
+        for name, sae in pl_module.saes.items():
+            save_sae(sae, root / name, layer=manifest.get("layer"), site=manifest.get("site", "mlp_out"),
+                     model_name=manifest.get("model"), context_size=manifest.get("max_length"),
+                     irm={"expansion": int(name[1:]), "l1_coefficient": hp.l1_coefficient,
+                          "learning_rate": hp.learning_rate, "global_step": trainer.global_step,
+                          "cache_rows": manifest.get("rows"), "corpus_fingerprint": manifest.get("corpus_fingerprint")})
