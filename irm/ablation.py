@@ -23,14 +23,18 @@ MODES = ("reconstruction", "error")
 DICTIONARY = 1  # the explainer labels features of the 1x dictionary (irm.explain.related_features)
 
 
+def check_modes(modes: list[str]) -> None:
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"ablate.modes {list(modes)} must be a non-empty subset of {list(MODES)}")
+
+
 def intervention(sae, features: list[int], mode: str) -> Callable:
     """The function `irm.models.splice` applies to a layer's site output: encode with `sae`, zero `features` in the
     codes, and return the reconstruction (`reconstruction`) or the output minus the zeroed features' decoder
     contribution (`error`)."""
     import torch
 
-    if mode not in MODES:
-        raise UserError(f"unknown ablate mode {mode!r}; use one of {list(MODES)}")
+    check_modes([mode])
     sae_dtype = next(sae.parameters()).dtype
     index = torch.as_tensor(features, dtype=torch.long)
 
@@ -189,9 +193,7 @@ def run(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.device)
     a = cfg.ablate
     rd = RunDir(cfg.run_dir)
-    unknown = [m for m in a.modes if m not in MODES]
-    if unknown or not a.modes:
-        raise UserError(f"ablate.modes {a.modes} must be a non-empty subset of {list(MODES)}")
+    check_modes(a.modes)  # before the model loads and generates
 
     model, tokenizer = load_tuned(cfg, device)
     layers = sorted(chosen_layers(cfg, n_layers(model)))

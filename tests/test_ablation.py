@@ -262,6 +262,7 @@ def build_run(cfg, related: dict[int, list[int]]) -> None:
     lines = []
     for layer in LAYERS:
         save_sae(random_sae(layer), sae_dir(root, layer, 1), layer=layer)
+    for layer in sorted(set(LAYERS) | set(related)):
         for index in range(12):
             label = int(index in related.get(layer, []))
             lines.append({"layer": layer, "dictionary": "x1", "role": "small", "index": index,
@@ -351,3 +352,19 @@ def test_no_labelled_feature_still_runs_the_controls(ablate_cfg):
         assert conds["ablated"]["mean"] == conds["splice"]["mean"] == conds["random"]["mean"]
     # Identical interventions share one file: model + one splice per mode.
     assert len(condition_files(cfg)) == 3
+
+
+def test_user_errors_name_the_fix(ablate_cfg):
+    from irm.errors import UserError
+
+    cfg = ablate_cfg
+    with pytest.raises(UserError, match="subset of"):
+        intervention(random_sae(0), [], "dimensions")
+    build_run(cfg, {3: [1]})  # explanations from a run whose chosen layers were different
+    with pytest.raises(UserError, match="rerun `python -m irm explain`"):
+        run(cfg)
+    build_run(cfg, RELATED)
+    cfg.ablate.n_prompts = 10_000
+    with pytest.raises(UserError, match="lower ablate.n_prompts"):
+        run(cfg)
+    assert not (Path(cfg.run_dir) / "ablation.json").exists()
