@@ -159,6 +159,7 @@ class RegressionConfig:
     batch_size: int = 64
     learning_rate: float = 1.0e-2
     weight_decay: float = 1.0e-4  # ridge
+    optimizer: Literal["adam", "sgd", "adamw"] = "adam"  # adam/sgd: coupled decay, whose optimum is the ridge fit
     epochs: int = 50
     val_fraction: float = 0.1
     trainer: dict = field(default_factory=dict)

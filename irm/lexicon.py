@@ -1,0 +1,228 @@
+"""Lexicon reconstruction and Kendall tau (paper 5.1, H, I): R applied to the SAE codes of every single-token
+lexicon word in the same corpus contexts, averaged per word, rescaled onto the lexicon's [-4, 4], and compared with
+the true lexicon by Kendall tau (scipy, on the two value vectors) over all words, negative words only, words seen
+in the triples and held-out words R never saw: only the last measures generalisation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from irm.artifacts import read_json, write_json, write_text
+from irm.config import RunConfig
+from irm.errors import UserError
+
+LEXICON_CSV = "lexicon.csv"
+KENDALL_JSON = "kendall.json"
+BOUND = 4.0  # the VADER lexicon's range is [-4, 4]
+SUBSETS = ("all", "negative", "heldout", "seen")
+TAU_ON = ("raw: R's output averaged per word. The [-4, 4] rescaling is monotone, but its clipping ties the words "
+          "beyond the percentiles, which would change tau")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The maths
+
+
+def _floats(values, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be numbers, got {arr.dtype} (Kendall tau is computed on values, never words)")
+    return arr.astype(np.float64)
+
+
+def rescale(raw, percentiles: Sequence[float] = (10.0, 90.0)) -> tuple[np.ndarray, dict]:
+    """Map the given percentiles of `raw` onto [-4, 4] (affine) and clip: the authors' normalisation."""
+    raw = _floats(raw, "raw values")
+    lo_p, hi_p = percentiles
+    if not 0.0 <= lo_p < hi_p <= 100.0:
+        raise UserError(f"lexicon.percentiles must be two increasing numbers in [0, 100], got {list(percentiles)}")
+    lo, hi = (float(v) for v in np.percentile(raw, [lo_p, hi_p]))
+    mapping = {"kind": f"affine: percentile {lo_p:g} -> -4, percentile {hi_p:g} -> +4, then clipped to [-4, 4]",
+               "percentiles": [lo_p, hi_p], "raw_at_percentiles": [lo, hi], "bound": BOUND}
+    return apply_mapping(raw, mapping), mapping
+
+
+def apply_mapping(raw, mapping: dict) -> np.ndarray:
+    lo, hi = mapping["raw_at_percentiles"]
+    raw = _floats(raw, "raw values")
+    if hi <= lo:  # R is constant on these words: every word maps to the centre
+        return np.zeros_like(raw)
+    return np.clip(-BOUND + 2 * BOUND * (raw - lo) / (hi - lo), -BOUND, BOUND)
+
+
+def raw_threshold(threshold: float, mapping: dict) -> float:
+    """The raw R output that `apply_mapping` sends to `threshold` (inside (-4, 4))."""
+    lo, hi = mapping["raw_at_percentiles"]
+    return lo + (threshold + BOUND) / (2 * BOUND) * (hi - lo)
+
+
+def kendall(true, predicted, bootstrap: int = 0, seed: int = 0) -> dict:
+    """scipy's Kendall tau-b and p-value of two float vectors, with a percentile bootstrap 95% interval (words
+    resampled with replacement, seeded). tau is None when it is undefined (fewer than 2 words or a constant)."""
+    from scipy.stats import kendalltau
+
+    x, y = _floats(true, "true values"), _floats(predicted, "predicted values")
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"Kendall tau needs two vectors of the same length, got {x.shape} and {y.shape}")
+    out = {"n": int(len(x)), "tau": None, "p": None, "ci95": None, "bootstrap": int(bootstrap)}
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    res = kendalltau(x, y)
+    out["tau"], out["p"] = float(res.statistic), float(res.pvalue)
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        taus = []
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(x), len(x))
+            tau = kendalltau(x[idx], y[idx]).statistic
+            if np.isfinite(tau):
+                taus.append(tau)
+        if taus:
+            out["ci95"] = [float(v) for v in np.percentile(taus, [2.5, 97.5])]
+    return out
+
+
+def sign_agreement(true, predicted) -> Optional[float]:
+    """Fraction of words whose predicted sign equals the true sign (a prediction of exactly 0 agrees with none)."""
+    x, y = _floats(true, "true values"), _floats(predicted, "predicted values")
+    return float(np.mean(np.sign(x) == np.sign(y))) if len(x) else None
+
+
+def per_word(values, word_of_row, n_words: int) -> np.ndarray:
+    """Mean of `values` over the rows of each word (rows labelled 0..n_words-1)."""
+    values = _floats(values, "values")
+    counts = np.bincount(word_of_row, minlength=n_words)
+    if (counts == 0).any():
+        raise ValueError("every word needs at least one row")
+    return np.bincount(word_of_row, weights=values, minlength=n_words) / counts
+
+
+def summarise(words: Sequence[str], true, raw, heldout: set[str], seen: set[str], percentiles: Sequence[float],
+              bootstrap: int, seed: int, sample_size: int) -> tuple[list[dict], dict]:
+    """Rows of lexicon.csv and the contents of kendall.json from per-word values."""
+    true, raw = _floats(true, "true values"), _floats(raw, "raw values")
+    reconstructed, mapping = rescale(raw, percentiles)
+    masks = {
+        "all": np.ones(len(words), dtype=bool),
+        "negative": true < 0,
+        "heldout": np.array([w in heldout for w in words], dtype=bool),
+        "seen": np.array([w in seen for w in words], dtype=bool),
+    }
+    report = {name: kendall(true[m], raw[m], bootstrap, seed) for name, m in masks.items()}
+    rows = [{"word": w, "true": float(t), "reconstructed": float(r), "raw": float(v), "heldout": int(h),
+             "seen": int(s)}
+            for w, t, r, v, h, s in zip(words, true, reconstructed, raw, masks["heldout"], masks["seen"])]
+    sample = random.Random(f"irm-lexicon-sample:{seed}").sample(rows, min(sample_size, len(rows)))
+    report.update({
+        "tau_on": TAU_ON,
+        "sign_agreement": sign_agreement(true, raw),
+        "sign_agreement_heldout": sign_agreement(true[masks["heldout"]], raw[masks["heldout"]]),
+        "sign_on": "raw R output (0 is R's own neutral point; the percentile mapping moves zero)",
+        "mapping": mapping,
+        "n_words": len(words),
+        "sample": sorted(sample, key=lambda r: r["true"]),
+    })
+    return rows, report
+
+
+def lexicon_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["word", "true", "reconstructed", "raw", "heldout", "seen"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "true": f"{row['true']:g}", "reconstructed": f"{row['reconstructed']:.6g}",
+                         "raw": repr(row["raw"])})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def choose_contexts(triples: list[dict], k: int, seed: int) -> list[str]:
+    """`k` distinct triple prefixes (the text before the sentiment word), seeded; every word is read in the same
+    contexts, so differences between words are not differences between contexts."""
+    prefixes = sorted({t["prefix"] for t in triples if t["prefix"].strip()}) or [""]
+    random.Random(f"irm-lexicon-contexts:{seed}").shuffle(prefixes)
+    return prefixes[:k]
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.deltas import codes_at, load_saes
+    from irm.models import load_tuned
+    from irm.regression import load_irm
+    from irm.reward import LexiconReward
+    from irm.runtime import resolve_device, seed_all
+    from irm.stages import mark_done
+    from irm.triples import TRIPLES_JSON, locate, read_triples, token_counts
+
+    lc = cfg.lexicon
+    if lc.contexts_per_word < 1 or lc.bootstrap < 0:
+        raise UserError(f"lexicon.contexts_per_word must be >= 1 and lexicon.bootstrap >= 0, got "
+                        f"{lc.contexts_per_word}, {lc.bootstrap}")
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    root = Path(cfg.run_dir)
+    weight, bias, layers = load_irm(root)
+    triples = read_triples(root)
+    info = read_json(root / TRIPLES_JSON)
+    heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
+    seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
+    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+    model, tokenizer = load_tuned(cfg, device=device)
+    saes = load_saes(root, layers, model, cfg.cache.site)
+
+    counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
+    words = sorted(w for w, n in counts.items() if n == 1)
+    contexts = choose_contexts(triples, lc.contexts_per_word, cfg.seed)
+    items, word_of_row = [], []
+    for i, word in enumerate(words):
+        for prefix in contexts:
+            text = prefix + word
+            ids, positions = locate(tokenizer, text, len(prefix), len(text))
+            if len(positions) == 1:  # a word that merges with its context is not read there
+                items.append((ids, positions))
+                word_of_row.append(i)
+    word_of_row = np.asarray(word_of_row, dtype=np.int64)
+    kept = np.unique(word_of_row)
+    codes = codes_at(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site,
+                     desc="lexicon: words in context")
+    x = codes.flatten(1)
+    if x.shape[1] != weight.numel():
+        raise UserError(f"R has {weight.numel()} features but the SAEs of layers {layers} give {x.shape[1]}; rerun "
+                        "`python -m irm deltas` and `python -m irm regression`")
+    r = (x @ weight.to(x.dtype) + bias).numpy()
+    remap = np.full(len(words), -1)
+    remap[kept] = np.arange(len(kept))
+    words = [words[i] for i in kept]
+    raw = per_word(r, remap[word_of_row], len(words))
+    true = np.array([lexicon[w] for w in words])
+
+    rows, report = summarise(words, true, raw, heldout, seen, lc.percentiles, lc.bootstrap, cfg.seed,
+                             lc.sample_size)
+    report.update({
+        "contexts": {"n": len(contexts), "how": "the same seeded triple prefixes for every word, the word appended "
+                     "at the sentiment position"},
+        "words_evaluated": len(words),
+        "multi_token_words_skipped": len(counts) - len(kept),
+        "layers": layers,
+    })
+    write_text(root / LEXICON_CSV, lexicon_csv(rows))
+    write_json(root / KENDALL_JSON, report)
+    mark_done(cfg, "lexicon", [LEXICON_CSV, KENDALL_JSON])
+    print(f"lexicon: {len(words)} single-token words in {len(contexts)} contexts "
+          f"({report['multi_token_words_skipped']} multi-token words skipped)")
+    for name in SUBSETS:
+        k = report[name]
+        tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}, 95% CI {k['ci95']})"
+        print(f"  Kendall tau, {name:<8} n={k['n']:<5} {tau}")
+    print(f"  sign agreement {report['sign_agreement']:.3f}")
+    return report

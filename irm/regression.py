@@ -1,0 +1,317 @@
+"""The linear implicit reward model R (paper 4.3, E.2): a LightningModule mapping the concatenated SAE codes at a
+sentiment token to its sentiment activation delta, with an L2 penalty that makes it the authors' ridge regression,
+and a LightningDataModule streaming the deltas stage's shards. `python -m irm regression` and `python -m irm fit
+--config configs/regression.yaml` train the same classes; the fitted R is exported as safetensors for the lexicon,
+validation and report stages (`load_irm`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from irm.artifacts import atomic_path, read_json, write_json
+from irm.config import RunConfig
+from irm.deltas import read_manifest, verify
+from irm.errors import UserError
+
+REGRESSION_DIR = "regression"
+EXPORT = "regression.safetensors"
+METRICS = "metrics.json"
+FINGERPRINT = "fingerprint.json"  # the config a checkpoint belongs to: a stale one is never resumed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: shards streamed one at a time
+
+
+class DeltaShards(Dataset):
+    """Map-style view of the shards whose keys are whole batches, (shard index, row indices): only the shard being
+    read is in memory."""
+
+    def __init__(self, directory: Path, files: list[str]):
+        self.directory = Path(directory)
+        self.files = files
+        self._loaded: tuple[int, dict] | None = None
+
+    def _shard(self, index: int) -> dict:
+        from safetensors.torch import load_file
+
+        if self._loaded is None or self._loaded[0] != index:
+            self._loaded = (index, load_file(str(self.directory / self.files[index])))
+        return self._loaded[1]
+
+    def __getitem__(self, key: tuple[int, list[int]]) -> dict:
+        shard, rows = key
+        tensors = self._shard(shard)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return {"x": tensors["x"][idx], "y": tensors["y"][idx]}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class ShardBatchSampler(Sampler):
+    """Keys of `DeltaShards` batches: shards in turn, rows of one shard in one batch at most. With `shuffle`, shard
+    order and rows within a shard are permuted, seeded by (seed, epoch), so a resumed epoch sees the same order."""
+
+    def __init__(self, rows_per_shard: list[np.ndarray], batch_size: int, shuffle: bool, seed: int):
+        self.rows_per_shard = rows_per_shard
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shards = rng.permutation(len(self.rows_per_shard)) if self.shuffle else range(len(self.rows_per_shard))
+        for s in shards:
+            rows = self.rows_per_shard[s]
+            if self.shuffle:
+                rows = rng.permutation(rows)
+            for i in range(0, len(rows), self.batch_size):
+                yield int(s), rows[i: i + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return sum(-(-len(r) // self.batch_size) for r in self.rows_per_shard)
+
+
+class DeltaDataModule(L.LightningDataModule):
+    """Rows (x = SAE codes at the sentiment token, y = delta) of `<run_dir>/deltas`. A seeded `val_fraction` of the
+    triples (both rows of each) is held out for validation metrics."""
+
+    def __init__(self, deltas_dir: str, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
+                 num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"regression batch_size must be at least 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"regression val_fraction must be in (0, 1) (R^2 is measured on held-out rows), "
+                            f"got {val_fraction}")
+        self.deltas_dir = Path(deltas_dir)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.manifest: Optional[dict] = None
+
+    @property
+    def n_features(self) -> int:
+        if self.manifest is None:
+            self.manifest = read_manifest(self.deltas_dir)
+        return int(self.manifest["n_features"])
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        from safetensors import safe_open
+
+        self.manifest = read_manifest(self.deltas_dir)
+        verify(self.deltas_dir, self.manifest)
+        n_triples = int(self.manifest["n_triples"])
+        n_val = max(1, round(self.val_fraction * n_triples))
+        if n_val >= n_triples:
+            raise UserError(f"only {n_triples} triples: too few to hold out {self.val_fraction:.0%} for validation; "
+                            "make more triples (triples.n) or lower regression.val_fraction")
+        val_ids = np.random.default_rng(self.seed).permutation(n_triples)[:n_val]
+        self.train_rows, self.val_rows = [], []
+        for shard in self.manifest["shards"]:
+            with safe_open(str(self.deltas_dir / shard["file"]), "pt") as f:
+                triple = f.get_tensor("triple").numpy()
+            is_val = np.isin(triple, val_ids)
+            self.train_rows.append(np.flatnonzero(~is_val))
+            self.val_rows.append(np.flatnonzero(is_val))
+        self.files = [s["file"] for s in self.manifest["shards"]]
+
+    def _loader(self, rows: list[np.ndarray], shuffle: bool) -> DataLoader:
+        return DataLoader(DeltaShards(self.deltas_dir, self.files),
+                          sampler=ShardBatchSampler(rows, self.batch_size, shuffle, self.seed),
+                          batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, shuffle=False)
+
+    def counts(self) -> dict:
+        return {"train_rows": int(sum(len(r) for r in self.train_rows)),
+                "val_rows": int(sum(len(r) for r in self.val_rows))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class IRMRegression(L.LightningModule):
+    """R(x) = w.x + b, trained on mean squared error. `weight_decay` penalises w only (not the intercept). With
+    `adam` or `sgd` the decay is added to the gradient (coupled), so the fixed point is exactly the ridge solution
+    argmin MSE + weight_decay/2 ||w||^2; `adamw` decouples it (a different, scale-dependent shrinkage).
+    `n_features` may be left out when a DeltaDataModule provides it."""
+
+    def __init__(self, n_features: Optional[int] = None, learning_rate: float = 1e-2, weight_decay: float = 1e-4,
+                 optimizer: Literal["adam", "sgd", "adamw"] = "adam"):
+        super().__init__()
+        if learning_rate <= 0 or weight_decay < 0:
+            raise UserError(f"regression learning_rate must be > 0 and weight_decay >= 0, got {learning_rate}, "
+                            f"{weight_decay}")
+        if optimizer not in ("adam", "sgd", "adamw"):
+            raise UserError(f"regression optimizer must be adam, sgd or adamw, got {optimizer!r}")
+        self.save_hyperparameters()
+        self.linear: Optional[nn.Linear] = None
+        if n_features is not None:
+            self._build(n_features)
+
+    def _build(self, n_features: int) -> None:
+        import torchmetrics
+
+        self.linear = nn.Linear(n_features, 1)
+        self.metrics = nn.ModuleDict({
+            f"{split}_{name}": metric()
+            for split in ("train", "val")
+            for name, metric in (("mse", torchmetrics.MeanSquaredError), ("r2", torchmetrics.R2Score))
+        })
+
+    def configure_model(self) -> None:
+        # Called before checkpoint restore and optimizer set-up: the width comes from the data when not given.
+        if self.linear is None:
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "n_features"):
+                raise UserError("IRMRegression needs n_features, or a DeltaDataModule to read it from")
+            self.hparams["n_features"] = dm.n_features
+            self._build(dm.n_features)
+
+    def forward(self, x_BF: torch.Tensor) -> torch.Tensor:
+        return self.linear(x_BF).squeeze(-1)
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        pred_B = self(batch["x"])
+        loss = F.mse_loss(pred_B, batch["y"])
+        for name in ("mse", "r2"):
+            metric = self.metrics[f"{split}_{name}"]
+            metric.update(pred_B.detach(), batch["y"])
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "r2",
+                     batch_size=len(pred_B))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["y"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [self.linear.weight], "weight_decay": hp.weight_decay},
+                  {"params": [self.linear.bias], "weight_decay": 0.0}]  # ridge leaves the intercept free
+        cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[hp.optimizer]
+        return cls(groups, lr=hp.learning_rate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export(module: IRMRegression, manifest: dict, path: str | Path) -> None:
+    """R as `regression.safetensors`: weight [n_features], bias [1], layers; width, site in the metadata."""
+    from safetensors.torch import save_file
+
+    weight = module.linear.weight.detach().reshape(-1).float().cpu().contiguous()
+    bias = module.linear.bias.detach().reshape(1).float().cpu().contiguous()
+    layers = torch.as_tensor(manifest["layers"], dtype=torch.long)
+    meta = {"layers": json.dumps(manifest["layers"]), "width": str(manifest["width"]), "site": manifest["site"],
+            "n_features": str(weight.numel())}
+    with atomic_path(path) as tmp:
+        save_file({"weight": weight, "bias": bias, "layers": layers}, str(tmp), metadata=meta)
+
+
+class ExportRegression(L.Callback):
+    """Writes the fitted R to `path` at the end of fitting (the stage and `python -m irm fit` alike)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: IRMRegression) -> None:
+        if trainer.is_global_zero:
+            export(pl_module, trainer.datamodule.manifest, self.path)
+
+
+def load_irm(run_dir: str | Path) -> tuple[torch.Tensor, float, list[int]]:
+    """(weight [n_features], bias, layers) of the fitted R of a run."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / REGRESSION_DIR / EXPORT
+    if not path.exists():
+        raise UserError(f"no fitted regression in {path}; run `python -m irm regression` first")
+    t = load_file(str(path))
+    return t["weight"], float(t["bias"][0]), [int(v) for v in t["layers"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def build_trainer(cfg: RunConfig, extra_callbacks: tuple = ()) -> L.Trainer:
+    """The Trainer of `python -m irm regression`: TensorBoard under <log_dir>/<run name>/regression, checkpoints
+    (last.ckpt) in <run_dir>/regression/checkpoints, R exported at the end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    root = Path(cfg.run_dir)
+    logger = TensorBoardLogger(save_dir=cfg.log_dir, name=root.name, version=REGRESSION_DIR)
+    callbacks = [ModelCheckpoint(dirpath=str(root / REGRESSION_DIR / "checkpoints"), save_last=True),
+                 ExportRegression(str(root / REGRESSION_DIR / EXPORT)), *extra_callbacks]
+    kwargs = {"max_epochs": cfg.regression.epochs, "logger": logger, "callbacks": callbacks,
+              "default_root_dir": str(root / REGRESSION_DIR), "log_every_n_steps": 10}
+    kwargs.update(cfg.regression.trainer)
+    try:
+        return L.Trainer(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad regression.trainer options ({e}); see lightning.Trainer's arguments") from None
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.runtime import seed_all
+    from irm.stages import mark_done, stage_fingerprint
+
+    rc = cfg.regression
+    seed_all(cfg.seed)
+    root = Path(cfg.run_dir)
+    out = root / REGRESSION_DIR
+    fp = stage_fingerprint(cfg, "regression")
+    dm = DeltaDataModule(str(root / "deltas"), rc.batch_size, rc.val_fraction, cfg.seed)
+    model = IRMRegression(dm.n_features, rc.learning_rate, rc.weight_decay, rc.optimizer)
+
+    last = out / "checkpoints" / "last.ckpt"
+    stamp = out / FINGERPRINT
+    if last.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp:
+        ckpt_path: Optional[str] = str(last)
+        print(f"regression: resuming from {last}")
+    else:
+        ckpt_path = None
+        for old in (out / "checkpoints").glob("*.ckpt"):
+            old.unlink()  # made from other deltas or settings: never resumed
+    write_json(stamp, {"fingerprint": fp})
+
+    trainer = build_trainer(cfg)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    val = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    metrics = {**dm.counts(), "n_features": dm.n_features, "layers": dm.manifest["layers"],
+               "epochs": trainer.current_epoch, "optimizer": rc.optimizer, "weight_decay": rc.weight_decay,
+               "val_mse": val.get("val/mse"), "val_r2": val.get("val/r2")}
+    write_json(out / METRICS, metrics)
+    mark_done(cfg, "regression", [f"{REGRESSION_DIR}/{EXPORT}", f"{REGRESSION_DIR}/{METRICS}"])
+    print(f"regression: R fitted on {metrics['train_rows']} rows ({metrics['n_features']} features), held-out "
+          f"{metrics['val_rows']} rows: MSE {metrics['val_mse']:.4g}, R^2 {metrics['val_r2']:.3f}")
+    return metrics
