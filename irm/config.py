@@ -112,6 +112,8 @@ class SAEConfig:
     epochs: int = 3
     tied: bool = True
     val_fraction: float = 0.05
+    dead_window: int = 1000  # optimizer steps without firing after which a feature counts as dead
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (last.ckpt), what an interrupted run resumes from
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
 
 

@@ -1,0 +1,25 @@
+"""`python -m irm fit|validate|test`: Lightning's CLI over any LightningModule + LightningDataModule named in the
+config (`class_path`), e.g. configs/sae.yaml (irm.sae.SAEModule on irm.activations.ActivationDataModule) or
+configs/regression.yaml. Every Trainer option works from the command line (--trainer.strategy ddp,
+--trainer.precision bf16-mixed, --ckpt_path last, ...)."""
+
+from __future__ import annotations
+
+
+def cli_main(argv: list[str]) -> None:
+    import sys
+
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    # The CLI reads sys.argv itself: DDP's launcher restarts this very command line in each worker process, so
+    # sys.argv must be the command being run (`python -m irm fit ...`), whoever called cli_main.
+    sys.argv = [sys.argv[0], *argv]
+    LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # A resumed fit writes its config.yaml into the same log directory as the interrupted one.
+        save_config_kwargs={"overwrite": True},
+    )
