@@ -116,22 +116,26 @@ def _per_prompt_sampler(seeds: list[int]):
 
 
 def generate(model, tokenizer, prompts: list[list[int]], seeds: list[int], new_tokens: int) -> list[str]:
-    """Prefix + sampled completion text of each prompt (left-padded batch; special tokens dropped)."""
+    """Prefix + `new_tokens` sampled tokens of each prompt as text (left-padded batch; special tokens dropped)."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-    config = GenerationConfig(
+    # No end-of-text stop: completions of exactly new_tokens tokens, as PPO sampled them (stop_token None).
+    plain = GenerationConfig(
         max_new_tokens=new_tokens,
         do_sample=False,  # the sampling is the Gumbel noise added by the processor
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    with torch.inference_mode():
-        out = model.generate(
-            **batch, generation_config=config, logits_processor=LogitsProcessorList([_per_prompt_sampler(seeds)])
-        )
+    # generate() fills every field left unset from model.generation_config (an eos token that would stop early, a
+    # hub model's repetition penalty, ...): swap ours in so nothing but the policy's own distribution is sampled.
+    saved, model.generation_config = model.generation_config, plain
+    try:
+        with torch.inference_mode():
+            out = model.generate(**batch, logits_processor=LogitsProcessorList([_per_prompt_sampler(seeds)]))
+    finally:
+        model.generation_config = saved
     completions = out[:, batch["input_ids"].shape[1]:].tolist()
     return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, completions)]
 

@@ -16,6 +16,7 @@ from irm.ablation import (
     _random_summary,
     condition_rewards,
     draw_random_features,
+    generate,
     intervention,
     mean_ci,
     prompt_seed,
@@ -219,6 +220,38 @@ def test_per_prompt_sampler_noise_depends_on_the_prompt_not_its_batch():
     part = _per_prompt_sampler(seeds[2:])(None, scores[2:])
     assert torch.equal(whole[2:], part)
     assert not torch.equal(whole[0], whole[1])
+
+
+def test_generate_samples_exactly_new_tokens_from_the_policy_alone(tiny):
+    """Against a hand-written loop (full forward each step, Gumbel noise from the prompt's own generator, argmax).
+    The model's generation_config is booby-trapped: its eos is a token the loop samples, and it carries a repetition
+    penalty; generate() must ignore both (fixed-length plain samples, as PPO drew them)."""
+    model, tokenizer, _ = tiny
+    prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24]]
+    seeds = [prompt_seed(5, i) for i in range(2)]
+    new_tokens = 7
+
+    def by_hand(prompt, seed):
+        g, ids = torch.Generator().manual_seed(seed), list(prompt)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                scores = model(torch.tensor([ids])).logits[0, -1].float()
+                u = torch.rand(scores.shape[-1], generator=g).clamp_min(torch.finfo(torch.float32).tiny)
+                ids.append(int((scores - torch.log(-torch.log(u))).argmax()))
+        return ids
+
+    expected = [by_hand(p, s) for p, s in zip(prompts, seeds)]
+    config = model.generation_config
+    trap = config.__class__.from_dict(config.to_dict())
+    trap.eos_token_id, trap.repetition_penalty = expected[0][len(prompts[0]) + 1], 50.0
+    model.generation_config = trap
+    try:
+        got = generate(model, tokenizer, prompts, seeds, new_tokens)
+        assert model.generation_config is trap  # restored
+    finally:
+        model.generation_config = config
+    assert got == [tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
+    assert [len(t.split()) for t in got] == [len(p) + new_tokens for p in prompts]
 
 
 # --- resume ----------------------------------------------------------------------------------------------------
