@@ -294,5 +294,6 @@ def run(cfg: RunConfig) -> dict:
     for mode, conds in modes.items():
         for name in ("splice", "ablated", "random"):
             if name in conds:
-                print(f"  {mode + ' ' + name:<27} {_fmt(conds[name])}   vs before {_fmt(conds[name]['diff_vs_before'])}")
+                c = conds[name]
+                print(f"  {mode + ' ' + name:<27} {_fmt(c)}   vs before {_fmt(c['diff_vs_before'])}")
     return result
