@@ -5,6 +5,8 @@ configs/regression.yaml. Every Trainer option works from the command line (--tra
 
 from __future__ import annotations
 
+from irm.errors import UserError
+
 
 def cli_main(argv: list[str]) -> None:
     import sys
@@ -15,11 +17,21 @@ def cli_main(argv: list[str]) -> None:
     # The CLI reads sys.argv itself: DDP's launcher restarts this very command line in each worker process, so
     # sys.argv must be the command being run (`python -m irm fit ...`), whoever called cli_main.
     sys.argv = [sys.argv[0], *argv]
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        # A resumed fit writes its config.yaml into the same log directory as the interrupted one.
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        LightningCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # A resumed fit writes its config.yaml into the same log directory as the interrupted one.
+            save_config_kwargs={"overwrite": True},
+        )
+    except Exception as e:
+        # jsonargparse reports a failed class instantiation as a ValueError chained to the cause; a UserError
+        # (missing cache, bad setting) is re-raised as itself so the CLI prints its one line and exits 2.
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None

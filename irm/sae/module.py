@@ -4,6 +4,7 @@ exports them for the later stages when a fit ends."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,10 @@ from torch import nn
 
 from irm.errors import UserError
 from irm.sae.model import SparseAutoencoder, reconstruction_stats, sae_loss
+
+# ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
+# the state its step count and optimizer state describe, so resuming from it reproduces an uninterrupted run.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class FeatureActivity(nn.Module):

@@ -1,0 +1,430 @@
+"""Sparse autoencoders (paper 4.2, appendix D): the maths against numpy, recovery of planted directions through the
+Lightning fit, the logged statistics, export/load in SAELens's layout, resuming, and the stage and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from irm.activations import ShardWriter
+from irm.activations.datamodule import ActivationDataModule
+from irm.errors import UserError
+from irm.sae import ExportSAEs, SAEModule, SparseAutoencoder, load_sae, sae_dir, save_sae
+from irm.sae.model import reconstruction_stats, sae_loss
+from irm.sae.module import FeatureActivity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)  # the machine's cores are shared; tiny tensors gain nothing from threads
+
+
+def random_sae(d_in: int, d_hidden: int, tied: bool, seed: int = 0) -> SparseAutoencoder:
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(d_in, d_hidden, tied=tied)
+    with torch.no_grad():  # non-zero biases, so no term of the maths can hide
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    return sae
+
+
+def planted_cache(layer_dir: Path, d: int = 32, k: int = 24, n: int = 16000, seed: int = 0, shard_rows: int = 3000):
+    """Activations that are sparse non-negative combinations (about 3 of k active) of k random unit directions;
+    returns the directions. Documents of 20 rows."""
+    g = torch.Generator().manual_seed(seed)
+    truth_KD = torch.randn(k, d, generator=g)
+    truth_KD /= truth_KD.norm(dim=1, keepdim=True)
+    coef_NK = (torch.rand(n, k, generator=g) < 3 / k).float() * (0.5 + torch.rand(n, k, generator=g))
+    writer = ShardWriter(layer_dir, d, shard_rows=shard_rows)
+    row = torch.arange(n)
+    writer.add(coef_NK @ truth_KD, torch.zeros(n, dtype=torch.int64), row // 20, row % 20)
+    writer.close(model="planted", layer=int(layer_dir.name.split("-")[-1]), site="mlp_out", max_length=20)
+    return truth_KD
+
+
+def mmcs_np(truth: np.ndarray, learned: np.ndarray) -> float:
+    """Mean over true directions of the best cosine with any learned direction (paper eq. 2)."""
+    t = truth / np.linalg.norm(truth, axis=1, keepdims=True)
+    d = learned / np.linalg.norm(learned, axis=1, keepdims=True)
+    return float((t @ d.T).max(axis=1).mean())
+
+
+def trainer(tmp_path: Path, **kw) -> L.Trainer:
+    args = dict(accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
+                logger=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    args.update(kw)
+    return L.Trainer(default_root_dir=str(tmp_path), **args)
+
+
+# ---------------------------------------------------------------------------------------------- maths
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_is_relu_encoder_then_linear_decoder(tied):
+    sae = random_sae(6, 10, tied)
+    x = torch.randn(3, 5, 6)  # any leading dimensions
+    x_hat, codes = sae(x)
+    W_dec, b_enc, b_dec = (p.detach().double().numpy() for p in (sae.W_dec, sae.b_enc, sae.b_dec))
+    W_enc = W_dec.T if tied else sae.W_enc.detach().double().numpy()
+    f = np.maximum(x.double().numpy() @ W_enc + b_enc, 0.0)
+    np.testing.assert_allclose(codes.detach().numpy(), f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_hat.detach().numpy(), f @ W_dec + b_dec, rtol=1e-5, atol=1e-6)
+    assert torch.equal(sae.encode(x), codes) and torch.equal(sae.decode(codes), x_hat)
+    assert sae.dictionary.shape == (10, 6) and not sae.dictionary.requires_grad
+    assert (sae.W_enc is None) == tied
+    assert sum(p.numel() for p in sae.parameters()) == 10 * 6 * (1 if tied else 2) + 10 + 6
+
+
+def test_loss_is_mse_plus_alpha_times_mean_row_l1():
+    sae = random_sae(6, 10, tied=True)
+    x = torch.randn(7, 6)
+    x_hat, codes = sae(x)
+    loss, mse, l1 = sae_loss(x, x_hat, codes, 0.25)
+    xn, xh, f = x.numpy(), x_hat.detach().numpy(), codes.detach().numpy()
+    assert mse.item() == pytest.approx(((xn - xh) ** 2).mean(), rel=1e-5)
+    assert l1.item() == pytest.approx(np.abs(f).sum(axis=1).mean(), rel=1e-5)
+    assert loss.item() == pytest.approx(((xn - xh) ** 2).mean() + 0.25 * np.abs(f).sum(axis=1).mean(), rel=1e-5)
+
+
+def test_normalised_mse_and_explained_variance_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 1.0
+    x_hat = x + 0.3 * torch.randn(50, 4, generator=g) + 0.2  # an error with a bias: the two measures differ
+    stats = reconstruction_stats(x, x_hat)
+    xn, err = x.double().numpy(), (x - x_hat).double().numpy()
+    nmse = (err ** 2).mean() / xn.var(axis=0).mean()
+    explained = 1 - err.var(axis=0).sum() / xn.var(axis=0).sum()
+    assert stats["nmse"].item() == pytest.approx(nmse, rel=1e-5)
+    assert stats["explained_variance"].item() == pytest.approx(explained, rel=1e-5)
+    assert stats["explained_variance"].item() > 1 - stats["nmse"].item()
+
+
+def test_untied_decoder_rows_are_renormalised():
+    sae = random_sae(6, 10, tied=False)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.arange(1.0, 11.0).unsqueeze(1))
+    sae.normalize_decoder_()
+    np.testing.assert_allclose(sae.W_dec.norm(dim=1).detach().numpy(), np.ones(10), rtol=1e-6)
+
+
+def test_dead_features_are_those_silent_for_the_whole_window():
+    activity = FeatureActivity(4)
+    codes = lambda *on: torch.tensor([[1.0 if i in on else 0.0 for i in range(4)]])  # noqa: E731
+    activity.observe(codes(0, 1))
+    assert activity.dead_fraction(step=10, window=25).item() == 0.0  # nothing silent for 25 steps yet
+    activity.observe(codes(1))
+    assert activity.dead_fraction(step=30, window=25).item() == 0.5  # features 2, 3 silent since step 0
+    activity.observe(codes(2))
+    assert activity.dead_fraction(step=40, window=25).item() == 0.5  # 3 (since 0), 0 (since 10, 30 steps)
+    assert activity.last_fired_step.tolist() == [10, 30, 40, 0]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path):
+    layer_dir = tmp_path / "run" / "cache" / "layer-03"
+    truth = planted_cache(layer_dir)
+    torch.manual_seed(0)
+    module = SAEModule(expansions=[1, 2], l1_coefficient=1e-2, learning_rate=3e-3)
+    data = ActivationDataModule(str(layer_dir), batch_size=64, val_fraction=0.05)
+    trainer(tmp_path, max_epochs=3, callbacks=[ExportSAEs()]).fit(module, data)
+    for e in (1, 2):
+        sae = load_sae(sae_dir(tmp_path / "run", 3, e), d_in=32)  # ExportSAEs found <run_dir>/sae/layer-03 itself
+        assert sae.dictionary.shape == (32 * e, 32)
+        assert mmcs_np(truth.numpy(), sae.dictionary.numpy()) > 0.9
+        assert torch.equal(sae.dictionary, module.saes[f"x{e}"].dictionary)
+
+
+def test_training_statistics_land_in_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=2000)
+    module = SAEModule(expansions=[1, 2], dead_window=5)
+    data = ActivationDataModule(str(layer_dir), batch_size=32)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="run", version="sae/layer-00")
+    trainer(tmp_path, logger=logger, log_every_n_steps=10).fit(module, data)
+    acc = EventAccumulator(str(tmp_path / "logs" / "run" / "sae" / "layer-00"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    stats = ("mse", "nmse", "l1", "l0", "dead_fraction", "explained_variance")
+    for stage in ("train", "val"):
+        assert {f"{stage}/x{e}/{s}" for e in (1, 2) for s in stats} <= tags
+    steps = [e.step for e in acc.Scalars("train/x2/l0")]
+    assert steps == list(range(9, len(data.train_dataloader()), 10))  # every log_every_n_steps, no more
+    assert all(0 <= e.value <= 64 for e in acc.Scalars("train/x2/l0"))
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=3000)
+    module = SAEModule(d_in=32, expansions=[1])
+    data = ActivationDataModule(str(layer_dir), batch_size=64)
+    x = data.cache.read_range(0, 500)["acts"]
+    before = sae_loss(x, *module.saes["x1"](x), 1e-3)[1].item()
+    trainer(tmp_path, precision="bf16-mixed", max_epochs=2).fit(module, data)
+    assert module.saes["x1"].W_dec.dtype == torch.float32
+    assert sae_loss(x, *module.saes["x1"](x), 1e-3)[1].item() < 0.5 * before
+
+
+class Crash(L.Callback):
+    """Stands in for a kill: stops the fit with an exception after `step` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_fit_interrupted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=1500, shard_rows=400)
+
+    def fit(name, ckpt_path=None, crash=None):
+        torch.manual_seed(0)
+        module = SAEModule(d_in=32, expansions=[1, 2], dead_window=7)
+        data = ActivationDataModule(str(layer_dir), batch_size=32, seed=4)
+        ckpt = ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True, every_n_train_steps=10)
+        t = trainer(tmp_path, max_epochs=3, callbacks=[ckpt] + ([Crash(crash)] if crash else []),
+                    enable_checkpointing=True, log_every_n_steps=4)
+        t.fit(module, data, ckpt_path=ckpt_path)
+        return t, module
+
+    full, full_module = fit("full")
+    steps_per_epoch = len(full.train_dataloader)
+    assert full.global_step == 3 * steps_per_epoch
+    crash = steps_per_epoch + 17
+    with pytest.raises(RuntimeError, match="killed"):
+        fit("cut", crash=crash)
+    saved = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved == 10 * (crash // 10) < crash and saved % steps_per_epoch  # in the second epoch, not at its end
+    resumed, module = fit("cut", ckpt_path="last")
+    assert resumed.global_step == full.global_step
+    for key, value in full_module.state_dict().items():
+        assert torch.equal(value, module.state_dict()[key]), key  # same batches, same order, same Adam state
+
+
+def test_checkpoint_of_another_width_is_refused(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    planted_cache(tmp_path / "cache" / "layer-00", d=32, n=600)
+    planted_cache(tmp_path / "cache" / "layer-01", d=16, k=12, n=600)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True).fit(
+        SAEModule(), ActivationDataModule(str(tmp_path / "cache" / "layer-00"), batch_size=64))
+    with pytest.raises(UserError, match="is 32 wide but this layer's activations are 16 wide"):
+        trainer(tmp_path).fit(SAEModule(), ActivationDataModule(str(tmp_path / "cache" / "layer-01"), batch_size=64),
+                              ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    with pytest.raises(UserError, match="SAEs are 8 wide"):
+        trainer(tmp_path).fit(SAEModule(d_in=8), ActivationDataModule(str(tmp_path / "cache" / "layer-01")))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_round_trip_in_saelens_layout(tmp_path, tied):
+    from safetensors.torch import load_file
+
+    sae = random_sae(8, 16, tied)
+    save_sae(sae, tmp_path / "x2", layer=5, site="mlp_out", model_name="tiny", context_size=32)
+    weights = load_file(str(tmp_path / "x2" / "sae_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "W_enc": (8, 16), "b_enc": (16,), "W_dec": (16, 8), "b_dec": (8,)}
+    cfg = json.loads((tmp_path / "x2" / "cfg.json").read_text())
+    assert (cfg["d_in"], cfg["d_sae"], cfg["hook_name"], cfg["apply_b_dec_to_input"]) == (
+        8, 16, "blocks.5.hook_mlp_out", False)
+    # SAELens's standard SAE maths, written out from the exported tensors alone
+    x = torch.randn(4, 8)
+    f = torch.relu(x @ weights["W_enc"] + weights["b_enc"])
+    loaded = load_sae(tmp_path / "x2")
+    assert not loaded.training and loaded.tied == tied
+    torch.testing.assert_close(loaded(x)[0], f @ weights["W_dec"] + weights["b_dec"])
+    torch.testing.assert_close(loaded(x)[0], sae(x)[0].detach())
+    with pytest.raises(UserError, match="trained on 8-wide activations but this layer's are 12 wide"):
+        load_sae(tmp_path / "x2", d_in=12)
+    with pytest.raises(UserError, match="run `python -m irm sae` first"):
+        load_sae(tmp_path / "x9")
+
+
+def test_saelens_reads_the_export(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = random_sae(8, 16, tied=True)
+    save_sae(sae, tmp_path / "x2", layer=1)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "x2"), device="cpu")
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(theirs(x), sae(x)[0].detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- stage and CLI
+
+
+def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(tiny_cfg):
+    from irm.sae.stage import run
+    from irm.stages import is_done
+    from test_activations import save_policy
+
+    from irm.activations.cache import run as cache_run
+
+    cfg = tiny_cfg
+    cfg.cache.layers, cfg.cache.n_documents = [0, 2], 60
+    cfg.sae.epochs, cfg.sae.checkpoint_every = 1, 10
+    save_policy(cfg)
+    cache_run(cfg)
+    run(cfg)
+    assert is_done(cfg, "sae")
+    for layer in (0, 2):
+        for e in (1, 2):
+            sae = load_sae(sae_dir(cfg.run_dir, layer, e), d_in=64)
+            assert sae.dictionary.shape == (64 * e, 64)
+        events = Path(cfg.log_dir) / Path(cfg.run_dir).name / "sae" / f"layer-{layer:02d}"
+        assert list(events.glob("events.out.tfevents.*"))
+        assert (Path(cfg.run_dir) / "sae" / f"layer-{layer:02d}" / "checkpoints" / "last.ckpt").is_file()
+    steps = json.loads((sae_dir(cfg.run_dir, 2, 1) / "cfg.json").read_text())["irm"]["global_step"]
+    before = load_sae(sae_dir(cfg.run_dir, 2, 2)).dictionary
+    run(cfg)  # finished checkpoints of the same config: nothing is retrained
+    assert json.loads((sae_dir(cfg.run_dir, 2, 1) / "cfg.json").read_text())["irm"]["global_step"] == steps
+    assert torch.equal(load_sae(sae_dir(cfg.run_dir, 2, 2)).dictionary, before)
+    cfg.sae.trainer = {"max_epochs": 4}
+    with pytest.raises(UserError, match="use sae.epochs"):
+        run(cfg)
+
+
+def fit_config(tmp_path: Path, layer_dir: Path, **trainer) -> Path:
+    """configs/sae.yaml with its paths moved under tmp_path and small settings."""
+    cfg = yaml.safe_load((ROOT / "configs" / "sae.yaml").read_text())
+    cfg["data"]["init_args"].update(layer_dir=str(layer_dir), batch_size=16)
+    cfg["trainer"].update(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=5, **trainer)
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    cfg["trainer"]["callbacks"][1]["init_args"] = {"dirpath": str(tmp_path / "export")}
+    path = tmp_path / "sae.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def irm_cli(*args, cwd, check=True, **kw):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-m", "irm", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=check, **kw)
+
+
+def test_fit_cli_with_a_missing_cache_exits_2(tmp_path):
+    config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
+    out = irm_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert "run `python -m irm cache` first" in out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_fit_cli_trains_validates_and_resumes_a_killed_run_to_the_same_step(tmp_path):
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=40000, shard_rows=5000)
+    full = fit_config(tmp_path / "full", layer_dir, max_epochs=1, max_time=None)
+    irm_cli("fit", "--config", str(full), cwd=tmp_path)
+    full_steps = json.loads((tmp_path / "full" / "export" / "x1" / "cfg.json").read_text())["irm"]["global_step"]
+    assert full_steps == int(np.ceil(38000 / 16))
+    irm_cli("validate", "--config", str(full), "--ckpt_path", str(tmp_path / "full" / "ckpt" / "last.ckpt"),
+            cwd=tmp_path)
+
+    cut = fit_config(tmp_path / "cut", layer_dir, max_epochs=1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "irm", "fit", "--config", str(cut)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=False)["global_step"] >= 400:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=False)["global_step"]
+    assert 400 <= killed_at < full_steps
+    irm_cli("fit", "--config", str(cut), "--ckpt_path", "last", cwd=tmp_path)
+    assert json.loads((tmp_path / "cut" / "export" / "x1" / "cfg.json").read_text())["irm"]["global_step"] == full_steps
+
+
+class RecordRows(L.Callback):
+    """Writes the row ids (column 0 of the activations) each DDP rank trained on to rows-<rank>.json."""
+
+    def __init__(self, path: str):
+        self.path, self.rows = path, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rows += batch[:, 0].long().tolist()
+
+    def on_train_end(self, trainer, module):
+        Path(f"{self.path}-{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_trains_on_disjoint_rows(tmp_path):
+    layer_dir = tmp_path / "cache" / "layer-00"
+    n = 4000
+    writer = ShardWriter(layer_dir, 8, shard_rows=700)
+    acts = torch.randn(n, 8)
+    acts[:, 0] = torch.arange(n, dtype=torch.float32)
+    writer.add(acts, torch.zeros(n, dtype=torch.int64), torch.arange(n) // 10, torch.arange(n) % 10)
+    writer.close(layer=0)
+    config = fit_config(tmp_path, layer_dir, max_epochs=1, strategy="ddp", devices=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["init_args"]["val_fraction"] = 0.1
+    cfg["trainer"]["callbacks"].append({"class_path": "test_sae.RecordRows",
+                                        "init_args": {"path": str(tmp_path / "rows")}})
+    config.write_text(yaml.safe_dump(cfg))
+    irm_cli("fit", "--config", str(config), cwd=tmp_path, timeout=500)
+    seen = [json.loads((tmp_path / f"rows-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) > 0
+    assert not set(seen[0]) & set(seen[1])
+    assert max(max(s) for s in seen) < 3600  # the held-out tail (last 10%) is never trained on
+    assert len(set(seen[0]) | set(seen[1])) >= 3600 - 6  # at most one row per shard sits out the epoch
+    assert (tmp_path / "export" / "x2" / "sae_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_cache_fit_dictionaries_from_the_cli(tmp_path):
+    from test_activations import save_policy
+
+    from irm.cli import parse_config
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    run_dir = tmp_path / "runs" / "tiny"
+    cfg = parse_config("cache", ["--config", str(tiny), "--run_dir", str(run_dir)])
+    save_policy(cfg)
+    common = ["--config", str(tiny), "--run_dir", str(run_dir), "--cache.layers", "[1, 3]"]
+    irm_cli("cache", *common, cwd=tmp_path)
+    for layer in (1, 3):  # the standalone Lightning CLI config, pointed at this run's layers
+        config = yaml.safe_load((ROOT / "configs" / "sae.yaml").read_text())
+        config["data"]["init_args"]["layer_dir"] = str(run_dir / "cache" / f"layer-{layer:02d}")
+        config["trainer"].update(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
+        config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path / "lightning_logs"),
+                                                        version=f"sae/layer-{layer:02d}")
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "sae" / f"layer-{layer:02d}" / "checkpoints")
+        path = tmp_path / f"sae-{layer}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        irm_cli("fit", "--config", str(path), cwd=tmp_path)
+        assert list((tmp_path / "lightning_logs" / "tiny" / "sae" / f"layer-{layer:02d}").glob("events.*"))
+    irm_cli("sae", *common, "--sae.epochs", "1", cwd=tmp_path)
+    irm_cli("dictionaries", *common, cwd=tmp_path)
+    mmcs = json.loads((run_dir / "mmcs.json").read_text())
+    assert set(mmcs["layers"]) == {"1", "3"}
