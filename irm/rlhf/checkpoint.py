@@ -1,0 +1,147 @@
+"""Full PPO state checkpoints and resuming from them. TRL's PPOTrainer restarts at step 0 and saves only the policy;
+this callback saves policy, value model, optimizer, scheduler, step counters, prompt position and every RNG into
+`<run_dir>/rlhf/checkpoints/step-NNNNNN/` (atomically, the last KEEP kept) and, when training begins, restores the
+newest one, so the run continues at step k+1 drawing the random numbers the uninterrupted run would have drawn."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import TrainerCallback
+
+from irm.artifacts import atomic_dir
+
+KEEP = 2  # checkpoints kept: never partial (atomic_dir), but one spare in case the newest is damaged or deleted
+STATE = "state.json"  # written last: its presence marks a complete checkpoint
+_NAME = re.compile(r"step-(\d{6})")
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal arrived; training finished its step, wrote `checkpoint` and stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` as (step, dir), oldest first."""
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _NAME.fullmatch(d.name)
+            if m and (d / STATE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(rng["python"])
+
+
+def _parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, value model) of TRL's PolicyAndValueWrapper, unwrapped from DDP if accelerate wrapped it."""
+    wrapper = getattr(model, "module", model)
+    return wrapper.policy, wrapper.value_model
+
+
+class FullStateCheckpoints(TrainerCallback):
+    """Saves the whole PPO state every `every` steps, at the last step, and when a stop was requested (then raises
+    TrainingInterrupted); restores the newest checkpoint at train begin. `key` names the configuration a checkpoint
+    belongs to: checkpoints of another configuration are deleted, not resumed."""
+
+    def __init__(self, root: Path, every: int, key: str, prompt_order):
+        self.root = Path(root)
+        self.every = max(1, every)
+        self.key = key
+        self.prompt_order = prompt_order
+        self.stop_signal: Optional[int] = None
+        self.resumed_step = 0
+
+    def request_stop(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def latest(self) -> Optional[tuple[int, Path]]:
+        found = checkpoints(self.root)
+        if found and read_state(found[-1][1]).get("key") != self.key:
+            print(f"irm rlhf: the checkpoints in {self.root} were made with another configuration; starting afresh",
+                  file=sys.stderr)
+            shutil.rmtree(self.root)
+            return None
+        return found[-1] if found else None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        latest = self.latest()
+        if latest is None:
+            return
+        step, ckpt = latest
+        policy, value = _parts(model)
+        device = next(policy.parameters()).device
+        load_model(policy, ckpt / "policy.safetensors", device=str(device))
+        load_model(value, ckpt / "value.safetensors", device=str(device))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        meta = read_state(ckpt)
+        state.global_step, state.episode = step, meta["episode"]
+        state.log_history = meta["log_history"]
+        self.prompt_order.start = meta["episode"]
+        # TRL's loop begins right after this event and runs `num_total_batches` updates: only the remaining ones.
+        args.num_total_batches = state.max_steps - step
+        self.resumed_step = step
+        print(f"irm rlhf: resuming from {ckpt} (step {step} of {state.max_steps})", file=sys.stderr)
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))  # last: nothing above may draw after it
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        step = state.global_step
+        if step % self.every == 0 or step == state.max_steps or self.stop_signal is not None:
+            ckpt = self.save(state, model, optimizer, lr_scheduler)
+            if self.stop_signal is not None:
+                raise TrainingInterrupted(self.stop_signal, step, ckpt)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        args.num_total_batches = state.max_steps
+
+    def save(self, state, model, optimizer, lr_scheduler) -> Path:
+        step = state.global_step
+        policy, value = _parts(model)
+        target = self.root / f"step-{step:06d}"
+        with atomic_dir(target) as tmp:
+            save_model(policy, str(tmp / "policy.safetensors"))  # save_model handles tied embeddings
+            save_model(value, str(tmp / "value.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            meta = {"step": step, "episode": state.episode, "key": self.key, "log_history": state.log_history}
+            (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for _, old in checkpoints(self.root)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target

@@ -1,0 +1,116 @@
+"""TRL 1.12's PPOTrainer, configured from `RLHFConfig` (paper 4.1), with the two changes that resuming and the
+paper's settings need and that leave TRL's training loop untouched."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers.trainer_callback import PrinterCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+from irm.config import RLHFConfig
+from irm.errors import UserError
+
+
+class PromptOrder(Sampler[int]):
+    """Prompt indices, endless: a fresh permutation per pass over the prompts, each seeded by (seed, pass), starting
+    `start` prompts in. Batch s of a run is then a function of the seed and s alone, so a resumed run draws exactly
+    the prompts the uninterrupted run would have drawn."""
+
+    def __init__(self, n_prompts: int, seed: int):
+        self.n_prompts = n_prompts
+        self.seed = seed
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.n_prompts)
+        while True:
+            order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield from order[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class ResumablePPOTrainer(PPOTrainer):
+    """PPOTrainer whose prompts come from a `PromptOrder` (TRL shuffles from the global RNG, which a resumed run
+    cannot replay without redrawing every earlier batch) and whose optimizer clips the joint policy + value gradient
+    to `args.max_grad_norm` before every step (TRL 1.12's PPO loop never clips; the paper clips at 1). The mean
+    pre-clipping gradient norm of each PPO step is logged as `grad_norm`."""
+
+    def __init__(self, *args, prompt_order: PromptOrder, **kwargs):
+        self._grad_norms: list[float] = []
+        super().__init__(*args, **kwargs)
+        # TRL prints every log dict (disable_tqdm) or draws its own bar; the stage shows one bar with reward and KL.
+        self.remove_callback(PrinterCallback)
+        # Own generator: starting the loader's iterator must not draw from the global RNG, which a resumed run
+        # restores exactly and then needs for sampling completions.
+        self.dataloader = DataLoader(
+            self.train_dataset,
+            batch_size=self.local_dataloader_batch_size,
+            sampler=prompt_order,
+            collate_fn=self.data_collator,
+            generator=torch.Generator(),
+        )
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        optimizer.register_step_pre_hook(self._clip_gradients)
+        return optimizer
+
+    def _clip_gradients(self, optimizer, _args, _kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        self._grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._grad_norms:
+            logs["grad_norm"] = statistics.fmean(self._grad_norms)
+            self._grad_norms.clear()
+        super().log(logs, start_time)
+
+
+def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool) -> PPOConfig:
+    """PPOConfig from our config. One PPO step = one batch of `batch_size` rollouts, then `ppo_epochs` passes over
+    it in mini-batches of `mini_batch_size`, one optimizer step each (the classic TRL/paper meaning of batch and
+    mini-batch: TRL 1.12 calls the rollout batch `per_device_train_batch_size` * `gradient_accumulation_steps`)."""
+    if rlhf.steps < 1 or rlhf.batch_size < 1 or rlhf.mini_batch_size < 1 or rlhf.batch_size % rlhf.mini_batch_size:
+        raise UserError(
+            f"rlhf.steps={rlhf.steps}, batch_size={rlhf.batch_size}, mini_batch_size={rlhf.mini_batch_size}: use "
+            "positive values with batch_size a multiple of mini_batch_size (paper: 64 and 16)"
+        )
+    if rlhf.mini_batch_size < 2:
+        raise UserError("rlhf.mini_batch_size must be at least 2 (PPO whitens advantages within a mini-batch)")
+    if not 1 <= rlhf.prompt_min_tokens <= rlhf.prompt_max_tokens or rlhf.response_length < 1:
+        raise UserError(
+            f"rlhf.prompt_min_tokens={rlhf.prompt_min_tokens}, prompt_max_tokens={rlhf.prompt_max_tokens}, "
+            f"response_length={rlhf.response_length}: need 1 <= min <= max and response_length >= 1 (paper: 2, 10, 8-20)"
+        )
+    return PPOConfig(
+        output_dir=output_dir,
+        seed=seed,
+        use_cpu=use_cpu,
+        total_episodes=rlhf.steps * rlhf.batch_size,
+        per_device_train_batch_size=rlhf.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=rlhf.batch_size // rlhf.mini_batch_size,
+        local_rollout_forward_batch_size=rlhf.batch_size,
+        num_ppo_epochs=rlhf.ppo_epochs,
+        learning_rate=rlhf.learning_rate,
+        lr_scheduler_type="constant",  # the paper's TRL (2023) PPO had no schedule; TRL 1.12 would decay linearly
+        kl_coef=rlhf.kl_coef,
+        max_grad_norm=rlhf.max_grad_norm,
+        response_length=rlhf.response_length,
+        temperature=rlhf.temperature,
+        stop_token=None,  # fixed-length completions, as the paper's reward sums over the whole text
+        bf16=rlhf.bf16,
+        fp16=False,
+        gradient_checkpointing=False,  # small models: memory is not the limit, recomputation would only cost time
+        num_sample_generations=0,  # TRL's sample tables need an eval set and consume random numbers
+        report_to="none",  # our callbacks write TensorBoard, checkpoints and the progress bar
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )

@@ -1,0 +1,286 @@
+"""PPO stage (paper 4.1): the reward adapter as TRL reads it, the value model, the prompt order, and tiny runs that
+show TensorBoard scalars, a stopped run resuming at step k+1 with value model and optimizer restored (and ending
+exactly where an uninterrupted run ends), a no-op rerun, and PPO raising the reward."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from irm.cli import parse_config
+from irm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+STOP_AT = 3  # not a multiple of tiny.yaml's checkpoint_every (4): the stop itself must write the checkpoint
+
+
+def tiny(tmp: Path, name: str, *overrides: str):
+    return parse_config("rlhf", ["--config", str(TINY), "--run_dir", str(tmp / name), "--log_dir", str(tmp / "tb"),
+                                 *overrides])
+
+
+class Probe(TrainerCallback):
+    """Records, after the stage's own callbacks ran, the state training begins from and the steps it logs."""
+
+    def __init__(self):
+        self.begin = None
+        self.logged_steps = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.begin = {
+            "step": state.global_step,
+            "value": {k: v.detach().clone() for k, v in model.value_model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged_steps.append(state.global_step)
+
+
+class SigtermAt(TrainerCallback):
+    """Sends this process SIGTERM while step `step` is being logged, as `kill` from a shell would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted tiny run, and one stopped by SIGTERM after STOP_AT steps and then resumed."""
+    from irm.rlhf import run
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("rlhf")
+    full = tiny(tmp, "full")
+    start = time.perf_counter()
+    run(full)
+    full_seconds = time.perf_counter() - start
+
+    split = tiny(tmp, "split")
+    with pytest.raises(SystemExit) as stopped:
+        run(split, callbacks=(SigtermAt(STOP_AT),))
+    stopped_ckpts = sorted(p.name for p in (Path(split.run_dir) / "rlhf" / "checkpoints").iterdir())
+    # the resumed run prunes this checkpoint once it has written two newer ones: keep a copy to compare with
+    saved = shutil.copytree(Path(split.run_dir) / "rlhf" / "checkpoints" / f"step-{STOP_AT:06d}", tmp / "saved")
+    probe = Probe()
+    run(split, callbacks=(probe,))
+    return {"full": full, "split": split, "exit": stopped.value.code, "stopped_ckpts": stopped_ckpts,
+            "probe": probe, "saved": saved, "tmp": tmp, "full_seconds": full_seconds}
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_reward_adapter_scores_prompt_plus_completion_where_trl_reads_it():
+    from trl.experimental.utils import get_reward
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from irm.models import tiny_tokenizer
+    from irm.reward import LexiconReward
+    from irm.rlhf.adapter import RewardAdapter
+
+    tok = tiny_tokenizer()
+    pad = tok.pad_token_id
+    ids = lambda text: tok(text)["input_ids"]  # noqa: E731
+    # TRL's layout: left-padded queries of one width, then responses right-padded after their stop.
+    queries = [[pad, *ids("a good")], ids("the bad movie")]
+    responses = [ids("movie , great"), [*ids("love"), pad, pad]]
+    batch = torch.tensor([q + r for q, r in zip(queries, responses)])
+    _, scores, _ = get_reward(RewardAdapter(LexiconReward(), tok), batch, pad, context_length=3)
+    vader = SentimentIntensityAnalyzer().lexicon
+    expected = [(vader["good"] + vader["great"]) / 5, (vader["bad"] + vader["love"]) / 5]  # eq. 3, no clipping
+    assert scores.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt-neox", "tiny-llama"])
+def test_value_model_starts_from_the_policy_backbone_and_has_one_output(name):
+    from irm.config import ModelConfig
+    from irm.models import load_model
+    from irm.rlhf.adapter import value_model_from
+
+    policy, _ = load_model(ModelConfig(name=name, tiny_layers=2, tiny_d_model=32), seed=0)
+    value = value_model_from(policy)
+    prefix = policy.base_model_prefix
+    theirs, ours = getattr(policy, prefix).state_dict(), getattr(value, prefix).state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(theirs.values(), ours.values()))  # copies, not shared
+    hidden = getattr(value, prefix)(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states[-1]
+    assert value.score(hidden).shape == (1, 3, 1)
+
+
+def test_prompt_order_resumed_mid_pass_continues_the_uninterrupted_stream():
+    from itertools import islice
+
+    from irm.rlhf.trainer import PromptOrder
+
+    n, batch, k = 10, 4, 3  # batch 3 of the run straddles the first and second pass
+    stream = list(islice(iter(PromptOrder(n, seed=7)), 40))
+    assert sorted(stream[:n]) == list(range(n)) and sorted(stream[n:2 * n]) == list(range(n))
+    assert stream[:n] != stream[n:2 * n]  # each pass reshuffled
+    resumed = PromptOrder(n, seed=7)
+    resumed.start = k * batch
+    assert list(islice(iter(resumed), 40 - k * batch)) == stream[k * batch:]
+
+
+def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
+    from irm.config import RLHFConfig
+    from irm.rlhf.trainer import ppo_config
+
+    with pytest.raises(UserError, match="multiple of mini_batch_size"):
+        ppo_config(RLHFConfig(batch_size=10, mini_batch_size=4), "unused", 0, use_cpu=True)
+
+
+def test_run_writes_policy_and_tensorboard_reward_and_kl_for_every_step(runs):
+    from irm.artifacts import read_jsonl
+    from irm.models import load_tuned
+
+    cfg = runs["full"]
+    steps = cfg.rlhf.steps
+    logged = scalars(runs["tmp"] / "tb" / "full" / "rlhf")
+    for tag in ("rlhf/reward_mean", "rlhf/kl", "rlhf/policy_loss", "rlhf/value_loss", "rlhf/entropy"):
+        assert [s for s, _ in logged[tag]] == list(range(1, steps + 1)), tag
+    metrics = read_jsonl(Path(cfg.run_dir) / "rlhf" / "metrics.jsonl")
+    assert [v for _, v in logged["rlhf/reward_mean"]] == pytest.approx([m["rlhf/reward_mean"] for m in metrics])
+    # the paper clips the gradient norm at 1; TRL 1.12's loop does not, our optimizer hook does
+    assert all(m["rlhf/grad_norm"] > 0 for m in metrics)
+    model, _ = load_tuned(cfg)
+    assert model.config.model_type == "gpt_neox"
+    ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "rlhf" / "checkpoints").iterdir())
+    assert ckpts == ["step-000004", "step-000008"]
+
+
+def test_tiny_run_takes_well_under_two_minutes(runs):
+    assert runs["full_seconds"] < 120
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143(runs):
+    assert runs["exit"] == 128 + signal.SIGTERM
+    assert runs["stopped_ckpts"] == [f"step-{STOP_AT:06d}"]
+
+
+def test_resumed_run_starts_at_step_k_plus_1_with_value_model_and_optimizer_restored(runs):
+    probe = runs["probe"]
+    ckpt = runs["saved"]
+    assert probe.begin["step"] == STOP_AT
+    assert probe.logged_steps == list(range(STOP_AT + 1, runs["split"].rlhf.steps + 1))
+    saved_value = load_file(ckpt / "value.safetensors")
+    assert saved_value.keys() == probe.begin["value"].keys()
+    assert all(torch.equal(saved_value[k], probe.begin["value"][k]) for k in saved_value)
+    saved_opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    restored = probe.begin["optimizer"]["state"]
+    assert saved_opt["state"].keys() == restored.keys() and len(restored) > 0
+    for i, moments in saved_opt["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(moments[name], restored[i][name]), (i, name)
+    # the fresh optimizer would have no moments at all: these are the checkpoint's, not zeros
+    assert any(m["exp_avg"].abs().sum() > 0 for m in restored.values())
+
+
+def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(runs):
+    full = load_file(Path(runs["full"].run_dir) / "rlhf" / "policy" / "model.safetensors")
+    split = load_file(Path(runs["split"].run_dir) / "rlhf" / "policy" / "model.safetensors")
+    assert full.keys() == split.keys()
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    logged = scalars(runs["tmp"] / "tb" / "split" / "rlhf")
+    assert [s for s, _ in logged["rlhf/kl"]] == list(range(1, runs["split"].rlhf.steps + 1))
+    assert logged["rlhf/kl"] == scalars(runs["tmp"] / "tb" / "full" / "rlhf")["rlhf/kl"]
+
+
+def test_rerun_with_the_same_config_is_a_no_op(runs, capsys):
+    from irm.rlhf import run
+
+    cfg = runs["full"]
+    policy = Path(cfg.run_dir) / "rlhf" / "policy" / "model.safetensors"
+    events = sorted((runs["tmp"] / "tb" / "full" / "rlhf").iterdir())
+    before = policy.stat().st_mtime_ns
+    run(cfg)
+    assert policy.stat().st_mtime_ns == before
+    assert sorted((runs["tmp"] / "tb" / "full" / "rlhf").iterdir()) == events
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_ppo_raises_the_mean_reward_of_the_tiny_model(runs):
+    """Table 7 on the tiny run: paired completions (same prefixes, same seeds) of tuned vs base."""
+    from irm.artifacts import read_jsonl
+    from irm.evaluate import run as evaluate
+
+    cfg = runs["full"]
+    evaluate(cfg)
+    result = json.loads((Path(cfg.run_dir) / "reward_eval.json").read_text())
+    assert result["tuned"]["mean"] > result["base"]["mean"]
+    assert result["difference"]["ci95"][0] > 0  # the rise is not chance
+    metrics = read_jsonl(Path(cfg.run_dir) / "rlhf" / "metrics.jsonl")
+    first, last = metrics[0]["rlhf/reward_mean"], metrics[-1]["rlhf/reward_mean"]
+    assert last > first
+
+
+def _cli(*args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "irm", "rlhf", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_cli_killed_after_a_checkpoint_resumes_and_logs_every_step_once(tmp_path):
+    args = ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), "--log_dir", str(tmp_path / "tb")]
+    first = _cli(*args, cwd=tmp_path)
+    ckpt = tmp_path / "run" / "rlhf" / "checkpoints" / "step-000004" / "state.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), first.communicate()[1][-2000:]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = _cli(*args, cwd=tmp_path)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-2000:]
+    assert "resuming from" in err and "step 4 of 8" in err
+    logged = scalars(tmp_path / "tb" / "run" / "rlhf")
+    assert [s for s, _ in logged["rlhf/reward_mean"]] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path):
+    """The embedded SmolLM2-135M-Instruct through the quickstart config, with a handful of small steps."""
+    pytest.importorskip("gguf")
+    from irm.evaluate import run as evaluate
+    from irm.models import embedded_gguf
+    from irm.rlhf import run
+
+    try:
+        embedded_gguf()
+    except UserError as e:
+        pytest.skip(str(e))
+    cfg = parse_config("rlhf", [
+        "--config", str(ROOT / "configs" / "quickstart.yaml"), "--run_dir", str(tmp_path / "run"),
+        "--log_dir", str(tmp_path / "tb"), "--device", "cpu",
+        "--rlhf.steps", "3", "--rlhf.batch_size", "4", "--rlhf.mini_batch_size", "2", "--rlhf.response_length", "8",
+        "--rlhf.checkpoint_every", "2", "--evaluate.n", "8", "--evaluate.new_tokens", "8", "--evaluate.batch_size", "8",
+    ])
+    run(cfg)
+    assert (Path(cfg.run_dir) / "rlhf" / "policy" / "model.safetensors").is_file()
+    assert [s for s, _ in scalars(tmp_path / "tb" / "run" / "rlhf")["rlhf/kl"]] == [1, 2, 3]
+    evaluate(cfg)
+    result = json.loads((Path(cfg.run_dir) / "reward_eval.json").read_text())
+    assert result["base"]["n"] == result["tuned"]["n"] == 8
+    assert result["tuned"]["ci95"][0] <= result["tuned"]["mean"] <= result["tuned"]["ci95"][1]
