@@ -17,6 +17,7 @@ START, END = "<start>", "<end>"
 FEATURE_LINE = f"Feature: {EXPLAIN_CUE} "
 EXAMPLES_HEADER = "Examples:"
 LABEL_QUESTION = "Is this feature related to the reward?"
+NONZERO_HEADER = "The same texts, only the tokens with non-zero activation:"
 
 EXPLAIN_SYSTEM = (
     "We are studying features of a language model. Each feature looks for one particular thing in short texts. "
@@ -74,6 +75,9 @@ def _activation_block(name: str, records: list[list[tuple[str, int]]]) -> str:
         lines.append(START)
         lines.extend(f"{_show(tok)}\t{act}" for tok, act in rec)
         lines.append(END)
+    # SAE features are sparse: repeat just the non-zero tokens (as Bills et al. do for sparse neurons).
+    lines.extend(["", NONZERO_HEADER])
+    lines.extend(", ".join(f"{_show(tok)} ({act})" for tok, act in rec if act > 0) or "(none)" for rec in records)
     lines.append("")
     lines.append(f"Explanation of feature {name} behaviour: {EXPLAIN_CUE}")
     return "\n".join(lines)
@@ -108,39 +112,72 @@ def parse_explanation(answer: str) -> Optional[str]:
     return line or None
 
 
+def _label_request(reward_description: str, explanation: str) -> str:
+    return (f"Reward the model was fine-tuned on: {reward_description.strip()}\n\n"
+            f"{FEATURE_LINE}{_one_line(explanation)}\n\n"
+            f"{LABEL_QUESTION} Answer with 1 (related) or 0 (not related).")
+
+
+# Two worked examples, one of each answer, so that small chat models keep to the format; invented for this project.
+_EXAMPLE_REWARD = "The reward is high for text that talks about food and eating, and zero otherwise."
+_LABEL_EXAMPLES = [("words for fruit and vegetables, such as apples and carrots.", "1"),
+                   ("years written as four-digit numbers.", "0")]
+
+
 def label_messages(reward_description: str, explanation: str) -> list[dict]:
-    user = (
-        f"Reward the model was fine-tuned on: {reward_description.strip()}\n\n"
-        f"{FEATURE_LINE}{_one_line(explanation)}\n\n"
-        f"{LABEL_QUESTION} Answer with 1 (related) or 0 (not related)."
-    )
-    return [{"role": "system", "content": LABEL_SYSTEM}, {"role": "user", "content": user}]
+    msgs = [{"role": "system", "content": LABEL_SYSTEM}]
+    for example, answer in _LABEL_EXAMPLES:
+        msgs.append({"role": "user", "content": _label_request(_EXAMPLE_REWARD, example)})
+        msgs.append({"role": "assistant", "content": answer})
+    msgs.append({"role": "user", "content": _label_request(reward_description, explanation)})
+    return msgs
 
 
-_ANSWER_DIGIT = re.compile(r"answer\s*(?:is)?\s*[:=\-]?\s*\**\s*([01])(?![\d.])", re.IGNORECASE)
-_LONE_DIGIT = re.compile(r"(?<![\w.])([01])(?![\w.])")
+# A 0 or 1 standing alone: not part of a word or number ("10", "0.5"), though a full stop may follow it.
+_ANSWER_DIGIT = re.compile(r"answer\s*(?:is)?\s*[:=\-]?\s*\**\s*([01])(?!\w|\.\d)", re.IGNORECASE)
+_LONE_DIGIT = re.compile(r"(?<![\w.])([01])(?!\w|\.\d)")
 
 
 def parse_label(answer: str) -> Optional[int]:
-    """1 or 0 from answers such as "1", "0.", "Answer: 1", "**1**"; None when absent or contradictory."""
+    """1 or 0 from answers such as "1", "0.", "Answer: 1", "**1**", "Yes", or, from models that answer in words,
+    "... is related to the reward" / "... is not related"; None when absent or contradictory."""
     m = _ANSWER_DIGIT.search(answer)
     if m:
         return int(m.group(1))
     digits = set(_LONE_DIGIT.findall(answer))
     if len(digits) == 1:
         return int(digits.pop())
-    word = answer.strip().strip(".!*").lower()
-    return {"yes": 1, "no": 0}.get(word)
+    if digits:
+        return None
+    low = answer.lower()
+    word = low.strip().strip(".!*")
+    if word in ("yes", "no"):
+        return int(word == "yes")
+    if "unrelated" in low or re.search(r"\bnot\s+(?:\w+\s+)?related\b", low):
+        return 0
+    return 1 if re.search(r"\bis\s+(?:\w+\s+)?related\b", low) else None
 
 
-def detection_messages(explanation: str, texts: list[str]) -> list[dict]:
+def _detection_request(explanation: str, texts: list[str]) -> str:
     n = len(texts)
     lines = [f"{FEATURE_LINE}{_one_line(explanation)}", "", EXAMPLES_HEADER]
     lines.extend(f"Example {i}: {_one_line(t)}" for i, t in enumerate(texts, 1))
     lines.append("")
     lines.append(f"For each of the {n} examples, does the feature activate on it? Reply with a list of {n} digits, "
                  "1 for yes and 0 for no.")
-    return [{"role": "system", "content": DETECT_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    return "\n".join(lines)
+
+
+_DETECT_EXAMPLE = (_EXAMPLE_ANSWER, ["it was released in 1994 to great acclaim", "the cast is superb",
+                                     "from 2003 until now the show ran"], "[1, 0, 1]")
+
+
+def detection_messages(explanation: str, texts: list[str]) -> list[dict]:
+    example, example_texts, answer = _DETECT_EXAMPLE
+    return [{"role": "system", "content": DETECT_SYSTEM},
+            {"role": "user", "content": _detection_request(example, example_texts)},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": _detection_request(explanation, texts)}]
 
 
 def parse_detection(answer: str, n: int) -> Optional[list[int]]:

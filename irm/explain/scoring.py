@@ -45,8 +45,8 @@ def score(ask: Callable[[list[dict]], str], explanation: str, texts: list[str], 
         return None
     answer = ask(prompts.detection_messages(explanation, texts))
     pred = prompts.parse_detection(answer, len(texts))
-    result = {"n_active": sum(truth), "n_inactive": len(truth) - sum(truth), "truth": truth, "predictions": pred,
-              "answer": answer}
+    result = {"n_active": sum(truth), "n_inactive": len(truth) - sum(truth), "texts": texts, "truth": truth,
+              "predictions": pred, "answer": answer}
     result.update(metrics(pred, truth) if pred is not None else dict.fromkeys(METRICS))
     return result
 
