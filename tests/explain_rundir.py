@@ -68,7 +68,8 @@ def build_run(root: Path, n_docs: int = 40, seed: int = 0, shard_rows: int = 97,
             ids.append(tok)
             docs.append(np.full(n, doc))
             pos.append(np.arange(n))
-        arrays = (np.concatenate(acts).astype(np.float32), *(np.concatenate(x).astype(np.int64) for x in (ids, docs, pos)))
+        arrays = (np.concatenate(acts).astype(np.float32),
+                  *(np.concatenate(x).astype(np.int64) for x in (ids, docs, pos)))
         write_cache(root / "cache" / f"layer-{layer:02d}", *arrays, shard_rows=shard_rows)
         data[layer] = arrays
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from explain_rundir import LAYERS, PERM, TRIGGERS, build_run, codes
-from irm.artifacts import RunDir, read_jsonl
+from irm.artifacts import read_jsonl
 from irm.errors import UserError
 
 

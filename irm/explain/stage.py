@@ -145,15 +145,17 @@ def _rng(cfg, t: Target) -> np.random.Generator:
 
 def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> list[dict]:
     """Records and detection texts for `targets` of one layer, from one pass over its cache with both SAEs."""
-    from irm.activations import ActivationCache
+    from irm.activations import ActivationCache, cache_layer_dir
     from irm.sae import load_sae, sae_dir
 
     root = Path(cfg.run_dir)
-    cache = ActivationCache(root / "cache" / f"layer-{layer:02d}")
+    cache = ActivationCache(cache_layer_dir(root, layer))
+    if cache.rows == 0:
+        raise UserError(f"the activation cache of layer {layer} is empty; rerun `python -m irm cache` with documents")
     roles = sorted({(t.role, t.expansion) for t in targets})
-    saes, columns = {}, {}
+    saes = {}
     for role, exp in roles:
-        sae = load_sae(sae_dir(root, layer, exp)).to(device)
+        sae = load_sae(sae_dir(root, layer, exp), d_in=cache.width, device=device)
         width = sae.dictionary.shape[0]
         idx = [t.index for t in targets if t.role == role]
         bad = [i for i in idx if not 0 <= i < width]
@@ -161,7 +163,7 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> li
             raise UserError(f"mmcs.json names feature {bad[0]} of layer {layer}'s x{exp} dictionary, which has "
                             f"{width} features; rerun `python -m irm dictionaries` after `python -m irm sae`")
         saes[role] = (sae, torch.tensor(idx, device=device))
-    order = [t for role, _ in roles for t in targets if t.role == role]  # column c of the codes is order[c]
+    order = [t for role, _ in roles for t in targets if t.role == role]  # column c of encode()'s codes
 
     def encode(acts_BD: torch.Tensor) -> torch.Tensor:
         acts_BD = acts_BD.to(device)
@@ -178,7 +180,7 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> li
         texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
                                              _rng(cfg, t))
         jobs.append({"target": t, "records": feature_records(sel, c, wins, windows, decode_token),
-                     "max_activation": float(maxima[:, c].max()) if len(maxima) else 0.0,
+                     "max_activation": float(maxima[:, c].max()),
                      "detect": (texts, truth)})
     return jobs
 
