@@ -30,6 +30,10 @@ def tiny(tmp: Path, name: str, *overrides: str):
                                  *overrides])
 
 
+def ckpt_dir(cfg) -> Path:
+    return Path(cfg.run_dir) / "rlhf" / "checkpoints"
+
+
 class Probe(TrainerCallback):
     """Records, after the stage's own callbacks ran, the state training begins from and the steps it logs."""
 
@@ -74,9 +78,9 @@ def runs(tmp_path_factory):
     split = tiny(tmp, "split")
     with pytest.raises(SystemExit) as stopped:
         run(split, callbacks=(SigtermAt(STOP_AT),))
-    stopped_ckpts = sorted(p.name for p in (Path(split.run_dir) / "rlhf" / "checkpoints").iterdir())
+    stopped_ckpts = sorted(p.name for p in ckpt_dir(split).iterdir())
     # the resumed run prunes this checkpoint once it has written two newer ones: keep a copy to compare with
-    saved = shutil.copytree(Path(split.run_dir) / "rlhf" / "checkpoints" / f"step-{STOP_AT:06d}", tmp / "saved")
+    saved = shutil.copytree(ckpt_dir(split) / f"step-{STOP_AT:06d}", tmp / "saved")
     probe = Probe()
     run(split, callbacks=(probe,))
     return {"full": full, "split": split, "exit": stopped.value.code, "stopped_ckpts": stopped_ckpts,
@@ -92,12 +96,13 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_reward_adapter_scores_prompt_plus_completion_where_trl_reads_it():
+    from irm.rlhf.adapter import RewardAdapter
+    from irm.rlhf.trainer import ppo_config  # noqa: F401  (imports TRL's experimental package quietly)
     from trl.experimental.utils import get_reward
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     from irm.models import tiny_tokenizer
     from irm.reward import LexiconReward
-    from irm.rlhf.adapter import RewardAdapter
 
     tok = tiny_tokenizer()
     pad = tok.pad_token_id
@@ -143,6 +148,18 @@ def test_prompt_order_resumed_mid_pass_continues_the_uninterrupted_stream():
     assert list(islice(iter(resumed), 40 - k * batch)) == stream[k * batch:]
 
 
+def test_checkpoints_of_another_configuration_are_discarded_not_resumed(tmp_path):
+    from irm.rlhf.checkpoint import FullStateCheckpoints
+    from irm.rlhf.trainer import PromptOrder
+
+    stale = tmp_path / "checkpoints" / "step-000004"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text(json.dumps({"step": 4, "episode": 64, "key": "old", "log_history": []}))
+    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest()[0] == 4
+    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "new", PromptOrder(10, 0)).latest() is None
+    assert not stale.exists()
+
+
 def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
     from irm.config import RLHFConfig
     from irm.rlhf.trainer import ppo_config
@@ -166,8 +183,7 @@ def test_run_writes_policy_and_tensorboard_reward_and_kl_for_every_step(runs):
     assert all(m["rlhf/grad_norm"] > 0 for m in metrics)
     model, _ = load_tuned(cfg)
     assert model.config.model_type == "gpt_neox"
-    ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "rlhf" / "checkpoints").iterdir())
-    assert ckpts == ["step-000004", "step-000008"]
+    assert sorted(p.name for p in ckpt_dir(cfg).iterdir()) == ["step-000004", "step-000008"]
 
 
 def test_tiny_run_takes_well_under_two_minutes(runs):
@@ -195,6 +211,8 @@ def test_resumed_run_starts_at_step_k_plus_1_with_value_model_and_optimizer_rest
             assert torch.equal(moments[name], restored[i][name]), (i, name)
     # the fresh optimizer would have no moments at all: these are the checkpoint's, not zeros
     assert any(m["exp_avg"].abs().sum() > 0 for m in restored.values())
+    # step-000003 pruned once step-000004 and step-000008 were written: the last two are kept
+    assert sorted(p.name for p in ckpt_dir(runs["split"]).iterdir()) == ["step-000004", "step-000008"]
 
 
 def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(runs):

@@ -63,17 +63,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     device = resolve_device(cfg.device)
     seed_all(cfg.seed)
 
-    import os
-    import warnings
-
     import torch
     from datasets import Dataset
-
-    # trl==1.12.0 is pinned (PPOTrainer was removed in 1.13): its "experimental API" warning and the deprecation
-    # warnings its PPO code triggers in transformers 5 say nothing a user can act on.
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
     from irm.data import load_texts, make_prompts
     from irm.models import load_model
@@ -115,6 +106,9 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         callbacks=[ckpt, scalars, bar, *callbacks],
         prompt_order=order,
     )
+    if trainer.accelerator.num_processes > 1:
+        raise UserError("the rlhf stage runs in one process (one GPU or the CPU); start it with python, not a "
+                        "multi-process launcher such as accelerate launch or torchrun")
     print(f"irm rlhf: PPO on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} steps of "
           f"{cfg.rlhf.batch_size} prompts, {len(prompts)} prompts in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
     start = time.perf_counter()

@@ -3,13 +3,20 @@ paper's settings need and that leave TRL's training loop untouched."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import warnings
 from typing import Iterator
 
-import torch
-from torch.utils.data import DataLoader, Sampler
-from transformers.trainer_callback import PrinterCallback
-from trl.experimental.ppo import PPOConfig, PPOTrainer
+# trl==1.12.0 is pinned (PPOTrainer was removed in 1.13): its "experimental API" warning, and the deprecation
+# warnings its PPO code triggers in transformers 5, say nothing a user can act on.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Sampler  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from irm.config import RLHFConfig
 from irm.errors import UserError

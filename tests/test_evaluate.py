@@ -1,0 +1,120 @@
+"""evaluate-reward (paper table 7): the t-interval by hand, rewards recomputed from the journalled completions,
+paired sampling (a tuned model equal to the base gives the same completions), per-batch resuming, errors."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irm.artifacts import read_jsonl
+from irm.cli import parse_config
+from irm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    torch.set_num_threads(1)
+    return parse_config("evaluate-reward", [
+        "--config", str(ROOT / "configs" / "tiny.yaml"), "--run_dir", str(tmp_path / "run"),
+        "--evaluate.n", "20", "--evaluate.batch_size", "8",  # a ragged last batch
+    ])
+
+
+def save_base_as_tuned(cfg):
+    """A "tuned" policy identical to the base: what the rlhf stage would save after zero learning."""
+    from irm.models import load_model
+
+    model, tok = load_model(cfg.model, seed=cfg.seed)
+    out = Path(cfg.run_dir) / "rlhf" / "policy"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def test_summary_is_the_hand_worked_t_interval():
+    from irm.evaluate import summarize
+
+    s = summarize([1, 2, 3, 4, 5])
+    # mean 3, sample std sqrt(2.5), t(0.975, df=4) = 2.776445, half-width 2.776445 * sqrt(2.5 / 5)
+    assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(2.5)) and s["n"] == 5
+    assert s["ci95"] == pytest.approx([3 - 1.963243, 3 + 1.963243], abs=1e-6)
+    assert summarize([0.5, 0.5, 0.5])["ci95"] == [0.5, 0.5]
+
+
+def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsys):
+    from irm.data import load_texts, prefixes
+    from irm.evaluate import run
+    from irm.models import tiny_tokenizer
+    from irm.reward import LexiconReward
+
+    save_base_as_tuned(cfg)
+    run(cfg)
+    out = Path(cfg.run_dir)
+    result = json.loads((out / "reward_eval.json").read_text())
+    assert result["new_tokens"] == cfg.evaluate.new_tokens and result["prefix_tokens"] == cfg.evaluate.prefix_tokens
+    base, tuned = (read_jsonl(out / "evaluate" / f"{m}.jsonl") for m in ("base", "tuned"))
+    assert [r["batch"] for r in base] == [0, 1, 2]
+    # same model, same prefixes, same per-batch seeds: the same completions, a difference of exactly 0
+    assert [r["completions"] for r in base] == [r["completions"] for r in tuned]
+    assert result["difference"]["mean"] == 0 and result["difference"]["ci95"] == [0, 0]
+
+    tok = tiny_tokenizer()
+    pool = prefixes(load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed), tok, cfg.evaluate.prefix_tokens)
+    prefix_texts = [tok.decode(pool[i % len(pool)]) for i in range(cfg.evaluate.n)]
+    completions = [c for r in base for c in r["completions"]]
+    assert len(completions) == cfg.evaluate.n and all(completions)
+    # reward of prefix + completion (the word-level tokenizer decodes as words joined by spaces)
+    rewards = LexiconReward()([f"{p} {c}" for p, c in zip(prefix_texts, completions)])
+    assert [x for r in base for x in r["rewards"]] == pytest.approx(rewards)
+    assert result["base"]["mean"] == pytest.approx(np.mean(rewards))
+    assert result["base"]["std"] == pytest.approx(np.std(rewards, ddof=1))
+    assert result["base"]["n"] == cfg.evaluate.n
+    assert result["examples"][0]["prefix"] == prefix_texts[0]
+
+    before = (out / "reward_eval.json").stat().st_mtime_ns
+    run(cfg)  # unchanged config and inputs: nothing to do
+    assert (out / "reward_eval.json").stat().st_mtime_ns == before
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg, tmp_path):
+    from irm.evaluate import sample_rewards
+    from irm.models import load_model
+    from irm.reward import LexiconReward
+
+    model, tok = load_model(cfg.model, seed=cfg.seed)
+    prompts = [tok(f"the film was {w}")["input_ids"] for w in ("good", "bad", "long", "fine", "odd")] * 4
+    lexicon = LexiconReward()
+    scored = []
+
+    def reward(texts):
+        if len(scored) == 2 and dying:
+            raise KeyboardInterrupt  # killed while scoring the third batch
+        scored.append(len(texts))
+        return lexicon(texts)
+
+    dying = True
+    with pytest.raises(KeyboardInterrupt):
+        sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "fp", "test")
+    assert [r["batch"] for r in read_jsonl(tmp_path / "j.jsonl")] == [0, 1]
+    dying, scored[:] = False, []
+    resumed = sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "fp", "test")
+    assert scored == [4]  # only the third (last, ragged) batch was sampled again
+    whole = sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "k.jsonl", "fp", "test")
+    assert resumed == whole
+    # a journal written under another fingerprint (other config or tuned model) is not reused
+    scored[:] = []
+    sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "other", "test")
+    assert scored == [8, 8, 4]
+    assert {r["fingerprint"] for r in read_jsonl(tmp_path / "j.jsonl")} == {"other"}
+
+
+def test_evaluating_a_run_without_a_tuned_policy_is_a_user_error(cfg):
+    from irm.evaluate import run
+
+    with pytest.raises(UserError, match="irm rlhf"):
+        run(cfg)
