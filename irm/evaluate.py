@@ -47,17 +47,16 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
     distribution, as in PPO), score prefix+completion with `reward_fn`; one journal record per batch of
     `ecfg.batch_size`. Returns the records of every batch in order."""
     import torch
-    from transformers import GenerationConfig
 
     records = read_jsonl(journal)
     done = {r["batch"]: r for r in records if r.get("fingerprint") == fp}
     if len(done) != len(records):  # a journal from another config or model: start it over
         write_text(journal, "")
     n_batches = math.ceil(len(prompts) / ecfg.batch_size)
-    # Fixed-length completions, as in PPO training: an end-of-text token does not stop sampling.
-    generation = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                  max_new_tokens=ecfg.new_tokens, min_new_tokens=ecfg.new_tokens,
-                                  eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    # Fixed-length completions, as in PPO training: an end-of-text token is sampled like any other and does not stop
+    # sampling (eos_token_id=None as an argument overrides the model's own generation config).
+    generation = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=ecfg.new_tokens,
+                      eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
     device = next(model.parameters()).device
     model.eval()
     with progress(desc=desc, total=n_batches, unit="batch") as bar:
@@ -69,7 +68,7 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
             batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt").to(device)
             torch.manual_seed(batch_seed(seed, b))
             with torch.inference_mode():
-                out = model.generate(**batch, generation_config=generation)
+                out = model.generate(**batch, **generation)
             new = out[:, batch["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
             record = {"batch": b, "fingerprint": fp, "rewards": [float(r) for r in reward_fn(texts)],

@@ -65,7 +65,8 @@ class SigtermAt(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One uninterrupted tiny run, and one stopped by SIGTERM after STOP_AT steps and then resumed."""
+    """Three tiny runs of 8 steps: uninterrupted; stopped by SIGTERM after STOP_AT steps, then resumed; and one that
+    finished 4 steps and was then asked for 8."""
     from irm.rlhf import run
 
     torch.set_num_threads(1)
@@ -81,10 +82,16 @@ def runs(tmp_path_factory):
     stopped_ckpts = sorted(p.name for p in ckpt_dir(split).iterdir())
     # the resumed run prunes this checkpoint once it has written two newer ones: keep a copy to compare with
     saved = shutil.copytree(ckpt_dir(split) / f"step-{STOP_AT:06d}", tmp / "saved")
-    probe = Probe()
-    run(split, callbacks=(probe,))
-    return {"full": full, "split": split, "exit": stopped.value.code, "stopped_ckpts": stopped_ckpts,
-            "probe": probe, "saved": saved, "tmp": tmp, "full_seconds": full_seconds}
+    split_probe = Probe()
+    run(split, callbacks=(split_probe,))
+
+    run(tiny(tmp, "extended", "--rlhf.steps", "4"))
+    extended = tiny(tmp, "extended")  # the same run, asked for 8 steps once it finished 4
+    extended_probe = Probe()
+    run(extended, callbacks=(extended_probe,))
+    return {"full": full, "full_seconds": full_seconds, "tmp": tmp,
+            "split": split, "exit": stopped.value.code, "stopped_ckpts": stopped_ckpts, "saved": saved,
+            "split_probe": split_probe, "extended": extended, "extended_probe": extended_probe}
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -148,16 +155,19 @@ def test_prompt_order_resumed_mid_pass_continues_the_uninterrupted_stream():
     assert list(islice(iter(resumed), 40 - k * batch)) == stream[k * batch:]
 
 
-def test_checkpoints_of_another_configuration_are_discarded_not_resumed(tmp_path):
+def test_checkpoints_of_another_configuration_or_a_longer_run_are_discarded(tmp_path):
     from irm.rlhf.checkpoint import FullStateCheckpoints
     from irm.rlhf.trainer import PromptOrder
 
     stale = tmp_path / "checkpoints" / "step-000004"
     stale.mkdir(parents=True)
     (stale / "state.json").write_text(json.dumps({"step": 4, "episode": 64, "key": "old", "log_history": []}))
-    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest()[0] == 4
-    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "new", PromptOrder(10, 0)).latest() is None
+    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest(8)[0] == 4
+    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "new", PromptOrder(10, 0)).latest(8) is None
     assert not stale.exists()
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text(json.dumps({"step": 4, "episode": 64, "key": "old", "log_history": []}))
+    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest(3) is None
 
 
 def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
@@ -196,7 +206,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(runs):
 
 
 def test_resumed_run_starts_at_step_k_plus_1_with_value_model_and_optimizer_restored(runs):
-    probe = runs["probe"]
+    probe = runs["split_probe"]
     ckpt = runs["saved"]
     assert probe.begin["step"] == STOP_AT
     assert probe.logged_steps == list(range(STOP_AT + 1, runs["split"].rlhf.steps + 1))
@@ -215,11 +225,19 @@ def test_resumed_run_starts_at_step_k_plus_1_with_value_model_and_optimizer_rest
     assert sorted(p.name for p in ckpt_dir(runs["split"]).iterdir()) == ["step-000004", "step-000008"]
 
 
-def test_resumed_run_ends_exactly_where_the_uninterrupted_run_ends(runs):
-    full = load_file(Path(runs["full"].run_dir) / "rlhf" / "policy" / "model.safetensors")
-    split = load_file(Path(runs["split"].run_dir) / "rlhf" / "policy" / "model.safetensors")
-    assert full.keys() == split.keys()
-    assert all(torch.equal(full[k], split[k]) for k in full)
+def tuned_weights(cfg) -> dict:
+    return load_file(Path(cfg.run_dir) / "rlhf" / "policy" / "model.safetensors")
+
+
+@pytest.mark.parametrize("other, resumed_at", [("split", STOP_AT), ("extended", 4)])
+def test_resumed_or_extended_run_ends_exactly_where_the_uninterrupted_run_ends(runs, other, resumed_at):
+    assert runs[f"{other}_probe"].begin["step"] == resumed_at  # it resumed rather than started over
+    full, resumed = tuned_weights(runs["full"]), tuned_weights(runs[other])
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resumed_run_logs_each_step_once_with_the_uninterrupted_values(runs):
     logged = scalars(runs["tmp"] / "tb" / "split" / "rlhf")
     assert [s for s, _ in logged["rlhf/kl"]] == list(range(1, runs["split"].rlhf.steps + 1))
     assert logged["rlhf/kl"] == scalars(runs["tmp"] / "tb" / "full" / "rlhf")["rlhf/kl"]

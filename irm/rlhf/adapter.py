@@ -28,7 +28,8 @@ class _DecodeAndScore(nn.Module):
             self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
             for ids, mask in zip(input_ids, attention_mask)
         ]
-        rewards = torch.as_tensor([float(r) for r in self.reward_fn(texts)], dtype=torch.float32, device=input_ids.device)
+        rewards = [float(r) for r in self.reward_fn(texts)]
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=input_ids.device)
         hidden = rewards[:, None, None].expand(-1, input_ids.shape[1], 1)
         return BaseModelOutput(last_hidden_state=hidden, hidden_states=(hidden,))
 

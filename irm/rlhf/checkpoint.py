@@ -64,7 +64,8 @@ def _set_rng_state(rng: dict) -> None:
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(rng["python"])
 
 
@@ -90,17 +91,21 @@ class FullStateCheckpoints(TrainerCallback):
     def request_stop(self, signum: int) -> None:
         self.stop_signal = signum
 
-    def latest(self) -> Optional[tuple[int, Path]]:
+    def latest(self, max_steps: int) -> Optional[tuple[int, Path]]:
+        """The newest checkpoint, if it belongs to this configuration and to a run of at most `max_steps` steps."""
         found = checkpoints(self.root)
-        if found and read_state(found[-1][1]).get("key") != self.key:
-            print(f"irm rlhf: the checkpoints in {self.root} were made with another configuration; starting afresh",
-                  file=sys.stderr)
+        if not found:
+            return None
+        step, ckpt = found[-1]
+        if read_state(ckpt).get("key") != self.key or step > max_steps:
+            print(f"irm rlhf: the checkpoints in {self.root} come from another configuration (or a longer run); "
+                  "starting afresh", file=sys.stderr)
             shutil.rmtree(self.root)
             return None
-        return found[-1] if found else None
+        return step, ckpt
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        latest = self.latest()
+        latest = self.latest(state.max_steps)
         if latest is None:
             return
         step, ckpt = latest

@@ -25,8 +25,10 @@ STAGE = "rlhf"
 
 
 def checkpoint_key(cfg: RunConfig) -> str:
-    """What a checkpoint must have been made from to be resumed: everything that shapes the PPO trajectory."""
-    rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items() if k != "checkpoint_every"}
+    """What a checkpoint must have been made from to be resumed: everything that shapes the PPO trajectory up to
+    its step. Not `steps` (the learning rate is constant, so a longer run continues a shorter one exactly), not
+    `checkpoint_every`."""
+    rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items() if k not in ("steps", "checkpoint_every")}
     return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf)
 
 
@@ -110,7 +112,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         raise UserError("the rlhf stage runs in one process (one GPU or the CPU); start it with python, not a "
                         "multi-process launcher such as accelerate launch or torchrun")
     print(f"irm rlhf: PPO on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} steps of "
-          f"{cfg.rlhf.batch_size} prompts, {len(prompts)} prompts in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
+          f"{cfg.rlhf.batch_size} prompts, {len(prompts)} prompts in all; TensorBoard: {scalars.log_dir}",
+          file=sys.stderr)
     start = time.perf_counter()
     # TRL runs gc.collect() twice per step; freezing what exists now (libraries, models) takes those from ~0.25 s
     # each to microseconds on a tiny model.

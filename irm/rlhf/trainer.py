@@ -3,23 +3,30 @@ paper's settings need and that leave TRL's training loop untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import warnings
 from typing import Iterator
 
 # trl==1.12.0 is pinned (PPOTrainer was removed in 1.13): its "experimental API" warning, and the deprecation
-# warnings its PPO code triggers in transformers 5, say nothing a user can act on.
+# warnings its PPO code triggers in transformers 5 (see `_quiet`), say nothing a user can act on.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
-from irm.config import RLHFConfig
-from irm.errors import UserError
+from irm.config import RLHFConfig  # noqa: E402
+from irm.errors import UserError  # noqa: E402
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 class PromptOrder(Sampler[int]):
@@ -48,7 +55,8 @@ class ResumablePPOTrainer(PPOTrainer):
 
     def __init__(self, *args, prompt_order: PromptOrder, **kwargs):
         self._grad_norms: list[float] = []
-        super().__init__(*args, **kwargs)
+        with _quiet():
+            super().__init__(*args, **kwargs)
         # TRL prints every log dict (disable_tqdm) or draws its own bar; the stage shows one bar with reward and KL.
         self.remove_callback(PrinterCallback)
         # Own generator: starting the loader's iterator must not draw from the global RNG, which a resumed run
@@ -92,32 +100,34 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool) -> P
     if not 1 <= rlhf.prompt_min_tokens <= rlhf.prompt_max_tokens or rlhf.response_length < 1:
         raise UserError(
             f"rlhf.prompt_min_tokens={rlhf.prompt_min_tokens}, prompt_max_tokens={rlhf.prompt_max_tokens}, "
-            f"response_length={rlhf.response_length}: need 1 <= min <= max and response_length >= 1 (paper: 2, 10, 8-20)"
+            f"response_length={rlhf.response_length}: need 1 <= min <= max and response_length >= 1 "
+            "(paper: 2, 10, 8-20)"
         )
-    return PPOConfig(
-        output_dir=output_dir,
-        seed=seed,
-        use_cpu=use_cpu,
-        total_episodes=rlhf.steps * rlhf.batch_size,
-        per_device_train_batch_size=rlhf.batch_size,
-        gradient_accumulation_steps=1,
-        num_mini_batches=rlhf.batch_size // rlhf.mini_batch_size,
-        local_rollout_forward_batch_size=rlhf.batch_size,
-        num_ppo_epochs=rlhf.ppo_epochs,
-        learning_rate=rlhf.learning_rate,
-        lr_scheduler_type="constant",  # the paper's TRL (2023) PPO had no schedule; TRL 1.12 would decay linearly
-        kl_coef=rlhf.kl_coef,
-        max_grad_norm=rlhf.max_grad_norm,
-        response_length=rlhf.response_length,
-        temperature=rlhf.temperature,
-        stop_token=None,  # fixed-length completions, as the paper's reward sums over the whole text
-        bf16=rlhf.bf16,
-        fp16=False,
-        gradient_checkpointing=False,  # small models: memory is not the limit, recomputation would only cost time
-        num_sample_generations=0,  # TRL's sample tables need an eval set and consume random numbers
-        report_to="none",  # our callbacks write TensorBoard, checkpoints and the progress bar
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    with _quiet():
+        return PPOConfig(
+            output_dir=output_dir,
+            seed=seed,
+            use_cpu=use_cpu,
+            total_episodes=rlhf.steps * rlhf.batch_size,
+            per_device_train_batch_size=rlhf.batch_size,
+            gradient_accumulation_steps=1,
+            num_mini_batches=rlhf.batch_size // rlhf.mini_batch_size,
+            local_rollout_forward_batch_size=rlhf.batch_size,
+            num_ppo_epochs=rlhf.ppo_epochs,
+            learning_rate=rlhf.learning_rate,
+            lr_scheduler_type="constant",  # the paper's TRL (2023) PPO had no schedule; TRL 1.12 would decay linearly
+            kl_coef=rlhf.kl_coef,
+            max_grad_norm=rlhf.max_grad_norm,
+            response_length=rlhf.response_length,
+            temperature=rlhf.temperature,
+            stop_token=None,  # fixed-length completions, as the paper's reward sums over the whole text
+            bf16=rlhf.bf16,
+            fp16=False,
+            gradient_checkpointing=False,  # small models: memory is not the limit, recomputation would only cost time
+            num_sample_generations=0,  # TRL's sample tables need an eval set and consume random numbers
+            report_to="none",  # our callbacks write TensorBoard, checkpoints and the progress bar
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
