@@ -119,17 +119,20 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     # each to microseconds on a tiny model.
     gc.collect()
     gc.freeze()
+    stop = None
     try:
         with stop_after_step_on_signals(ckpt):
             trainer.train()
-    except TrainingInterrupted as stop:
-        print(f"irm rlhf: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of {cfg.rlhf.steps}; "
-              f"state saved in {stop.checkpoint}. Rerun the same command to resume.", file=sys.stderr)
-        raise SystemExit(128 + stop.signum) from None
+    except TrainingInterrupted as e:
+        stop = e
     finally:
         gc.unfreeze()
         scalars.close()
         bar.close()
+    if stop is not None:
+        print(f"irm rlhf: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of {cfg.rlhf.steps}; "
+              f"state saved in {stop.checkpoint}. Rerun the same command to resume.", file=sys.stderr)
+        raise SystemExit(128 + stop.signum)
     seconds = time.perf_counter() - start
     ran = cfg.rlhf.steps - ckpt.resumed_step
 
