@@ -186,7 +186,7 @@ def test_loader_resumes_mid_epoch_with_the_batches_an_uninterrupted_epoch_yields
     for _ in range(7):
         next(it)
     state = first.state_dict()
-    assert state == {"epoch": 2, "batches": 7}
+    assert state == {"epoch": 2, "items": 7}
     resumed = loader()
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(2)
@@ -195,6 +195,18 @@ def test_loader_resumes_mid_epoch_with_the_batches_an_uninterrupted_epoch_yields
     assert all(torch.equal(a, b) for a, b in zip(rest, expected[7:]))
     resumed.sampler.set_epoch(3)  # the resume point applies to its own epoch only
     assert len(list(resumed)) == len(expected)
+
+
+def test_grouped_items_hold_the_same_batches_in_the_same_order(tmp_path):
+    row_id_cache(tmp_path / "layer-00")
+    cache = ActivationCache(tmp_path / "layer-00")
+    single = ShardBatches(cache, RowSampler(cache, 0, cache.rows, seed=2), batch_size=9)
+    grouped = ShardBatches(cache, RowSampler(cache, 0, cache.rows, seed=2), batch_size=9, batches_per_item=4)
+    items = list(grouped)
+    assert len(items) == len(grouped) == int(np.ceil(len(single) / 4))
+    assert all(isinstance(item, list) and len(item) == 4 for item in items[:-1])
+    flat = [b for item in items for b in item]
+    assert len(flat) == len(single) and all(torch.equal(a, b) for a, b in zip(flat, single))
 
 
 def test_datamodule_knows_the_width_before_setup_and_rejects_bad_settings(tmp_path):

@@ -56,35 +56,54 @@ class RowSampler:
 class ShardBatches:
     """An iterable of float32 activation batches [rows, width] for one rank, one shard in memory at a time.
 
-    Lightning finds `sampler.set_epoch` and, because this object has state_dict/load_state_dict, saves how many
-    batches of the current epoch were consumed into each checkpoint and restores it on resume."""
+    With `batches_per_item` k > 1 each item is a list of k consecutive batches (the last item may hold fewer):
+    SAEModule takes one optimizer step per batch, so the updates are those of `batch_size`, while Lightning's
+    per-item work is shared by k steps (it dominates at small batches such as the paper's 32).
 
-    def __init__(self, cache: ActivationCache, sampler: RowSampler, batch_size: int):
-        self.cache, self.sampler, self.batch_size = cache, sampler, batch_size
+    Lightning finds `sampler.set_epoch` and, because this object has state_dict/load_state_dict, saves how many
+    items of the current epoch were consumed into each checkpoint and restores it on resume."""
+
+    def __init__(self, cache: ActivationCache, sampler: RowSampler, batch_size: int, batches_per_item: int = 1):
+        self.cache, self.sampler = cache, sampler
+        self.batch_size, self.batches_per_item = batch_size, batches_per_item
         # DataLoader's attribute for "batches are formed by the loader itself" (batch_size=None); Lightning reads it.
         self.batch_sampler = None
-        self._position = {"epoch": 0, "batches": 0}  # progress of the epoch being read
+        self._position = {"epoch": 0, "items": 0}  # progress of the epoch being read
         self._resume: Optional[dict[str, int]] = None
         self._finite: set[int] = set()  # shards already checked for NaN/inf
 
     def __len__(self) -> int:
-        return math.ceil(self.sampler.rows_per_rank() / self.batch_size)
+        return math.ceil(math.ceil(self.sampler.rows_per_rank() / self.batch_size) / self.batches_per_item)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        self._resume = {"epoch": int(state["epoch"]), "items": int(state["items"])}
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        # A generator: nothing runs until the first batch is requested, after Lightning has called set_epoch.
+    def __iter__(self) -> Iterator:
+        # A generator: nothing runs until the first item is requested, after Lightning has called set_epoch.
         epoch = self.sampler.epoch
-        skip_batches = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            skip_batches = self._resume["batches"]
+        skip = self._resume["items"] if self._resume is not None and self._resume["epoch"] == epoch else 0
         self._resume = None
-        self._position = {"epoch": epoch, "batches": skip_batches}
-        skip_rows = skip_batches * self.batch_size
+        self._position = {"epoch": epoch, "items": skip}
+        group: list[torch.Tensor] = []
+        for batch in self._batches(skip_rows=skip * self.batches_per_item * self.batch_size):
+            if self.batches_per_item == 1:
+                self._position["items"] += 1
+                yield batch
+                continue
+            group.append(batch)
+            if len(group) == self.batches_per_item:
+                self._position["items"] += 1
+                yield group
+                group = []
+        if group:
+            self._position["items"] += 1
+            yield group
+
+    def _batches(self, skip_rows: int) -> Iterator[torch.Tensor]:
+        """The epoch's rows in `batch_size` batches (the last may be shorter), after the first `skip_rows`."""
         pending: list[torch.Tensor] = []
         pending_rows = 0
         for shard, rows in self.sampler.plan():
@@ -100,20 +119,16 @@ class ShardBatches:
                 pending_rows += take
                 start = take
                 if pending_rows == self.batch_size:
-                    yield self._emit(torch.cat(pending))
+                    yield torch.cat(pending)
                     pending, pending_rows = [], 0
             while acts_RD.shape[0] - start >= self.batch_size:
-                yield self._emit(acts_RD[start:start + self.batch_size])
+                yield acts_RD[start:start + self.batch_size]
                 start += self.batch_size
             if start < acts_RD.shape[0]:
                 pending.append(acts_RD[start:])
                 pending_rows += acts_RD.shape[0] - start
         if pending:
-            yield self._emit(torch.cat(pending))
-
-    def _emit(self, batch: torch.Tensor) -> torch.Tensor:
-        self._position["batches"] += 1
-        return batch
+            yield torch.cat(pending)
 
     def _load(self, shard: int) -> torch.Tensor:
         acts_RD = self.cache.read_shard(shard, ("acts",))["acts"]
@@ -154,10 +169,10 @@ class ActivationDataModule(L.LightningDataModule):
     `width` (the activations' width) is known as soon as this is constructed, from the manifest alone."""
 
     def __init__(self, layer_dir: str, batch_size: int = 32, val_fraction: float = 0.05, seed: int = 0,
-                 shuffle: bool = True, verify: bool = True):
+                 shuffle: bool = True, verify: bool = True, batches_per_item: int = 1):
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, not {batch_size}")
+        if batch_size < 1 or batches_per_item < 1:
+            raise UserError(f"batch_size ({batch_size}) and batches_per_item ({batches_per_item}) must be >= 1")
         self.save_hyperparameters()
         self.cache = ActivationCache(layer_dir)
         self.width = self.cache.width
@@ -173,12 +188,20 @@ class ActivationDataModule(L.LightningDataModule):
             self._verified = True
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         hp = self.hparams
+        if self.trainer and hp.batches_per_item > 1:
+            # The optimizer-step count advances by batches_per_item per item: a checkpoint interval that is not a
+            # multiple of it is never hit, and an interrupted run would have nothing recent to resume from.
+            for cb in self.trainer.checkpoint_callbacks:
+                every = getattr(cb, "_every_n_train_steps", 0)
+                if every and every % hp.batches_per_item:
+                    raise UserError(f"ModelCheckpoint every_n_train_steps={every} is not a multiple of "
+                                    f"batches_per_item={hp.batches_per_item}; make it one")
         train = RowSampler(self.cache, 0, self.split, rank=rank, world_size=world, shuffle=hp.shuffle, seed=hp.seed)
         if train.rows_per_rank() == 0:
             raise UserError(f"activation cache {self.cache.dir} leaves no training rows for each of {world} "
                             "process(es); cache more documents")
         val = RowSampler(self.cache, self.split, self.cache.rows, rank=rank, world_size=world, shuffle=False)
-        self._train = ShardBatches(self.cache, train, hp.batch_size)
+        self._train = ShardBatches(self.cache, train, hp.batch_size, hp.batches_per_item)
         self._val = ShardBatches(self.cache, val, hp.batch_size)
 
     def train_dataloader(self) -> ShardBatches:

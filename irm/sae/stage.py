@@ -5,6 +5,7 @@ last.ckpt), TensorBoard logs to `<log_dir>/<run name>/sae/layer-NN`, exported SA
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
         write_json(stamp, {"fingerprint": fingerprint})
     seed_all(cfg.seed)  # each layer's initialisation is independent of which layers were trained before it
     data = ActivationDataModule(str(cache_layer_dir(cfg.run_dir, layer)), batch_size=s.batch_size,
-                                val_fraction=s.val_fraction, seed=cfg.seed)
+                                val_fraction=s.val_fraction, seed=cfg.seed, batches_per_item=s.batches_per_item)
+    # The step count advances by batches_per_item per loader item: checkpoint on a multiple of it.
+    every = math.ceil(s.checkpoint_every / s.batches_per_item) * s.batches_per_item
     module = SAEModule(expansions=s.expansions, l1_coefficient=s.l1_coefficient, learning_rate=s.learning_rate,
                        tied=s.tied, dead_window=s.dead_window)
     clash = sorted(set(s.trainer) & set(OWN_TRAINER_ARGS))
@@ -49,7 +52,7 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
             max_epochs=s.epochs,
             default_root_dir=str(root),
             logger=TensorBoardLogger(save_dir=cfg.log_dir, name=Path(cfg.run_dir).name, version=f"sae/layer-{layer:02d}"),
-            callbacks=[ModelCheckpoint(dirpath=str(checkpoints), save_last=True, every_n_train_steps=s.checkpoint_every),
+            callbacks=[ModelCheckpoint(dirpath=str(checkpoints), save_last=True, every_n_train_steps=every),
                        ExportSAEs(str(root))],
             **s.trainer,
         )
