@@ -113,7 +113,9 @@ class SAEConfig:
     tied: bool = True
     val_fraction: float = 0.05
     dead_window: int = 1000  # optimizer steps without firing after which a feature counts as dead
-    batches_per_item: int = 1  # batches per loader item (one optimizer step each): >1 amortises Lightning's per-item overhead at small batches
+    # Batches per loader item, one optimizer step each: > 1 spreads Lightning's per-item work over several steps
+    # (same updates), worth it at small batches such as the paper's 32.
+    batches_per_item: int = 1
     checkpoint_every: int = 500  # optimizer steps between checkpoints (last.ckpt), what an interrupted run resumes from
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
 

@@ -273,7 +273,8 @@ def test_non_finite_model_activations_are_reported_not_cached(tmp_path, tiny_gpt
         return out_BSD
 
     writers = {1: ShardWriter(tmp_path / "layer-1", 32)}
-    with splice(model, {1: poison}), pytest.raises(UserError, match=r"layer 1 hold NaN or inf \(document 1, token position 4\)"):
+    where = r"layer 1 hold NaN or inf \(document 1, token position 4\)"
+    with splice(model, {1: poison}), pytest.raises(UserError, match=where):
         cache_activations(model, tokenizer, texts, writers, batch_size=8, max_length=16)
 
 

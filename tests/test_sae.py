@@ -447,7 +447,8 @@ def test_tiny_pipeline_cache_fit_dictionaries_from_the_cli(tmp_path):
         config["trainer"].update(max_epochs=1, accelerator="cpu", enable_progress_bar=False)
         config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path / "lightning_logs"),
                                                         version=f"sae/layer-{layer:02d}")
-        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run_dir / "sae" / f"layer-{layer:02d}" / "checkpoints")
+        checkpoints = run_dir / "sae" / f"layer-{layer:02d}" / "checkpoints"
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(checkpoints)
         path = tmp_path / f"sae-{layer}.yaml"
         path.write_text(yaml.safe_dump(config))
         irm_cli("fit", "--config", str(path), cwd=tmp_path)

@@ -49,7 +49,8 @@ class ShardWriter:
     def rows(self) -> int:
         return sum(s["rows"] for s in self.shards) + self.fill
 
-    def add(self, acts_RD: torch.Tensor, token_ids: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    def add(self, acts_RD: torch.Tensor, token_ids: torch.Tensor, doc_ids: torch.Tensor,
+            positions: torch.Tensor) -> None:
         n = acts_RD.shape[0]
         if acts_RD.shape[1] != self.width:
             raise ValueError(f"rows of width {acts_RD.shape[1]} added to a cache of width {self.width}")

@@ -51,7 +51,8 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
         trainer = L.Trainer(
             max_epochs=s.epochs,
             default_root_dir=str(root),
-            logger=TensorBoardLogger(save_dir=cfg.log_dir, name=Path(cfg.run_dir).name, version=f"sae/layer-{layer:02d}"),
+            logger=TensorBoardLogger(save_dir=cfg.log_dir, name=Path(cfg.run_dir).name,
+                                     version=f"sae/layer-{layer:02d}"),
             callbacks=[ModelCheckpoint(dirpath=str(checkpoints), save_last=True, every_n_train_steps=every),
                        ExportSAEs(str(root))],
             **s.trainer,
