@@ -162,12 +162,13 @@ def test_checkpoints_of_another_configuration_or_a_longer_run_are_discarded(tmp_
     stale = tmp_path / "checkpoints" / "step-000004"
     stale.mkdir(parents=True)
     (stale / "state.json").write_text(json.dumps({"step": 4, "episode": 64, "key": "old", "log_history": []}))
-    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest(8)[0] == 4
-    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "new", PromptOrder(10, 0)).latest(8) is None
+    callback = lambda key: FullStateCheckpoints(tmp_path / "checkpoints", 4, key, PromptOrder(10, 0))  # noqa: E731
+    assert callback("old").resumable(max_steps=8) == [(4, stale)]
+    assert callback("new").resumable(max_steps=8) == []
     assert not stale.exists()
     stale.mkdir(parents=True)
     (stale / "state.json").write_text(json.dumps({"step": 4, "episode": 64, "key": "old", "log_history": []}))
-    assert FullStateCheckpoints(tmp_path / "checkpoints", 4, "old", PromptOrder(10, 0)).latest(3) is None
+    assert callback("old").resumable(max_steps=3) == []
 
 
 def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
@@ -241,6 +242,19 @@ def test_resumed_run_logs_each_step_once_with_the_uninterrupted_values(runs):
     logged = scalars(runs["tmp"] / "tb" / "split" / "rlhf")
     assert [s for s, _ in logged["rlhf/kl"]] == list(range(1, runs["split"].rlhf.steps + 1))
     assert logged["rlhf/kl"] == scalars(runs["tmp"] / "tb" / "full" / "rlhf")["rlhf/kl"]
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(runs, capsys):
+    from irm.rlhf import run
+
+    cfg = tiny(runs["tmp"], "damaged")
+    shutil.copytree(ckpt_dir(runs["full"]), ckpt_dir(cfg))
+    (ckpt_dir(cfg) / "step-000008" / "optimizer.pt").write_bytes(b"truncated")
+    run(cfg)
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "step 4 of 8" in err
+    full, resumed = tuned_weights(runs["full"]), tuned_weights(cfg)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_rerun_with_the_same_config_is_a_no_op(runs, capsys):

@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from transformers import TrainerCallback
 
 from irm.artifacts import atomic_dir
+from irm.errors import UserError
 
 KEEP = 2  # checkpoints kept: never partial (atomic_dir), but one spare in case the newest is damaged or deleted
 STATE = "state.json"  # written last: its presence marks a complete checkpoint
@@ -91,39 +92,45 @@ class FullStateCheckpoints(TrainerCallback):
     def request_stop(self, signum: int) -> None:
         self.stop_signal = signum
 
-    def latest(self, max_steps: int) -> Optional[tuple[int, Path]]:
-        """The newest checkpoint, if it belongs to this configuration and to a run of at most `max_steps` steps."""
+    def resumable(self, max_steps: int) -> list[tuple[int, Path]]:
+        """Checkpoints to resume from, newest first: none if the newest belongs to another configuration or to a run
+        longer than `max_steps` steps (then they are all deleted)."""
         found = checkpoints(self.root)
-        if not found:
-            return None
-        step, ckpt = found[-1]
-        if read_state(ckpt).get("key") != self.key or step > max_steps:
+        if found and (read_state(found[-1][1]).get("key") != self.key or found[-1][0] > max_steps):
             print(f"irm rlhf: the checkpoints in {self.root} come from another configuration (or a longer run); "
                   "starting afresh", file=sys.stderr)
             shutil.rmtree(self.root)
-            return None
-        return step, ckpt
+            return []
+        return found[::-1]
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        latest = self.latest(state.max_steps)
-        if latest is None:
+        for step, ckpt in self.resumable(state.max_steps):
+            try:
+                self.restore(ckpt, state, model, optimizer, lr_scheduler)
+            except Exception as e:  # noqa: BLE001 - a damaged file makes torch/safetensors/json raise almost anything
+                print(f"irm rlhf: cannot read checkpoint {ckpt} ({e}); trying an older one", file=sys.stderr)
+                continue
+            # TRL's loop begins right after this event and runs `num_total_batches` updates: only the remaining ones.
+            args.num_total_batches = state.max_steps - step
+            self.resumed_step = step
+            print(f"irm rlhf: resuming from {ckpt} (step {step} of {state.max_steps})", file=sys.stderr)
             return
-        step, ckpt = latest
+        if checkpoints(self.root):  # some weights may be half-restored: a fresh start needs fresh models
+            raise UserError(f"no checkpoint in {self.root} could be read; delete that folder to start PPO over")
+
+    def restore(self, ckpt: Path, state, model, optimizer, lr_scheduler) -> None:
         policy, value = _parts(model)
         device = next(policy.parameters()).device
+        meta = read_state(ckpt)
+        rng = torch.load(ckpt / "rng.pt", weights_only=True)
         load_model(policy, ckpt / "policy.safetensors", device=str(device))
         load_model(value, ckpt / "value.safetensors", device=str(device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        meta = read_state(ckpt)
-        state.global_step, state.episode = step, meta["episode"]
+        state.global_step, state.episode = meta["step"], meta["episode"]
         state.log_history = meta["log_history"]
         self.prompt_order.start = meta["episode"]
-        # TRL's loop begins right after this event and runs `num_total_batches` updates: only the remaining ones.
-        args.num_total_batches = state.max_steps - step
-        self.resumed_step = step
-        print(f"irm rlhf: resuming from {ckpt} (step {step} of {state.max_steps})", file=sys.stderr)
-        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))  # last: nothing above may draw after it
+        _set_rng_state(rng)  # last: nothing after it may draw random numbers before training starts
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         step = state.global_step
