@@ -137,19 +137,23 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
     return clock.t1 - clock.t0, clock.s1 - clock.s0
 
 
+def plain_loss(x_BD: torch.Tensor, w_FD: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """The tied SAE's loss written out: f = ReLU(x W^T + b_enc), x_hat = f W + b_dec, MSE + alpha * mean row L1(f)."""
+    f_BF = torch.relu(F.linear(x_BD, w_FD, b_enc))
+    x_hat_BD = F.linear(f_BF, w_FD.t(), b_dec)
+    return F.mse_loss(x_hat_BD, x_BD) + L1_COEFFICIENT * f_BF.sum() / x_BD.shape[0]
+
+
 def run_plain(batches: Iterator[torch.Tensor], d_in: int, warmup: int, steps: int) -> float:
-    """The same maths written out: f = ReLU(x W^T + b_enc), x_hat = f W + b_dec, MSE + alpha * mean row L1(f)."""
     d_hidden = EXPANSION * d_in
     torch.manual_seed(0)
     w_FD = torch.nn.Parameter(F.normalize(torch.randn(d_hidden, d_in), dim=1))
     b_enc = torch.nn.Parameter(torch.zeros(d_hidden))
     b_dec = torch.nn.Parameter(torch.zeros(d_in))
-    opt = torch.optim.Adam([w_FD, b_enc, b_dec], lr=LEARNING_RATE)
+    opt = torch.optim.Adam([w_FD, b_enc, b_dec], lr=LEARNING_RATE)  # PyTorch's default Adam, as one writes it
     watch = _Stopwatch(warmup)
     for x_BD in watch.wrap(batches):
-        f_BF = torch.relu(F.linear(x_BD, w_FD, b_enc))
-        x_hat_BD = F.linear(f_BF, w_FD.t(), b_dec)
-        loss = F.mse_loss(x_hat_BD, x_BD) + L1_COEFFICIENT * f_BF.sum() / x_BD.shape[0]
+        loss = plain_loss(x_BD, w_FD, b_enc, b_dec)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

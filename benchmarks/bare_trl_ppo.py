@@ -1,0 +1,84 @@
+"""PPO as a TRL user writes it without irm, for ppo_overhead.py: TRL 1.12's PPOTrainer with TRL's defaults, on the
+same model, prompts, reward, batch, mini-batch, epochs and lengths as `python -m irm rlhf --config CONFIG`, and none
+of irm's additions (full-state checkpoints, gradient clipping, seeded prompt order, TensorBoard scalars, progress
+bar). Writes {"seconds": train() wall time, "steps": PPO steps} to --out.
+
+The config is read with irm's parser and the model, prompts and reward are built with irm's functions, so both
+sides start from identical inputs; none of that is timed. TRL needs the reward as an HF sequence classifier: irm's
+adapter is that minimal wrapper (ENVIRONMENT.md describes what TRL calls), and both sides pay the same reward.
+
+    python benchmarks/bare_trl_ppo.py --config configs/tiny.yaml --out bare.json [--rlhf.steps 4 ...]
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401, I001  (first: it sets TQDM_DISABLE, which tqdm reads when torch imports it)
+
+import argparse
+import copy
+import json
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    args, rest = p.parse_known_args(argv)
+
+    from irm.cli import parse_config
+
+    cfg = parse_config("rlhf", rest)  # --config and dotted overrides, exactly as `python -m irm rlhf` reads them
+    r = cfg.rlhf
+
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from irm.data import load_texts, make_prompts
+    from irm.models import load_model
+    from irm.reward import build_reward
+    from irm.rlhf.adapter import RewardAdapter, value_model_from
+    from irm.runtime import resolve_device, seed_all
+
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    policy, tokenizer = load_model(cfg.model, seed=cfg.seed, device=device)
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
+    prompts = make_prompts(texts, tokenizer, r.prompt_min_tokens, r.prompt_max_tokens, seed=cfg.seed)
+    ppo = PPOConfig(
+        output_dir=str(cfg.run_dir),
+        seed=cfg.seed,
+        use_cpu=device.type == "cpu",
+        total_episodes=r.steps * r.batch_size,
+        per_device_train_batch_size=r.batch_size,
+        num_mini_batches=r.batch_size // r.mini_batch_size,
+        local_rollout_forward_batch_size=r.batch_size,
+        num_ppo_epochs=r.ppo_epochs,
+        learning_rate=r.learning_rate,
+        kl_coef=r.kl_coef,
+        response_length=r.response_length,
+        temperature=r.temperature,
+        stop_token=None,  # fixed-length completions, as irm samples them
+        bf16=r.bf16,
+        num_sample_generations=0,  # sample tables need an eval set
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = PPOTrainer(
+        args=ppo,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=RewardAdapter(build_reward(cfg.reward, device=device), tokenizer),
+        train_dataset=Dataset.from_dict({"input_ids": prompts}),
+        value_model=value_model_from(policy),
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"seconds": seconds, "steps": r.steps}, f)
+
+
+if __name__ == "__main__":
+    main()

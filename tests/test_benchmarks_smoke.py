@@ -1,0 +1,152 @@
+"""The benchmark scripts run end to end at tiny sizes and write the JSON their readers expect; the pieces their
+numbers rest on (the roofline FLOP count, the plain loop's maths, the ratios, the disk accounting) are checked
+against independent computations. Real-size runs are measurements, not tests (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def run_script(name: str, tmp_path: Path, *args: str, timeout: int = 300) -> tuple[dict, str]:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--json", str(out), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def assert_table_last(stdout: str, n_rows: int) -> None:
+    lines = stdout.strip().splitlines()
+    table = lines[-(n_rows + 2):]
+    assert all(line.startswith("|") and line.endswith("|") for line in table), stdout
+    assert set(table[1]) <= set("|-:"), table[1]
+
+
+# ------------------------------------------------------------------------------------------- the scripts, end to end
+
+
+def test_sae_throughput_writes_one_positive_rate_per_library_batch_and_width(tmp_path):
+    record, stdout = run_script("sae_throughput", tmp_path, "--threads", "1")
+    assert isinstance(record["gemm_gflops"], float) and record["gemm_gflops"] > 0
+    seen = set()
+    for r in record["results"]:
+        assert set(r) >= {"lib", "batch", "d_in", "d_hidden", "acts_per_s"}
+        assert r["lib"] in {"irm", "plain", "saelens", "dictionary_learning"}
+        assert isinstance(r["batch"], int) and isinstance(r["d_in"], int) and r["d_hidden"] == 2 * r["d_in"]
+        assert isinstance(r["acts_per_s"], float) and math.isfinite(r["acts_per_s"]) and r["acts_per_s"] > 0
+        seen.add((r["lib"], r["batch"], r["d_in"]))
+    assert seen == {(lib, b, 32) for lib in ("irm", "plain", "saelens", "dictionary_learning") for b in (8, 64)}
+    assert_table_last(stdout, n_rows=2)
+
+
+def test_cache_throughput_counts_every_token_and_the_bytes_on_disk(tmp_path):
+    record, stdout = run_script("cache_throughput", tmp_path, "--threads", "1")
+    (r,) = record["results"]
+    assert r["model"] == "tiny" and r["tokens"] > 0
+    assert r["cache_tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0 and r["cache_over_bare"] > 0
+    # Raw size from the sizes alone: rows x width x 4 bytes (float32) per layer.
+    assert r["raw_bytes"] == len(r["layers"]) * r["tokens"] * r["width"] * 4
+    # Shards hold the raw activations plus three int64 columns, plus small headers; manifests come on top.
+    assert r["raw_bytes"] + r["index_bytes"] < r["shard_bytes"] < r["disk_bytes"]
+    assert r["disk_over_raw"] == pytest.approx(r["disk_bytes"] / r["raw_bytes"])
+    assert_table_last(stdout, n_rows=1)
+
+
+def test_ppo_overhead_times_irm_and_bare_trl_on_the_same_settings(tmp_path):
+    record, stdout = run_script("ppo_overhead", tmp_path, "--threads", "1", "--workdir", str(tmp_path / "work"))
+    (r,) = record["results"]
+    assert r["model"] == "tiny" and r["steps"] == 2
+    assert r["irm_s_per_step"] > 0 and r["trl_s_per_step"] > 0
+    assert r["irm_over_trl"] == pytest.approx(r["irm_s_per_step"] / r["trl_s_per_step"])  # one repetition
+    # Both sides really trained: irm recorded its stage, the bare script its train() time.
+    manifest = json.loads((tmp_path / "work" / "tiny" / "tiny-irm-0" / "manifest.json").read_text())
+    assert manifest["stages"]["rlhf"]["seconds_per_step"] == pytest.approx(r["irm_s_per_step"])
+    assert json.loads((tmp_path / "work" / "tiny" / "tiny-trl-0.json").read_text())["steps"] == 2
+    assert_table_last(stdout, n_rows=1)
+
+
+def test_pipeline_profile_reports_the_first_stage_of_the_tiny_run(tmp_path):
+    record, stdout = run_script("pipeline_profile", tmp_path, "--threads", "1", "--workdir", str(tmp_path / "work"))
+    (c,) = record["configs"]
+    assert c["config"] == "tiny" and c["complete"]
+    assert [s["stage"] for s in c["stages"]] == record["settings"]["stages"] == ["rlhf"]
+    (s,) = c["stages"]
+    # A process that imported torch and trained a model holds well over 100 MiB at its peak.
+    assert s["returncode"] == 0 and s["seconds"] > 0 and s["peak_rss_mib"] > 100
+    assert c["total_seconds"] == s["seconds"]
+    # The child really ran the stage in the profiled run directory.
+    assert "rlhf" in json.loads((tmp_path / "work" / "tiny" / "run" / "manifest.json").read_text())["stages"]
+    assert_table_last(stdout, n_rows=2)
+
+
+# ------------------------------------------------------------------------------------------- what the numbers rest on
+
+
+def test_roofline_flops_match_torch_flop_counter_for_one_training_step():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import sae_throughput as st
+
+    batch, d_in = 16, 24
+    d_hidden = st.EXPANSION * d_in
+    w = torch.nn.Parameter(torch.randn(d_hidden, d_in))
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(d_hidden)), torch.nn.Parameter(torch.zeros(d_in))
+    with FlopCounterMode(display=False) as counter:
+        st.plain_loss(torch.randn(batch, d_in), w, b_enc, b_dec).backward()
+    assert counter.get_total_flops() == st.FLOPS_PER_ACT * batch * d_in * d_hidden
+
+
+def test_plain_loop_loss_and_gradients_equal_irm_sae_maths():
+    import sae_throughput as st
+    from irm.sae.model import SparseAutoencoder, sae_loss
+
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(12, 24, tied=True)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(10, 12)
+    x_hat, codes = sae(x)
+    irm_loss = sae_loss(x, x_hat, codes, st.L1_COEFFICIENT)[0]
+    irm_loss.backward()
+    w, be, bd = (p.detach().clone().requires_grad_(True) for p in (sae.W_dec, sae.b_enc, sae.b_dec))
+    plain = st.plain_loss(x, w, be, bd)
+    plain.backward()
+    assert plain.item() == pytest.approx(irm_loss.item(), rel=1e-6)
+    for mine, theirs in ((w, sae.W_dec), (be, sae.b_enc), (bd, sae.b_dec)):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_ratio_median_pairs_repetitions_and_table_is_markdown():
+    from _common import median, ratio_median, table
+
+    # Pairwise ratios 2, 2, 3 -> 2; the ratio of medians (4 / 2) happens to agree, the pairing is what matters:
+    assert ratio_median([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+    assert ratio_median([10.0, 1.0, 3.0], [5.0, 1.0, 1.0]) == 2.0 != median([10.0, 1.0, 3.0]) / median([5.0, 1.0, 1.0])
+    text = table(["a", "bb"], [[1, 0.5], [22, 12345.0]])
+    assert text.splitlines() == ["|  a |     bb |", "|---:|-------:|", "|  1 |   0.50 |", "| 22 | 12,345 |"]
+
+
+def test_sae_cache_rows_follow_documents_as_the_cache_stage_writes_them(tmp_path):
+    import sae_throughput as st
+    from irm.activations import ActivationCache
+
+    st.write_cache(tmp_path / "layer-00", d_in=8, rows=300, shard_rows=128)
+    cache = ActivationCache(tmp_path / "layer-00")
+    cache.verify()
+    assert (cache.rows, cache.width, len(cache.shards)) == (300, 8, 3)
+    rows = cache.read_range(0, 300)
+    assert torch.equal(rows["positions"], torch.arange(300) % 64)
+    assert torch.equal(rows["doc_ids"], torch.arange(300) // 64)
+    assert torch.isfinite(rows["acts"]).all() and rows["acts"].std() > 0
