@@ -43,7 +43,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callable, ecfg: EvaluateConfig, seed: int,
                    journal: Path, fp: str, desc: str) -> list[dict]:
-    """Sample `ecfg.new_tokens` tokens after every prompt (top_k 0, top_p 1, temperature 1: the policy's own
+    """Sample up to `ecfg.new_tokens` tokens after every prompt (top_k 0, top_p 1, temperature 1: the policy's own
     distribution, as in PPO), score prefix+completion with `reward_fn`; one journal record per batch of
     `ecfg.batch_size`. Returns the records of every batch in order."""
     import torch
@@ -53,10 +53,9 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
     if len(done) != len(records):  # a journal from another config or model: start it over
         write_text(journal, "")
     n_batches = math.ceil(len(prompts) / ecfg.batch_size)
-    # Fixed-length completions, as in PPO training: an end-of-text token is sampled like any other and does not stop
-    # sampling (eos_token_id=None as an argument overrides the model's own generation config).
+    # A completion ends at the end-of-text token or after new_tokens tokens, as in PPO training.
     generation = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=ecfg.new_tokens,
-                      eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     device = next(model.parameters()).device
     model.eval()
     with progress(desc=desc, total=n_batches, unit="batch") as bar:

@@ -120,7 +120,9 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool) -> P
             max_grad_norm=rlhf.max_grad_norm,
             response_length=rlhf.response_length,
             temperature=rlhf.temperature,
-            stop_token=None,  # fixed-length completions, as the paper's reward sums over the whole text
+            # A completion ends at the end-of-text token or after response_length tokens, as the paper's TRL sampled
+            # them: the reward reads it up to there, and the PPO loss ignores what follows.
+            stop_token="eos",
             bf16=rlhf.bf16,
             fp16=False,
             gradient_checkpointing=False,  # small models: memory is not the limit, recomputation would only cost time
