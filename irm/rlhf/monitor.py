@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from transformers import TrainerCallback
 
 from irm.artifacts import append_jsonl, read_jsonl, write_text
