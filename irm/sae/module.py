@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -61,7 +61,7 @@ class SAEModule(L.LightningModule):
     over the codes and their logging would otherwise sync with the host each step.
     """
 
-    def __init__(self, d_in: Optional[int] = None, expansions: list[int] = [1, 2], l1_coefficient: float = 1.0e-3,
+    def __init__(self, d_in: Optional[int] = None, expansions: Sequence[int] = (1, 2), l1_coefficient: float = 1.0e-3,
                  learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000):
         super().__init__()
         expansions = list(expansions)
@@ -70,6 +70,7 @@ class SAEModule(L.LightningModule):
         if l1_coefficient < 0 or learning_rate <= 0 or dead_window < 1:
             raise UserError("l1_coefficient must be >= 0, learning_rate > 0 and dead_window >= 1")
         self.save_hyperparameters()
+        self.hparams.expansions = expansions
         # Manual optimisation: one backward for all dictionaries and no closure machinery per step.
         self.automatic_optimization = False
         self.saes = nn.ModuleDict()
@@ -205,7 +206,9 @@ class SAEModule(L.LightningModule):
             fired = fired.float()
             if self.trainer.world_size > 1:
                 fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
-            self.log(f"{stage}/{name}/dead_fraction", 1.0 - (fired > 0).float().mean(), on_epoch=True)
+            # Already the same on every rank; sync_dist only tells Lightning so.
+            self.log(f"{stage}/{name}/dead_fraction", 1.0 - (fired > 0).float().mean(), on_epoch=True,
+                     sync_dist=True)
 
 
 def _prefixed(prefix: str, x_BD, x_hat_BD, codes_BF, mse, l1) -> dict[str, torch.Tensor]:
