@@ -178,6 +178,7 @@ class LexiconConfig:
     bootstrap: int = 1000
     sample_size: int = 20  # rows of the table 3/10-style sample
     percentiles: list[float] = field(default_factory=lambda: [10.0, 90.0])  # mapped onto [-4, 4]
+    max_words: Optional[int] = None  # a seeded sample of the single-token lexicon words; None: every one
 
 
 @dataclass

@@ -38,6 +38,14 @@ def load_saes(run_dir: str | Path, layers: Sequence[int], model, site: str = "ml
     return saes
 
 
+class _Stop(Exception):
+    """Raised by the last spliced block: nothing after it (later blocks, the LM head) is read."""
+
+
+def _stop(_module, _args, _out):
+    raise _Stop
+
+
 def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int,
                site: str = "mlp_out", desc: str = "SAE codes") -> Iterator[tuple[list[int], "torch.Tensor", "torch.Tensor"]]:
     """For batches of token-id sequences (left-padded, positions counted from each sequence's first real token),
@@ -46,7 +54,7 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
     Sequences are batched by length so little compute goes to padding."""
     import torch
 
-    from irm.models import splice
+    from irm.models import blocks, splice
     from irm.runtime import progress
 
     if batch_size < 1:
@@ -68,21 +76,29 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
-        for batch in progress(batches, desc=desc, unit="batch"):
-            width = max(len(sequences[i]) for i in batch)
-            ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = sequences[i]
-                ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-                mask_BT[row, width - len(seq):] = 1
-            # Explicit positions: with left padding the model would otherwise count pads as positions.
-            pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-            recorded.clear()
-            model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device), position_ids=pos_BT.to(device))
-            codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
-            yield batch, mask_BT, codes_BTLF
+    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
+    try:
+        with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
+            for batch in progress(batches, desc=desc, unit="batch"):
+                width = max(len(sequences[i]) for i in batch)
+                ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    seq = sequences[i]
+                    ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+                    mask_BT[row, width - len(seq):] = 1
+                # Explicit positions: with left padding the model would otherwise count pads as positions.
+                pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+                recorded.clear()
+                try:
+                    model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device),
+                          position_ids=pos_BT.to(device))
+                except _Stop:
+                    pass
+                codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
+                yield batch, mask_BT, codes_BTLF
+    finally:
+        stopper.remove()
 
 
 def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
@@ -159,7 +175,7 @@ def verify(directory: str | Path, manifest: dict) -> None:
 
 def run(cfg: RunConfig) -> dict:
     from irm.divergence import chosen_layers
-    from irm.models import load_tuned
+    from irm.models import load_tuned, n_layers
     from irm.runtime import progress, resolve_device, seed_all
     from irm.stages import mark_done, stage_fingerprint
     from irm.triples import VARIANTS, read_triples
@@ -169,8 +185,8 @@ def run(cfg: RunConfig) -> dict:
     root = RunDir(cfg.run_dir)
     out_dir = root.path(DELTAS_DIR)
     triples = read_triples(cfg.run_dir)
-    layers = list(chosen_layers(cfg))
     model, tokenizer = load_tuned(cfg, device=device)
+    layers = chosen_layers(cfg, n_layers(model))
     saes = load_saes(cfg.run_dir, layers, model, cfg.cache.site)
     width = int(next(iter(saes.values())).dictionary.shape[0])  # features of the 1x dictionary
     fp = stage_fingerprint(cfg, "deltas")

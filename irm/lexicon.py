@@ -165,9 +165,9 @@ def run(cfg: RunConfig) -> dict:
     from irm.triples import TRIPLES_JSON, locate, read_triples, token_counts
 
     lc = cfg.lexicon
-    if lc.contexts_per_word < 1 or lc.bootstrap < 0:
-        raise UserError(f"lexicon.contexts_per_word must be >= 1 and lexicon.bootstrap >= 0, got "
-                        f"{lc.contexts_per_word}, {lc.bootstrap}")
+    if lc.contexts_per_word < 1 or lc.bootstrap < 0 or (lc.max_words is not None and lc.max_words < 2):
+        raise UserError(f"lexicon.contexts_per_word must be >= 1, lexicon.bootstrap >= 0 and lexicon.max_words "
+                        f">= 2 (or null), got {lc.contexts_per_word}, {lc.bootstrap}, {lc.max_words}")
     seed_all(cfg.seed)
     device = resolve_device(cfg.device)
     root = Path(cfg.run_dir)
@@ -182,6 +182,9 @@ def run(cfg: RunConfig) -> dict:
 
     counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
     words = sorted(w for w, n in counts.items() if n == 1)
+    n_single = len(words)
+    if lc.max_words is not None and lc.max_words < len(words):
+        words = sorted(random.Random(f"irm-lexicon-words:{cfg.seed}").sample(words, lc.max_words))
     contexts = choose_contexts(triples, lc.contexts_per_word, cfg.seed)
     items, word_of_row = [], []
     for i, word in enumerate(words):
@@ -212,17 +215,20 @@ def run(cfg: RunConfig) -> dict:
         "contexts": {"n": len(contexts), "how": "the same seeded triple prefixes for every word, the word appended "
                      "at the sentiment position"},
         "words_evaluated": len(words),
-        "multi_token_words_skipped": len(counts) - len(kept),
+        "single_token_words": n_single,
+        "multi_token_words_skipped": len(counts) - n_single,
+        "merged_in_context_skipped": int(len(remap) - len(kept)),
         "layers": layers,
     })
     write_text(root / LEXICON_CSV, lexicon_csv(rows))
     write_json(root / KENDALL_JSON, report)
     mark_done(cfg, "lexicon", [LEXICON_CSV, KENDALL_JSON])
-    print(f"lexicon: {len(words)} single-token words in {len(contexts)} contexts "
-          f"({report['multi_token_words_skipped']} multi-token words skipped)")
+    print(f"lexicon: {len(words)} of {n_single} single-token lexicon words in {len(contexts)} contexts "
+          f"({report['multi_token_words_skipped']} multi-token words skipped); held out: {report['heldout']['n']}")
     for name in SUBSETS:
         k = report[name]
-        tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}, 95% CI {k['ci95']})"
+        ci = "" if k["ci95"] is None else f", 95% CI [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"
+        tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}{ci})"
         print(f"  Kendall tau, {name:<8} n={k['n']:<5} {tau}")
     print(f"  sign agreement {report['sign_agreement']:.3f}")
     return report

@@ -161,3 +161,27 @@ def test_deltas_are_summed_layer_distances_negated_for_negatives():
     rows = rows_of([7], pos, neu, neg)
     assert rows["x"].tolist() == [[3.0, 4.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0]]
     assert rows["y"].tolist() == [6.0, -3.0] and rows["triple"].tolist() == [7, 7] and rows["sign"].tolist() == [1, -1]
+
+
+def test_lightning_cli_fit_with_the_config_file_and_resume(in_tmp):
+    from irm.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "regression.yaml")
+    x, y, triple = linear_data(n=200, f=16)
+    write_deltas(in_tmp / "runs" / "tiny" / "deltas", x, y, triple)
+    main(["fit", "--config", config, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"])
+    last = in_tmp / "runs" / "tiny" / "regression" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+    main(["fit", "--config", config, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+          "--ckpt_path", "last"])
+    state = torch.load(last, weights_only=False)
+    assert state["epoch"] == 2 and state["global_step"] == 3 * n_train_batches(in_tmp / "runs" / "tiny" / "deltas")
+    weight, bias, layers = load_irm(in_tmp / "runs" / "tiny")
+    torch.testing.assert_close(weight, state["state_dict"]["linear.weight"].reshape(-1))
+    assert (in_tmp / "lightning_logs" / "tiny" / "regression").is_dir()
+
+
+def n_train_batches(deltas_dir):
+    dm = DeltaDataModule(str(deltas_dir), batch_size=64, val_fraction=0.1, seed=0)  # as in configs/regression.yaml
+    dm.setup("fit")
+    return len(dm.train_dataloader())

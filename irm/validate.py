@@ -1,0 +1,149 @@
+"""Validation of R against the explainer's labels (paper 4.4, table 6): over unseen inputs, how often the features
+labelled "related to the reward" are active where R predicts a large delta, versus the average feature.
+
+An input is one token position of an eval-split text (every position but each text's first, whose activations are
+atypical: it has no context and serves as the attention sink). Its A_concat is the 1x-SAE codes of every chosen
+layer there, read with all SAEs spliced in as in the deltas stage. R's output is put on the reconstructed lexicon's
+scale with the lexicon stage's mapping (kendall.json), so the threshold (paper: 3) is in VADER units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from irm.artifacts import read_json, write_json
+from irm.config import RunConfig
+from irm.errors import UserError
+
+VALIDATION_JSON = "validation.json"
+INPUTS = ("every token position of each eval-split text except its first, truncated to cache.max_length tokens; "
+          "x = concatenated 1x-SAE codes of the chosen layers at that position")
+
+
+class Frequencies:
+    """Streaming counts of active features (code > 0), over all inputs and over those R selects."""
+
+    def __init__(self, n_layers: int, width: int):
+        self.active_all = np.zeros((n_layers, width), dtype=np.int64)
+        self.active_above = np.zeros((n_layers, width), dtype=np.int64)
+        self.n_all = 0
+        self.n_above = 0
+
+    def update(self, codes_NLF: np.ndarray, above_N: np.ndarray) -> None:
+        active = codes_NLF > 0
+        self.active_all += active.sum(axis=0)
+        self.active_above += active[above_N].sum(axis=0)
+        self.n_all += len(codes_NLF)
+        self.n_above += int(above_N.sum())
+
+    def summary(self, layers: list[int], related: dict[int, list[int]]) -> dict:
+        """Mean activation frequency of the related features and of all features, among the selected inputs and
+        (as a base rate) among all inputs; None where there is nothing to average."""
+
+        def freq(active: np.ndarray, n: int, mask: Optional[np.ndarray] = None) -> Optional[float]:
+            if n == 0 or (mask is not None and not mask.any()):
+                return None
+            per_feature = active / n
+            return float(per_feature[mask].mean() if mask is not None else per_feature.mean())
+
+        mask = np.zeros_like(self.active_all, dtype=bool)
+        for li, layer in enumerate(layers):
+            mask[li, related.get(layer, [])] = True
+        per_layer = {}
+        for li, layer in enumerate(layers):
+            per_layer[str(layer)] = {
+                "n_related": int(mask[li].sum()),
+                "related_frequency": freq(self.active_above[li], self.n_above, mask[li]),
+                "average_frequency": freq(self.active_above[li], self.n_above),
+            }
+        return {
+            "related_frequency": freq(self.active_above, self.n_above, mask),
+            "average_frequency": freq(self.active_above, self.n_above),
+            "related_frequency_all_inputs": freq(self.active_all, self.n_all, mask),
+            "average_frequency_all_inputs": freq(self.active_all, self.n_all),
+            "per_layer": per_layer,
+        }
+
+
+def run(cfg: RunConfig) -> dict:
+    import torch
+
+    from irm.data import load_texts
+    from irm.deltas import iter_codes, load_saes
+    from irm.explain import related_features
+    from irm.lexicon import KENDALL_JSON, apply_mapping, raw_threshold
+    from irm.models import load_tuned
+    from irm.regression import load_irm
+    from irm.runtime import resolve_device, seed_all
+    from irm.stages import mark_done
+
+    vc = cfg.validate
+    if vc.n_inputs < 1 or not -4.0 < vc.threshold < 4.0:
+        raise UserError(f"validate.n_inputs must be >= 1 and validate.threshold inside (-4, 4) (the lexicon scale), "
+                        f"got {vc.n_inputs}, {vc.threshold}")
+    seed_all(cfg.seed)
+    device = resolve_device(cfg.device)
+    root = Path(cfg.run_dir)
+    weight, bias, layers = load_irm(root)
+    kendall_path = root / KENDALL_JSON
+    if not kendall_path.exists():
+        raise UserError(f"missing {kendall_path}: run `python -m irm lexicon` first (its mapping puts R on the "
+                        "lexicon scale the threshold is in)")
+    mapping = read_json(kendall_path)["mapping"]
+    related_all = related_features(root)
+    related = {layer: related_all.get(layer, []) for layer in layers}
+    model, tokenizer = load_tuned(cfg, device=device)
+    saes = load_saes(root, layers, model, cfg.cache.site)
+    width = int(next(iter(saes.values())).dictionary.shape[0])
+
+    texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=vc.n_inputs)
+    sequences = [ids for ids in tokenizer(texts, truncation=True, max_length=cfg.cache.max_length)["input_ids"]
+                 if len(ids) > 1]
+    if not sequences:
+        raise UserError(f"no eval-split text ({cfg.corpus.eval_split!r}) has two tokens or more; check the corpus")
+    freqs = Frequencies(len(layers), width)
+    w = weight.float()
+    for batch, mask_BT, codes_BTLF in iter_codes(model, saes, sequences, tokenizer.pad_token_id,
+                                                 cfg.cache.batch_size, cfg.cache.site, desc="validate: eval texts"):
+        keep_BT = mask_BT.bool().clone()
+        first = keep_BT.float().argmax(dim=1)  # left padding: each row's first real token
+        keep_BT[torch.arange(len(batch)), first] = False
+        codes_NLF = codes_BTLF[keep_BT]
+        scaled = apply_mapping((codes_NLF.flatten(1) @ w + bias).numpy(), mapping)
+        freqs.update(codes_NLF.numpy(), scaled > vc.threshold)
+
+    n_related = sum(len(v) for v in related.values())
+    result = {
+        "inputs": INPUTS,
+        "n_texts": len(sequences),
+        "n_inputs": freqs.n_all,
+        "threshold": vc.threshold,
+        "threshold_scale": "reconstructed lexicon scale [-4, 4] (kendall.json mapping); R > threshold there",
+        "raw_threshold": raw_threshold(vc.threshold, mapping),
+        "n_inputs_above": freqs.n_above,
+        "n_related": n_related,
+        "related": {str(k): v for k, v in related.items()},
+        "active": "code > 0",
+        **freqs.summary(layers, related),
+    }
+    if n_related == 0:
+        result["note"] = ("no feature of the chosen layers was labelled related to the reward by the explain stage: "
+                          "there is nothing to compare with the average feature")
+    elif freqs.n_above == 0:
+        result["note"] = f"R puts no input above {vc.threshold} on the lexicon scale: no frequency to report"
+    write_json(root / VALIDATION_JSON, result)
+    mark_done(cfg, "validate-features", [VALIDATION_JSON])
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"validate-features: {result['n_inputs_above']} of {result['n_inputs']} positions ({len(sequences)} texts) "
+          f"above {vc.threshold}; {n_related} related features active at {pct(result['related_frequency'])} vs "
+          f"average feature {pct(result['average_frequency'])} (all positions: "
+          f"{pct(result['related_frequency_all_inputs'])} vs {pct(result['average_frequency_all_inputs'])})")
+    if "note" in result:
+        print(f"  note: {result['note']}")
+    return result

@@ -1,0 +1,143 @@
+"""Validation (table 6) frequencies by hand, and the chain triples -> deltas -> regression -> lexicon ->
+validate-features from the CLI on a tiny model: artifacts, counts, Kendall tau equal to scipy's on lexicon.csv,
+the manifest; with no feature labelled related, validation says so instead of failing."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from irm.validate import Frequencies
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "tiny.yaml"
+LAYERS = [1, 3]
+RELATED = {1: [2, 5], 3: [0]}
+
+
+def test_frequencies_hand_worked():
+    # 4 inputs, 2 layers x 3 features; inputs 0 and 2 selected.
+    codes = np.zeros((4, 2, 3))
+    codes[0, 0, 0] = codes[2, 0, 0] = 1.0  # layer A feature 0: active in both selected inputs
+    codes[2, 1, 2] = 0.5                   # layer B feature 2: active in one selected input
+    codes[1, 1, 1] = codes[3, 1, 1] = 2.0  # layer B feature 1: active only where not selected
+    freqs = Frequencies(2, 3)
+    freqs.update(codes[:2], np.array([True, False]))
+    freqs.update(codes[2:], np.array([True, False]))
+    out = freqs.summary([10, 20], {10: [0], 20: [1]})
+    assert freqs.n_above == 2 and freqs.n_all == 4
+    assert out["related_frequency"] == pytest.approx((1.0 + 0.0) / 2)
+    assert out["average_frequency"] == pytest.approx((1.0 + 0.5) / 6)
+    assert out["related_frequency_all_inputs"] == pytest.approx((0.5 + 0.5) / 2)
+    assert out["per_layer"]["20"] == {"n_related": 1, "related_frequency": 0.0, "average_frequency": 0.5 / 3}
+    none = freqs.summary([10, 20], {})
+    assert none["related_frequency"] is None and none["average_frequency"] == out["average_frequency"]
+
+
+def build_upstream(cfg):
+    """What the stages before `triples` leave in a run directory, made with the owners' public functions: a tuned
+    policy (the tiny model, saved), each chosen layer's 1x SAE, and explanations labelling some features."""
+    from irm.artifacts import append_jsonl
+    from irm.models import load_model, site_width
+    from irm.sae import SparseAutoencoder, sae_dir, save_sae
+
+    root = Path(cfg.run_dir)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model.save_pretrained(root / "rlhf" / "policy")
+    tokenizer.save_pretrained(root / "rlhf" / "policy")
+    torch.manual_seed(0)
+    width = site_width(model, "mlp_out")
+    for layer in LAYERS:
+        save_sae(SparseAutoencoder(width, width), sae_dir(root, layer, 1), layer=layer)
+        for index in range(width):
+            append_jsonl(root / "explanations.jsonl", {"layer": layer, "dictionary": "x1", "role": "small",
+                                                       "index": index, "label": int(index in RELATED[layer])})
+
+
+ARGS = ["--cache.layers", json.dumps(LAYERS), "--triples.n", "40", "--regression.epochs", "3",
+        "--lexicon.max_words", "300", "--lexicon.bootstrap", "50", "--validate.n_inputs", "20"]
+
+
+def run_chain(cfg, stages):
+    from irm.cli import main
+
+    for stage in stages:
+        main([stage, "--config", str(TINY_YAML), "--run_dir", cfg.run_dir, *ARGS])
+
+
+def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys):
+    from scipy.stats import kendalltau
+
+    from irm.artifacts import RunDir
+    from irm.regression import load_irm
+
+    build_upstream(tiny_cfg)
+    run_chain(tiny_cfg, ["triples", "deltas", "regression", "lexicon", "validate-features"])
+    root = Path(tiny_cfg.run_dir)
+    printed = capsys.readouterr().out
+
+    info = json.loads((root / "triples.json").read_text())
+    assert info["n_triples"] == 40 and "40 triples" in printed
+    assert info["heldout"]["n_positive"] > 0 and "multi-token words skipped" in printed
+    deltas = json.loads((root / "deltas" / "manifest.json").read_text())
+    assert deltas["complete"] and deltas["rows"] == 80 and deltas["layers"] == LAYERS
+    weight, _, layers = load_irm(root)
+    assert layers == LAYERS and weight.numel() == deltas["n_features"] == 2 * 64
+
+    with open(root / "lexicon.csv") as f:
+        rows = list(csv.DictReader(f))
+    kendall = json.loads((root / "kendall.json").read_text())
+    assert len(rows) == kendall["all"]["n"] == kendall["words_evaluated"] <= 300
+    tau = kendalltau([float(r["true"]) for r in rows], [float(r["raw"]) for r in rows])
+    assert kendall["all"]["tau"] == pytest.approx(tau.statistic, abs=1e-12)
+    assert kendall["all"]["p"] == pytest.approx(tau.pvalue, rel=1e-9)
+    assert kendall["heldout"]["n"] == sum(r["heldout"] == "1" for r in rows) > 0
+    assert kendall["negative"]["n"] == sum(float(r["true"]) < 0 for r in rows)
+
+    val = json.loads((root / "validation.json").read_text())
+    assert val["n_texts"] == 20 and val["n_related"] == 3 and val["related"] == {"1": [2, 5], "3": [0]}
+    assert 0 <= val["n_inputs_above"] <= val["n_inputs"]
+    assert 0.0 < val["average_frequency_all_inputs"] < 1.0
+    stages = RunDir(root).manifest()["stages"]
+    assert {"triples", "deltas", "regression", "lexicon", "validate-features"} <= set(stages)
+
+    # No feature labelled related: validation writes that plainly.
+    lines = (root / "explanations.jsonl").read_text().splitlines()
+    (root / "explanations.jsonl").write_text(
+        "".join(json.dumps({**json.loads(line), "label": 0}) + "\n" for line in lines))
+    run_chain(tiny_cfg, ["validate-features"])
+    val = json.loads((root / "validation.json").read_text())
+    assert val["n_related"] == 0 and val["related_frequency"] is None and "no feature" in val["note"]
+
+
+def test_stages_without_inputs_exit_2_with_one_line(in_tmp, capsys):
+    from irm.cli import main
+
+    for stage in ("triples", "deltas", "regression", "lexicon", "validate-features"):
+        with pytest.raises(SystemExit) as exit_:
+            main([stage, "--config", str(TINY_YAML), "--run_dir", str(in_tmp / "run"), *ARGS])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "first" in err, err
+
+
+@pytest.mark.slow
+def test_whole_chain_from_scratch_on_the_tiny_config(tmp_path):
+    """Every stage from PPO to validation as separate CLI processes on configs/tiny.yaml (minutes)."""
+    stages = ["rlhf", "divergence", "cache", "sae", "dictionaries", "explain", "triples", "deltas", "regression",
+              "lexicon", "validate-features"]
+    for stage in stages:
+        out = subprocess.run([sys.executable, "-m", "irm", stage, "--config", str(TINY_YAML), "--run_dir", "run"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=900)
+        assert out.returncode == 0, (stage, out.stderr[-2000:])
+    root = tmp_path / "run"
+    for name in ("triples.jsonl", "triples.json", "deltas/manifest.json", "regression/regression.safetensors",
+                 "lexicon.csv", "kendall.json", "validation.json"):
+        assert (root / name).is_file(), name
+    kendall = json.loads((root / "kendall.json").read_text())
+    assert kendall["all"]["n"] > 1000 and kendall["heldout"]["n"] > 100
