@@ -75,7 +75,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     from irm.rlhf.monitor import ProgressBar, ScalarLogger
     from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config
 
-    args = ppo_config(cfg.rlhf, str(out / "trl"), cfg.seed, use_cpu=device.type == "cpu")
+    # TRL needs an output_dir and creates it, but writes nothing there (save_strategy "no"): our checkpoint folder.
+    args = ppo_config(cfg.rlhf, str(out / "checkpoints"), cfg.seed, use_cpu=device.type == "cpu")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # accelerate places everything on the current CUDA device
 
