@@ -28,7 +28,7 @@ GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "deltas": (("seed",), ("triples", "sae")),
     "regression": (("seed", "regression"), ("deltas",)),
     "lexicon": (("seed", "lexicon"), ("regression", "triples", "sae")),
-    "validate-features": (("seed", "corpus", "validate"), ("regression", "explain", "sae")),
+    "validate-features": (("seed", "corpus", "validate"), ("regression", "lexicon", "explain", "sae")),
     "ablate": (("seed", "corpus", "reward", "ablate"), ("sae", "explain")),
     "report": ((), ("evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon",
                     "validate-features", "ablate")),

@@ -70,15 +70,65 @@ def run_chain(cfg, stages):
         main([stage, "--config", str(TINY_YAML), "--run_dir", cfg.run_dir, *ARGS])
 
 
-def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys):
+def independent_codes(root, ids, position):
+    """SAE codes at one position of one unpadded sequence, computed without the stage's batching: layer 1 from a
+    plain forward, layer 3 from a forward with only layer 1's SAE spliced in."""
+    from irm.models import capture, load_pretrained, splice
+    from irm.sae import load_sae, sae_dir
+
+    model, _ = load_pretrained(root / "rlhf" / "policy")
+    sae1, sae3 = (load_sae(sae_dir(root, layer, 1)) for layer in LAYERS)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        with capture(model, [1]) as acts:
+            model(input_ids=input_ids)
+        codes1 = sae1.encode(acts[1][0, position])
+        with splice(model, {1: lambda out: sae1.decode(sae1.encode(out))}), capture(model, [3]) as acts:
+            model(input_ids=input_ids)
+        codes3 = sae3.encode(acts[3][0, position])
+    return codes1, codes3
+
+
+def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
+    from safetensors.torch import load_file
     from scipy.stats import kendalltau
 
+    from irm import deltas as deltas_stage
     from irm.artifacts import RunDir
     from irm.regression import load_irm
 
+    monkeypatch.setattr(deltas_stage, "SHARD_TRIPLES", 16)  # 40 triples -> shards of 16, 16, 8
     build_upstream(tiny_cfg)
-    run_chain(tiny_cfg, ["triples", "deltas", "regression", "lexicon", "validate-features"])
+    run_chain(tiny_cfg, ["triples", "deltas"])
     root = Path(tiny_cfg.run_dir)
+
+    # Deltas rows against codes computed one unpadded sequence at a time.
+    triples = [json.loads(line) for line in (root / "triples.jsonl").read_text().splitlines()]
+    shard = load_file(str(root / "deltas" / "shard-00000.safetensors"))
+    for t in triples[:3]:
+        codes = {v: independent_codes(root, t["ids"][v], t["positions"][v][0]) for v in ("positive", "neutral",
+                                                                                          "negative")}
+        row = 2 * t["id"]
+        torch.testing.assert_close(shard["x"][row], torch.cat(codes["positive"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shard["x"][row + 1], torch.cat(codes["negative"]), atol=1e-5, rtol=1e-5)
+        plus = sum((p - n).norm() for p, n in zip(codes["positive"], codes["neutral"]))
+        minus = -sum((m - n).norm() for m, n in zip(codes["negative"], codes["neutral"]))
+        assert float(plus) > 0 and float(shard["y"][row]) == pytest.approx(float(plus), rel=1e-4)
+        assert float(shard["y"][row + 1]) == pytest.approx(float(minus), rel=1e-4)
+
+    # An interrupted deltas run (one shard on disk) resumes and ends with the same shards.
+    manifest_path = root / "deltas" / "manifest.json"
+    full = json.loads(manifest_path.read_text())
+    assert [s["rows"] for s in full["shards"]] == [32, 32, 16]
+    manifest_path.write_text(json.dumps({**full, "shards": full["shards"][:1], "complete": False}))
+    (root / "deltas" / "shard-00001.safetensors").unlink()
+    kept = (root / "deltas" / "shard-00000.safetensors").stat().st_mtime_ns
+    run_chain(tiny_cfg, ["deltas"])
+    assert (root / "deltas" / "shard-00000.safetensors").stat().st_mtime_ns == kept  # not recomputed
+    resumed = json.loads(manifest_path.read_text())
+    assert resumed["complete"] and [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
+
+    run_chain(tiny_cfg, ["regression", "lexicon", "validate-features"])
     printed = capsys.readouterr().out
 
     info = json.loads((root / "triples.json").read_text())
