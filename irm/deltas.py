@@ -47,7 +47,7 @@ def _stop(_module, _args, _out):
 
 
 def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-               site: str = "mlp_out", desc: str = "SAE codes") -> Iterator[tuple[list[int], "torch.Tensor", "torch.Tensor"]]:
+               site: str = "mlp_out", desc: str = "SAE codes") -> Iterator[tuple]:
     """For batches of token-id sequences (left-padded, positions counted from each sequence's first real token),
     run `model` with every SAE in `saes` spliced in (output replaced by decode(encode(output))) and yield
     (indices into `sequences`, mask_BT, codes_BTLF): the codes of every layer in `saes` order, on the CPU.

@@ -255,28 +255,24 @@ def build_triples(
     skipped = Counter()
     skipped_multi: set[str] = set()
     llm_fallback = Counter()
-    triples: list[dict] = []
-    bar = progress(desc="triples", total=tc.n, unit="triple")
-    for doc_id in order:
-        if len(triples) >= tc.n:
-            break
+
+    def candidate(doc_id: int):
+        """(doc_id, prefix, word, value, left neighbour) of a usable text, else why it is skipped."""
         doc = nlp(texts[doc_id])
         first = next((t for t in doc if lexicon.get(t.lower_, 0.0) > 0), None)
         if first is None:
-            skipped["no_positive"] += 1
-            continue
+            return "no_positive"
         if first.lower_ in heldout_all:
-            skipped["heldout_positive"] += 1
-            continue
-        word, value = first.text, lexicon[first.lower_]
-        prefix = texts[doc_id][: first.idx]
+            return "heldout_positive"
         left = doc[first.i - 1].lower_ if first.i > 0 else ""
+        return doc_id, texts[doc_id][: first.idx], first.text, lexicon[first.lower_], left
+
+    def make(doc_id: int, prefix: str, word: str, value: float, left: str, answer: Optional[str]):
+        """The triple record, else why it is skipped."""
         rng = random.Random(f"irm-triples:{seed}:{doc_id}")
         neutral, negative = subs.neutral(left, rng), subs.negative(value, left, rng)
-        source = "lexicon"
-        if llm is not None:
-            proposed_neutral, proposed_negative = parse_llm_answer(llm.answers([(prefix + word, word)])[0])
-            source = "llm"
+        if answer is not None:
+            proposed_neutral, proposed_negative = parse_llm_answer(answer)
             if proposed_neutral and subs.neutral_ok(proposed_neutral):
                 neutral = proposed_neutral
             else:
@@ -287,26 +283,45 @@ def build_triples(
                 llm_fallback["negative"] += 1
         words = {"positive": word, "neutral": match_case(neutral, word), "negative": match_case(negative, word)}
         prefix = fit_prefix(tokenizer, prefix, words.values(), tc.max_length)
-        record = {"id": len(triples), "doc_id": doc_id, "prefix": prefix, "words": words,
-                  "values": {"positive": value, "negative": lexicon[negative]}, "substitution": source,
-                  "texts": {}, "ids": {}, "positions": {}}
+        record = {"id": None, "doc_id": doc_id, "prefix": prefix, "words": words,
+                  "values": {"positive": value, "negative": lexicon[negative]},
+                  "substitution": "lexicon" if answer is None else "llm", "texts": {}, "ids": {}, "positions": {}}
         multi = False
         for variant, w in words.items():
             text = prefix + w
             ids, positions = locate(tokenizer, text, len(prefix), len(text))
-            if len(positions) != 1:
+            if not positions:
+                return "word_not_tokenised"
+            if len(positions) > 1:
                 multi = True
                 if tc.multi_token == "skip":
                     skipped_multi.add(w.lower())
             record["texts"][variant], record["ids"][variant], record["positions"][variant] = text, ids, positions
-        if not all(record["positions"].values()):
-            skipped["word_not_tokenised"] += 1
-            continue
-        if multi and tc.multi_token == "skip":
-            skipped["multi_token"] += 1
-            continue
-        triples.append(record)
-        bar.update(1)
+        return "multi_token" if multi and tc.multi_token == "skip" else record
+
+    triples: list[dict] = []
+    bar = progress(desc="triples", total=tc.n, unit="triple")
+    done = 0
+    while len(triples) < tc.n and done < len(order):
+        # At most as many texts as triples still wanted: their LLM questions go out together (concurrently for a
+        # remote API) and never far beyond what is needed.
+        chunk = order[done: done + tc.n - len(triples)]
+        done += len(chunk)
+        items = []
+        for found in map(candidate, chunk):
+            if isinstance(found, str):
+                skipped[found] += 1
+            else:
+                items.append(found)
+        answers = llm.answers([(p + w, w) for _, p, w, _, _ in items]) if llm is not None else [None] * len(items)
+        for item, answer in zip(items, answers):
+            made = make(*item, answer)
+            if isinstance(made, str):
+                skipped[made] += 1
+            else:
+                made["id"] = len(triples)
+                triples.append(made)
+                bar.update(1)
     bar.close()
 
     used = {v: sorted({t["words"][v].lower() for t in triples}) for v in VARIANTS}

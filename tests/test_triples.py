@@ -158,3 +158,42 @@ def test_bad_settings_are_user_errors(tiny):
         build_triples(TEXTS, LEXICON, tiny, TriplesConfig(heldout_fraction=1.0), 0, NLP)
     with pytest.raises(UserError, match="triples.n"):
         build_triples(TEXTS, LEXICON, tiny, TriplesConfig(n=0), 0, NLP)
+
+
+def test_llm_substitution_uses_valid_proposals_falls_back_on_bad_ones_and_caches(tiny, tmp_path, monkeypatch):
+    """The explain stage's openai backend against a chat server on loopback (tests/explain_server.py)."""
+    from explain_server import ChatServer
+
+    from irm.artifacts import read_jsonl
+    from irm.config import RunConfig
+    from irm.triples import _LLM
+
+    held = set(heldout_words(LEXICON, 0.2, 0)["negative"])
+    negative = next(w for w in ("awful", "terrible", "horrible", "dreadful") if w not in held)
+
+    def responder(messages):
+        word = re.search(r'The last word, "(\w+)"', messages[-1]["content"]).group(1)
+        if len(word) % 2 == 0:
+            return f'{{"neutral": "plot", "negative": "{negative}"}}'
+        return '{"neutral": "good", "negative": "nice"}'  # a lexicon word as neutral, a positive as negative
+
+    monkeypatch.setenv("IRM_TEST_TRIPLES_KEY", "sk-test")
+    with ChatServer(responder) as server:
+        cfg = RunConfig(run_dir=str(tmp_path))
+        cfg.explain.backend, cfg.explain.model, cfg.explain.base_url = "openai", "test-model", server.url
+        cfg.explain.api_key_env = "IRM_TEST_TRIPLES_KEY"
+        tc = TriplesConfig(n=20, substitution="llm")
+        llm = _LLM(cfg, tmp_path / "answers.jsonl")
+        triples, summary = build_triples(TEXTS, LEXICON, tiny, tc, 0, NLP, llm)
+        asked = len(server.log)
+        again, _ = build_triples(TEXTS, LEXICON, tiny, tc, 0, NLP, _LLM(cfg, tmp_path / "answers.jsonl"))
+        assert len(server.log) == asked  # the rerun asked nothing: every answer came from disk
+    assert 0 < asked == len(read_jsonl(tmp_path / "answers.jsonl")) <= 20
+    assert again == triples
+    odd = [t for t in triples if len(t["words"]["positive"]) % 2]
+    even = [t for t in triples if not len(t["words"]["positive"]) % 2]
+    assert odd and even
+    assert all(t["words"]["neutral"] == "plot" and t["words"]["negative"] == negative for t in even)
+    assert all(t["words"]["neutral"] != "good" and LEXICON[t["words"]["negative"]] < 0 for t in odd)
+    assert summary["llm_fallback"] == {"neutral": len(odd), "negative": len(odd)}
+    assert all(t["substitution"] == "llm" for t in triples)
