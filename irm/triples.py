@@ -105,7 +105,6 @@ class Substitutes:
         positive_lefts: set[str],
         usable: Callable[[str], bool],
     ):
-        self.lexicon = lexicon
         self.follows = follows
         self.negatives = {
             w: v for w, v in lexicon.items() if v < 0 and w.isalpha() and w not in heldout and usable(w)
