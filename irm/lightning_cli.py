@@ -23,6 +23,7 @@ def cli_main(argv: list[str]) -> None:
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            parser_kwargs={"prog": "python -m irm"},
             # A resumed fit writes its config.yaml into the same log directory as the interrupted one.
             save_config_kwargs={"overwrite": True},
         )
