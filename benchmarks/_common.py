@@ -17,9 +17,8 @@ from typing import Any, Sequence
 # The peers' progress bars (SAELens, TRL, datasets) would interleave with the tables. tqdm reads TQDM_* variables
 # when it is imported (torch imports it), so scripts import this module before torch.
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Lightning's banners and its advice for short fits (fewer batches than log_every_n_steps, no validation data)
-# would repeat for every repetition; the measurements are what these scripts print.
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+# Lightning's advice for short fits (fewer batches than log_every_n_steps, no validation data) would repeat for
+# every repetition; the measurements are what these scripts print.
 for message in (".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*", ".*LeafSpec.*"):
     warnings.filterwarnings("ignore", message=message)
 
@@ -44,6 +43,12 @@ def apply_threads(threads: int | None) -> None:
 
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def quiet_lightning() -> None:
+    """Lightning's banners (accelerator, tips, "max_steps reached") would repeat for every repetition. Call after
+    importing lightning: its import sets its logger's level to INFO."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5) -> float:

@@ -4,6 +4,9 @@ time over the steps run (irm records it in the run manifest as `seconds_per_step
 train() the same way), so process start, imports and model loading are left out of both, and irm's checkpoints
 (every rlhf.checkpoint_every steps), clipping, TensorBoard scalars and progress bar are counted in.
 
+irm freezes the garbage collector during train() (TRL runs gc.collect() every step); `--frozen-gc-baseline` adds a
+third side, the bare script with the same freeze, so irm's additions can be read apart from that gain.
+
     python benchmarks/ppo_overhead.py --json benchmarks/results/ppo_overhead.json
 """
 
@@ -43,26 +46,29 @@ def irm_step(config: Path, overrides: list[str], run_dir: Path, log: Path) -> fl
     return float(RunDir(run_dir).stage_record("rlhf")["seconds_per_step"])
 
 
-def bare_step(config: Path, overrides: list[str], run_dir: Path, log: Path) -> float:
+def bare_step(config: Path, overrides: list[str], run_dir: Path, log: Path, freeze_gc: bool = False) -> float:
     out = run_dir.parent / f"{run_dir.name}.json"
     _run([sys.executable, str(Path(__file__).with_name("bare_trl_ppo.py")), "--out", str(out), "--config",
-          str(config), "--run_dir", str(run_dir), *overrides], log)
+          str(config), "--run_dir", str(run_dir), *(["--freeze-gc"] if freeze_gc else []), *overrides], log)
     result = json.loads(out.read_text())
     return result["seconds"] / result["steps"]
 
 
-def measure(name: str, config: Path, steps: int | None, reps: int, work: Path) -> dict:
+def measure(name: str, config: Path, steps: int | None, reps: int, work: Path, frozen_gc_baseline: bool) -> dict:
     overrides = ["--device", "cpu"] + (["--rlhf.steps", str(steps)] if steps else [])
     log = work / f"{name}.log"
     work.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, list[float]] = {"irm": [], "trl": []}
+    sides = ["irm", "trl"] + (["trl_frozen_gc"] if frozen_gc_baseline else [])
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
     for rep in range(reps):
-        for side in (("irm", "trl") if rep % 2 == 0 else ("trl", "irm")):
+        for side in sides[rep % len(sides):] + sides[:rep % len(sides)]:
             run_dir = work / f"{name}-{side}-{rep}"  # fresh: irm skips a stage it has already completed
-            step = (irm_step if side == "irm" else bare_step)(config, overrides, run_dir, log)
-            seconds[side].append(step)
-        print(f"{name} rep {rep + 1}/{reps}: irm {seconds['irm'][-1]:.2f} s/step, bare TRL {seconds['trl'][-1]:.2f} "
-              "s/step", file=sys.stderr)
+            if side == "irm":
+                seconds[side].append(irm_step(config, overrides, run_dir, log))
+            else:
+                seconds[side].append(bare_step(config, overrides, run_dir, log, freeze_gc=side == "trl_frozen_gc"))
+        print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{side} {seconds[side][-1]:.2f}" for side in sides)
+              + " s/step", file=sys.stderr)
     from irm.cli import parse_config
 
     r = parse_config("rlhf", ["--config", str(config), *overrides]).rlhf
@@ -70,6 +76,9 @@ def measure(name: str, config: Path, steps: int | None, reps: int, work: Path) -
             "mini_batch_size": r.mini_batch_size, "ppo_epochs": r.ppo_epochs, "response_length": r.response_length,
             "checkpoint_every": r.checkpoint_every, "irm_s_per_step": median(seconds["irm"]),
             "trl_s_per_step": median(seconds["trl"]), "irm_over_trl": ratio_median(seconds["irm"], seconds["trl"]),
+            **({"trl_frozen_gc_s_per_step": median(seconds["trl_frozen_gc"]),
+                "irm_over_trl_frozen_gc": ratio_median(seconds["irm"], seconds["trl_frozen_gc"])}
+               if frozen_gc_baseline else {}),
             "seconds": seconds}
 
 
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians reported)")
     p.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: per model)")
+    p.add_argument("--frozen-gc-baseline", action="store_true",
+                   help="also time the bare script with the garbage collector frozen, as irm runs TRL")
     p.add_argument("--workdir", type=Path, default=None,
                    help="run directories and logs (default: a temporary folder, removed afterwards)")
     args = p.parse_args(argv)
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.models, args.reps, args.steps = ["tiny"], 1, 2
     with tempfile.TemporaryDirectory(prefix="irm-ppo-bench-") as tmp:
         work = args.workdir or Path(tmp)
-        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m) for m in args.models]
+        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m, args.frozen_gc_baseline) for m in args.models]
     record = {"results": results, "settings": {"reps": args.reps, **environment()}}
     write_json(args.json, record)
     print(report(results))
@@ -94,10 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(results: list[dict]) -> str:
+    frozen = all("irm_over_trl_frozen_gc" in r for r in results)
     headers = ["model", "batch", "mini-batch", "epochs", "new tokens", "steps", "irm s/step", "TRL s/step",
-               "irm / TRL"]
+               "irm / TRL"] + (["TRL frozen-gc s/step", "irm / TRL frozen-gc"] if frozen else [])
     rows = [[r["model"], r["batch_size"], r["mini_batch_size"], r["ppo_epochs"], r["response_length"], r["steps"],
-             f"{r['irm_s_per_step']:.2f}", f"{r['trl_s_per_step']:.2f}", f"{r['irm_over_trl']:.3f}"] for r in results]
+             f"{r['irm_s_per_step']:.2f}", f"{r['trl_s_per_step']:.2f}", f"{r['irm_over_trl']:.3f}"]
+            + ([f"{r['trl_frozen_gc_s_per_step']:.2f}", f"{r['irm_over_trl_frozen_gc']:.3f}"] if frozen else [])
+            for r in results]
     return table(headers, rows)
 
 
