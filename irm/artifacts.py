@@ -102,6 +102,11 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=_json_default) + "\n"
     try:
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line  # end a torn line from a crash so this record stays readable
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -119,7 +124,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.endswith("\n"):
-                break  # torn write: never read as data
+                break  # torn write at the end: never read as data
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
     return out

@@ -51,6 +51,8 @@ def test_torn_jsonl_line_is_not_read(tmp_path):
     with open(p, "a") as f:
         f.write('{"i": 2, "tor')  # killed mid-append
     assert read_jsonl(p) == [{"i": 0}, {"i": 1}]
+    append_jsonl(p, {"i": 3})  # the resumed run appends after the torn fragment
+    assert read_jsonl(p) == [{"i": 0}, {"i": 1}, {"i": 3}]
 
 
 def _cfg(tmp_path, **over):
