@@ -18,6 +18,7 @@ from irm.artifacts import RunDir, append_jsonl, fingerprint, read_jsonl, write_j
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.runtime import progress, resolve_device, seed_all
+from irm.stats import mean_ci
 
 MODES = ("reconstruction", "error")
 DICTIONARY = 1  # the explainer labels features of the 1x dictionary (irm.explain.related_features)
@@ -71,18 +72,6 @@ def draw_random_features(
             drawn[layer] = sorted(int(i) for i in rng.choice(others, size=len(labelled), replace=False))
         out.append(drawn)
     return out
-
-
-def mean_ci(values) -> dict:
-    """Mean and two-sided 95% Student-t interval of the mean (ci95 None below two values)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64).ravel()
-    mean = float(x.mean())
-    if x.size < 2:
-        return {"mean": mean, "ci95": None, "n": int(x.size)}
-    half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(x.size)}
 
 
 def prompt_seed(seed: int, index: int) -> int:

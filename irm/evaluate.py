@@ -13,26 +13,12 @@ from irm.artifacts import append_jsonl, read_jsonl, write_json, write_text
 from irm.config import EvaluateConfig, RunConfig
 from irm.errors import UserError
 from irm.runtime import progress, resolve_device, seed_all
+from irm.stats import mean_ci
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
 
 STAGE = "evaluate-reward"
 OUTPUT = "reward_eval.json"
 N_EXAMPLES = 3  # completions of each model quoted in the JSON, for a reader to see what the numbers mean
-
-
-def summarize(values) -> dict:
-    """Mean, 95% t-interval of the mean, sample standard deviation and n."""
-    import numpy as np
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    n, mean = len(x), float(x.mean())
-    std = float(x.std(ddof=1)) if n > 1 else 0.0
-    if std > 0:
-        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=std / math.sqrt(n))
-    else:  # all equal (or one value): the interval is the point
-        lo = hi = mean
-    return {"mean": mean, "ci95": [float(lo), float(hi)], "std": std, "n": n}
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -119,11 +105,11 @@ def run(cfg: RunConfig) -> None:
     records["base"] = sample(load_model(cfg.model, seed=cfg.seed, device=device)[0], "base")
     rewards = {label: np.concatenate([r["rewards"] for r in recs]) for label, recs in records.items()}
     completions = {label: [c for r in recs for c in r["completions"]] for label, recs in records.items()}
-    difference = summarize(rewards["tuned"] - rewards["base"])
+    difference = mean_ci(rewards["tuned"] - rewards["base"])
     difference["p_value"] = float(stats.ttest_rel(rewards["tuned"], rewards["base"]).pvalue)
     result = {
-        "base": summarize(rewards["base"]),
-        "tuned": summarize(rewards["tuned"]),
+        "base": mean_ci(rewards["base"]),
+        "tuned": mean_ci(rewards["tuned"]),
         "difference": difference,  # paired: same prefixes, same random seeds
         "new_tokens": ecfg.new_tokens,
         "prefix_tokens": ecfg.prefix_tokens,

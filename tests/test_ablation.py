@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from scipy.linalg import hadamard
 
+from irm.stats import mean_ci
 from irm.ablation import (
     _per_prompt_sampler,
     _random_summary,
@@ -18,7 +19,6 @@ from irm.ablation import (
     draw_random_features,
     generate,
     intervention,
-    mean_ci,
     prompt_seed,
     run,
 )
@@ -166,7 +166,7 @@ def test_random_control_intervals_pool_samples_average_draws_and_pair_prompts():
 
 
 def test_mean_ci_of_one_value_has_no_interval():
-    assert mean_ci([2.0]) == {"mean": 2.0, "ci95": None, "n": 1}
+    assert mean_ci([2.0]) == {"mean": 2.0, "ci95": None, "std": 0.0, "n": 1}
 
 
 # --- random control --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def save_base_as_tuned(cfg):
 
 
 def test_summary_is_the_hand_worked_t_interval():
-    from irm.evaluate import summarize
+    from irm.stats import mean_ci as summarize
 
     s = summarize([1, 2, 3, 4, 5])
     # mean 3, sample std sqrt(2.5), t(0.975, df=4) = 2.776445, half-width 2.776445 * sqrt(2.5 / 5)
