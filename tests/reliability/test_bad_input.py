@@ -163,7 +163,7 @@ def test_sae_checkpoint_of_the_wrong_width(run_dir):
 
     ckpt = run_dir / "sae" / "layer-01" / "checkpoints" / "last.ckpt"
     original = ckpt.read_bytes()
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file, made by the fixture
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     # The same SAEs for half the width: what another layer's or model's checkpoint would hold.
     for key, value in list(state["state_dict"].items()):
         if key.startswith("saes.") and value.ndim == 2:
