@@ -66,8 +66,6 @@ def mark_done(cfg: RunConfig, stage: str, outputs: list, **extra: Any) -> None:
 def open_run_dir(cfg: RunConfig) -> Path:
     """Create run_dir or check it belongs to this run: a run directory made for another model is refused rather
     than mixed. Writes the resolved config beside the artifacts."""
-    import yaml
-
     root = Path(cfg.run_dir)
     identity = {s: _section(cfg, s) for s in IDENTITY}
     ident_path = root / "run.json"
@@ -82,5 +80,25 @@ def open_run_dir(cfg: RunConfig) -> Path:
     else:
         root.mkdir(parents=True, exist_ok=True)
         write_json(ident_path, {"identity": identity})
-    write_text(root / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text(root / "config.yaml", dump_config(cfg))
     return root
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML that `--config` reads back to the same RunConfig: strings a YAML loader would take for a
+    number, boolean or null (a model named `1e3`, a path `on`) are quoted."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, data: str):
+        try:
+            float(data)
+            ambiguous = True
+        except ValueError:
+            ambiguous = not isinstance(yaml.safe_load(data), str) if data else False
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'" if ambiguous else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(dataclasses.asdict(cfg), Dumper=Dumper, sort_keys=False)
