@@ -1,7 +1,11 @@
 """Full PPO state checkpoints and resuming from them. TRL's PPOTrainer restarts at step 0 and saves only the policy;
 this callback saves policy, value model, optimizer, scheduler, step counters, prompt position and every RNG into
 `<run_dir>/rlhf/checkpoints/step-NNNNNN/` (atomically, the last KEEP kept) and, when training begins, restores the
-newest one, so the run continues at step k+1 drawing the random numbers the uninterrupted run would have drawn."""
+newest one, so the run continues at step k+1 drawing the random numbers the uninterrupted run would have drawn.
+
+Under data parallelism (torchrun / accelerate launch) the replicas hold identical weights and optimizer state, so rank
+0 alone writes them, with every rank's RNG state gathered into `rng.pt`; every rank restores the same checkpoint and
+its own RNG state. The ranks agree, through collectives, on stopping and on which checkpoint they could all read."""
 
 from __future__ import annotations
 
@@ -47,6 +51,43 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+
+
+def _process_group():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    dist = _process_group()
+    return dist.get_rank() if dist else 0
+
+
+def barrier() -> None:
+    dist = _process_group()
+    if dist:
+        dist.barrier()
+
+
+def _reduce(value: int, op: str) -> int:
+    """`value` reduced over all ranks (op "max" or "min"); the value itself in a single process."""
+    dist = _process_group()
+    if not dist:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _all_gather(obj) -> list:
+    dist = _process_group()
+    if not dist:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _rng_state() -> dict:
@@ -96,10 +137,14 @@ class FullStateCheckpoints(TrainerCallback):
         """Checkpoints to resume from, newest first: none if the newest belongs to another configuration or to a run
         longer than `max_steps` steps (then they are all deleted)."""
         found = checkpoints(self.root)
-        if found and (read_state(found[-1][1]).get("key") != self.key or found[-1][0] > max_steps):
-            print(f"irm rlhf: the checkpoints in {self.root} come from another configuration (or a longer run); "
-                  "starting afresh", file=sys.stderr)
-            shutil.rmtree(self.root)
+        stale = bool(found) and (read_state(found[-1][1]).get("key") != self.key or found[-1][0] > max_steps)
+        barrier()  # every rank has looked before rank 0 deletes anything
+        if stale:
+            if rank() == 0:
+                print(f"irm rlhf: the checkpoints in {self.root} come from another configuration (or a longer run, "
+                      "or another process count); starting afresh", file=sys.stderr)
+                shutil.rmtree(self.root)
+            barrier()
             return []
         return found[::-1]
 
@@ -107,13 +152,17 @@ class FullStateCheckpoints(TrainerCallback):
         for step, ckpt in self.resumable(state.max_steps):
             try:
                 self.restore(ckpt, state, model, optimizer, lr_scheduler)
+                ok = True
             except Exception as e:  # noqa: BLE001 - a damaged file makes torch/safetensors/json raise almost anything
                 print(f"irm rlhf: cannot read checkpoint {ckpt} ({e}); trying an older one", file=sys.stderr)
+                ok = False
+            if not _reduce(int(ok), "min"):  # resume only from a checkpoint every rank could read
                 continue
             # TRL's loop begins right after this event and runs `num_total_batches` updates: only the remaining ones.
             args.num_total_batches = state.max_steps - step
             self.resumed_step = step
-            print(f"irm rlhf: resuming from {ckpt} (step {step} of {state.max_steps})", file=sys.stderr)
+            if rank() == 0:
+                print(f"irm rlhf: resuming from {ckpt} (step {step} of {state.max_steps})", file=sys.stderr)
             return
         if checkpoints(self.root):  # some weights may be half-restored: a fresh start needs fresh models
             raise UserError(f"no checkpoint in {self.root} could be read; delete that folder to start PPO over")
@@ -122,7 +171,8 @@ class FullStateCheckpoints(TrainerCallback):
         policy, value = _parts(model)
         device = next(policy.parameters()).device
         meta = read_state(ckpt)
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        rngs = torch.load(ckpt / "rng.pt", weights_only=True)  # one state per rank
+        rng = rngs[rank()]
         load_model(policy, ckpt / "policy.safetensors", device=str(device))
         load_model(value, ckpt / "value.safetensors", device=str(device))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
@@ -134,10 +184,12 @@ class FullStateCheckpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         step = state.global_step
-        if step % self.every == 0 or step == state.max_steps or self.stop_signal is not None:
+        # A launcher forwards a signal to every rank, but not necessarily within the same step: all stop together.
+        signum = _reduce(self.stop_signal or 0, "max")
+        if step % self.every == 0 or step == state.max_steps or signum:
             ckpt = self.save(state, model, optimizer, lr_scheduler)
-            if self.stop_signal is not None:
-                raise TrainingInterrupted(self.stop_signal, step, ckpt)
+            if signum:
+                raise TrainingInterrupted(signum, step, ckpt)
 
     def on_train_end(self, args, state, control, **kwargs):
         args.num_total_batches = state.max_steps
@@ -146,14 +198,17 @@ class FullStateCheckpoints(TrainerCallback):
         step = state.global_step
         policy, value = _parts(model)
         target = self.root / f"step-{step:06d}"
-        with atomic_dir(target) as tmp:
-            save_model(policy, str(tmp / "policy.safetensors"))  # save_model handles tied embeddings
-            save_model(value, str(tmp / "value.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            meta = {"step": step, "episode": state.episode, "key": self.key, "log_history": state.log_history}
-            (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        for _, old in checkpoints(self.root)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        rngs = _all_gather(_rng_state())
+        if rank() == 0:
+            with atomic_dir(target) as tmp:
+                save_model(policy, str(tmp / "policy.safetensors"))  # save_model handles tied embeddings
+                save_model(value, str(tmp / "value.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rngs, tmp / "rng.pt")
+                meta = {"step": step, "episode": state.episode, "key": self.key, "log_history": state.log_history}
+                (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            for _, old in checkpoints(self.root)[:-KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()  # no rank goes on (or exits on a stop) before the checkpoint is complete
         return target

@@ -1,6 +1,10 @@
 """`python -m irm rlhf`: PPO fine-tuning of the base model M_base into M_RLHF against the reward (paper 4.1, C),
 through TRL's PPOTrainer with a frozen reference copy of the base, a value model and our reward behind an adapter.
-Resumable from full-state checkpoints; SIGINT/SIGTERM finish the current step, checkpoint and exit."""
+Resumable from full-state checkpoints; SIGINT/SIGTERM finish the current step, checkpoint and exit.
+
+Data parallel under a multi-process launcher (`torchrun --nproc_per_node N -m irm rlhf ...` or `accelerate launch
+-m irm rlhf ...`): TRL's accelerate-based trainer gives each process 1/N of every batch and all-reduces gradients;
+rank 0 alone writes the run directory, checkpoints, the policy and TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import os
 import signal
 import sys
 import threading
@@ -24,12 +29,20 @@ from irm.stages import is_done, mark_done, open_run_dir
 STAGE = "rlhf"
 
 
-def checkpoint_key(cfg: RunConfig) -> str:
+def checkpoint_key(cfg: RunConfig, world_size: int = 1) -> str:
     """What a checkpoint must have been made from to be resumed: everything that shapes the PPO trajectory up to
-    its step. Not `steps` (the learning rate is constant, so a longer run continues a shorter one exactly), not
-    `checkpoint_every`."""
+    its step, the process count included (each rank has its own random stream). Not `steps` (the learning rate is
+    constant, so a longer run continues a shorter one exactly), not `checkpoint_every`."""
     rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items() if k not in ("steps", "checkpoint_every")}
-    return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf)
+    if world_size == 1:  # the key single-process runs always had
+        return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf)
+    return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf, world_size)
+
+
+def launch_world() -> tuple[int, int, int]:
+    """(rank, local rank, process count) as torchrun, accelerate launch and SLURM-through-torchrun set them."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
 @contextlib.contextmanager
@@ -61,7 +74,9 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     if is_done(cfg, STAGE):
         print(f"irm rlhf: up to date: {out / 'policy'} was trained with this config; nothing to do", file=sys.stderr)
         return
-    open_run_dir(cfg)
+    rank, local_rank, world_size = launch_world()
+    if rank == 0:
+        open_run_dir(cfg)
     device = resolve_device(cfg.device)
     seed_all(cfg.seed)
 
@@ -76,7 +91,10 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config
 
     # TRL needs an output_dir and creates it, but writes nothing there (save_strategy "no"): our checkpoint folder.
-    args = ppo_config(cfg.rlhf, str(out / "checkpoints"), cfg.seed, use_cpu=device.type == "cpu")
+    args = ppo_config(cfg.rlhf, str(out / "checkpoints"), cfg.seed, use_cpu=device.type == "cpu",
+                      world_size=world_size)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)  # one GPU per process, as accelerate assigns them
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # accelerate places everything on the current CUDA device
 
@@ -94,10 +112,12 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
             f"{cfg.rlhf.batch_size}; use a larger corpus (corpus.n_documents) or a smaller batch"
         )
 
-    order = PromptOrder(len(prompts), cfg.seed)
-    ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg), order)
+    order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
+    ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order)
     scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, out / "metrics.jsonl")
     bar = ProgressBar()
+    # TRL averages the logged metrics over ranks: rank 0 alone writes them and draws the bar.
+    watchers = [scalars, bar] if rank == 0 else []
     trainer = ResumablePPOTrainer(
         args=args,
         processing_class=tokenizer,
@@ -106,15 +126,17 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         reward_model=reward_model,
         train_dataset=Dataset.from_dict({"input_ids": prompts}),
         value_model=value_model,
-        callbacks=[ckpt, scalars, bar, *callbacks],
+        callbacks=[ckpt, *watchers, *callbacks],
         prompt_order=order,
     )
-    if trainer.accelerator.num_processes > 1:
-        raise UserError("the rlhf stage runs in one process (one GPU or the CPU); start it with python, not a "
-                        "multi-process launcher such as accelerate launch or torchrun")
-    print(f"irm rlhf: PPO on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} steps of "
-          f"{cfg.rlhf.batch_size} prompts, {len(prompts)} prompts in all; TensorBoard: {scalars.log_dir}",
-          file=sys.stderr)
+    if trainer.accelerator.num_processes != world_size:
+        raise UserError(f"the launcher started {trainer.accelerator.num_processes} processes but set WORLD_SIZE="
+                        f"{world_size}; start the rlhf stage with python, torchrun or accelerate launch")
+    if rank == 0:
+        ranks = f" on each of {world_size} processes" if world_size > 1 else ""
+        print(f"irm rlhf: PPO on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} steps of "
+              f"{cfg.rlhf.batch_size} prompts ({cfg.rlhf.batch_size // world_size}{ranks}), {len(prompts)} prompts "
+              f"in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
     start = time.perf_counter()
     # TRL runs gc.collect() twice per step; freezing what exists now (libraries, models) takes those from ~0.25 s
     # each to microseconds on a tiny model.
@@ -130,12 +152,17 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         gc.unfreeze()
         scalars.close()
         bar.close()
+    if stop is not None and rank > 0:
+        raise SystemExit(128 + stop.signum)
     if stop is not None:
         print(f"irm rlhf: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of {cfg.rlhf.steps}; "
               f"state saved in {stop.checkpoint}. Rerun the same command to resume.", file=sys.stderr)
         raise SystemExit(128 + stop.signum)
     seconds = time.perf_counter() - start
     ran = cfg.rlhf.steps - ckpt.resumed_step
+    if rank > 0:  # the replicas are identical: rank 0 saves the policy and records the stage
+        trainer.accelerator.wait_for_everyone()
+        return
 
     policy.generation_config = generation_config
     with atomic_dir(out / "policy") as tmp:
@@ -151,3 +178,4 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     rewards = (f"; mean reward {summary['reward_first_step']:.3f} at step 1, {summary['reward_last_step']:.3f} at step "
                f"{metrics[-1]['step']}" if metrics else "")
     print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {out / 'policy'}", file=sys.stderr)
+    trainer.accelerator.wait_for_everyone()  # the other ranks exit only once the policy is saved

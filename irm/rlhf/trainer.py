@@ -32,19 +32,31 @@ def _quiet():
 class PromptOrder(Sampler[int]):
     """Prompt indices, endless: a fresh permutation per pass over the prompts, each seeded by (seed, pass), starting
     `start` prompts in. Batch s of a run is then a function of the seed and s alone, so a resumed run draws exactly
-    the prompts the uninterrupted run would have drawn."""
+    the prompts the uninterrupted run would have drawn. Under data parallelism every rank walks the same global
+    stream, cut into global batches of `local_batch * world_size` prompts, and yields only its own slice of each:
+    the ranks together draw the global batch a single process would, and `start` counts global prompts."""
 
-    def __init__(self, n_prompts: int, seed: int):
+    def __init__(self, n_prompts: int, seed: int, rank: int = 0, world_size: int = 1, local_batch: int = 1):
         self.n_prompts = n_prompts
         self.seed = seed
+        self.rank, self.world_size, self.local_batch = rank, world_size, local_batch
         self.start = 0
 
-    def __iter__(self) -> Iterator[int]:
+    def _global(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.n_prompts)
         while True:
             order = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from order[offset:].tolist()
             epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        stream = self._global()
+        if self.world_size == 1:
+            yield from stream
+            return
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        while True:
+            yield from [next(stream) for _ in range(self.local_batch * self.world_size)][mine]
 
 
 class ResumablePPOTrainer(PPOTrainer):
@@ -86,17 +98,25 @@ class ResumablePPOTrainer(PPOTrainer):
         super().log(logs, start_time)
 
 
-def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool) -> PPOConfig:
+def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, world_size: int = 1) -> PPOConfig:
     """PPOConfig from our config. One PPO step = one batch of `batch_size` rollouts, then `ppo_epochs` passes over
     it in mini-batches of `mini_batch_size`, one optimizer step each (the classic TRL/paper meaning of batch and
-    mini-batch: TRL 1.12 calls the rollout batch `per_device_train_batch_size` * `gradient_accumulation_steps`)."""
+    mini-batch: TRL 1.12 calls the rollout batch `per_device_train_batch_size` * `gradient_accumulation_steps`).
+    `batch_size` and `mini_batch_size` stay global under data parallelism: each of `world_size` processes samples
+    and trains on 1/world_size of them (TRL all-reduces the gradients), so a config means the same PPO at any scale."""
     if rlhf.steps < 1 or rlhf.batch_size < 1 or rlhf.mini_batch_size < 1 or rlhf.batch_size % rlhf.mini_batch_size:
         raise UserError(
             f"rlhf.steps={rlhf.steps}, batch_size={rlhf.batch_size}, mini_batch_size={rlhf.mini_batch_size}: use "
             "positive values with batch_size a multiple of mini_batch_size (paper: 64 and 16)"
         )
-    if rlhf.mini_batch_size < 2:
-        raise UserError("rlhf.mini_batch_size must be at least 2 (PPO whitens advantages within a mini-batch)")
+    if rlhf.mini_batch_size % world_size:
+        raise UserError(
+            f"rlhf.batch_size={rlhf.batch_size} and mini_batch_size={rlhf.mini_batch_size} must be multiples of the "
+            f"{world_size} processes: each process takes an equal share of every batch; change them or the process count"
+        )
+    if rlhf.mini_batch_size // world_size < 2:
+        raise UserError(f"rlhf.mini_batch_size must be at least 2 per process ({2 * world_size} with {world_size} "
+                        "processes): PPO whitens advantages within a mini-batch")
     if not 1 <= rlhf.prompt_min_tokens <= rlhf.prompt_max_tokens or rlhf.response_length < 1:
         raise UserError(
             f"rlhf.prompt_min_tokens={rlhf.prompt_min_tokens}, prompt_max_tokens={rlhf.prompt_max_tokens}, "
@@ -109,10 +129,10 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool) -> P
             seed=seed,
             use_cpu=use_cpu,
             total_episodes=rlhf.steps * rlhf.batch_size,
-            per_device_train_batch_size=rlhf.batch_size,
+            per_device_train_batch_size=rlhf.batch_size // world_size,
             gradient_accumulation_steps=1,
             num_mini_batches=rlhf.batch_size // rlhf.mini_batch_size,
-            local_rollout_forward_batch_size=rlhf.batch_size,
+            local_rollout_forward_batch_size=rlhf.batch_size // world_size,
             num_ppo_epochs=rlhf.ppo_epochs,
             learning_rate=rlhf.learning_rate,
             lr_scheduler_type="constant",  # the paper's TRL (2023) PPO had no schedule; TRL 1.12 would decay linearly
