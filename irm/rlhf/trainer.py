@@ -112,7 +112,8 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, worl
     if rlhf.mini_batch_size % world_size:
         raise UserError(
             f"rlhf.batch_size={rlhf.batch_size} and mini_batch_size={rlhf.mini_batch_size} must be multiples of the "
-            f"{world_size} processes: each process takes an equal share of every batch; change them or the process count"
+            f"{world_size} processes: each process takes an equal share of every batch; change them or the process "
+            "count"
         )
     if rlhf.mini_batch_size // world_size < 2:
         raise UserError(f"rlhf.mini_batch_size must be at least 2 per process ({2 * world_size} with {world_size} "
