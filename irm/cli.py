@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from irm.errors import UserError
 
@@ -91,12 +93,20 @@ def run_stage(stage: str, argv: list[str]) -> None:
     module.run(cfg)
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help()
         return
     cmd, rest = argv[0], argv[1:]
+    # SIGTERM (a scheduler, `kill`, a container stop) ends the run as Ctrl-C does: atomic writes are abandoned,
+    # checkpoints and finished artifacts stay, the rerun resumes. Stages with their own handling (rlhf) override it.
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if cmd in LIGHTNING:
             from irm.lightning_cli import cli_main
