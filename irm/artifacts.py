@@ -28,13 +28,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove what a killed writer of `path` left beside it (`.tmp-<name>.<pid>.*`, whose pid is no longer
+    running), and put back the previous version if it died between moving it aside and moving the new one in."""
+    for p in path.parent.glob(f".old-{path.name}.*"):
+        pid = p.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if not path.exists():
+                os.replace(p, path)
+            else:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in path.parent.glob(f".tmp-{path.name}.*"):
+        pid = p.name[len(f".tmp-{path.name}."):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it onto `path`.
-    A crash leaves only a `.tmp-*` file that no reader looks at. Disk-full and other OS errors become UserError."""
+    A crash leaves only a `.tmp-*` file that no reader looks at and the next write of `path` removes. Disk-full and other OS errors become UserError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    _clear_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.{os.getpid()}.", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -55,7 +82,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` (e.g. for `save_pretrained`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    _clear_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.{os.getpid()}.", dir=path.parent))
     try:
         yield tmp
         for p in tmp.rglob("*"):

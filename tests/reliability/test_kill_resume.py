@@ -18,8 +18,6 @@ import pytest
 
 from irm.artifacts import RunDir, read_jsonl
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -79,6 +77,30 @@ def assert_all_checksums_pass(run_dir: Path) -> None:
     assert not list(run_dir.rglob(".tmp-*")), f"temporary files left: {list(run_dir.rglob('.tmp-*'))}"
 
 
+def test_what_a_killed_writer_left_is_cleared_by_the_next_write(tmp_path):
+    from irm.artifacts import atomic_dir, write_json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer running
+    target = tmp_path / "cache"
+    (tmp_path / f".tmp-cache.{dead.pid}.abc").mkdir()  # a writer killed mid-way
+    (tmp_path / f".tmp-cache.{dead.pid}.abc" / "shard-00000.safetensors").write_bytes(b"partial")
+    (tmp_path / f".old-cache.{dead.pid}").mkdir()  # killed between moving the old version aside and the new in
+    (tmp_path / f".old-cache.{dead.pid}" / "manifest.json").write_text("{}")
+    live = tmp_path / f".tmp-cache.{os.getpid()}.xyz"  # another writer still running: left alone
+    live.mkdir()
+    write_json(tmp_path / "other.json", {})  # a write of another artifact touches nothing of this one
+    assert (tmp_path / f".old-cache.{dead.pid}").exists()
+    with atomic_dir(target) as tmp:
+        # The previous version came back before the new write started; the partial one is gone.
+        assert (target / "manifest.json").read_text() == "{}"
+        assert not (tmp_path / f".tmp-cache.{dead.pid}.abc").exists()
+        (tmp / "manifest.json").write_text('{"new": 1}')
+    assert (target / "manifest.json").read_text() == '{"new": 1}'
+    assert live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "other.json", live.name])
+
+
 def policy_run(tmp_path: Path, name: str) -> Path:
     """A run dir whose tuned policy is the tiny model as initialised (so cache/sae tests need no PPO)."""
     from irm.cli import parse_config
@@ -100,6 +122,7 @@ def shard_hashes(run_dir: Path) -> dict:
             for p in sorted((run_dir / "cache").glob("layer-*/manifest.json"))}
 
 
+@pytest.mark.slow
 def test_cache_and_sae_killed_mid_stage_resume_to_the_uninterrupted_result(tmp_path):
     ref = policy_run(tmp_path, "ref")
     run("cache", ref, *CACHE)
@@ -151,6 +174,7 @@ def pipeline_outputs(run_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_pipeline_interrupted_at_several_points_resumes_without_redoing_work(tmp_path):
     ref = tmp_path / "ref" / "run"
     ref.parent.mkdir()
