@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     r = cfg.rlhf
 
     from datasets import Dataset
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import PPOTrainer
 
     from irm.data import load_texts, make_prompts
     from irm.models import load_model
     from irm.reward import build_reward
     from irm.rlhf.adapter import RewardAdapter, value_model_from
+    from irm.rlhf.trainer import ppo_config
     from irm.runtime import resolve_device, seed_all
 
     seed_all(cfg.seed)
@@ -49,31 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
     prompts = make_prompts(texts, tokenizer, r.prompt_min_tokens, r.prompt_max_tokens, seed=cfg.seed)
-    ppo = PPOConfig(
-        output_dir=str(cfg.run_dir),
-        seed=cfg.seed,
-        use_cpu=device.type == "cpu",
-        total_episodes=r.steps * r.batch_size,
-        per_device_train_batch_size=r.batch_size,
-        num_mini_batches=r.batch_size // r.mini_batch_size,
-        local_rollout_forward_batch_size=r.batch_size,
-        num_ppo_epochs=r.ppo_epochs,
-        learning_rate=r.learning_rate,
-        kl_coef=r.kl_coef,
-        response_length=r.response_length,
-        temperature=r.temperature,
-        stop_token=None,  # fixed-length completions, as irm samples them
-        # Execution settings irm also picks, so that the two differ only in what irm adds: TRL's PPOConfig defaults
-        # to gradient checkpointing (recomputation: 2.3x slower steps on the tiny model, measured) and logs every
-        # 10 steps.
-        bf16=r.bf16,
-        fp16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        num_sample_generations=0,  # sample tables need an eval set
-        report_to="none",
-        save_strategy="no",
-    )
+    # The same PPOConfig irm builds (sampling, stop token, schedule, no gradient checkpointing, float32), so the two
+    # sides do the same PPO and differ only in irm's trainer subclass, callbacks and stage around them.
+    ppo = ppo_config(cfg.rlhf, str(cfg.run_dir), cfg.seed, use_cpu=device.type == "cpu")
     trainer = PPOTrainer(
         args=ppo,
         processing_class=tokenizer,

@@ -99,12 +99,14 @@ class _Stopwatch:
 
 
 def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, work: Path,
-            batches_per_item: int = 1, profiler: str | None = None) -> tuple[float, int]:
+            batches_per_item: int = 1, profile: bool = False) -> tuple[float, int]:
     """(seconds, optimizer steps) of the timed span. The Trainer is the one `python -m irm sae` builds (TensorBoard
-    logger, ModelCheckpoint at the configured interval), minus the export at the end of the fit."""
+    logger, ModelCheckpoint at the configured interval), minus the export at the end of the fit. `profile` prints
+    Lightning's SimpleProfiler table (time per hook) to stderr."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.profilers import SimpleProfiler
 
     from irm.activations import ActivationDataModule
     from irm.config import SAEConfig
@@ -134,10 +136,13 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
                        tied=True, dead_window=defaults.dead_window)
     every = math.ceil(defaults.checkpoint_every / batches_per_item) * batches_per_item  # as the stage rounds it
     checkpoints = ModelCheckpoint(dirpath=str(work / "checkpoints"), save_last=True, every_n_train_steps=every)
+    profiler = SimpleProfiler() if profile else None
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=TensorBoardLogger(work / "logs"),
                         callbacks=[checkpoints, clock], enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, profiler=profiler, default_root_dir=str(work))
     trainer.fit(module, datamodule=data)
+    if profiler is not None:
+        print(profiler.summary(), file=sys.stderr)
     return clock.t1 - clock.t0, clock.s1 - clock.s0
 
 
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             for (d_in, batch) in runs:
                 warmup, steps = steps_for(batch, args.quick)
                 print(f"\n== Lightning SimpleProfiler, irm, d_in {d_in}, batch {batch} ==", file=sys.stderr)
-                run_irm(caches[d_in], batch, d_in, warmup, steps, work / "irm", args.batches_per_item, "simple")
+                run_irm(caches[d_in], batch, d_in, warmup, steps, work / "irm", args.batches_per_item, profile=True)
 
     gflops = median(gemm)
     record = {
