@@ -35,6 +35,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_torchvision() -> None:
+    """Exit with the fix when torchvision is installed but cannot load. `pip install -e ".[bench]"` pulls it in
+    (dictionary-learning -> nnsight -> torchvision) as a CUDA build from PyPI, which fails against a CPU-only torch;
+    Lightning (through torchmetrics) and SAELens (through transformers) then fail on import. Nothing here needs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError) as e:
+        sys.exit(f"torchvision is installed but cannot load against this torch ({str(e).splitlines()[0]}); it came "
+                 "with dictionary-learning's nnsight and none of irm, SAELens or dictionary_learning needs it to "
+                 "train: run `pip uninstall -y torchvision`")
+
+
 def apply_threads(threads: int | None) -> None:
     """--threads for this process and (through OMP_NUM_THREADS) for the processes it starts."""
     if threads is None:

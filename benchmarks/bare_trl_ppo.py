@@ -1,10 +1,11 @@
-"""PPO as a TRL user writes it without irm, for ppo_overhead.py: TRL 1.12's PPOTrainer on the same model, prompts,
-reward, batch, mini-batch, epochs, lengths and execution settings (no gradient checkpointing, float32) as
-`python -m irm rlhf --config CONFIG`, and none of irm's additions (full-state checkpoints, gradient clipping, seeded
-prompt order, TensorBoard scalars, progress bar, frozen garbage collector unless --freeze-gc). Writes {"seconds": train() wall time, "steps": PPO steps} to --out.
+"""PPO as a TRL user writes it without irm, for ppo_overhead.py: TRL 1.12's own PPOTrainer, no callbacks, on the
+same model, prompts, reward and PPOConfig as `python -m irm rlhf --config CONFIG`, and none of irm's additions
+(full-state checkpoints, gradient clipping, seeded prompt order, TensorBoard scalars, progress bar, frozen garbage
+collector unless --freeze-gc). Writes {"seconds": train() wall time, "steps": PPO steps} to --out.
 
-The config is read with irm's parser and the model, prompts and reward are built with irm's functions, so both
-sides start from identical inputs; none of that is timed. TRL needs the reward as an HF sequence classifier: irm's
+The config is read with irm's parser and the model, prompts, reward and PPOConfig are built with irm's functions, so
+both sides start from identical inputs and settings (TRL's own PPOConfig defaults differ: gradient checkpointing on,
+a linear schedule, no stop token); none of that is timed. TRL needs the reward as an HF sequence classifier: irm's
 adapter is that minimal wrapper (ENVIRONMENT.md describes what TRL calls), and both sides pay the same reward.
 
     python benchmarks/bare_trl_ppo.py --config configs/tiny.yaml --out bare.json [--rlhf.steps 4 ...]

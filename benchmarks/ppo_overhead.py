@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, apply_threads, base_parser, environment, median, ratio_median, table, write_json
+from _common import (ROOT, apply_threads, base_parser, check_torchvision, environment, median, ratio_median, table,
+                     write_json)
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "smollm2": ROOT / "configs" / "quickstart.yaml"}
 # PPO steps per run: the tiny config's own 8; SmolLM2 (about 12 s a step on 2 cores) 4, which keeps quickstart's
@@ -92,12 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", type=Path, default=None,
                    help="run directories and logs (default: a temporary folder, removed afterwards)")
     args = p.parse_args(argv)
+    check_torchvision()
     apply_threads(args.threads)
     if args.quick:
         args.models, args.reps, args.steps = ["tiny"], 1, 2
     with tempfile.TemporaryDirectory(prefix="irm-ppo-bench-") as tmp:
         work = args.workdir or Path(tmp)
-        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m, args.frozen_gc_baseline) for m in args.models]
+        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m, args.frozen_gc_baseline)
+                   for m in args.models]
     record = {"results": results, "settings": {"reps": args.reps, **environment()}}
     write_json(args.json, record)
     print(report(results))
