@@ -142,7 +142,9 @@ def test_unknown_architecture(tmp_path):
     assert "gpt_neox" in line  # names what would work
 
 
-@pytest.mark.parametrize("kind", ["empty", "no-text-column", "not-utf8"])
+# The three kinds share one code path: the default run checks one, `-m slow` the other two.
+@pytest.mark.parametrize("kind", [pytest.param("empty", marks=pytest.mark.slow),
+                                  pytest.param("no-text-column", marks=pytest.mark.slow), "not-utf8"])
 def test_bad_corpus(run_dir, kind):
     path = run_dir.parent / "corpus.jsonl"
     if kind == "empty":
