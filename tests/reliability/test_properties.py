@@ -122,7 +122,8 @@ def test_config_dump_reloads_to_the_same_config(tmp_path, values):
     assert parse_config("pipeline", ["--config", str(path)]) == cfg
 
 
-section_names = [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
+section_names = [f.name for f in dataclasses.fields(RunConfig)
+                 if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
