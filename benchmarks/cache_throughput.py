@@ -25,7 +25,7 @@ from _common import (ROOT, apply_threads, base_parser, check_torchvision, enviro
                      write_json)
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "smollm2": ROOT / "configs" / "quickstart.yaml"}
-DOCUMENTS = {"tiny": 300, "smollm2": 96}  # per repetition: a few seconds of forward passes on 2 cores
+DOCUMENTS = {"tiny": 2000, "smollm2": 96}  # per repetition: a few seconds of forward passes on 2 cores
 
 
 def bare_forward(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> None:

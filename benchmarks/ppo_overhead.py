@@ -55,8 +55,10 @@ def bare_step(config: Path, overrides: list[str], run_dir: Path, log: Path, free
     return result["seconds"] / result["steps"]
 
 
-def measure(name: str, config: Path, steps: int | None, reps: int, work: Path, frozen_gc_baseline: bool) -> dict:
+def measure(name: str, config: Path, steps: int | None, reps: int, work: Path, frozen_gc_baseline: bool,
+            checkpoint_every: int | None = None) -> dict:
     overrides = ["--device", "cpu"] + (["--rlhf.steps", str(steps)] if steps else [])
+    overrides += ["--rlhf.checkpoint_every", str(checkpoint_every)] if checkpoint_every else []
     log = work / f"{name}.log"
     work.mkdir(parents=True, exist_ok=True)
     sides = ["irm", "trl"] + (["trl_frozen_gc"] if frozen_gc_baseline else [])
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: per model)")
     p.add_argument("--frozen-gc-baseline", action="store_true",
                    help="also time the bare script with the garbage collector frozen, as irm runs TRL")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="irm's rlhf.checkpoint_every (default: the config's); above --steps, irm writes no checkpoint")
     p.add_argument("--workdir", type=Path, default=None,
                    help="run directories and logs (default: a temporary folder, removed afterwards)")
     args = p.parse_args(argv)
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.models, args.reps, args.steps = ["tiny"], 1, 2
     with tempfile.TemporaryDirectory(prefix="irm-ppo-bench-") as tmp:
         work = args.workdir or Path(tmp)
-        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m, args.frozen_gc_baseline)
-                   for m in args.models]
+        results = [measure(m, CONFIGS[m], args.steps or STEPS[m], args.reps, work / m, args.frozen_gc_baseline,
+                           args.checkpoint_every) for m in args.models]
     record = {"results": results, "settings": {"reps": args.reps, **environment()}}
     write_json(args.json, record)
     print(report(results))
