@@ -98,9 +98,9 @@ def report(results: list[dict]) -> str:
         row = [stage]
         for r, found in zip(results, by_config):
             if stage == "total":
-                row += [r["total_seconds"], r["max_peak_rss_mib"]]
+                row += [f"{r['total_seconds']:.1f}", f"{r['max_peak_rss_mib']:.0f}"]
             elif stage in found:
-                row += [found[stage]["seconds"], found[stage]["peak_rss_mib"]]
+                row += [f"{found[stage]['seconds']:.1f}", f"{found[stage]['peak_rss_mib']:.0f}"]
             else:
                 row += ["-", "-"]
         rows.append(row)
