@@ -87,7 +87,10 @@ def _one_line(msg: str) -> str:
 def run_stage(stage: str, argv: list[str]) -> None:
     from irm.stages import open_run_dir
 
+    from irm.runtime import set_threads
+
     cfg = parse_config(stage, argv)
+    set_threads(cfg.threads)
     open_run_dir(cfg)
     module = importlib.import_module(STAGES[stage][0])
     module.run(cfg)

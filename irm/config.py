@@ -206,6 +206,8 @@ class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N for the non-Lightning stages
+    devices: int = 1  # processes (one GPU each, or CPU processes) for cache, deltas, lexicon and ablate (irm.parallel)
+    threads: Optional[int] = None  # torch CPU threads per process; None: torch's default (one per core)
     log_dir: str = "lightning_logs"  # TensorBoard root; each stage logs under <log_dir>/<run name>/<stage>
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)

@@ -29,8 +29,21 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def progress(iterable: Optional[Iterable] = None, *, desc: str, total: Optional[int] = None, unit: str = "it"):
+def progress(iterable: Optional[Iterable] = None, *, desc: str, total: Optional[int] = None, unit: str = "it",
+             disable: bool = False):
     """A tqdm bar on stderr (the one transformers and Lightning use)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=1.0, disable=disable)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """`threads: N` caps torch's CPU thread pool (None leaves torch's default, one per core). Several busy processes
+    on a few cores run far slower with a pool each the size of the machine (oversubscription)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"threads must be >= 1 (or null for torch's default), not {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
