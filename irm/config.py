@@ -70,6 +70,9 @@ class RLHFConfig:
     response_length: int = 20
     temperature: float = 1.0
     checkpoint_every: int = 10  # steps between full-state checkpoints
+    # After a completed run: keep the last full-state checkpoints (a later, longer run continues from them exactly), or
+    # delete them all and skip the last step's (a SmolLM2-135M one is ~3 GB; the tuned policy is saved either way).
+    keep_final_checkpoint: bool = True
     bf16: bool = False
 
 

@@ -39,9 +39,18 @@ ORDER = list(GRAPH)
 IDENTITY = ("model",)
 
 
+# Fields that change how a stage keeps its working state, not what it produces: editing them redoes nothing.
+BOOKKEEPING: dict[str, tuple[str, ...]] = {
+    "rlhf": ("checkpoint_every", "keep_final_checkpoint"),
+    "sae": ("checkpoint_every",),
+}
+
+
 def _section(cfg: RunConfig, name: str) -> Any:
     value = getattr(cfg, name)
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {k: v for k, v in dataclasses.asdict(value).items() if k not in BOOKKEEPING.get(name, ())}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

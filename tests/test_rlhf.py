@@ -334,3 +334,24 @@ def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path
     result = json.loads((Path(cfg.run_dir) / "reward_eval.json").read_text())
     assert result["base"]["n"] == result["tuned"]["n"] == 8
     assert result["tuned"]["ci95"][0] <= result["tuned"]["mean"] <= result["tuned"]["ci95"][1]
+
+
+def test_without_a_final_checkpoint_the_run_leaves_none_and_editing_bookkeeping_redoes_nothing(runs):
+    """`rlhf.keep_final_checkpoint: false` (the quickstart's): the same policy, no checkpoint left on disk; and neither
+    that field nor checkpoint_every is part of the stage's fingerprint."""
+    import dataclasses
+
+    from irm.rlhf import run
+    from irm.stages import is_done
+
+    cfg = tiny(runs["tmp"], "no-final", "--rlhf.keep_final_checkpoint", "false")
+    probe = Probe()
+    run(cfg, callbacks=(probe,))
+    assert probe.logged_steps == list(range(1, cfg.rlhf.steps + 1))
+    assert not ckpt_dir(cfg).exists()
+    full, lean = tuned_weights(runs["full"]), tuned_weights(cfg)
+    assert all(torch.equal(full[k], lean[k]) for k in full)
+    edited = dataclasses.replace(cfg, rlhf=dataclasses.replace(cfg.rlhf, keep_final_checkpoint=True,
+                                                               checkpoint_every=3))
+    assert is_done(edited, "rlhf")
+    assert not is_done(dataclasses.replace(cfg, rlhf=dataclasses.replace(cfg.rlhf, kl_coef=0.25)), "rlhf")

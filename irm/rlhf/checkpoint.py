@@ -122,9 +122,10 @@ class FullStateCheckpoints(TrainerCallback):
     TrainingInterrupted); restores the newest checkpoint at train begin. `key` names the configuration a checkpoint
     belongs to: checkpoints of another configuration are deleted, not resumed."""
 
-    def __init__(self, root: Path, every: int, key: str, prompt_order):
+    def __init__(self, root: Path, every: int, key: str, prompt_order, final: bool = True):
         self.root = Path(root)
         self.every = max(1, every)
+        self.final = final  # False: no checkpoint at the last step (the stage deletes them once the policy is saved)
         self.key = key
         self.prompt_order = prompt_order
         self.stop_signal: Optional[int] = None
@@ -186,13 +187,19 @@ class FullStateCheckpoints(TrainerCallback):
         step = state.global_step
         # A launcher forwards a signal to every rank, but not necessarily within the same step: all stop together.
         signum = _reduce(self.stop_signal or 0, "max")
-        if step % self.every == 0 or step == state.max_steps or signum:
+        last = step == state.max_steps
+        if signum or (self.final and last) or (step % self.every == 0 and not last):
             ckpt = self.save(state, model, optimizer, lr_scheduler)
             if signum:
                 raise TrainingInterrupted(signum, step, ckpt)
 
     def on_train_end(self, args, state, control, **kwargs):
         args.num_total_batches = state.max_steps
+
+    def finish(self) -> None:
+        """After a completed run whose policy is saved (rank 0): with `final` False, delete the checkpoints."""
+        if not self.final:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self, state, model, optimizer, lr_scheduler) -> Path:
         step = state.global_step

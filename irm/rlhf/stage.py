@@ -33,7 +33,8 @@ def checkpoint_key(cfg: RunConfig, world_size: int = 1) -> str:
     """What a checkpoint must have been made from to be resumed: everything that shapes the PPO trajectory up to
     its step, the process count included (each rank has its own random stream). Not `steps` (the learning rate is
     constant, so a longer run continues a shorter one exactly), not `checkpoint_every`."""
-    rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items() if k not in ("steps", "checkpoint_every")}
+    rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items()
+            if k not in ("steps", "checkpoint_every", "keep_final_checkpoint")}
     if world_size == 1:  # the key single-process runs always had
         return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf)
     return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf, world_size)
@@ -113,7 +114,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         )
 
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
-    ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order)
+    ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
+                                final=cfg.rlhf.keep_final_checkpoint)
     scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, out / "metrics.jsonl")
     bar = ProgressBar()
     # TRL averages the logged metrics over ranks: rank 0 alone writes them and draws the bar.
@@ -174,6 +176,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         summary["reward_first_step"] = metrics[0]["rlhf/reward_mean"]
         summary["reward_last_step"] = metrics[-1]["rlhf/reward_mean"]
     mark_done(cfg, STAGE, [out / "policy", out / "metrics.jsonl"], **summary)
+    ckpt.finish()
     rate = f"{summary['seconds_per_step']:.2f} s/step" if ran else "nothing left to train"
     rewards = (f"; mean reward {summary['reward_first_step']:.3f} at step 1, {summary['reward_last_step']:.3f} at step "
                f"{metrics[-1]['step']}" if metrics else "")
