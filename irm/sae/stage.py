@@ -43,6 +43,11 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     every = math.ceil(s.checkpoint_every / s.batches_per_item) * s.batches_per_item
     module = SAEModule(expansions=s.expansions, l1_coefficient=s.l1_coefficient, learning_rate=s.learning_rate,
                        tied=s.tied, dead_window=s.dead_window)
+    # Lightning's default (every 50 loader items) leaves a short fit with a point or two of training curve; log
+    # about 50 times per fit instead, never more often than every item nor less often than the default. Items per
+    # epoch as ShardBatches counts them in one process (fewer per rank under DDP, so it then logs a little less).
+    items = math.ceil(math.ceil(data.split / s.batch_size) / s.batches_per_item) * s.epochs
+    log_every = max(1, min(50, items // 50))
     clash = sorted(set(s.trainer) & set(OWN_TRAINER_ARGS))
     if clash:
         raise UserError(f"sae.trainer sets {clash}, which the sae stage sets itself; use sae.epochs for the epochs "
@@ -55,7 +60,7 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
                                      version=f"sae/layer-{layer:02d}"),
             callbacks=[ModelCheckpoint(dirpath=str(checkpoints), save_last=True, every_n_train_steps=every),
                        ExportSAEs(str(root))],
-            **s.trainer,
+            **{"log_every_n_steps": log_every, **s.trainer},
         )
     except (TypeError, ValueError) as e:
         raise UserError(f"sae.trainer holds an argument lightning.Trainer rejects ({e}); fix sae.trainer") from e
