@@ -6,18 +6,50 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 import platform
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from irm.artifacts import read_jsonl, write_json, write_text
 from irm.config import RunConfig
 from irm.stages import mark_done
 
 PLOTS = "plots"
+DPI = 110  # a 8.7-inch figure fills the page's 60rem (960 px) column at this resolution
+SHORT = 24  # characters: table cells up to this long are kept on one line in the HTML
+WIDE = 8.7  # inches: figures with several panels or an outside legend
+NARROW = 5.0  # inches: single-panel figures that sit beside a table
+# Training metrics of the SAEs plotted by the report (TensorBoard tag suffix, panel title, log axis).
+SAE_METRICS = (("mse", "MSE per activation dimension", True),
+               ("nmse", "normalised MSE (squared error / variance)", True),
+               ("l0", "L0: active features per input", False))
+# Readable names of validation.json's scalar entries; an entry not listed here is shown under its key.
+VALIDATION_LABELS = {
+    "inputs": "inputs",
+    "n_texts": "eval texts",
+    "n_inputs": "inputs (token positions)",
+    "threshold": "threshold on R",
+    "threshold_scale": "threshold scale",
+    "raw_threshold": "threshold on R's raw output",
+    "n_inputs_above": "inputs where R > threshold",
+    "n_related": "features labelled related to the reward",
+    "related": "those features (layer: indices)",
+    "active": "a feature is active where",
+    "related_frequency": "activation frequency of the related features, inputs above threshold",
+    "average_frequency": "activation frequency of all features, inputs above threshold",
+    "related_frequency_all_inputs": "activation frequency of the related features, all inputs",
+    "average_frequency_all_inputs": "activation frequency of all features, all inputs",
+}
+KENDALL_LABELS = {"all": "all", "negative": "negative (true value < 0)", "heldout": "held out (R never saw them)",
+                  "seen": "seen (in R's training triples)"}
+ABLATION_CONDITIONS = {"splice": "SAE spliced in, nothing ablated", "ablated": "reward-related features ablated",
+                       "random": "as many random features ablated"}
+ABLATION_COLOURS = {"splice": "tab:blue", "ablated": "tab:red", "random": "tab:orange"}
+ABLATION_MODES = {"reconstruction": "reconstruction splice (paper)", "error": "splice keeping the SAE error"}
 
 
 def _load(root: Path, name: str) -> Optional[Any]:
@@ -33,11 +65,34 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _p(p: Optional[float]) -> str:
+    """A p-value; scipy returns exactly 0 when it underflows the smallest double, which is not a p of 0."""
+    if p == 0.0:
+        return "< 1e-300"
+    return _fmt(p) if p is None or p >= 1e-3 else f"{p:.2e}"
+
+
 def _ci(d: Optional[dict]) -> str:
     if not d or d.get("ci95") is None:
         return "n/a"
     lo, hi = d["ci95"]
     return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _cell(x: Any) -> str:
+    """A table cell as a reader wants it: numbers formatted, strings without quotes, lists and dicts as plain text."""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, dict):
+        return "; ".join(f"{k}: {_cell(v)}" for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return ", ".join(_cell(v) for v in x)
+    return _fmt(x)
+
+
+def _features(by_layer: dict) -> str:
+    """{"20": [18], "22": [422, 7]} as 'layer 20: 18; layer 22: 422, 7'."""
+    return "; ".join(f"layer {layer}: {_cell(idx)}" for layer, idx in by_layer.items()) or "none"
 
 
 class Doc:
@@ -46,40 +101,64 @@ class Doc:
     def __init__(self) -> None:
         self.md: list[str] = []
         self.html: list[str] = []
+        self.sections: list[tuple[str, str]] = []  # (anchor, title) of every section, for the HTML contents
 
     def heading(self, text: str, level: int = 2) -> None:
         self.md.append(f"{'#' * level} {text}\n")
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        anchor = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+        if level == 2:
+            self.sections.append((anchor, text))
+        self.html.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
 
     def para(self, text: str) -> None:
         self.md.append(text + "\n")
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def table(self, header: list[str], rows: list[list[Any]], caption: str = "") -> None:
+        cells = [[_cell(c) for c in r] for r in rows]
         if caption:
             self.md.append(f"*{caption}*\n")
         self.md.append("| " + " | ".join(header) + " |")
         self.md.append("|" + "---|" * len(header))
-        for r in rows:
-            self.md.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |")
+        for r in cells:
+            self.md.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |")
         self.md.append("")
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        # Short cells (numbers, intervals) never wrap; prose does.
+        body = "".join("<tr>" + "".join(f"<td{' class=n' if len(c) <= SHORT else ''}>{html.escape(c)}</td>" for c in r)
+                       + "</tr>" for r in cells)
         self.html.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
-    def image(self, png: Path, alt: str) -> None:
-        self.md.append(f"![{alt}]({png.parent.name}/{png.name})\n")
+    def image(self, png: Path, caption: str) -> None:
+        self.md.append(f"![{png.stem}]({png.parent.name}/{png.name})\n\n*{caption}*\n")
         data = base64.b64encode(png.read_bytes()).decode()
-        self.html.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        self.html.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
-    def code(self, text: str) -> None:
+    def code(self, text: str, summary: str) -> None:
+        """A block of YAML; in the HTML folded under `summary` so it does not bury the results."""
         self.md.append("```yaml\n" + text.rstrip() + "\n```\n")
-        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.html.append(f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>")
+
+    @contextmanager
+    def side_by_side(self) -> Iterator[None]:
+        """In the HTML, lay what is added inside the block out in a row (a long table beside its plot)."""
+        self.html.append('<div class="row">')
+        try:
+            yield
+        finally:
+            self.html.append("</div>")
+
+    def page(self, title: str) -> str:
+        """The HTML document: a contents list of the sections after the title and the run line."""
+        contents = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in self.sections)
+        body = self.html[:2] + [f"<nav><ol>{contents}</ol></nav>"] + self.html[2:]
+        return _html_page(title, "\n".join(body))
 
 
-def _plot(path: Path, draw) -> Path:
+def _plot(path: Path, draw: Callable, size: tuple[float, float] = (NARROW, 3.6)) -> Path:
+    """Draw a figure with `draw(fig)` and save it as a PNG at `path`; legends outside the axes are kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,9 +166,8 @@ def _plot(path: Path, draw) -> Path:
 
     from irm.artifacts import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    draw(ax)
-    fig.tight_layout()
+    fig = plt.figure(figsize=size, dpi=DPI, layout="constrained")
+    draw(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -97,19 +175,134 @@ def _plot(path: Path, draw) -> Path:
 
 
 def _sae_curves(cfg: RunConfig) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Training curves of every SAE read back from its TensorBoard event files: {run: {tag: [(step, value)]}}."""
+    """Training and validation curves of every SAE read back from its TensorBoard event files:
+    {logger version (`layer-NN`): {tag (`train/x1/mse`): [(step, value)]}}, for the metrics of SAE_METRICS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = Path(cfg.log_dir) / Path(cfg.run_dir).name / "sae"
+    wanted = {m for m, _, _ in SAE_METRICS}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for events in sorted(root.rglob("events.out.tfevents.*")) if root.exists() else []:
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+    # One accumulator per logger directory: it reads every event file there (a resumed fit adds one).
+    for logs in sorted({e.parent for e in root.rglob("events.out.tfevents.*")}) if root.exists() else []:
+        acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
         acc.Reload()
-        name = str(events.parent.relative_to(root))
         for tag in acc.Tags().get("scalars", []):
-            if "mse" in tag.lower() and "train" in tag.lower():
-                curves.setdefault(name, {})[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+            parts = tag.split("/")
+            if len(parts) == 3 and parts[0] in ("train", "val") and parts[2] in wanted:
+                points = sorted((e.step, e.value) for e in acc.Scalars(tag))
+                curves.setdefault(str(logs.relative_to(root)), {})[tag] = points
     return curves
+
+
+def _layer_name(version: str) -> str:
+    """`layer-20` (the SAE stage's logger version) as 'layer 20'."""
+    m = re.fullmatch(r"layer-0*(\d+)", version)
+    return f"layer {m.group(1)}" if m else version
+
+
+def _draw_sae_curves(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> Callable:
+    """One panel per metric; colour = layer, line style = dictionary size, dots = validation at each epoch's end."""
+    from matplotlib.lines import Line2D
+
+    dictionaries = sorted({tag.split("/")[1] for tags in curves.values() for tag in tags},
+                          key=lambda d: int(d[1:]) if d[1:].isdigit() else 0)
+    styles = dict(zip(dictionaries, ("-", "--", ":", "-.")))
+
+    def draw(fig) -> None:
+        axes = fig.subplots(1, len(SAE_METRICS), sharex=True)
+        for ax, (metric, title, log) in zip(axes, SAE_METRICS):
+            for i, (version, tags) in enumerate(curves.items()):
+                colour = f"C{i % 10}"
+                for d in dictionaries:
+                    train, val = tags.get(f"train/{d}/{metric}", []), tags.get(f"val/{d}/{metric}", [])
+                    if train:
+                        ax.plot(*zip(*train), color=colour, ls=styles.get(d, "-"), lw=1.2)
+                    if val:
+                        ax.plot(*zip(*val), color=colour, ls="none", marker="o", ms=3.5)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("training step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both", lw=0.5)
+        handles = [Line2D([], [], color=f"C{i % 10}", lw=2, label=_layer_name(v)) for i, v in enumerate(curves)]
+        handles += [Line2D([], [], color="0.3", ls=styles.get(d, "-"), label=f"{d[1:]}x dictionary")
+                    for d in dictionaries]
+        handles.append(Line2D([], [], color="0.3", ls="none", marker="o", ms=3.5, label="validation, end of epoch"))
+        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
+
+    return draw
+
+
+def _draw_divergence(div: dict) -> Callable:
+    """Per-layer divergence as dots joined by a line on an axis fitted to the data (layers differ by far less than
+    the divergence itself, so bars from zero would all look the same); the chosen layers in red, labelled."""
+    values, chosen = div["values"], div["top_k"]
+    mean = sum(values) / len(values)
+
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        layers = range(len(values))
+        ax.plot(layers, values, color="0.7", lw=1, zorder=1)
+        others = [i for i in layers if i not in chosen]
+        ax.scatter(others, [values[i] for i in others], s=16, color="0.35", zorder=2, label="other layers")
+        ax.scatter(chosen, [values[i] for i in chosen], s=40, color="tab:red", zorder=3,
+                   label=f"chosen: the top {len(chosen)}")
+        for i in chosen:
+            ax.annotate(str(i), (i, values[i]), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8, color="tab:red")
+        ax.axhline(mean, color="0.5", ls="--", lw=0.8, zorder=0, label=f"mean over layers, {mean:.4f}")
+        ax.margins(y=0.18)
+        ax.set_xticks(list(layers), minor=True)
+        ax.set_xticks(list(layers)[:: max(1, len(values) // 15)])
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("layer (transformer block)", fontsize=9)
+        ax.set_ylabel(r"$\sum_p\,\|\theta_p^{base} - \theta_p^{tuned}\|_F$"
+                      + ("\n(axis does not start at 0)" if ax.get_ylim()[0] > 0 else ""), fontsize=9)
+        ax.grid(axis="y", alpha=0.3, lw=0.5)
+        fig.legend(loc="outside upper center", ncols=3, fontsize=8, frameon=False)
+
+    return draw
+
+
+def _draw_ablation(before: dict, modes: dict) -> Callable:
+    """Mean reward per condition with 95% intervals: the unspliced model grey and hatched with a dashed line at its
+    mean, then one group of bars per splice mode, coloured by condition."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    def err(d: dict) -> tuple[float, float]:
+        lo, hi = d.get("ci95") or (d["mean"], d["mean"])
+        return d["mean"] - lo, hi - d["mean"]
+
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        ax.axhline(before["mean"], color="0.3", ls="--", lw=1, zorder=0)
+        ax.bar([0], [before["mean"]], yerr=[[err(before)[0]], [err(before)[1]]], capsize=3, color="0.85",
+               edgecolor="0.3", hatch="//", width=0.7)
+        ticks, labels, x = [0], ["no splice\n(before)"], 1.5
+        for mode, conds in modes.items():
+            present = [c for c in ABLATION_CONDITIONS if c in conds]
+            xs = [x + j for j in range(len(present))]
+            for xi, c in zip(xs, present):
+                lo, hi = err(conds[c])
+                ax.bar([xi], [conds[c]["mean"]], yerr=[[lo], [hi]], capsize=3, color=ABLATION_COLOURS[c], width=0.7)
+            ticks += xs
+            labels += present
+            if xs:
+                ax.text(sum(xs) / len(xs), -0.11, ABLATION_MODES.get(mode, mode), ha="center", va="top", fontsize=8,
+                        fontweight="bold", transform=ax.get_xaxis_transform())
+            x += len(present) + 0.5
+        ax.set_xticks(ticks, labels, fontsize=8)
+        ax.set_ylabel("mean reward of the completions", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3, lw=0.5)
+        handles = [Patch(facecolor="0.85", edgecolor="0.3", hatch="//", label="tuned model, no splice (before)")]
+        handles += [Patch(color=ABLATION_COLOURS[c], label=f"{c}: {text}") for c, text in ABLATION_CONDITIONS.items()]
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=1, label=f"before mean, {before['mean']:.3f}"))
+        fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
+
+    return draw
 
 
 def build_summary(root: Path) -> dict:
@@ -141,6 +334,14 @@ def build_summary(root: Path) -> dict:
     }
 
 
+def _score(f: dict) -> str:
+    """A feature's detection accuracy: n/a when it was not scored, 'unparsed' when the scorer's answer was not."""
+    s = f.get("score")
+    if not isinstance(s, dict):
+        return "n/a"
+    return "unparsed" if s.get("accuracy") is None else _fmt(s["accuracy"])
+
+
 def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     plots = root / PLOTS
@@ -151,30 +352,44 @@ def run(cfg: RunConfig) -> dict:
     doc.para(
         f"Run directory {root}; reward: {cfg.reward.kind}; explainer backend: {cfg.explain.backend}"
         + (" (offline: deterministic token summaries, not an LLM)" if cfg.explain.backend == "offline" else "")
-        + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S')}."
+        + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
     )
 
     # Table 7: reward before and after RLHF.
     reward = _load(root, "reward_eval.json")
     doc.heading("Reward before and after PPO (paper table 7)")
     if reward:
-        doc.table(
-            ["model", "mean reward", "95% CI", "n"],
-            [["base", _fmt(reward["base"]["mean"]), _ci(reward["base"]), reward["base"].get("n")],
-             ["tuned", _fmt(reward["tuned"]["mean"]), _ci(reward["tuned"]), reward["tuned"].get("n")]],
-            caption=f"{reward.get('new_tokens')} new tokens after {reward.get('prefix_tokens')}-token held-out prefixes",
-        )
+        rows = [["base", _fmt(reward["base"]["mean"]), _ci(reward["base"]), reward["base"].get("n"), ""],
+                ["tuned", _fmt(reward["tuned"]["mean"]), _ci(reward["tuned"]), reward["tuned"].get("n"), ""]]
+        diff = reward.get("difference")
+        if diff:
+            rows.append(["tuned - base (paired: same prefixes)", _fmt(diff["mean"]), _ci(diff), diff.get("n"),
+                         _p(diff.get("p_value"))])
+        doc.table(["model", "mean reward", "95% CI", "n", "p-value (paired t-test)"], rows,
+                  caption=f"{reward.get('new_tokens')} new tokens after {reward.get('prefix_tokens')}-token "
+                          "held-out prefixes")
+        examples = reward.get("examples") or []
+        if examples:
+            doc.table(["held-out prefix", "base completion", "reward", "tuned completion", "reward"],
+                      [[e["prefix"], e["base"], e["base_reward"], e["tuned"], e["tuned_reward"]] for e in examples],
+                      caption="Example completions")
     else:
         doc.para("Not run.")
 
     # Figure 4: layer divergence.
     div = _load(root, "divergence.json")
     doc.heading("Layer divergence (paper figure 4)")
-    if div:
-        doc.table(["layer", "divergence", "chosen"],
-                  [[i, _fmt(v, 4), "yes" if i in div["top_k"] else ""] for i, v in enumerate(div["values"])])
-        if (root / "divergence.png").exists():
-            doc.image(root / "divergence.png", "Per-layer parameter divergence, base vs tuned")
+    if div and div.get("values"):
+        values = div["values"]
+        mean = sum(values) / len(values)
+        spread = (max(values) - min(values)) / mean if mean else 0.0
+        with doc.side_by_side():
+            doc.image(_plot(plots / "divergence.png", _draw_divergence(div), (NARROW, 4.6)),
+                      f"Divergence of each layer's parameters, base vs tuned ({div.get('measure', 'per layer')}). "
+                      f"The axis is fitted to the data: the layers differ by at most {100 * spread:.1f}% of the "
+                      f"mean. The {len(div['top_k'])} largest (red) are the layers the SAEs are trained on.")
+            doc.table(["layer", "divergence", "chosen"],
+                      [[i, _fmt(v, 4), "yes" if i in div["top_k"] else ""] for i, v in enumerate(values)])
     else:
         doc.para("Not run.")
 
@@ -184,24 +399,21 @@ def run(cfg: RunConfig) -> dict:
     if mmcs:
         rows = []
         for layer, v in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0])):
-            rows.append([layer, v.get("sizes", ["", ""])[0] if v.get("sizes") else "",
-                         v.get("sizes", ["", ""])[1] if v.get("sizes") else "",
-                         _fmt(v.get("max")), _fmt(v.get("hungarian"))])
+            sizes = v.get("sizes") or ["", ""]
+            rows.append([layer, sizes[0], sizes[1], _fmt(v.get("max")), _fmt(v.get("hungarian"))])
+        defs = mmcs.get("definitions", {})
         doc.table(["layer", "small dictionary", "large dictionary", "MMCS (max, eq. 2)",
-                   "MMCS (one-to-one Hungarian, authors' code)"], rows)
+                   "MMCS (one-to-one Hungarian, authors' code)"], rows,
+                  caption=f"Dictionary sizes in features. max: {defs['max']}. Hungarian: {defs['hungarian']}."
+                  if "max" in defs and "hungarian" in defs else "Dictionary sizes in features")
     else:
         doc.para("Not run.")
     curves = _sae_curves(cfg)
     if curves:
-        def draw(ax):
-            for name, tags in curves.items():
-                for tag, pts in tags.items():
-                    ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"{name} {tag}", lw=1)
-            ax.set_xlabel("step")
-            ax.set_ylabel("reconstruction MSE")
-            ax.set_yscale("log")
-            ax.legend(fontsize=6)
-        doc.image(_plot(plots / "sae_loss.png", draw), "SAE training reconstruction loss")
+        doc.image(_plot(plots / "sae_loss.png", _draw_sae_curves(curves), (WIDE, 3.2)),
+                  "SAE training curves, one line per layer and dictionary size: reconstruction MSE, MSE normalised "
+                  "by the activations' variance, and L0 (features active per input), on the training batches of "
+                  "the logged steps; dots are the validation rows at the end of each epoch.")
 
     # Tables 2, 8, 9: feature descriptions.
     feats = read_jsonl(root / "explanations.jsonl")
@@ -210,10 +422,9 @@ def run(cfg: RunConfig) -> dict:
         doc.table(
             ["layer", "dictionary", "feature", "explanation", "related to reward", "detection score"],
             [[f.get("layer"), f.get("dictionary"), f.get("index"), f.get("explanation"),
-              {1: "yes", 0: "no"}.get(f.get("label"), "unparsed"), _fmt(f.get("score", {}).get("accuracy")
-                                                                       if isinstance(f.get("score"), dict) else None)]
-             for f in feats],
-            caption=f"explainer: {feats[0].get('backend')} / {feats[0].get('model')}",
+              {1: "yes", 0: "no"}.get(f.get("label"), "unparsed"), _score(f)] for f in feats],
+            caption=f"explainer: {feats[0].get('backend')} / {feats[0].get('model')}; detection score: accuracy "
+                    "of the explainer predicting from the explanation which texts activate the feature",
         )
     else:
         doc.para("Not run.")
@@ -228,29 +439,41 @@ def run(cfg: RunConfig) -> dict:
     if lex_rows:
         step = max(1, len(lex_rows) // cfg.lexicon.sample_size)
         sample = sorted(lex_rows[::step][: cfg.lexicon.sample_size], key=lambda r: float(r["true"]))
-        doc.table(["word", "true value", "reconstructed", "held out"],
-                  [[r["word"], r["true"], _fmt(float(r["reconstructed"])), "yes" if r["heldout"] == "1" else ""]
-                   for r in sample])
+        bound = (kendall or {}).get("mapping", {}).get("bound")
 
-        def scatter(ax):
-            for held, colour, label in (("0", "tab:blue", "seen in training"), ("1", "tab:orange", "held out")):
+        def scatter(fig) -> None:
+            ax = fig.add_subplot()
+            for held, colour, label in (("0", "tab:blue", "not held out"), ("1", "tab:orange", "held out")):
                 pts = [(float(r["true"]), float(r["reconstructed"])) for r in lex_rows if r["heldout"] == held]
                 if pts:
                     ax.scatter(*zip(*pts), s=6, alpha=0.6, c=colour, label=label)
-            ax.set_xlabel("true VADER value")
-            ax.set_ylabel("reconstructed value")
-            ax.legend(fontsize=7)
-        doc.image(_plot(plots / "lexicon_scatter.png", scatter), "Reconstructed vs true lexicon values")
+            lo, hi = ax.get_xlim()
+            ax.plot([lo, hi], [lo, hi], color="0.4", ls="--", lw=0.8, label="reconstructed = true")
+            ax.set_xlim(lo, hi)
+            ax.set_xlabel("true VADER value", fontsize=9)
+            ax.set_ylabel("reconstructed value", fontsize=9)
+            ax.tick_params(labelsize=7)
+            fig.legend(loc="outside upper center", ncols=3, fontsize=7, frameon=False)
+
+        with doc.side_by_side():
+            doc.image(_plot(plots / "lexicon_scatter.png", scatter, (4.6, 4.4)),
+                      f"Reconstructed vs true lexicon value, one dot per word ({len(lex_rows)} words)"
+                      + (f"; reconstructed values are clipped to [-{bound:g}, {bound:g}]." if bound else "."))
+            doc.table(["word", "true value", "reconstructed", "held out"],
+                      [[r["word"], r["true"], _fmt(float(r["reconstructed"])), "yes" if r["heldout"] == "1" else ""]
+                       for r in sample], caption=f"{len(sample)} words spread over the lexicon")
     else:
         doc.para("Not run.")
     doc.heading("Kendall tau, reconstructed vs true lexicon (paper tables 4, 11)")
     if kendall:
         doc.table(["words", "n", "tau", "p-value", "bootstrap 95% CI"],
-                  [[k, kendall[k].get("n"), _fmt(kendall[k].get("tau")), _fmt(kendall[k].get("p")), _ci(kendall[k])]
-                   for k in ("all", "negative", "heldout") if k in kendall])
+                  [[KENDALL_LABELS[k], kendall[k].get("n"), _fmt(kendall[k].get("tau")), _p(kendall[k].get("p")),
+                    _ci(kendall[k])] for k in KENDALL_LABELS if k in kendall])
         if "sign_agreement" in kendall:
-            doc.para(f"Sign agreement: {_fmt(kendall['sign_agreement'])}. Only the held-out row measures "
-                     "generalisation: R never saw those words.")
+            held = kendall.get("sign_agreement_heldout")
+            doc.para(f"Sign agreement: {_fmt(kendall['sign_agreement'])}"
+                     + (f" (held out: {_fmt(held)})" if held is not None else "")
+                     + ". Only the held-out row measures generalisation: R never saw those words.")
     else:
         doc.para("Not run.")
 
@@ -258,8 +481,15 @@ def run(cfg: RunConfig) -> dict:
     val = _load(root, "validation.json")
     doc.heading("Validation: labelled features where R predicts a large delta (paper table 6)")
     if val:
-        doc.table(["quantity", "value"], [[k, _fmt(v) if isinstance(v, float) else json.dumps(v)]
-                                          for k, v in val.items() if not isinstance(v, (list, dict)) or len(str(v)) < 80])
+        shown = {k: _features(v) if k == "related" else v for k, v in val.items() if k != "per_layer"}
+        doc.table(["quantity", "value"], [[VALIDATION_LABELS.get(k, k), v] for k, v in shown.items()])
+        per_layer = val.get("per_layer") or {}
+        if per_layer:
+            related = val.get("related") or {}
+            doc.table(["layer", "related features", "related frequency", "average frequency"],
+                      [[layer, related.get(layer, ""), v.get("related_frequency"), v.get("average_frequency")]
+                       for layer, v in per_layer.items()],
+                      caption="Per layer, inputs above the threshold")
     else:
         doc.para("Not run.")
 
@@ -267,37 +497,32 @@ def run(cfg: RunConfig) -> dict:
     abl = _load(root, "ablation.json")
     doc.heading("Ablating the reward-related features (paper table 5, with controls)")
     if abl:
-        rows = [["tuned model, no splice (before)", _fmt(abl["before"]["mean"]), _ci(abl["before"])]]
-        bars = [("before", abl["before"])]
+        rows = [["tuned model, no splice (before)", _fmt(abl["before"]["mean"]), _ci(abl["before"]), ""]]
         for mode, conds in abl.get("modes", {}).items():
-            for cond in ("splice", "ablated", "random"):
+            for cond, text in ABLATION_CONDITIONS.items():
                 if cond in conds:
-                    rows.append([f"{mode}: {cond}", _fmt(conds[cond]["mean"]), _ci(conds[cond])])
-                    bars.append((f"{mode[:5]}:{cond}", conds[cond]))
-        doc.table(["condition", "mean reward", "95% CI"], rows,
-                  caption=f"{abl.get('n_features')} features ablated over {abl.get('n_prompts')} prompts")
-
-        def bar(ax):
-            names = [b[0] for b in bars]
-            means = [b[1]["mean"] for b in bars]
-            err = [[m - (b[1].get("ci95") or [m, m])[0] for m, b in zip(means, bars)],
-                   [(b[1].get("ci95") or [m, m])[1] - m for m, b in zip(means, bars)]]
-            ax.bar(range(len(bars)), means, yerr=err, capsize=3, color="tab:green")
-            ax.set_xticks(range(len(bars)), names, rotation=30, ha="right", fontsize=7)
-            ax.set_ylabel("mean reward")
-        doc.image(_plot(plots / "ablation.png", bar), "Mean reward per condition, 95% intervals")
+                    d = conds[cond].get("diff_vs_before")
+                    rows.append([f"{ABLATION_MODES.get(mode, mode)}: {text}", _fmt(conds[cond]["mean"]),
+                                 _ci(conds[cond]), f"{d['mean']:+.3f} {_ci(d)}" if d else ""])
+        doc.table(["condition", "mean reward", "95% CI", "minus before, same prompts (95% CI)"], rows,
+                  caption=f"{abl.get('n_features')} features ablated ({_features(abl.get('features') or {})}) over "
+                          f"{abl.get('n_prompts')} prompts; random: {abl.get('random_draws')} draws")
+        doc.image(_plot(plots / "ablation.png", _draw_ablation(abl["before"], abl.get("modes", {})), (WIDE, 3.6)),
+                  "Mean reward per condition with 95% intervals; the dashed line is the unspliced model's mean. "
+                  "The reconstruction splice replaces the layer output by the SAE's reconstruction (the paper's "
+                  "ablation); the other keeps the SAE's error term, so only the ablated features are removed.")
     else:
         doc.para("Not run.")
 
     doc.heading("Configuration")
     cfg_text = (root / "config.yaml").read_text(encoding="utf-8") if (root / "config.yaml").exists() else ""
-    doc.code(cfg_text)
+    doc.code(cfg_text, f"config.yaml of this run ({len(cfg_text.splitlines())} lines; click to show)")
     doc.heading("Versions")
     doc.table(["package", "version"], [[k, v] for k, v in _versions().items()])
 
     write_json(root / "summary.json", summary)
     write_text(root / "report.md", "\n".join(doc.md))
-    write_text(root / "report.html", _html_page(cfg.model.name, "\n".join(doc.html)))
+    write_text(root / "report.html", doc.page(cfg.model.name))
     mark_done(cfg, "report", ["summary.json", "report.md", "report.html", PLOTS])
     print(f"report: {root / 'report.html'}")
     return summary
@@ -317,11 +542,19 @@ def _versions() -> dict[str, str]:
 
 def _html_page(title: str, body: str) -> str:
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}"
-        "th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left;vertical-align:top}"
-        "th{background:#f3f3f3}caption{caption-side:top;text-align:left;font-style:italic;padding:.3rem 0}"
-        "img{max-width:100%}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}"
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222;"
+        "line-height:1.4}"
+        "h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}"
+        "nav ol{columns:2;font-size:.9rem;margin:.5rem 0 1rem}nav a{color:#2a5db0;text-decoration:none}"
+        "table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}"
+        "th,td{border:1px solid #ccc;padding:.25rem .55rem;text-align:left;vertical-align:top}"
+        "td{font-variant-numeric:tabular-nums}td.n{white-space:nowrap}tbody tr:nth-child(even){background:#fafafa}"
+        "th{background:#f0f0f0}caption{caption-side:top;text-align:left;font-style:italic;padding:.3rem 0;"
+        "color:#444}"
+        "img{max-width:100%}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555;max-width:44rem}"
+        ".row{display:flex;gap:1.5rem;align-items:flex-start;flex-wrap:wrap}"
+        ".row figure{width:min-content}.row img{max-width:none}"
+        "details summary{cursor:pointer;color:#2a5db0}"
         "pre{background:#f7f7f7;padding:1rem;overflow:auto;font-size:.8rem}h1{font-size:1.6rem}"
     )
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>irm report: {html.escape(title)}</title>"
