@@ -119,6 +119,23 @@ def test_nan_in_cached_activations_is_reported_with_its_document_and_position(tm
         list(dm.train_dataloader())
 
 
+def test_infinities_of_both_signs_are_reported_and_huge_finite_values_are_not(tmp_path):
+    acts = torch.randn(203, 4)
+    acts[127, 2], acts[150, 0] = float("inf"), float("-inf")  # their sum is NaN: still caught
+    write_cache(tmp_path / "bad", acts, [100, 3, 100])
+    dm = ActivationDataModule(str(tmp_path / "bad"), batch_size=8, val_fraction=0.0, shuffle=False)
+    dm.setup("fit")
+    with pytest.raises(UserError, match=r"row 27 \(document 2, token position 24\) holds NaN or inf"):
+        list(dm.train_dataloader())
+
+    acts = torch.randn(203, 4)
+    acts[60:70] = 3e38  # finite, yet their float32 sum is inf
+    write_cache(tmp_path / "huge", acts, [203])
+    dm = ActivationDataModule(str(tmp_path / "huge"), batch_size=8, val_fraction=0.0, shuffle=False)
+    dm.setup("fit")
+    assert torch.equal(torch.cat(list(dm.train_dataloader())), acts)
+
+
 # ---------------------------------------------------------------------------------------------- DataModule
 
 

@@ -132,7 +132,10 @@ class ShardBatches:
 
     def _load(self, shard: int) -> torch.Tensor:
         acts_RD = self.cache.read_shard(shard, ("acts",))["acts"]
-        if shard not in self._finite:
+        # A NaN or inf anywhere makes the float32 sum non-finite, so a finite sum clears the shard in one pass;
+        # the row scan runs only when the sum is not finite (a bad value, or finite values summing past float32's
+        # range) and finds the row to report.
+        if shard not in self._finite and not bool(torch.isfinite(acts_RD.sum(dtype=torch.float32))):
             bad = ~torch.isfinite(acts_RD).all(dim=1)
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
@@ -143,7 +146,7 @@ class ShardBatches:
                     f"position {int(where['positions'][0])}) holds NaN or inf activations; the model overflowed: "
                     "rebuild the cache with model.dtype float32 and cache.dtype float32 or bfloat16"
                 )
-            self._finite.add(shard)
+        self._finite.add(shard)
         return acts_RD
 
 

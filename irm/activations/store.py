@@ -1,7 +1,8 @@
 """The on-disk activation cache of one layer (paper 4.2: activations are computed once, then read by every SAE
-epoch): `shard-NNNNN.safetensors` files holding `acts` [rows, width] and, per row, `token_ids`, `doc_ids` and
-`positions`, plus `manifest.json` with each shard's row count and sha256. Writing keeps one shard in memory;
-reading goes through safetensors' memory map, one shard or one row range at a time."""
+epoch): `shard-NNNNN.safetensors` files (`shard-rRRRR-NNNNN` when several processes wrote them) holding `acts`
+[rows, width] and, per row, `token_ids`, `doc_ids` and `positions`, plus `manifest.json` listing the shards in row
+order with each one's row count and sha256. Writing keeps one shard in memory; reading goes through safetensors'
+memory map, one shard or one row range at a time, whichever process wrote the shard."""
 
 from __future__ import annotations
 
@@ -25,20 +26,34 @@ def cache_layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
     return Path(run_dir) / "cache" / f"layer-{int(layer):02d}"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
+def shard_name(index: int, rank: Optional[int] = None) -> str:
+    """`shard-NNNNN.safetensors`; with `rank` (one of several processes writing into one folder) `shard-rRRRR-NNNNN`,
+    so writers never collide."""
+    return f"shard-{index:05d}.safetensors" if rank is None else f"shard-r{rank:04d}-{index:05d}.safetensors"
+
+
+def write_manifest(directory: str | os.PathLike, shards: list[dict[str, Any]], width: int, dtype: str,
+                   **manifest: Any) -> dict:
+    """manifest.json of a complete cache: `shards` ({file, rows, sha256}) in row order, as written by one
+    ShardWriter or by several in turn; `manifest` adds model, layer, site, corpus fingerprint..."""
+    record = {**manifest, "dtype": dtype, "rows": sum(int(s["rows"]) for s in shards), "width": int(width),
+              "shards": list(shards), "complete": True}
+    write_json(Path(directory) / MANIFEST, record)
+    return record
 
 
 class ShardWriter:
     """Appends rows of one layer to fixed-size shards in `directory`, flushing each shard as it fills, so memory is
-    one preallocated shard whatever the corpus size. `close(**manifest)` writes the last shard and the manifest."""
+    one preallocated shard whatever the corpus size. `close(**manifest)` writes the last shard and the manifest;
+    `finish()` writes the last shard and returns the shard list, for a writer that is one of several (`rank`)."""
 
-    def __init__(self, directory: str | os.PathLike, width: int, dtype: str = "float32", shard_rows: int = 65536):
+    def __init__(self, directory: str | os.PathLike, width: int, dtype: str = "float32", shard_rows: int = 65536,
+                 rank: Optional[int] = None):
         if dtype not in DTYPES:
             raise UserError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if shard_rows < 1:
             raise UserError(f"cache.shard_rows must be >= 1, not {shard_rows}")
-        self.directory, self.width, self.dtype = Path(directory), int(width), dtype
+        self.directory, self.width, self.dtype, self.rank = Path(directory), int(width), dtype, rank
         self.directory.mkdir(parents=True, exist_ok=True)
         self.acts_RD = torch.empty(shard_rows, width, dtype=DTYPES[dtype])
         self.ids_3R = torch.empty(3, shard_rows, dtype=torch.int64)  # token_ids, doc_ids, positions
@@ -71,7 +86,7 @@ class ShardWriter:
 
         if self.fill == 0:
             return
-        name = shard_name(len(self.shards))
+        name = shard_name(len(self.shards), self.rank)
         tensors = {"acts": self.acts_RD[: self.fill].contiguous()}
         tensors.update({key: self.ids_3R[i, : self.fill].contiguous() for i, key in enumerate(TENSORS[1:])})
         path = self.directory / name
@@ -79,13 +94,14 @@ class ShardWriter:
         self.shards.append({"file": name, "rows": self.fill, "sha256": sha256_file(path)})
         self.fill = 0
 
+    def finish(self) -> list[dict[str, Any]]:
+        """Flush the last shard; the shards written, in order ({file, rows, sha256})."""
+        self._flush()
+        return list(self.shards)
+
     def close(self, **manifest: Any) -> dict:
         """Flush the last shard and write manifest.json (`manifest` adds model, layer, site, corpus fingerprint...)."""
-        self._flush()
-        record = {**manifest, "dtype": self.dtype, "rows": self.rows, "width": self.width,
-                  "shards": self.shards, "complete": True}
-        write_json(self.directory / MANIFEST, record)
-        return record
+        return write_manifest(self.directory, self.finish(), self.width, self.dtype, **manifest)
 
 
 class ActivationCache:
