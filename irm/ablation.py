@@ -5,19 +5,25 @@ controls the paper lacks: the SAE splice with nothing ablated, and as many rando
 Features are zeroed in the SAE's code space, never as dimensions of the reconstruction (the authors' mistake). Two
 splice modes: `reconstruction` replaces the site output by the SAE's reconstruction (the paper's), `error` keeps
 the SAE's error term so only the ablated features' decoder contribution is removed (nothing ablated = the model).
+
+With `devices: N` (irm.parallel) each condition's prompts are split among N processes, each appending to its own
+file; every prompt samples from its own seed, so which process draws it does not change its completion, and a rerun
+with any number of processes picks up what any earlier run finished.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from irm.artifacts import RunDir, append_jsonl, fingerprint, read_jsonl, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
-from irm.runtime import progress, resolve_device, seed_all
+from irm.parallel import Ranks, launch, split_list
+from irm.runtime import seed_all
 from irm.stats import mean_ci
 
 MODES = ("reconstruction", "error")
@@ -75,7 +81,7 @@ def draw_random_features(
 
 
 def prompt_seed(seed: int, index: int) -> int:
-    """The sampling seed of prompt `index`: the same in every condition, batch, resume and (later) device shard."""
+    """The sampling seed of prompt `index`: the same in every condition, batch, resume and process."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
 
 
@@ -129,22 +135,54 @@ def generate(model, tokenizer, prompts: list[list[int]], seeds: list[int], new_t
     return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, completions)]
 
 
-def condition_rewards(path, n_prompts: int, batch_size: int, score_batch: Callable, desc: str) -> np.ndarray:
-    """Rewards of prompts 0..n_prompts-1 under one condition. Finished batches are appended to the JSON-lines file
-    `path` ({"prompts", "rewards", "texts"}) and read back on a rerun, so a killed run never redoes a batch.
-    `score_batch(indices) -> (texts, rewards)`; batches are lists of prompt indices, so they could be sharded."""
+def result_files(directory: Path, stem: str) -> list[Path]:
+    """Every file holding finished prompts of the condition `stem`: the single-process file `<stem>.jsonl` and the
+    per-rank files `<stem>.rank-R.jsonl` of runs with any number of processes."""
+    return sorted(p for p in (directory / f"{stem}.jsonl", *directory.glob(f"{stem}.rank-*.jsonl")) if p.is_file())
+
+
+def own_file(directory: Path, stem: str, ranks: Ranks) -> Path:
+    """The file this process appends to: one per rank, so no two processes ever append to the same file."""
+    return directory / (f"{stem}.jsonl" if ranks.world_size == 1 else f"{stem}.rank-{ranks.rank}.jsonl")
+
+
+def _finished(directory: Path, stem: str) -> dict[int, float]:
     done: dict[int, float] = {}
-    for rec in read_jsonl(path):
-        done.update(zip(rec["prompts"], rec["rewards"]))
+    for path in result_files(directory, stem):
+        for rec in read_jsonl(path):
+            done.update(zip(rec["prompts"], rec["rewards"]))
+    return done
+
+
+def condition_rewards(ranks: Ranks, directory: Path, stem: str, n_prompts: int, batch_size: int,
+                      score_batch: Callable, desc: str) -> np.ndarray:
+    """Rewards of prompts 0..n_prompts-1 under one condition, returned on every rank.
+
+    Rank 0 reads what earlier runs finished (every file of the condition, whatever their process count) and tells
+    the others, so all ranks split the same remainder; each rank takes its contiguous share and appends finished
+    batches ({"prompts", "rewards", "texts"}) to its own file, so a killed run never redoes a batch and a rerun may
+    use another number of processes. `score_batch(indices) -> (texts, rewards)`."""
+    done = ranks.broadcast(_finished(directory, stem) if ranks.is_main else None)
     todo = [i for i in range(n_prompts) if i not in done]
-    with progress(desc=desc, total=n_prompts, unit="prompt") as bar:
-        bar.update(n_prompts - len(todo))
-        for start in range(0, len(todo), batch_size):
-            indices = todo[start : start + batch_size]
+    mine = split_list(todo, ranks)
+    path = own_file(directory, stem, ranks)
+    new: dict[int, float] = {}
+    with ranks.progress(desc=desc, total=n_prompts, unit="prompt") as bar:
+        shown = n_prompts - len(todo)
+        bar.update(shown)
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
             texts, rewards = score_batch(indices)
-            append_jsonl(path, {"prompts": indices, "rewards": [float(r) for r in rewards], "texts": texts})
-            done.update(zip(indices, rewards))
-            bar.update(len(indices))
+            rewards = [float(r) for r in rewards]
+            append_jsonl(path, {"prompts": indices, "rewards": rewards, "texts": texts})
+            new.update(zip(indices, rewards))
+            # Rank 0 counts its batches once per rank: the shares are equal and run at the same pace.
+            step = min(len(indices) * ranks.world_size, n_prompts - shown)
+            bar.update(step)
+            shown += step
+        for share in ranks.gather(new):
+            done.update(share)
+        bar.update(n_prompts - shown)
     return np.array([done[i] for i in range(n_prompts)], dtype=np.float64)
 
 
@@ -172,22 +210,33 @@ def _fmt(s: dict) -> str:
     return f"{s['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def run(cfg: RunConfig) -> dict:
-    """Generate under every condition, score, and write `<run_dir>/ablation.json`; returns its content."""
+@dataclass
+class _Setup:
+    """What each rank loads and checks before generating; the same on every rank (same config, same files)."""
+
+    model: Any
+    tokenizer: Any
+    layers: list[int]
+    related: dict[int, list[int]]
+    saes: dict[int, Any]
+    features: dict[int, list[int]]
+    random_sets: list[dict[int, list[int]]]
+    prompts: list[list[int]]
+    seeds: list[int]
+    reward: Callable
+    common: tuple  # what every condition's results depend on besides the intervention
+
+
+def _setup(cfg: RunConfig, device) -> _Setup:
+    """Load the tuned model, the SAEs, the prompts and the reward on `device`; UserError for inconsistent inputs."""
     from irm.data import load_texts, prefixes
     from irm.divergence import chosen_layers
     from irm.explain import related_features
-    from irm.models import load_tuned, n_layers, site_width, splice
+    from irm.models import load_tuned, n_layers, site_width
     from irm.reward import build_reward
     from irm.sae import load_sae, sae_dir
-    from irm.stages import mark_done
 
-    seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
     a = cfg.ablate
-    rd = RunDir(cfg.run_dir)
-    check_modes(a.modes)  # before the model loads and generates
-
     model, tokenizer = load_tuned(cfg, device)
     layers = sorted(chosen_layers(cfg, n_layers(model)))
     related = {int(layer): sorted({int(i) for i in ix}) for layer, ix in related_features(cfg.run_dir).items() if ix}
@@ -207,7 +256,6 @@ def run(cfg: RunConfig) -> dict:
                 f"rerun `python -m irm explain` after `python -m irm sae`"
             )
     features = {layer: related.get(layer, []) for layer in layers}
-    n_features = sum(len(ix) for ix in features.values())
     random_sets = draw_random_features(features, widths, a.random_draws, cfg.seed)
 
     # The whole split, not n_prompts texts: prefixes() drops texts shorter than prefix_tokens.
@@ -221,52 +269,80 @@ def run(cfg: RunConfig) -> dict:
         )
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     reward = build_reward(cfg.reward, device)
-
-    # A condition's results are keyed by what they depend on, not by its name: conditions that are the same
-    # intervention (e.g. "ablated" and "splice" when nothing is labelled) share one file and run once, and a
-    # changed policy, SAE, corpus or sampling setting never reuses stale rewards.
+    rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("rlhf", "sae")}
     common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, a.new_tokens, stamps)
-    used: list = []
+    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, prompts, seeds, reward, common)
+
+
+def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | UserError | None:
+    """One rank's part of the stage (irm.parallel): every rank generates its share of each condition's prompts;
+    rank 0 summarises, writes ablation.json and records the stage. Returns rank 0's result, or the UserError."""
+    from irm.models import splice
+    from irm.stages import mark_done
+
+    seed_all(cfg.seed)
+    try:
+        s, error = _setup(cfg, ranks.device), None
+    except UserError as e:
+        s, error = None, str(e)
+    # The ranks agree before anyone generates: a rank that stopped alone would leave the others waiting at the
+    # first collective. The error is returned, not raised: raised in a spawned worker it would reach the user as
+    # a traceback instead of one line.
+    errors = [e for e in ranks.gather(error) if e is not None]
+    if errors:
+        return UserError(errors[0])
+
+    a = cfg.ablate
+    rd = RunDir(cfg.run_dir)
+    directory = rd.path("ablate")
+    used: list[Path] = []
 
     def rewards_of(desc: str, mode: str | None, ablate: dict[int, list[int]] | None) -> np.ndarray:
-        key = fingerprint(common, mode, None if ablate is None else _json_features(ablate))
-        path = rd.path("ablate", f"{mode or 'model'}-{key}.jsonl")
-        used.append(path)
-        fns = {} if ablate is None else {layer: intervention(saes[layer], ablate[layer], mode) for layer in layers}
+        # A condition's results are keyed by what they depend on, not by its name: conditions that are the same
+        # intervention (e.g. "ablated" and "splice" when nothing is labelled) share files and run once, and a
+        # changed policy, SAE, corpus or sampling setting never reuses stale rewards.
+        stem = f"{mode or 'model'}-{fingerprint(s.common, mode, None if ablate is None else _json_features(ablate))}"
+        fns = {} if ablate is None else {layer: intervention(s.saes[layer], ablate[layer], mode) for layer in s.layers}
 
         def score_batch(indices: list[int]):
-            with splice(model, fns, site=cfg.cache.site):
-                out = generate(model, tokenizer, [prompts[i] for i in indices], [seeds[i] for i in indices],
+            with splice(s.model, fns, site=cfg.cache.site):
+                out = generate(s.model, s.tokenizer, [s.prompts[i] for i in indices], [s.seeds[i] for i in indices],
                                a.new_tokens)
-            return out, reward(out)
+            return out, s.reward(out)
 
-        return condition_rewards(path, len(prompts), a.batch_size, score_batch, f"ablate {desc}")
+        rewards = condition_rewards(ranks, directory, stem, len(s.prompts), a.batch_size, score_batch,
+                                    f"ablate {desc}")
+        used.extend(result_files(directory, stem))
+        return rewards
 
     before = rewards_of("model", None, None)
-    nothing = {layer: [] for layer in layers}
+    nothing = {layer: [] for layer in s.layers}
     modes = {}
     for mode in a.modes:
         splice_r = rewards_of(f"{mode} splice", mode, nothing)
-        ablated_r = rewards_of(f"{mode} ablated", mode, features)
+        ablated_r = rewards_of(f"{mode} ablated", mode, s.features)
         modes[mode] = {"splice": _paired(splice_r, before), "ablated": _paired(ablated_r, before)}
-        if random_sets:
-            draw_r = np.stack([rewards_of(f"{mode} random {d + 1}/{len(random_sets)}", mode, f)
-                               for d, f in enumerate(random_sets)])
-            modes[mode]["random"] = _random_summary(draw_r, random_sets, before)
+        if s.random_sets:
+            draw_r = np.stack([rewards_of(f"{mode} random {d + 1}/{len(s.random_sets)}", mode, f)
+                               for d, f in enumerate(s.random_sets)])
+            modes[mode]["random"] = _random_summary(draw_r, s.random_sets, before)
+    if not ranks.is_main:
+        return None
 
+    n_features = sum(len(ix) for ix in s.features.values())
     before_s = mean_ci(before)
     after_mode = "reconstruction" if "reconstruction" in modes else a.modes[0]
     after = modes[after_mode]["ablated"]
     result = {
-        "n_prompts": len(prompts),
+        "n_prompts": len(s.prompts),
         "new_tokens": a.new_tokens,
         "prefix_tokens": a.prefix_tokens,
-        "layers": layers,
+        "layers": s.layers,
         "site": cfg.cache.site,
-        "features": _json_features(features),
+        "features": _json_features(s.features),
         "n_features": n_features,
-        "random_draws": len(random_sets),
+        "random_draws": len(s.random_sets),
         "model": before_s,
         "modes": modes,
         "before": {"mean": before_s["mean"], "ci95": before_s["ci95"]},
@@ -277,8 +353,8 @@ def run(cfg: RunConfig) -> dict:
     write_json(rd.path("ablation.json"), result)
     mark_done(cfg, "ablate", ["ablation.json", *sorted(set(used))])
 
-    print(f"irm ablate: mean reward over {len(prompts)} prompts, 95% CI; {n_features} labelled feature(s) "
-          f"at layers {sorted(related)}" + (" (none labelled: controls only)" if n_features == 0 else ""))
+    print(f"irm ablate: mean reward over {len(s.prompts)} prompts, 95% CI; {n_features} labelled feature(s) "
+          f"at layers {sorted(s.related)}" + (" (none labelled: controls only)" if n_features == 0 else ""))
     print(f"  before (tuned model)        {_fmt(before_s)}")
     for mode, conds in modes.items():
         for name in ("splice", "ablated", "random"):
@@ -286,3 +362,13 @@ def run(cfg: RunConfig) -> dict:
                 c = conds[name]
                 print(f"  {mode + ' ' + name:<27} {_fmt(c)}   vs before {_fmt(c['diff_vs_before'])}")
     return result
+
+
+def run(cfg: RunConfig) -> dict:
+    """Generate under every condition on `cfg.devices` processes (irm.parallel), score, and write
+    `<run_dir>/ablation.json`; returns its content."""
+    check_modes(cfg.ablate.modes)  # before anything loads or a process starts
+    out = launch(cfg, _ablate)
+    if isinstance(out, UserError):
+        raise out
+    return out

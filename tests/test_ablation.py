@@ -20,11 +20,13 @@ from irm.ablation import (
     generate,
     intervention,
     prompt_seed,
+    result_files,
     run,
 )
-from irm.artifacts import read_jsonl
+from irm.artifacts import append_jsonl, read_jsonl
 from irm.config import ModelConfig
 from irm.models import capture, load_model, splice
+from irm.parallel import Ranks
 from irm.sae import SparseAutoencoder, sae_dir, save_sae
 
 torch.set_num_threads(1)
@@ -258,7 +260,7 @@ def test_generate_samples_exactly_new_tokens_from_the_policy_alone(tiny):
 
 
 def test_condition_rewards_resumes_without_redoing_a_finished_batch(tmp_path):
-    path = tmp_path / "ablate" / "cond.jsonl"
+    directory = tmp_path / "ablate"
     calls, kill_at = [], {3}
 
     def score(indices):
@@ -268,16 +270,39 @@ def test_condition_rewards_resumes_without_redoing_a_finished_batch(tmp_path):
         return [f"t{i}" for i in indices], [float(i) ** 2 for i in indices]
 
     with pytest.raises(RuntimeError, match="killed"):
-        condition_rewards(path, 10, 3, score, "test")
+        condition_rewards(Ranks(), directory, "cond", 10, 3, score, "test")
     assert calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     calls.clear()
     kill_at.clear()
-    rewards = condition_rewards(path, 10, 3, score, "test")
+    rewards = condition_rewards(Ranks(), directory, "cond", 10, 3, score, "test")
     assert calls == [[6, 7, 8], [9]]
     assert rewards.tolist() == [float(i) ** 2 for i in range(10)]
     calls.clear()
-    assert condition_rewards(path, 10, 3, score, "test").tolist() == rewards.tolist()
+    assert condition_rewards(Ranks(), directory, "cond", 10, 3, score, "test").tolist() == rewards.tolist()
     assert calls == []
+    assert [p.name for p in directory.iterdir()] == ["cond.jsonl"]  # one process: the single file
+
+
+def test_condition_rewards_counts_every_ranks_file_of_an_earlier_run_and_no_other_conditions(tmp_path):
+    """An earlier three-process run finished prompts in its per-rank files (one of them beside a single-process
+    file of an older run); a one-process rerun generates only what none of them holds, into the single file."""
+    directory = tmp_path / "ablate"
+    append_jsonl(directory / "cond.rank-0.jsonl", {"prompts": [0, 1], "rewards": [0.5, 1.5], "texts": ["a", "b"]})
+    append_jsonl(directory / "cond.rank-2.jsonl", {"prompts": [6, 7], "rewards": [6.5, 7.5], "texts": ["g", "h"]})
+    append_jsonl(directory / "cond.jsonl", {"prompts": [3], "rewards": [3.5], "texts": ["d"]})
+    append_jsonl(directory / "other.rank-1.jsonl", {"prompts": [2, 4, 5], "rewards": [9.0] * 3, "texts": ["x"] * 3})
+    calls = []
+
+    def score(indices):
+        calls.append(list(indices))
+        return [f"t{i}" for i in indices], [i + 0.5 for i in indices]
+
+    rewards = condition_rewards(Ranks(), directory, "cond", 8, 2, score, "test")
+    assert calls == [[2, 4], [5]]
+    assert rewards.tolist() == [i + 0.5 for i in range(8)]
+    assert [rec["prompts"] for rec in read_jsonl(directory / "cond.jsonl")] == [[3], [2, 4], [5]]
+    assert [p.name for p in result_files(directory, "cond")] == ["cond.jsonl", "cond.rank-0.jsonl",
+                                                                 "cond.rank-2.jsonl"]
 
 
 # --- the stage -------------------------------------------------------------------------------------------------
