@@ -21,7 +21,7 @@ from irm.activations import ShardWriter
 from irm.activations.datamodule import ActivationDataModule
 from irm.errors import UserError
 from irm.sae import ExportSAEs, SAEModule, SparseAutoencoder, load_sae, sae_dir, save_sae
-from irm.sae.model import reconstruction_stats, sae_loss
+from irm.sae.model import moment_metrics, row_moments, sae_loss
 from irm.sae.module import FeatureActivity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,16 +99,17 @@ def test_loss_is_mse_plus_alpha_times_mean_row_l1():
     assert loss.item() == pytest.approx(((xn - xh) ** 2).mean() + 0.25 * np.abs(f).sum(axis=1).mean(), rel=1e-5)
 
 
-def test_normalised_mse_and_explained_variance_against_numpy():
+def test_logged_statistics_against_numpy():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 1.0
-    x_hat = x + 0.3 * torch.randn(50, 4, generator=g) + 0.2  # an error with a bias: the two measures differ
-    stats = reconstruction_stats(x, x_hat)
-    xn, err = x.double().numpy(), (x - x_hat).double().numpy()
-    nmse = (err ** 2).mean() / xn.var(axis=0).mean()
-    explained = 1 - err.var(axis=0).sum() / xn.var(axis=0).sum()
-    assert stats["nmse"].item() == pytest.approx(nmse, rel=1e-5)
-    assert stats["explained_variance"].item() == pytest.approx(explained, rel=1e-5)
+    x_hat = x + 0.3 * torch.randn(50, 4, generator=g) + 0.2  # an error with a bias: nmse and explained variance differ
+    codes = torch.relu(torch.randn(50, 7, generator=g))
+    stats = moment_metrics(row_moments(x, x_hat, codes))
+    xn, err, f = x.double().numpy(), (x - x_hat).double().numpy(), codes.double().numpy()
+    expected = {"mse": (err ** 2).mean(), "nmse": (err ** 2).mean() / xn.var(axis=0).mean(),
+                "explained_variance": 1 - err.var(axis=0).sum() / xn.var(axis=0).sum(),
+                "l1": f.sum(axis=1).mean(), "l0": (f > 0).sum(axis=1).mean()}
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx(expected, rel=1e-9)
     assert stats["explained_variance"].item() > 1 - stats["nmse"].item()
 
 

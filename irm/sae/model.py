@@ -79,14 +79,56 @@ def sae_loss(
     return mse + l1_coefficient * l1, mse, l1
 
 
+# Reconstruction statistics of a set of rows as one vector that merges exactly across batches and DDP ranks, so a metric
+# over an epoch or a global batch is the metric of the union of its rows, not an average of per-batch ratios. Layout:
+# [rows, active codes, summed codes, then per input dimension: mean of x, centred sum of squares of x, mean of the
+# residual x - x_hat, centred sum of squares of the residual]. Centred sums (merged with Chan et al.'s pairwise
+# update) in float64: no cancellation where a dimension's mean dwarfs its spread, as in LM activations' outlier dims.
+_HEAD = 3
+
+
 @torch.no_grad()
-def reconstruction_stats(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Normalised MSE (MSE / total variance of x) and explained variance (1 - Var(x - x_hat) / Var(x)); the two
-    differ by the residual's mean, i.e. a bias the decoder has not learnt. Variances are summed over dimensions."""
-    x, err = x_BD.float(), (x_BD - x_hat_BD).float()
-    total_var = x.var(dim=0, unbiased=False).sum().clamp_min(1e-12)
-    mse_sum = err.pow(2).mean(dim=0).sum()
-    return {
-        "nmse": mse_sum / total_var,
-        "explained_variance": 1.0 - err.var(dim=0, unbiased=False).sum() / total_var,
-    }
+def row_moments(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The statistics vector [3 + 4 * d_in] of one batch (any leading dimensions)."""
+    d = x_BD.shape[-1]
+    x = x_BD.reshape(-1, d).to(dtype)
+    err = x - x_hat_BD.reshape(-1, d).to(dtype)
+    x_mean, err_mean = x.mean(dim=0), err.mean(dim=0)
+    head = torch.stack([torch.full((), x.shape[0], dtype=dtype, device=x.device),  # a fill: no host sync
+                        torch.count_nonzero(codes_BF).to(dtype), codes_BF.sum(dtype=dtype)])
+    return torch.cat([head, x_mean, (x - x_mean).pow(2).sum(dim=0), err_mean, (err - err_mean).pow(2).sum(dim=0)])
+
+
+def empty_moments(d_in: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The statistics vector of no rows: what a rank without held-out rows contributes."""
+    return torch.zeros(_HEAD + 4 * d_in, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def merge_moments(moments_KS: torch.Tensor) -> torch.Tensor:
+    """[..., K, 3 + 4 * d_in] statistics of K disjoint row sets -> [..., 3 + 4 * d_in] of their union."""
+    d = (moments_KS.shape[-1] - _HEAD) // 4
+    n_K1 = moments_KS[..., :1]
+    n_1 = n_K1.sum(dim=-2).clamp_min(1)
+    out = [moments_KS[..., :_HEAD].sum(dim=-2)]
+    for start in (_HEAD, _HEAD + 2 * d):  # x, then the residual
+        mean_KD, m2_KD = moments_KS[..., start: start + d], moments_KS[..., start + d: start + 2 * d]
+        mean_D = (n_K1 * mean_KD).sum(dim=-2) / n_1
+        out += [mean_D, m2_KD.sum(dim=-2) + (n_K1 * (mean_KD - mean_D.unsqueeze(-2)).pow(2)).sum(dim=-2)]
+    return torch.cat(out, dim=-1)
+
+
+@torch.no_grad()
+def moment_metrics(moments_S: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MSE (over rows and dimensions, as `sae_loss`), normalised MSE (MSE / total variance of x), explained variance
+    (1 - Var(x - x_hat) / Var(x), variances summed over dimensions; it exceeds 1 - nmse by the residual's mean, a
+    bias the decoder has not learnt), L1 (summed codes per row) and L0 (active codes per row, "true sparsity",
+    appendix J) of the rows the statistics describe."""
+    d = (moments_S.shape[0] - _HEAD) // 4
+    n, active, code_sum = moments_S[0].clamp_min(1), moments_S[1], moments_S[2]
+    x_m2 = moments_S[_HEAD + d: _HEAD + 2 * d].sum().clamp_min(1e-12)
+    err_mean, err_m2 = moments_S[_HEAD + 2 * d: _HEAD + 3 * d], moments_S[_HEAD + 3 * d:].sum()
+    sq_err = err_m2 + n * err_mean.pow(2).sum()
+    return {"mse": sq_err / (n * d), "nmse": sq_err / x_m2, "l1": code_sum / n, "l0": active / n,
+            "explained_variance": 1.0 - err_m2 / x_m2}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from irm.errors import UserError
-from irm.sae.model import SparseAutoencoder, reconstruction_stats, sae_loss
+from irm.sae.model import SparseAutoencoder, empty_moments, merge_moments, moment_metrics, row_moments, sae_loss
 
 # ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
 # the state its step count and optimizer state describe, so resuming from it reproduces an uninterrupted run.
@@ -58,7 +58,9 @@ class SAEModule(L.LightningModule):
 
     Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance) are computed on the
     steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the statistics cost passes
-    over the codes and their logging would otherwise sync with the host each step.
+    over the codes and their logging would otherwise sync with the host each step. Under DDP they describe the global
+    batch (every rank's batch of that step), and the validation/test metrics all held-out rows of every rank: each
+    rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
     """
 
     def __init__(self, d_in: Optional[int] = None, expansions: Sequence[int] = (1, 2), l1_coefficient: float = 1.0e-3,
@@ -76,6 +78,7 @@ class SAEModule(L.LightningModule):
         self.saes = nn.ModuleDict()
         self.activity = nn.ModuleDict()
         self._val_fired: dict[str, torch.Tensor] = {}
+        self._val_moments: Optional[torch.Tensor] = None  # [dictionary, statistics] of the held-out rows seen so far
         if d_in is not None:
             self._build(int(d_in))
 
@@ -91,6 +94,13 @@ class SAEModule(L.LightningModule):
         return self.hparams.d_in
 
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP runs training_step inside its forward and asserts when a backward starts there (Lightning issue
+            # #19626), which manual optimisation does by design.
+            raise UserError("SAEModule trains with manual optimisation, which Lightning's FSDP strategy does not "
+                            "support; use --trainer.strategy ddp (an SAE pair is small enough to replicate per device)")
         width = getattr(self.trainer.datamodule, "width", None) if self.trainer.datamodule is not None else None
         if not self.saes:
             if width is None:
@@ -127,20 +137,20 @@ class SAEModule(L.LightningModule):
         """One optimizer step per batch: `batch` is a tensor [rows, width], or a list of them when the datamodule
         groups batches (ActivationDataModule's batches_per_item)."""
         for x_BD in batch if isinstance(batch, (list, tuple)) else (batch,):
-            parts, total = self._step(x_BD)
+            parts = self._step(x_BD)
         if self._logging_step():
-            self._log_train(x_BD, parts, total)
+            self._log_train(x_BD, parts)
 
-    def _step(self, x_BD: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def _step(self, x_BD: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One optimizer step on `x_BD`; {dictionary name: (reconstruction, codes)} from before the update."""
         alpha = self.hparams.l1_coefficient
         total = 0.0
         parts = {}
         for name, sae in self.saes.items():
             x_hat_BD, codes_BF = sae(x_BD)
-            loss, mse, l1 = sae_loss(x_BD, x_hat_BD, codes_BF, alpha)
-            total = total + loss
+            total = total + sae_loss(x_BD, x_hat_BD, codes_BF, alpha)[0]
             self.activity[name].observe(codes_BF)
-            parts[name] = (x_hat_BD, codes_BF, mse, l1)
+            parts[name] = (x_hat_BD, codes_BF)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
@@ -148,23 +158,45 @@ class SAEModule(L.LightningModule):
         if not self.hparams.tied:
             for sae in self.saes.values():
                 sae.normalize_decoder_()
-        return parts, total
+        return parts
 
     def _logging_step(self) -> bool:
         # The steps Lightning's logger connector writes on (counted in loader items, as it counts them).
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
 
+    @property
+    def _stats_dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+
+    def _global(self, moments_NS: torch.Tensor) -> torch.Tensor:
+        """Per-dictionary statistics [dictionary, statistics] of every rank's rows together: one all_gather."""
+        if self.trainer.world_size == 1:
+            return moments_NS
+        return merge_moments(self.trainer.strategy.all_gather(moments_NS).transpose(0, 1))
+
+    def _any_rank(self, fired_F: torch.Tensor) -> torch.Tensor:
+        """Summed over ranks: a feature firing on any rank counts."""
+        return self.trainer.strategy.reduce(fired_F, reduce_op="sum") if self.trainer.world_size > 1 else fired_F
+
+    def _metrics(self, stage: str, moments_NS: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics, total = {}, 0.0
+        for name, moments_S in zip(self.saes, moments_NS):
+            stats = moment_metrics(moments_S)
+            total = total + stats["mse"] + self.hparams.l1_coefficient * stats["l1"]  # sae_loss of these rows
+            metrics.update({f"{stage}/{name}/{k}": v.float() for k, v in stats.items()})
+        metrics[f"{stage}/loss"] = total.float()
+        return metrics
+
     @torch.no_grad()
-    def _log_train(self, x_BD: torch.Tensor, parts: dict, total: torch.Tensor) -> None:
-        reduce = None
-        if self.trainer.world_size > 1:
-            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        metrics = {"train/loss": total.detach()}
-        for name, (x_hat_BD, codes_BF, mse, l1) in parts.items():
-            metrics.update(_prefixed(f"train/{name}", x_BD, x_hat_BD, codes_BF, mse, l1))
-            metrics[f"train/{name}/dead_fraction"] = self.activity[name].dead_fraction(
-                self.global_step, self.hparams.dead_window, reduce)
+    def _log_train(self, x_BD: torch.Tensor, parts: dict) -> None:
+        moments_NS = torch.stack([row_moments(x_BD, x_hat_BD, codes_BF, self._stats_dtype)
+                                  for x_hat_BD, codes_BF in parts.values()])
+        metrics = self._metrics("train", self._global(moments_NS))
+        for name, activity in self.activity.items():
+            metrics[f"train/{name}/dead_fraction"] = activity.dead_fraction(self.global_step, self.hparams.dead_window,
+                                                                          self._any_rank)
+        # The same global values on every rank: nothing left for Lightning to sync.
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x_BD.shape[0])
 
     # Validation and test: the held-out, document-aligned tail of the cache.
@@ -172,56 +204,40 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_fired = {name: torch.zeros(sae.d_hidden, dtype=torch.bool, device=self.device)
                            for name, sae in self.saes.items()}
+        self._val_moments = torch.stack([empty_moments(self.d_in, self._stats_dtype, self.device)] * len(self.saes))
 
     def validation_step(self, x_BD: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(x_BD, "val")
+        self._evaluate(x_BD)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_dead("val")
+        self._log_epoch("val")
 
     on_test_epoch_start = on_validation_epoch_start
 
     def test_step(self, x_BD: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(x_BD, "test")
+        self._evaluate(x_BD)
 
     def on_test_epoch_end(self) -> None:
-        self._log_dead("test")
+        self._log_epoch("test")
 
-    def _evaluate(self, x_BD: torch.Tensor, stage: str) -> None:
-        alpha = self.hparams.l1_coefficient
-        metrics = {}
-        total = 0.0
+    @torch.no_grad()
+    def _evaluate(self, x_BD: torch.Tensor) -> None:
+        batch_NS = []
         for name, sae in self.saes.items():
             x_hat_BD, codes_BF = sae(x_BD)
-            loss, mse, l1 = sae_loss(x_BD, x_hat_BD, codes_BF, alpha)
-            total = total + loss
             self._val_fired[name] |= codes_BF.amax(dim=0) > 0
-            metrics.update(_prefixed(f"{stage}/{name}", x_BD, x_hat_BD, codes_BF, mse, l1))
-        metrics[f"{stage}/loss"] = total
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=x_BD.shape[0])
+            batch_NS.append(row_moments(x_BD, x_hat_BD, codes_BF, self._stats_dtype))
+        self._val_moments = merge_moments(torch.stack([self._val_moments, torch.stack(batch_NS)], dim=-2))
 
-    def _log_dead(self, stage: str) -> None:
-        # Over the whole held-out set: a feature that fires on no held-out row is dead there.
-        for name, fired in self._val_fired.items():
-            fired = fired.float()
-            if self.trainer.world_size > 1:
-                fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
-            # Already the same on every rank; sync_dist only tells Lightning so.
-            self.log(f"{stage}/{name}/dead_fraction", 1.0 - (fired > 0).float().mean(), on_epoch=True,
-                     sync_dist=True)
-
-
-def _prefixed(prefix: str, x_BD, x_hat_BD, codes_BF, mse, l1) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        stats = reconstruction_stats(x_BD, x_hat_BD)
-        return {
-            f"{prefix}/mse": mse.detach(),
-            f"{prefix}/nmse": stats["nmse"],
-            f"{prefix}/l1": l1.detach(),
-            # "True sparsity" (appendix J): mean number of active features per row.
-            f"{prefix}/l0": torch.count_nonzero(codes_BF).float() / codes_BF.shape[0],
-            f"{prefix}/explained_variance": stats["explained_variance"],
-        }
+    def _log_epoch(self, stage: str) -> None:
+        """Metrics over the whole held-out set, every rank's rows together; a feature that fires on no held-out row
+        is dead there."""
+        metrics = self._metrics(stage, self._global(self._val_moments))
+        fired_F = self._any_rank(torch.cat([fired.float() for fired in self._val_fired.values()])) > 0
+        for name, fired in zip(self._val_fired, fired_F.split([f.numel() for f in self._val_fired.values()])):
+            metrics[f"{stage}/{name}/dead_fraction"] = 1.0 - fired.float().mean()
+        # Already the same on every rank; sync_dist only tells Lightning so.
+        self.log_dict(metrics, on_epoch=True, sync_dist=True)
 
 
 class ExportSAEs(L.Callback):
