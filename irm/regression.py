@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from irm.artifacts import atomic_path, read_json, write_json
 from irm.config import RunConfig
@@ -59,19 +60,29 @@ class DeltaShards(Dataset):
         return len(self.files)
 
 
-class ShardBatchSampler(Sampler):
+class ShardBatchSampler(DistributedSampler):
     """Keys of `DeltaShards` batches: shards in turn, rows of one shard in one batch at most. With `shuffle`, shard
-    order and rows within a shard are permuted, seeded by (seed, epoch), so a resumed epoch sees the same order."""
+    order and rows within a shard are permuted, seeded by (seed, epoch), so a resumed epoch sees the same order.
 
-    def __init__(self, rows_per_shard: list[np.ndarray], batch_size: int, shuffle: bool, seed: int):
+    Under DDP every rank draws the same permutations and takes every world_size-th row of each shard, so ranks read
+    disjoint rows. With `even` (training) each rank's share of a shard is cut to the same size: every rank takes the
+    same number of steps on batches of the same sizes, so DDP's averaged gradient is the gradient of the global batch;
+    at most world_size - 1 rows per shard sit out an epoch, different ones each epoch. Without it (validation) every
+    row is read once. A DistributedSampler, so Lightning keeps it rather than wrapping it in its own, which would
+    split batches instead of rows and pad with repeated batches."""
+
+    def __init__(self, rows_per_shard: list[np.ndarray], batch_size: int, shuffle: bool, seed: int, rank: int = 0,
+                 world_size: int = 1, even: bool = True):
+        # Not DistributedSampler.__init__: its sizes count dataset items; ours are rows of shards.
         self.rows_per_shard = rows_per_shard
         self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
+        self.shuffle, self.seed, self.even = shuffle, seed, even
+        self.rank, self.num_replicas = rank, world_size
+        self.epoch = 0  # set_epoch (Lightning calls it each epoch) is DistributedSampler's
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _share(self, n: int) -> int:
+        """How many of a shard's n rows this rank reads."""
+        return n // self.num_replicas if self.even else len(range(self.rank, n, self.num_replicas))
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -80,16 +91,18 @@ class ShardBatchSampler(Sampler):
             rows = self.rows_per_shard[s]
             if self.shuffle:
                 rows = rng.permutation(rows)
+            rows = rows[self.rank::self.num_replicas][:self._share(len(rows))]
             for i in range(0, len(rows), self.batch_size):
                 yield int(s), rows[i: i + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return sum(-(-len(r) // self.batch_size) for r in self.rows_per_shard)
+        return sum(-(-self._share(len(r)) // self.batch_size) for r in self.rows_per_shard)
 
 
 class DeltaDataModule(L.LightningDataModule):
     """Rows (x = SAE codes at the sentiment token, y = delta) of `<run_dir>/deltas`. A seeded `val_fraction` of the
-    triples (both rows of each) is held out for validation metrics."""
+    triples (both rows of each) is held out for validation metrics. Under DDP (or several nodes) each process reads
+    its share of the rows (ShardBatchSampler), by global rank and world size."""
 
     def __init__(self, deltas_dir: str, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
                  num_workers: int = 0):
@@ -131,11 +144,21 @@ class DeltaDataModule(L.LightningDataModule):
             self.train_rows.append(np.flatnonzero(~is_val))
             self.val_rows.append(np.flatnonzero(is_val))
         self.files = [s["file"] for s in self.manifest["shards"]]
+        world = self._world()[1]
+        for what, rows in (("training", self.train_rows), ("held-out", self.val_rows)):
+            # The last rank's share of a shard is the smallest: n // world rows.
+            if sum(len(r) // world for r in rows) == 0:
+                raise UserError(f"too few {what} rows in {self.deltas_dir} to give each of {world} processes one; "
+                                "make more triples (triples.n), or use fewer processes")
+
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _loader(self, rows: list[np.ndarray], shuffle: bool) -> DataLoader:
-        return DataLoader(DeltaShards(self.deltas_dir, self.files),
-                          sampler=ShardBatchSampler(rows, self.batch_size, shuffle, self.seed),
-                          batch_size=None, num_workers=self.num_workers)
+        rank, world = self._world()
+        sampler = ShardBatchSampler(rows, self.batch_size, shuffle, self.seed, rank, world, even=shuffle)
+        return DataLoader(DeltaShards(self.deltas_dir, self.files), sampler=sampler, batch_size=None,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, shuffle=True)
@@ -205,7 +228,8 @@ class IRMRegression(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["y"]))
+        # Under DDP the mean over ranks is the global batch's loss: every rank's batch has the same size.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["y"]), sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -223,12 +247,13 @@ class IRMRegression(L.LightningModule):
 # Export
 
 
-def export(module: IRMRegression, manifest: dict, path: str | Path) -> None:
-    """R as `regression.safetensors`: weight [n_features], bias [1], layers; width, site in the metadata."""
+def export(state: dict[str, torch.Tensor], manifest: dict, path: str | Path) -> None:
+    """R, from an IRMRegression state dict, as `regression.safetensors`: weight [n_features], bias [1], layers; width,
+    site in the metadata."""
     from safetensors.torch import save_file
 
-    weight = module.linear.weight.detach().reshape(-1).float().cpu().contiguous()
-    bias = module.linear.bias.detach().reshape(1).float().cpu().contiguous()
+    weight = state["linear.weight"].detach().reshape(-1).float().cpu().contiguous()
+    bias = state["linear.bias"].detach().reshape(1).float().cpu().contiguous()
     layers = torch.as_tensor(manifest["layers"], dtype=torch.long)
     meta = {"layers": json.dumps(manifest["layers"]), "width": str(manifest["width"]), "site": manifest["site"],
             "n_features": str(weight.numel())}
@@ -237,14 +262,17 @@ def export(module: IRMRegression, manifest: dict, path: str | Path) -> None:
 
 
 class ExportRegression(L.Callback):
-    """Writes the fitted R to `path` at the end of fitting (the stage and `python -m irm fit` alike)."""
+    """Writes the fitted R to `path` at the end of fitting (the stage and `python -m irm fit` alike), from rank 0."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: IRMRegression) -> None:
+        # On every rank: under a sharding strategy (FSDP) this gathers the whole parameters onto rank 0, where the
+        # module's own tensors would be this rank's shard.
+        state = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
-            export(pl_module, trainer.datamodule.manifest, self.path)
+            export(state, trainer.datamodule.manifest, self.path)
 
 
 def load_irm(run_dir: str | Path) -> tuple[torch.Tensor, float, list[int]]:
@@ -306,10 +334,12 @@ def run(cfg: RunConfig) -> dict:
 
     trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    val = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    val = trainer.validate(model, datamodule=dm, verbose=False)[0]  # torchmetrics: over every rank's rows
     metrics = {**dm.counts(), "n_features": dm.n_features, "layers": dm.manifest["layers"],
                "epochs": trainer.current_epoch, "optimizer": rc.optimizer, "weight_decay": rc.weight_decay,
                "val_mse": val.get("val/mse"), "val_r2": val.get("val/r2")}
+    if not trainer.is_global_zero:  # under DDP every rank runs this stage; one records it
+        return metrics
     write_json(out / METRICS, metrics)
     mark_done(cfg, "regression", [f"{REGRESSION_DIR}/{EXPORT}", f"{REGRESSION_DIR}/{METRICS}"])
     print(f"regression: R fitted on {metrics['train_rows']} rows ({metrics['n_features']} features), held-out "
