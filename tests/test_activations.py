@@ -128,12 +128,14 @@ def test_infinities_of_both_signs_are_reported_and_huge_finite_values_are_not(tm
     with pytest.raises(UserError, match=r"row 27 \(document 2, token position 24\) holds NaN or inf"):
         list(dm.train_dataloader())
 
-    acts = torch.randn(203, 4)
-    acts[60:70] = 3e38  # finite, yet their float32 sum is inf
-    write_cache(tmp_path / "huge", acts, [203])
-    dm = ActivationDataModule(str(tmp_path / "huge"), batch_size=8, val_fraction=0.0, shuffle=False)
-    dm.setup("fit")
-    assert torch.equal(torch.cat(list(dm.train_dataloader())), acts)
+    for dtype, huge in (("float32", 3e38), ("float16", 6e4)):  # finite, yet ten of them sum past the dtype's range
+        acts = torch.randn(203, 4)
+        acts[60:70] = huge
+        write_cache(tmp_path / dtype, acts, [203], dtype=dtype)
+        dm = ActivationDataModule(str(tmp_path / dtype), batch_size=8, val_fraction=0.0, shuffle=False)
+        dm.setup("fit")
+        stored = acts.to(getattr(torch, dtype)).float()
+        assert torch.equal(torch.cat(list(dm.train_dataloader())), stored)
 
 
 # ---------------------------------------------------------------------------------------------- DataModule
