@@ -113,3 +113,31 @@ def test_two_rank_fit_equals_single_process_fit_with_global_metrics(tmp_path):
         mse = ((pred - target) ** 2).mean()
         assert metrics["val/mse"] == pytest.approx(mse, rel=1e-5)
         assert metrics["val/r2"] == pytest.approx(1 - mse / target.var(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_stage_under_ddp_is_recorded_once_with_global_metrics(tmp_path):
+    from irm.cli import parse_config
+    from irm.regression import load_irm
+    from irm.stages import is_done
+
+    x, y, triple = linear_data(n=300, f=16, noise=0.01)
+    run_dir = tmp_path / "run"
+    write_deltas(run_dir / "deltas", x, y, triple, shard_rows=60)
+    trainer = {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "enable_progress_bar": False}
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run_dir", str(run_dir), "--log_dir",
+            str(tmp_path / "logs"), "--regression.epochs", "30", "--regression.learning_rate", "0.05",
+            "--regression.batch_size", "16", "--regression.trainer", json.dumps(trainer)]
+    out = irm_cli("regression", *args, cwd=tmp_path, timeout=500)
+    assert out.stdout.count("regression: R fitted") == 1  # rank 0 alone reports and records
+    assert is_done(parse_config("regression", args), "regression")
+    metrics = json.loads((run_dir / "regression" / "metrics.json").read_text())
+    assert metrics["train_rows"] + metrics["val_rows"] == 300  # the whole data set's counts, not a rank's
+    weight, bias, _ = load_irm(run_dir)
+    dm = DeltaDataModule(str(run_dir / "deltas"), val_fraction=0.1, seed=parse_config("regression", args).seed)
+    dm.setup("fit")
+    val = np.concatenate([60 * s + r for s, r in enumerate(dm.val_rows)])
+    target = y[val].double().numpy()
+    mse = ((x[val].double().numpy() @ weight.double().numpy() + bias - target) ** 2).mean()
+    assert metrics["val_mse"] == pytest.approx(mse, rel=1e-5)
+    assert metrics["val_r2"] == pytest.approx(1 - mse / target.var(), rel=1e-5) and metrics["val_r2"] > 0.99
