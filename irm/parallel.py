@@ -123,7 +123,20 @@ def launch(cfg, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp_spawn")
         # N CPU processes share the cores: one thread pool each the size of its share, not N pools of all of them.
         threads = max(1, (os.cpu_count() or 1) // devices) if accelerator == "cpu" else None
-    return fabric.launch(_worker, fn, cfg, threads, args, kwargs)
+    try:
+        return fabric.launch(_worker, fn, cfg, threads, args, kwargs)
+    except Exception as e:  # a spawned worker's error arrives as text: a UserError stays a one-line UserError
+        message = _worker_user_error(e)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def _worker_user_error(error: BaseException) -> Optional[str]:
+    """The message of the UserError a spawned worker raised (torch reports it as its traceback's text), else None."""
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    lines = str(error).rstrip().splitlines()
+    return lines[-1][len(marker):] if lines and lines[-1].startswith(marker) else None
 
 
 def split_list(items: Sequence, ranks: Ranks) -> list:

@@ -45,3 +45,23 @@ def test_bad_devices_are_refused():
         launch(RunConfig(device="cpu", devices=0), _square_share, 1)
     with pytest.raises(UserError, match="cuda:1"):
         launch(RunConfig(device="cuda:1", devices=2), _square_share, 1)
+
+
+def _refuse_on_rank_one(ranks: Ranks, cfg: RunConfig):
+    if ranks.rank == 1:
+        raise UserError("rank 1 found bad input")
+    ranks.barrier()
+
+
+def _crash_on_rank_one(ranks: Ranks, cfg: RunConfig):
+    if ranks.rank == 1:
+        raise ZeroDivisionError("not a user error")
+    ranks.barrier()
+
+
+def test_a_workers_user_error_reaches_the_caller_as_one_user_error_and_other_errors_stay_errors():
+    with pytest.raises(UserError, match="^rank 1 found bad input$"):
+        launch(RunConfig(device="cpu", devices=2), _refuse_on_rank_one)
+    with pytest.raises(Exception, match="ZeroDivisionError: not a user error") as info:
+        launch(RunConfig(device="cpu", devices=2), _crash_on_rank_one)
+    assert not isinstance(info.value, UserError)
