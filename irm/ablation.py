@@ -275,9 +275,9 @@ def _setup(cfg: RunConfig, device) -> _Setup:
     return _Setup(model, tokenizer, layers, related, saes, features, random_sets, prompts, seeds, reward, common)
 
 
-def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | UserError | None:
+def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
     """One rank's part of the stage (irm.parallel): every rank generates its share of each condition's prompts;
-    rank 0 summarises, writes ablation.json and records the stage. Returns rank 0's result, or the UserError."""
+    rank 0 summarises, writes ablation.json, records the stage and returns the summary."""
     from irm.models import splice
     from irm.stages import mark_done
 
@@ -287,11 +287,10 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | UserError | None:
     except UserError as e:
         s, error = None, str(e)
     # The ranks agree before anyone generates: a rank that stopped alone would leave the others waiting at the
-    # first collective. The error is returned, not raised: raised in a spawned worker it would reach the user as
-    # a traceback instead of one line.
+    # first collective.
     errors = [e for e in ranks.gather(error) if e is not None]
     if errors:
-        return UserError(errors[0])
+        raise UserError(errors[0])
 
     a = cfg.ablate
     rd = RunDir(cfg.run_dir)
@@ -368,7 +367,4 @@ def run(cfg: RunConfig) -> dict:
     """Generate under every condition on `cfg.devices` processes (irm.parallel), score, and write
     `<run_dir>/ablation.json`; returns its content."""
     check_modes(cfg.ablate.modes)  # before anything loads or a process starts
-    out = launch(cfg, _ablate)
-    if isinstance(out, UserError):
-        raise out
-    return out
+    return launch(cfg, _ablate)
