@@ -92,7 +92,15 @@ def _worker(fabric, fn: Callable, cfg, threads: Optional[int], args: tuple, kwar
     if fabric.device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     ranks = Ranks(fabric.global_rank, fabric.world_size, fabric.local_rank, fabric.device, fabric)
-    return fn(ranks, cfg, *args, **kwargs)
+    result = fn(ranks, cfg, *args, **kwargs)
+    # A gloo process group left for interpreter shutdown can abort the process on exit ("terminate called without an
+    # active exception"). Only after success: a failing rank that tore its group down would make the ranks waiting
+    # for it fail first with "connection reset", hiding the real error.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def launch(cfg, fn: Callable, *args: Any, **kwargs: Any) -> Any:
