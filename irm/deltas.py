@@ -2,20 +2,25 @@
 its codes read at the sentiment token of each triple variant. Delta+ = sum over layers of ||codes(positive) -
 codes(neutral)||, Delta- = minus the same for the negative variant. The regression rows are x = the concatenated
 codes (layers x width) of the positive or negative variant and y = its delta, streamed from safetensors shards.
+With `devices: N` the shards still to do are divided among N processes (irm.parallel); each writes its own.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from irm.artifacts import RunDir, atomic_path, read_json, sha256_file, write_json
+from irm.artifacts import RunDir, append_jsonl, atomic_path, read_json, read_jsonl, sha256_file, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
 
 DELTAS_DIR = "deltas"
 MANIFEST = "manifest.json"
 SHARD_TRIPLES = 1024  # triples per shard (two rows each): a shard is the unit of resuming and of streaming
+SHARD = re.compile(r"shard-(\d+)\.safetensors")  # named by its chunk: triples [index * SHARD_TRIPLES, ...)
+JOURNAL = "journal-rank-{rank:05d}.jsonl"  # shards one process finished, appended as written; gone when complete
+JOURNALS = "journal-rank-*.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,11 +52,12 @@ def _stop(_module, _args, _out):
 
 
 def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-               site: str = "mlp_out", desc: str = "SAE codes") -> Iterator[tuple]:
+               site: str = "mlp_out", desc: str = "SAE codes", progress_bar: bool = True) -> Iterator[tuple]:
     """For batches of token-id sequences (left-padded, positions counted from each sequence's first real token),
     run `model` with every SAE in `saes` spliced in (output replaced by decode(encode(output))) and yield
     (indices into `sequences`, mask_BT, codes_BTLF): the codes of every layer in `saes` order, on the CPU.
-    Sequences are batched by length so little compute goes to padding."""
+    Sequences are batched by length so little compute goes to padding. `progress_bar=False` on all but one of
+    several processes."""
     import torch
 
     from irm.models import blocks, splice
@@ -79,7 +85,7 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
     stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
     try:
         with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
-            for batch in progress(batches, desc=desc, unit="batch"):
+            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
                 width = max(len(sequences[i]) for i in batch)
                 ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
@@ -102,14 +108,15 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
 
 
 def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-             batch_size: int, site: str = "mlp_out", desc: str = "SAE codes") -> "torch.Tensor":
+             batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
+             progress_bar: bool = True) -> "torch.Tensor":
     """codes_NLF: for each (token ids, word positions) item, the SAE codes of every layer at the word, averaged
     over the word's tokens when it has several (multi_token: pool)."""
     import torch
 
     out: Optional[torch.Tensor] = None
     for batch, mask_BT, codes_BTLF in iter_codes(model, saes, [ids for ids, _ in items], pad_id, batch_size,
-                                                  site, desc):
+                                                  site, desc, progress_bar):
         if out is None:
             out = torch.zeros((len(items), *codes_BTLF.shape[2:]))
         width = mask_BT.shape[1]
@@ -117,7 +124,12 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
             ids, positions = items[i]
             shift = width - len(ids)
             out[i] = codes_BTLF[row, [shift + p for p in positions]].mean(dim=0)
-    return out if out is not None else torch.zeros((0, len(saes), 0))
+    return out if out is not None else torch.zeros((0, len(saes), n_codes(saes)))
+
+
+def n_codes(saes: dict) -> int:
+    """Features per layer: the width of the 1x dictionaries."""
+    return int(next(iter(saes.values())).dictionary.shape[0])
 
 
 def sentiment_deltas(pos_NLF, neu_NLF, neg_NLF) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -173,58 +185,106 @@ def verify(directory: str | Path, manifest: dict) -> None:
                             "`python -m irm deltas`")
 
 
-def run(cfg: RunConfig) -> dict:
+
+
+def finished_shards(directory: Path, fp: str, layers: list[int], chunks: list[range]) -> dict[int, dict]:
+    """{chunk index: shard} of an earlier run with the same fingerprint: the shards its manifest or its processes'
+    journals list whose rows fit the chunk and whose file still has the recorded checksum."""
+    records = []
+    old = read_json(directory / MANIFEST) if (directory / MANIFEST).exists() else {}
+    if old.get("fingerprint") == fp and old.get("layers") == layers:
+        records += old.get("shards", [])
+    for journal in sorted(directory.glob(JOURNALS)):
+        records += [r for r in read_jsonl(journal) if r.get("fingerprint") == fp and r.get("layers") == layers]
+    kept, digests = {}, {}
+    for rec in records:
+        match = SHARD.fullmatch(rec["file"])
+        chunk = int(match.group(1)) if match else len(chunks)
+        path = directory / rec["file"]
+        if chunk >= len(chunks) or rec["rows"] != 2 * len(chunks[chunk]) or not path.is_file():
+            continue
+        if rec["file"] not in digests:
+            digests[rec["file"]] = sha256_file(path)
+        if digests[rec["file"]] == rec["sha256"]:
+            kept[chunk] = {"file": rec["file"], "rows": rec["rows"], "sha256": rec["sha256"]}
+    return kept
+
+
+def run(cfg: RunConfig) -> Optional[dict]:
+    from irm.parallel import launch
+
+    # The shard size travels as an argument: spawned processes import this module afresh.
+    return launch(cfg, _deltas, SHARD_TRIPLES)
+
+
+def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
+    """One process's part of the stage: the chunks of `shard_triples` triples not done yet are split among the
+    processes, each writes its shards (named by chunk, so the manifest lists them in triple order whoever wrote
+    them) and records each in its own journal; rank 0 writes the manifest once all have finished."""
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers
-    from irm.runtime import progress, resolve_device, seed_all
+    from irm.parallel import split_list
+    from irm.runtime import seed_all
     from irm.stages import mark_done, stage_fingerprint
     from irm.triples import VARIANTS, read_triples
 
     seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
-    root = RunDir(cfg.run_dir)
-    out_dir = root.path(DELTAS_DIR)
+    out_dir = RunDir(cfg.run_dir).path(DELTAS_DIR)
     triples = read_triples(cfg.run_dir)
-    model, tokenizer = load_tuned(cfg, device=device)
+    model, tokenizer = load_tuned(cfg, device=ranks.device)
     layers = chosen_layers(cfg, n_layers(model))
     saes = load_saes(cfg.run_dir, layers, model, cfg.cache.site)
-    width = int(next(iter(saes.values())).dictionary.shape[0])  # features of the 1x dictionary
+    width = n_codes(saes)
     fp = stage_fingerprint(cfg, "deltas")
-
-    # Resume: shards of an unfinished run with the same fingerprint are kept when their checksums hold.
-    old = read_json(out_dir / MANIFEST) if (out_dir / MANIFEST).exists() else {}
-    shards = []
-    if old.get("fingerprint") == fp and old.get("layers") == layers:
-        for shard in old.get("shards", []):
-            p = out_dir / shard["file"]
-            if not p.is_file() or sha256_file(p) != shard["sha256"]:
-                break
-            shards.append(shard)
+    chunks = [range(i, min(i + shard_triples, len(triples))) for i in range(0, len(triples), shard_triples)]
     manifest = {"layers": layers, "site": cfg.cache.site, "width": width, "n_features": len(layers) * width,
-                "n_triples": len(triples), "fingerprint": fp, "shards": shards, "complete": False,
+                "n_triples": len(triples), "fingerprint": fp, "shards": [], "complete": False,
                 "x": "concatenated 1x-SAE codes at the sentiment token, layer-major (layers x width)",
                 "y": "Delta+ (positive rows, sign +1) or Delta- (negative rows, sign -1): sum over layers of the "
                      "Euclidean distance to the neutral variant's codes, negated for negatives",
                 "pooling": "mean over the word's tokens when it has several"}
-    done = sum(s["rows"] for s in shards) // 2
-    chunks = [range(i, min(i + SHARD_TRIPLES, len(triples))) for i in range(done, len(triples), SHARD_TRIPLES)]
-    for chunk in progress(chunks, desc="deltas: shards", unit="shard"):
+
+    # Resume, whatever the process count was: rank 0 decides which finished shards are kept, and marks the
+    # manifest unfinished so no reader takes the shards being rewritten for complete deltas.
+    kept = None
+    if ranks.is_main:
+        kept = finished_shards(out_dir, fp, layers, chunks)
+        write_json(out_dir / MANIFEST, {**manifest, "shards": [kept[c] for c in sorted(kept)]})
+    kept = ranks.broadcast(kept)
+    journal = out_dir / JOURNAL.format(rank=ranks.rank)
+    written = {}
+    todo = [c for c in range(len(chunks)) if c not in kept]
+    for c in ranks.progress(split_list(todo, ranks), desc="deltas: shards", unit="shard"):
         codes = {}
         for variant in VARIANTS:
-            items = [(triples[i]["ids"][variant], triples[i]["positions"][variant]) for i in chunk]
+            items = [(triples[i]["ids"][variant], triples[i]["positions"][variant]) for i in chunks[c]]
             codes[variant] = codes_at(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size,
-                                      cfg.cache.site, desc=f"deltas: {variant}")
-        rows = rows_of([triples[i]["id"] for i in chunk], codes["positive"], codes["neutral"], codes["negative"])
-        manifest["shards"].append(write_shard(out_dir, len(manifest["shards"]), **rows))
-        manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
-        write_json(out_dir / MANIFEST, manifest)
+                                      cfg.cache.site, desc=f"deltas: {variant}", progress_bar=ranks.is_main)
+        rows = rows_of([triples[i]["id"] for i in chunks[c]], codes["positive"], codes["neutral"],
+                       codes["negative"])
+        written[c] = write_shard(out_dir, c, **rows)
+        append_jsonl(journal, {**written[c], "fingerprint": fp, "layers": layers})
+    for share in ranks.gather(written):
+        kept.update(share)
 
-    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
-    manifest["complete"] = True
-    write_json(out_dir / MANIFEST, manifest)
-    mark_done(cfg, "deltas", [DELTAS_DIR], rows=manifest["rows"])
-    summary = {"rows": manifest["rows"], "n_triples": len(triples), "layers": layers, "n_features":
-               manifest["n_features"], "shards": len(manifest["shards"])}
-    print(f"deltas: {summary['rows']} rows from {len(triples)} triples, {summary['n_features']} features "
-          f"(layers {layers} x {width}), {summary['shards']} shards in {out_dir}")
+    summary = None
+    if ranks.is_main:
+        manifest["shards"] = [kept[c] for c in range(len(chunks))]
+        manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
+        manifest["complete"] = True
+        write_json(out_dir / MANIFEST, manifest)
+        # The manifest now lists every shard: journals and shards of other runs go, so the stage's outputs (all of
+        # deltas/) are exactly what a single process writes.
+        listed = {s["file"] for s in manifest["shards"]}
+        for path in [*out_dir.glob(JOURNALS), *out_dir.glob("shard-*.safetensors")]:
+            if path.name not in listed:
+                path.unlink()
+        mark_done(cfg, "deltas", [DELTAS_DIR], rows=manifest["rows"])
+        summary = {"rows": manifest["rows"], "n_triples": len(triples), "layers": layers,
+                   "n_features": manifest["n_features"], "shards": len(manifest["shards"]),
+                   "shards_written": len(todo), "processes": ranks.world_size}
+        print(f"deltas: {summary['rows']} rows from {len(triples)} triples, {summary['n_features']} features "
+              f"(layers {layers} x {width}), {summary['shards']} shards in {out_dir}: {len(todo)} written by "
+              f"{ranks.world_size} process(es), {summary['shards'] - len(todo)} kept from an earlier run")
+    ranks.barrier()
     return summary

@@ -1,7 +1,8 @@
 """Lexicon reconstruction and Kendall tau (paper 5.1, H, I): R applied to the SAE codes of every single-token
 lexicon word in the same corpus contexts, averaged per word, rescaled onto the lexicon's [-4, 4], and compared with
 the true lexicon by Kendall tau (scipy, on the two value vectors) over all words, negative words only, words seen
-in the triples and held-out words R never saw: only the last measures generalisation.
+in the triples and held-out words R never saw: only the last measures generalisation. With `devices: N`, N processes
+each apply R to their share of the (word, context) items and only those scalars are gathered (R is linear).
 """
 
 from __future__ import annotations
@@ -155,21 +156,30 @@ def choose_contexts(triples: list[dict], k: int, seed: int) -> list[str]:
     return prefixes[:k]
 
 
-def run(cfg: RunConfig) -> dict:
-    from irm.deltas import codes_at, load_saes
-    from irm.models import load_tuned
-    from irm.regression import load_irm
-    from irm.reward import LexiconReward
-    from irm.runtime import resolve_device, seed_all
-    from irm.stages import mark_done
-    from irm.triples import TRIPLES_JSON, locate, read_triples, token_counts
+def run(cfg: RunConfig) -> Optional[dict]:
+    from irm.parallel import launch
 
     lc = cfg.lexicon
     if lc.contexts_per_word < 1 or lc.bootstrap < 0 or (lc.max_words is not None and lc.max_words < 2):
         raise UserError(f"lexicon.contexts_per_word must be >= 1, lexicon.bootstrap >= 0 and lexicon.max_words "
                         f">= 2 (or null), got {lc.contexts_per_word}, {lc.bootstrap}, {lc.max_words}")
+    return launch(cfg, _lexicon)
+
+
+def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
+    """One process's part of the stage: R's output on its contiguous share of the items, gathered in item order;
+    rank 0 averages per word, computes Kendall tau and writes the outputs."""
+    from irm.deltas import codes_at, load_saes, n_codes
+    from irm.models import load_tuned
+    from irm.parallel import split_list
+    from irm.regression import load_irm
+    from irm.reward import LexiconReward
+    from irm.runtime import seed_all
+    from irm.stages import mark_done
+    from irm.triples import TRIPLES_JSON, locate, read_triples, token_counts
+
+    lc = cfg.lexicon
     seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)
     triples = read_triples(root)
@@ -177,8 +187,12 @@ def run(cfg: RunConfig) -> dict:
     heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
     seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
     lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
-    model, tokenizer = load_tuned(cfg, device=device)
+    model, tokenizer = load_tuned(cfg, device=ranks.device)
     saes = load_saes(root, layers, model, cfg.cache.site)
+    n_features = len(layers) * n_codes(saes)
+    if n_features != weight.numel():
+        raise UserError(f"R has {weight.numel()} features but the SAEs of layers {layers} give {n_features}; rerun "
+                        "`python -m irm deltas` and `python -m irm regression`")
 
     counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
     words = sorted(w for w, n in counts.items() if n == 1)
@@ -194,41 +208,42 @@ def run(cfg: RunConfig) -> dict:
             if len(positions) == 1:  # a word that merges with its context is not read there
                 items.append((ids, positions))
                 word_of_row.append(i)
-    word_of_row = np.asarray(word_of_row, dtype=np.int64)
-    kept = np.unique(word_of_row)
-    codes = codes_at(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site,
-                     desc="lexicon: words in context")
+    codes = codes_at(model, saes, split_list(items, ranks), tokenizer.pad_token_id, cfg.cache.batch_size,
+                     cfg.cache.site, desc="lexicon: words in context", progress_bar=ranks.is_main)
     x = codes.flatten(1)
-    if x.shape[1] != weight.numel():
-        raise UserError(f"R has {weight.numel()} features but the SAEs of layers {layers} give {x.shape[1]}; rerun "
-                        "`python -m irm deltas` and `python -m irm regression`")
-    r = (x @ weight.to(x.dtype) + bias).numpy()
-    remap = np.full(len(words), -1)
-    remap[kept] = np.arange(len(kept))
-    words = [words[i] for i in kept]
-    raw = per_word(r, remap[word_of_row], len(words))
-    true = np.array([lexicon[w] for w in words])
+    r = np.concatenate(ranks.gather((x @ weight.to(x.dtype) + bias).numpy()))  # shares in rank order: item order
 
-    rows, report = summarise(words, true, raw, heldout, seen, lc.percentiles, lc.bootstrap, cfg.seed,
-                             lc.sample_size)
-    report.update({
-        "contexts": {"n": len(contexts), "how": "the same seeded triple prefixes for every word, the word appended "
-                     "at the sentiment position"},
-        "words_evaluated": len(words),
-        "single_token_words": n_single,
-        "multi_token_words_skipped": len(counts) - n_single,
-        "merged_in_context_skipped": int(len(remap) - len(kept)),
-        "layers": layers,
-    })
-    write_text(root / LEXICON_CSV, lexicon_csv(rows))
-    write_json(root / KENDALL_JSON, report)
-    mark_done(cfg, "lexicon", [LEXICON_CSV, KENDALL_JSON])
-    print(f"lexicon: {len(words)} of {n_single} single-token lexicon words in {len(contexts)} contexts "
-          f"({report['multi_token_words_skipped']} multi-token words skipped); held out: {report['heldout']['n']}")
-    for name in SUBSETS:
-        k = report[name]
-        ci = "" if k["ci95"] is None else f", 95% CI [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"
-        tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}{ci})"
-        print(f"  Kendall tau, {name:<8} n={k['n']:<5} {tau}")
-    print(f"  sign agreement {report['sign_agreement']:.3f}")
+    report = None
+    if ranks.is_main:
+        word_of_row = np.asarray(word_of_row, dtype=np.int64)
+        kept = np.unique(word_of_row)
+        remap = np.full(len(words), -1)
+        remap[kept] = np.arange(len(kept))
+        words = [words[i] for i in kept]
+        raw = per_word(r, remap[word_of_row], len(words))
+        true = np.array([lexicon[w] for w in words])
+        rows, report = summarise(words, true, raw, heldout, seen, lc.percentiles, lc.bootstrap, cfg.seed,
+                                 lc.sample_size)
+        report.update({
+            "contexts": {"n": len(contexts), "how": "the same seeded triple prefixes for every word, the word "
+                         "appended at the sentiment position"},
+            "words_evaluated": len(words),
+            "single_token_words": n_single,
+            "multi_token_words_skipped": len(counts) - n_single,
+            "merged_in_context_skipped": int(len(remap) - len(kept)),
+            "layers": layers,
+        })
+        write_text(root / LEXICON_CSV, lexicon_csv(rows))
+        write_json(root / KENDALL_JSON, report)
+        mark_done(cfg, "lexicon", [LEXICON_CSV, KENDALL_JSON])
+        print(f"lexicon: {len(words)} of {n_single} single-token lexicon words in {len(contexts)} contexts "
+              f"({report['multi_token_words_skipped']} multi-token words skipped); held out: "
+              f"{report['heldout']['n']}")
+        for name in SUBSETS:
+            k = report[name]
+            ci = "" if k["ci95"] is None else f", 95% CI [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"
+            tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}{ci})"
+            print(f"  Kendall tau, {name:<8} n={k['n']:<5} {tau}")
+        print(f"  sign agreement {report['sign_agreement']:.3f}")
+    ranks.barrier()
     return report
