@@ -32,7 +32,19 @@ def cli_main(argv: list[str]) -> None:
         # (missing cache, bad setting) is re-raised as itself so the CLI prints its one line and exits 2.
         cause = e
         while cause is not None and not isinstance(cause, UserError):
+            if _raised_in(cause, "accelerator_connector.py"):
+                # Lightning's check of the --trainer.accelerator/strategy/devices/num_nodes combination (e.g. FSDP
+                # on a CPU): a setting the user chose, worth one line, not a traceback.
+                raise UserError(f"bad trainer setting: {' '.join(str(cause).split())}") from None
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
         raise cause from None
+
+
+def _raised_in(error: BaseException, filename: str) -> bool:
+    """Whether `error` was raised by code in a file named `filename` (its traceback's innermost frame)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(filename)

@@ -66,3 +66,17 @@ def test_print_config_round_trips(tmp_path):
 def test_unknown_command_exit_2():
     out = irm("frobnicate")
     assert out.returncode == 2 and "frobnicate" in out.stderr
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_exit_2(tmp_path):
+    """FSDP on a CPU: Lightning's accelerator check refuses it; irm says so in one line, not a traceback."""
+    from test_sae import fit_config, irm_cli, planted_cache
+
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, d=8, k=6, n=200, shard_rows=100)
+    config = fit_config(tmp_path, layer_dir, max_epochs=1)
+    out = irm_cli("fit", "--config", str(config), "--trainer.strategy", "fsdp", cwd=tmp_path, check=False)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "bad trainer setting" in last and "fsdp" in last and "GPU" in last
+    assert "Traceback" not in out.stderr
