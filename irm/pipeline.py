@@ -52,7 +52,9 @@ def run(cfg: RunConfig) -> dict[str, str]:
     if summary.exists():
         s = json.loads(summary.read_text())
         kt = s.get("kendall", {}).get("all", {})
-        if kt:
-            _say(f"  Kendall tau (reconstructed vs true lexicon, all words): {kt.get('tau'):.3f} (p={kt.get('p'):.2g})")
+        if kt.get("tau") is not None and kt.get("p") is not None:
+            # scipy's p underflows to exactly 0 for thousands of words: say how small it is, not "0"
+            p_text = "p < 1e-300" if kt["p"] == 0 else f"p={kt['p']:.2g}"
+            _say(f"  Kendall tau (reconstructed vs true lexicon, all words): {kt['tau']:.3f} ({p_text})")
     sys.stdout.flush()
     return outcome
