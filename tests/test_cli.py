@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from irm.cli import LIGHTNING, STAGES
+from irm.errors import UserError
 
 RESERVED = ["rlhf", "evaluate-reward", "divergence", "cache", "dictionaries", "explain", "triples", "lexicon",
             "ablate", "report", "pipeline"]
@@ -80,3 +81,26 @@ def test_a_trainer_setting_lightning_refuses_is_one_line_exit_2(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert "bad trainer setting" in last and "fsdp" in last and "GPU" in last
     assert "Traceback" not in out.stderr
+
+
+def test_threads_knob_caps_torch_threads_and_refuses_nonsense():
+    import torch
+
+    from irm.cli import parse_config
+    from irm.runtime import set_threads
+
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = parse_config("cache", ["--config", str(tiny), "--threads", "1", "--devices", "2"])
+    assert (cfg.threads, cfg.devices) == (1, 2)
+    before = torch.get_num_threads()
+    try:
+        set_threads(cfg.threads)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # the default leaves torch alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="threads must be >= 1"):
+        set_threads(0)
