@@ -52,13 +52,21 @@ def check_torchvision() -> None:
 
 
 def apply_threads(threads: int | None) -> None:
-    """--threads for this process and (through OMP_NUM_THREADS) for the processes it starts."""
+    """--threads for this process (irm's own `threads` knob) and, through OMP_NUM_THREADS, the processes it starts."""
     if threads is None:
         return
-    import torch
+    from irm.runtime import set_threads
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Every benchmark's start: its arguments, then the torchvision check and --threads."""
+    args = parser.parse_args(argv)
+    check_torchvision()
+    apply_threads(args.threads)
+    return args
 
 
 def quiet_lightning() -> None:

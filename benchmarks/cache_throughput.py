@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (ROOT, apply_threads, base_parser, check_torchvision, environment, median, ratio_median, table,
-                     write_json)
+from _common import ROOT, base_parser, environment, median, parse_args, ratio_median, table, write_json
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "smollm2": ROOT / "configs" / "quickstart.yaml"}
 DOCUMENTS = {"tiny": 2000, "smollm2": 96}  # per repetition: a few seconds of forward passes on 2 cores
@@ -109,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians reported)")
     p.add_argument("--documents", type=int, default=None, help="documents per repetition (default: per model)")
-    args = p.parse_args(argv)
-    check_torchvision()
-    apply_threads(args.threads)
+    args = parse_args(p, argv)
     if args.quick:
         args.models, args.reps, args.documents = ["tiny"], 1, 32
     with tempfile.TemporaryDirectory(prefix="irm-cache-bench-") as tmp:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, apply_threads, base_parser, check_torchvision, environment, table, write_json
+from _common import ROOT, base_parser, environment, parse_args, table, write_json
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "quickstart": ROOT / "configs" / "quickstart.yaml"}
 
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--until", choices=ORDER, default=ORDER[-1], help="last stage to run (default: all)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where run directories and stage logs go (default: a temporary folder, removed afterwards)")
-    args = p.parse_args(argv)
-    check_torchvision()
-    apply_threads(args.threads)
+    args = parse_args(p, argv)
     stages = ORDER[:ORDER.index(args.until) + 1]
     if args.quick:
         args.configs, stages = ["tiny"], ORDER[:1]

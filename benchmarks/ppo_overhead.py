@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (ROOT, apply_threads, base_parser, check_torchvision, environment, median, ratio_median, table,
-                     write_json)
+from _common import ROOT, base_parser, environment, median, parse_args, ratio_median, table, write_json
 
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "smollm2": ROOT / "configs" / "quickstart.yaml"}
 # PPO steps per run: the tiny config's own 8; SmolLM2 (about 12 s a step on 2 cores) 4, which keeps quickstart's
@@ -96,9 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="irm's rlhf.checkpoint_every (default: the config's); above --steps, irm writes no checkpoint")
     p.add_argument("--workdir", type=Path, default=None,
                    help="run directories and logs (default: a temporary folder, removed afterwards)")
-    args = p.parse_args(argv)
-    check_torchvision()
-    apply_threads(args.threads)
+    args = parse_args(p, argv)
     if args.quick:
         args.models, args.reps, args.steps = ["tiny"], 1, 2
     with tempfile.TemporaryDirectory(prefix="irm-ppo-bench-") as tmp:

@@ -34,8 +34,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from _common import (apply_threads, base_parser, check_torchvision, environment, gemm_gflops, median,
-                     quiet_lightning, ratio_median, table, warm_up_cpu, write_json)
+from _common import (base_parser, environment, gemm_gflops, median, parse_args, quiet_lightning, ratio_median,
+                     table, warm_up_cpu, write_json)
 
 LIBS = ("irm", "plain", "saelens", "dictionary_learning")
 EXPANSION = 2  # d_hidden = 2 x d_in
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="after the measurements, one irm run per setting under Lightning's SimpleProfiler")
     p.add_argument("--workdir", type=Path, default=None, help="where the caches go (default: a temporary folder)")
-    args = p.parse_args(argv)
-    check_torchvision()
-    apply_threads(args.threads)
+    args = parse_args(p, argv)
     if args.batches_per_item is None:
         from irm.config import SAEConfig
 
