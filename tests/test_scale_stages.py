@@ -95,9 +95,9 @@ def test_two_processes_reconstruct_the_single_process_lexicon(tiny_cfg, run_dir)
     assert kendall_two["sign_agreement"] == pytest.approx(kendall_one["sign_agreement"], abs=1e-2)
 
 
-def break_triple(root: Path) -> str:
-    """Point one triple of the last chunk past the end of its sequence, so whoever computes that chunk fails after
-    the earlier chunks are written; returns the file's text to put back."""
+def crash_at_last_chunk(cfg, root: Path, devices: int, error: type) -> None:
+    """Run deltas with one triple of the last chunk pointing past the end of its sequence, so whoever computes that
+    chunk fails (with `error`) after the earlier chunks are written; then put the triples back."""
     path = root / "triples.jsonl"
     text = path.read_text()
     lines = text.splitlines(keepends=True)
@@ -105,7 +105,11 @@ def break_triple(root: Path) -> str:
     triple["positions"]["positive"] = [10_000]
     lines[BROKEN] = json.dumps(triple) + "\n"
     path.write_text("".join(lines))
-    return text
+    try:
+        with pytest.raises(error):
+            stage(cfg, "deltas", devices=devices)
+    finally:
+        path.write_text(text)
 
 
 def mtimes(directory: Path) -> dict:
@@ -122,10 +126,7 @@ def test_deltas_killed_under_one_process_count_resume_under_the_other(tiny_cfg, 
 
     # One process dies at the last chunk; two processes finish: the last chunk only, on rank 1 (rank 0's share of
     # one chunk is empty), the first two shards untouched.
-    original = break_triple(run_dir)
-    with pytest.raises(IndexError):
-        stage(tiny_cfg, "deltas", devices=1)
-    (run_dir / "triples.jsonl").write_text(original)
+    crash_at_last_chunk(tiny_cfg, run_dir, 1, IndexError)
     left = mtimes(deltas)
     assert set(left) == {"shard-00000.safetensors", "shard-00001.safetensors"}
     assert not json.loads((deltas / "manifest.json").read_text())["complete"]
@@ -137,10 +138,7 @@ def test_deltas_killed_under_one_process_count_resume_under_the_other(tiny_cfg, 
     # Two processes, rank 1 dies at the last chunk after writing the middle one (rank 0 may or may not have
     # finished the first: the error reported may be rank 0's, its peer gone); one process finishes from the shards
     # they recorded.
-    original = break_triple(run_dir)
-    with pytest.raises(ProcessRaisedException):
-        stage(tiny_cfg, "deltas", devices=2)
-    (run_dir / "triples.jsonl").write_text(original)
+    crash_at_last_chunk(tiny_cfg, run_dir, 2, ProcessRaisedException)
     recorded = {json.loads(line)["file"] for journal in deltas.glob("journal-rank-*.jsonl")
                 for line in journal.read_text().splitlines()}
     assert "shard-00001.safetensors" in recorded and "shard-00002.safetensors" not in recorded
@@ -158,10 +156,7 @@ def test_resume_keeps_journalled_shards_and_drops_corrupt_ones(tiny_cfg, run_dir
     stage(tiny_cfg, "deltas", devices=1)
     want = rows(deltas)
     shutil.rmtree(deltas)
-    original = break_triple(run_dir)
-    with pytest.raises(IndexError):
-        stage(tiny_cfg, "deltas", devices=1)
-    (run_dir / "triples.jsonl").write_text(original)
+    crash_at_last_chunk(tiny_cfg, run_dir, 1, IndexError)
     assert [json.loads(line)["file"] for line in (deltas / "journal-rank-00000.jsonl").read_text().splitlines()] \
         == ["shard-00000.safetensors", "shard-00001.safetensors"]
     corrupt = deltas / "shard-00000.safetensors"
