@@ -1,0 +1,288 @@
+"""Findings first (SPEC "Controls"): each claim of the paper, its number, its control, and a verdict that follows
+from an interval or a p-value, never from hard-coded wording.
+
+`build_findings(run_dir)` returns `summary.json["findings"]`: rows {claim, number, control, verdict, detail}, one per
+claim whose artifacts exist, in the order of `ROW_BUILDERS`. To add a claim, write one function `(root: Path) ->
+dict | list[dict] | None` that reads its stage's artifact (None when the artifact is missing: the claim was not
+measured), builds the row with `finding(...)` and a verdict from one of the verdict functions below, and decorate it
+with `@row_builder` (or append it to `ROW_BUILDERS`).
+
+The three verdicts, for a claim "the effect is above the control's value":
+- "supported": the 95% interval lies wholly above the control's value (or p < alpha in the claimed direction);
+- "contradicted": it lies wholly below (or p < alpha in the opposite direction);
+- "not distinguishable from the control": anything else, including an interval that touches the control's value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+SUPPORTED = "supported"
+NOT_DISTINGUISHABLE = "not distinguishable from the control"
+CONTRADICTED = "contradicted"
+VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED)
+ALPHA = 0.05  # the level of every p-value verdict (two one-sided tests, or a two-sided test read with its sign)
+FIELDS = ("claim", "number", "control", "verdict", "detail")
+
+Row = dict[str, str]
+RowBuilder = Callable[[Path], Union[Row, list, None]]
+ROW_BUILDERS: list[RowBuilder] = []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def verdict_from_interval(ci: Optional[Sequence[float]], control: float = 0.0) -> str:
+    """The verdict on "the effect is above `control`" from its 95% interval [lo, hi]. No interval (too few data)
+    cannot tell the effect from the control."""
+    if ci is None or any(v is None or not np.isfinite(v) for v in ci):
+        return NOT_DISTINGUISHABLE
+    lo, hi = float(ci[0]), float(ci[1])
+    if lo > hi:
+        raise ValueError(f"an interval runs from low to high, got [{lo}, {hi}]")
+    if lo > control:
+        return SUPPORTED
+    if hi < control:
+        return CONTRADICTED
+    return NOT_DISTINGUISHABLE
+
+
+def verdict_from_p(p_greater: Optional[float], p_less: Optional[float], alpha: float = ALPHA) -> str:
+    """The verdict on "the effect is above the control" from the two one-sided p-values of a test (e.g. the upper and
+    lower tail of a permutation null): supported when the upper one is below `alpha`, contradicted when the lower
+    one is, else not distinguishable."""
+    if p_greater is not None and p_greater < alpha:
+        return SUPPORTED
+    if p_less is not None and p_less < alpha:
+        return CONTRADICTED
+    return NOT_DISTINGUISHABLE
+
+
+def verdict_from_two_sided(p: Optional[float], effect: Optional[float], alpha: float = ALPHA) -> str:
+    """The verdict on "the effect is above the control" from a two-sided p-value and the effect's sign (effect =
+    estimate minus the control's value)."""
+    if p is None or effect is None or not p < alpha or effect == 0:
+        return NOT_DISTINGUISHABLE
+    return SUPPORTED if effect > 0 else CONTRADICTED
+
+
+def permutation_p(observed: float, null: Sequence[float], alternative: str = "greater") -> float:
+    """Permutation p-value with the observed statistic counted among the null draws, (1 + #{null >= observed}) /
+    (1 + n) for `greater` (`less`: <=), so it is never 0 and is exact under exchangeability. NaN draws (a refit whose
+    statistic is undefined) are dropped."""
+    null = np.asarray(null, dtype=np.float64)
+    null = null[np.isfinite(null)]
+    if alternative == "greater":
+        hits = int((null >= observed).sum())
+    elif alternative == "less":
+        hits = int((null <= observed).sum())
+    else:
+        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    return (1 + hits) / (1 + len(null))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def finding(claim: str, number: str, control: str, verdict: str, detail: str) -> Row:
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail}
+
+
+def row_builder(fn: RowBuilder) -> RowBuilder:
+    """Register `fn` as a claim of the findings table (in definition order)."""
+    ROW_BUILDERS.append(fn)
+    return fn
+
+
+def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilder]] = None) -> list[Row]:
+    """Every registered claim whose artifacts are in `root`, as rows {claim, number, control, verdict, detail}."""
+    root = Path(root)
+    rows: list[Row] = []
+    for build in ROW_BUILDERS if builders is None else builders:
+        out = build(root)
+        if out is None:
+            continue
+        for r in out if isinstance(out, list) else [out]:
+            if set(r) != set(FIELDS) or r["verdict"] not in VERDICTS:
+                raise ValueError(f"{build.__name__} built a malformed findings row: {r}")
+            rows.append(r)
+    return rows
+
+
+def _load(root: Path, name: str) -> Optional[Any]:
+    p = root / name
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+
+
+def num(x: Optional[float], digits: int = 3, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:+.2e}" if signed else f"{x:.2e}"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def interval(ci: Optional[Sequence[float]], digits: int = 3) -> str:
+    return "no interval" if not ci else f"[{num(ci[0], digits)}, {num(ci[1], digits)}]"
+
+
+def p_text(p: Optional[float]) -> str:
+    if p is None:
+        return "p n/a"
+    return "p < 1e-300" if p == 0 else (f"p = {p:.3f}" if p >= 1e-3 else f"p = {p:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The claims
+
+
+@row_builder
+def reward_raised(root: Path) -> Optional[Row]:
+    """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
+    ev = _load(root, "reward_eval.json")
+    if not ev:
+        return None
+    d = ev.get("paired") or ev.get("difference")
+    if not d:
+        return None
+    p = d.get("p_value", d.get("p"))
+    return finding(
+        claim="RLHF raised the reward (paper table 7)",
+        number=f"tuned - base mean reward {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
+               f"{p_text(p)}",
+        control="the base model on the same held-out prefixes and sampling seeds (paired)",
+        verdict=verdict_from_interval(d.get("ci95")),
+        detail=f"n = {d.get('n')} paired completions; verdict from the 95% interval of the paired difference",
+    )
+
+
+def layer_gap_test(values: Sequence[float], k: int, per_tensor: Optional[dict] = None, n_perm: int = 2000,
+                   seed: int = 0) -> dict:
+    """Do the k most divergent layers stand out from the rest by more than chance picks? Statistic: mean divergence
+    of the top k over the mean of the others. The top k are the largest by construction, so the null re-selects them
+    in every draw: with per-tensor norms ({tensor name: [one per layer]}), each tensor's norms are permuted across
+    layers independently (H0: no layer moved more than another, tensor by tensor); without them, the layers'
+    values are resampled with replacement (H0: all layers' values come from one distribution)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if not 1 <= k < n:
+        return {"ratio": None, "p": None, "n_perm": 0, "null": "none: needs 1 <= k < layers"}
+
+    def ratio(v: np.ndarray) -> float:
+        s = np.sort(v)[::-1]
+        rest = s[k:].mean()
+        return float(s[:k].mean() / rest) if rest > 0 else float("inf")
+
+    observed = ratio(values)
+    rng = np.random.default_rng(seed)
+    if per_tensor:
+        t = np.asarray([per_tensor[name] for name in sorted(per_tensor)], dtype=np.float64)  # tensors x layers
+        null = [ratio(np.stack([rng.permutation(row) for row in t]).sum(axis=0)) for _ in range(n_perm)]
+        how = "each tensor's norm permuted across layers, top k re-selected in every draw"
+    else:
+        null = [ratio(rng.choice(values, size=n, replace=True)) for _ in range(n_perm)]
+        how = "layers' values resampled with replacement, top k re-selected in every draw (no per-tensor norms)"
+    return {"ratio": observed, "p": permutation_p(observed, null), "n_perm": n_perm, "null": how}
+
+
+@row_builder
+def layers_moved(root: Path) -> Optional[Row]:
+    """The chosen layers moved more than the others (divergence.json)."""
+    div = _load(root, "divergence.json")
+    if not div or not div.get("values") or not div.get("top_k"):
+        return None
+    values, top = div["values"], div["top_k"]
+    test = layer_gap_test(values, len(top), div.get("per_tensor"))
+    p = test["p"]
+    return finding(
+        claim=f"the {len(top)} chosen layers ({', '.join(map(str, top))}) moved more than the others (paper 4.2)",
+        number=f"their mean divergence is {num(test['ratio'])} x the others', {p_text(p)}",
+        control=f"chance top-{len(top)} picks: {test['null']}",
+        # one-sided: a ratio below the null's cannot happen for the top k, so only "supported" or "not distinguishable"
+        verdict=verdict_from_p(p, None),
+        detail=f"{len(values)} layers, {test['n_perm']} null draws; spread of all layers "
+               f"{num(100 * (max(values) - min(values)) / (sum(values) / len(values)), 1)}% of their mean",
+    )
+
+
+CONTROL_JSON = "control.json"
+
+
+@row_builder
+def lexicon_reconstructed(root: Path) -> Optional[list]:
+    """The implicit reward reconstructs the lexicon: tau of the tuned model's R against R refit on sign-shuffled
+    targets; and what the SAE adds over the raw activations."""
+    c = _load(root, CONTROL_JSON)
+    if not c or "tuned" not in c:
+        return None
+    t = c["tuned"]
+    perm = t["permutation"]["all"]
+    rows = [finding(
+        claim="the tuned model's implicit reward reconstructs the lexicon (paper 5.1)",
+        number=f"Kendall tau {num(t['tau']['all']['tau'])} over {t['tau']['all']['n']} words",
+        control=f"R refit on sign-shuffled targets ({perm['n']} refits: null tau {num(perm['mean'])} "
+                f"+- {num(perm['sd'])})",
+        verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
+        detail=f"permutation {p_text(perm['p_greater'])} (one-sided); the same closed-form ridge chain as the "
+               f"base-model control",
+    )]
+    sae_gain = c.get("sae_vs_raw", {}).get("tuned", {}).get("all")
+    if sae_gain:
+        rows.append(finding(
+            claim="the SAE features carry the reward better than the raw MLP activations they encode",
+            number=f"tau(SAE codes) - tau(raw) = {num(sae_gain['delta'], signed=True)}, 95% CI "
+                   f"{interval(sae_gain['ci95'])}",
+            control=f"R fitted on the raw activations at the same tokens (tau {num(t['raw_tau']['all']['tau'])})",
+            verdict=verdict_from_interval(sae_gain["ci95"]),
+            detail="paired bootstrap over words (scipy.stats.bootstrap, percentile); tuned model",
+        ))
+    return rows
+
+
+@row_builder
+def differs_from_base(root: Path) -> Optional[Row]:
+    """RLHF moved the implicit reward toward the training reward: delta_tau = tau_tuned - tau_base."""
+    c = _load(root, CONTROL_JSON)
+    if not c or "delta_tau" not in c:
+        return None
+    d = c["delta_tau"]["all"]
+    moves = c.get("per_word", {})
+    return finding(
+        claim="RLHF moved the implicit reward toward the training reward (tau_tuned > tau_base)",
+        number=f"delta_tau = {num(d['delta'], signed=True)}, 95% CI {interval(d['ci95'])} (tau_tuned "
+               f"{num(c['tuned']['tau']['all']['tau'])}, tau_base {num(c['base']['tau']['all']['tau'])})",
+        control=f"the same triples, contexts and chain on the base model ({c.get('sae_choice', 'tuned SAEs')})",
+        verdict=verdict_from_interval(d["ci95"]),
+        detail=f"paired bootstrap over {d['n']} words; words that moved by more than {moves.get('threshold')}: "
+               f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away",
+    )
+
+
+@row_builder
+def generalises(root: Path) -> Optional[Row]:
+    """Held-out generalisation: tau on words of lemma families R never saw, in contexts no triple used."""
+    c = _load(root, CONTROL_JSON)
+    if not c or "tuned" not in c or "heldout" not in c["tuned"]["permutation"]:
+        return None
+    t = c["tuned"]
+    k, perm = t["tau"]["heldout"], t["permutation"]["heldout"]
+    if k.get("tau") is None:
+        return None
+    return finding(
+        claim="the implicit reward generalises to unseen words (paper 5.1, held out)",
+        number=f"Kendall tau {num(k['tau'])} over {k['n']} held-out words",
+        control=f"R refit on sign-shuffled targets, the same held-out words ({perm['n']} refits: null tau "
+                f"{num(perm['mean'])} +- {num(perm['sd'])})",
+        verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
+        detail=f"permutation {p_text(perm['p_greater'])}; held-out words: whole lemma families kept out of every "
+               "triple, read in contexts no triple used",
+    )
