@@ -22,3 +22,33 @@ def tiny_cfg(in_tmp):
     from irm.cli import parse_config
 
     return parse_config("pipeline", ["--config", str(TINY_YAML), "--run_dir", str(in_tmp / "run")])
+
+
+# Time budget (issue 16): every test has a limit (pytest-timeout, `timeout` in pyproject.toml); slow ones a longer one.
+SLOW_TIMEOUT_S = 1500
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """After each test (passed, failed or timed out), SIGKILL every process it started that is still alive, with its
+    descendants: a test stopped by its timeout mid-`communicate` would otherwise leave torchrun workers running."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    from proc import kill_tree
+
+    for p in me.children(recursive=False):
+        try:
+            helper = any(h in " ".join(p.cmdline()) for h in ("resource_tracker", "forkserver"))
+        except psutil.Error:
+            continue
+        if p.pid not in before and not helper:  # multiprocessing's session-long helpers stay
+            kill_tree(p.pid)

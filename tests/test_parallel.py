@@ -31,6 +31,7 @@ def test_one_device_runs_in_process():
                    "token": "from rank 0", "main": True}
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_gather_and_return_rank_zero():
     out = launch(RunConfig(device="cpu", devices=2), _square_share, 5)
     assert out["world"] == 2 and out["main"] is True
@@ -59,6 +60,7 @@ def _crash_on_rank_one(ranks: Ranks, cfg: RunConfig):
     ranks.barrier()
 
 
+@pytest.mark.slow
 def test_a_workers_user_error_reaches_the_caller_as_one_user_error_and_other_errors_stay_errors():
     with pytest.raises(UserError, match="^rank 1 found bad input$"):
         launch(RunConfig(device="cpu", devices=2), _refuse_on_rank_one)

@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory):
     return run_dir, outcome
 
 
+@pytest.mark.slow
 def test_first_run_runs_every_stage_and_writes_every_artifact(tiny_run):
     run_dir, outcome = tiny_run
     assert outcome == {s: "ran" for s in ORDER}
@@ -62,6 +63,7 @@ def test_first_run_runs_every_stage_and_writes_every_artifact(tiny_run):
         assert (run_dir / "cache" / f"layer-{layer:02d}" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_summary_matches_the_stage_artifacts(tiny_run):
     run_dir, _ = tiny_run
     s = json.loads((run_dir / "summary.json").read_text())
@@ -90,6 +92,7 @@ def test_summary_matches_the_stage_artifacts(tiny_run):
     assert f"{reward['tuned']['mean']:.3f}" in md
 
 
+@pytest.mark.slow
 def test_rerun_redoes_only_the_changed_stage_and_its_dependents(tiny_run):
     run_dir, _ = tiny_run
     assert set(pipeline(run_dir).values()) == {"skipped"}

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import proc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -286,8 +287,8 @@ def test_ppo_raises_the_mean_reward_of_the_tiny_model(runs):
 
 
 def _cli(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "irm", "rlhf", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return proc.start([sys.executable, "-m", "irm", "rlhf", *args], cwd=cwd, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -299,10 +300,10 @@ def test_cli_killed_after_a_checkpoint_resumes_and_logs_every_step_once(tmp_path
     while not ckpt.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert ckpt.exists(), first.communicate()[1][-2000:]
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    proc.kill_tree(first.pid)
+    first.communicate()
     second = _cli(*args, cwd=tmp_path)
-    _, err = second.communicate(timeout=300)
+    _, err = proc.communicate(second, timeout=300)
     assert second.returncode == 0, err[-2000:]
     assert "resuming from" in err and "step 4 of 8" in err
     logged = scalars(tmp_path / "tb" / "run" / "rlhf")

@@ -54,6 +54,7 @@ def summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "ablation.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_reproduce_every_condition_and_the_summary_of_one(cfg):
     n = cfg.ablate.n_prompts = 4  # two per rank; fewer prompts keep the default suite fast
     one = cfg

@@ -54,6 +54,7 @@ def caches(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_complete_manifest_over_the_single_process_rows(caches):
     from irm.stages import is_done
 
@@ -84,6 +85,7 @@ def test_two_ranks_write_one_complete_manifest_over_the_single_process_rows(cach
     assert leftovers(two) == []
 
 
+@pytest.mark.slow
 def test_a_cache_written_by_two_ranks_reads_with_one_reader_and_splits_between_two(caches):
     cfg = caches[2]
     path = layer_dir(cfg, LAYERS[0])
@@ -122,6 +124,7 @@ def _rank_1_disk_fills(ranks: Ranks, cfg):
     return _cache_worker(ranks, cfg)
 
 
+@pytest.mark.slow
 def test_a_rank_failing_mid_write_leaves_no_cache_and_the_rerun_clears_its_folder(tmp_path):
     from irm.stages import is_done
 

@@ -5,7 +5,6 @@ checkpoint resumes on both ranks and ends exactly where the uninterrupted 2-proc
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import proc
 import pytest
 from safetensors.torch import load_file
 
@@ -72,18 +72,9 @@ PROBE = textwrap.dedent("""
 
 def _torchrun(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and its workers (torchrun starts each worker in a session of its own), workers first."""
-    import psutil  # accelerate's own dependency
-
-    launcher = psutil.Process(pid)
-    for p in [*launcher.children(recursive=True), launcher]:
-        p.send_signal(signal.SIGKILL)
+    return proc.start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", "2", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True, env=env)
 
 
 def _policy(run_dir: Path) -> dict:
@@ -96,7 +87,7 @@ def test_two_processes_train_identical_replicas_and_resume_exactly_after_a_kill(
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     full = _torchrun(str(script), str(tmp_path), *common, "--run_dir", str(tmp_path / "full"), cwd=tmp_path)
-    _, err = full.communicate(timeout=400)
+    _, err = proc.communicate(full, timeout=400)
     assert full.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["backend"] == "gloo"
@@ -115,11 +106,11 @@ def test_two_processes_train_identical_replicas_and_resume_exactly_after_a_kill(
     while not ckpt.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert ckpt.exists(), first.communicate()[1][-3000:]
-    kill_tree(first.pid)
+    proc.kill_tree(first.pid)
     first.communicate()
     assert not (split / "rlhf" / "policy").exists()
     second = _torchrun("-m", "irm", "rlhf", *common, "--run_dir", str(split), cwd=tmp_path)
-    _, err = second.communicate(timeout=400)
+    _, err = proc.communicate(second, timeout=400)
     assert second.returncode == 0, err[-3000:]
     assert err.count("resuming from") == 1 and "step 4 of 8" in err
     a, b = _policy(tmp_path / "full"), _policy(split)

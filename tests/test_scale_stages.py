@@ -56,6 +56,7 @@ def lexicon_outputs(root: Path) -> tuple[dict, dict]:
     return table, json.loads((root / "kendall.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_single_process_deltas(tiny_cfg, run_dir):
     stage(tiny_cfg, "deltas", devices=1)
     one = rows(run_dir / "deltas")
@@ -76,6 +77,7 @@ def test_two_processes_write_the_single_process_deltas(tiny_cfg, run_dir):
         f"deltas/{name}" for name in ["manifest.json", *(s["file"] for s in manifest["shards"])]}
 
 
+@pytest.mark.slow
 def test_two_processes_reconstruct_the_single_process_lexicon(tiny_cfg, run_dir):
     stage(tiny_cfg, "deltas", devices=1)
     run_chain(tiny_cfg, ["regression"])
