@@ -124,24 +124,77 @@ def mmcs(small, large, method: str = "max", *, device=None,
     return float(cos.mean()), pairs
 
 
+def random_unit_dictionary(n: int, width: int, generator=None):
+    """[n, width] rows drawn uniformly on the unit sphere (normalised standard normals), float64."""
+    import torch
+
+    d = torch.randn(n, width, generator=generator, dtype=torch.float64)
+    return d / d.norm(dim=1, keepdim=True)
+
+
+def chance_mmcs(n_small: int, n_large: int, width: int, draws: int = 5, seed: int = 0,
+                methods: tuple[str, ...] = METHODS, device=None) -> dict:
+    """MMCS of two independent random dictionaries of these shapes (unit rows, uniform on the sphere): what MMCS
+    reads when the dictionaries share nothing. {method: {"mean", "std", "draws": [...]}} over `draws` seeded pairs
+    (std: sample standard deviation between draws; 0 for a single draw)."""
+    import numpy as np
+    import torch
+
+    if draws < 1:
+        raise ValueError(f"chance MMCS needs at least one draw, got {draws}")
+    g = torch.Generator().manual_seed(seed)
+    scores = {m: [] for m in methods}
+    for _ in range(draws):
+        small, large = random_unit_dictionary(n_small, width, g), random_unit_dictionary(n_large, width, g)
+        for m in methods:
+            scores[m].append(mmcs(small, large, m, device=device)[0])
+    return {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                "draws": [float(x) for x in v]} for m, v in scores.items()}
+
+
 def zero_rows(dictionary) -> int:
     """Number of rows with no direction (norm <= ZERO_NORM): their cosine with anything counts as 0."""
     return _unit_rows(_as_float64(dictionary))[1]
 
 
-def compare_layer(small, large, top_k: int, device=None) -> dict:
-    """The mmcs.json record of one layer: both scores, the top-k shared pairs (max matching) and a summary of
-    the per-feature max cosines."""
+def alive_pairs(small, large, alive_small, alive_large, device=None) -> tuple[float, list[Pair]]:
+    """The `max` matching restricted to features that fire: each firing small feature's best firing large feature.
+    (score over the firing small features, pairs with indices into the full dictionaries). A feature that never
+    fires has no behaviour to share, so it can never be part of a shared pair."""
+    import numpy as np
+    import torch
+
+    alive_small = torch.as_tensor(alive_small, dtype=torch.bool)
+    alive_large = torch.as_tensor(alive_large, dtype=torch.bool)
+    if not bool(alive_small.any()) or not bool(alive_large.any()):
+        return float("nan"), []
+    small_idx = alive_small.nonzero().squeeze(1).numpy()
+    large_idx = alive_large.nonzero().squeeze(1).numpy()
+    small_t, large_t = _as_float64(small), _as_float64(large)
+    score, pairs = mmcs(small_t[small_idx], large_t[large_idx], "max", device=device)
+    return score, [Pair(int(small_idx[p.small]), int(large_idx[p.large]), p.cosine) for p in pairs]
+
+
+def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive_large=None) -> dict:
+    """The mmcs.json record of one layer: both scores, the top-k shared pairs (max matching among the features that
+    fire, `alive_*` boolean masks; every feature when they are None) and a summary of the per-feature max cosines."""
     import numpy as np
 
     score_max, pairs_max = mmcs(small, large, "max", device=device)
     score_hungarian, pairs_hungarian = mmcs(small, large, "hungarian", device=device)
     best = np.array([p.cosine for p in pairs_max])
+    n_small, n_large = int(small.shape[0]), int(large.shape[0])
+    alive_small = np.ones(n_small, bool) if alive_small is None else np.asarray(alive_small, bool)
+    alive_large = np.ones(n_large, bool) if alive_large is None else np.asarray(alive_large, bool)
+    score_alive, pairs_alive = alive_pairs(small, large, alive_small, alive_large, device=device)
+    hungarian_alive = [p for p in pairs_hungarian if alive_small[p.small] and alive_large[p.large]]
     return {
         "max": score_max,
         "hungarian": score_hungarian,
-        "pairs": [p._asdict() for p in pairs_max[:top_k]],
-        "hungarian_pairs": [p._asdict() for p in pairs_hungarian[:top_k]],
+        "max_firing": score_alive if score_alive == score_alive else None,
+        "firing": {"small": int(alive_small.sum()), "large": int(alive_large.sum())},
+        "pairs": [p._asdict() for p in pairs_alive[:top_k]],
+        "hungarian_pairs": [p._asdict() for p in hungarian_alive[:top_k]],
         "max_cosine": {
             "mean": float(best.mean()),
             "median": float(np.median(best)),
@@ -171,6 +224,30 @@ def _load_dictionary(run_dir: Path, layer: int, expansion: int):
     return load_sae(sae_dir(run_dir, layer, expansion)).dictionary.cpu()
 
 
+def _firing(run_dir: Path, layer: int, expansion: int, n: int):
+    """Boolean mask of the features that fire on the held-out cache rows (the sae stage's metrics.json); every
+    feature when it was not measured (SAEs trained through `python -m irm fit`)."""
+    import numpy as np
+
+    from irm.sae import sae_dir
+    from irm.sae.metrics import read_feature_frequency
+
+    freq = read_feature_frequency(sae_dir(run_dir, layer, expansion))
+    if freq is None or len(freq) != n:
+        log.warning("layer %d x%d: no held-out firing frequencies (run `python -m irm sae`); every feature counts "
+                    "as firing", layer, expansion)
+        return np.ones(n, bool), False
+    return np.asarray(freq) > 0, True
+
+
+def _init_mmcs(run_dir: Path, layer: int, expansion: int):
+    """MMCS of the layer's two SAEs as initialised, recorded by the fit in the exported cfg.json (None if absent)."""
+    from irm.sae import sae_dir
+    from irm.sae.export import read_cfg
+
+    return read_cfg(sae_dir(run_dir, layer, expansion)).get("irm", {}).get("init_mmcs")
+
+
 def run(cfg) -> None:
     """Compare the small and large dictionary of every chosen layer; write `<run_dir>/mmcs.json` and log the
     scores to TensorBoard under `<log_dir>/<run name>/dictionaries`."""
@@ -181,6 +258,8 @@ def run(cfg) -> None:
     from irm.runtime import progress, resolve_device, seed_all
     from irm.stages import mark_done
 
+    if cfg.dictionaries.chance_draws < 1:
+        raise UserError(f"dictionaries.chance_draws={cfg.dictionaries.chance_draws}: must be at least 1")
     if cfg.dictionaries.top_k < 1:
         raise UserError(f"dictionaries.top_k={cfg.dictionaries.top_k}: must be at least 1")
     seed_all(cfg.seed)
@@ -198,8 +277,22 @@ def run(cfg) -> None:
                 f"layer {layer}: the x{small_e} and x{large_e} SAEs have different input widths "
                 f"({small.shape[1]} vs {large.shape[1]}); rerun `python -m irm sae` for this run_dir"
             )
-        rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device)
+        alive_small, measured_small = _firing(run_dir.root, layer, small_e, small.shape[0])
+        alive_large, measured_large = _firing(run_dir.root, layer, large_e, large.shape[0])
+        rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device, alive_small=alive_small,
+                            alive_large=alive_large)
+        rec["firing"]["measured"] = measured_small and measured_large
         rec["dictionaries"] = {"small": f"x{small_e}", "large": f"x{large_e}"}
+        rec["chance"] = chance_mmcs(small.shape[0], large.shape[0], small.shape[1], cfg.dictionaries.chance_draws,
+                                    seed=cfg.seed * 1000 + layer, device=device)
+        rec["init"] = _init_mmcs(run_dir.root, layer, large_e)
+        ch = rec["chance"]
+        print(f"dictionaries layer {layer}: MMCS max {rec['max']:.3f} (random dictionaries "
+              f"{ch['max']['mean']:.3f} +- {ch['max']['std']:.3f}"
+              + (f", SAEs at initialisation {rec['init']['max']:.3f}" if rec["init"] else "")
+              + f"), hungarian {rec['hungarian']:.3f} (random {ch['hungarian']['mean']:.3f} +- "
+              f"{ch['hungarian']['std']:.3f}); firing features {rec['firing']['small']}/{small.shape[0]}, "
+              f"{rec['firing']['large']}/{large.shape[0]}")
         if rec["zero_rows"]["small"] or rec["zero_rows"]["large"]:
             log.warning("layer %d: %d/%d zero rows in x%d/x%d (cosine 0 with anything)", layer,
                         rec["zero_rows"]["small"], rec["zero_rows"]["large"], small_e, large_e)
@@ -210,8 +303,13 @@ def run(cfg) -> None:
         "definitions": {
             "max": "paper eq. 2: mean over the small dictionary of the max cosine to any large-dictionary row",
             "hungarian": "authors' code: mean cosine of a one-to-one matching maximising the summed cosine",
-            "pairs": "top-k pairs of the max matching (small index, large index, cosine): the shared features",
-            "hungarian_pairs": "top-k pairs of the one-to-one matching, for comparison",
+            "max_firing": "max over the features that fire on held-out tokens only (firing: how many do)",
+            "pairs": "top-k pairs of the max matching among firing features (small index, large index, cosine): "
+                     "the shared features; a feature that never fires is never one",
+            "hungarian_pairs": "top-k pairs of the one-to-one matching whose features both fire, for comparison",
+            "chance": "MMCS of two random dictionaries of the same shapes (unit rows uniform on the sphere): mean and "
+                      "sample std over `draws` seeded pairs",
+            "init": "MMCS of the layer's two SAEs as initialised, before training",
             "zero_rows": "rows with zero norm; their cosine with anything counts as 0",
         },
         "top_k": cfg.dictionaries.top_k,
@@ -224,6 +322,7 @@ def run(cfg) -> None:
             rec = records[str(layer)]
             writer.add_scalar("mmcs/max", rec["max"], global_step=layer)
             writer.add_scalar("mmcs/hungarian", rec["hungarian"], global_step=layer)
+            writer.add_scalar("mmcs/max_chance", rec["chance"]["max"]["mean"], global_step=layer)
             writer.add_scalar("max_cosine/median", rec["max_cosine"]["median"], global_step=layer)
     finally:
         writer.close()

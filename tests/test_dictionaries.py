@@ -325,3 +325,93 @@ def test_stage_missing_sae_and_single_expansion_are_user_errors(tmp_path):
     cfg.sae.expansions = [1]
     with pytest.raises(UserError, match="sae.expansions"):
         run(cfg)
+
+
+# Chance level and firing features ---------------------------------------------------------------------------------
+
+
+def numpy_max_mmcs(a, b):
+    """Paper eq. 2 in plain numpy (rows normalised here)."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a @ b.T).max(axis=1).mean())
+
+
+def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
+    from scipy.optimize import linear_sum_assignment
+
+    from irm.dictionaries import chance_mmcs, random_unit_dictionary
+
+    n, m, d, draws = 24, 48, 16, 4
+    chance = chance_mmcs(n, m, d, draws=draws, seed=7)
+    # The same draws (same generator, same order), scored by numpy / scipy alone.
+    g = torch.Generator().manual_seed(7)
+    expected_max, expected_h = [], []
+    for _ in range(draws):
+        a, b = random_unit_dictionary(n, d, g).numpy(), random_unit_dictionary(m, d, g).numpy()
+        assert np.allclose(np.linalg.norm(a, axis=1), 1) and np.allclose(np.linalg.norm(b, axis=1), 1)
+        expected_max.append(numpy_max_mmcs(a, b))
+        cos = a @ b.T
+        rows, cols = linear_sum_assignment(-cos)
+        expected_h.append(cos[rows, cols].mean())
+    assert chance["max"]["draws"] == pytest.approx(expected_max, abs=1e-12)
+    assert chance["hungarian"]["draws"] == pytest.approx(expected_h, abs=1e-12)
+    assert chance["max"]["mean"] == pytest.approx(np.mean(expected_max), abs=1e-12)
+    assert chance["max"]["std"] == pytest.approx(np.std(expected_max, ddof=1), abs=1e-12)
+    # Independently drawn numpy dictionaries (Gaussian rows, normalised) land at the same level: the chance level is
+    # a property of the shapes, not of one generator.
+    rng = np.random.default_rng(0)
+    numpy_draws = [numpy_max_mmcs(rng.standard_normal((n, d)), rng.standard_normal((m, d))) for _ in range(200)]
+    wide = chance_mmcs(n, m, d, draws=50, seed=1, methods=("max",))["max"]
+    spread = np.std(numpy_draws, ddof=1)
+    print(f"chance MMCS {n}x{m} in {d} dims: ours {wide['mean']:.4f}, numpy {np.mean(numpy_draws):.4f} +- {spread:.4f}")
+    assert abs(wide["mean"] - np.mean(numpy_draws)) < 4 * spread * np.sqrt(1 / 50 + 1 / 200)
+
+
+def test_a_feature_that_never_fires_is_never_a_shared_feature():
+    from irm.dictionaries import compare_layer
+
+    rng = np.random.default_rng(3)
+    small, large = rng.standard_normal((6, 8)), rng.standard_normal((10, 8))
+    large[4] = small[0]  # an exact match, but small feature 0 never fires
+    large[7] = small[2] * 3.0  # an exact match whose large feature never fires
+    large[9] = small[5] + 0.05 * rng.standard_normal(8)  # a near match between firing features
+    alive_small = np.array([False, True, True, True, True, True])
+    alive_large = np.ones(10, bool)
+    alive_large[7] = False
+    rec = compare_layer(small, large, top_k=6, alive_small=alive_small, alive_large=alive_large)
+    assert rec["max"] == pytest.approx(numpy_max_mmcs(small, large), abs=1e-12)  # the score itself: every feature
+    assert rec["firing"] == {"small": 5, "large": 9}
+    assert {p["small"] for p in rec["pairs"]} == {1, 2, 3, 4, 5}
+    assert all(alive_large[p["large"]] for p in rec["pairs"]) and all(p["large"] != 7 for p in rec["pairs"])
+    assert rec["pairs"][0] == {"small": 5, "large": 9, "cosine": pytest.approx(numpy_max_mmcs(small[5:], large[9:]))}
+    alive = brute_cos(small[alive_small], large[alive_large]).max(axis=1).mean()
+    assert rec["max_firing"] == pytest.approx(alive, abs=1e-12)
+    for p in rec["hungarian_pairs"]:
+        assert alive_small[p["small"]] and alive_large[p["large"]]
+
+
+def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys):
+    import json
+
+    from irm.dictionaries import chance_mmcs, run
+    from irm.sae import sae_dir
+
+    cfg = stage_cfg(tmp_path, layers=(2,), top_k=16)
+    small, large, positions = export_pair(cfg, 2)
+    # The sae stage's held-out frequencies: small feature 0 (planted in x2) never fires.
+    freq_small = [0.0] + [0.1] * 15
+    (sae_dir(cfg.run_dir, 2, 1) / "metrics.json").write_text(json.dumps({"feature_frequency": freq_small}))
+    (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").write_text(json.dumps({"feature_frequency": [0.2] * 32}))
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    expected = chance_mmcs(16, 32, 16, cfg.dictionaries.chance_draws, seed=cfg.seed * 1000 + 2)
+    for method in ("max", "hungarian"):
+        assert rec["chance"][method]["draws"] == pytest.approx(expected[method]["draws"], abs=1e-12)
+    assert len(rec["chance"]["max"]["draws"]) == cfg.dictionaries.chance_draws == 5
+    assert rec["chance"]["max"]["std"] > 0
+    assert rec["init"] is None  # exported by hand, not by a fit
+    assert rec["firing"] == {"small": 15, "large": 32, "measured": True}
+    assert 0 not in {p["small"] for p in rec["pairs"]}
+    out = capsys.readouterr().out
+    assert f"random dictionaries {expected['max']['mean']:.3f}" in out
