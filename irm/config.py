@@ -109,13 +109,20 @@ class SAEConfig:
     """Sparse autoencoders (paper 4.2, appendix D)."""
 
     expansions: list[int] = field(default_factory=lambda: [1, 2])  # dictionary sizes as multiples of d_model
-    l1_coefficient: float = 1.0e-3
+    activation: Literal["relu", "topk"] = "relu"  # relu: the paper's ReLU + L1; topk: sparsify's k largest codes
+    k: Optional[int] = None  # codes kept per token by topk
+    l1_coefficient: float = 1.0e-3  # on activations normalised to mean norm sqrt(d_model) (when normalize)
     learning_rate: float = 1.0e-3
     batch_size: int = 32
     epochs: int = 3
     tied: bool = True
+    normalize: bool = True  # scale activations to mean norm sqrt(d_model); the factor goes into cfg.json
+    revive: Literal["auto", "resample", "auxk", "none"] = "auto"  # dead features; auto: auxk (topk), resample (relu)
+    aux_coefficient: float = 0.03125  # AuxK weight (sparsify, OpenAI: 1/32)
+    resample_until: float = 0.5  # resampling happens during this fraction of the training steps
     val_fraction: float = 0.05
-    dead_window: int = 1000  # optimizer steps without firing after which a feature counts as dead
+    dead_window: int = 1000  # optimizer steps without firing after which a feature counts as dead (and is revived)
+    ce_documents: int = 16  # held-out documents for CE loss recovered (0: skip; it runs the tuned model)
     # Batches per loader item, one optimizer step each: > 1 spreads Lightning's per-item work over several steps
     # (same updates), worth it at small batches such as the paper's 32.
     batches_per_item: int = 1
@@ -126,6 +133,7 @@ class SAEConfig:
 @dataclass
 class DictionariesConfig:
     top_k: int = 10  # shared feature pairs per layer (paper E.1)
+    chance_draws: int = 5  # pairs of random dictionaries for MMCS's chance level
 
 
 @dataclass
