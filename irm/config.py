@@ -74,6 +74,14 @@ class RLHFConfig:
     # delete them all and skip the last step's (a SmolLM2-135M one is ~3 GB; the tuned policy is saved either way).
     keep_final_checkpoint: bool = True
     bf16: bool = False
+    # LoRA (peft): rank 0 is full fine-tuning (the paper). With rank r > 0 the policy trains rank-r adapters on
+    # `lora_targets` (`all-linear`: every linear layer of the transformer body, attention and MLP; or a list of module
+    # names), TRL's reference model is the policy with its adapters off, and the value model's body is frozen but for
+    # adapters of the same shape (its head trains in full). The saved policy is the merged full model either way.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"
 
 
 @dataclass
@@ -164,8 +172,9 @@ class TriplesConfig:
     n: int = 2000  # maximum number of triples
     substitution: Literal["lexicon", "llm"] = "lexicon"
     multi_token: Literal["skip", "pool"] = "skip"
-    heldout_fraction: float = 0.2  # lexicon words never used in triples: measure generalisation
+    heldout_fraction: float = 0.2  # lexicon lemma families never used in triples: measure generalisation
     max_length: int = 64
+    context_texts: int = 64  # corpus texts kept from the triples: the lexicon stage reads words in them (unseen contexts)
 
 
 @dataclass
@@ -235,3 +244,163 @@ class RunConfig:
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+
+
+# ---- validation: every section checked before any stage runs (the CLI calls `validate` first) ----------------------
+
+ABLATION_MODES = ("reconstruction", "error")
+
+
+def _problems(cfg: RunConfig) -> list[str]:
+    """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
+    import math
+
+    out: list[str] = []
+
+    def need(ok: bool, where: str, value, rule: str) -> None:
+        if not ok:
+            out.append(f"{where}={value!r}: {rule}")
+
+    def at_least(section, name: str, low, optional: bool = False) -> None:
+        v = getattr(section, name, None) if section is not None else None
+        where = f"{_name_of(cfg, section)}{name}"
+        if v is None and optional:
+            return
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, where, v,
+             f"must be >= {low}" + (" (or null)" if optional else ""))
+
+    def positive(section, name: str) -> None:
+        v = getattr(section, name)
+        need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{_name_of(cfg, section)}{name}", v,
+             "must be a positive finite number")
+
+    def fraction(section, name: str, low_open: bool = False) -> None:
+        v = getattr(section, name)
+        ok = (0.0 < v < 1.0) if low_open else (0.0 <= v < 1.0)
+        need(ok, f"{_name_of(cfg, section)}{name}", v, "must be in (0, 1)" if low_open else "must be in [0, 1)")
+
+    at_least(cfg, "devices", 1)
+    at_least(cfg, "threads", 1, optional=True)
+    at_least(cfg, "seed", 0)
+    m = cfg.model
+    at_least(m, "tiny_layers", 1)
+    need(m.tiny_d_model >= 4 and m.tiny_d_model % 4 == 0, "model.tiny_d_model", m.tiny_d_model,
+         "must be a positive multiple of 4 (the tiny models' attention heads)")
+    at_least(cfg.corpus, "n_documents", 1)
+    r = cfg.reward
+    positive(r, "scale")
+    positive(r, "clip")
+    at_least(r, "positive_label", 0)
+    need(r.kind != "classifier" or bool(r.classifier), "reward.classifier", r.classifier,
+         "reward.kind classifier needs a sequence classifier (hub id or local directory)")
+    h = cfg.rlhf
+    for name in ("steps", "batch_size", "ppo_epochs", "response_length", "checkpoint_every"):
+        at_least(h, name, 1)
+    at_least(h, "mini_batch_size", 2)  # PPO whitens advantages within a mini-batch
+    need(h.mini_batch_size < 1 or h.batch_size % h.mini_batch_size == 0, "rlhf.batch_size", h.batch_size,
+         f"must be a multiple of rlhf.mini_batch_size ({h.mini_batch_size})")
+    need(1 <= h.prompt_min_tokens <= h.prompt_max_tokens, "rlhf.prompt_min_tokens", h.prompt_min_tokens,
+         f"need 1 <= prompt_min_tokens <= prompt_max_tokens ({h.prompt_max_tokens})")
+    for name in ("learning_rate", "max_grad_norm", "temperature"):
+        positive(h, name)
+    at_least(h, "kl_coef", 0)
+    if hasattr(h, "lora_rank"):
+        at_least(h, "lora_rank", 0)
+        positive(h, "lora_alpha")
+        fraction(h, "lora_dropout")
+    e = cfg.evaluate
+    at_least(e, "n", 2)  # an interval needs two completions
+    for name in ("prefix_tokens", "new_tokens", "batch_size"):
+        at_least(e, name, 1)
+    at_least(cfg.divergence, "top_k", 1)
+    c = cfg.cache
+    need(c.layers is None or all(isinstance(x, int) and x >= 0 for x in c.layers), "cache.layers", c.layers,
+         "must be null (the divergence stage's top-k) or layer indices >= 0")
+    for name in ("max_length", "batch_size", "shard_rows"):
+        at_least(c, name, 1)
+    at_least(c, "n_documents", 1, optional=True)
+    s = cfg.sae
+    need(bool(s.expansions) and all(isinstance(x, int) and x >= 1 for x in s.expansions)
+         and len(set(s.expansions)) == len(s.expansions), "sae.expansions", s.expansions,
+         "must be distinct whole numbers >= 1 (e.g. [1, 2])")
+    at_least(s, "l1_coefficient", 0)
+    positive(s, "learning_rate")
+    for name in ("batch_size", "epochs", "dead_window", "batches_per_item", "checkpoint_every"):
+        at_least(s, name, 1)
+    fraction(s, "val_fraction")
+    at_least(cfg.dictionaries, "top_k", 1)
+    x = cfg.explain
+    for name in ("concurrency", "window", "n_top", "n_score", "max_new_tokens"):
+        at_least(x, name, 1)
+    for name in ("max_retries", "retry_backoff", "n_quantile"):
+        at_least(x, name, 0)
+    positive(x, "timeout")
+    at_least(x, "max_features", 1, optional=True)
+    t = cfg.triples
+    at_least(t, "n", 1)
+    at_least(t, "max_length", 2)
+    fraction(t, "heldout_fraction")
+    if hasattr(t, "context_texts"):
+        at_least(t, "context_texts", 0)
+    g = cfg.regression
+    at_least(g, "batch_size", 1)
+    at_least(g, "epochs", 1)
+    positive(g, "learning_rate")
+    at_least(g, "weight_decay", 0)
+    fraction(g, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
+    lx = cfg.lexicon
+    at_least(lx, "contexts_per_word", 1)
+    at_least(lx, "bootstrap", 0)
+    at_least(lx, "sample_size", 0)
+    at_least(lx, "max_words", 2, optional=True)
+    p = list(lx.percentiles)
+    need(len(p) == 2 and 0.0 <= p[0] < p[1] <= 100.0, "lexicon.percentiles", p,
+         "must be two increasing numbers in [0, 100]")
+    v = cfg.validate
+    at_least(v, "n_inputs", 1)
+    need(-4.0 < v.threshold < 4.0, "validate.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
+    a = cfg.ablate
+    for name in ("n_prompts", "new_tokens", "prefix_tokens", "batch_size"):
+        at_least(a, name, 1)
+    at_least(a, "random_draws", 0)
+    need(bool(a.modes) and set(a.modes) <= set(ABLATION_MODES), "ablate.modes", list(a.modes),
+         f"must be a non-empty subset of {list(ABLATION_MODES)}")
+    return out
+
+
+def _name_of(cfg: RunConfig, section) -> str:
+    if section is cfg:
+        return ""
+    for f in cfg.__dataclass_fields__:
+        if getattr(cfg, f) is section:
+            return f"{f}."
+    return ""
+
+
+def _environment_problems(cfg: RunConfig, stages) -> list[str]:
+    """What the stages about to run need from the environment, checked before the first of them starts."""
+    import os
+
+    uses_explainer = "explain" in stages or ("triples" in stages and cfg.triples.substitution == "llm")
+    out = []
+    if uses_explainer and cfg.explain.backend == "openai":
+        if not cfg.explain.model:
+            out.append("explain.model is empty: name the chat model for explain.backend openai (e.g. gpt-4o-mini, or "
+                       "the model your vLLM/Ollama/llama.cpp server serves)")
+        if not os.environ.get(cfg.explain.api_key_env):
+            out.append(f"environment variable {cfg.explain.api_key_env} (explain.api_key_env) is not set: put the API "
+                       "key for explain.backend openai in it (any non-empty value for a server that needs no key)")
+    if "triples" in stages and cfg.triples.substitution == "llm" and cfg.explain.backend == "offline":
+        out.append("triples.substitution llm needs an LLM explainer: set explain.backend to local or openai")
+    return out
+
+
+def validate(cfg: RunConfig, stages=()) -> None:
+    """Refuse a config with a bad value in any section, or missing what one of `stages` (the stages about to run)
+    needs from the environment, in one line (UserError) before anything runs or is written."""
+    from irm.errors import UserError
+
+    problems = _problems(cfg) + _environment_problems(cfg, set(stages))
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
+        raise UserError(f"bad configuration: {problems[0]}{more}")

@@ -48,9 +48,42 @@ class RewardAdapter(nn.Module):
         self.score = nn.Identity()
 
 
-def value_model_from(policy: nn.Module) -> nn.Module:
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct (last-component) names of the linear layers of a model's transformer body, attention and MLP:
+    what `lora_targets: all-linear` adapts. The output head lies outside the body and is never among them."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    body = getattr(model, model.base_model_prefix)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in body.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def lora_config(rlhf, policy: nn.Module):
+    """The peft LoraConfig of `rlhf` (RLHFConfig) for `policy`, or None for full fine-tuning (lora_rank 0)."""
+    if rlhf.lora_rank == 0:
+        return None
+    from peft import LoraConfig
+
+    from irm.errors import UserError
+
+    if rlhf.lora_rank < 0 or rlhf.lora_alpha <= 0 or not 0 <= rlhf.lora_dropout < 1:
+        raise UserError(f"rlhf.lora_rank={rlhf.lora_rank}, lora_alpha={rlhf.lora_alpha}, lora_dropout="
+                        f"{rlhf.lora_dropout}: need rank >= 0 (0: full fine-tuning), alpha > 0, 0 <= dropout < 1")
+    names = linear_names(policy)
+    targets = names if rlhf.lora_targets == "all-linear" else list(
+        [rlhf.lora_targets] if isinstance(rlhf.lora_targets, str) else rlhf.lora_targets)
+    unknown = sorted(set(targets) - set(names))
+    if unknown or not targets:
+        raise UserError(f"rlhf.lora_targets: {unknown or targets} are not linear layers of {type(policy).__name__}; "
+                        f"use `all-linear` or some of {names}")
+    return LoraConfig(r=rlhf.lora_rank, lora_alpha=rlhf.lora_alpha, lora_dropout=rlhf.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def value_model_from(policy: nn.Module, lora=None) -> nn.Module:
     """A one-output sequence-classification model of the policy's architecture whose backbone starts as a copy of
-    the policy's (the value head is freshly initialised): PPO's critic, trained jointly with the policy."""
+    the policy's (the value head is freshly initialised): PPO's critic, trained jointly with the policy. With a
+    peft `lora` config the backbone is frozen and gets adapters of that config (injected in place, so TRL still
+    finds the backbone and the head by their usual names); the head trains in full."""
     from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(policy.config)
@@ -58,4 +91,10 @@ def value_model_from(policy: nn.Module) -> nn.Module:
     value = AutoModelForSequenceClassification.from_config(config, dtype=policy.dtype)
     prefix = policy.base_model_prefix
     getattr(value, prefix).load_state_dict(getattr(policy, prefix).state_dict())
+    if lora is not None:
+        from peft import inject_adapter_in_model
+
+        value.requires_grad_(False)
+        inject_adapter_in_model(copy.deepcopy(lora), getattr(value, prefix))  # adapters come in trainable
+        value.score.requires_grad_(True)
     return value.to(policy.device)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import TrainerCallback
 
 from irm.artifacts import atomic_dir
@@ -111,6 +111,30 @@ def _set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
 
 
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A module's weights: all of them, or, when some are frozen (LoRA: the base weights, which every run loads
+    the same), only the trainable ones - megabytes instead of the whole model."""
+    params = dict(module.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        save_model(module, str(path))  # save_model handles tied embeddings
+    else:
+        save_file({n: p.detach().contiguous() for n, p in params.items() if p.requires_grad}, str(path))
+
+
+def _load_weights(module: torch.nn.Module, path: Path, device: torch.device) -> None:
+    params = dict(module.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        load_model(module, path, device=str(device))
+        return
+    state = load_file(str(path), device=str(device))
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"{path} holds other parameters than the model trains")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
 def _parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(policy, value model) of TRL's PolicyAndValueWrapper, unwrapped from DDP if accelerate wrapped it."""
     wrapper = getattr(model, "module", model)
@@ -174,8 +198,8 @@ class FullStateCheckpoints(TrainerCallback):
         meta = read_state(ckpt)
         rngs = torch.load(ckpt / "rng.pt", weights_only=True)  # one state per rank
         rng = rngs[rank()]
-        load_model(policy, ckpt / "policy.safetensors", device=str(device))
-        load_model(value, ckpt / "value.safetensors", device=str(device))
+        _load_weights(policy, ckpt / "policy.safetensors", device)
+        _load_weights(value, ckpt / "value.safetensors", device)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state.global_step, state.episode = meta["step"], meta["episode"]
@@ -208,8 +232,8 @@ class FullStateCheckpoints(TrainerCallback):
         rngs = _all_gather(_rng_state())
         if rank() == 0:
             with atomic_dir(target) as tmp:
-                save_model(policy, str(tmp / "policy.safetensors"))  # save_model handles tied embeddings
-                save_model(value, str(tmp / "value.safetensors"))
+                _save_weights(policy, tmp / "policy.safetensors")
+                _save_weights(value, tmp / "value.safetensors")
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rngs, tmp / "rng.pt")

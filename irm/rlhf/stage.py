@@ -87,7 +87,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     from irm.data import load_texts, make_prompts
     from irm.models import load_model
     from irm.reward import build_reward
-    from irm.rlhf.adapter import RewardAdapter, value_model_from
+    from irm.rlhf.adapter import RewardAdapter, lora_config, value_model_from
     from irm.rlhf.monitor import ProgressBar, ScalarLogger
     from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config
 
@@ -101,8 +101,10 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
 
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, device=device)
     generation_config = copy.deepcopy(policy.generation_config)  # TRL rewrites eos_token_id for its sampling
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    value_model = value_model_from(policy)
+    lora = lora_config(cfg.rlhf, policy)
+    # LoRA: TRL's reference is the policy with its adapters off, no copy.
+    reference = None if lora else copy.deepcopy(policy).requires_grad_(False).eval()
+    value_model = value_model_from(policy, lora)
     reward_model = RewardAdapter(build_reward(cfg.reward, device=device), tokenizer)
 
     texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
@@ -128,6 +130,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         reward_model=reward_model,
         train_dataset=Dataset.from_dict({"input_ids": prompts}),
         value_model=value_model,
+        peft_config=lora,
         callbacks=[ckpt, *watchers, *callbacks],
         prompt_order=order,
     )
@@ -166,6 +169,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         trainer.accelerator.wait_for_everyone()
         return
 
+    if lora is not None:  # downstream stages read a plain model: the adapters folded into the weights
+        policy = trainer.policy_model.merge_and_unload()
     policy.generation_config = generation_config
     with atomic_dir(out / "policy") as tmp:
         policy.save_pretrained(tmp)
