@@ -30,6 +30,7 @@ METHODS = ("max", "hungarian")
 # Cosine entries held at once by the chunked `max` search (float64: 32 MiB). A 4096 x 8192 pair of dictionaries
 # would need 256 MiB for the full matrix; the chunked search needs this much whatever the sizes.
 CHUNK_ELEMENTS = 1 << 22
+BOOTSTRAP = 1000  # resamples of the small dictionary's features for the max MMCS's interval
 # Row norms at or below this are zero rows (no direction). Decoder rows of live features are O(1e-3) or larger.
 ZERO_NORM = 1e-12
 
@@ -188,8 +189,13 @@ def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive
     alive_large = np.ones(n_large, bool) if alive_large is None else np.asarray(alive_large, bool)
     score_alive, pairs_alive = alive_pairs(small, large, alive_small, alive_large, device=device)
     hungarian_alive = [p for p in pairs_hungarian if alive_small[p.small] and alive_large[p.large]]
+    # 95% bootstrap interval of the max MMCS over the small dictionary's features (which features a dictionary of
+    # this size happens to hold): what the chance level is compared against.
+    rng = np.random.default_rng(0)
+    boot = best[rng.integers(0, best.size, size=(BOOTSTRAP, best.size))].mean(axis=1)
     return {
         "max": score_max,
+        "max_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
         "hungarian": score_hungarian,
         "max_firing": score_alive if score_alive == score_alive else None,
         "firing": {"small": int(alive_small.sum()), "large": int(alive_large.sum())},
@@ -307,6 +313,7 @@ def run(cfg) -> None:
             "pairs": "top-k pairs of the max matching among firing features (small index, large index, cosine): "
                      "the shared features; a feature that never fires is never one",
             "hungarian_pairs": "top-k pairs of the one-to-one matching whose features both fire, for comparison",
+            "max_ci95": "95% bootstrap interval of max over the small dictionary's features",
             "chance": "MMCS of two random dictionaries of the same shapes (unit rows uniform on the sphere): mean and "
                       "sample std over `draws` seeded pairs",
             "init": "MMCS of the layer's two SAEs as initialised, before training",

@@ -286,3 +286,40 @@ def generalises(root: Path) -> Optional[Row]:
         detail=f"permutation {p_text(perm['p_greater'])}; held-out words: whole lemma families kept out of every "
                "triple, read in contexts no triple used",
     )
+
+
+@row_builder
+def dictionaries_share_features(root: Path) -> Optional[list]:
+    """Each layer's two dictionaries share features (paper eq. 2): the max MMCS, with its bootstrap interval over the
+    small dictionary's features, against the MMCS of random dictionaries of the same shapes (mmcs.json). The detail
+    carries the SAEs' quality (sae/metrics.json): an MMCS above chance between dense or dead dictionaries means
+    little."""
+    mmcs = _load(root, "mmcs.json")
+    if not mmcs or not mmcs.get("layers"):
+        return None
+    quality = (_load(root, "sae/metrics.json") or {}).get("layers") or {}
+    rows = []
+    for layer, rec in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0])):
+        chance = (rec.get("chance") or {}).get("max")
+        if not chance:
+            continue
+        saes = quality.get(layer) or {}
+        sae_text = "; ".join(
+            f"{name}: L0 {num(m.get('l0'), 1)} of {m.get('width')}, explained variance "
+            f"{num(m.get('explained_variance'))}, dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
+            f"CE loss recovered {num(m.get('ce_loss_recovered'))}"
+            for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
+        init = rec.get("init") or {}
+        rows.append(finding(
+            claim=f"layer {layer}: the {rec.get('dictionaries', {}).get('small', 'small')} and "
+                  f"{rec.get('dictionaries', {}).get('large', 'large')} dictionaries share features (MMCS, eq. 2)",
+            number=f"MMCS {num(rec['max'])} {interval(rec.get('max_ci95'))}",
+            control=f"random dictionaries of the same shapes: {num(chance['mean'])} ± {num(chance['std'])} "
+                    f"({len(chance.get('draws', []))} draws)",
+            verdict=verdict_from_interval(rec.get("max_ci95"), control=chance["mean"]),
+            detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; SAEs at initialisation "
+                   f"{num(init.get('max'))}; firing features {(rec.get('firing') or {}).get('small', 'n/a')} / "
+                   f"{(rec.get('firing') or {}).get('large', 'n/a')}"
+                   + (f"; SAE quality on held-out data: {sae_text}" if sae_text else ""),
+        ))
+    return rows or None

@@ -415,3 +415,27 @@ def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys)
     assert 0 not in {p["small"] for p in rec["pairs"]}
     out = capsys.readouterr().out
     assert f"random dictionaries {expected['max']['mean']:.3f}" in out
+
+
+def test_findings_row_compares_mmcs_with_chance_and_carries_sae_quality(tmp_path):
+    import json
+
+    from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, SUPPORTED, dictionaries_share_features
+
+    chance = {"max": {"mean": 0.14, "std": 0.002, "draws": [0.14] * 5}}
+    mmcs_json = {"layers": {
+        "3": {"max": 0.62, "max_ci95": [0.58, 0.66], "chance": chance, "init": {"max": 0.139},
+              "firing": {"small": 570, "large": 1100}, "dictionaries": {"small": "x1", "large": "x2"}},
+        "5": {"max": 0.141, "max_ci95": [0.139, 0.143], "chance": chance, "init": {"max": 0.14},
+              "firing": {"small": 300, "large": 400}, "dictionaries": {"small": "x1", "large": "x2"}},
+        "7": {"max": 0.10, "max_ci95": [0.09, 0.11], "chance": chance, "dictionaries": {}}}}
+    (tmp_path / "mmcs.json").write_text(json.dumps(mmcs_json))
+    assert [r["verdict"] for r in dictionaries_share_features(tmp_path)] == [SUPPORTED, NOT_DISTINGUISHABLE,
+                                                                            CONTRADICTED]
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"layers": {"3": {"x1": {
+        "l0": 31.5, "width": 576, "explained_variance": 0.81, "dead_fraction": 0.02, "ce_loss_recovered": 0.9}}}}))
+    row = dictionaries_share_features(tmp_path)[0]
+    assert "0.620 [0.580, 0.660]" in row["number"] and "0.140 ± 0.002" in row["control"]
+    assert "x1: L0 31.5 of 576, explained variance 0.810, dead 2.0%, CE loss recovered 0.900" in row["detail"]
+    assert dictionaries_share_features(tmp_path / "missing") is None
