@@ -323,8 +323,14 @@ def build_summary(root: Path) -> dict:
                 "ci95": kendall.get(k, {}).get("ci95"), "n": kendall.get(k, {}).get("n")}
             for k in ("all", "negative", "heldout")
         },
-        "mmcs": {layer: {"max": v.get("max"), "hungarian": v.get("hungarian")}
+        "mmcs": {layer: {"max": v.get("max"), "hungarian": v.get("hungarian"), "max_firing": v.get("max_firing"),
+                         "chance": {m: {k: c.get(k) for k in ("mean", "std")} for m, c in (v.get("chance") or {}).items()},
+                         "init": v.get("init")}
                  for layer, v in mmcs.get("layers", {}).items()},
+        "sae": {layer: {name: {k: m.get(k) for k in ("width", "l0", "l0_fraction", "explained_variance",
+                                                     "dead_fraction", "ce_loss_recovered")}
+                        for name, m in rec.items()}
+                for layer, rec in ((_load(root, "sae/metrics.json") or {}).get("layers") or {}).items()},
         "ablation": {
             "before": ablation.get("before", {}).get("mean"),
             "after": ablation.get("after", {}).get("mean"),
@@ -396,16 +402,53 @@ def run(cfg: RunConfig) -> dict:
     # Table 1: dictionaries and MMCS.
     mmcs = _load(root, "mmcs.json")
     doc.heading("Dictionaries and their overlap (paper table 1, eq. 2)")
+    sae_metrics = _load(root, "sae/metrics.json")
+    if sae_metrics and sae_metrics.get("layers"):
+        st = sae_metrics.get("settings", {})
+        arch = (f"TopK (k = {st.get('k')})" if st.get("activation") == "topk"
+                else f"ReLU + L1 (alpha = {st.get('l1_coefficient')})")
+        rows = []
+        for layer, rec in sorted(sae_metrics["layers"].items(), key=lambda kv: int(kv[0])):
+            for name, m in sorted(rec.items(), key=lambda kv: int(kv[0][1:])):
+                l0, frac = m.get("l0"), m.get("l0_fraction")
+                rows.append([layer, name, m.get("width"),
+                             "n/a" if l0 is None else f"{l0:.1f} ({100 * frac:.1f}%)",
+                             _fmt(m.get("explained_variance")),
+                             "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%",
+                             _fmt(m.get("ce_loss_recovered"))])
+        held = sae_metrics.get("heldout", {})
+        doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance", "dead",
+                   "CE loss recovered"], rows,
+                  caption=f"SAE quality on held-out data ({arch}; activations normalised to mean norm sqrt(d): "
+                          f"{st.get('normalize')}; dead features revived by {st.get('revive')}). L0: features active "
+                          "per token; dead: features that fire on no held-out token; explained variance on the "
+                          f"held-out {100 * held.get('cache_val_fraction', 0):.0f}% of the activation cache; CE loss "
+                          "recovered = (L_zero - L_SAE) / (L_zero - L_clean), the tuned model's next-token loss on "
+                          f"{held.get('ce_documents')} held-out documents with the layer's output zeroed, replaced "
+                          "by the SAE's reconstruction, untouched (1 = the splice costs nothing). A dictionary is "
+                          "worth analysing with L0 a small fraction of its width and most variance explained.")
     if mmcs:
         rows = []
         for layer, v in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0])):
             sizes = v.get("sizes") or ["", ""]
-            rows.append([layer, sizes[0], sizes[1], _fmt(v.get("max")), _fmt(v.get("hungarian"))])
+            chance, init, firing = v.get("chance") or {}, v.get("init") or {}, v.get("firing") or {}
+
+            def with_chance(method):
+                c = chance.get(method)
+                return "n/a" if not c else f"{c['mean']:.3f} ± {c['std']:.3f}"
+
+            rows.append([layer, sizes[0], sizes[1], _fmt(v.get("max")), with_chance("max"), _fmt(init.get("max")),
+                         _fmt(v.get("hungarian")), with_chance("hungarian"),
+                         f"{firing.get('small', 'n/a')} / {firing.get('large', 'n/a')}"])
         defs = mmcs.get("definitions", {})
-        doc.table(["layer", "small dictionary", "large dictionary", "MMCS (max, eq. 2)",
-                   "MMCS (one-to-one Hungarian, authors' code)"], rows,
-                  caption=f"Dictionary sizes in features. max: {defs['max']}. Hungarian: {defs['hungarian']}."
-                  if "max" in defs and "hungarian" in defs else "Dictionary sizes in features")
+        doc.table(["layer", "small dictionary", "large dictionary", "MMCS (max, eq. 2)", "chance (random dictionaries)",
+                   "SAEs at initialisation", "MMCS (one-to-one Hungarian, authors' code)", "Hungarian chance",
+                   "firing features (small / large)"], rows,
+                  caption=(f"Dictionary sizes in features. max: {defs['max']}. Hungarian: {defs['hungarian']}. "
+                           "Chance: mean ± standard deviation of the MMCS of pairs of random unit-vector dictionaries "
+                           "of the same shapes; an MMCS near it says the two dictionaries share nothing beyond what "
+                           "random directions share. Shared features are chosen among features that fire on held-out "
+                           "tokens." if "max" in defs and "hungarian" in defs else "Dictionary sizes in features"))
     else:
         doc.para("Not run.")
     curves = _sae_curves(cfg)
