@@ -24,6 +24,8 @@ from irm.config import RunConfig
 from irm.errors import UserError
 from irm.parallel import Ranks, launch, split_list
 from irm.runtime import seed_all
+from irm.sampling import SamplingRule, _GumbelNoise, prompt_seed, sample  # noqa: F401 (prompt_seed: seeds of prompts)
+from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 
 MODES = ("reconstruction", "error")
@@ -80,59 +82,14 @@ def draw_random_features(
     return out
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    """The sampling seed of prompt `index`: the same in every condition, batch, resume and process."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+def generate(model, tokenizer, prompts: list[list[int]], seeds: list[int], rule: SamplingRule) -> list[str]:
+    """Prefix + completion of each prompt as text, sampled under the run's one sampling rule (irm.sampling: as PPO
+    sampled, ending at end-of-text), prompt i with its own seed: the same noise in every condition, batch, resume and
+    process (common random numbers: conditions differ only by the intervention)."""
+    return sample(model, tokenizer, prompts, rule, seeds).texts
 
 
-def _per_prompt_sampler(seeds: list[int]):
-    """A logits processor that, followed by greedy decoding, samples at temperature 1 with top_k 0 and top_p 1.
-
-    Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits). Each row gets its noise from its own
-    generator, so a prompt's draw does not depend on which batch it is in, and every condition sees the same noise
-    for the same prompt at the same step (common random numbers: conditions differ only by the intervention)."""
-    import torch
-    from transformers import LogitsProcessor
-
-    class PerPromptSampler(LogitsProcessor):
-        def __init__(self):
-            self.generators = None
-
-        def __call__(self, input_ids, scores):
-            if self.generators is None:
-                self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in seeds]
-            u = torch.stack(
-                [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
-            )
-            gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
-            return scores + gumbel.to(scores.dtype)
-
-    return PerPromptSampler()
-
-
-def generate(model, tokenizer, prompts: list[list[int]], seeds: list[int], new_tokens: int) -> list[str]:
-    """Prefix + `new_tokens` sampled tokens of each prompt as text (left-padded batch; special tokens dropped)."""
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-    # No end-of-text stop: completions of exactly new_tokens tokens, as PPO sampled them (stop_token None).
-    plain = GenerationConfig(
-        max_new_tokens=new_tokens,
-        do_sample=False,  # the sampling is the Gumbel noise added by the processor
-        num_beams=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # generate() fills every field left unset from model.generation_config (an eos token that would stop early, a
-    # hub model's repetition penalty, ...): swap ours in so nothing but the policy's own distribution is sampled.
-    saved, model.generation_config = model.generation_config, plain
-    try:
-        with torch.inference_mode():
-            out = model.generate(**batch, logits_processor=LogitsProcessorList([_per_prompt_sampler(seeds)]))
-    finally:
-        model.generation_config = saved
-    completions = out[:, batch["input_ids"].shape[1]:].tolist()
-    return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, completions)]
+_per_prompt_sampler = _GumbelNoise  # the per-prompt Gumbel-max noise generate() draws (irm.sampling)
 
 
 def result_files(directory: Path, stem: str) -> list[Path]:
@@ -271,7 +228,8 @@ def _setup(cfg: RunConfig, device) -> _Setup:
     reward = build_reward(cfg.reward, device)
     rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("rlhf", "sae")}
-    common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, a.new_tokens, stamps)
+    common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, sampling_rule(cfg.rlhf, a.new_tokens),
+              stamps)
     return _Setup(model, tokenizer, layers, related, saes, features, random_sets, prompts, seeds, reward, common)
 
 
@@ -307,7 +265,7 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
         def score_batch(indices: list[int]):
             with splice(s.model, fns, site=cfg.cache.site):
                 out = generate(s.model, s.tokenizer, [s.prompts[i] for i in indices], [s.seeds[i] for i in indices],
-                               a.new_tokens)
+                               sampling_rule(cfg.rlhf, a.new_tokens))
             return out, s.reward(out)
 
         rewards = condition_rewards(ranks, directory, stem, len(s.prompts), a.batch_size, score_batch,

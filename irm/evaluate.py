@@ -1,67 +1,86 @@
 """`python -m irm evaluate-reward`: paper table 7. The mean reward of N completions (default 1000, 30 new tokens)
 sampled from the base and the tuned model for 30-token prefixes of held-out texts, with 95% t-intervals and the
-paired tuned-minus-base difference. Each finished batch is journalled, so a killed run never redoes one."""
+paired tuned-minus-base difference. Completions follow the run's one sampling rule (irm.sampling: as PPO sampled
+them, ending at end-of-text), prompt i drawn with the same seed for both models. Each finished batch is journalled,
+so a killed run never redoes one.
+
+`reward_eval.json` (read by the report and the findings table):
+- `base`, `tuned`: {"mean", "ci95": [low, high], "n"} of each model's rewards (t-interval);
+- `paired`: tuned - base on the same prompts: {"mean_diff", "ci": 95% t-interval [low, high], "bootstrap_ci": 95%
+  BCa bootstrap interval, "p_value": two-sided paired t-test (scipy.stats.ttest_rel), "n": number of pairs};
+- `difference`: the same as {"mean", "ci95", "p_value", "n"} (older name, kept for readers of it);
+- `sampling`: the rule (max_new_tokens, stop_at_eos, temperature, top_k, top_p); `new_tokens`, `prefix_tokens`,
+  `n_prefixes` (distinct prefixes), `split`, `reward`, `examples`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
 from typing import Callable
 
-from irm.artifacts import append_jsonl, read_jsonl, write_json, write_text
+from irm.artifacts import append_jsonl, fingerprint, read_jsonl, write_json, write_text
 from irm.config import EvaluateConfig, RunConfig
 from irm.errors import UserError
 from irm.runtime import progress, resolve_device, seed_all
+from irm.sampling import SamplingRule, prompt_seed, sample
+from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
 
 STAGE = "evaluate-reward"
 OUTPUT = "reward_eval.json"
 N_EXAMPLES = 3  # completions of each model quoted in the JSON, for a reader to see what the numbers mean
+SAMPLER = "per-prompt-gumbel-1"  # journals of an older sampler are not reused
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """The sampling seed of one batch: the same for base and tuned (a paired comparison: both models see the same
-    prefixes and the same random draws) and independent of which batches already ran (resuming)."""
-    return seed * 1_000_003 + batch
-
-
-def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callable, ecfg: EvaluateConfig, seed: int,
-                   journal: Path, fp: str, desc: str) -> list[dict]:
-    """Sample up to `ecfg.new_tokens` tokens after every prompt (top_k 0, top_p 1, temperature 1: the policy's own
-    distribution, as in PPO), score prefix+completion with `reward_fn`; one journal record per batch of
-    `ecfg.batch_size`. Returns the records of every batch in order."""
-    import torch
-
+def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callable, rule: SamplingRule, seed: int,
+                   batch_size: int, journal: Path, fp: str, desc: str) -> list[dict]:
+    """One completion per prompt under the run's sampling `rule` (irm.sampling: the rule PPO trained with), prompt i
+    drawn with seed `prompt_seed(seed, i)` (the same for base and tuned: a paired comparison with common random
+    numbers, independent of batching and resuming); prefix+completion scored by `reward_fn`; one journal record per
+    batch of `batch_size`. Returns the records of every batch in order."""
     records = read_jsonl(journal)
     done = {r["batch"]: r for r in records if r.get("fingerprint") == fp}
     if len(done) != len(records):  # a journal from another config or model: start it over
         write_text(journal, "")
-    n_batches = math.ceil(len(prompts) / ecfg.batch_size)
-    # A completion ends at the end-of-text token or after new_tokens tokens, as in PPO training.
-    generation = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=ecfg.new_tokens,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
+    n_batches = math.ceil(len(prompts) / batch_size)
     model.eval()
     with progress(desc=desc, total=n_batches, unit="batch") as bar:
         bar.update(sum(b < n_batches for b in done))
         for b in range(n_batches):
             if b in done:
                 continue
-            chunk = prompts[b * ecfg.batch_size:(b + 1) * ecfg.batch_size]
-            batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt").to(device)
-            torch.manual_seed(batch_seed(seed, b))
-            with torch.inference_mode():
-                out = model.generate(**batch, **generation)
-            new = out[:, batch["input_ids"].shape[1]:]
-            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-            record = {"batch": b, "fingerprint": fp, "rewards": [float(r) for r in reward_fn(texts)],
-                      "completions": tokenizer.batch_decode(new, skip_special_tokens=True)}
+            indices = range(b * batch_size, min((b + 1) * batch_size, len(prompts)))
+            out = sample(model, tokenizer, [prompts[i] for i in indices], rule, [prompt_seed(seed, i) for i in indices])
+            record = {"batch": b, "fingerprint": fp, "rewards": [float(r) for r in reward_fn(out.texts)],
+                      "completions": out.completions}
             append_jsonl(journal, record)
             done[b] = record
             bar.update(1)
     return [done[b] for b in range(n_batches)]
+
+
+def paired_difference(tuned, base) -> dict:
+    """tuned - base over the same prompts: mean, 95% t-interval and two-sided p-value of the paired t-test
+    (scipy.stats.ttest_rel), a 95% BCa bootstrap interval of the mean difference (scipy.stats.bootstrap, 9,999
+    resamples of the pairs, seeded), and the number of pairs."""
+    import numpy as np
+    from scipy import stats
+
+    tuned, base = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    diff = tuned - base
+    if np.ptp(diff) == 0:  # one and the same difference everywhere: no spread to test (scipy would give nan)
+        m = float(diff[0])
+        return {"mean_diff": m, "ci": [m, m], "bootstrap_ci": [m, m], "p_value": 1.0 if m == 0 else 0.0,
+                "n": len(diff)}
+    test = stats.ttest_rel(tuned, base)
+    ci = test.confidence_interval(0.95)
+    boot = stats.bootstrap((diff,), np.mean, n_resamples=9999, confidence_level=0.95, method="BCa",
+                           random_state=np.random.default_rng(0)).confidence_interval
+    return {"mean_diff": float(diff.mean()), "ci": [float(ci.low), float(ci.high)],
+            "bootstrap_ci": [float(boot.low), float(boot.high)], "p_value": float(test.pvalue), "n": len(diff)}
 
 
 def run(cfg: RunConfig) -> None:
@@ -74,7 +93,6 @@ def run(cfg: RunConfig) -> None:
         raise UserError(f"evaluate.n={ecfg.n}, batch_size={ecfg.batch_size}, new_tokens={ecfg.new_tokens}: need n >= 2 "
                         "(for an interval), batch_size >= 1 and new_tokens >= 1 (paper table 7: 1000, -, 30)")
     import numpy as np
-    from scipy import stats
 
     from irm.data import load_texts, prefixes
     from irm.models import load_model, load_tuned
@@ -83,7 +101,8 @@ def run(cfg: RunConfig) -> None:
     open_run_dir(cfg)
     device = resolve_device(cfg.device)
     seed_all(cfg.seed)
-    fp = stage_fingerprint(cfg, STAGE)
+    rule = sampling_rule(cfg.rlhf, ecfg.new_tokens)
+    fp = fingerprint(stage_fingerprint(cfg, STAGE), SAMPLER, dataclasses.asdict(rule))
     reward_fn = build_reward(cfg.reward, device=device)
 
     # The tuned model first: a run without one fails before any sampling. One model in memory at a time; both
@@ -97,7 +116,7 @@ def run(cfg: RunConfig) -> None:
     prompts = [pool[i % len(pool)] for i in range(ecfg.n)]
 
     def sample(model, label: str) -> list[dict]:
-        return sample_rewards(model, tokenizer, prompts, reward_fn, ecfg, cfg.seed,
+        return sample_rewards(model, tokenizer, prompts, reward_fn, rule, cfg.seed, ecfg.batch_size,
                               out / "evaluate" / f"{label}.jsonl", fp, desc=f"{label} completions")
 
     records = {"tuned": sample(tuned, "tuned")}
@@ -105,12 +124,15 @@ def run(cfg: RunConfig) -> None:
     records["base"] = sample(load_model(cfg.model, seed=cfg.seed, device=device)[0], "base")
     rewards = {label: np.concatenate([r["rewards"] for r in recs]) for label, recs in records.items()}
     completions = {label: [c for r in recs for c in r["completions"]] for label, recs in records.items()}
-    difference = mean_ci(rewards["tuned"] - rewards["base"])
-    difference["p_value"] = float(stats.ttest_rel(rewards["tuned"], rewards["base"]).pvalue)
+    paired = paired_difference(rewards["tuned"], rewards["base"])
     result = {
         "base": mean_ci(rewards["base"]),
         "tuned": mean_ci(rewards["tuned"]),
-        "difference": difference,  # paired: same prefixes, same random seeds
+        "paired": paired,  # tuned - base: same prefixes, same random numbers
+        # the same numbers under the names report.py has read since table 7 first had a difference row
+        "difference": {"mean": paired["mean_diff"], "ci95": paired["ci"], "p_value": paired["p_value"],
+                       "n": paired["n"]},
+        "sampling": dataclasses.asdict(rule),
         "new_tokens": ecfg.new_tokens,
         "prefix_tokens": ecfg.prefix_tokens,
         "n_prefixes": min(len(pool), ecfg.n),
@@ -125,7 +147,8 @@ def run(cfg: RunConfig) -> None:
     }
     write_json(out / OUTPUT, result)
     mark_done(cfg, STAGE, [OUTPUT])
-    b, t = result["base"], result["tuned"]
+    b, t, d = result["base"], result["tuned"], paired
     print(f"irm evaluate-reward: mean reward of {ecfg.n} completions ({ecfg.new_tokens} new tokens): base "
           f"{b['mean']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}], tuned {t['mean']:.3f} "
-          f"[{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]; written to {out / OUTPUT}", file=sys.stderr)
+          f"[{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]; paired tuned - base {d['mean_diff']:+.3f} "
+          f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], p = {d['p_value']:.2g}; written to {out / OUTPUT}", file=sys.stderr)

@@ -24,6 +24,7 @@ from irm.ablation import (
     run,
 )
 from irm.artifacts import append_jsonl, read_jsonl
+from irm.sampling import SamplingRule
 from irm.config import ModelConfig
 from irm.models import capture, load_model, splice
 from irm.parallel import Ranks
@@ -248,7 +249,7 @@ def test_generate_samples_exactly_new_tokens_from_the_policy_alone(tiny):
     trap.eos_token_id, trap.repetition_penalty = expected[0][len(prompts[0]) + 1], 50.0
     model.generation_config = trap
     try:
-        got = generate(model, tokenizer, prompts, seeds, new_tokens)
+        got = generate(model, tokenizer, prompts, seeds, SamplingRule(new_tokens))  # stops at the tokenizer's eos
         assert model.generation_config is trap  # restored
     finally:
         model.generation_config = config

@@ -12,8 +12,10 @@ import torch
 from irm.artifacts import read_jsonl
 from irm.cli import parse_config
 from irm.errors import UserError
+from irm.sampling import SamplingRule
 
 ROOT = Path(__file__).resolve().parents[1]
+RULE = SamplingRule(8)
 
 
 @pytest.fixture
@@ -61,6 +63,10 @@ def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsy
     # same model, same prefixes, same per-batch seeds: the same completions, a difference of exactly 0
     assert [r["completions"] for r in base] == [r["completions"] for r in tuned]
     assert result["difference"]["mean"] == 0 and result["difference"]["ci95"] == [0, 0]
+    assert result["paired"] == {"mean_diff": 0, "ci": [0, 0], "bootstrap_ci": [0, 0], "p_value": 1.0,
+                                "n": cfg.evaluate.n}
+    assert result["sampling"] == {"max_new_tokens": cfg.evaluate.new_tokens, "stop_at_eos": True,
+                                  "temperature": cfg.rlhf.temperature, "top_k": 0, "top_p": 1.0}
 
     tok = tiny_tokenizer()
     pool = prefixes(load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed), tok, cfg.evaluate.prefix_tokens)
@@ -99,16 +105,16 @@ def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg,
 
     dying = True
     with pytest.raises(KeyboardInterrupt):
-        sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "fp", "test")
+        sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "fp", "test")
     assert [r["batch"] for r in read_jsonl(tmp_path / "j.jsonl")] == [0, 1]
     dying, scored[:] = False, []
-    resumed = sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "fp", "test")
+    resumed = sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "fp", "test")
     assert scored == [4]  # only the third (last, ragged) batch was sampled again
-    whole = sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "k.jsonl", "fp", "test")
+    whole = sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "k.jsonl", "fp", "test")
     assert resumed == whole
     # a journal written under another fingerprint (other config or tuned model) is not reused
     scored[:] = []
-    sample_rewards(model, tok, prompts, reward, cfg.evaluate, 0, tmp_path / "j.jsonl", "other", "test")
+    sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "other", "test")
     assert scored == [8, 8, 4]
     assert {r["fingerprint"] for r in read_jsonl(tmp_path / "j.jsonl")} == {"other"}
 
@@ -118,3 +124,39 @@ def test_evaluating_a_run_without_a_tuned_policy_is_a_user_error(cfg):
 
     with pytest.raises(UserError, match="irm rlhf"):
         run(cfg)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.4])
+def test_paired_difference_is_the_paired_t_test_by_hand(shift):
+    """mean, t-interval and p-value of tuned - base computed from the differences with numpy and the t
+    distribution; the bootstrap interval brackets the mean and has about the t-interval's width."""
+    from scipy import stats
+
+    from irm.evaluate import paired_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.2, 1.0, 300)
+    tuned = base + shift + rng.normal(0, 0.8, 300)  # paired: the per-prompt level cancels
+    got = paired_difference(tuned, base)
+    d = tuned - base
+    n, mean, se = len(d), d.mean(), d.std(ddof=1) / math.sqrt(len(d))
+    t = mean / se
+    half = stats.t.ppf(0.975, n - 1) * se
+    assert got["n"] == n and got["mean_diff"] == pytest.approx(mean)
+    assert got["ci"] == pytest.approx([mean - half, mean + half])
+    assert got["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), n - 1))
+    lo, hi = got["bootstrap_ci"]
+    assert lo < mean < hi and (hi - lo) == pytest.approx(2 * half, rel=0.2)
+    if shift:
+        assert got["p_value"] < 1e-6 and got["ci"][0] > 0
+    else:
+        assert got["p_value"] > 0.01 and got["ci"][0] < 0 < got["ci"][1]
+    # an unpaired test of the same numbers is far weaker: the pairing is what the stage relies on
+    assert stats.ttest_ind(tuned, base).pvalue > got["p_value"]
+
+
+def test_a_constant_difference_has_a_point_interval():
+    from irm.evaluate import paired_difference
+
+    got = paired_difference([1.5, 2.5, 3.5], [1.0, 2.0, 3.0])
+    assert got == {"mean_diff": 0.5, "ci": [0.5, 0.5], "bootstrap_ci": [0.5, 0.5], "p_value": 0.0, "n": 3}

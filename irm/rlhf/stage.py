@@ -89,7 +89,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     from irm.reward import build_reward
     from irm.rlhf.adapter import RewardAdapter, lora_config, value_model_from
     from irm.rlhf.monitor import ProgressBar, ScalarLogger
-    from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config
+    from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config, rollout_rule
 
     # TRL needs an output_dir and creates it, but writes nothing there (save_strategy "no"): our checkpoint folder.
     args = ppo_config(cfg.rlhf, str(out / "checkpoints"), cfg.seed, use_cpu=device.type == "cpu",
@@ -133,6 +133,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         peft_config=lora,
         callbacks=[ckpt, *watchers, *callbacks],
         prompt_order=order,
+        rule=rollout_rule(cfg.rlhf),
     )
     if trainer.accelerator.num_processes != world_size:
         raise UserError(f"the launcher started {trainer.accelerator.num_processes} processes but set WORLD_SIZE="

@@ -20,6 +20,13 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from irm.config import RLHFConfig  # noqa: E402
 from irm.errors import UserError  # noqa: E402
+from irm.sampling import SamplingRule, generate, rule  # noqa: E402
+
+
+def rollout_rule(rlhf: RLHFConfig) -> SamplingRule:
+    """PPO's sampling rule: the run's rule (irm.sampling.rule) at `response_length` tokens. Ending at end-of-text as
+    the paper's TRL sampled: the reward reads the completion up to there, the PPO loss ignores what follows."""
+    return rule(rlhf, rlhf.response_length)
 
 
 @contextlib.contextmanager
@@ -65,8 +72,11 @@ class ResumablePPOTrainer(PPOTrainer):
     to `args.max_grad_norm` before every step (TRL 1.12's PPO loop never clips; the paper clips at 1). The mean
     pre-clipping gradient norm of each PPO step is logged as `grad_norm`."""
 
-    def __init__(self, *args, prompt_order: PromptOrder, **kwargs):
+    def __init__(self, *args, prompt_order: PromptOrder, rule: SamplingRule, **kwargs):
         self._grad_norms: list[float] = []
+        if rule.top_k or rule.top_p < 1 or not rule.stop_at_eos:
+            raise ValueError(f"PPO samples the uncut distribution and stops at end-of-text, not {rule}")
+        self.rule = rule
         with _quiet():
             super().__init__(*args, **kwargs)
         # TRL prints every log dict (disable_tqdm) or draws its own bar; the stage shows one bar with reward and KL.
@@ -80,6 +90,38 @@ class ResumablePPOTrainer(PPOTrainer):
             collate_fn=self.data_collator,
             generator=torch.Generator(),
         )
+
+    def train(self):
+        """TRL's loop, its rollouts sampled by `irm.sampling.generate` under `self.rule` (the one sampling rule of
+        tables 5 and 7) instead of TRL's own GenerationConfig (which holds the same values: TRL's temperature, top_k
+        0, top_p 1, response_length; stop at `stop_token` eos)."""
+        from trl.experimental.ppo import ppo_trainer
+
+        original = ppo_trainer.batch_generation
+        ppo_trainer.batch_generation = self._batch_generation
+        try:
+            return super().train()
+        finally:
+            ppo_trainer.batch_generation = original
+
+    @torch.no_grad()
+    def _batch_generation(self, model, queries, local_rollout_forward_batch_size, pad_token_id, _trl_config):
+        """TRL's batch_generation (same arguments and results: query+response ids, right-padded to one width, and
+        the tempered logits of every sampled step), sampling through the one rule."""
+        from trl.trainer.utils import pad
+
+        sequences, logits = [], []
+        for i in range(0, queries.shape[0], local_rollout_forward_batch_size):
+            query = queries[i:i + local_rollout_forward_batch_size]
+            mask = query != pad_token_id
+            out, scores = generate(model, torch.masked_fill(query, ~mask, 0), mask.long(), self.rule,
+                                   self.processing_class, output_scores=True)
+            sequences.append(torch.cat((query, out[:, query.shape[1]:]), 1))
+            logits.append(scores)
+        sequences = pad(sequences, padding_value=pad_token_id, padding_side="right")
+        logits = pad(logits, padding_value=0, padding_side="right")
+        n = queries.shape[0]
+        return sequences.view(-1, sequences.shape[-1])[:n], logits.view(-1, *logits.shape[2:])[:n]
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -141,9 +183,7 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, worl
             max_grad_norm=rlhf.max_grad_norm,
             response_length=rlhf.response_length,
             temperature=rlhf.temperature,
-            # A completion ends at the end-of-text token or after response_length tokens, as the paper's TRL sampled
-            # them: the reward reads it up to there, and the PPO loss ignores what follows.
-            stop_token="eos",
+            stop_token="eos",  # rollout_rule: TRL cuts the sampled response after the first end-of-text token
             bf16=rlhf.bf16,
             fp16=False,
             gradient_checkpointing=False,  # small models: memory is not the limit, recomputation would only cost time
