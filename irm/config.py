@@ -202,6 +202,20 @@ class LexiconConfig:
 
 
 @dataclass
+class ControlConfig:
+    """Base-model control and nulls (SPEC "Controls"): the deltas -> R -> lexicon chain on M_base as on M_RLHF, R
+    refit on sign-shuffled targets, and R on raw MLP activations (irm.control)."""
+
+    max_words: Optional[int] = 1000  # a seeded sample of the single-token lexicon words, read by both models
+    permutations: int = 200  # sign-shuffled refits of R per model (p-values down to 1/(n+1))
+    bootstrap: int = 1000  # paired bootstrap resamples of words for delta_tau's interval
+    ridge_alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    raw: bool = True  # also fit R on the raw MLP activations the SAEs encode
+    move_z: float = 3.0  # a word "moved" when its move is this many robust SDs from the median move
+    top_words: int = 20  # rows of the per-word table in control.json and the report
+
+
+@dataclass
 class ValidateConfig:
     threshold: float = 3.0  # paper table 6: inputs where R predicts delta > 3
     n_inputs: int = 500
@@ -242,6 +256,7 @@ class RunConfig:
     triples: TriplesConfig = field(default_factory=TriplesConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
 

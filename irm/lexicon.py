@@ -1,7 +1,8 @@
 """Lexicon reconstruction and Kendall tau (paper 5.1, H, I): R applied to the SAE codes of every single-token
-lexicon word in the same corpus contexts, averaged per word, rescaled onto the lexicon's [-4, 4], and compared with
-the true lexicon by Kendall tau (scipy, on the two value vectors) over all words, negative words only, words seen
-in the triples and held-out words R never saw: only the last measures generalisation. With `devices: N`, N processes
+lexicon word in the same corpus contexts (none of them a training triple's context: triples.json `contexts`),
+averaged per word, rescaled onto the lexicon's [-4, 4], and compared with the true lexicon by Kendall tau (scipy, on
+the two value vectors) over all words, negative words only, words seen in the triples and held-out words (whole
+lemma families no triple used): only the last measures generalisation. With `devices: N`, N processes
 each apply R to their share of the (word, context) items and only those scalars are gathered (R is linear).
 """
 
@@ -97,11 +98,18 @@ def sign_agreement(true, predicted) -> Optional[float]:
 
 
 def per_word(values, word_of_row, n_words: int) -> np.ndarray:
-    """Mean of `values` over the rows of each word (rows labelled 0..n_words-1)."""
+    """Mean of `values` over the rows of each word (rows labelled 0..n_words-1): a scalar per row, or a row of
+    features per row (then a words x features matrix)."""
     values = _floats(values, "values")
     counts = np.bincount(word_of_row, minlength=n_words)
     if (counts == 0).any():
         raise ValueError("every word needs at least one row")
+    if values.ndim == 2:
+        from scipy.sparse import csr_matrix
+
+        rows = np.asarray(word_of_row, dtype=np.int64)
+        sums = csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(n_words, len(rows))) @ values
+        return np.asarray(sums) / counts[:, None]
     return np.bincount(word_of_row, weights=values, minlength=n_words) / counts
 
 
@@ -156,6 +164,48 @@ def choose_contexts(triples: list[dict], k: int, seed: int) -> list[str]:
     return prefixes[:k]
 
 
+def unseen_contexts(info: dict, k: int, seed: int) -> list[str]:
+    """`k` of the contexts the triples stage kept from every triple (triples.json `contexts`), seeded: every word,
+    seen or held out, is read in the same contexts, and none of them is a context R was trained on."""
+    texts = (info.get("contexts") or {}).get("texts")
+    if not texts:
+        raise UserError("triples.json lists no unseen contexts (made by an older version, or triples.context_texts "
+                        "is 0 or its texts have no positive word); rerun `python -m irm triples` with "
+                        "triples.context_texts > 0")
+    texts = sorted(set(texts))
+    random.Random(f"irm-lexicon-contexts:{seed}").shuffle(texts)
+    return texts[:k]
+
+
+def lexicon_words(tokenizer, lexicon: dict[str, float], max_words: Optional[int], seed: int) -> tuple[list[str], dict]:
+    """The lexicon words read by the stage: those one token long mid-sentence, a seeded sample of `max_words` of
+    them when set; and their counts (single-token words, multi-token words skipped)."""
+    from irm.triples import token_counts
+
+    counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
+    words = sorted(w for w, n in counts.items() if n == 1)
+    n_single = len(words)
+    if max_words is not None and max_words < len(words):
+        words = sorted(random.Random(f"irm-lexicon-words:{seed}").sample(words, max_words))
+    return words, {"single_token_words": n_single, "multi_token_words_skipped": len(counts) - n_single}
+
+
+def word_items(tokenizer, words: Sequence[str], contexts: Sequence[str]) -> tuple[list, np.ndarray]:
+    """The (token ids, word position) items of every word appended to every context, and the word index of each
+    item; a word that merges with its context (not one token there) is not read in that context."""
+    from irm.triples import locate
+
+    items, word_of_row = [], []
+    for i, word in enumerate(words):
+        for prefix in contexts:
+            text = prefix + word
+            ids, positions = locate(tokenizer, text, len(prefix), len(text))
+            if len(positions) == 1:
+                items.append((ids, positions))
+                word_of_row.append(i)
+    return items, np.asarray(word_of_row, dtype=np.int64)
+
+
 def run(cfg: RunConfig) -> Optional[dict]:
     from irm.parallel import launch
 
@@ -176,13 +226,12 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     from irm.reward import LexiconReward
     from irm.runtime import seed_all
     from irm.stages import mark_done
-    from irm.triples import TRIPLES_JSON, locate, read_triples, token_counts
+    from irm.triples import TRIPLES_JSON
 
     lc = cfg.lexicon
     seed_all(cfg.seed)
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)
-    triples = read_triples(root)
     info = read_json(root / TRIPLES_JSON)
     heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
     seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
@@ -194,20 +243,9 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
         raise UserError(f"R has {weight.numel()} features but the SAEs of layers {layers} give {n_features}; rerun "
                         "`python -m irm deltas` and `python -m irm regression`")
 
-    counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
-    words = sorted(w for w, n in counts.items() if n == 1)
-    n_single = len(words)
-    if lc.max_words is not None and lc.max_words < len(words):
-        words = sorted(random.Random(f"irm-lexicon-words:{cfg.seed}").sample(words, lc.max_words))
-    contexts = choose_contexts(triples, lc.contexts_per_word, cfg.seed)
-    items, word_of_row = [], []
-    for i, word in enumerate(words):
-        for prefix in contexts:
-            text = prefix + word
-            ids, positions = locate(tokenizer, text, len(prefix), len(text))
-            if len(positions) == 1:  # a word that merges with its context is not read there
-                items.append((ids, positions))
-                word_of_row.append(i)
+    words, word_counts = lexicon_words(tokenizer, lexicon, lc.max_words, cfg.seed)
+    contexts = unseen_contexts(info, lc.contexts_per_word, cfg.seed)
+    items, word_of_row = word_items(tokenizer, words, contexts)
     codes = codes_at(model, saes, split_list(items, ranks), tokenizer.pad_token_id, cfg.cache.batch_size,
                      cfg.cache.site, desc="lexicon: words in context", progress_bar=ranks.is_main)
     x = codes.flatten(1)
@@ -215,7 +253,6 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
 
     report = None
     if ranks.is_main:
-        word_of_row = np.asarray(word_of_row, dtype=np.int64)
         kept = np.unique(word_of_row)
         remap = np.full(len(words), -1)
         remap[kept] = np.arange(len(kept))
@@ -225,18 +262,18 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
         rows, report = summarise(words, true, raw, heldout, seen, lc.percentiles, lc.bootstrap, cfg.seed,
                                  lc.sample_size)
         report.update({
-            "contexts": {"n": len(contexts), "how": "the same seeded triple prefixes for every word, the word "
-                         "appended at the sentiment position"},
+            "contexts": {"n": len(contexts), "how": "the same seeded contexts for every word, the word appended at "
+                         "the sentiment position; none is a training triple's context (triples.json `contexts`)"},
             "words_evaluated": len(words),
-            "single_token_words": n_single,
-            "multi_token_words_skipped": len(counts) - n_single,
+            **word_counts,
             "merged_in_context_skipped": int(len(remap) - len(kept)),
             "layers": layers,
         })
         write_text(root / LEXICON_CSV, lexicon_csv(rows))
         write_json(root / KENDALL_JSON, report)
         mark_done(cfg, "lexicon", [LEXICON_CSV, KENDALL_JSON])
-        print(f"lexicon: {len(words)} of {n_single} single-token lexicon words in {len(contexts)} contexts "
+        print(f"lexicon: {len(words)} of {word_counts['single_token_words']} single-token lexicon words in "
+              f"{len(contexts)} contexts "
               f"({report['multi_token_words_skipped']} multi-token words skipped); held out: "
               f"{report['heldout']['n']}")
         for name in SUBSETS:

@@ -345,3 +345,47 @@ def run(cfg: RunConfig) -> dict:
     print(f"regression: R fitted on {metrics['train_rows']} rows ({metrics['n_features']} features), held-out "
           f"{metrics['val_rows']} rows: MSE {metrics['val_mse']:.4g}, R^2 {metrics['val_r2']:.3f}")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Closed-form ridge: refits for the control stage (base model, permutation null, raw activations)
+
+
+class RidgePath:
+    """Ridge regressions of many targets on one design matrix, in closed form from one thin SVD of the centred
+    rows, so a refit (a shuffled target, another penalty) costs two small matrix products instead of a training run.
+
+    For a target y the fit minimises ||X w + b - y||^2 + alpha ||w||^2 with a free intercept b (as IRMRegression's
+    weight decay penalises w only); alpha is chosen per target among `alphas` (multiples of the mean squared singular
+    value, so the grid does not depend on the features' scale) by exact leave-one-out error: the ridge hat matrix's
+    diagonal gives every row's held-out residual without refitting."""
+
+    def __init__(self, x_NF, alphas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)):
+        x = np.asarray(x_NF, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 3:
+            raise UserError(f"a ridge fit needs at least 3 rows of features, got shape {x.shape}")
+        if len(alphas) == 0 or min(alphas) <= 0:
+            raise UserError(f"ridge alphas must be positive numbers, got {list(alphas)}")
+        self.x_mean = x.mean(axis=0)
+        u, s, vt = np.linalg.svd(x - self.x_mean, full_matrices=False)
+        keep = s > s[0] * 1e-10 if len(s) else s > 0
+        self.u, self.s, self.vt = u[:, keep], s[keep], vt[keep]
+        scale = float(np.mean(self.s ** 2)) if self.s.size else 1.0
+        self.alphas = np.asarray(alphas, dtype=np.float64) * scale
+        self.multiples = [float(a) for a in alphas]
+
+    def fit(self, y_N) -> tuple[np.ndarray, float, float]:
+        """(w, b, chosen alpha multiple) for target `y_N`."""
+        y = np.asarray(y_N, dtype=np.float64)
+        y_mean = float(y.mean())
+        yc = y - y_mean
+        uty = self.u.T @ yc
+        s2 = self.s ** 2
+        shrink_AK = s2 / (s2 + self.alphas[:, None])  # each alpha's shrinkage of each direction
+        resid_NA = yc[:, None] - self.u @ (shrink_AK * uty).T
+        # diag of the hat matrix (the intercept adds 1/n): leave-one-out residual = residual / (1 - h)
+        h_NA = (self.u ** 2) @ shrink_AK.T + 1.0 / len(y)
+        loo = np.mean((resid_NA / np.clip(1.0 - h_NA, 1e-12, None)) ** 2, axis=0)
+        best = int(np.argmin(loo))
+        w = self.vt.T @ (self.s / (s2 + self.alphas[best]) * uty)
+        return w, y_mean - float(self.x_mean @ w), self.multiples[best]

@@ -37,14 +37,43 @@ CARRIER = "the "  # context in which a word's token count is measured: mid-sente
 # Words and tokens
 
 
+FAMILY_RULE = ("lemma family = the word's Porter2 (Snowball English) stem with a trailing 'li', then 'i' or 'e', "
+               "removed (3 letters kept at least): love/loved/loves/loving/lovely share 'lov', happy/happily/"
+               "happiness share 'happ'. It merges more than a lemmatiser would (derivations too), which only makes "
+               "held-out words more surely unseen")
+
+
+def family(word: str) -> str:
+    """The lemma-family key of a word (FAMILY_RULE): words with the same key are held out or used together."""
+    import snowballstemmer
+
+    global _STEMMER
+    if _STEMMER is None:
+        _STEMMER = snowballstemmer.stemmer("english")
+    key = _STEMMER.stemWord(word.lower())
+    for suffix in ("li", "i", "e"):
+        if key.endswith(suffix) and len(key) - len(suffix) >= 3:
+            key = key[: -len(suffix)]
+    return key
+
+
+_STEMMER = None
+
+
 def heldout_words(lexicon: dict[str, float], fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded `fraction` of the positive and of the negative lexicon words, each list sorted."""
-    out = {}
-    for name, sign in (("positive", 1), ("negative", -1)):
-        words = sorted(w for w, v in lexicon.items() if v * sign > 0)
-        rng = random.Random(f"irm-heldout:{name}:{seed}")
-        out[name] = sorted(rng.sample(words, round(fraction * len(words))))
-    return out
+    """A seeded `fraction` of the lexicon's lemma families (FAMILY_RULE), held out whole: every positive and negative
+    lexicon word of a chosen family, each list sorted, and the family keys (`families`). No word of a held-out
+    family is used by a triple, so R never sees a held-out word or its inflections."""
+    families: dict[str, list[str]] = {}
+    for w, v in lexicon.items():
+        if v != 0:
+            families.setdefault(family(w), []).append(w)
+    keys = sorted(families)
+    chosen = sorted(random.Random(f"irm-heldout-families:{seed}").sample(keys, round(fraction * len(keys))))
+    words = [w for k in chosen for w in families[k]]
+    return {"positive": sorted(w for w in words if lexicon[w] > 0),
+            "negative": sorted(w for w in words if lexicon[w] < 0),
+            "families": chosen}
 
 
 def locate(tokenizer, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
@@ -106,6 +135,7 @@ class Substitutes:
         usable: Callable[[str], bool],
     ):
         self.follows = follows
+        held_families = {family(w) for w in heldout}
         self.negatives = {
             w: v for w, v in lexicon.items() if v < 0 and w.isalpha() and w not in heldout and usable(w)
         }
@@ -114,7 +144,8 @@ class Substitutes:
                             "triples.multi_token: pool")
 
         def neutral_ok(w: str) -> bool:
-            return w.isalpha() and len(w) >= MIN_NEUTRAL_LEN and w not in lexicon and usable(w)
+            return (w.isalpha() and len(w) >= MIN_NEUTRAL_LEN and w not in lexicon and usable(w)
+                    and family(w) not in held_families)
 
         self.neutral_ok = neutral_ok
         slot = {w for left in positive_lefts for w in follows.get(left, ())}
@@ -224,6 +255,7 @@ def build_triples(
     _check(tc)
     heldout = heldout_words(lexicon, tc.heldout_fraction, seed)
     heldout_all = set(heldout["positive"]) | set(heldout["negative"])
+    held_families = set(heldout["families"])
 
     # Pass 1: which words follow which (left neighbour -> next words) and which neighbours precede positives.
     follows: dict[str, set[str]] = {}
@@ -251,6 +283,8 @@ def build_triples(
     # Pass 2: texts in a seeded order, each truncated at its first positive lexicon token.
     order = list(range(len(texts)))
     random.Random(f"irm-triples-order:{seed}").shuffle(order)
+    # The first texts of the seeded order are kept from the triples: the lexicon stage reads words in them.
+    reserved, order = order[: tc.context_texts], order[tc.context_texts:]
     skipped = Counter()
     skipped_multi: set[str] = set()
     llm_fallback = Counter()
@@ -261,8 +295,10 @@ def build_triples(
         first = next((t for t in doc if lexicon.get(t.lower_, 0.0) > 0), None)
         if first is None:
             return "no_positive"
-        if first.lower_ in heldout_all:
+        if family(first.lower_) in held_families:
             return "heldout_positive"
+        if any(family(t.lower_) in held_families for t in doc[: first.i]):
+            return "heldout_in_prefix"  # R never reads a held-out family, not even in a context
         left = doc[first.i - 1].lower_ if first.i > 0 else ""
         return doc_id, texts[doc_id][: first.idx], first.text, lexicon[first.lower_], left
 
@@ -324,6 +360,7 @@ def build_triples(
     bar.close()
 
     used = {v: sorted({t["words"][v].lower() for t in triples}) for v in VARIANTS}
+    contexts = unseen_contexts([texts[i] for i in reserved], triples, lexicon, tokenizer, tc.max_length, nlp)
     summary = {
         "n_triples": len(triples),
         "texts_scanned": sum(skipped.values()) + len(triples),
@@ -339,10 +376,35 @@ def build_triples(
         "heldout": {**heldout, "fraction": tc.heldout_fraction, "seed": seed,
                     "n_positive": len(heldout["positive"]), "n_negative": len(heldout["negative"])},
         "max_length": tc.max_length,
+        "contexts": {"texts": contexts, "n": len(contexts), "reserved_texts": len(reserved),
+                     "how": "texts no triple was built from, cut before their first positive lexicon word; a cut "
+                            "equal to a triple's prefix is dropped"},
+        "family_rule": FAMILY_RULE,
     }
     if llm is not None:
         summary["llm_fallback"] = {"neutral": llm_fallback["neutral"], "negative": llm_fallback["negative"]}
     return triples, summary
+
+
+def unseen_contexts(texts: list[str], triples: list[dict], lexicon: dict[str, float], tokenizer, max_length: int,
+                    nlp) -> list[str]:
+    """Contexts in which the lexicon stage reads words, none of them a training context: each of `texts` (kept
+    from the triples) cut before its first positive lexicon word, as a triple's prefix is, and shortened to leave
+    room for one word within `max_length` tokens; a cut equal (case and surrounding space aside) to a triple's
+    prefix, an empty cut and a repeated cut are dropped."""
+    seen = {t["prefix"].strip().lower() for t in triples}
+    out: list[str] = []
+    for text in texts:
+        doc = nlp(text)
+        first = next((tok for tok in doc if lexicon.get(tok.lower_, 0.0) > 0), None)
+        if first is None or first.idx == 0:
+            continue
+        prefix = fit_prefix(tokenizer, text[: first.idx], ["x"], max_length - 1)
+        key = prefix.strip().lower()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(prefix)
+    return out
 
 
 def read_triples(run_dir: str | Path) -> list[dict]:

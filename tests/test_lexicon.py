@@ -144,3 +144,33 @@ def test_csv_columns_reproduce_the_reported_tau():
     assert all(-4 <= float(row["reconstructed"]) <= 4 for row in table)
     assert sum(int(row["heldout"]) for row in table) == report["heldout"]["n"] == 3
     assert len(report["sample"]) == 5 and report["negative"]["n"] == int((true < 0).sum())
+
+
+def test_per_word_of_feature_rows_is_the_mean_of_each_words_rows():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 7))
+    word = rng.integers(0, 6, 50)
+    word[:6] = np.arange(6)
+    expect = np.stack([x[word == i].mean(axis=0) for i in range(6)])
+    np.testing.assert_allclose(per_word(x, word, 6), expect, atol=1e-12)
+
+
+def test_words_are_read_only_in_the_unseen_contexts_the_triples_stage_kept():
+    from irm.errors import UserError
+    from irm.lexicon import unseen_contexts, word_items
+    from irm.models import tiny_tokenizer
+
+    phrases = ["the film was ", "the plot is ", "the actors were ", "i think it is ", "the ending was ",
+               "the music is ", "the story was ", "the director is ", "this movie is ", "the cast was "]
+    info = {"contexts": {"texts": phrases}}
+    picked = unseen_contexts(info, 4, seed=0)
+    assert len(picked) == 4 and set(picked) <= set(info["contexts"]["texts"])
+    assert picked == unseen_contexts(info, 4, seed=0) and picked != unseen_contexts(info, 4, seed=1)
+    with pytest.raises(UserError, match="rerun"):
+        unseen_contexts({"contexts": {"texts": []}}, 4, seed=0)
+    tok = tiny_tokenizer()
+    items, word_of_row = word_items(tok, ["good", "bad"], picked)
+    assert len(items) == len(word_of_row) <= 8
+    for (ids, positions), w in zip(items, word_of_row):
+        assert any(ids == tok(c + ["good", "bad"][w])["input_ids"] for c in picked)
+        assert tok.decode([ids[p] for p in positions]).strip() == ["good", "bad"][w]

@@ -10,7 +10,7 @@ from irm.data.generated import generate_reviews
 from irm.errors import UserError
 from irm.models import tiny_tokenizer
 from irm.reward import _spacy_tokenizer, vader_lexicon
-from irm.triples import (build_triples, fit_prefix, heldout_words, locate, parse_llm_answer,
+from irm.triples import (build_triples, family, fit_prefix, heldout_words, locate, parse_llm_answer,
                          token_counts)
 
 LEXICON = vader_lexicon()
@@ -90,10 +90,12 @@ def test_positions_point_at_the_substituted_word(made, tiny):
 def test_heldout_words_never_used_and_counted(made):
     triples, summary = made
     held = summary["heldout"]
-    n_pos = sum(1 for v in LEXICON.values() if v > 0)
-    n_neg = sum(1 for v in LEXICON.values() if v < 0)
-    assert held["n_positive"] == len(held["positive"]) == round(0.2 * n_pos)
-    assert held["n_negative"] == len(held["negative"]) == round(0.2 * n_neg)
+    families = {family(w) for w, v in LEXICON.items() if v != 0}
+    assert len(held["families"]) == round(0.2 * len(families))
+    # whole families: every signed lexicon word of a held-out family is held out, and nothing else
+    expected = {w for w, v in LEXICON.items() if v != 0 and family(w) in set(held["families"])}
+    assert set(held["positive"]) | set(held["negative"]) == expected
+    assert held["n_positive"] == len(held["positive"]) > 0 and held["n_negative"] == len(held["negative"]) > 0
     banned = set(held["positive"]) | set(held["negative"])
     for t in triples:
         assert t["words"]["positive"].lower() not in banned
@@ -101,6 +103,31 @@ def test_heldout_words_never_used_and_counted(made):
     assert summary["skipped"]["heldout_positive"] > 0
     assert summary["texts_scanned"] == 80 + sum(summary["skipped"].values())
     assert summary["words_used"]["positive"] == len({t["words"]["positive"].lower() for t in triples})
+
+
+def test_no_heldout_word_shares_a_lemma_family_with_a_training_word_or_context(made):
+    """Held out means unseen: no word of a triple (positive, neutral or negative substitute) and no word of a triple's
+    prefix is in a held-out family; the lexicon's contexts are none of the triples' contexts and come from texts no
+    triple was built from."""
+    triples, summary = made
+    held = set(summary["heldout"]["families"])
+    held_words = set(summary["heldout"]["positive"]) | set(summary["heldout"]["negative"])
+    for t in triples:
+        for w in t["words"].values():
+            assert family(w) not in held and w.lower() not in held_words
+        assert not any(family(w) in held for w in re.findall(r"[a-z]+", t["prefix"].lower()))
+    assert summary["skipped"]["heldout_in_prefix"] > 0
+    contexts = summary["contexts"]["texts"]
+    training = {t["prefix"].strip().lower() for t in triples}
+    assert len(contexts) >= 5 and not training & {c.strip().lower() for c in contexts}
+    sources = {t["doc_id"] for t in triples}
+    for c in contexts:  # each context is the start of a text no triple came from
+        assert any(text.startswith(c.rstrip()) or c.rstrip() in text for i, text in enumerate(TEXTS)
+                   if i not in sources)
+    # the family rule groups inflections and derivations of one word
+    assert len({family(w) for w in ("love", "loved", "loves", "loving", "lovely")}) == 1
+    assert len({family(w) for w in ("happy", "happily", "happiness")}) == 1
+    assert family("good") != family("bad")
 
 
 def test_deterministic_from_seed(tiny, made):

@@ -1,0 +1,396 @@
+"""`python -m irm control`: the base-model control and the nulls that say what a Kendall tau means (SPEC "Controls").
+
+The chain of the paper - sentiment activation deltas of the triples -> linear R -> R applied to lexicon words in
+context -> Kendall tau against the lexicon - is run on the tuned model M_RLHF and, on the same triples, the same
+words and the same contexts, on the base model M_base. tau_tuned alone cannot say what RLHF put into the model (a
+pretrained model already knows much about sentiment); delta_tau = tau_tuned - tau_base, with a paired bootstrap
+interval over words, and the per-word moves between the two reconstructed lexicons can.
+
+Which SAEs on M_base: the tuned run's SAEs, spliced into M_base at the same layers. The alternative, SAEs trained
+afresh on M_base's activations, would give the base chain another dictionary: different features, another
+feature order, another training draw (shard order, initialisation), so tau_base would differ from tau_tuned by the
+dictionary as well as by the model, and nothing would separate the two. With one dictionary the two chains differ
+only in the model weights the activations pass through; the deltas, R's input space and the readout are the same
+functions. The cost of the choice - the dictionary was fitted to M_RLHF's activations - is measured, not assumed:
+`sae_fit` reports the SAEs' normalised reconstruction error at the triples' sentiment tokens on both models (RLHF
+moves activations little, so they fit M_base about as well; when they do not, the report says so).
+
+R is refitted here for both models by the same closed-form ridge (irm.regression.RidgePath: penalty chosen by exact
+leave-one-out error), not by the regression stage's Adam loop, so that both chains use one estimator and so that
+the nulls can refit it hundreds of times in seconds:
+- permutation null: R refit on targets whose signs are flipped for a random half of the triples (a triple's two
+  rows swap their +/- sign; magnitudes kept), `control.permutations` times; p = (1 + #{tau_null >= tau}) / (1 + n);
+- raw activations: R fitted on the MLP outputs the SAEs encode (same tokens, same targets) instead of their codes,
+  so what the SAE adds is visible.
+Both for the tuned and the base model. Every word's features are read once per model (codes and the SAE's input in
+the same pass, through the same `codes_at` as the deltas and lexicon stages) and kept as a words x features matrix,
+so a refit's tau is one matrix-vector product (R is linear: the mean over contexts of R is R of the mean).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from irm.artifacts import read_json, write_json, write_text
+from irm.config import RunConfig
+from irm.errors import UserError
+
+CONTROL_JSON = "control.json"
+CONTROL_WORDS = "control_words.csv"
+MODELS = ("tuned", "base")
+SUBSETS = ("all", "heldout", "seen", "negative")
+SAE_CHOICE = "the tuned run's SAEs spliced into both models at the same layers"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: codes and the activations they encode, in one pass
+
+
+def with_inputs(saes: dict) -> dict:
+    """Each SAE wrapped so that its `encode` returns [codes | the activation it encoded] and `decode` reads the
+    codes part: `codes_at` through these gives the codes and the raw MLP output at once, the splice unchanged."""
+    import torch
+    from torch import nn
+
+    class WithInputs(nn.Module):
+        def __init__(self, sae):
+            super().__init__()
+            self.sae = sae
+            self.width = int(sae.dictionary.shape[0])
+
+        def encode(self, x):
+            return torch.cat([self.sae.encode(x), x.to(self.sae_dtype)], dim=-1)
+
+        def decode(self, z):
+            return self.sae.decode(z[..., : self.width])
+
+        @property
+        def sae_dtype(self):
+            return next(self.sae.parameters()).dtype
+
+    return {layer: WithInputs(sae) for layer, sae in saes.items()}
+
+
+def read_features(model, saes: dict, triples: list[dict], items: list, word_of_row: np.ndarray, n_words: int,
+                  pad_id: int, batch_size: int, site: str, label: str) -> dict:
+    """For one model: the regression rows of the triples (x = SAE codes, x_raw = the MLP outputs they encode, y =
+    the deltas, as the deltas stage computes them) and every word's mean codes and raw activations over its
+    contexts (words x features)."""
+    import torch
+
+    from irm.deltas import codes_at, n_codes, rows_of
+    from irm.lexicon import per_word
+    from irm.triples import VARIANTS
+
+    width = n_codes(saes)
+    wrapped = with_inputs(saes)
+
+    def read(its, desc):
+        both = codes_at(model, wrapped, its, pad_id, batch_size, site, desc=desc)
+        return both[..., :width], both[..., width:]
+
+    codes, raw = {}, {}
+    for v in VARIANTS:
+        codes[v], raw[v] = read([(t["ids"][v], t["positions"][v]) for t in triples], f"control ({label}): {v}")
+    ids = [t["id"] for t in triples]
+    rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
+    raw_rows = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])
+    word_codes, word_raw = read(items, f"control ({label}): words in context")
+    # Reconstruction error of the SAEs at the sentiment tokens of this model (normalised by the activations' variance)
+    x = raw["positive"].double()
+    x_hat = torch.stack([saes[layer].decode(codes["positive"][:, i].to(next(saes[layer].parameters()).dtype))
+                         .double() for i, layer in enumerate(saes)], dim=1)
+    nmse = float(((x - x_hat) ** 2).sum() / ((x - x.mean(dim=0)) ** 2).sum())
+    return {
+        "x": rows["x"].double().numpy(), "x_raw": raw_rows["x"].double().numpy(), "y": rows["y"].double().numpy(),
+        "sign": rows["sign"].numpy(), "triple": rows["triple"].numpy(),
+        "words": per_word(word_codes.flatten(1).double().numpy(), word_of_row, n_words),
+        "words_raw": per_word(word_raw.flatten(1).double().numpy(), word_of_row, n_words),
+        "sae_nmse": nmse,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The maths: refits, nulls, paired intervals, per-word moves
+
+
+def flipped_signs(triple: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A row multiplier of +-1, -1 on both rows of a random half of the triples: a triple's positive row gets
+    -Delta+ and its negative row +|Delta-|. Magnitudes and the triples' pairing are kept; only which variant is
+    'positive' is shuffled across triples."""
+    ids, inverse = np.unique(triple, return_inverse=True)
+    flip = rng.random(len(ids)) < 0.5
+    return np.where(flip[inverse], -1.0, 1.0)
+
+
+def taus(true: np.ndarray, predicted: np.ndarray, masks: dict) -> dict:
+    """Kendall tau (irm.lexicon.kendall) of each subset."""
+    from irm.lexicon import kendall
+
+    return {name: kendall(true[m], predicted[m]) for name, m in masks.items()}
+
+
+def permutation_null(path, y: np.ndarray, triple: np.ndarray, words_F: np.ndarray, true: np.ndarray, masks: dict,
+                     observed: dict, n: int, seed: int) -> dict:
+    """R refit `n` times on sign-flipped targets (`flipped_signs`); per subset the null taus, their mean and sd,
+    and the one-sided permutation p-values of the observed tau (upper: `p_greater`, lower: `p_less`)."""
+    from scipy.stats import kendalltau
+
+    from irm.findings import permutation_p
+
+    rng = np.random.default_rng(seed)
+    null: dict[str, list[float]] = {name: [] for name in masks}
+    for _ in range(n):
+        w, b, _ = path.fit(y * flipped_signs(triple, rng))
+        pred = words_F @ w + b
+        for name, m in masks.items():
+            null[name].append(float(kendalltau(true[m], pred[m]).statistic) if m.sum() > 1 else float("nan"))
+    out = {}
+    for name, values in null.items():
+        arr = np.asarray(values, dtype=np.float64)
+        tau = observed[name]["tau"]
+        finite = arr[np.isfinite(arr)]
+        out[name] = {"n": int(n), "mean": float(finite.mean()) if finite.size else None,
+                     "sd": float(finite.std(ddof=1)) if finite.size > 1 else None,
+                     "p_greater": permutation_p(tau, arr, "greater") if tau is not None else None,
+                     "p_less": permutation_p(tau, arr, "less") if tau is not None else None,
+                     "taus": [round(float(v), 5) for v in arr]}
+    return out
+
+
+def paired_delta_tau(true, a, b, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """tau(true, a) - tau(true, b) and its 95% percentile interval from scipy.stats.bootstrap with paired
+    resampling of words (a word's true value and both predictions travel together)."""
+    from scipy.stats import bootstrap, kendalltau
+
+    true, a, b = (np.asarray(v, dtype=np.float64) for v in (true, a, b))
+
+    def stat(t, x, y):
+        return kendalltau(t, x).statistic - kendalltau(t, y).statistic
+
+    out = {"delta": None, "ci95": None, "n": int(len(true)), "n_resamples": int(n_resamples),
+           "method": "scipy.stats.bootstrap, paired over words, percentile interval"}
+    if len(true) < 3:
+        return out
+    delta = float(stat(true, a, b))
+    if not np.isfinite(delta):
+        return out
+    out["delta"] = delta
+    if n_resamples > 0:
+        with np.errstate(invalid="ignore"):
+            res = bootstrap((true, a, b), stat, paired=True, vectorized=False, n_resamples=n_resamples,
+                            method="percentile", random_state=np.random.default_rng(seed))
+        ci = res.confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            out["ci95"] = [float(ci.low), float(ci.high)]
+    return out
+
+
+def word_moves(words: Sequence[str], true, tuned, base, heldout: set[str], z: float = 3.0) -> tuple[list, dict]:
+    """Per word, the two reconstructed values (on the lexicon's [-4, 4] scale) and the move tuned - base; a word
+    `moved` when its move is more than `z` robust standard deviations (1.4826 x median absolute deviation of all
+    moves) from the median move, and moved `toward` the training reward when the tuned value is closer to the true
+    one than the base value (else `away`). Returns (rows sorted by |move|, summary with a sign test of toward vs
+    away over every word)."""
+    from scipy.stats import binomtest
+
+    true, tuned, base = (np.asarray(v, dtype=np.float64) for v in (true, tuned, base))
+    move = tuned - base
+    centre = float(np.median(move))
+    scale = 1.4826 * float(np.median(np.abs(move - centre)))
+    moved = np.abs(move - centre) > z * scale if scale > 0 else np.abs(move - centre) > 0
+    closer = np.abs(true - tuned) - np.abs(true - base)
+    direction = np.where(closer < 0, "toward", np.where(closer > 0, "away", "same"))
+    rows = [{"word": w, "true": float(t), "base": float(b), "tuned": float(u), "move": float(m),
+             "moved": bool(mv), "direction": str(d), "heldout": w in heldout}
+            for w, t, b, u, m, mv, d in zip(words, true, base, tuned, move, moved, direction)]
+    rows.sort(key=lambda r: -abs(r["move"] - centre))
+    n_toward, n_away = int((closer < 0).sum()), int((closer > 0).sum())
+    summary = {
+        "threshold": float(z * scale), "z": z, "median_move": centre, "n_words": len(rows),
+        "n_moved": int(moved.sum()),
+        "n_moved_toward": int((moved & (closer < 0)).sum()), "n_moved_away": int((moved & (closer > 0)).sum()),
+        "n_toward": n_toward, "n_away": n_away,
+        "toward_fraction": n_toward / (n_toward + n_away) if n_toward + n_away else None,
+        "sign_test_p": float(binomtest(n_toward, n_toward + n_away).pvalue) if n_toward + n_away else None,
+        "moved_on": "each model's R output mapped by its own percentiles onto the lexicon's scale (-4 and +4 at the "
+                    "10th and 90th by default), not clipped",
+    }
+    return rows, summary
+
+
+def words_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["word", "true", "base", "tuned", "move", "moved", "direction", "heldout"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, **{k: f"{r[k]:.6g}" for k in ("base", "tuned", "move")}, "true": f"{r['true']:g}",
+                         "moved": int(r["moved"]), "heldout": int(r["heldout"])})
+    return buf.getvalue()
+
+
+def chain(features: dict, true: np.ndarray, masks: dict, alphas, permutations: int, seed: int,
+          raw: bool = True) -> dict:
+    """The chain on one model's features: R (closed-form ridge) on the codes, its per-word predictions and taus, the
+    permutation null; R on the raw activations and its taus."""
+    from irm.regression import RidgePath
+
+    path = RidgePath(features["x"], alphas)
+    w, b, alpha = path.fit(features["y"])
+    pred = features["words"] @ w + b
+    out = {"tau": taus(true, pred, masks), "ridge_alpha": alpha, "predicted": pred,
+           "train_r2": _r2(features["y"], features["x"] @ w + b)}
+    out["permutation"] = permutation_null(path, features["y"], features["triple"], features["words"], true, masks,
+                                          out["tau"], permutations, seed)
+    if raw:
+        raw_path = RidgePath(features["x_raw"], alphas)
+        w_raw, b_raw, alpha_raw = raw_path.fit(features["y"])
+        out["raw_predicted"] = features["words_raw"] @ w_raw + b_raw
+        out["raw_tau"] = taus(true, out["raw_predicted"], masks)
+        out["raw_ridge_alpha"] = alpha_raw
+    return out
+
+
+def _r2(y, pred) -> float:
+    y, pred = np.asarray(y), np.asarray(pred)
+    ss = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
+
+
+def compare(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], results: dict, cc,
+            percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
+    """control.json's comparisons of the two chains: delta_tau per subset, SAE vs raw per model, per-word moves."""
+    masks = subset_masks(words, true, heldout, seen)
+    delta = {name: paired_delta_tau(true[m], results["tuned"]["predicted"][m], results["base"]["predicted"][m],
+                                    cc.bootstrap, seed) for name, m in masks.items() if name in ("all", "heldout")}
+    sae_vs_raw = {
+        label: {"all": paired_delta_tau(true, r["predicted"], r["raw_predicted"], cc.bootstrap, seed)}
+        for label, r in results.items() if "raw_predicted" in r
+    }
+    recon = {label: affine(r["predicted"], percentiles) for label, r in results.items()}
+    rows, moves = word_moves(words, true, recon["tuned"], recon["base"], heldout, cc.move_z)
+    moves["top"] = rows[: cc.top_words]
+    return {"delta_tau": delta, "sae_vs_raw": sae_vs_raw, "per_word": moves}, rows
+
+
+def analyse(features: dict, words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], cc,
+            percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
+    """Everything control.json says about the two chains, from each model's features (`read_features`): per model
+    the taus, the permutation null and the raw-activation taus; delta_tau, SAE vs raw and the per-word moves. Returns
+    (that dict, every word's row of control_words.csv)."""
+    masks = subset_masks(words, true, heldout, seen)
+    results = {label: chain(features[label], true, masks, cc.ridge_alphas, cc.permutations, seed, cc.raw)
+               for label in MODELS}
+    comparison, rows = compare(words, true, heldout, seen, results, cc, percentiles, seed)
+    per_model = {label: {k: v for k, v in r.items() if k not in ("predicted", "raw_predicted")}
+                 for label, r in results.items()}
+    return {**per_model, **comparison}, rows
+
+
+def affine(raw, percentiles: Sequence[float]) -> np.ndarray:
+    """irm.lexicon.rescale's affine map (percentiles onto -4 and +4) without its clipping: words clipped to +-4 by
+    both models would show no move however far apart the models put them, and would shrink the moves' spread."""
+    from irm.lexicon import BOUND, rescale
+
+    lo, hi = rescale(raw, percentiles)[1]["raw_at_percentiles"]
+    raw = np.asarray(raw, dtype=np.float64)
+    return np.zeros_like(raw) if hi <= lo else -BOUND + 2 * BOUND * (raw - lo) / (hi - lo)
+
+
+def subset_masks(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str]) -> dict:
+    return {"all": np.ones(len(words), dtype=bool),
+            "heldout": np.array([w in heldout for w in words], dtype=bool),
+            "seen": np.array([w in seen for w in words], dtype=bool),
+            "negative": true < 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.deltas import load_saes
+    from irm.divergence import chosen_layers
+    from irm.lexicon import lexicon_words, unseen_contexts, word_items
+    from irm.models import load_model, load_tuned, n_layers
+    from irm.reward import LexiconReward
+    from irm.runtime import resolve_device, seed_all
+    from irm.stages import mark_done
+    from irm.triples import TRIPLES_JSON, read_triples
+
+    cc = cfg.control
+    if cc.permutations < 1 or cc.bootstrap < 0 or (cc.max_words is not None and cc.max_words < 3):
+        raise UserError(f"control.permutations must be >= 1, control.bootstrap >= 0 and control.max_words >= 3 (or "
+                        f"null), got {cc.permutations}, {cc.bootstrap}, {cc.max_words}")
+    seed_all(cfg.seed)
+    root = Path(cfg.run_dir)
+    device = resolve_device(cfg.device)
+    triples = read_triples(root)
+    info = read_json(root / TRIPLES_JSON)
+    heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
+    seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
+    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+
+    features, sae_fit = {}, {}
+    for label in MODELS:
+        # One model in memory at a time; the tuned run's SAEs on both.
+        model, tokenizer = (load_tuned(cfg, device=device) if label == "tuned"
+                            else load_model(cfg.model, seed=cfg.seed, device=device))
+        if label == "tuned":
+            layers = chosen_layers(cfg, n_layers(model))
+            words, _ = lexicon_words(tokenizer, lexicon, cc.max_words, cfg.seed)
+            contexts = unseen_contexts(info, cfg.lexicon.contexts_per_word, cfg.seed)
+            items, word_of_row = word_items(tokenizer, words, contexts)
+            kept = np.unique(word_of_row)  # words read in at least one context
+            remap = np.full(len(words), -1)
+            remap[kept] = np.arange(len(kept))
+            words, word_of_row = [words[i] for i in kept], remap[word_of_row]
+            true = np.array([lexicon[w] for w in words], dtype=np.float64)
+        saes = load_saes(root, layers, model, cfg.cache.site)
+        features[label] = read_features(model, saes, triples, items, word_of_row, len(words),
+                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label)
+        sae_fit[label] = features[label]["sae_nmse"]
+        del model, saes
+    analysis, rows = analyse(features, words, true, heldout, seen, cc, cfg.lexicon.percentiles, cfg.seed)
+
+    kendall_stage = read_json(root / "kendall.json") if (root / "kendall.json").exists() else {}
+    report = {
+        "sae_choice": SAE_CHOICE,
+        "chain": "deltas of the triples -> closed-form ridge R (penalty by leave-one-out error) -> R on every word's "
+                 "mean features over the contexts -> Kendall tau against the lexicon (raw R output)",
+        "layers": layers, "n_triples": len(triples), "n_words": len(words), "n_contexts": len(contexts),
+        "sae_fit": {"nmse_at_sentiment_tokens": sae_fit,
+                    "what": "sum of squared reconstruction errors over the sum of squared deviations from the mean, "
+                            "at the triples' positive-variant sentiment tokens"},
+        **analysis,
+        "lexicon_stage_tau": (kendall_stage.get("all") or {}).get("tau"),
+        "permutation_how": "R refit on targets with the signs of a random half of the triples flipped",
+    }
+    write_text(root / CONTROL_WORDS, words_csv(rows))
+    write_json(root / CONTROL_JSON, report)
+    mark_done(cfg, "control", [CONTROL_JSON, CONTROL_WORDS])
+    _print(report)
+    return report
+
+
+def _print(r: dict) -> None:
+    from irm.findings import interval, num, p_text
+
+    d = r["delta_tau"]["all"]
+    print(f"control: {r['n_words']} words, {r['n_triples']} triples; SAE NMSE at sentiment tokens tuned "
+          f"{num(r['sae_fit']['nmse_at_sentiment_tokens']['tuned'])}, base "
+          f"{num(r['sae_fit']['nmse_at_sentiment_tokens']['base'])}")
+    for label in MODELS:
+        t = r[label]
+        raw = t.get("raw_tau", {}).get("all", {}).get("tau")
+        print(f"  {label:<5} tau {num(t['tau']['all']['tau'])} (held out {num(t['tau']['heldout']['tau'])}); "
+              f"permutation {p_text(t['permutation']['all']['p_greater'])}; raw-activation tau {num(raw)}")
+    pw = r["per_word"]
+    print(f"  delta_tau = tau_tuned - tau_base = {num(d['delta'], signed=True)}, 95% CI {interval(d['ci95'])}; "
+          f"words moved: {pw['n_moved_toward']} toward the reward, {pw['n_moved_away']} away")

@@ -1,0 +1,185 @@
+"""Base-model control and nulls (irm.control) in planted worlds: base and tuned differ on a known set of words ->
+delta_tau's interval is above 0 and the per-word comparison finds those words, moving toward the reward; they do not
+differ -> the interval covers 0 and the verdict is "not distinguishable from the control". The permutation null
+gives p < 0.01 on planted signal and p > 0.05 when targets carry no sign information. The closed-form ridge is
+checked against numpy; the stage end to end on a tiny model whose "tuned" policy is the base model itself."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+from irm.config import ControlConfig
+from irm.control import analyse, flipped_signs, paired_delta_tau, word_moves
+from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, build_findings, differs_from_base, verdict_from_interval
+from irm.regression import RidgePath
+
+N_WORDS, N_FEATURES, N_TRIPLES = 300, 24, 200
+CC = ControlConfig(permutations=200, bootstrap=400)
+
+
+def world(changed: int = 0, base_noise: float = 0.0, signal: bool = True, seed: int = 0):
+    """Words whose features are true value x a sentiment direction + noise, for the tuned model. The base model's
+    features are the tuned ones, except that the first `changed` words carry their sentiment with the wrong sign (and
+    `base_noise` adds independent noise to every base feature). Triples: a positive and a negative training word per
+    triple, rows x = the word's features, y = +|true| / -|true| (+ noise): the deltas."""
+    rng = np.random.default_rng(seed)
+    true = np.round(rng.uniform(-4, 4, N_WORDS), 1)
+    true[true == 0] = 0.1
+    true[:changed] = np.sign(true[:changed]) * rng.uniform(2, 4, changed).round(1)  # moves large enough to see
+    words = [f"w{i:03d}" for i in range(N_WORDS)]
+    direction = rng.normal(size=N_FEATURES)
+    tuned_WF = true[:, None] * direction / 4 + 0.5 * rng.normal(size=(N_WORDS, N_FEATURES))
+    base_WF = tuned_WF.copy()
+    base_WF[:changed] -= 2 * true[:changed, None] * direction / 4
+    base_WF += base_noise * rng.normal(size=base_WF.shape)
+    heldout = set(words[-60:])
+    train_pos = [i for i in range(N_WORDS - 60) if true[i] > 0]
+    train_neg = [i for i in range(N_WORDS - 60) if true[i] < 0]
+    pos, neg = rng.choice(train_pos, N_TRIPLES), rng.choice(train_neg, N_TRIPLES)
+    rows = np.stack([pos, neg], axis=1).reshape(-1)
+    sign = np.tile([1.0, -1.0], N_TRIPLES)
+    y = sign * np.abs(true[rows]) + 0.2 * rng.normal(size=len(rows))
+    if not signal:
+        y = np.abs(y) * rng.choice([-1.0, 1.0], size=len(y))  # signs unrelated to the words
+    triple = np.repeat(np.arange(N_TRIPLES), 2)
+
+    def features(words_WF):
+        return {"x": words_WF[rows], "x_raw": words_WF[rows] @ rng.normal(size=(N_FEATURES, N_FEATURES)),
+                "y": y, "triple": triple, "sign": sign.astype(int), "words": words_WF,
+                "words_raw": words_WF @ np.eye(N_FEATURES)}
+
+    seen = {words[i] for i in set(pos) | set(neg)}
+    return {"tuned": features(tuned_WF), "base": features(base_WF)}, words, true, heldout, seen
+
+
+def run_analysis(tmp_path, **kw):
+    features, words, true, heldout, seen = world(**kw)
+    report, rows = analyse(features, words, true, heldout, seen, CC, (10, 90), 0)
+    (tmp_path / "control.json").write_text(json.dumps(report))
+    return report, rows, words, true
+
+
+def test_planted_difference_is_found_by_delta_tau_and_the_per_word_comparison(tmp_path):
+    report, rows, words, true = run_analysis(tmp_path, changed=30)
+    d = report["delta_tau"]["all"]
+    assert d["ci95"][0] > 0 and d["delta"] > 0.1
+    assert report["tuned"]["tau"]["all"]["tau"] > report["base"]["tau"]["all"]["tau"]
+    moved = {r["word"] for r in rows if r["moved"]}
+    planted = set(words[:30])
+    assert len(moved & planted) >= 27 and len(moved - planted) <= 3
+    assert all(r["direction"] == "toward" for r in rows if r["word"] in planted and r["moved"])
+    assert report["per_word"]["n_moved_toward"] >= 27 and report["per_word"]["n_moved_away"] <= 3
+    [row] = build_findings(tmp_path, [differs_from_base])
+    assert row["verdict"] == SUPPORTED
+
+
+def test_no_difference_gives_an_interval_covering_zero_and_not_distinguishable(tmp_path):
+    report, rows, _, _ = run_analysis(tmp_path, changed=0, base_noise=0.05)
+    d = report["delta_tau"]["all"]
+    assert d["ci95"][0] < 0 < d["ci95"][1]
+    assert verdict_from_interval(d["ci95"]) == NOT_DISTINGUISHABLE
+    [row] = build_findings(tmp_path, [differs_from_base])
+    assert row["verdict"] == NOT_DISTINGUISHABLE
+    assert report["per_word"]["n_moved"] <= 0.02 * len(rows)
+
+
+def test_permutation_null_small_p_on_planted_signal_large_p_without_it(tmp_path):
+    report, _, _, _ = run_analysis(tmp_path, changed=0)
+    assert report["tuned"]["permutation"]["all"]["p_greater"] < 0.01
+    assert report["tuned"]["permutation"]["all"]["n"] == 200
+    report, _, _, _ = run_analysis(tmp_path, changed=0, signal=False)
+    assert report["tuned"]["permutation"]["all"]["p_greater"] > 0.05
+    assert report["base"]["permutation"]["all"]["p_greater"] > 0.05
+
+
+def test_paired_delta_tau_is_the_difference_of_scipys_taus_and_its_interval_brackets_it():
+    rng = np.random.default_rng(3)
+    true = rng.normal(size=150)
+    a, b = true + rng.normal(size=150), true + 2 * rng.normal(size=150)
+    out = paired_delta_tau(true, a, b, n_resamples=300, seed=1)
+    expect = kendalltau(true, a).statistic - kendalltau(true, b).statistic
+    assert out["delta"] == pytest.approx(expect, abs=1e-12)
+    assert out["ci95"][0] < out["delta"] < out["ci95"][1]
+    assert paired_delta_tau(true, a, a, n_resamples=100)["ci95"] == [0.0, 0.0]
+
+
+def test_flipped_signs_flip_both_rows_of_half_the_triples():
+    triple = np.repeat(np.arange(1000), 2)
+    s = flipped_signs(triple, np.random.default_rng(0))
+    assert set(np.unique(s)) == {-1.0, 1.0}
+    assert (s[0::2] == s[1::2]).all()  # a triple's two rows together
+    assert 0.45 < (s[0::2] < 0).mean() < 0.55
+
+
+def test_word_moves_hand_worked():
+    rows, summary = word_moves(["a", "b", "c", "d", "e"], [2, -2, 1, 1, 1], [2, -2, 1, 1, 3.0],
+                               [2, -2, 1, 1, -3.0], {"e"}, z=3.0)
+    assert rows[0]["word"] == "e" and rows[0]["moved"] and rows[0]["direction"] == "toward"
+    assert rows[0]["move"] == 6.0 and rows[0]["heldout"]
+    assert summary["n_moved"] == 1 and summary["n_moved_toward"] == 1 and summary["n_toward"] == 1
+
+
+def test_ridge_path_equals_numpys_solve_and_chooses_the_loo_best_penalty():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 30))
+    y = x @ rng.normal(size=30) + 2.0 + 0.5 * rng.normal(size=80)
+    path = RidgePath(x, alphas=(1e-3, 1e-1, 10.0))
+    w, b, multiple = path.fit(y)
+    alpha = multiple * np.mean(np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2)
+    xc = x - x.mean(0)
+    w_ref = np.linalg.solve(xc.T @ xc + alpha * np.eye(30), xc.T @ (y - y.mean()))
+    np.testing.assert_allclose(w, w_ref, atol=1e-9)
+    assert b == pytest.approx(y.mean() - x.mean(0) @ w_ref)
+
+    def loo(a):  # brute force: refit without each row
+        errs = []
+        for i in range(len(y)):
+            m = np.arange(len(y)) != i
+            xm, ym = x[m], y[m]
+            xmc = xm - xm.mean(0)
+            wi = np.linalg.solve(xmc.T @ xmc + a * np.eye(30), xmc.T @ (ym - ym.mean()))
+            errs.append(y[i] - (x[i] @ wi + ym.mean() - xm.mean(0) @ wi))
+        return np.mean(np.square(errs))
+
+    s2 = np.mean(np.linalg.svd(xc, compute_uv=False) ** 2)
+    best = min((1e-3, 1e-1, 10.0), key=lambda m: loo(m * s2))
+    assert multiple == best
+
+
+def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, capsys):
+    """With M_RLHF == M_base the two chains are the same computation: delta_tau is exactly 0, no word moves, and the
+    verdict is "not distinguishable". The codes read through the wrapped SAEs equal the deltas stage's rows."""
+    from safetensors.torch import load_file
+    from test_validate import TINY_YAML, build_upstream
+
+    from irm.cli import main
+
+    build_upstream(tiny_cfg)
+    root = Path(tiny_cfg.run_dir)
+    args = ["--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, "--cache.layers", "[1, 3]", "--triples.n",
+            "40", "--control.max_words", "200", "--control.permutations", "20", "--control.bootstrap", "50",
+            "--lexicon.contexts_per_word", "2"]
+    for stage in ("triples", "deltas", "control"):
+        main([stage, *args])
+    out = capsys.readouterr().out
+    report = json.loads((root / "control.json").read_text())
+    assert "delta_tau" in out and report["n_triples"] == 40
+    assert report["tuned"]["tau"]["all"]["tau"] == report["base"]["tau"]["all"]["tau"]
+    d = report["delta_tau"]["all"]
+    assert d["delta"] == 0.0 and d["ci95"] == [0.0, 0.0]
+    assert report["per_word"]["n_moved"] == 0
+    assert report["sae_fit"]["nmse_at_sentiment_tokens"]["tuned"] == report["sae_fit"]["nmse_at_sentiment_tokens"][
+        "base"]
+    rows = list(csv.DictReader(open(root / "control_words.csv")))
+    assert len(rows) == report["n_words"] and all(float(r["move"]) == 0 for r in rows)
+    row = next(r for r in build_findings(root) if r["claim"].startswith("RLHF moved"))
+    assert row["verdict"] == NOT_DISTINGUISHABLE
+    # The codes part of the wrapped read equals the deltas stage's regression rows (same triples, same SAEs).
+    from irm.control import read_features  # noqa: F401  (the function the stage used)
+
+    shard = load_file(str(root / "deltas" / "shard-00000.safetensors"))
+    assert shard["x"].shape[0] == 80

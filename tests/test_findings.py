@@ -1,0 +1,107 @@
+"""Findings table (irm.findings): every verdict branch follows from the interval or p-values it is given; the
+permutation p-value is hand-worked; the claim rows read their artifacts (reward_eval.json, divergence.json,
+control.json) and skip a claim whose artifact is missing; a malformed row is refused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from irm.findings import (CONTRADICTED, NOT_DISTINGUISHABLE, ROW_BUILDERS, SUPPORTED, VERDICTS, build_findings,
+                          finding, layer_gap_test, layers_moved, permutation_p, reward_raised, verdict_from_interval,
+                          verdict_from_p, verdict_from_two_sided)
+
+
+def test_verdict_words_are_exactly_the_three_agreed():
+    assert VERDICTS == ("supported", "not distinguishable from the control", "contradicted")
+
+
+@pytest.mark.parametrize("ci, control, expected", [
+    ([0.1, 0.3], 0.0, SUPPORTED),
+    ([-0.3, -0.1], 0.0, CONTRADICTED),
+    ([-0.1, 0.2], 0.0, NOT_DISTINGUISHABLE),
+    ([0.0, 0.2], 0.0, NOT_DISTINGUISHABLE),  # touching the control's value is not above it
+    ([0.0, 0.0], 0.0, NOT_DISTINGUISHABLE),
+    ([0.55, 0.7], 0.5, SUPPORTED),  # a control value other than 0
+    ([0.3, 0.45], 0.5, CONTRADICTED),
+    (None, 0.0, NOT_DISTINGUISHABLE),
+    ([float("nan"), 1.0], 0.0, NOT_DISTINGUISHABLE),
+])
+def test_verdict_from_interval_every_branch(ci, control, expected):
+    assert verdict_from_interval(ci, control) == expected
+
+
+def test_verdict_from_interval_refuses_a_reversed_interval():
+    with pytest.raises(ValueError):
+        verdict_from_interval([0.3, 0.1])
+
+
+@pytest.mark.parametrize("p_greater, p_less, expected", [
+    (0.001, 0.999, SUPPORTED), (0.999, 0.001, CONTRADICTED), (0.2, 0.8, NOT_DISTINGUISHABLE),
+    (0.05, 0.95, NOT_DISTINGUISHABLE), (None, None, NOT_DISTINGUISHABLE), (0.01, None, SUPPORTED),
+])
+def test_verdict_from_p_every_branch(p_greater, p_less, expected):
+    assert verdict_from_p(p_greater, p_less) == expected
+
+
+@pytest.mark.parametrize("p, effect, expected", [
+    (0.001, 0.3, SUPPORTED), (0.001, -0.3, CONTRADICTED), (0.3, 0.3, NOT_DISTINGUISHABLE),
+    (0.001, 0.0, NOT_DISTINGUISHABLE), (None, 0.3, NOT_DISTINGUISHABLE),
+])
+def test_verdict_from_two_sided_every_branch(p, effect, expected):
+    assert verdict_from_two_sided(p, effect) == expected
+
+
+def test_permutation_p_hand_worked():
+    null = [0.1, 0.2, 0.3, 0.4, float("nan")]
+    assert permutation_p(0.35, null) == pytest.approx((1 + 1) / (1 + 4))
+    assert permutation_p(0.35, null, "less") == pytest.approx((1 + 3) / (1 + 4))
+    assert permutation_p(1.0, null) == pytest.approx(1 / 5)  # never 0
+    with pytest.raises(ValueError):
+        permutation_p(0.0, null, "two-sided")
+
+
+def write(tmp_path, name, obj):
+    (tmp_path / name).write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("ci, p, expected", [
+    ([0.06, 0.36], 0.005, SUPPORTED), ([-0.08, 0.09], 0.96, NOT_DISTINGUISHABLE), ([-0.4, -0.1], 0.001, CONTRADICTED),
+])
+def test_reward_row_reads_the_paired_difference(tmp_path, ci, p, expected):
+    write(tmp_path, "reward_eval.json", {"difference": {"mean": sum(ci) / 2, "ci95": ci, "p_value": p, "n": 128}})
+    row = reward_raised(tmp_path)
+    assert row["verdict"] == expected and f"{ci[0]:.3f}" in row["number"]
+    # the PPO helper's "paired" entry takes precedence over "difference"
+    write(tmp_path, "reward_eval.json", {"difference": {"mean": 0, "ci95": [-1, 1]},
+                                         "paired": {"mean": sum(ci) / 2, "ci95": ci, "p": p, "n": 256}})
+    assert reward_raised(tmp_path)["verdict"] == expected
+
+
+def test_layer_gap_per_tensor_null_finds_planted_layers_and_not_noise():
+    rng = np.random.default_rng(0)
+    tensors = {f"t{j}": list(1.0 + 0.01 * rng.normal(size=30)) for j in range(8)}
+    flat = layer_gap_test(np.sum([v for v in tensors.values()], axis=0), 3, tensors, n_perm=500)
+    assert flat["p"] > 0.05
+    planted = {k: [x * (1.5 if i in (4, 9, 20) else 1.0) for i, x in enumerate(v)] for k, v in tensors.items()}
+    values = np.sum([v for v in planted.values()], axis=0)
+    strong = layer_gap_test(values, 3, planted, n_perm=500)
+    assert strong["p"] < 0.01 and strong["ratio"] == pytest.approx(1.5, rel=0.02)
+
+
+def test_layers_row_from_divergence_json(tmp_path):
+    values = [1.0 + 0.001 * i for i in range(30)]
+    write(tmp_path, "divergence.json", {"values": values, "top_k": [29, 28, 27], "k": 3})
+    row = layers_moved(tmp_path)
+    assert row["verdict"] == NOT_DISTINGUISHABLE and "29, 28, 27" in row["claim"]
+
+
+def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
+    assert build_findings(tmp_path) == []
+    assert len(ROW_BUILDERS) >= 5
+    with pytest.raises(ValueError):
+        finding("c", "1", "ctl", "probably", "d")
+    with pytest.raises(ValueError):
+        build_findings(tmp_path, [lambda root: {"claim": "only a claim"}])
+    rows = build_findings(tmp_path, [lambda root: [finding("a", "1", "c", SUPPORTED, "d"), None][:1]])
+    assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED, "detail": "d"}]
