@@ -14,6 +14,7 @@ import sys
 import threading
 
 from irm.errors import UserError
+from irm.stages import STAGES as DECLARED
 
 LIGHTNING = {
     "fit": "train an SAE or the IRM regression (Lightning CLI; --config configs/sae.yaml | configs/regression.yaml)",
@@ -21,24 +22,10 @@ LIGHTNING = {
     "test": "test a trained SAE or regression (Lightning CLI)",
 }
 
-# name -> (module, one-line help). Modules define `run(cfg: RunConfig)`.
-STAGES = {
-    "rlhf": ("irm.rlhf", "1. PPO fine-tuning of the base model against the reward (paper 4.1)"),
-    "evaluate-reward": ("irm.evaluate", "   mean reward of base vs tuned completions, 95% CI (paper table 7)"),
-    "divergence": ("irm.divergence", "2. per-layer parameter distance base vs tuned, top-k layers (paper 4.2, fig. 4)"),
-    "cache": ("irm.activations.cache", "3. MLP activations of the chosen layers over the corpus, sharded"),
-    "sae": ("irm.sae.stage", "4. train the 1x and 2x sparse autoencoders of every chosen layer (paper 4.2, D)"),
-    "dictionaries": ("irm.dictionaries", "5. MMCS between each layer's two dictionaries, shared features (eq. 2)"),
-    "explain": ("irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)"),
-    "triples": ("irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)"),
-    "deltas": ("irm.deltas", "8. sentiment activation deltas through the spliced SAEs (paper 4.3)"),
-    "regression": ("irm.regression", "8. fit the linear IRM R on the deltas (paper 4.3, E.2)"),
-    "lexicon": ("irm.lexicon", "9. reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)"),
-    "validate-features": ("irm.validate", "10. activation frequency of labelled features where R > 3 (table 6)"),
-    "ablate": ("irm.ablation", "11. reward before/after ablating labelled features, with controls (table 5)"),
-    "report": ("irm.report", "12. report.md, report.html and summary.json from a run directory"),
-    "pipeline": ("irm.pipeline", "run every stage in order from one config, skipping finished ones"),
-}
+# name -> (module, one-line help): every stage as irm.stages declares it, then the whole pipeline. Modules define
+# `run(cfg: RunConfig)`.
+STAGES = {st.name: (st.module, st.help) for st in DECLARED}
+STAGES["pipeline"] = ("irm.pipeline", "run every stage in order from one config, skipping finished ones")
 
 
 def _print_help() -> None:
@@ -61,6 +48,8 @@ def build_parser(stage: str):
 
     parser = ArgumentParser(prog=f"python -m irm {stage}", description=STAGES[stage][1].strip(), exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML run config (see configs/)")
+    parser.add_argument("--force", action="store_true",
+                        help="run the stage even when it is up to date (its downstream stages then rerun too)")
     parser.add_class_arguments(RunConfig)
     return parser
 
@@ -73,7 +62,7 @@ def parse_config(stage: str, argv: list[str]):
     except argparse.ArgumentError as e:
         raise UserError(f"bad configuration: {_one_line(str(e))}") from None
     cfg = parser.instantiate(ns)
-    ns_dict = {k: v for k, v in vars(cfg).items() if k != "config"}
+    ns_dict = {k: v for k, v in vars(cfg).items() if k not in ("config", "force")}
     from irm.config import RunConfig
 
     return RunConfig(**ns_dict)
@@ -85,15 +74,29 @@ def _one_line(msg: str) -> str:
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    from irm.stages import open_run_dir
-
+    """Start-up shared by every stage subcommand: parse, threads, run directory, then the "already done?" check: a
+    finished stage run again is a no-op (its completion stamp, which downstream fingerprints hash, is kept) unless
+    `--force` is given."""
+    from irm.artifacts import RunDir
     from irm.runtime import set_threads
+    from irm.config import validate
+    from irm.rundir_lock import hold_run_dir
+    from irm.stages import ORDER, is_done, open_run_dir
 
     cfg = parse_config(stage, argv)
+    validate(cfg, ORDER if stage == "pipeline" else [stage])  # every section, before anything runs or is written
     set_threads(cfg.threads)
-    open_run_dir(cfg)
-    module = importlib.import_module(STAGES[stage][0])
-    module.run(cfg)
+    with hold_run_dir(cfg.run_dir, [stage, *argv]):  # one run at a time on a run directory
+        open_run_dir(cfg)
+        if stage != "pipeline":
+            if "--force" in argv:
+                RunDir(cfg.run_dir).invalidate(stage)
+            elif is_done(cfg, stage):
+                print(f"irm {stage}: up to date in {cfg.run_dir} (same config and inputs); --force reruns it",
+                      file=sys.stderr)
+                return
+        module = importlib.import_module(STAGES[stage][0])
+        module.run(cfg)
 
 
 def _interrupt(signum, _frame):

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 from irm.artifacts import write_json
-from irm.cli import STAGES
 from irm.config import RunConfig
-from irm.stages import ORDER, is_done
+from irm.stages import ORDER, is_done, stage as declared
 
 
 def _say(msg: str) -> None:
@@ -39,7 +38,7 @@ def run(cfg: RunConfig) -> dict[str, str]:
             continue
         _say(f"[{i:>2}/{n}] {stage:<18} running ...")
         t0 = time.perf_counter()
-        importlib.import_module(STAGES[stage][0]).run(cfg)
+        importlib.import_module(declared(stage).module).run(cfg)
         timings[stage] = time.perf_counter() - t0
         if not is_done(cfg, stage):
             raise RuntimeError(f"stage {stage} returned without recording its completion in {root}/manifest.json")

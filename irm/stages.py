@@ -9,41 +9,107 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from irm.artifacts import RunDir, fingerprint, read_json, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
 
-# stage -> (config sections it depends on, upstream stages it reads)
-GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "rlhf": (("seed", "model", "corpus", "reward", "rlhf"), ()),
-    "evaluate-reward": (("seed", "model", "corpus", "reward", "evaluate"), ("rlhf",)),
-    "divergence": (("model", "divergence"), ("rlhf",)),
-    "cache": (("seed", "corpus", "cache"), ("rlhf", "divergence")),
-    "sae": (("seed", "sae"), ("cache",)),
-    "dictionaries": (("dictionaries",), ("sae",)),
-    "explain": (("seed", "reward", "explain"), ("cache", "sae", "dictionaries")),
-    "triples": (("seed", "corpus", "reward", "triples"), ("rlhf",)),
-    "deltas": (("seed",), ("triples", "sae")),
-    "regression": (("seed", "regression"), ("deltas",)),
-    "lexicon": (("seed", "lexicon"), ("regression", "triples", "sae")),
-    "validate-features": (("seed", "corpus", "validate"), ("regression", "lexicon", "explain", "sae")),
-    "ablate": (("seed", "corpus", "reward", "ablate"), ("sae", "explain")),
-    "report": ((), ("evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon",
-                    "validate-features", "ablate")),
-}
-ORDER = list(GRAPH)
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, declared once: the CLI, the pipeline, the fingerprints and the docs read this.
+
+    `sections`: the config sections its code reads (a test checks this against the module's source);
+    `when`: sections it reads only under a condition of the config (section -> predicate);
+    `upstream`: stages whose artifacts it reads (their completion stamps enter its fingerprint);
+    `bookkeeping`: per config section it owns, fields that change how work is kept or scheduled, not what it
+    produces (editing them redoes nothing anywhere); `outputs`: what it writes under run_dir (for the docs)."""
+
+    name: str
+    module: str
+    help: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    when: tuple[tuple[str, Callable[[RunConfig], bool]], ...] = ()
+    bookkeeping: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    outputs: tuple[str, ...] = ()
+
+
+# The explainer's connection settings: where and how fast answers are fetched, not which answers.
+EXPLAIN_OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("rlhf", "irm.rlhf", "1. PPO fine-tuning of the base model against the reward (paper 4.1)",
+          ("seed", "model", "corpus", "reward", "rlhf"),
+          bookkeeping=(("rlhf", ("checkpoint_every", "keep_final_checkpoint")),),
+          outputs=("rlhf/policy", "rlhf/metrics.jsonl")),
+    Stage("evaluate-reward", "irm.evaluate",
+          "   mean reward of base vs tuned completions, paired difference (paper table 7)",
+          ("seed", "model", "corpus", "reward", "evaluate"), ("rlhf",), outputs=("reward_eval.json",)),
+    Stage("divergence", "irm.divergence",
+          "2. per-layer parameter distance base vs tuned, top-k layers (paper 4.2, fig. 4)",
+          ("seed", "model", "divergence", "cache"), ("rlhf",), outputs=("divergence.json", "divergence.png")),
+    Stage("cache", "irm.activations.cache", "3. MLP activations of the chosen layers over the corpus, sharded",
+          ("seed", "model", "corpus", "cache"), ("rlhf", "divergence"), outputs=("cache",)),
+    Stage("sae", "irm.sae.stage", "4. train the 1x and 2x sparse autoencoders of every chosen layer (paper 4.2, D)",
+          ("seed", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),), outputs=("sae",)),
+    Stage("dictionaries", "irm.dictionaries",
+          "5. MMCS between each layer's two dictionaries, shared features (eq. 2)",
+          ("seed", "sae", "dictionaries"), ("sae",), outputs=("mmcs.json",)),
+    Stage("explain", "irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)",
+          ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
+          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=("explanations.jsonl", "explain")),
+    Stage("triples", "irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)",
+          ("seed", "model", "corpus", "reward", "triples"), ("rlhf",),
+          when=(("explain", lambda cfg: cfg.triples.substitution == "llm"),),
+          outputs=("triples.jsonl", "triples.json")),
+    Stage("deltas", "irm.deltas", "8. sentiment activation deltas through the spliced SAEs (paper 4.3)",
+          ("seed", "cache"), ("triples", "sae"), outputs=("deltas",)),
+    Stage("regression", "irm.regression", "8. fit the linear IRM R on the deltas (paper 4.3, E.2)",
+          ("seed", "regression"), ("deltas",), outputs=("regression",)),
+    Stage("lexicon", "irm.lexicon", "9. reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)",
+          ("seed", "reward", "cache", "lexicon"), ("regression", "triples", "sae"),
+          outputs=("lexicon.csv", "kendall.json")),
+    Stage("control", "irm.control",
+          "9. base-model control and nulls: the same chain on M_base, delta_tau, permutation and raw-activation R",
+          ("seed", "model", "reward", "cache", "lexicon", "control"),
+          ("rlhf", "divergence", "triples", "sae", "lexicon"),
+          outputs=("control.json", "control_words.csv")),
+    Stage("validate-features", "irm.validate",
+          "10. activation frequency of labelled features where R > 3 (table 6)",
+          ("seed", "corpus", "cache", "validate"), ("regression", "lexicon", "explain", "sae"),
+          outputs=("validation.json",)),
+    Stage("ablate", "irm.ablation", "11. reward before/after ablating labelled features, with controls (table 5)",
+          ("seed", "corpus", "reward", "cache", "ablate"), ("rlhf", "sae", "explain"), outputs=("ablation.json",)),
+    Stage("report", "irm.report", "12. report.md, report.html and summary.json from a run directory",
+          ("model", "reward", "explain", "lexicon"),
+          ("evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
+           "validate-features", "ablate"),
+          bookkeeping=(), outputs=("report.md", "report.html", "summary.json", "plots")),
+)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+ORDER = [s.name for s in STAGES]
+# stage -> (config sections, upstream stages): a view of STAGES for readers that want the bare graph.
+GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {s.name: (s.sections, s.upstream) for s in STAGES}
 
 # Config sections that make a run directory a different run altogether (refused, not overwritten).
 IDENTITY = ("model",)
 
-
 # Fields that change how a stage keeps its working state, not what it produces: editing them redoes nothing.
-BOOKKEEPING: dict[str, tuple[str, ...]] = {
-    "rlhf": ("checkpoint_every", "keep_final_checkpoint"),
-    "sae": ("checkpoint_every",),
-}
+BOOKKEEPING: dict[str, tuple[str, ...]] = {sec: fields for s in STAGES for sec, fields in s.bookkeeping}
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise UserError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}") from None
+
+
+def sections_of(cfg: RunConfig, name: str) -> tuple[str, ...]:
+    """The config sections `name` depends on under this config (its fixed ones plus the conditional ones that apply)."""
+    st = stage(name)
+    return st.sections + tuple(sec for sec, applies in st.when if applies(cfg))
 
 
 def _section(cfg: RunConfig, name: str) -> Any:
@@ -54,13 +120,12 @@ def _section(cfg: RunConfig, name: str) -> Any:
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
-    sections, upstream = GRAPH[stage]
     rd = RunDir(cfg.run_dir)
     stamps = {}
-    for up in upstream:
+    for up in BY_NAME[stage].upstream:
         rec = rd.stage_record(up)
         stamps[up] = rec["completed_at"] if rec else None
-    return fingerprint(stage, {s: _section(cfg, s) for s in sections}, stamps)
+    return fingerprint(stage, {s: _section(cfg, s) for s in sections_of(cfg, stage)}, stamps)
 
 
 def is_done(cfg: RunConfig, stage: str) -> bool:

@@ -12,7 +12,6 @@ substitute, so the lexicon stage can measure how R generalises to words it never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -20,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from irm.artifacts import append_jsonl, read_jsonl, write_json, write_text
+from irm.artifacts import read_jsonl, write_json, write_text
 from irm.config import RunConfig, TriplesConfig
 from irm.errors import UserError
 
@@ -204,40 +203,29 @@ def _check(tc: TriplesConfig) -> None:
         raise UserError(f"triples.max_length must be at least 2 tokens, got {tc.max_length}")
 
 
-def _text_key(text: str, word: str) -> str:
-    return hashlib.sha256(f"{text}\x00{word}".encode()).hexdigest()[:20]
-
-
 class _LLM:
-    """LLM substitution through the explain stage's backend, answers cached on disk."""
+    """LLM substitution through the explain stage's backend and its answer cache (keyed by backend, model,
+    generation parameters and prompt, so another explainer never reuses these answers)."""
 
     def __init__(self, cfg: RunConfig, path: Path):
         from irm.explain import make_backend
+        from irm.explain.stage import AnswerCache
 
-        self.backend = make_backend(cfg.explain)
-        self.path = path
-        self.cache = {r["key"]: r["answer"] for r in read_jsonl(path)}
+        self.cache = AnswerCache(path, make_backend(cfg.explain))
         self.workers = cfg.explain.concurrency if cfg.explain.backend == "openai" else 1
-        self.model = cfg.explain.model
 
     def answers(self, items: list[tuple[str, str]]) -> list[str]:
         """The answer for each (text, word), asking (concurrently for a remote API) only what is not cached."""
         from concurrent.futures import ThreadPoolExecutor
 
-        todo = [(t, w) for t, w in items if _text_key(t, w) not in self.cache]
-
         def ask(item):
             text, word = item
             messages = [{"role": "system", "content": LLM_SYSTEM},
                         {"role": "user", "content": LLM_USER.format(text=text, word=word)}]
-            return item, self.backend.chat(messages)
+            return self.cache.ask(messages, task="substitute", word=word)
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            for (text, word), answer in pool.map(ask, todo):
-                key = _text_key(text, word)
-                append_jsonl(self.path, {"key": key, "word": word, "answer": answer, "model": self.model})
-                self.cache[key] = answer
-        return [self.cache[_text_key(t, w)] for t, w in items]
+            return list(pool.map(ask, items))
 
 
 def build_triples(

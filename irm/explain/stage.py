@@ -28,12 +28,11 @@ from irm.explain import EXPLANATIONS, prompts, scoring
 from irm.explain.backends import BackendError, make_backend
 from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
 from irm.runtime import progress, resolve_device, seed_all
+from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
 
 ANSWERS = "explain/answers.jsonl"
 FAILURES = "explain/failures.jsonl"
 SCORES = "explain/scores.json"
-# Settings that change how answers are fetched, not what is asked: changing them keeps finished features.
-OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
 
 
 class AnswerCache:
@@ -217,7 +216,7 @@ def _made_from(cfg, backend, description: str) -> str:
     """What a finished feature's answer depends on: a line made from anything else is stale."""
     rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("cache", "sae", "dictionaries")}
-    content = {k: v for k, v in dataclasses.asdict(cfg.explain).items() if k not in OPERATIONAL}
+    content = {k: v for k, v in dataclasses.asdict(cfg.explain).items() if k not in EXPLAIN_OPERATIONAL}
     return fingerprint(content, description, cfg.seed, sorted(cfg.sae.expansions), backend.name, backend.model,
                        stamps)
 

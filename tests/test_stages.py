@@ -1,0 +1,111 @@
+"""The stage declarations (irm.stages.STAGES) are the one source of the stage graph: each declares exactly the config
+sections its code reads, the CLI and the pipeline list what it declares, and the drifts it replaced stay fixed."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from irm import cli, stages
+from irm.config import ExplainConfig, RunConfig, TriplesConfig
+
+# RunConfig fields that say where and how a run executes, not what it computes: never fingerprinted.
+RUNTIME_FIELDS = {"run_dir", "device", "devices", "threads", "log_dir"}
+SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - RUNTIME_FIELDS
+
+
+def sections_read(module: str) -> set[str]:
+    """Config sections a module's source reads as `cfg.<section>`, found by parsing it (independent of the
+    declaration under test)."""
+    spec = importlib.util.find_spec(module)
+    path = Path(spec.origin)
+    if path.name == "__init__.py":  # a package stage: its `run` lives in the module the package re-exports
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "run" for a in node.names):
+                path = Path(importlib.util.find_spec(node.module if node.level == 0 else
+                                                     f"{module}.{node.module}").origin)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+            found.add(node.attr)
+    return found & SECTIONS
+
+
+@pytest.mark.parametrize("st", stages.STAGES, ids=lambda s: s.name)
+def test_declared_sections_are_exactly_those_the_stage_code_reads(st):
+    declared = set(st.sections) | {sec for sec, _ in st.when}
+    assert sections_read(st.module) == declared
+
+
+def test_cli_and_pipeline_list_the_declared_stages_in_order():
+    assert [name for name in cli.STAGES if name != "pipeline"] == [s.name for s in stages.STAGES]
+    for st in stages.STAGES:
+        assert cli.STAGES[st.name] == (st.module, st.help)
+    names = [s.name for s in stages.STAGES]
+    for st in stages.STAGES:  # upstream stages exist and run earlier
+        assert all(names.index(up) < names.index(st.name) for up in st.upstream), st.name
+
+
+def _cfg(tmp_path, **sections) -> RunConfig:
+    return dataclasses.replace(RunConfig(run_dir=str(tmp_path)), **sections)
+
+
+def test_llm_triples_are_redone_when_the_explainer_model_changes(tmp_path):
+    llm = _cfg(tmp_path, triples=TriplesConfig(substitution="llm"), explain=ExplainConfig(backend="openai", model="a"))
+    other = dataclasses.replace(llm, explain=dataclasses.replace(llm.explain, model="b"))
+    assert stages.stage_fingerprint(llm, "triples") != stages.stage_fingerprint(other, "triples")
+    # lexicon substitution does not use the explainer: editing it keeps the triples
+    lex = dataclasses.replace(llm, triples=TriplesConfig(substitution="lexicon"))
+    lex_other = dataclasses.replace(other, triples=TriplesConfig(substitution="lexicon"))
+    assert stages.stage_fingerprint(lex, "triples") == stages.stage_fingerprint(lex_other, "triples")
+
+
+def test_explainer_connection_settings_redo_nothing(tmp_path):
+    cfg = _cfg(tmp_path)
+    faster = dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, concurrency=cfg.explain.concurrency + 7))
+    other_model = dataclasses.replace(cfg, explain=dataclasses.replace(cfg.explain, max_features=5))
+    for name in ("explain", "validate-features", "ablate", "report"):
+        assert stages.stage_fingerprint(cfg, name) == stages.stage_fingerprint(faster, name)
+    assert stages.stage_fingerprint(cfg, "explain") != stages.stage_fingerprint(other_model, "explain")
+
+
+def test_llm_substitution_answers_are_keyed_by_the_explainer_model(tmp_path):
+    from irm.explain.stage import AnswerCache
+
+    class Backend:
+        name, params = "openai", {"temperature": 0}
+
+        def __init__(self, model):
+            self.model = model
+            self.asked = 0
+
+        def chat(self, messages):
+            self.asked += 1
+            return f"{self.model} answer"
+
+    path = tmp_path / "answers.jsonl"
+    msgs = [{"role": "user", "content": "replace 'good' in: a good film"}]
+    first, second = Backend("model-a"), Backend("model-b")
+    assert AnswerCache(path, first).ask(msgs) == "model-a answer"
+    assert AnswerCache(path, second).ask(msgs) == "model-b answer"  # not model-a's answer from the same file
+    assert AnswerCache(path, Backend("model-a")).ask(msgs) == "model-a answer" and first.asked == 1
+
+
+def test_a_finished_stage_run_again_is_a_no_op_unless_forced(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    stages.open_run_dir(cfg)
+    (tmp_path / "mmcs.json").write_text("{}")
+    stages.mark_done(cfg, "dictionaries", ["mmcs.json"])
+    before = stages.RunDir(cfg.run_dir).stage_record("dictionaries")["completed_at"]
+    cli.main(["dictionaries", "--run_dir", str(tmp_path)])
+    assert "up to date" in capsys.readouterr().err
+    assert stages.RunDir(cfg.run_dir).stage_record("dictionaries")["completed_at"] == before
+    # forced: the record is dropped and the stage really runs (here it finds no SAEs and says so)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dictionaries", "--run_dir", str(tmp_path), "--force"])
+    assert e.value.code == 2 and stages.RunDir(cfg.run_dir).stage_record("dictionaries") is None
