@@ -157,6 +157,7 @@ def permutation_null(path, y: np.ndarray, triple: np.ndarray, words_F: np.ndarra
         finite = arr[np.isfinite(arr)]
         out[name] = {"n": int(n), "mean": float(finite.mean()) if finite.size else None,
                      "sd": float(finite.std(ddof=1)) if finite.size > 1 else None,
+                     "q95": [float(v) for v in np.percentile(finite, [2.5, 97.5])] if finite.size else None,
                      "p_greater": permutation_p(tau, arr, "greater") if tau is not None else None,
                      "p_less": permutation_p(tau, arr, "less") if tau is not None else None,
                      "taus": [round(float(v), 5) for v in arr]}

@@ -8,6 +8,7 @@ and later stages work on (`chosen_layers`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from irm.errors import UserError
 
@@ -24,8 +25,10 @@ def _block_parameters(model, i: int) -> dict:
     return {name[len(prefix):]: p for name, p in model.named_parameters() if name.startswith(prefix)}
 
 
-def layer_divergence(base, tuned) -> list[float]:
-    """One value per block, in block order: sum over the block's parameters of ||base - tuned||_F.
+def layer_divergence(base, tuned, per_tensor: Optional[dict] = None) -> list[float]:
+    """One value per block, in block order: sum over the block's parameters of ||base - tuned||_F. When a dict is
+    given as `per_tensor` it is filled with each parameter's norms, {name relative to the block: [one per block]}
+    (irm.findings' layer test permutes them across layers).
 
     Raises UserError when the two models do not have the same blocks, parameter names and shapes."""
     import torch
@@ -58,7 +61,10 @@ def layer_divergence(base, tuned) -> list[float]:
                         "tuned; the tuned policy must be fine-tuned from model.name"
                     )
                 # float64: bf16/fp16 differences of nearby weights would round away in their own precision.
-                total += float((p.detach().to(torch.float64) - q.detach().to(p.device, torch.float64)).norm())
+                norm = float((p.detach().to(torch.float64) - q.detach().to(p.device, torch.float64)).norm())
+                total += norm
+                if per_tensor is not None:
+                    per_tensor.setdefault(name, []).append(norm)
             values.append(total)
     return values
 
@@ -143,7 +149,8 @@ def run(cfg) -> None:
     device = resolve_device(cfg.device)
     base, _ = load_model(cfg.model, cfg.seed, device=device)
     tuned, _ = load_tuned(cfg, device=device)
-    values = layer_divergence(base, tuned)
+    per_tensor: dict = {}
+    values = layer_divergence(base, tuned, per_tensor)
     order, top_k = rank_layers(values, cfg.divergence.top_k)
 
     run_dir = RunDir(cfg.run_dir)
@@ -155,6 +162,7 @@ def run(cfg) -> None:
         "k": cfg.divergence.top_k,
         "model": cfg.model.name,
         "measure": "per block: sum over parameter tensors of the Frobenius norm of (base - tuned)",
+        "per_tensor": per_tensor,
     })
     plot_divergence(values, top_k, png_path, title=f"{cfg.model.name}: per-layer divergence after RLHF")
     mark_done(cfg, "divergence", [json_path, png_path])

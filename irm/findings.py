@@ -229,8 +229,8 @@ def lexicon_reconstructed(root: Path) -> Optional[list]:
     rows = [finding(
         claim="the tuned model's implicit reward reconstructs the lexicon (paper 5.1)",
         number=f"Kendall tau {num(t['tau']['all']['tau'])} over {t['tau']['all']['n']} words",
-        control=f"R refit on sign-shuffled targets ({perm['n']} refits: null tau {num(perm['mean'])} "
-                f"+- {num(perm['sd'])})",
+        control=f"R refit on sign-shuffled targets ({perm['n']} refits: null tau 95% range "
+                f"{interval(perm.get('q95'))})",
         verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
         detail=f"permutation {p_text(perm['p_greater'])} (one-sided); the same closed-form ridge chain as the "
                f"base-model control",
@@ -262,7 +262,7 @@ def differs_from_base(root: Path) -> Optional[Row]:
                f"{num(c['tuned']['tau']['all']['tau'])}, tau_base {num(c['base']['tau']['all']['tau'])})",
         control=f"the same triples, contexts and chain on the base model ({c.get('sae_choice', 'tuned SAEs')})",
         verdict=verdict_from_interval(d["ci95"]),
-        detail=f"paired bootstrap over {d['n']} words; words that moved by more than {moves.get('threshold')}: "
+        detail=f"paired bootstrap over {d['n']} words; words that moved by more than {num(moves.get('threshold'))}: "
                f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away",
     )
 
@@ -281,7 +281,7 @@ def generalises(root: Path) -> Optional[Row]:
         claim="the implicit reward generalises to unseen words (paper 5.1, held out)",
         number=f"Kendall tau {num(k['tau'])} over {k['n']} held-out words",
         control=f"R refit on sign-shuffled targets, the same held-out words ({perm['n']} refits: null tau "
-                f"{num(perm['mean'])} +- {num(perm['sd'])})",
+                f"95% range {interval(perm.get('q95'))})",
         verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
         detail=f"permutation {p_text(perm['p_greater'])}; held-out words: whole lemma families kept out of every "
                "triple, read in contexts no triple used",

@@ -340,6 +340,133 @@ def build_summary(root: Path) -> dict:
     }
 
 
+def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
+    """The findings table at the top of the report (irm.findings: each claim, its number, its control, a verdict
+    from its interval or p-value) and the named numbers of the controls in summary.json: the paired reward
+    difference under `reward`, tau_base, delta_tau with its interval, the permutation p-values and the
+    raw-activation tau under `control`."""
+    from irm.findings import build_findings
+
+    rows = build_findings(root)
+    summary["findings"] = rows
+    reward = _load(root, "reward_eval.json") or {}
+    paired = reward.get("paired") or reward.get("difference")
+    if paired:
+        summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = {
+            "mean": paired.get("mean"), "ci95": paired.get("ci95"), "p_value": paired.get("p_value", paired.get("p")),
+            "n": paired.get("n")}
+    c = _load(root, "control.json")
+    if c:
+        def tau(label, key="tau", subset="all"):
+            return (c.get(label, {}).get(key) or {}).get(subset, {}).get("tau")
+
+        summary["control"] = {
+            "sae_choice": c.get("sae_choice"),
+            "tau_tuned": tau("tuned"), "tau_base": tau("base"),
+            "tau_tuned_heldout": tau("tuned", subset="heldout"), "tau_base_heldout": tau("base", subset="heldout"),
+            "delta_tau_tuned_minus_base": {k: c["delta_tau"]["all"].get(k) for k in ("delta", "ci95", "n")},
+            "delta_tau_heldout": {k: c["delta_tau"].get("heldout", {}).get(k) for k in ("delta", "ci95", "n")},
+            "permutation_p_tuned": c["tuned"]["permutation"]["all"]["p_greater"],
+            "permutation_p_base": c["base"]["permutation"]["all"]["p_greater"],
+            "permutation_p_tuned_heldout": c["tuned"]["permutation"].get("heldout", {}).get("p_greater"),
+            "permutation_refits": c["tuned"]["permutation"]["all"]["n"],
+            "raw_activation_tau_tuned": tau("tuned", "raw_tau"), "raw_activation_tau_base": tau("base", "raw_tau"),
+            "words_moved_toward_reward": c.get("per_word", {}).get("n_moved_toward"),
+            "words_moved_away_from_reward": c.get("per_word", {}).get("n_moved_away"),
+            "sae_nmse_at_sentiment_tokens": c.get("sae_fit", {}).get("nmse_at_sentiment_tokens"),
+        }
+    doc.heading("Findings")
+    if rows:
+        doc.table(["claim", "number", "control", "verdict", "detail"],
+                  [[r["claim"], r["number"], r["control"], r["verdict"], r["detail"]] for r in rows],
+                  caption="Each claim of the paper as this run measured it. The verdict follows from the interval "
+                          "or p-value (95%, alpha 0.05): supported when it excludes the control in the claimed "
+                          "direction, contradicted when it excludes it in the other, else not distinguishable.")
+    else:
+        doc.para("No claim could be checked: the stages that measure them have not run.")
+
+
+def control_section(doc: "Doc", root: Path, plots: Path) -> None:
+    """The base-model control and nulls (control.json, control_words.csv): taus of both chains, their permutation
+    nulls and raw-activation fits, delta_tau, and the words that moved between the two reconstructed lexicons."""
+    c = _load(root, "control.json")
+    doc.heading("Base-model control and nulls")
+    if not c:
+        doc.para("Not run.")
+        return
+    doc.para(f"The same triples, {c['n_words']} lexicon words and {c['n_contexts']} contexts through the same chain "
+             f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/control.py). R is a closed-form "
+             f"ridge refit for both; the permutation null refits it on targets whose signs were flipped for a random "
+             f"half of the triples; the raw-activation R reads the MLP outputs the SAEs encode.")
+    rows = []
+    for label in ("tuned", "base"):
+        m = c[label]
+        perm = m["permutation"]["all"]
+        rows.append([label, _fmt(m["tau"]["all"]["tau"]), _fmt(m["tau"]["heldout"]["tau"]),
+                     _ci({"ci95": perm.get("q95")}), _p(perm["p_greater"]),
+                     _fmt((m.get("raw_tau") or {}).get("all", {}).get("tau")),
+                     _fmt(c["sae_fit"]["nmse_at_sentiment_tokens"][label])])
+    doc.table(["model", "tau (all)", "tau (held out)", "null tau, 95% range (sign-shuffled R)", "permutation p",
+               "tau, R on raw activations", "SAE NMSE at sentiment tokens"], rows,
+              caption=f"Kendall tau of R's output against the lexicon; permutation p over "
+                      f"{c['tuned']['permutation']['all']['n']} refits (one-sided)")
+    d, dh = c["delta_tau"]["all"], c["delta_tau"].get("heldout", {})
+    doc.table(["words", "delta_tau = tau_tuned - tau_base", "paired bootstrap 95% CI", "n"],
+              [["all", _fmt(d["delta"]), _ci(d), d["n"]]]
+              + ([["held out", _fmt(dh.get("delta")), _ci(dh), dh.get("n")]] if dh else []),
+              caption=d.get("method", ""))
+    pw = c["per_word"]
+    words_csv = root / "control_words.csv"
+    moved_rows = [r for r in pw.get("top", []) if r["moved"]]
+    with doc.side_by_side():
+        if words_csv.exists():
+            with open(words_csv, encoding="utf-8") as f:
+                all_rows = list(csv.DictReader(f))
+            doc.image(_plot(plots / "control.png", _draw_control(c, all_rows), (WIDE, 3.8)),
+                      "Left: each word's reconstructed value on the base model (x) and the tuned model (y), coloured "
+                      "by its true lexicon value; circled: words that moved. Right: Kendall tau of R refit on "
+                      "sign-shuffled targets (histograms) against the observed tau (solid) and R on raw "
+                      "activations (dashed), per model.")
+    doc.table(["word", "true", "base", "tuned", "move", "direction", "held out"],
+              [[r["word"], r["true"], _fmt(r["base"]), _fmt(r["tuned"]), _fmt(r["move"]), r["direction"],
+                "yes" if r["heldout"] else ""] for r in moved_rows] or [["(none)", "", "", "", "", "", ""]],
+              caption=f"Words that moved (|move - median| > {_fmt(pw['threshold'])}, {pw['z']} robust SDs): "
+                      f"{pw['n_moved_toward']} toward the training reward, {pw['n_moved_away']} away. Over all "
+                      f"{pw['n_words']} words, {pw['n_toward']} moved toward and {pw['n_away']} away (sign test "
+                      f"p {_p(pw.get('sign_test_p'))}).")
+
+
+def _draw_control(c: dict, rows: list[dict]) -> Callable:
+    def draw(fig) -> None:
+        left, right = fig.subplots(1, 2)
+        x = [float(r["base"]) for r in rows]
+        y = [float(r["tuned"]) for r in rows]
+        true = [float(r["true"]) for r in rows]
+        sc = left.scatter(x, y, c=true, cmap="coolwarm", vmin=-4, vmax=4, s=6)
+        moved = [r for r in rows if r["moved"] == "1"]
+        left.scatter([float(r["base"]) for r in moved], [float(r["tuned"]) for r in moved], s=40,
+                     facecolors="none", edgecolors="k", linewidths=0.7)
+        for r in sorted(moved, key=lambda r: -abs(float(r["move"])))[:8]:
+            left.annotate(r["word"], (float(r["base"]), float(r["tuned"])), fontsize=7)
+        lo, hi = min(x + y), max(x + y)
+        left.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls=":")
+        left.set_xlabel("base model: reconstructed value")
+        left.set_ylabel("tuned model: reconstructed value")
+        fig.colorbar(sc, ax=left, label="true lexicon value")
+        for label, colour in (("tuned", "tab:red"), ("base", "tab:blue")):
+            m = c[label]
+            right.hist(m["permutation"]["all"]["taus"], bins=20, alpha=0.5, color=colour, label=f"{label}: null")
+            right.axvline(m["tau"]["all"]["tau"], color=colour, lw=1.5, label=f"{label}: observed")
+            raw = (m.get("raw_tau") or {}).get("all", {}).get("tau")
+            if raw is not None:
+                right.axvline(raw, color=colour, lw=1, ls="--", label=f"{label}: raw activations")
+        right.set_xlabel("Kendall tau vs the lexicon")
+        right.set_ylabel("sign-shuffled refits")
+        right.legend(fontsize=7)
+
+    return draw
+
+
 def _score(f: dict) -> str:
     """A feature's detection accuracy: n/a when it was not scored, 'unparsed' when the scorer's answer was not."""
     s = f.get("score")
@@ -360,6 +487,7 @@ def run(cfg: RunConfig) -> dict:
         + (" (offline: deterministic token summaries, not an LLM)" if cfg.explain.backend == "offline" else "")
         + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
     )
+    findings_section(doc, root, summary)
 
     # Table 7: reward before and after RLHF.
     reward = _load(root, "reward_eval.json")
@@ -519,6 +647,7 @@ def run(cfg: RunConfig) -> dict:
                      + ". Only the held-out row measures generalisation: R never saw those words.")
     else:
         doc.para("Not run.")
+    control_section(doc, root, plots)
 
     # Table 6: validation.
     val = _load(root, "validation.json")

@@ -183,3 +183,31 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
 
     shard = load_file(str(root / "deltas" / "shard-00000.safetensors"))
     assert shard["x"].shape[0] == 80
+
+
+def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_path):
+    from irm.control import words_csv
+    from irm.report import Doc, control_section, findings_section
+
+    features, words, true, heldout, seen = world(changed=30)
+    report, rows = analyse(features, words, true, heldout, seen, CC, (10, 90), 0)
+    report.update({"sae_choice": "tuned SAEs", "n_words": len(words), "n_contexts": 2, "n_triples": N_TRIPLES,
+                   "sae_fit": {"nmse_at_sentiment_tokens": {"tuned": 0.1, "base": 0.12}}})
+    (tmp_path / "control.json").write_text(json.dumps(report))
+    (tmp_path / "control_words.csv").write_text(words_csv(rows))
+    (tmp_path / "reward_eval.json").write_text(json.dumps(
+        {"difference": {"mean": 0.3, "ci95": [0.2, 0.4], "p_value": 1e-5, "n": 256}}))
+    doc, summary = Doc(), {}
+    findings_section(doc, tmp_path, summary)
+    control_section(doc, tmp_path, tmp_path)
+    assert doc.md[0].startswith("## Findings") and (tmp_path / "control.png").exists()
+    verdicts = {r["claim"].split(" (")[0]: r["verdict"] for r in summary["findings"]}
+    assert verdicts["RLHF raised the reward"] == SUPPORTED
+    assert verdicts["RLHF moved the implicit reward toward the training reward"] == SUPPORTED
+    s = summary["control"]
+    assert s["delta_tau_tuned_minus_base"]["delta"] == pytest.approx(s["tau_tuned"] - s["tau_base"])
+    assert s["delta_tau_tuned_minus_base"]["ci95"] == report["delta_tau"]["all"]["ci95"]
+    assert s["permutation_p_tuned"] < 0.01 and s["raw_activation_tau_tuned"] is not None
+    assert summary["reward"]["paired_difference_tuned_minus_base"]["ci95"] == [0.2, 0.4]
+    text = "\n".join(doc.md)
+    assert "delta_tau" in text and "Words that moved" in text

@@ -105,3 +105,21 @@ def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
         build_findings(tmp_path, [lambda root: {"claim": "only a claim"}])
     rows = build_findings(tmp_path, [lambda root: [finding("a", "1", "c", SUPPORTED, "d"), None][:1]])
     assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED, "detail": "d"}]
+
+
+def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
+    from irm.config import ModelConfig
+    from irm.divergence import layer_divergence
+    from irm.models import load_model
+
+    base, _ = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=3), seed=0)
+    tuned, _ = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=3), seed=1)
+    per_tensor = {}
+    values = layer_divergence(base, tuned, per_tensor)
+    assert len(per_tensor) > 4 and all(len(v) == 3 for v in per_tensor.values())
+    np.testing.assert_allclose(np.sum(list(per_tensor.values()), axis=0), values, rtol=1e-12)
+    name = next(n for n in per_tensor if n.endswith("weight"))
+    p0 = dict(base.named_parameters())
+    p1 = dict(tuned.named_parameters())
+    full = next(k for k in p0 if k.endswith(name) and ".0." in k)
+    assert per_tensor[name][0] == pytest.approx(float((p0[full].double() - p1[full].double()).norm()))
