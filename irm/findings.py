@@ -217,6 +217,18 @@ def layers_moved(root: Path) -> Optional[Row]:
 CONTROL_JSON = "control.json"
 
 
+def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str) -> Row:
+    """A claim that R's Kendall tau beats R refit on sign-shuffled targets (control.json's permutation null)."""
+    return finding(
+        claim=claim,
+        number=f"Kendall tau {num(k['tau'])} over {k['n']} {what}",
+        control=f"R refit on sign-shuffled targets, the same words ({perm['n']} refits: null tau 95% range "
+                f"{interval(perm.get('q95'))})",
+        verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
+        detail=f"permutation {p_text(perm['p_greater'])} (one-sided); {note}",
+    )
+
+
 @row_builder
 def lexicon_reconstructed(root: Path) -> Optional[list]:
     """The implicit reward reconstructs the lexicon: tau of the tuned model's R against R refit on sign-shuffled
@@ -225,16 +237,9 @@ def lexicon_reconstructed(root: Path) -> Optional[list]:
     if not c or "tuned" not in c:
         return None
     t = c["tuned"]
-    perm = t["permutation"]["all"]
-    rows = [finding(
-        claim="the tuned model's implicit reward reconstructs the lexicon (paper 5.1)",
-        number=f"Kendall tau {num(t['tau']['all']['tau'])} over {t['tau']['all']['n']} words",
-        control=f"R refit on sign-shuffled targets ({perm['n']} refits: null tau 95% range "
-                f"{interval(perm.get('q95'))})",
-        verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
-        detail=f"permutation {p_text(perm['p_greater'])} (one-sided); the same closed-form ridge chain as the "
-               f"base-model control",
-    )]
+    rows = [tau_against_null("the tuned model's implicit reward reconstructs the lexicon (paper 5.1)", "words",
+                             t["tau"]["all"], t["permutation"]["all"],
+                             "the same closed-form ridge chain as the base-model control")]
     sae_gain = c.get("sae_vs_raw", {}).get("tuned", {}).get("all")
     if sae_gain:
         rows.append(finding(
@@ -277,15 +282,9 @@ def generalises(root: Path) -> Optional[Row]:
     k, perm = t["tau"]["heldout"], t["permutation"]["heldout"]
     if k.get("tau") is None:
         return None
-    return finding(
-        claim="the implicit reward generalises to unseen words (paper 5.1, held out)",
-        number=f"Kendall tau {num(k['tau'])} over {k['n']} held-out words",
-        control=f"R refit on sign-shuffled targets, the same held-out words ({perm['n']} refits: null tau "
-                f"95% range {interval(perm.get('q95'))})",
-        verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
-        detail=f"permutation {p_text(perm['p_greater'])}; held-out words: whole lemma families kept out of every "
-               "triple, read in contexts no triple used",
-    )
+    return tau_against_null("the implicit reward generalises to unseen words (paper 5.1, held out)", "held-out words",
+                            k, perm, "held-out words: whole lemma families kept out of every triple, read in "
+                                     "contexts no triple used")
 
 
 @row_builder
