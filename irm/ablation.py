@@ -1,6 +1,10 @@
 """`python -m irm ablate` (paper 5.2, table 5): mean reward of the tuned model's completions before and after
 zero-ablating, inside each chosen layer's SAE, the features the explainer labelled "related to the reward", with the
-controls the paper lacks: the SAE splice with nothing ablated, and as many randomly chosen features ablated.
+controls the paper lacks: the SAE splice with nothing ablated, and as many random features ablated, each drawn to
+match a labelled feature's firing frequency (a feature that fires on every token moves the reward more than one that
+never fires, whatever it means). The headline numbers are paired differences on the same prompts: ablated minus
+splice-only, and ablated minus random, whose interval resamples prompts and random draws together (two-level
+bootstrap), so it counts the spread between draws and not only between prompts.
 
 Features are zeroed in the SAE's code space, never as dimensions of the reconstruction (the authors' mistake). Two
 splice modes: `reconstruction` replaces the site output by the SAE's reconstruction (the paper's), `error` keeps
@@ -29,7 +33,6 @@ from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 
 MODES = ("reconstruction", "error")
-DICTIONARY = 1  # the explainer labels features of the 1x dictionary (irm.explain.related_features)
 
 
 def check_modes(modes: list[str]) -> None:
@@ -60,24 +63,64 @@ def intervention(sae, features: list[int], mode: str) -> Callable:
     return fn
 
 
-def draw_random_features(
-    features: dict[int, list[int]], widths: dict[int, int], draws: int, seed: int
-) -> list[dict[int, list[int]]]:
-    """`draws` control sets: per layer, as many features as `features[layer]`, drawn without replacement from the
-    layer's other features (never a labelled one). Draw d depends only on (seed, d), so adding draws keeps the old."""
+def firing_frequencies(model, tokenizer, saes: dict, prompts: list[list[int]], site: str,
+                       batch_size: int) -> dict[int, np.ndarray]:
+    """Per layer, the fraction of the prompts' real (non-pad) token positions where each SAE feature fires
+    (code > 0), read from the tuned model without any splice."""
+    import torch
+
+    from irm.models import capture
+
+    layers = sorted(saes)
+    active: dict[int, np.ndarray] = {}
+    n = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer.pad({"input_ids": prompts[start:start + batch_size]}, return_tensors="pt").to(model.device)
+        keep_BT = batch["attention_mask"].bool()
+        with torch.inference_mode(), capture(model, layers, site) as acts:
+            model(**batch)
+        for layer in layers:
+            sae = saes[layer]
+            with torch.inference_mode():
+                codes_NF = sae.encode(acts[layer][keep_BT].to(next(sae.parameters()).dtype))
+            counts = (codes_NF > 0).sum(dim=0).cpu().numpy().astype(np.int64)
+            active[layer] = active.get(layer, 0) + counts
+        n += int(keep_BT.sum())
+    return {layer: np.asarray(active[layer], dtype=np.float64) / max(n, 1) for layer in layers}
+
+
+def draw_matched_features(features: dict[int, list[int]], frequencies: dict[int, np.ndarray], draws: int,
+                          seed: int, pool: int) -> list[dict[int, list[int]]]:
+    """`draws` control sets matched on firing frequency: per layer and labelled feature, one feature drawn at
+    random from the `pool` live (frequency > 0), unlabelled, not yet drawn features nearest to it in log frequency.
+    Dead features are never drawn (a labelled feature that never fires is matched with the rarest live ones).
+    Draw d depends only on (seed, d), so adding draws keeps the old."""
     out = []
     for d in range(draws):
         rng = np.random.default_rng([seed, d])
         drawn = {}
         for layer in sorted(features):
-            labelled = set(features[layer])
-            others = np.array([i for i in range(widths[layer]) if i not in labelled], dtype=np.int64)
-            if len(labelled) > len(others):
+            freq = np.asarray(frequencies[layer], dtype=np.float64)
+            labelled = sorted(set(features[layer]))
+            live = np.flatnonzero(freq > 0)
+            candidates = np.setdiff1d(live, labelled)
+            if len(labelled) > len(candidates):
                 raise UserError(
-                    f"layer {layer}: {len(labelled)} of {widths[layer]} features are labelled related, too few are "
-                    f"left for a random control of the same size; label fewer features (explain.max_features)"
-                )
-            drawn[layer] = sorted(int(i) for i in rng.choice(others, size=len(labelled), replace=False))
+                    f"layer {layer}: {len(labelled)} features are labelled related but only {len(candidates)} other "
+                    f"features fire on the ablation prompts, too few for a frequency-matched random control; label "
+                    f"fewer features (explain.max_features) or use more prompts (ablate.n_prompts)")
+            floor = freq[live].min() if len(live) else 1.0
+            log_c = np.log(freq[candidates]) if len(candidates) else np.zeros(0)
+            taken = np.zeros(len(candidates), dtype=bool)
+            chosen = []
+            for i in labelled:
+                gap = np.abs(log_c - np.log(max(freq[i], floor)))
+                gap[taken] = np.inf
+                nearest = np.argsort(gap, kind="stable")[: min(pool, int((~taken).sum()))]
+                pick = int(rng.choice(nearest))
+                taken[pick] = True
+                chosen.append(int(candidates[pick]))
+            drawn[layer] = sorted(chosen)
         out.append(drawn)
     return out
 
@@ -147,15 +190,59 @@ def _paired(rewards: np.ndarray, before: np.ndarray) -> dict:
     return {**mean_ci(rewards), "diff_vs_before": mean_ci(rewards - before)}
 
 
-def _random_summary(draw_rewards: np.ndarray, draws: list[dict], before: np.ndarray) -> dict:
+def _random_summary(draw_rewards: np.ndarray, draws: list[dict], before: np.ndarray,
+                    frequencies: dict[int, np.ndarray] | None = None) -> dict:
     """draw_rewards [draws, prompts]: pooled over all samples, over per-draw means, and paired per prompt (the
-    prompt's mean over draws minus its reward before)."""
+    prompt's mean over draws minus its reward before); each draw with its features' firing frequencies."""
+    def freqs(f: dict) -> dict:
+        if frequencies is None:
+            return {}
+        return {"frequencies": {str(layer): [float(frequencies[layer][i]) for i in ix]
+                                for layer, ix in sorted(f.items())}}
+
     return {
         **mean_ci(draw_rewards),
         "per_draw_means": mean_ci(draw_rewards.mean(axis=1)),
         "diff_vs_before": mean_ci(draw_rewards.mean(axis=0) - before),
-        "draws": [{"features": _json_features(f), **mean_ci(r)} for f, r in zip(draws, draw_rewards)],
+        "draws": [{"features": _json_features(f), **freqs(f), **mean_ci(r)} for f, r in zip(draws, draw_rewards)],
     }
+
+
+BOOTSTRAP = 10_000  # resamples of the two-level bootstrap
+
+
+def paired_difference(ablated: np.ndarray, control: np.ndarray) -> dict:
+    """Ablated minus a control on the same prompts: mean, paired t interval (95%), the paired t-test's two-sided p."""
+    from scipy.stats import ttest_1samp
+
+    diff = np.asarray(ablated, dtype=np.float64) - np.asarray(control, dtype=np.float64)
+    out = {**mean_ci(diff), "interval": "paired t, 95%", "p_value": None}
+    if diff.size >= 2 and diff.std() > 0:
+        out["p_value"] = float(ttest_1samp(diff, 0.0).pvalue)
+    return out
+
+
+def difference_vs_draws(ablated_P: np.ndarray, draws_DP: np.ndarray, seed: int, resamples: int = BOOTSTRAP) -> dict:
+    """Ablated minus the random control, paired on prompts: the mean over draws d and prompts p of
+    ablated[p] - draw[d, p], with a 95% percentile interval from a two-level bootstrap that resamples prompts and,
+    independently, draws (both with replacement), so the spread between random draws widens the interval
+    (scipy.stats.bootstrap resamples one level only). With one draw that spread cannot be measured: the interval
+    then counts prompts only, and says so."""
+    diff_DP = np.asarray(ablated_P, dtype=np.float64)[None, :] - np.asarray(draws_DP, dtype=np.float64)
+    n_d, n_p = diff_DP.shape
+    rng = np.random.default_rng(seed)
+    # A resample with replacement is a multinomial count per draw and per prompt; its mean is
+    # count_d . diff . count_p / (n_d n_p), computed for every resample at once.
+    count_BD = rng.multinomial(n_d, np.full(n_d, 1.0 / n_d), size=resamples).astype(np.float64)
+    count_BP = rng.multinomial(n_p, np.full(n_p, 1.0 / n_p), size=resamples).astype(np.float64)
+    stats_B = np.einsum("bd,dp,bp->b", count_BD, diff_DP, count_BP) / (n_d * n_p)
+    lo, hi = np.percentile(stats_B, [2.5, 97.5])
+    per_draw = diff_DP.mean(axis=1)
+    return {"mean": float(diff_DP.mean()), "ci95": [float(lo), float(hi)], "n": int(n_p), "draws": int(n_d),
+            "per_draw_means": [float(x) for x in per_draw],
+            "between_draw_std": float(per_draw.std(ddof=1)) if n_d > 1 else None,
+            "interval": ("two-level bootstrap over prompts and random draws, 95% percentile" if n_d > 1 else
+                         "bootstrap over prompts only (one random draw: the spread between draws is not counted)")}
 
 
 def _json_features(features: dict[int, list[int]]) -> dict[str, list[int]]:
@@ -178,6 +265,7 @@ class _Setup:
     saes: dict[int, Any]
     features: dict[int, list[int]]
     random_sets: list[dict[int, list[int]]]
+    frequencies: dict[int, np.ndarray]
     prompts: list[list[int]]
     seeds: list[int]
     reward: Callable
@@ -204,8 +292,10 @@ def _setup(cfg: RunConfig, device) -> _Setup:
             f"rerun `python -m irm explain` with this config"
         )
     width = site_width(model, cfg.cache.site)
-    saes = {layer: load_sae(sae_dir(cfg.run_dir, layer, DICTIONARY), d_in=width, device=device) for layer in layers}
+    saes = {layer: load_sae(sae_dir(cfg.run_dir, layer, cfg.sae.dictionary_pair()[0]), d_in=width, device=device) for layer in layers}
     widths = {layer: int(sae.dictionary.shape[0]) for layer, sae in saes.items()}
+    if a.match_pool < 1:
+        raise UserError(f"ablate.match_pool must be >= 1, got {a.match_pool}")
     for layer, ix in related.items():
         if ix[-1] >= widths[layer]:
             raise UserError(
@@ -213,7 +303,6 @@ def _setup(cfg: RunConfig, device) -> _Setup:
                 f"rerun `python -m irm explain` after `python -m irm sae`"
             )
     features = {layer: related.get(layer, []) for layer in layers}
-    random_sets = draw_random_features(features, widths, a.random_draws, cfg.seed)
 
     # The whole split, not n_prompts texts: prefixes() drops texts shorter than prefix_tokens.
     texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed)
@@ -224,13 +313,16 @@ def _setup(cfg: RunConfig, device) -> _Setup:
             f"prefixes of {a.prefix_tokens} tokens; lower ablate.n_prompts or ablate.prefix_tokens, or raise "
             f"corpus.n_documents"
         )
+    frequencies = firing_frequencies(model, tokenizer, saes, prompts, cfg.cache.site, a.batch_size)
+    random_sets = draw_matched_features(features, frequencies, a.random_draws, cfg.seed, a.match_pool)
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     reward = build_reward(cfg.reward, device)
     rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("rlhf", "sae")}
     common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, sampling_rule(cfg.rlhf, a.new_tokens),
               stamps)
-    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, prompts, seeds, reward, common)
+    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, frequencies, prompts, seeds, reward,
+                  common)
 
 
 def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
@@ -279,11 +371,13 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
     for mode in a.modes:
         splice_r = rewards_of(f"{mode} splice", mode, nothing)
         ablated_r = rewards_of(f"{mode} ablated", mode, s.features)
-        modes[mode] = {"splice": _paired(splice_r, before), "ablated": _paired(ablated_r, before)}
+        modes[mode] = {"splice": _paired(splice_r, before), "ablated": _paired(ablated_r, before),
+                       "ablated_minus_splice": paired_difference(ablated_r, splice_r)}
         if s.random_sets:
             draw_r = np.stack([rewards_of(f"{mode} random {d + 1}/{len(s.random_sets)}", mode, f)
                                for d, f in enumerate(s.random_sets)])
-            modes[mode]["random"] = _random_summary(draw_r, s.random_sets, before)
+            modes[mode]["random"] = _random_summary(draw_r, s.random_sets, before, s.frequencies)
+            modes[mode]["ablated_minus_random"] = difference_vs_draws(ablated_r, draw_r, cfg.seed)
     if not ranks.is_main:
         return None
 
@@ -300,6 +394,11 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
         "features": _json_features(s.features),
         "n_features": n_features,
         "random_draws": len(s.random_sets),
+        "random_control": (f"per labelled feature, one of the {a.match_pool} live unlabelled features nearest in log "
+                           f"firing frequency (fraction of the prompts' tokens where the code > 0, tuned model, no "
+                           f"splice); dead features never drawn"),
+        "feature_frequencies": {str(layer): [float(s.frequencies[layer][i]) for i in ix]
+                                for layer, ix in sorted(s.features.items())},
         "model": before_s,
         "modes": modes,
         "before": {"mean": before_s["mean"], "ci95": before_s["ci95"]},
@@ -318,6 +417,9 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
             if name in conds:
                 c = conds[name]
                 print(f"  {mode + ' ' + name:<27} {_fmt(c)}   vs before {_fmt(c['diff_vs_before'])}")
+        for name, text in (("ablated_minus_splice", "ablated - splice"), ("ablated_minus_random", "ablated - random")):
+            if name in conds:
+                print(f"  {mode + ' ' + text:<27} {_fmt(conds[name])}   (paired on prompts)")
     return result
 
 

@@ -137,6 +137,19 @@ class SAEConfig:
     checkpoint_every: int = 500  # optimizer steps between checkpoints (last.ckpt), what an interrupted run resumes from
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
 
+    def dictionary_pair(self) -> tuple[int, int]:
+        """(small, large) expansions: MMCS compares the two; the small one is the dictionary that is explained,
+        spliced for deltas, lexicon and validation, and ablated (paper 4.2-5.2). The one definition of both."""
+        from irm.errors import UserError
+
+        expansions = sorted(set(self.expansions))
+        if len(expansions) < 2:
+            raise UserError(
+                f"sae.expansions={self.expansions} gives one dictionary per layer; MMCS compares two: "
+                "set sae.expansions: [1, 2] and rerun `python -m irm sae`"
+            )
+        return expansions[0], expansions[-1]
+
 
 @dataclass
 class DictionariesConfig:
@@ -229,6 +242,7 @@ class AblateConfig:
     new_tokens: int = 30
     prefix_tokens: int = 30
     random_draws: int = 5
+    match_pool: int = 10  # a random control feature is drawn among the this many nearest in firing frequency
     modes: list[str] = field(default_factory=lambda: ["reconstruction", "error"])
     batch_size: int = 32
 

@@ -353,7 +353,7 @@ def run(cfg: RunConfig) -> dict:
             remap[kept] = np.arange(len(kept))
             words, word_of_row = [words[i] for i in kept], remap[word_of_row]
             true = np.array([lexicon[w] for w in words], dtype=np.float64)
-        saes = load_saes(root, layers, model, cfg.cache.site)
+        saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
         features[label] = read_features(model, saes, triples, items, word_of_row, len(words),
                                         tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label)
         sae_fit[label] = features[label]["sae_nmse"]

@@ -27,18 +27,18 @@ JOURNALS = "journal-rank-*.jsonl"
 # SAE codes through the spliced model
 
 
-def load_saes(run_dir: str | Path, layers: Sequence[int], model, site: str = "mlp_out") -> dict:
-    """The exported 1x SAE of every layer, in eval mode on `model`'s device; one trained on another width (another
-    model or site) is refused."""
+def load_saes(run_dir: str | Path, layers: Sequence[int], model, site: str, expansion: int) -> dict:
+    """The exported SAE of size `expansion` (the small dictionary: `cfg.sae.dictionary_pair()[0]`) of every layer,
+    in eval mode on `model`'s device; one trained on another width (another model or site) is refused."""
     from irm.models import site_width
     from irm.sae import load_sae, sae_dir
 
     device = next(model.parameters()).device
     saes = {}
     for layer in layers:
-        path = sae_dir(run_dir, layer, 1)
+        path = sae_dir(run_dir, layer, expansion)
         if not path.exists():
-            raise UserError(f"no 1x SAE for layer {layer} in {path}; run `python -m irm sae` first")
+            raise UserError(f"no {expansion}x SAE for layer {layer} in {path}; run `python -m irm sae` first")
         saes[layer] = load_sae(path, d_in=site_width(model, site), device=device).eval()
     return saes
 
@@ -233,7 +233,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     triples = read_triples(cfg.run_dir)
     model, tokenizer = load_tuned(cfg, device=ranks.device)
     layers = chosen_layers(cfg, n_layers(model))
-    saes = load_saes(cfg.run_dir, layers, model, cfg.cache.site)
+    saes = load_saes(cfg.run_dir, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     width = n_codes(saes)
     fp = stage_fingerprint(cfg, "deltas")
     chunks = [range(i, min(i + shard_triples, len(triples))) for i in range(0, len(triples), shard_triples)]

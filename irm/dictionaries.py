@@ -214,13 +214,7 @@ def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive
 
 
 def _expansion_pair(cfg) -> tuple[int, int]:
-    expansions = sorted(set(cfg.sae.expansions))
-    if len(expansions) < 2:
-        raise UserError(
-            f"sae.expansions={cfg.sae.expansions} gives one dictionary per layer; MMCS compares two: "
-            "set sae.expansions: [1, 2] and rerun `python -m irm sae`"
-        )
-    return expansions[0], expansions[-1]
+    return cfg.sae.dictionary_pair()
 
 
 def _load_dictionary(run_dir: Path, layer: int, expansion: int):

@@ -237,7 +237,7 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
     lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
     model, tokenizer = load_tuned(cfg, device=ranks.device)
-    saes = load_saes(root, layers, model, cfg.cache.site)
+    saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     n_features = len(layers) * n_codes(saes)
     if n_features != weight.numel():
         raise UserError(f"R has {weight.numel()} features but the SAEs of layers {layers} give {n_features}; rerun "

@@ -5,6 +5,11 @@ An input is one token position of an eval-split text (every position but each te
 atypical: it has no context and serves as the attention sink). Its A_concat is the 1x-SAE codes of every chosen
 layer there, read with all SAEs spliced in as in the deltas stage. R's output is put on the reconstructed lexicon's
 scale with the lexicon stage's mapping (kendall.json), so the threshold (paper: 3) is in VADER units.
+
+The paper compares the related features with "the average feature", dead ones included: any explained feature
+(the explainer only sees features that fire) beats that. The control here is the *other explained* features of the
+same layers (explained and labelled 0): the lift is the ratio of the two groups' mean activation frequency, and its
+p-value comes from permuting the labels among the explained features (exact when the partitions are few).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from irm.config import RunConfig
 from irm.errors import UserError
 
 VALIDATION_JSON = "validation.json"
+N_PERMUTATIONS = 9999  # Monte Carlo label permutations; scipy enumerates every partition when there are fewer
 INPUTS = ("every token position of each eval-split text except its first, truncated to cache.max_length tokens; "
           "x = concatenated 1x-SAE codes of the chosen layers at that position")
 
@@ -67,13 +73,58 @@ class Frequencies:
             "per_layer": per_layer,
         }
 
+    def per_feature(self, layers: list[int], features: dict[int, list[int]], above: bool = True) -> np.ndarray:
+        """Activation frequency of each of `features` (layer -> indices, in `layers` order), over the inputs R
+        selects (`above`) or over all inputs; empty when there is no input to count."""
+        active, n = (self.active_above, self.n_above) if above else (self.active_all, self.n_all)
+        if n == 0:
+            return np.zeros(0)
+        return np.array([active[li, i] / n for li, layer in enumerate(layers) for i in features.get(layer, [])],
+                        dtype=np.float64)
+
+
+def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) -> dict:
+    """Related vs other explained features' activation frequencies: means, lift (ratio of means), difference, and
+    the one-sided label-permutation p-value of the difference (H1: related features fire more). Permutation test
+    with scipy (exact enumeration when the partitions number at most N_PERMUTATIONS). None where a group is empty."""
+    from scipy.stats import permutation_test
+
+    out = {"n_related": int(len(related_F)), "n_other": int(len(other_F)),
+           "related_frequency": float(related_F.mean()) if len(related_F) else None,
+           "other_frequency": float(other_F.mean()) if len(other_F) else None,
+           "lift": None, "difference": None, "p_value": None,
+           "test": "label permutation among the explained features, one-sided (related fire more), statistic = "
+                   "difference of mean frequencies"}
+    if not len(related_F) or not len(other_F):
+        return out
+    out["difference"] = out["related_frequency"] - out["other_frequency"]
+    if out["other_frequency"] > 0:
+        out["lift"] = out["related_frequency"] / out["other_frequency"]
+    if min(len(related_F), len(other_F)) >= 2:
+        res = permutation_test((related_F, other_F), lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
+                               permutation_type="independent", alternative="greater", vectorized=True,
+                               n_resamples=N_PERMUTATIONS, rng=np.random.default_rng(seed))
+        out["p_value"] = float(res.pvalue)
+    else:
+        # scipy wants two values per group; with one feature in a group the partitions are just which value it
+        # is, so enumerate them (ties count as extreme, as scipy counts them).
+        pool = np.concatenate([related_F, other_F])
+        total = pool.sum()
+        k, n = len(related_F), len(pool)
+        if k == 1:
+            diffs = pool - (total - pool) / (n - 1)
+        else:
+            diffs = (total - pool) / (n - 1) - pool
+        out["p_value"] = float(np.mean(diffs >= out["difference"] - 1e-12 * max(1.0, abs(out["difference"]))))
+    return out
+
 
 def run(cfg: RunConfig) -> dict:
     import torch
 
     from irm.data import load_texts
     from irm.deltas import iter_codes, load_saes
-    from irm.explain import related_features
+    from irm.explain import explained_features
     from irm.lexicon import KENDALL_JSON, apply_mapping, raw_threshold
     from irm.models import load_tuned
     from irm.regression import load_irm
@@ -93,10 +144,11 @@ def run(cfg: RunConfig) -> dict:
         raise UserError(f"missing {kendall_path}: run `python -m irm lexicon` first (its mapping puts R on the "
                         "lexicon scale the threshold is in)")
     mapping = read_json(kendall_path)["mapping"]
-    related_all = related_features(root)
+    related_all, other_all = explained_features(root, 1), explained_features(root, 0)
     related = {layer: related_all.get(layer, []) for layer in layers}
+    other = {layer: other_all.get(layer, []) for layer in layers}
     model, tokenizer = load_tuned(cfg, device=device)
-    saes = load_saes(root, layers, model, cfg.cache.site)
+    saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     width = int(next(iter(saes.values())).dictionary.shape[0])
 
     texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=vc.n_inputs)
@@ -128,6 +180,13 @@ def run(cfg: RunConfig) -> dict:
         "related": {str(k): v for k, v in related.items()},
         "active": "code > 0",
         **freqs.summary(layers, related),
+        "vs_other_explained": {
+            "inputs above threshold": compare_groups(freqs.per_feature(layers, related),
+                                                     freqs.per_feature(layers, other), cfg.seed),
+            "all inputs": compare_groups(freqs.per_feature(layers, related, above=False),
+                                         freqs.per_feature(layers, other, above=False), cfg.seed),
+        },
+        "other": {str(k): v for k, v in other.items()},
     }
     if n_related == 0:
         result["note"] = ("no feature of the chosen layers was labelled related to the reward by the explain stage: "
@@ -144,6 +203,10 @@ def run(cfg: RunConfig) -> dict:
           f"above {vc.threshold}; {n_related} related features active at {pct(result['related_frequency'])} vs "
           f"average feature {pct(result['average_frequency'])} (all positions: "
           f"{pct(result['related_frequency_all_inputs'])} vs {pct(result['average_frequency_all_inputs'])})")
+    vs = result["vs_other_explained"]["inputs above threshold"]
+    if vs["lift"] is not None:
+        print(f"  vs the {vs['n_other']} other explained features: {pct(vs['other_frequency'])}, lift "
+              f"{vs['lift']:.2f}, permutation p = {vs['p_value']:.3g}")
     if "note" in result:
         print(f"  note: {result['note']}")
     return result

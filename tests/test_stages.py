@@ -109,3 +109,26 @@ def test_a_finished_stage_run_again_is_a_no_op_unless_forced(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["dictionaries", "--run_dir", str(tmp_path), "--force"])
     assert e.value.code == 2 and stages.RunDir(cfg.run_dir).stage_record("dictionaries") is None
+
+
+def test_every_stage_uses_the_same_small_dictionary(tmp_path):
+    """With sae.expansions [2, 4] the small dictionary is the 2x one for explain, deltas/lexicon/validate (load_saes)
+    and ablate alike (they once meant 1x in two places and min(expansions) in a third)."""
+    from irm.config import SAEConfig, ModelConfig
+    from irm.deltas import load_saes
+    from irm.models import load_model, site_width
+    from irm.sae import SparseAutoencoder, save_sae, sae_dir
+
+    sae_cfg = SAEConfig(expansions=[4, 2])
+    assert sae_cfg.dictionary_pair() == (2, 4)
+    model, _ = load_model(ModelConfig(name="tiny-gpt-neox"), seed=0)
+    d = site_width(model, "mlp_out")
+    for e in (2, 4):
+        save_sae(SparseAutoencoder(d, e * d), sae_dir(tmp_path, 1, e))
+    saes = load_saes(tmp_path, [1], model, "mlp_out", sae_cfg.dictionary_pair()[0])
+    assert saes[1].d_hidden == 2 * d
+    with pytest.raises(Exception, match="expansions"):
+        SAEConfig(expansions=[2]).dictionary_pair()
+    for path in ("irm/ablation.py", "irm/deltas.py", "irm/explain/stage.py", "irm/lexicon.py", "irm/validate.py"):
+        src = (Path(__file__).parents[1] / path).read_text()
+        assert "sae_dir(cfg.run_dir, layer, 1)" not in src and "min(cfg.sae.expansions)" not in src, path

@@ -109,7 +109,7 @@ def shared_features(cfg) -> dict[int, list[Target]]:
     dictionary and their large-dictionary indices in the large one, best cosine first, each index once, at most
     `explain.max_features` per dictionary."""
     mmcs = read_json(Path(cfg.run_dir) / "mmcs.json")
-    small, large = min(cfg.sae.expansions), max(cfg.sae.expansions)
+    small, large = cfg.sae.dictionary_pair()
     cap = cfg.explain.max_features
     out: dict[int, list[Target]] = {}
     for layer, entry in sorted(((int(k), v) for k, v in mmcs.get("layers", {}).items())):
