@@ -16,8 +16,11 @@ from irm.ablation import (
     _per_prompt_sampler,
     _random_summary,
     condition_rewards,
-    draw_random_features,
+    difference_vs_draws,
+    draw_matched_features,
+    firing_frequencies,
     generate,
+    paired_difference,
     intervention,
     prompt_seed,
     result_files,
@@ -175,32 +178,129 @@ def test_mean_ci_of_one_value_has_no_interval():
 # --- random control --------------------------------------------------------------------------------------------
 
 
-def test_random_control_never_draws_labelled_features_and_matches_their_count():
+def test_random_control_never_draws_labelled_or_dead_features_and_matches_their_count():
+    rng = np.random.default_rng(0)
+    freqs = {2: rng.uniform(0.01, 0.9, 16), 3: rng.uniform(0.01, 0.9, 8), 4: rng.uniform(0.01, 0.9, 8)}
+    freqs[2][[1, 9]] = 0.0  # dead
     labelled = {2: [0, 5, 7], 3: [1], 4: []}
-    widths = {2: 16, 3: 8, 4: 8}
-    draws = draw_random_features(labelled, widths, draws=50, seed=3)
+    draws = draw_matched_features(labelled, freqs, draws=50, seed=3, pool=20)
     assert len(draws) == 50
     for d in draws:
         assert {layer: len(ix) for layer, ix in d.items()} == {2: 3, 3: 1, 4: 0}
         for layer, ix in d.items():
             assert len(set(ix)) == len(ix)
             assert not set(ix) & set(labelled[layer])
-            assert all(0 <= i < widths[layer] for i in ix)
-    # Every unlabelled feature of layer 2 turns up: the draws range over all the others, not a fixed few.
-    assert set().union(*(d[2] for d in draws)) == set(range(16)) - {0, 5, 7}
+            assert all(freqs[layer][i] > 0 for i in ix)
+    # With a pool as large as the layer, every live unlabelled feature of layer 2 turns up.
+    assert set().union(*(d[2] for d in draws)) == set(range(16)) - {0, 5, 7, 1, 9}
+
+
+def test_random_control_matches_firing_frequencies():
+    """Independent check: each drawn set's frequencies, sorted, sit next to the labelled ones' (every drawn feature
+    is among the pool + k nearest live features of some labelled feature, by a plain sort here), and the draws are
+    far closer in frequency than uniform draws would be."""
+    rng = np.random.default_rng(1)
+    freq = np.exp(rng.uniform(np.log(1e-3), 0.0, 400))  # log-uniform firing rates, as SAE features have
+    freq[rng.choice(400, 40, replace=False)] = 0.0
+    live = np.flatnonzero(freq > 0)
+    labelled = sorted(int(i) for i in rng.choice(live, 5, replace=False))
+    pool = 6
+    draws = draw_matched_features({0: labelled}, {0: freq}, draws=40, seed=0, pool=pool)
+    candidates = np.setdiff1d(live, labelled)
+    near = set()
+    for i in labelled:
+        order = np.argsort(np.abs(np.log(freq[candidates]) - np.log(freq[i])))
+        near |= set(candidates[order[: pool + len(labelled) - 1]].tolist())
+    gaps = []
+    for d in draws:
+        assert set(d[0]) <= near
+        gaps.append(np.abs(np.sort(np.log(freq[d[0]])) - np.sort(np.log(freq[labelled]))).mean())
+    uniform = [np.abs(np.sort(np.log(freq[rng.choice(candidates, 5, replace=False)]))
+                      - np.sort(np.log(freq[labelled]))).mean() for _ in range(200)]
+    assert np.mean(gaps) < 0.2 * np.mean(uniform)
+    # A labelled feature that never fires is matched with the rarest live features, never with a dead one.
+    dead = int(np.flatnonzero(freq == 0)[0])
+    for d in draw_matched_features({0: [dead]}, {0: freq}, draws=10, seed=0, pool=3):
+        assert d[0][0] in set(candidates[np.argsort(freq[candidates])[:3]].tolist())
 
 
 def test_random_draws_are_reproducible_and_adding_draws_keeps_the_earlier_ones():
-    labelled, widths = {1: [3, 4]}, {1: 32}
-    assert draw_random_features(labelled, widths, 5, seed=0)[:3] == draw_random_features(labelled, widths, 3, seed=0)
-    assert draw_random_features(labelled, widths, 3, seed=0) != draw_random_features(labelled, widths, 3, seed=1)
+    freqs = {1: np.linspace(0.01, 0.5, 32)}
+    labelled = {1: [3, 4]}
+    assert draw_matched_features(labelled, freqs, 5, 0, 8)[:3] == draw_matched_features(labelled, freqs, 3, 0, 8)
+    assert draw_matched_features(labelled, freqs, 3, 0, 8) != draw_matched_features(labelled, freqs, 3, 1, 8)
 
 
 def test_random_control_too_large_is_a_user_error():
     from irm.errors import UserError
 
     with pytest.raises(UserError, match="too few"):
-        draw_random_features({0: [0, 1, 2]}, {0: 4}, draws=1, seed=0)
+        draw_matched_features({0: [0, 1, 2]}, {0: np.array([0.5, 0.5, 0.5, 0.5, 0.0])}, draws=1, seed=0, pool=5)
+
+
+def test_firing_frequencies_count_real_tokens_only(tiny):
+    """Against a hand count on each unpadded prompt: left padding never counts as a token where a feature fires."""
+    model, tokenizer, _ = tiny
+    sae = random_sae(3)
+    prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23], [31, 32, 33, 34]]
+    got = firing_frequencies(model, tokenizer, {1: sae}, prompts, "mlp_out", batch_size=2)
+    counts, n = np.zeros(D), 0
+    for ids in prompts:
+        with torch.no_grad(), capture(model, [1]) as acts:
+            model(input_ids=torch.tensor([ids]))
+        counts += (sae_codes_np(sae, acts[1][0].double().numpy()) > 0).sum(axis=0)
+        n += len(ids)
+    np.testing.assert_allclose(got[1], counts / n)
+    assert 0 < got[1].mean() < 1
+
+
+# --- paired differences ----------------------------------------------------------------------------------------
+
+
+def test_ablated_minus_splice_is_scipys_paired_t():
+    rng = np.random.default_rng(4)
+    splice_r = rng.normal(1.0, 1.0, 30)
+    ablated = splice_r - 0.4 + rng.normal(0, 0.3, 30)
+    got = paired_difference(ablated, splice_r)
+    res = stats.ttest_rel(ablated, splice_r)
+    assert got["mean"] == pytest.approx((ablated - splice_r).mean())
+    assert got["ci95"] == pytest.approx(list(res.confidence_interval(0.95)), rel=1e-12)
+    assert got["p_value"] == pytest.approx(res.pvalue, rel=1e-12)
+
+
+def two_level_bootstrap_by_loop(ablated, draws, resamples, seed):
+    """The two-level bootstrap written as a plain loop: pick draws, pick prompts, average the differences."""
+    rng = np.random.default_rng(seed)
+    n_d, n_p = draws.shape
+    out = []
+    for _ in range(resamples):
+        d = rng.integers(0, n_d, n_d)
+        p = rng.integers(0, n_p, n_p)
+        out.append((ablated[p][None, :] - draws[d][:, p]).mean())
+    return np.percentile(out, [2.5, 97.5])
+
+
+def test_difference_vs_draws_interval_counts_the_spread_between_draws():
+    rng = np.random.default_rng(5)
+    n_p = 40
+    ablated = rng.normal(0.0, 1.0, n_p)
+    noise = rng.normal(0.0, 0.2, (4, n_p))
+    alike = ablated[None, :] + 0.3 + noise  # four draws that agree
+    spread = alike + np.array([-1.5, -0.5, 0.5, 1.5])[:, None]  # same prompts, draws that disagree
+    a, b = difference_vs_draws(ablated, alike, seed=0), difference_vs_draws(ablated, spread, seed=0)
+    assert a["mean"] == pytest.approx(-0.3 - noise.mean()) and b["mean"] == pytest.approx(a["mean"])
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(b) > 5 * width(a)
+    # A paired t interval over prompts of the mean-over-draws difference ignores the draws' spread entirely.
+    t_lo, t_hi = mean_ci(ablated - spread.mean(axis=0))["ci95"]
+    assert width(b) > 5 * (t_hi - t_lo)
+    # The vectorised resampling equals a plain loop's, up to Monte Carlo error.
+    for draws, got in ((alike, a), (spread, b)):
+        lo, hi = two_level_bootstrap_by_loop(ablated, draws, 4000, seed=1)
+        assert got["ci95"] == pytest.approx([lo, hi], abs=0.1 * (hi - lo))
+    assert b["between_draw_std"] == pytest.approx((ablated[None] - spread).mean(axis=1).std(ddof=1))
+    one = difference_vs_draws(ablated, alike[:1], seed=0)
+    assert one["between_draw_std"] is None and "prompts only" in one["interval"]
 
 
 # --- sampling --------------------------------------------------------------------------------------------------
@@ -354,7 +454,11 @@ def test_ablate_writes_every_condition_with_paired_intervals(ablate_cfg):
     assert saved["features"] == {"1": [3, 10], "2": [7]} and saved["n_features"] == 3
     assert set(saved["modes"]) == {"reconstruction", "error"}
     for conds in saved["modes"].values():
-        assert set(conds) == {"splice", "ablated", "random"}
+        assert set(conds) == {"splice", "ablated", "random", "ablated_minus_splice", "ablated_minus_random"}
+        assert conds["ablated_minus_splice"]["mean"] == pytest.approx(conds["ablated"]["mean"]
+                                                                      - conds["splice"]["mean"])
+        assert conds["ablated_minus_random"]["mean"] == pytest.approx(conds["ablated"]["mean"]
+                                                                      - conds["random"]["mean"])
         draws = conds["random"]["draws"]
         assert len(draws) == 2
         for d in draws:
@@ -427,3 +531,82 @@ def test_user_errors_name_the_fix(ablate_cfg):
     with pytest.raises(UserError, match="lower ablate.n_prompts"):
         run(cfg)
     assert not (Path(cfg.run_dir) / "ablation.json").exists()
+
+
+# --- planted worlds: positive and negative controls --------------------------------------------------------------
+
+PLANT_LAYER = 3
+POSITIVE_WORDS = ("great", "love", "excellent", "wonderful", "best", "amazing", "perfect", "beautiful")
+REWARD_FEATURE, IRRELEVANT_FEATURE = 5, 9
+
+
+def planted_run(cfg) -> None:
+    """A tiny model whose last MLP adds a large constant along a zero-mean unit direction e, which the unembedding
+    turns into positive lexicon words: its completions carry the reward. Layer 3's SAE has feature 5 reading and
+    writing e (the reward-carrying feature: it fires on every token and ablating it removes the plant), feature 9
+    reading e weakly and writing a direction orthogonal to e (fires on every token too, carries nothing), and random
+    unit features elsewhere (those with a positive overlap with e fire on every token as well: the frequency-matched
+    control)."""
+    root = Path(cfg.run_dir)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    g = torch.Generator().manual_seed(11)
+    e = torch.randn(D, generator=g)
+    e -= e.mean()
+    e /= e.norm()
+    v = torch.randn(D, generator=g)
+    v -= v.mean() + (v @ e) * e
+    v /= v.norm()
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in POSITIVE_WORDS]
+    assert tokenizer.unk_token_id not in ids
+    with torch.no_grad():
+        model.gpt_neox.layers[PLANT_LAYER].mlp.dense_4h_to_h.bias += 50.0 * e
+        model.get_output_embeddings().weight[ids] += 3.0 * e
+    model.save_pretrained(root / "rlhf" / "policy")
+    tokenizer.save_pretrained(root / "rlhf" / "policy")
+    sae = SparseAutoencoder(D, D, tied=False)
+    with torch.no_grad():
+        sae.W_enc[:, REWARD_FEATURE] = e
+        sae.W_dec[REWARD_FEATURE] = e
+        sae.W_enc[:, IRRELEVANT_FEATURE] = 0.05 * e
+        sae.W_dec[IRRELEVANT_FEATURE] = v
+    save_sae(sae, sae_dir(root, PLANT_LAYER, 1), layer=PLANT_LAYER)
+
+
+def label(cfg, feature: int) -> None:
+    lines = [{"layer": PLANT_LAYER, "dictionary": "x1", "role": "small", "index": i, "explanation": "words",
+              "label": int(i == feature)} for i in range(D)]
+    (Path(cfg.run_dir) / "explanations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def planted_cfg(tiny_cfg):
+    tiny_cfg.cache.layers = [PLANT_LAYER]
+    a = tiny_cfg.ablate
+    a.n_prompts, a.batch_size, a.new_tokens, a.prefix_tokens, a.random_draws, a.modes = 16, 16, 6, 6, 3, ["error"]
+    a.match_pool = 5
+    planted_run(tiny_cfg)
+    return tiny_cfg
+
+
+def test_ablating_a_planted_reward_feature_lowers_the_reward_more_than_matched_random_features(planted_cfg):
+    label(planted_cfg, REWARD_FEATURE)
+    result = run(planted_cfg)
+    assert result["feature_frequencies"] == {"3": [1.0]}
+    conds = result["modes"]["error"]
+    for d in conds["random"]["draws"]:  # matched: the controls fire on every token too
+        assert d["frequencies"]["3"] == [1.0]
+    assert result["model"]["mean"] > 2.0  # the plant makes the completions positive
+    vs_random, vs_splice = conds["ablated_minus_random"], conds["ablated_minus_splice"]
+    assert vs_random["ci95"][1] < -1.0 and vs_splice["ci95"][1] < -1.0
+    assert vs_splice["p_value"] < 1e-3
+
+
+def test_ablating_a_planted_irrelevant_feature_does_not(planted_cfg):
+    label(planted_cfg, IRRELEVANT_FEATURE)
+    result = run(planted_cfg)
+    assert result["feature_frequencies"] == {"3": [1.0]}
+    conds = result["modes"]["error"]
+    vs_random = conds["ablated_minus_random"]
+    # No drop beyond a small fraction of the planted feature's (about -4 in the test above), against either control.
+    assert vs_random["ci95"][0] > -0.3 and abs(vs_random["mean"]) < 0.1
+    assert conds["ablated_minus_splice"]["ci95"][0] > -0.3

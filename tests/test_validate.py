@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.validate import Frequencies
+from irm.validate import Frequencies, compare_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
@@ -37,6 +37,64 @@ def test_frequencies_hand_worked():
     assert out["per_layer"]["20"] == {"n_related": 1, "related_frequency": 0.0, "average_frequency": 0.5 / 3}
     none = freqs.summary([10, 20], {})
     assert none["related_frequency"] is None and none["average_frequency"] == out["average_frequency"]
+
+
+def exact_one_sided_p(related, other):
+    """P(mean(A) - mean(B) >= observed) over every way to choose which |related| of the pooled values are A."""
+    import itertools
+
+    pool = np.concatenate([related, other])
+    k, n = len(related), len(pool)
+    observed = related.mean() - other.mean()
+    hits = total = 0
+    for chosen in itertools.combinations(range(n), k):
+        mask = np.zeros(n, dtype=bool)
+        mask[list(chosen)] = True
+        total += 1
+        hits += pool[mask].mean() - pool[~mask].mean() >= observed - 1e-12
+    return hits / total
+
+
+def test_lift_and_permutation_p_against_an_exact_enumeration():
+    related = np.array([0.30, 0.45, 0.25])
+    other = np.array([0.10, 0.05, 0.20, 0.15, 0.12, 0.33, 0.08])
+    got = compare_groups(related, other)
+    assert got["lift"] == pytest.approx(related.mean() / other.mean())
+    assert got["difference"] == pytest.approx(related.mean() - other.mean())
+    assert got["n_related"] == 3 and got["n_other"] == 7
+    want = exact_one_sided_p(related, other)  # C(10, 3) = 120 partitions: scipy enumerates them
+    assert want < 0.05
+    assert got["p_value"] == pytest.approx(want)
+    # Related features that fire less: the one-sided p is large, the lift below 1.
+    flipped = compare_groups(other[:3], np.concatenate([related, other[3:]]))
+    assert flipped["lift"] < 1 and flipped["p_value"] == pytest.approx(
+        exact_one_sided_p(other[:3], np.concatenate([related, other[3:]])))
+    assert flipped["p_value"] > 0.5
+    # One feature in a group (scipy needs two): enumerated by hand, still equal to the exact enumeration.
+    for a, b in ((related[:1], other), (related, other[5:6])):
+        assert compare_groups(a, b)["p_value"] == pytest.approx(exact_one_sided_p(a, b))
+
+
+def test_lift_compares_with_other_explained_features_not_every_feature():
+    """Dead features pull 'the average feature' down; the control group is the other explained features only."""
+    codes = np.zeros((10, 1, 6))
+    codes[:8, 0, 0] = 1.0  # related feature 0: 8 of 10 inputs
+    codes[:8, 0, 1] = 1.0  # other explained feature 1: as often
+    codes[:2, 0, 2] = 1.0  # other explained feature 2: 2 of 10
+    freqs = Frequencies(1, 6)
+    freqs.update(codes, np.ones(10, dtype=bool))  # features 3-5 never fire and were not explained
+    related, other = freqs.per_feature([7], {7: [0]}), freqs.per_feature([7], {7: [1, 2]})
+    np.testing.assert_allclose(related, [0.8])
+    np.testing.assert_allclose(other, [0.8, 0.2])
+    got = compare_groups(related, other)
+    assert got["lift"] == pytest.approx(0.8 / 0.5)
+    assert freqs.summary([7], {7: [0]})["average_frequency"] == pytest.approx(1.8 / 6)  # the paper's control
+    assert got["p_value"] == pytest.approx(exact_one_sided_p(related, other))  # 1/3: not distinguishable
+
+
+def test_lift_without_another_explained_feature_is_none():
+    got = compare_groups(np.array([0.5]), np.zeros(0))
+    assert got["lift"] is None and got["p_value"] is None and got["n_other"] == 0
 
 
 def build_upstream(cfg):
@@ -153,6 +211,9 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     assert val["n_texts"] == 20 and val["n_related"] == 3 and val["related"] == {"1": [2, 5], "3": [0]}
     assert 0 <= val["n_inputs_above"] <= val["n_inputs"]
     assert 0.0 < val["average_frequency_all_inputs"] < 1.0
+    vs = val["vs_other_explained"]["all inputs"]
+    assert vs["n_related"] == 3 and vs["n_other"] == 2 * 64 - 3  # every other feature was explained, labelled 0
+    assert val["other"]["1"] == [i for i in range(64) if i not in RELATED[1]]
     stages = RunDir(root).manifest()["stages"]
     assert {"triples", "deltas", "regression", "lexicon", "validate-features"} <= set(stages)
 
@@ -160,7 +221,9 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     lines = (root / "explanations.jsonl").read_text().splitlines()
     (root / "explanations.jsonl").write_text(
         "".join(json.dumps({**json.loads(line), "label": 0}) + "\n" for line in lines))
-    run_chain(tiny_cfg, ["validate-features"])
+    from irm.cli import main
+
+    main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS])
     val = json.loads((root / "validation.json").read_text())
     assert val["n_related"] == 0 and val["related_frequency"] is None and "no feature" in val["note"]
 

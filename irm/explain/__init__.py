@@ -12,12 +12,13 @@ from irm.explain.backends import make_backend
 
 EXPLANATIONS = "explanations.jsonl"
 
-__all__ = ["EXPLANATIONS", "make_backend", "related_features"]
+__all__ = ["EXPLANATIONS", "explained_features", "make_backend", "related_features"]
 
 
-def related_features(run_dir: str | os.PathLike) -> dict[int, list[int]]:
-    """Layer -> indices of small-dictionary (x1) features the explainer labelled 1, "related to the reward";
-    every explained layer is present, with an empty list when none was."""
+def explained_features(run_dir: str | os.PathLike, label: int) -> dict[int, list[int]]:
+    """Layer -> indices of small-dictionary (x1) features whose explanation got `label` (1: "related to the
+    reward", 0: explained and judged unrelated); every explained layer is present, with an empty list when none
+    was. Features without a usable explanation or label (label None) are in neither list."""
     path = Path(run_dir) / EXPLANATIONS
     if not path.exists():
         raise UserError(f"missing {path}: run `python -m irm explain` first")
@@ -25,6 +26,11 @@ def related_features(run_dir: str | os.PathLike) -> dict[int, list[int]]:
     for line in read_jsonl(path):
         if line.get("role") == "small":
             hits = out.setdefault(int(line["layer"]), set())
-            if line.get("label") == 1:
+            if line.get("label") == label:
                 hits.add(int(line["index"]))
     return {layer: sorted(ix) for layer, ix in sorted(out.items())}
+
+
+def related_features(run_dir: str | os.PathLike) -> dict[int, list[int]]:
+    """Layer -> indices of small-dictionary (x1) features the explainer labelled 1, "related to the reward"."""
+    return explained_features(run_dir, 1)
