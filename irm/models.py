@@ -10,7 +10,6 @@ and MLP modules; `capture`/`splice` hook through it and the divergence stage gro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import operator
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 from irm.errors import UserError
+from irm.artifacts import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -341,19 +341,11 @@ def embedded_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def converted_gguf(gguf: Path) -> Path:
     """An HF directory (float32 weights + tokenizer) made from `gguf`, converted on first use and cached under
     `cache_dir()` by content hash. A GGUF-loaded model cannot `save_pretrained` (its quantization marker stays), so
     the weights are moved into a model built from the same config without that marker; later loads read the dir."""
-    target = cache_dir() / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    target = cache_dir() / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     import torch

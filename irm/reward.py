@@ -27,7 +27,7 @@ def vader_lexicon() -> dict[str, float]:
     return lexicon
 
 
-def _spacy_tokenizer(pipeline: str):
+def spacy_tokenizer(pipeline: str):
     """`blank:<lang>` (the default `blank:en` tokenises exactly as `en_core_web_md`, with no download) or the name
     or path of an installed spaCy pipeline, of which only the tokenizer runs."""
     import spacy
@@ -55,7 +55,7 @@ class LexiconReward:
         self.scale = float(scale)
         self.clip = float(clip)
         self.lexicon: dict[str, float] = dict(vader_lexicon() if lexicon is None else lexicon)
-        self._tokenizer = _spacy_tokenizer(spacy_pipeline)
+        self._tokenizer = spacy_tokenizer(spacy_pipeline)
 
     def __call__(self, texts: list[str]) -> list[float]:
         if isinstance(texts, str):

@@ -405,7 +405,7 @@ def read_triples(run_dir: str | Path) -> list[dict]:
 def run(cfg: RunConfig) -> dict:
     from irm.data import load_texts
     from irm.models import load_tuned
-    from irm.reward import LexiconReward, _spacy_tokenizer
+    from irm.reward import LexiconReward, spacy_tokenizer
     from irm.runtime import seed_all
     from irm.stages import mark_done
 
@@ -423,7 +423,7 @@ def run(cfg: RunConfig) -> dict:
     llm = _LLM(cfg, root / LLM_ANSWERS) if cfg.triples.substitution == "llm" else None
     # The reward's own spaCy tokenizer: "first positive lexicon token" means a token the reward counts.
     triples, summary = build_triples(texts, lexicon, tokenizer, cfg.triples, cfg.seed,
-                                     _spacy_tokenizer(cfg.reward.spacy_pipeline), llm)
+                                     spacy_tokenizer(cfg.reward.spacy_pipeline), llm)
     if not triples:
         raise UserError(f"no triple could be built from {len(texts)} texts ({summary['skipped']}); use a corpus "
                         "with positive lexicon words, or triples.multi_token: pool")

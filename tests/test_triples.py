@@ -9,12 +9,12 @@ from irm.config import TriplesConfig
 from irm.data.generated import generate_reviews
 from irm.errors import UserError
 from irm.models import tiny_tokenizer
-from irm.reward import _spacy_tokenizer, vader_lexicon
+from irm.reward import spacy_tokenizer, vader_lexicon
 from irm.triples import (build_triples, family, fit_prefix, heldout_words, locate, parse_llm_answer,
                          token_counts)
 
 LEXICON = vader_lexicon()
-NLP = _spacy_tokenizer("blank:en")
+NLP = spacy_tokenizer("blank:en")
 TEXTS = generate_reviews(300, seed=0, split="train")
 
 
