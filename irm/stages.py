@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from irm.artifacts import RunDir, fingerprint, read_json, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
+
+class StageModule(Protocol):
+    """A stage's module (`Stage.module`): `run(cfg)` reads its inputs from run_dir through `irm.artifacts`, writes its
+    outputs atomically, and ends with `mark_done(cfg, name, outputs)`. The CLI has already parsed and validated the
+    config, taken the run-directory lock and skipped the stage if it was up to date; the module seeds and picks
+    its device itself (`irm.runtime`) since the pipeline calls several stages in one process."""
+
+    def run(self, cfg: RunConfig) -> Any: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:

@@ -13,12 +13,28 @@ import random
 import re
 import threading
 import time
-from typing import Optional
+from typing import Optional, Protocol
 
 from irm.errors import UserError
 from irm.explain import prompts
 
 RETRY_CAP_S = 60.0  # longest wait between two attempts, whatever the backoff or a Retry-After header says
+
+
+class ExplainerBackend(Protocol):
+    """What every explainer backend provides (the contract `make_backend` returns and the answer caches key on).
+
+    `name`: the backend kind (`offline`, `local`, `openai`, ...); `model`: the model that answers (part of every
+    cached answer's key, so another model never reuses an answer); `params`: the generation settings that shape an
+    answer (also keyed); `chat(messages)`: one OpenAI-style chat turn in, the answer's text out. It raises
+    `BackendError` when no usable answer came (retries included) and `UserError` for a setting the user must fix; it
+    must be safe to call from several threads (the explain stage runs `explain.concurrency` requests at once)."""
+
+    name: str
+    model: Optional[str]
+    params: dict
+
+    def chat(self, messages: list[dict]) -> str: ...
 
 
 class BackendError(Exception):
@@ -230,7 +246,7 @@ def _lexicon() -> frozenset:
     return _LEXICON
 
 
-def make_backend(explain_cfg, device=None):
+def make_backend(explain_cfg, device=None) -> ExplainerBackend:
     """The backend `explain_cfg.backend` names. Fails early (UserError) on a missing model name or API key."""
     if explain_cfg.backend == "openai":
         return OpenAIBackend(explain_cfg)
