@@ -356,3 +356,75 @@ def test_without_a_final_checkpoint_the_run_leaves_none_and_editing_bookkeeping_
                                                                checkpoint_every=3))
     assert is_done(edited, "rlhf")
     assert not is_done(dataclasses.replace(cfg, rlhf=dataclasses.replace(cfg.rlhf, kl_coef=0.25)), "rlhf")
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------
+
+LORA = ("--rlhf.lora_rank", "4", "--rlhf.lora_alpha", "8", "--rlhf.learning_rate", "1e-2")
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """Two tiny LoRA runs of 8 steps: uninterrupted; stopped by SIGTERM after STOP_AT steps, then resumed."""
+    from irm.rlhf import run
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("lora")
+    full = tiny(tmp, "full", *LORA)
+    run(full)
+    split = tiny(tmp, "split", *LORA)
+    with pytest.raises(SystemExit):
+        run(split, callbacks=(SigtermAt(STOP_AT),))
+    saved = shutil.copytree(ckpt_dir(split) / f"step-{STOP_AT:06d}", tmp / "saved")
+    probe = Probe()
+    run(split, callbacks=(probe,))
+    return {"full": full, "split": split, "saved": saved, "probe": probe}
+
+
+def test_lora_policy_is_saved_merged_and_loads_as_a_plain_model(lora_runs):
+    from transformers import AutoModelForCausalLM
+
+    from irm.models import load_model
+
+    cfg = lora_runs["full"]
+    path = Path(cfg.run_dir) / "rlhf" / "policy"
+    tuned = AutoModelForCausalLM.from_pretrained(path)  # no peft involved
+    base, _ = load_model(cfg.model, seed=cfg.seed)
+    assert type(tuned) is type(base)
+    ours, theirs = tuned.state_dict(), base.state_dict()
+    assert ours.keys() == theirs.keys()  # no lora_A / base_layer names
+    moved = {k for k in ours if not torch.equal(ours[k], theirs[k])}
+    # only the adapted linear layers moved: embeddings, norms and biases are the base model's
+    assert moved and all(k.endswith(".weight") and "layers." in k and "norm" not in k for k in moved), moved
+    assert not any("embed" in k for k in moved)
+
+
+def test_lora_checkpoints_hold_the_adapters_not_the_model(lora_runs):
+    saved = lora_runs["saved"]
+    policy = load_file(saved / "policy.safetensors")
+    assert policy and all("lora_" in k for k in policy)
+    value = load_file(saved / "value.safetensors")
+    assert all("lora_" in k or k.startswith("score.") for k in value) and any(k.startswith("score.") for k in value)
+
+
+def test_lora_run_resumed_ends_exactly_where_the_uninterrupted_run_ends(lora_runs):
+    assert lora_runs["probe"].begin["step"] == STOP_AT
+    full, resumed = tuned_weights(lora_runs["full"]), tuned_weights(lora_runs["split"])
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_lora_config_targets_every_linear_layer_of_the_body_and_refuses_others():
+    from irm.config import ModelConfig, RLHFConfig
+    from irm.models import load_model
+    from irm.rlhf.adapter import linear_names, lora_config
+
+    policy, _ = load_model(ModelConfig(name="tiny-llama", tiny_layers=2, tiny_d_model=32), seed=0)
+    assert linear_names(policy) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_config(RLHFConfig(), policy) is None  # rank 0: full fine-tuning
+    lora = lora_config(RLHFConfig(lora_rank=8, lora_alpha=16), policy)
+    assert set(lora.target_modules) == set(linear_names(policy)) and lora.r == 8 and lora.lora_alpha == 16
+    assert set(lora_config(RLHFConfig(lora_rank=2, lora_targets=["q_proj", "v_proj"]), policy).target_modules) == {
+        "q_proj", "v_proj"}
+    with pytest.raises(UserError, match="lm_head"):
+        lora_config(RLHFConfig(lora_rank=2, lora_targets=["lm_head"]), policy)

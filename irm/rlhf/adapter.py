@@ -79,11 +79,12 @@ def lora_config(rlhf, policy: nn.Module):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def value_model_from(policy: nn.Module, lora=None) -> nn.Module:
+def value_model_from(policy: nn.Module, lora=None, head_only: bool = False) -> nn.Module:
     """A one-output sequence-classification model of the policy's architecture whose backbone starts as a copy of
     the policy's (the value head is freshly initialised): PPO's critic, trained jointly with the policy. With a
     peft `lora` config the backbone is frozen and gets adapters of that config (injected in place, so TRL still
-    finds the backbone and the head by their usual names); the head trains in full."""
+    finds the backbone and the head by their usual names); the head trains in full. `head_only`: the backbone is
+    frozen with no adapters, only the head trains (no gradient flows into the backbone)."""
     from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(policy.config)
@@ -91,7 +92,10 @@ def value_model_from(policy: nn.Module, lora=None) -> nn.Module:
     value = AutoModelForSequenceClassification.from_config(config, dtype=policy.dtype)
     prefix = policy.base_model_prefix
     getattr(value, prefix).load_state_dict(getattr(policy, prefix).state_dict())
-    if lora is not None:
+    if head_only:
+        value.requires_grad_(False)
+        value.score.requires_grad_(True)
+    elif lora is not None:
         from peft import inject_adapter_in_model
 
         value.requires_grad_(False)

@@ -104,7 +104,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     lora = lora_config(cfg.rlhf, policy)
     # LoRA: TRL's reference is the policy with its adapters off, no copy.
     reference = None if lora else copy.deepcopy(policy).requires_grad_(False).eval()
-    value_model = value_model_from(policy, lora)
+    value_model = value_model_from(policy, lora, head_only=cfg.rlhf.value_head_only)
     reward_model = RewardAdapter(build_reward(cfg.reward, device=device), tokenizer)
 
     texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
