@@ -32,7 +32,8 @@ class Stage:
     `when`: sections it reads only under a condition of the config (section -> predicate);
     `upstream`: stages whose artifacts it reads (their completion stamps enter its fingerprint);
     `bookkeeping`: per config section it owns, fields that change how work is kept or scheduled, not what it
-    produces (editing them redoes nothing anywhere); `outputs`: what it writes under run_dir (for the docs)."""
+    produces (editing them redoes nothing anywhere); `outputs`: the artifacts it writes, each
+    a key and its path under run_dir, the one place a file name is spelled (`artifact(run_dir, key)`)."""
 
     name: str
     module: str
@@ -41,7 +42,7 @@ class Stage:
     upstream: tuple[str, ...] = ()
     when: tuple[tuple[str, Callable[[RunConfig], bool]], ...] = ()
     bookkeeping: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    outputs: tuple[str, ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()  # (artifact key, path under run_dir): read through `artifact`
 
 
 # The explainer's connection settings: where and how fast answers are fetched, not which answers.
@@ -51,50 +52,51 @@ STAGES: tuple[Stage, ...] = (
     Stage("rlhf", "irm.rlhf", "1. PPO fine-tuning of the base model against the reward (paper 4.1)",
           ("seed", "model", "corpus", "reward", "rlhf"),
           bookkeeping=(("rlhf", ("checkpoint_every", "keep_final_checkpoint")),),
-          outputs=("rlhf/policy", "rlhf/metrics.jsonl")),
+          outputs=(("policy", "rlhf/policy"), ("rlhf_metrics", "rlhf/metrics.jsonl"))),
     Stage("evaluate-reward", "irm.evaluate",
           "   mean reward of base vs tuned completions, paired difference (paper table 7)",
-          ("seed", "model", "corpus", "reward", "rlhf", "evaluate"), ("rlhf",), outputs=("reward_eval.json",)),
+          ("seed", "model", "corpus", "reward", "rlhf", "evaluate"), ("rlhf",), outputs=(("reward_eval", "reward_eval.json"),)),
     Stage("divergence", "irm.divergence",
           "2. per-layer parameter distance base vs tuned, top-k layers (paper 4.2, fig. 4)",
-          ("seed", "model", "divergence", "cache"), ("rlhf",), outputs=("divergence.json", "divergence.png")),
+          ("seed", "model", "divergence", "cache"), ("rlhf",), outputs=(("divergence", "divergence.json"), ("divergence_plot", "divergence.png"))),
     Stage("cache", "irm.activations.cache", "3. MLP activations of the chosen layers over the corpus, sharded",
-          ("seed", "model", "corpus", "cache"), ("rlhf", "divergence"), outputs=("cache",)),
+          ("seed", "model", "corpus", "cache"), ("rlhf", "divergence"), outputs=(("cache", "cache"),)),
     Stage("sae", "irm.sae.stage", "4. train the 1x and 2x sparse autoencoders of every chosen layer (paper 4.2, D)",
-          ("seed", "corpus", "cache", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),), outputs=("sae",)),
+          ("seed", "corpus", "cache", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),), outputs=(("sae", "sae"), ("sae_metrics", "sae/metrics.json"))),
     Stage("dictionaries", "irm.dictionaries",
           "5. MMCS between each layer's two dictionaries, shared features (eq. 2)",
-          ("seed", "sae", "dictionaries"), ("sae",), outputs=("mmcs.json",)),
+          ("seed", "sae", "dictionaries"), ("sae",), outputs=(("mmcs", "mmcs.json"),)),
     Stage("explain", "irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)",
           ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
-          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=("explanations.jsonl", "explain")),
+          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"))),
     Stage("triples", "irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)",
           ("seed", "model", "corpus", "reward", "triples"), ("rlhf",),
           when=(("explain", lambda cfg: cfg.triples.substitution == "llm"),),
-          outputs=("triples.jsonl", "triples.json")),
+          outputs=(("triples", "triples.jsonl"), ("triples_summary", "triples.json"))),
     Stage("deltas", "irm.deltas", "8. sentiment activation deltas through the spliced SAEs (paper 4.3)",
-          ("seed", "cache", "sae"), ("triples", "sae"), outputs=("deltas",)),
+          ("seed", "cache", "sae"), ("triples", "sae"), outputs=(("deltas", "deltas"),)),
     Stage("regression", "irm.regression", "8. fit the linear IRM R on the deltas (paper 4.3, E.2)",
-          ("seed", "regression"), ("deltas",), outputs=("regression",)),
+          ("seed", "regression"), ("deltas",), outputs=(("regression", "regression"),)),
     Stage("lexicon", "irm.lexicon", "9. reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)",
           ("seed", "reward", "cache", "sae", "lexicon"), ("regression", "triples", "sae"),
-          outputs=("lexicon.csv", "kendall.json")),
+          outputs=(("lexicon", "lexicon.csv"), ("kendall", "kendall.json"))),
     Stage("control", "irm.control",
           "9. base-model control and nulls: the same chain on M_base, delta_tau, permutation and raw-activation R",
           ("seed", "model", "reward", "cache", "sae", "lexicon", "control"),
           ("rlhf", "divergence", "triples", "sae", "lexicon"),
-          outputs=("control.json", "control_words.csv")),
+          outputs=(("control", "control.json"), ("control_words", "control_words.csv"))),
     Stage("validate-features", "irm.validate",
           "10. activation frequency of labelled features where R > 3 (table 6)",
           ("seed", "corpus", "cache", "sae", "validate"), ("regression", "lexicon", "explain", "sae"),
-          outputs=("validation.json",)),
+          outputs=(("validation", "validation.json"),)),
     Stage("ablate", "irm.ablation", "11. reward before/after ablating labelled features, with controls (table 5)",
-          ("seed", "corpus", "reward", "rlhf", "cache", "sae", "ablate"), ("rlhf", "sae", "explain"), outputs=("ablation.json",)),
+          ("seed", "corpus", "reward", "rlhf", "cache", "sae", "ablate"), ("rlhf", "sae", "explain"), outputs=(("ablation", "ablation.json"),)),
     Stage("report", "irm.report", "12. report.md, report.html and summary.json from a run directory",
           ("model", "reward", "explain", "lexicon"),
           ("evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
            "validate-features", "ablate"),
-          bookkeeping=(), outputs=("report.md", "report.html", "summary.json", "plots")),
+          bookkeeping=(), outputs=(("report_md", "report.md"), ("report_html", "report.html"), ("summary", "summary.json"),
+                   ("plots", "plots"))),
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 ORDER = [s.name for s in STAGES]
@@ -106,6 +108,39 @@ IDENTITY = ("model",)
 
 # Fields that change how a stage keeps its working state, not what it produces: editing them redoes nothing.
 BOOKKEEPING: dict[str, tuple[str, ...]] = {sec: fields for s in STAGES for sec, fields in s.bookkeeping}
+
+
+# artifact key -> (path under run_dir, the stage that writes it)
+ARTIFACTS: dict[str, tuple[str, str]] = {key: (rel, s.name) for s in STAGES for key, rel in s.outputs}
+
+
+def artifact(run_dir: str | Path, key: str) -> Path:
+    """The path of artifact `key` (a key of some Stage's `outputs`) in `run_dir`: writers and readers alike."""
+    return Path(run_dir) / ARTIFACTS[key][0]
+
+
+def read_artifact(run_dir: str | Path, key: str, missing_ok: bool = False) -> Any:
+    """Artifact `key` parsed by its kind (.json, .jsonl, .csv as a list of row dicts). A missing one is None when
+    `missing_ok`, else a one-line UserError naming the stage that writes it; a corrupt one is always that line."""
+    import csv
+    import json
+
+    path = artifact(run_dir, key)
+    rel, writer = ARTIFACTS[key]
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise UserError(f"{path} is missing: run `python -m irm {writer}` (or the pipeline) for this run_dir first")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if rel.endswith(".jsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if rel.endswith(".csv"):
+            return list(csv.DictReader(text.splitlines()))
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}: {str(e)[:120]}); rerun `python -m irm {writer} "
+                        f"--force` to rewrite it") from None
 
 
 def stage(name: str) -> Stage:

@@ -132,3 +132,21 @@ def test_every_stage_uses_the_same_small_dictionary(tmp_path):
     for path in ("irm/ablation.py", "irm/deltas.py", "irm/explain/stage.py", "irm/lexicon.py", "irm/validate.py"):
         src = (Path(__file__).parents[1] / path).read_text()
         assert "sae_dir(cfg.run_dir, layer, 1)" not in src and "min(cfg.sae.expansions)" not in src, path
+
+
+def test_artifacts_have_one_path_and_unreadable_ones_fail_in_one_line(tmp_path):
+    from irm.errors import UserError
+
+    keys = [key for s in stages.STAGES for key, _ in s.outputs]
+    paths = [rel for s in stages.STAGES for _, rel in s.outputs]
+    assert len(set(keys)) == len(keys) and len(set(paths)) == len(paths)
+    assert stages.artifact(tmp_path, "reward_eval") == tmp_path / "reward_eval.json"
+    with pytest.raises(UserError, match=r"missing: run `python -m irm evaluate-reward`"):
+        stages.read_artifact(tmp_path, "reward_eval")
+    assert stages.read_artifact(tmp_path, "reward_eval", missing_ok=True) is None
+    (tmp_path / "reward_eval.json").write_text('{"base": ')
+    with pytest.raises(UserError, match="corrupt") as e:
+        stages.read_artifact(tmp_path, "reward_eval", missing_ok=True)
+    assert "\n" not in str(e.value)
+    (tmp_path / "lexicon.csv").write_text("word,true,reconstructed\ngood,1.9,2.5\n")
+    assert stages.read_artifact(tmp_path, "lexicon") == [{"word": "good", "true": "1.9", "reconstructed": "2.5"}]
