@@ -162,7 +162,6 @@ def alive_pairs(small, large, alive_small, alive_large, device=None) -> tuple[fl
     """The `max` matching restricted to features that fire: each firing small feature's best firing large feature.
     (score over the firing small features, pairs with indices into the full dictionaries). A feature that never
     fires has no behaviour to share, so it can never be part of a shared pair."""
-    import numpy as np
     import torch
 
     alive_small = torch.as_tensor(alive_small, dtype=torch.bool)

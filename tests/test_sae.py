@@ -41,16 +41,17 @@ def random_sae(d_in: int, d_hidden: int, tied: bool, seed: int = 0) -> SparseAut
     return sae
 
 
-def planted_cache(layer_dir: Path, d: int = 32, k: int = 24, n: int = 16000, seed: int = 0, shard_rows: int = 3000):
-    """Activations that are sparse non-negative combinations (about 3 of k active) of k random unit directions;
-    returns the directions. Documents of 20 rows."""
+def planted_cache(layer_dir: Path, d: int = 32, k: int = 24, n: int = 16000, seed: int = 0, shard_rows: int = 3000,
+                  scale: float = 1.0):
+    """Activations that are sparse non-negative combinations (about 3 of k active) of k random unit directions
+    (times `scale`); returns the directions. Documents of 20 rows."""
     g = torch.Generator().manual_seed(seed)
     truth_KD = torch.randn(k, d, generator=g)
     truth_KD /= truth_KD.norm(dim=1, keepdim=True)
     coef_NK = (torch.rand(n, k, generator=g) < 3 / k).float() * (0.5 + torch.rand(n, k, generator=g))
     writer = ShardWriter(layer_dir, d, shard_rows=shard_rows)
     row = torch.arange(n)
-    writer.add(coef_NK @ truth_KD, torch.zeros(n, dtype=torch.int64), row // 20, row % 20)
+    writer.add(scale * coef_NK @ truth_KD, torch.zeros(n, dtype=torch.int64), row // 20, row % 20)
     writer.close(model="planted", layer=int(layer_dir.name.split("-")[-1]), site="mlp_out", max_length=20)
     return truth_KD
 
@@ -124,30 +125,143 @@ def test_untied_decoder_rows_are_renormalised():
 def test_dead_features_are_those_silent_for_the_whole_window():
     activity = FeatureActivity(4)
     codes = lambda *on: torch.tensor([[1.0 if i in on else 0.0 for i in range(4)]])  # noqa: E731
-    activity.observe(codes(0, 1))
-    assert activity.dead_fraction(step=10, window=25).item() == 0.0  # nothing silent for 25 steps yet
-    activity.observe(codes(1))
-    assert activity.dead_fraction(step=30, window=25).item() == 0.5  # features 2, 3 silent since step 0
-    activity.observe(codes(2))
-    assert activity.dead_fraction(step=40, window=25).item() == 0.5  # 3 (since 0), 0 (since 10, 30 steps)
-    assert activity.last_fired_step.tolist() == [10, 30, 40, 0]
+    for _ in range(10):
+        activity.observe(codes(0, 1))
+    assert activity.dead_fraction(window=25).item() == 0.0  # nothing silent for 25 steps yet
+    for _ in range(20):
+        activity.observe(codes(1))
+    assert activity.dead_fraction(window=25).item() == 0.5  # features 2, 3 silent for 30 steps
+    for _ in range(10):
+        activity.observe(codes(2))
+    assert activity.dead(window=25).tolist() == [True, False, False, True]  # 0 silent for 30 steps, 1 for 10
+    assert activity.steps_since_fired.tolist() == [30, 10, 0, 40]
+
+
+def test_input_scale_maps_raw_activations_into_the_normalised_space():
+    sae = random_sae(6, 10, tied=False)
+    with torch.no_grad():
+        sae.input_scale.fill_(3.0)
+    x = torch.randn(5, 6)
+    W_dec, b_enc, b_dec = (p.detach().double().numpy() for p in (sae.W_dec, sae.b_enc, sae.b_dec))
+    W_enc = sae.W_enc.detach().double().numpy()
+    f = np.maximum(3.0 * x.double().numpy() @ W_enc + b_enc, 0.0)
+    np.testing.assert_allclose(sae.encode(x).detach().numpy(), f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sae.decode(sae.encode(x)).detach().numpy(), (f @ W_dec + b_dec) / 3.0, rtol=1e-5,
+                               atol=1e-6)
+    assert torch.allclose(sae.encode_normalized(3.0 * x), sae.encode(x))
+
+
+def test_topk_keeps_exactly_k_codes_the_largest_ones():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, tied=False, activation="topk", k=5)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive: exactly k survive
+    x = torch.randn(3, 7, 8)
+    codes = sae.encode(x)
+    assert ((codes > 0).sum(dim=-1) == 5).all()
+    pre = torch.relu(x @ sae.W_enc + sae.b_enc).detach()
+    kth = pre.sort(dim=-1, descending=True).values[..., 4:5]
+    kept = codes > 0
+    assert torch.equal(codes[kept], pre[kept]) and (pre[kept.logical_not()] <= kth.expand_as(pre)[~kept]).all()
+    with pytest.raises(ValueError, match="k <= d_hidden"):
+        SparseAutoencoder(8, 4, activation="topk", k=5)
+
+
+def test_auxk_loss_reaches_only_dead_features_and_matches_numpy():
+    from irm.sae.model import auxk_loss
+
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(6, 12, tied=False, activation="topk", k=2)
+    x = torch.randn(9, 6)
+    pre = sae.pre_activations(x)
+    x_hat = sae.decode_normalized(sae.codes_from_pre(pre))
+    dead = torch.zeros(12, dtype=torch.bool)
+    dead[[1, 4, 7, 10]] = True
+    loss = auxk_loss(sae, x, x_hat, pre, dead, k_aux=3)
+    # numpy: top-3 dead pre-activations per row reconstruct the residual, / total variance, scale min(4/3, 1)
+    pre_n, r = pre.detach().numpy(), (x - x_hat).detach().numpy()
+    aux = np.zeros_like(pre_n)
+    for i in range(9):
+        idx = [j for j in np.argsort(-pre_n[i]) if dead[j]][:3]
+        aux[i, idx] = pre_n[i, idx]
+    r_hat = aux @ sae.W_dec.detach().numpy()
+    expected = ((r_hat - r) ** 2).sum(1).mean() / ((r - r.mean(0)) ** 2).sum(1).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert (sae.W_dec.grad[~dead] == 0).all() and (sae.W_dec.grad[dead] != 0).any()
+    assert auxk_loss(sae, x, x_hat, pre, torch.zeros(12, dtype=torch.bool), 3).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path):
+@pytest.mark.parametrize("settings", [dict(l1_coefficient=3e-2), dict(activation="topk", k=4)],
+                         ids=["relu-l1", "topk"])
+def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path, settings):
+    from irm.dictionaries import chance_mmcs
+
     layer_dir = tmp_path / "run" / "cache" / "layer-03"
-    truth = planted_cache(layer_dir)
+    truth = planted_cache(layer_dir, scale=40.0)  # raw activations far from unit scale: normalisation must cope
     torch.manual_seed(0)
-    module = SAEModule(expansions=[1, 2], l1_coefficient=1e-2, learning_rate=3e-3)
+    module = SAEModule(expansions=[1, 2], learning_rate=3e-3, dead_window=50, **settings)
     data = ActivationDataModule(str(layer_dir), batch_size=64, val_fraction=0.05)
-    trainer(tmp_path, max_epochs=3, callbacks=[ExportSAEs()]).fit(module, data)
+    trainer(tmp_path, max_epochs=4, callbacks=[ExportSAEs()]).fit(module, data)
     for e in (1, 2):
         sae = load_sae(sae_dir(tmp_path / "run", 3, e), d_in=32)  # ExportSAEs found <run_dir>/sae/layer-03 itself
         assert sae.dictionary.shape == (32 * e, 32)
-        assert mmcs_np(truth.numpy(), sae.dictionary.numpy()) > 0.9
-        assert torch.equal(sae.dictionary, module.saes[f"x{e}"].dictionary)
+        score = mmcs_np(truth.numpy(), sae.dictionary.numpy())
+        chance = chance_mmcs(24, 32 * e, 32, draws=5)["max"]
+        print(f"{settings} x{e}: MMCS with the planted directions {score:.3f}, chance "
+              f"{chance['mean']:.3f} +- {chance['std']:.3f}")
+        assert score >= 0.9 and score > chance["mean"] + 0.3
+        torch.testing.assert_close(sae.dictionary, module.saes[f"x{e}"].dictionary)  # up to float32 folding
+        x = data.cache.read_range(15200, 16000)["acts"]  # held out: the last 5% of rows
+        stats = moment_metrics(row_moments(x, *sae(x)))
+        print(f"  held-out explained variance {stats['explained_variance']:.3f}, L0 {stats['l0']:.2f}")
+        assert stats["explained_variance"] > 0.85 and stats["l0"] <= (4 if "k" in settings else 8)
+    cfg = json.loads((sae_dir(tmp_path / "run", 3, 2) / "cfg.json").read_text())["irm"]
+    assert cfg["init_mmcs"]["max"] == pytest.approx(module.init_mmcs[0].item())
+    assert cfg["init_mmcs"]["max"] < 0.6  # random directions at initialisation
+
+
+def test_fit_normalises_by_the_training_rows_mean_norm_and_keeps_decoder_rows_unit(tmp_path):
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=2000, scale=7.0)
+    data = ActivationDataModule(str(layer_dir), batch_size=32, val_fraction=0.1)
+    x = data.cache.read_range(0, data.split)["acts"].double().numpy()  # the training rows only
+    expected = np.sqrt(32) / np.linalg.norm(x, axis=1).mean()
+    for tied in (True, False):
+        module = SAEModule(expansions=[1, 2], tied=tied, l1_coefficient=1e-2)
+        trainer(tmp_path).fit(module, data)
+        for sae in module.saes.values():
+            assert sae.input_scale.item() == pytest.approx(expected, rel=1e-6)
+            np.testing.assert_allclose(sae.W_dec.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
+        # The same SAE computes the same thing on raw activations after export and load.
+        save_sae(module.saes["x2"], tmp_path / f"export-{tied}")
+        loaded = load_sae(tmp_path / f"export-{tied}")
+        raw = torch.as_tensor(x[:50], dtype=torch.float32)
+        torch.testing.assert_close(loaded(raw)[0], module.saes["x2"](raw)[0].detach(), rtol=1e-4, atol=1e-4)
+    off = SAEModule(expansions=[1], normalize=False)
+    trainer(tmp_path).fit(off, data)
+    assert off.saes["x1"].input_scale.item() == 1.0
+
+
+def test_resampling_revives_dead_features(tmp_path):
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=6000)
+    dead_fractions = {}
+    for revive in ("none", "resample"):
+        torch.manual_seed(0)
+        module = SAEModule(d_in=32, expansions=[2], l1_coefficient=1e-2, learning_rate=1e-3, dead_window=20,
+                           revive=revive, resample_until=0.6)
+        with torch.no_grad():  # half the features start dead: they never fire on anything
+            module.saes["x2"].b_enc[:32] = -1e3
+        t = trainer(tmp_path, max_epochs=2)
+        t.fit(module, ActivationDataModule(str(layer_dir), batch_size=64))
+        codes = module.saes["x2"].encode(t.datamodule.cache.read_range(5700, 6000)["acts"])
+        dead_fractions[revive] = (codes[:, :32] > 0).any(dim=0).logical_not().float().mean().item()
+    assert dead_fractions["none"] == 1.0  # nothing brings them back by itself
+    assert dead_fractions["resample"] <= 0.25, dead_fractions
 
 
 def test_training_statistics_land_in_tensorboard(tmp_path):
@@ -264,6 +378,8 @@ def test_export_round_trip_in_saelens_layout(tmp_path, tied):
     from safetensors.torch import load_file
 
     sae = random_sae(8, 16, tied)
+    with torch.no_grad():
+        sae.input_scale.fill_(2.5)  # trained on raw activations x 2.5: the export must act on raw activations
     save_sae(sae, tmp_path / "x2", layer=5, site="mlp_out", model_name="tiny", context_size=32)
     weights = load_file(str(tmp_path / "x2" / "sae_weights.safetensors"))
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
@@ -271,6 +387,8 @@ def test_export_round_trip_in_saelens_layout(tmp_path, tied):
     cfg = json.loads((tmp_path / "x2" / "cfg.json").read_text())
     assert (cfg["d_in"], cfg["d_sae"], cfg["hook_name"], cfg["apply_b_dec_to_input"]) == (
         8, 16, "blocks.5.hook_mlp_out", False)
+    # The factor is folded into the weights (as SAELens folds it), and kept so load_sae restores the training space.
+    assert cfg["normalize_activations"] == "none" and cfg["irm"]["input_scale"] == 2.5
     # SAELens's standard SAE maths, written out from the exported tensors alone
     x = torch.randn(4, 8)
     f = torch.relu(x @ weights["W_enc"] + weights["b_enc"])
@@ -278,17 +396,28 @@ def test_export_round_trip_in_saelens_layout(tmp_path, tied):
     assert not loaded.training and loaded.tied == tied
     torch.testing.assert_close(loaded(x)[0], f @ weights["W_dec"] + weights["b_dec"])
     torch.testing.assert_close(loaded(x)[0], sae(x)[0].detach())
+    # ... which is the normalised-space computation the SAE was trained with, mapped back to raw activations
+    torch.testing.assert_close(loaded(x)[0], sae.decode_normalized(sae.encode_normalized(2.5 * x)).detach() / 2.5)
+    assert loaded.input_scale.item() == 2.5
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec.detach())  # normalised-space weights restored
     with pytest.raises(UserError, match="trained on 8-wide activations but this layer's are 12 wide"):
         load_sae(tmp_path / "x2", d_in=12)
     with pytest.raises(UserError, match="run `python -m irm sae` first"):
         load_sae(tmp_path / "x9")
 
 
-def test_saelens_reads_the_export(tmp_path):
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_saelens_reads_the_export(tmp_path, activation):
     sae_lens = pytest.importorskip("sae_lens")
-    sae = random_sae(8, 16, tied=True)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 16, tied=activation == "relu", activation=activation, k=3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        sae.input_scale.fill_(2.5)  # normalisation folded into the weights: SAELens reads raw activations too
     save_sae(sae, tmp_path / "x2", layer=1)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "x2"), device="cpu")
+    assert type(theirs).__name__ == ("TopKSAE" if activation == "topk" else "StandardSAE")
     x = torch.randn(4, 8)
     torch.testing.assert_close(theirs(x), sae(x)[0].detach(), rtol=1e-5, atol=1e-5)
 
@@ -317,6 +446,20 @@ def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(
         events = Path(cfg.log_dir) / Path(cfg.run_dir).name / "sae" / f"layer-{layer:02d}"
         assert list(events.glob("events.out.tfevents.*"))
         assert (Path(cfg.run_dir) / "sae" / f"layer-{layer:02d}" / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((Path(cfg.run_dir) / "sae" / "metrics.json").read_text())
+    assert set(summary["layers"]) == {"0", "2"}
+    for layer in (0, 2):
+        for e in (1, 2):
+            m = summary["layers"][str(layer)][f"x{e}"]
+            full = json.loads((sae_dir(cfg.run_dir, layer, e) / "metrics.json").read_text())
+            assert len(full["feature_frequency"]) == 64 * e and "feature_frequency" not in m
+            assert m["width"] == 64 * e and m["l0"] == pytest.approx(m["l0_fraction"] * 64 * e)
+            assert 0 <= m["dead_fraction"] <= 1 and m["explained_variance"] <= 1
+            assert m["dead_fraction"] == pytest.approx(np.mean(np.array(full["feature_frequency"]) == 0))
+            assert m["ce_tokens"] > 0 and m["ce_clean"] > 0 and m["ce_loss_recovered"] is not None
+            assert m["input_scale"] > 0
+        init = json.loads((sae_dir(cfg.run_dir, layer, 2) / "cfg.json").read_text())["irm"]["init_mmcs"]
+        assert 0 < init["hungarian"] <= init["max"] < 1
     steps = json.loads((sae_dir(cfg.run_dir, 2, 1) / "cfg.json").read_text())["irm"]["global_step"]
     before = load_sae(sae_dir(cfg.run_dir, 2, 2)).dictionary
     run(cfg)  # finished checkpoints of the same config: nothing is retrained
@@ -458,3 +601,62 @@ def test_tiny_pipeline_cache_fit_dictionaries_from_the_cli(tmp_path):
     irm_cli("dictionaries", *common, cwd=tmp_path)
     mmcs = json.loads((run_dir / "mmcs.json").read_text())
     assert set(mmcs["layers"]) == {"1", "3"}
+
+
+# ---------------------------------------------------------------------------------------------- quality metrics
+
+
+def test_heldout_metrics_against_numpy(tmp_path):
+    from irm.activations import ActivationCache
+    from irm.sae.metrics import heldout_metrics
+
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=600, shard_rows=250, scale=3.0)
+    cache = ActivationCache(layer_dir)
+    sae = random_sae(32, 64, tied=False)
+    with torch.no_grad():
+        sae.input_scale.fill_(0.5)
+        sae.b_enc[:10] = -50.0  # ten features that can never fire
+    m = heldout_metrics(sae, cache, 400, batch_rows=70)  # batches straddle shards and do not divide the rows
+    x = cache.read_range(400, 600)["acts"].double().numpy()
+    W_enc, b_enc, W_dec, b_dec = (t.detach().double().numpy() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    f = np.maximum(0.5 * x @ W_enc + b_enc, 0)
+    err = x - (f @ W_dec + b_dec) / 0.5
+    assert m["rows"] == 200
+    assert m["l0"] == pytest.approx((f > 0).sum(1).mean(), rel=1e-9)
+    assert m["l0_fraction"] == pytest.approx((f > 0).sum(1).mean() / 64, rel=1e-9)
+    assert m["explained_variance"] == pytest.approx(1 - err.var(0).sum() / x.var(0).sum(), abs=1e-5)  # float32 SAE
+    assert m["feature_frequency"] == pytest.approx((f > 0).mean(0).tolist(), abs=1e-12)
+    assert m["dead_fraction"] == pytest.approx(((f > 0).sum(0) == 0).mean()) and m["dead_fraction"] >= 10 / 64
+
+
+def test_ce_loss_recovered_is_one_for_a_lossless_splice_and_uses_the_models_own_loss():
+    from irm.config import ModelConfig
+    from irm.models import load_model
+    from irm.sae.metrics import ce_loss_recovered
+
+    model, tokenizer = load_model(ModelConfig(name="tiny-llama", tiny_layers=2, tiny_d_model=16), seed=0)
+    model.eval()
+    texts = ["a great movie with a good plot", "terrible acting but nice music", "fine"]
+    # A lossless SAE: codes relu(x), relu(-x) against decoder rows I and -I reconstruct x exactly.
+    exact = SparseAutoencoder(16, 32, tied=True)
+    with torch.no_grad():
+        exact.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)]))
+        exact.input_scale.fill_(4.0)
+    lossy = random_sae(16, 32, tied=False)
+    out = ce_loss_recovered(model, tokenizer, texts, 1, {"exact": exact, "lossy": lossy}, max_length=16)
+    # clean: each text alone (no padding), through the model's own loss
+    total = n = 0
+    for t in texts:
+        ids = tokenizer(t, return_tensors="pt")["input_ids"]
+        if ids.shape[1] < 2:  # one token predicts nothing
+            continue
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    assert out["tokens"] == n and out["clean"] == pytest.approx(total / n, rel=1e-4)
+    assert out["exact"]["spliced"] == pytest.approx(out["clean"], rel=1e-4)
+    assert out["exact"]["recovered"] == pytest.approx(1.0, abs=1e-3)
+    gap = out["zero_ablated"] - out["clean"]
+    assert out["lossy"]["recovered"] == pytest.approx((out["zero_ablated"] - out["lossy"]["spliced"]) / gap)
+    assert out["lossy"]["spliced"] != pytest.approx(out["clean"], rel=1e-3)

@@ -32,19 +32,27 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
              model_name: Optional[str] = None, context_size: Optional[int] = None,
              irm: Optional[dict[str, Any]] = None) -> Path:
     """Write `sae` (a SparseAutoencoder) atomically as cfg.json + sae_weights.safetensors. Tied SAEs are stored with
-    an explicit W_enc = W_dec^T, which any SAELens-style reader expects; `load_sae` ties them again."""
+    an explicit W_enc = W_dec^T, which any SAELens-style reader expects; `load_sae` ties them again.
+
+    The activation normalisation factor s (`input_scale`) is folded into the stored weights, as SAELens does when it
+    saves an SAE trained with `normalize_activations: expected_average_only_in`: W_enc * s, W_dec / s, b_dec / s. The
+    file therefore holds an SAE of raw activations (cfg `normalize_activations: none`), correct for any reader; s is
+    kept in cfg.json (`irm.input_scale`) so `load_sae` restores the normalised-space weights (unit decoder rows, the
+    tie) exactly."""
     from safetensors.torch import save_file
 
     from irm.artifacts import atomic_dir, write_json
 
+    s = float(sae.input_scale)
     weights = {
-        "W_enc": sae.encoder_weight().detach().float().cpu().contiguous(),
+        "W_enc": (sae.encoder_weight().detach().double() * s).float().cpu().contiguous(),
         "b_enc": sae.b_enc.detach().float().cpu().contiguous(),
-        "W_dec": sae.W_dec.detach().float().cpu().contiguous(),
-        "b_dec": sae.b_dec.detach().float().cpu().contiguous(),
+        "W_dec": (sae.W_dec.detach().double() / s).float().cpu().contiguous(),
+        "b_dec": (sae.b_dec.detach().double() / s).float().cpu().contiguous(),
     }
+    topk = sae.activation == "topk"
     cfg = {
-        "architecture": "standard",
+        "architecture": "topk" if topk else "standard",
         "d_in": sae.d_in,
         "d_sae": sae.d_hidden,
         "dtype": "float32",
@@ -52,7 +60,8 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
         # Our encoder reads x itself, not x - b_dec (SPEC: f = ReLU(W_e x + b_e)).
         "apply_b_dec_to_input": False,
         "normalize_activations": "none",
-        "activation_fn_str": "relu",
+        "activation_fn_str": "topk" if topk else "relu",
+        **({"k": sae.k, "activation_fn_kwargs": {"k": sae.k}} if topk else {}),
         "finetuning_scaling_factor": False,
         "model_name": model_name,
         "hook_name": HOOK_NAMES[site].format(layer=layer) if layer is not None and site in HOOK_NAMES else None,
@@ -60,7 +69,9 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
         "hook_head_index": None,
         "context_size": context_size,
         "prepend_bos": False,
-        "irm": {"tied": sae.tied, "layer": layer, "site": site, **(irm or {})},
+        "irm": {"tied": sae.tied, "layer": layer, "site": site, "activation": sae.activation, "k": sae.k,
+                # The weights above act on raw activations; the SAE was trained on raw * input_scale.
+                "input_scale": s, **(irm or {})},
     }
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -108,11 +119,23 @@ def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=No
             f"{directory / WEIGHTS_FILE} does not match its {CFG_FILE} (missing {missing}, wrong shape {wrong}); "
             "rerun `python -m irm sae`"
         )
-    tied = bool(cfg.get("irm", {}).get("tied", False))
-    sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), tied=tied)
-    state = {k: weights[k] for k in ("W_dec", "b_enc", "b_dec")}
+    own = cfg.get("irm", {})
+    tied = bool(own.get("tied", False))
+    topk = cfg.get("architecture") == "topk" or own.get("activation") == "topk"
+    k = own.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if topk and not k:
+        raise UserError(f"{directory / CFG_FILE} describes a topk SAE without k; rerun `python -m irm sae`")
+    try:
+        sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), tied=tied, activation="topk" if topk else "relu",
+                                k=k)
+    except ValueError as e:
+        raise UserError(f"{directory / CFG_FILE}: {e}; rerun `python -m irm sae`") from e
+    # Undo save_sae's folding of the normalisation factor: the normalised-space weights, applied to raw * s.
+    s = float(own.get("input_scale", 1.0))
+    state = {"W_dec": (weights["W_dec"].double() * s).float(), "b_enc": weights["b_enc"],
+             "b_dec": (weights["b_dec"].double() * s).float(), "input_scale": torch.tensor(s)}
     if not tied:
-        state["W_enc"] = weights["W_enc"]
+        state["W_enc"] = (weights["W_enc"].double() / s).float()
     sae.load_state_dict(state)
     if device is not None:
         sae.to(device)

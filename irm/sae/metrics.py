@@ -75,17 +75,18 @@ def lm_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, batch_size: int 
 
 @torch.no_grad()
 def ce_loss_recovered(model, tokenizer, texts: Sequence[str], layer: int, saes: dict, *, site: str = "mlp_out",
-                      max_length: int = 64, batch_size: int = 8) -> dict:
+                      max_length: int = 64, batch_size: int = 8, clean: Optional[tuple[float, int]] = None) -> dict:
     """{"clean", "zero_ablated", "tokens", "documents", name: {"spliced", "recovered", "delta"}} for every SAE in
     `saes` ({name: SparseAutoencoder} of `layer`): mean next-token losses in nats per token. `recovered` is None
-    when zeroing the layer costs nothing measurable (the ratio would be noise over noise)."""
+    when zeroing the layer costs nothing measurable (the ratio would be noise over noise). `clean`: the clean
+    (summed loss, tokens) of these texts when already known (it is the same for every layer)."""
     from irm.models import splice
 
     ids, mask = _tokenize(tokenizer, texts, max_length)
-    clean, n = lm_loss(model, ids, mask, batch_size)
+    clean, n = lm_loss(model, ids, mask, batch_size) if clean is None else clean
     with splice(model, {layer: lambda x: torch.zeros_like(x)}, site=site):
         zero, _ = lm_loss(model, ids, mask, batch_size)
-    out: dict = {"clean": clean / max(n, 1), "zero_ablated": zero / max(n, 1), "tokens": n, "documents": len(texts)}
+    out: dict = {"clean_sum": clean, "clean": clean / max(n, 1), "zero_ablated": zero / max(n, 1), "tokens": n, "documents": len(texts)}
     gap = out["zero_ablated"] - out["clean"]
     for name, sae in saes.items():
         dtype = sae.W_dec.dtype

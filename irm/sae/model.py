@@ -1,6 +1,12 @@
 """The sparse autoencoder of paper 4.2 / appendix D: f = ReLU(W_enc^T x + b_enc), x_hat = W_dec^T f + b_dec, trained
 on MSE + alpha * L1(f). Tied weights by default (the paper's choice, appendix J): the encoder is the transposed
-decoder, one matrix whose rows are the dictionary's feature directions."""
+decoder, one matrix whose rows are the dictionary's feature directions. TopK (sparsify's architecture: keep the k
+largest ReLU codes of each input, no L1) is the other activation.
+
+Inputs are normalised to a fixed mean norm, sqrt(d_in), before the SAE sees them (as SAELens and sparsify do), so the
+L1 coefficient means the same at every layer and model: the SAE holds the factor (`input_scale`, estimated from the
+training activations) and applies it itself. `encode` takes raw activations and `decode` returns raw activations;
+`encode_normalized`/`decode_normalized` are the same maps in the normalised space the loss is computed in."""
 
 from __future__ import annotations
 
@@ -10,18 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ACTIVATIONS = ("relu", "topk")
+
 
 class SparseAutoencoder(nn.Module):
     """One dictionary of `d_hidden` features over `d_in`-wide activations.
 
     Parameter names and shapes follow SAELens: `W_dec` [d_hidden, d_in] (rows = features), `W_enc` [d_in, d_hidden]
-    (absent when tied), `b_enc` [d_hidden], `b_dec` [d_in]. Inputs may have any leading dimensions."""
+    (absent when tied), `b_enc` [d_hidden], `b_dec` [d_in]; all in the normalised space. The buffer `input_scale`
+    (a scalar, 1 until a fit estimates it) maps raw activations into that space. Inputs may have any leading
+    dimensions."""
 
-    def __init__(self, d_in: int, d_hidden: int, tied: bool = True):
+    def __init__(self, d_in: int, d_hidden: int, tied: bool = True, activation: str = "relu",
+                 k: Optional[int] = None):
         super().__init__()
         if d_in < 1 or d_hidden < 1:
             raise ValueError(f"SAE sizes must be positive, got d_in={d_in}, d_hidden={d_hidden}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation == "topk" and (k is None or not 1 <= int(k) <= d_hidden):
+            raise ValueError(f"a topk SAE needs 1 <= k <= d_hidden={d_hidden}, got k={k}")
         self.d_in, self.d_hidden, self.tied = int(d_in), int(d_hidden), bool(tied)
+        self.activation, self.k = activation, (int(k) if activation == "topk" else None)
         # Random unit-norm features: every feature starts equally able to fire, none starts dead or dominant.
         w_dec_FD = torch.randn(d_hidden, d_in)
         w_dec_FD /= w_dec_FD.norm(dim=1, keepdim=True)
@@ -33,20 +49,40 @@ class SparseAutoencoder(nn.Module):
             self.W_enc = nn.Parameter(w_dec_FD.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_hidden))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Raw activations times input_scale have mean norm sqrt(d_in) (set by the fit; stored in exports' cfg.json).
+        self.register_buffer("input_scale", torch.ones(()))
 
     def encoder_weight(self) -> torch.Tensor:
-        """[d_in, d_hidden]: W_enc, or the transposed decoder when tied."""
+        """[d_in, d_hidden]: W_enc, or the transposed decoder when tied (normalised space)."""
         return self.W_dec.t() if self.W_enc is None else self.W_enc
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations (codes) f = ReLU(x W_enc + b_enc), shape [..., d_hidden]."""
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        """ReLU(x_n W_enc + b_enc) of normalised inputs, every feature (before TopK keeps k of them)."""
         # F.linear takes weight [out, in]; W_dec already is [d_hidden, d_in], so the tied case needs no transpose.
         weight_FD = self.W_dec if self.W_enc is None else self.W_enc.t()
-        return F.relu(F.linear(x, weight_FD, self.b_enc))
+        return F.relu(F.linear(x_n, weight_FD, self.b_enc))
+
+    def codes_from_pre(self, pre: torch.Tensor) -> torch.Tensor:
+        """The codes given `pre_activations`: all of them (relu) or the k largest per input (topk)."""
+        if self.activation == "relu":
+            return pre
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def encode_normalized(self, x_n: torch.Tensor) -> torch.Tensor:
+        return self.codes_from_pre(self.pre_activations(x_n))
+
+    def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.linear(codes, self.W_dec.t(), self.b_dec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations (codes) of raw activations x, shape [..., d_hidden]: f = ReLU(s x W_enc + b_enc)
+        (TopK: its k largest), s = input_scale."""
+        return self.encode_normalized(x * self.input_scale.to(x.dtype))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x_hat = f W_dec + b_dec, shape [..., d_in]."""
-        return F.linear(codes, self.W_dec.t(), self.b_dec)
+        """Raw-space reconstruction x_hat = (f W_dec + b_dec) / s, shape [..., d_in]."""
+        return self.decode_normalized(codes) / self.input_scale.to(codes.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
@@ -59,13 +95,14 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale decoder rows to unit norm. Untied SAEs need it after every step: otherwise the L1 penalty is
-        dodged by shrinking codes while growing the decoder. (Tied weights cannot dodge it: scaling a row scales
-        its code and its contribution together.)"""
+        """Rescale decoder rows to unit norm, after every optimizer step. Otherwise the L1 penalty is bought by
+        shrinking codes while growing decoder rows: untied, the row grows freely; tied, a row scaled by c makes its
+        code c times larger but its contribution c^2 times, so the same reconstruction costs 1/c of the L1."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_hidden={self.d_hidden}, tied={self.tied}"
+        topk = f", k={self.k}" if self.activation == "topk" else ""
+        return f"d_in={self.d_in}, d_hidden={self.d_hidden}, tied={self.tied}, activation={self.activation}{topk}"
 
 
 def sae_loss(
@@ -77,6 +114,24 @@ def sae_loss(
     # Codes are ReLU outputs, so |f| = f: a plain sum skips the abs pass over the [rows, features] tensor.
     l1 = codes_BF.sum() / codes_BF.shape[0]
     return mse + l1_coefficient * l1, mse, l1
+
+
+def auxk_loss(sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor, pre_BF: torch.Tensor,
+              dead_F: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """sparsify's (and OpenAI's TopK paper's) auxiliary loss that revives dead features: the k_aux largest
+    pre-activations among the dead features reconstruct the main reconstruction's residual (detached), scored as
+    squared error over the residual's total variance and scaled down while fewer than k_aux features are dead. Zero
+    when none is dead. Only dead features receive its gradient."""
+    n_dead = int(dead_F.sum())
+    if n_dead == 0:
+        return pre_BF.new_zeros(())
+    k = min(int(k_aux), n_dead)
+    values_BK, indices_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(k, dim=-1, sorted=False)
+    aux_codes_BF = torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK)
+    residual_BD = (x_n - x_hat_n).detach()
+    residual_hat_BD = aux_codes_BF @ sae.W_dec  # no bias: the residual's mean is the main decoder's business
+    total = (residual_BD - residual_BD.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+    return min(n_dead / k_aux, 1.0) * (residual_hat_BD - residual_BD).pow(2).sum(dim=-1).mean() / total
 
 
 # Reconstruction statistics of a set of rows as one vector that merges exactly across batches and DDP ranks, so a metric

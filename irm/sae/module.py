@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from irm.errors import UserError
-from irm.sae.model import SparseAutoencoder, empty_moments, merge_moments, moment_metrics, row_moments, sae_loss
+from irm.sae.model import (ACTIVATIONS, SparseAutoencoder, auxk_loss, empty_moments, merge_moments, moment_metrics,
+                           row_moments, sae_loss)
 
 # ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
 # the state its step count and optimizer state describe, so resuming from it reproduces an uninterrupted run.
@@ -21,28 +22,31 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 class FeatureActivity(nn.Module):
-    """Which features fired recently, for the dead-feature fraction: a feature is dead when it has not fired for
-    `window` optimizer steps. Buffers, so a resumed fit keeps the history."""
+    """How many optimizer steps ago each feature last fired: a feature is dead when it has not fired for `window`
+    steps. A buffer, so a resumed fit keeps the history; updated on every step without a host sync."""
 
     def __init__(self, d_hidden: int):
         super().__init__()
-        self.register_buffer("fired_since_check", torch.zeros(d_hidden, dtype=torch.bool))
-        self.register_buffer("last_fired_step", torch.zeros(d_hidden, dtype=torch.long))
+        self.register_buffer("steps_since_fired", torch.zeros(d_hidden, dtype=torch.long))
 
     @torch.no_grad()
     def observe(self, codes_BF: torch.Tensor) -> None:
-        # One reduction over the batch per step and no host sync; the per-feature step is stamped at the next check.
-        self.fired_since_check |= codes_BF.amax(dim=0) > 0
+        fired_F = codes_BF.detach().amax(dim=0) > 0
+        self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
 
     @torch.no_grad()
-    def dead_fraction(self, step: int, window: int, reduce=None) -> torch.Tensor:
-        """Stamp features that fired since the last check with `step`; the fraction silent for >= `window` steps.
-        `reduce` sums a tensor over DDP ranks, so a feature firing on any rank counts."""
-        fired = self.fired_since_check.float()
-        fired = (reduce(fired) if reduce is not None else fired) > 0
-        self.last_fired_step[fired] = step
-        self.fired_since_check.zero_()
-        return ((step - self.last_fired_step) >= window).float().mean()
+    def dead(self, window: int, reduce=None) -> torch.Tensor:
+        """Boolean mask of features silent for >= `window` steps. `reduce` takes the minimum over DDP ranks, so a
+        feature firing on any rank is alive."""
+        since = self.steps_since_fired if reduce is None else reduce(self.steps_since_fired)
+        return since >= window
+
+    @torch.no_grad()
+    def dead_fraction(self, window: int, reduce=None) -> torch.Tensor:
+        return self.dead(window, reduce).float().mean()
+
+
+REVIVE = ("auto", "resample", "auxk", "none")
 
 
 class SAEModule(L.LightningModule):
@@ -51,42 +55,73 @@ class SAEModule(L.LightningModule):
     Args:
         d_in: activation width; None takes it from the datamodule's `width` when the fit starts.
         expansions: dictionary sizes as multiples of d_in (paper table 1: 1x and 2x d_model).
-        l1_coefficient: alpha of the L1 term (paper 4.2: 1e-3; 1.5e-3 for GPT-Neo-125m).
+        l1_coefficient: alpha of the L1 term (paper 4.2: 1e-3; 1.5e-3 for GPT-Neo-125m), on activations normalised
+            to mean norm sqrt(d_in); unused by TopK.
         learning_rate: Adam step size (paper 4.2: 1e-3).
         tied: decoder = transposed encoder (paper appendix J's choice).
         dead_window: optimizer steps without firing after which a feature counts as dead.
+        activation: `relu` (the paper's ReLU + L1) or `topk` (sparsify's: the k largest codes, no L1).
+        k: codes kept per input by `topk`.
+        normalize: scale activations to mean norm sqrt(d_in) before the SAE (the factor is estimated from up to
+            `normalize_rows` training rows, kept in each SAE as `input_scale` and exported in cfg.json).
+        revive: what to do about dead features: `resample` (re-initialise them every `dead_window` steps towards
+            badly reconstructed inputs, during the first `resample_until` of training, Anthropic's resampling),
+            `auxk` (sparsify's auxiliary loss, weight `aux_coefficient`, k_aux = d_in / 2), `none`, or `auto`
+            (auxk for topk, resample for relu).
 
-    Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance) are computed on the
-    steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the statistics cost passes
-    over the codes and their logging would otherwise sync with the host each step. Under DDP they describe the global
-    batch (every rank's batch of that step), and the validation/test metrics all held-out rows of every rank: each
-    rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
+    Decoder rows are rescaled to unit norm after every step (tied or not): the L1 term cannot be bought by
+    shrinking codes against growing rows.
+
+    Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance; in the normalised space)
+    are computed on the steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the
+    statistics cost passes over the codes and their logging would otherwise sync with the host each step. Under DDP
+    they describe the global batch (every rank's batch of that step), and the validation/test metrics all held-out
+    rows of every rank: each rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
     """
 
     def __init__(self, d_in: Optional[int] = None, expansions: Sequence[int] = (1, 2), l1_coefficient: float = 1.0e-3,
-                 learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000):
+                 learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000, activation: str = "relu",
+                 k: Optional[int] = None, normalize: bool = True, normalize_rows: int = 32768, revive: str = "auto",
+                 aux_coefficient: float = 1.0 / 32, resample_until: float = 0.5):
         super().__init__()
         expansions = list(expansions)
         if not expansions or any(int(e) != e or e < 1 for e in expansions) or len(set(expansions)) != len(expansions):
             raise UserError(f"expansions must be distinct whole numbers >= 1 (e.g. [1, 2]), not {expansions}")
         if l1_coefficient < 0 or learning_rate <= 0 or dead_window < 1:
             raise UserError("l1_coefficient must be >= 0, learning_rate > 0 and dead_window >= 1")
+        if activation not in ACTIVATIONS:
+            raise UserError(f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}")
+        if activation == "topk" and (k is None or int(k) < 1):
+            raise UserError(f"activation topk needs k >= 1 (codes kept per input), not {k}")
+        if revive not in REVIVE:
+            raise UserError(f"revive must be one of {list(REVIVE)}, not {revive!r}")
+        if normalize_rows < 1 or aux_coefficient < 0 or not 0.0 <= resample_until <= 1.0:
+            raise UserError("normalize_rows must be >= 1, aux_coefficient >= 0 and resample_until in [0, 1]")
         self.save_hyperparameters()
         self.hparams.expansions = expansions
         # Manual optimisation: one backward for all dictionaries and no closure machinery per step.
         self.automatic_optimization = False
         self.saes = nn.ModuleDict()
         self.activity = nn.ModuleDict()
+        # MMCS (max, hungarian) of the smallest and largest dictionary as initialised: what training added to it.
+        self.register_buffer("init_mmcs", torch.full((2,), float("nan"), dtype=torch.float64))
         self._val_fired: dict[str, torch.Tensor] = {}
         self._val_moments: Optional[torch.Tensor] = None  # [dictionary, statistics] of the held-out rows seen so far
         if d_in is not None:
             self._build(int(d_in))
 
+    @property
+    def revive(self) -> str:
+        r = self.hparams.revive
+        return ("auxk" if self.hparams.activation == "topk" else "resample") if r == "auto" else r
+
     def _build(self, d_in: int) -> None:
         self.hparams.d_in = d_in  # recorded in checkpoints, so load_from_checkpoint rebuilds the same shapes
-        for e in self.hparams.expansions:
+        hp = self.hparams
+        for e in hp.expansions:
             name = f"x{e}"
-            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=self.hparams.tied)
+            k = min(int(hp.k), e * d_in) if hp.activation == "topk" else None
+            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=hp.tied, activation=hp.activation, k=k)
             self.activity[name] = FeatureActivity(e * d_in)
 
     @property
@@ -110,6 +145,42 @@ class SAEModule(L.LightningModule):
         elif width is not None and int(width) != self.d_in:
             raise UserError(f"the SAEs are {self.d_in} wide but the activations of {self.trainer.datamodule.cache.dir} "
                             f"are {width} wide; drop model.init_args.d_in or point data at the matching layer")
+        if stage == "fit" and self.global_step == 0:
+            # A resumed fit gets both from its checkpoint, which is restored after this.
+            self._initialise_from_data()
+            self._record_init_mmcs()
+
+    @torch.no_grad()
+    def _initialise_from_data(self) -> None:
+        """Normalisation factor sqrt(d_in) / mean ||x|| over up to `normalize_rows` rows of the training part of the
+        cache (every rank reads the same rows: the same factor everywhere), and b_dec at their normalised mean."""
+        cache = getattr(self.trainer.datamodule, "cache", None)
+        if cache is None:
+            if self.hparams.normalize:
+                raise UserError("normalize: true estimates the activations' scale from an ActivationDataModule's "
+                                "cache; use one, or set normalize: false")
+            return
+        stop = min(int(getattr(self.trainer.datamodule, "split", cache.rows)), self.hparams.normalize_rows)
+        if stop < 1:
+            return
+        x_RD = cache.read_range(0, stop, ("acts",))["acts"].double()
+        scale = float(self.d_in) ** 0.5 / float(x_RD.norm(dim=1).mean().clamp_min(1e-12)) if self.hparams.normalize \
+            else 1.0
+        mean_D = (x_RD.mean(dim=0) * scale).float()
+        for sae in self.saes.values():
+            sae.input_scale.fill_(scale)
+            sae.b_dec.copy_(mean_D)
+
+    @torch.no_grad()
+    def _record_init_mmcs(self) -> None:
+        if len(self.saes) < 2:
+            return
+        from irm.dictionaries import mmcs
+
+        ordered = sorted(self.saes.values(), key=lambda s: s.d_hidden)
+        small, large = ordered[0].dictionary.cpu(), ordered[-1].dictionary.cpu()
+        self.init_mmcs.copy_(torch.tensor([mmcs(small, large, "max")[0], mmcs(small, large, "hungarian")[0]],
+                                          dtype=torch.float64))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -125,40 +196,98 @@ class SAEModule(L.LightningModule):
                                 "checkpoints or start without it")
 
     def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{dictionary name: (reconstruction, codes)}."""
+        """{dictionary name: (reconstruction, codes)} of raw activations."""
         return {name: sae(x) for name, sae in self.saes.items()}
 
     def configure_optimizers(self):
         # The fused kernel updates each tensor in one pass: the same Adam, at a fraction of the per-step cost that
-        # dominates small batches (paper: 32 rows).
+        # dominates small batches (paper: 32 rows). CPU fused Adam needs a float parameter dtype (always here).
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """One optimizer step per batch: `batch` is a tensor [rows, width], or a list of them when the datamodule
         groups batches (ActivationDataModule's batches_per_item)."""
         for x_BD in batch if isinstance(batch, (list, tuple)) else (batch,):
-            parts = self._step(x_BD)
+            x_n, parts = self._step(x_BD)
         if self._logging_step():
-            self._log_train(x_BD, parts)
+            self._log_train(x_n, parts)
 
-    def _step(self, x_BD: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """One optimizer step on `x_BD`; {dictionary name: (reconstruction, codes)} from before the update."""
-        alpha = self.hparams.l1_coefficient
+    @property
+    def _l1(self) -> float:
+        return self.hparams.l1_coefficient if self.hparams.activation == "relu" else 0.0
+
+    def _step(self, x_BD: torch.Tensor):
+        """One optimizer step on `x_BD`; (normalised x, {dictionary name: (normalised reconstruction, codes)}) from
+        before the update."""
+        hp = self.hparams
         total = 0.0
-        parts = {}
+        parts, x_n = {}, None
         for name, sae in self.saes.items():
-            x_hat_BD, codes_BF = sae(x_BD)
-            total = total + sae_loss(x_BD, x_hat_BD, codes_BF, alpha)[0]
-            self.activity[name].observe(codes_BF)
-            parts[name] = (x_hat_BD, codes_BF)
+            x_n = x_BD * sae.input_scale.to(x_BD.dtype)
+            pre_BF = sae.pre_activations(x_n)
+            codes_BF = sae.codes_from_pre(pre_BF)
+            x_hat_n = sae.decode_normalized(codes_BF)
+            total = total + sae_loss(x_n, x_hat_n, codes_BF, self._l1)[0]
+            activity = self.activity[name]
+            if self.revive == "auxk" and hp.aux_coefficient > 0:
+                dead_F = activity.dead(hp.dead_window)
+                total = total + hp.aux_coefficient * auxk_loss(sae, x_n, x_hat_n, pre_BF, dead_F, max(1, sae.d_in // 2))
+            activity.observe(codes_BF)
+            parts[name] = (x_hat_n, codes_BF)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
         opt.step()
-        if not self.hparams.tied:
-            for sae in self.saes.values():
-                sae.normalize_decoder_()
-        return parts
+        for sae in self.saes.values():
+            sae.normalize_decoder_()
+        if self.revive == "resample" and self._resample_due():
+            for name, sae in self.saes.items():
+                self._resample(name, sae, x_n, parts[name][0])
+        return x_n, parts
+
+    def _resample_due(self) -> bool:
+        step, window = self.global_step, self.hparams.dead_window
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        # Lightning counts loader items; an item of grouped batches is several optimizer steps.
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        total *= getattr(getattr(dm, "hparams", None), "batches_per_item", 1) or 1
+        return step > 0 and step % window == 0 and step <= self.hparams.resample_until * total
+
+    @torch.no_grad()
+    def _resample(self, name: str, sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor) -> int:
+        """Re-initialise the dead features of `sae` (Anthropic's resampling, simplified): each gets the direction of
+        the residual of a batch row drawn with probability proportional to its squared error, as decoder row and
+        (scaled to 0.2 x the live features' mean encoder norm) encoder column, b_enc 0, and fresh Adam moments.
+        Under DDP the dead set is agreed across ranks and rank 0's rows are used everywhere. Returns the count."""
+        activity = self.activity[name]
+        dead_F = activity.dead(self.hparams.dead_window, self._min_rank)
+        n = int(dead_F.sum())
+        if n == 0:
+            return 0
+        idx = dead_F.nonzero().squeeze(1)
+        err_BD = (x_n - x_hat_n).float()
+        weight_B = err_BD.pow(2).sum(dim=1)
+        weight_B = weight_B if bool(weight_B.sum() > 0) else torch.ones_like(weight_B)
+        # Seeded by the step: a resumed fit (whose global RNG state Lightning does not restore) draws the same rows.
+        g = torch.Generator(device=weight_B.device).manual_seed(self.global_step * 7919 + sae.d_hidden)
+        rows = torch.multinomial(weight_B, n, replacement=n > weight_B.numel(), generator=g)
+        dirs_ND = err_BD[rows] / err_BD[rows].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.trainer.world_size > 1:
+            dirs_ND = self.trainer.strategy.broadcast(dirs_ND, src=0)
+        sae.W_dec[idx] = dirs_ND.to(sae.W_dec.dtype)
+        if sae.W_enc is not None:
+            alive = ~dead_F
+            norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.ones(())
+            sae.W_enc[:, idx] = (dirs_ND.t() * 0.2 * norm).to(sae.W_enc.dtype)
+        sae.b_enc[idx] = 0.0
+        optimizer = self.optimizers().optimizer
+        for param, cols in ((sae.W_dec, (idx,)), (sae.b_enc, (idx,)), (sae.W_enc, (slice(None), idx))):
+            state = optimizer.state.get(param) if param is not None else None
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state and key in state:
+                    state[key][cols] = 0.0
+        activity.steps_since_fired[idx] = 0
+        return n
 
     def _logging_step(self) -> bool:
         # The steps Lightning's logger connector writes on (counted in loader items, as it counts them).
@@ -179,25 +308,30 @@ class SAEModule(L.LightningModule):
         """Summed over ranks: a feature firing on any rank counts."""
         return self.trainer.strategy.reduce(fired_F, reduce_op="sum") if self.trainer.world_size > 1 else fired_F
 
+    def _min_rank(self, since_F: torch.Tensor) -> torch.Tensor:
+        """Minimum over ranks: steps since a feature fired on any rank."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return since_F
+        return self.trainer.strategy.all_gather(since_F).amin(dim=0)
+
     def _metrics(self, stage: str, moments_NS: torch.Tensor) -> dict[str, torch.Tensor]:
         metrics, total = {}, 0.0
         for name, moments_S in zip(self.saes, moments_NS):
             stats = moment_metrics(moments_S)
-            total = total + stats["mse"] + self.hparams.l1_coefficient * stats["l1"]  # sae_loss of these rows
+            total = total + stats["mse"] + self._l1 * stats["l1"]  # sae_loss of these rows
             metrics.update({f"{stage}/{name}/{k}": v.float() for k, v in stats.items()})
         metrics[f"{stage}/loss"] = total.float()
         return metrics
 
     @torch.no_grad()
-    def _log_train(self, x_BD: torch.Tensor, parts: dict) -> None:
-        moments_NS = torch.stack([row_moments(x_BD, x_hat_BD, codes_BF, self._stats_dtype)
-                                  for x_hat_BD, codes_BF in parts.values()])
+    def _log_train(self, x_n: torch.Tensor, parts: dict) -> None:
+        moments_NS = torch.stack([row_moments(x_n, x_hat_n, codes_BF, self._stats_dtype)
+                                  for x_hat_n, codes_BF in parts.values()])
         metrics = self._metrics("train", self._global(moments_NS))
         for name, activity in self.activity.items():
-            metrics[f"train/{name}/dead_fraction"] = activity.dead_fraction(self.global_step, self.hparams.dead_window,
-                                                                          self._any_rank)
+            metrics[f"train/{name}/dead_fraction"] = activity.dead_fraction(self.hparams.dead_window, self._min_rank)
         # The same global values on every rank: nothing left for Lightning to sync.
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x_BD.shape[0])
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x_n.shape[0])
 
     # Validation and test: the held-out, document-aligned tail of the cache.
 
@@ -224,9 +358,10 @@ class SAEModule(L.LightningModule):
     def _evaluate(self, x_BD: torch.Tensor) -> None:
         batch_NS = []
         for name, sae in self.saes.items():
-            x_hat_BD, codes_BF = sae(x_BD)
+            x_n = x_BD * sae.input_scale.to(x_BD.dtype)
+            codes_BF = sae.encode_normalized(x_n)
             self._val_fired[name] |= codes_BF.amax(dim=0) > 0
-            batch_NS.append(row_moments(x_BD, x_hat_BD, codes_BF, self._stats_dtype))
+            batch_NS.append(row_moments(x_n, sae.decode_normalized(codes_BF), codes_BF, self._stats_dtype))
         self._val_moments = merge_moments(torch.stack([self._val_moments, torch.stack(batch_NS)], dim=-2))
 
     def _log_epoch(self, stage: str) -> None:
@@ -267,9 +402,13 @@ class ExportSAEs(L.Callback):
         manifest = getattr(trainer.datamodule, "manifest", None) or {}
         root = self.target(trainer)
         hp = pl_module.hparams
+        mm = pl_module.init_mmcs.tolist()
+        init_mmcs = None if mm[0] != mm[0] else {"max": mm[0], "hungarian": mm[1]}  # NaN: one dictionary only
         for name, sae in pl_module.saes.items():
             save_sae(sae, root / name, layer=manifest.get("layer"), site=manifest.get("site", "mlp_out"),
                      model_name=manifest.get("model"), context_size=manifest.get("max_length"),
                      irm={"expansion": int(name[1:]), "l1_coefficient": hp.l1_coefficient,
                           "learning_rate": hp.learning_rate, "global_step": trainer.global_step,
-                          "cache_rows": manifest.get("rows"), "corpus_fingerprint": manifest.get("corpus_fingerprint")})
+                          "normalize": hp.normalize, "revive": pl_module.revive, "dead_window": hp.dead_window,
+                          "init_mmcs": init_mmcs, "cache_rows": manifest.get("rows"),
+                          "corpus_fingerprint": manifest.get("corpus_fingerprint")})

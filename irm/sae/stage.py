@@ -42,7 +42,8 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     # The step count advances by batches_per_item per loader item: checkpoint on a multiple of it.
     every = math.ceil(s.checkpoint_every / s.batches_per_item) * s.batches_per_item
     module = SAEModule(expansions=s.expansions, l1_coefficient=s.l1_coefficient, learning_rate=s.learning_rate,
-                       tied=s.tied, dead_window=s.dead_window)
+                       tied=s.tied, dead_window=s.dead_window, activation=s.activation, k=s.k, normalize=s.normalize,
+                       revive=s.revive, aux_coefficient=s.aux_coefficient, resample_until=s.resample_until)
     # Lightning's default (every 50 loader items) leaves a short fit with a point or two of training curve; log
     # about 50 times per fit instead, never more often than every item nor less often than the default. Items per
     # epoch as ShardBatches counts them in one process (fewer per rank under DDP, so it then logs a little less).
@@ -68,19 +69,89 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     return [sae_dir(cfg.run_dir, layer, e) for e in s.expansions], trainer.is_global_zero
 
 
+def evaluate(cfg, layers: list[int]) -> dict:
+    """Held-out quality of every exported SAE (irm.sae.metrics): `<run_dir>/sae/layer-NN/x<e>/metrics.json` (with
+    each feature's firing frequency) and `<run_dir>/sae/metrics.json` (every layer and dictionary, what the report
+    and summary.json read). CE loss recovered is measured on `sae.ce_documents` held-out documents of the corpus
+    (split corpus.eval_split) through the tuned model; 0 skips it."""
+    from irm.activations import ActivationCache, cache_layer_dir
+    from irm.activations.datamodule import validation_start
+    from irm.artifacts import write_json
+    from irm.runtime import resolve_device
+    from irm.sae.export import load_sae, sae_dir
+    from irm.sae.metrics import SUMMARY_FILE, ce_loss_recovered, heldout_metrics, summary_row
+
+    s = cfg.sae
+    device = resolve_device(cfg.device)
+    model = tokenizer = texts = None
+    if s.ce_documents > 0:
+        from irm.data import load_texts
+        from irm.models import load_tuned
+
+        model, tokenizer = load_tuned(cfg, device=device)
+        model.eval()
+        texts = load_texts(cfg.corpus, cfg.corpus.eval_split, cfg.seed, n=s.ce_documents)
+    records, clean = {}, None
+    for layer in layers:
+        cache = ActivationCache(cache_layer_dir(cfg.run_dir, layer))
+        start = validation_start(cache, s.val_fraction)
+        saes = {f"x{e}": load_sae(sae_dir(cfg.run_dir, layer, e), d_in=cache.width, device=device)
+                for e in s.expansions}
+        ce = (ce_loss_recovered(model, tokenizer, texts, layer, saes, site=cache.manifest.get("site", cfg.cache.site),
+                                max_length=cfg.cache.max_length, clean=clean) if model is not None else None)
+        clean = (ce["clean_sum"], ce["tokens"]) if ce is not None else None
+        rec = {}
+        for name, sae in saes.items():
+            m = heldout_metrics(sae, cache, start)
+            m.update(width=sae.d_hidden, activation=sae.activation, k=sae.k,
+                     input_scale=float(sae.input_scale))
+            if ce is not None:
+                m.update(ce_clean=ce["clean"], ce_zero_ablated=ce["zero_ablated"], ce_spliced=ce[name]["spliced"],
+                         ce_loss_recovered=ce[name]["recovered"], ce_tokens=ce["tokens"])
+            write_json(sae_dir(cfg.run_dir, layer, int(name[1:])) / "metrics.json", m)
+            rec[name] = summary_row(m)
+        records[str(layer)] = rec
+    summary = {
+        "definitions": {
+            "l0": "mean active features per held-out token; l0_fraction: l0 / width",
+            "explained_variance": "1 - Var(x - x_hat) / Var(x) on held-out tokens, variances summed over dimensions",
+            "dead_fraction": "features that fire on no held-out token",
+            "ce_loss_recovered": "(L_zero - L_sae) / (L_zero - L_clean): tuned model's next-token loss with the "
+                                 "layer output zeroed, replaced by the SAE's reconstruction, untouched",
+        },
+        "heldout": {"cache_val_fraction": s.val_fraction, "ce_documents": s.ce_documents,
+                    "ce_split": cfg.corpus.eval_split},
+        "settings": {k: getattr(s, k) for k in ("activation", "k", "l1_coefficient", "tied", "normalize", "revive",
+                                                "learning_rate", "batch_size", "epochs")},
+        "layers": records,
+    }
+    write_json(Path(cfg.run_dir) / "sae" / SUMMARY_FILE, summary)
+    return summary
+
+
 def run(cfg) -> None:
-    """Train every chosen layer's SAEs, then record the stage with the exported SAEs as its outputs."""
+    """Train every chosen layer's SAEs, measure them (`evaluate`), then record the stage with the exported SAEs as
+    its outputs and print one line per SAE."""
     from irm.divergence import chosen_layers
     from irm.stages import mark_done, stage_fingerprint
 
     if cfg.sae.epochs < 1 or cfg.sae.checkpoint_every < 1:
         raise UserError("sae.epochs and sae.checkpoint_every must be >= 1")
+    if cfg.sae.ce_documents < 0:
+        raise UserError("sae.ce_documents must be >= 0 (0 skips CE loss recovered)")
     layers = chosen_layers(cfg)
     fingerprint = stage_fingerprint(cfg, "sae")
     outputs, is_zero = [], True
     for layer in layers:
         exported, is_zero = train_layer(cfg, layer, fingerprint)
         outputs += exported
-    # Under DDP every rank runs this stage; one of them records it.
+    # Under DDP every rank runs this stage; one of them measures and records it.
     if is_zero:
-        mark_done(cfg, "sae", outputs)
+        summary = evaluate(cfg, layers)
+        for layer, rec in summary["layers"].items():
+            for name, m in rec.items():
+                ce = m.get("ce_loss_recovered")
+                print(f"sae layer {layer} {name}: L0 {m['l0']:.1f} of {m['width']} ({100 * m['l0_fraction']:.1f}%), "
+                      f"explained variance {m['explained_variance']:.3f}, dead {100 * m['dead_fraction']:.1f}%, "
+                      f"CE loss recovered {'n/a' if ce is None else f'{ce:.3f}'}")
+        mark_done(cfg, "sae", outputs + [Path(cfg.run_dir) / "sae" / "metrics.json"])
