@@ -119,7 +119,7 @@ def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
     assert len(per_tensor) > 4 and all(len(v) == 3 for v in per_tensor.values())
     np.testing.assert_allclose(np.sum(list(per_tensor.values()), axis=0), values, rtol=1e-12)
     name = next(n for n in per_tensor if n.endswith("weight"))
-    p0 = dict(base.named_parameters())
-    p1 = dict(tuned.named_parameters())
+    p0 = {k: v.detach() for k, v in base.named_parameters()}
+    p1 = {k: v.detach() for k, v in tuned.named_parameters()}
     full = next(k for k in p0 if k.endswith(name) and ".0." in k)
     assert per_tensor[name][0] == pytest.approx(float((p0[full].double() - p1[full].double()).norm()))
