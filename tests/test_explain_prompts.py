@@ -60,7 +60,7 @@ def test_offline_explanation_names_the_tokens_with_most_activation_and_says_it_i
                {"tokens": ["a", "great", "plot", "film"], "discrete": [0, 8, 0, 3]}]
     answer = OfflineBackend().chat(prompts.explanation_messages(records))
     # weights: great 18, film 5; "the"/"a"/"plot" never activate
-    assert answer.startswith('the tokens "great", "film"') and "no LLM" in answer
+    assert answer.startswith('top-activating tokens "great" (78%), "film" (22%)') and "no LLM" in answer
     assert '"plot"' not in answer
 
 
@@ -108,3 +108,67 @@ def test_a_score_needs_both_classes_and_keeps_an_unparsed_answer():
                                   "score": scoring.score(lambda m: "[1, 1]", "x", ["t", "u"], [1, 0])}])
     assert summary["n_scored"] == 1 and summary["n_unparsed"] == 1
     assert summary["mean"]["accuracy"] == 0.5 and summary["mean"]["f1"] == pytest.approx(2 / 3)
+
+
+def test_offline_label_rule_needs_lexicon_tokens_to_carry_half_the_named_activation():
+    backend = OfflineBackend()
+
+    def label(explanation):
+        return prompts.parse_label(backend.chat(prompts.label_messages("any reward", explanation)))
+
+    assert "great" in lexicon() and "film" not in lexicon() and "the" not in lexicon()
+    assert label('top-activating tokens "great" (60%), "film" (40%)') == 1
+    assert label('top-activating tokens "film" (70%), "great" (30%)') == 0  # a lexicon word, but not the feature's
+    assert label('top-activating tokens "the" (50%), "great" (50%)') == 1
+    assert "rule" in backend.label_method and "no LLM" in backend.label_method
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ("years written as four-digit numbers, often release or production dates.", "echo"),
+    ("Years written as four-digit numbers, often release or production dates", "echo"),
+    ("the (2),  pleasant (6),  first (2), ...", "unparseable"),
+    ("the movie (10)", "unparseable"),
+    ("words of praise such as great and superb", None),
+    ("numbers in parentheses such as (1) that mark list items", None),
+    ("years", None),
+])
+def test_explanation_problems_are_caught(answer, problem):
+    parsed = prompts.parse_explanation(answer)
+    got = prompts.explanation_problem(parsed)
+    assert (got is None) if problem is None else got.startswith(problem)
+
+
+def test_the_echo_check_uses_the_example_the_prompt_really_shows():
+    msgs = prompts.explanation_messages([{"tokens": ["a"], "discrete": [1]}])
+    example = next(m["content"] for m in msgs if m["role"] == "assistant")
+    assert prompts.explanation_problem(example).startswith("echo")
+
+
+def test_wrong_length_detection_is_retried_once_with_a_stricter_format_then_unscored_with_the_reason():
+    asked = []
+
+    def ask(messages):
+        asked.append(messages)
+        return "[1, 0, 1]"  # three verdicts for six texts, every time
+
+    texts, truth = ["a", "b", "c", "d", "e", "f"], [1, 0, 1, 0, 1, 0]
+    s = scoring.score(ask, "x", texts, truth)
+    assert len(asked) == 2
+    retry = asked[1]
+    assert retry[:-2] == asked[0] and retry[-2] == {"role": "assistant", "content": "[1, 0, 1]"}
+    assert "exactly 6" in retry[-1]["content"] and "had 3 verdicts" in retry[-1]["content"]
+    assert s["accuracy"] is None and s["predictions"] is None and s["retried"]
+    assert "first: 3" in s["unscored_reason"] and "retry" in s["unscored_reason"]
+    summary = scoring.summarise([{"layer": 1, "dictionary": "x1", "index": 0, "score": s}])
+    assert summary["n_unparsed"] == 1 and summary["n_retried"] == 1 and summary["n_scored"] == 0
+    assert "unscored_reason" in summary["features"][0]
+
+    # A retry that answers properly is scored from the retry's answer.
+    answers = iter(["1 0 1", "[1, 1, 1, 0, 0, 0]"])
+    s = scoring.score(lambda m: next(answers), "x", texts, truth)
+    assert s["predictions"] == [1, 1, 1, 0, 0, 0] and s["accuracy"] == pytest.approx(4 / 6)
+    assert s["retried"] and "unscored_reason" not in s
+    # A right first answer is not asked twice.
+    calls = []
+    s = scoring.score(lambda m: calls.append(m) or "[1, 0, 1, 0, 1, 0]", "x", texts, truth)
+    assert len(calls) == 1 and s["accuracy"] == 1.0 and not s["retried"]

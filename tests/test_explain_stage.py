@@ -156,6 +156,65 @@ def test_a_feature_index_beyond_the_dictionary_is_a_user_error(cfg):
         run(cfg)
 
 
+class ScriptedBackend:
+    """An explainer that answers badly in the ways small models do: per feature (in a fixed rotation) the prompt's
+    own example explanation, a list of tokens with activations, an empty answer, or a real explanation; it labels
+    everything "related" and gives 3 detection verdicts whatever the number of texts."""
+
+    name, model, params = "scripted", "bad-explainer", {}
+    answers = ["years written as four-digit numbers, often release or production dates.",
+               "the (2),  pleasant (6),  first (2), ...", "   ", "words of praise"]
+
+    def __init__(self):
+        self.explained = 0
+        self.detect_calls = []
+
+    def chat(self, messages):
+        from irm.explain import prompts
+
+        task = prompts.task_of(messages)
+        if task == "explain":
+            self.explained += 1
+            return self.answers[(self.explained - 1) % len(self.answers)]
+        if task == "label":
+            return "1"
+        self.detect_calls.append(messages)
+        return "[1, 0, 1]"
+
+
+def test_unusable_answers_are_counted_shown_and_never_labelled_related(cfg, monkeypatch, capsys):
+    from irm.explain import explained_features, related_features, stage
+
+    backend = ScriptedBackend()
+    monkeypatch.setattr(stage, "make_backend", lambda *a, **k: backend)
+    cfg.explain.concurrency = 1  # the rotation above then runs in a known order
+    stage.run(cfg)
+    lines = lines_of(cfg)
+    by_status = {}
+    for ln in lines:
+        by_status.setdefault(ln["status"].split(":")[0], []).append(ln)
+    assert set(by_status) == {"echo", "unparseable", "ok"}
+    for ln in by_status["echo"] + by_status["unparseable"]:
+        assert ln["label"] is None and ln["explanation"] is None and ln["score"] is None
+        assert "label_answer" not in ln  # never even asked
+    assert {ln["rejected_explanation"] for ln in by_status["echo"]} == {ScriptedBackend.answers[0]}
+    for ln in by_status["ok"]:
+        assert ln["explanation"] == "words of praise" and ln["label"] == 1
+        s = ln["score"]
+        assert s["accuracy"] is None and s["retried"] and "first: 3" in s["unscored_reason"]
+    # Every detection request was asked twice (once more with the stricter format), then given up on.
+    assert len(backend.detect_calls) == 2 * len(by_status["ok"])
+    related = related_features(cfg.run_dir)
+    assert sum(map(len, related.values())) == sum(ln["role"] == "small" for ln in by_status["ok"])
+    assert explained_features(cfg.run_dir, 0) == {layer: [] for layer in related}
+    scores = json.loads((Path(cfg.run_dir) / "explain" / "scores.json").read_text())
+    assert scores["explanations"]["ok"] == len(by_status["ok"])
+    assert sum(v for k, v in scores["explanations"].items() if k.startswith("echo")) == len(by_status["echo"])
+    assert scores["n_unparsed"] == scores["n_retried"] == len(by_status["ok"]) and scores["n_scored"] == 0
+    out = capsys.readouterr().out
+    assert "not usable" in out and "echo" in out
+
+
 def test_related_features_without_explanations_is_a_user_error(tmp_path):
     from irm.explain import related_features
 

@@ -171,13 +171,20 @@ class LocalBackend:
 
 
 class OfflineBackend:
-    """No model at all: answers this package's three prompts deterministically. An explanation names the tokens
-    with the most activation; a label is 1 when the explanation contains a word of the VADER sentiment lexicon;
-    detection says 1 for a text sharing a word with the explanation. Every answer says it came from here."""
+    """No model at all: the deterministic top-token summary explainer, for air-gapped runs and tests. It answers this
+    package's three prompts by rule, and every answer says so:
+    - explanation: the tokens carrying most of the feature's activation in the records shown, with their shares
+      ("top-activating tokens "great" (61%), ...");
+    - label (`label_method`): 1 when tokens of the reward's own lexicon (VADER) carry at least half of the named
+      activation. This is a keyword rule on what the feature fires on, not a judgement of meaning: it can only find
+      features of the lexicon reward, and says nothing about features an LLM would call related for other reasons;
+    - detection: a text activates when it contains one of the named tokens."""
 
     name = "offline"
-    model = "offline-no-llm"
+    model = "offline-top-token-summary"
     params: dict = {}
+    label_method = ("rule, no LLM: reward-lexicon (VADER) tokens carry at least half of the activation of the "
+                    "tokens the summary names")
 
     def __repr__(self) -> str:
         return "OfflineBackend()"
@@ -188,20 +195,23 @@ class OfflineBackend:
         if task == "explain":
             return _summarise(prompts.read_activations(text))
         if task == "label":
-            words = _explanation_words(prompts.read_explanation(text))
-            hits = sorted(w for w in words if w in _lexicon())
-            if hits:
-                return f"Answer: 1 (offline: lexicon words {', '.join(hits)})"
-            return "Answer: 0 (offline: no lexicon word in the explanation)"
+            shares = _named_shares(prompts.read_explanation(text))
+            on_lexicon = sum(share for tok, share in shares.items() if tok in _lexicon())
+            hits = sorted(t for t in shares if t in _lexicon())
+            if shares and on_lexicon >= LEXICON_SHARE * sum(shares.values()):
+                return f"Answer: 1 (offline rule: lexicon tokens {', '.join(hits)} carry most of the activation)"
+            return "Answer: 0 (offline rule: lexicon tokens carry less than half of the activation)"
         if task == "detect":
-            words = _explanation_words(prompts.read_explanation(text))
+            words = set(_named_shares(prompts.read_explanation(text))) or _content_words(
+                prompts.read_explanation(text))
             marks = [int(bool(words & set(_words(t)))) for t in prompts.read_examples(text)]
-            return f"{marks} (offline: word overlap with the explanation)"
+            return f"{marks} (offline: contains a named token)"
         raise UserError("the offline explain backend answers only irm's explain prompts; set explain.backend to "
                         "local or openai for this stage")
 
 
 N_SUMMARY_TOKENS = 3  # tokens named by an offline explanation
+LEXICON_SHARE = 0.5  # the offline label rule's threshold on the lexicon tokens' share of the named activation
 
 
 def _summarise(records: list[list[tuple[str, int]]]) -> str:
@@ -213,9 +223,10 @@ def _summarise(records: list[list[tuple[str, int]]]) -> str:
                 weight[key] = weight.get(key, 0) + act
     top = sorted(weight, key=lambda t: (-weight[t], t))[:N_SUMMARY_TOKENS]
     if not top:
-        return "nothing: no token activates (offline summary, no LLM)"
-    quoted = ", ".join(f'"{t}"' for t in top)
-    return f"the tokens {quoted} (offline summary of the top-activating tokens, no LLM)"
+        return "nothing: no token activates (offline top-token summary, no LLM)"
+    total = sum(weight.values())
+    named = ", ".join(f'"{t}" ({100 * weight[t] / total:.0f}%)' for t in top)
+    return f"top-activating tokens {named} (offline top-token summary, no LLM)"
 
 
 _STOP = frozenset("a an and are as at be by feature find for from in is it its of on or that the this to with "
@@ -226,11 +237,17 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[\w']+|[^\w\s]+", text.lower())
 
 
-def _explanation_words(explanation: str) -> set[str]:
-    """The quoted tokens of an offline explanation; for any other explanation, its content words."""
-    quoted = re.findall(r'"([^"]+)"', explanation)
-    if quoted:
-        return {q.strip().lower() for q in quoted}
+def _named_shares(explanation: str) -> dict[str, float]:
+    """The quoted tokens of a summary explanation and their shares of the activation (equal shares when the
+    explanation gives none); empty for an explanation that quotes nothing."""
+    out: dict[str, float] = {}
+    for tok, share in re.findall(r'"([^"]+)"(?:\s*\((\d+)%\))?', explanation):
+        key = tok.strip().lower()
+        out[key] = out.get(key, 0.0) + (float(share) if share else 1.0)
+    return out
+
+
+def _content_words(explanation: str) -> set[str]:
     return {w for w in _words(explanation) if w not in _STOP and w.isalpha()}
 
 

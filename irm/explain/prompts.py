@@ -20,12 +20,18 @@ LABEL_QUESTION = "Is this feature related to the reward?"
 NONZERO_HEADER = "The same texts, only the tokens with non-zero activation:"
 
 EXPLAIN_SYSTEM = (
-    "We are studying features of a language model. Each feature looks for one particular thing in short texts. "
-    "Look at the tokens where the feature activates and say in one short phrase what it is looking for. Do not list "
-    "every example word; name the common pattern.\n\n"
-    "Each text is shown between <start> and <end>, one token per line as token<tab>activation. Activations go from "
-    "0 to 10: a non-zero value means the feature found what it looks for, and higher values mean a stronger match. "
-    "Most tokens have activation 0."
+    "You are an interpretability researcher studying features of a language model's sparse autoencoder. Each "
+    "feature looks for one particular thing in text. You will see short texts with the feature's activation on "
+    "every token, and you must say what the feature is looking for.\n\n"
+    "Format of the examples: each text is shown between <start> and <end>, one token per line as "
+    "token<tab>activation. Activations go from 0 to 10: a non-zero value means the feature found what it looks for, "
+    "higher values mean a stronger match, and most tokens have 0. After the texts, the same texts are listed again "
+    "with only their non-zero tokens.\n\n"
+    "How to answer: look at which tokens activate most and at the words just before them; name the common pattern "
+    "(a kind of word, a meaning, a grammatical role, or a context) in one short phrase of at most 15 words that "
+    "completes the sentence \"the main thing this feature does is find ...\". Reply with the phrase only: no "
+    "preamble, no list of tokens with numbers, no quotation of the examples. If the activating tokens share nothing "
+    "you can name, say what the strongest ones are."
 )
 
 # One worked example (few-shot, as in the paper), invented for this project.
@@ -37,14 +43,19 @@ _EXAMPLE_RECORDS = [
 _EXAMPLE_ANSWER = "years written as four-digit numbers, often release or production dates."
 
 LABEL_SYSTEM = (
-    "You decide whether a feature of a language model is related to the reward the model was fine-tuned on. "
-    "Reply with a single digit: 1 if the feature is related to the reward, 0 if it is not."
+    "You decide whether a feature of a language model is related to the reward the model was fine-tuned on with "
+    "reinforcement learning. You get a plain-language description of the reward and the explanation of one feature. "
+    "The feature is related (1) when what it detects is something the reward depends on: text it finds would raise "
+    "or lower the reward, or it tracks the property the reward measures. It is not related (0) when it detects "
+    "something the reward ignores (formatting, names, numbers, topics, grammar) even if such text is common in "
+    "rewarded outputs. Reply with a single digit, 1 or 0, and nothing else."
 )
 
 DETECT_SYSTEM = (
     "You get the explanation of a feature of a language model and a numbered list of texts. The feature activates "
     "on some of the texts and not on others. Going by the explanation, decide for each text whether the feature "
-    "activates on it. Reply with only a JSON list of 0s and 1s, one per text, in order."
+    "activates on it. Reply with only a JSON list of 0s and 1s, exactly one per text, in the texts' order (for 4 "
+    "texts, e.g. [0, 1, 1, 0]), and nothing else."
 )
 
 
@@ -92,6 +103,27 @@ def explanation_messages(records: list[dict]) -> list[dict]:
         {"role": "assistant", "content": _EXAMPLE_ANSWER},
         {"role": "user", "content": _activation_block("B", shown)},
     ]
+
+
+# An answer that lists tokens with their activations ("the (2), pleasant (6)") instead of explaining them.
+_TOKEN_LIST = re.compile(r"\S+\s*\(\d{1,2}\)")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def explanation_problem(explanation: str) -> Optional[str]:
+    """Why a parsed explanation is not one, or None: it repeats the prompt's own worked example word for word (small
+    models do), or it lists tokens with activation numbers copied from the prompt instead of naming a pattern."""
+    norm, example = _normalise(explanation), _normalise(_EXAMPLE_ANSWER)
+    if example and example in norm:
+        return "echo: repeats the prompt's example explanation word for word"
+    listed = len(_TOKEN_LIST.findall(explanation))
+    rest = _normalise(_TOKEN_LIST.sub(" ", explanation)).split()
+    if listed >= 2 or (listed and len(rest) < 3) or "\t" in explanation:
+        return "unparseable: lists tokens with activations instead of explaining them"
+    return None
 
 
 def parse_explanation(answer: str) -> Optional[str]:
@@ -178,6 +210,25 @@ def detection_messages(explanation: str, texts: list[str]) -> list[dict]:
             {"role": "user", "content": _detection_request(example, example_texts)},
             {"role": "assistant", "content": answer},
             {"role": "user", "content": _detection_request(explanation, texts)}]
+
+
+def detection_retry_messages(messages: list[dict], answer: str, n: int) -> list[dict]:
+    """The detection request once more, after an answer that was not n verdicts: the conversation so far, then a
+    stricter instruction that says what was wrong and shows the exact shape wanted."""
+    got = count_verdicts(answer)
+    shape = "[" + ", ".join(["0"] * n) + "]"
+    return [*messages, {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"Your reply had {got} verdicts, but there are {n} examples. Reply again with "
+                                        f"exactly {n} digits (1 = activates, 0 = does not), one per example in order, "
+                                        f"as a JSON list shaped like {shape} and nothing else."}]
+
+
+def count_verdicts(answer: str) -> int:
+    """How many 0/1 verdicts an answer gave: the longest JSON-like list's entries, else its lone 0s and 1s."""
+    lists = [m.group(0) for m in re.finditer(r"\[[^\[\]]*\]", answer)]
+    if lists:
+        return max(len(re.findall(r"(?<![\w.])[01](?![\w.])", item)) for item in lists)
+    return len(_LONE_DIGIT.findall(answer))
 
 
 def parse_detection(answer: str, n: int) -> Optional[list[int]]:

@@ -38,31 +38,47 @@ def metrics(pred: list[int], truth: list[int]) -> dict:
 
 
 def score(ask: Callable[[list[dict]], str], explanation: str, texts: list[str], truth: list[int]) -> Optional[dict]:
-    """Ask for predictions on `texts`; the metrics, the predictions and the raw answer (predictions and metrics
-    None when the answer cannot be parsed). None without both activating and inactive texts: a test with one
-    class only cannot tell a good explanation from one that says "everything" or "nothing"."""
+    """Ask for predictions on `texts`; the metrics, the predictions and the raw answer. An answer that is not one
+    verdict per text is asked once more with a stricter format (the retry's answer kept beside the first); if that
+    fails too, predictions and metrics are None and `unscored_reason` says why. None without both activating and
+    inactive texts: a test with one class only cannot tell a good explanation from one that says "everything"."""
     if not 0 < sum(truth) < len(truth):
         return None
-    answer = ask(prompts.detection_messages(explanation, texts))
-    pred = prompts.parse_detection(answer, len(texts))
-    result = {"n_active": sum(truth), "n_inactive": len(truth) - sum(truth), "texts": texts, "truth": truth,
-              "predictions": pred, "answer": answer}
+    n = len(texts)
+    messages = prompts.detection_messages(explanation, texts)
+    answer = ask(messages)
+    pred = prompts.parse_detection(answer, n)
+    result = {"n_active": sum(truth), "n_inactive": n - sum(truth), "texts": texts, "truth": truth,
+              "predictions": pred, "answer": answer, "retried": pred is None}
+    if pred is None:
+        retry = ask(prompts.detection_retry_messages(messages, answer, n))
+        result["retry_answer"] = retry
+        pred = result["predictions"] = prompts.parse_detection(retry, n)
+        if pred is None:
+            result["unscored_reason"] = (f"answers were not {n} verdicts (first: {prompts.count_verdicts(answer)}, "
+                                         f"after one retry with a stricter format: {prompts.count_verdicts(retry)})")
     result.update(metrics(pred, truth) if pred is not None else dict.fromkeys(METRICS))
     return result
 
 
 def summarise(lines: list[dict]) -> dict:
     """Per-feature scores of the explanation lines and their means over the features with a parsed answer."""
-    features, unparsed = [], 0
+    features, unparsed, retried = [], 0, 0
     for line in lines:
         s = line.get("score")
         if not s:
             continue
-        if s["accuracy"] is None:
-            unparsed += 1
+        unparsed += s["accuracy"] is None
+        retried += bool(s.get("retried"))
         features.append({"layer": line["layer"], "dictionary": line["dictionary"], "index": line["index"],
-                         **{k: s[k] for k in METRICS}, "n_active": s["n_active"], "n_inactive": s["n_inactive"]})
+                         **{k: s[k] for k in METRICS}, "n_active": s["n_active"], "n_inactive": s["n_inactive"],
+                         **({"unscored_reason": s["unscored_reason"]} if "unscored_reason" in s else {})})
     scored = [f for f in features if f["accuracy"] is not None]
     mean = {k: (float(np.mean([f[k] for f in scored])) if scored else None) for k in METRICS}
+    statuses: dict[str, int] = {}
+    for line in lines:
+        status = line.get("status", "ok")
+        statuses[status] = statuses.get(status, 0) + 1
     return {"method": "detection (delphi-style): the LLM marks which windows activate, given the explanation",
-            "mean": mean, "n_scored": len(scored), "n_unparsed": unparsed, "features": features}
+            "mean": mean, "n_scored": len(scored), "n_unparsed": unparsed, "n_retried": retried,
+            "explanations": statuses, "features": features}

@@ -196,15 +196,23 @@ def _explain(job: dict, answers: AnswerCache, description: str, score: bool, mad
             "made_from": made_from}
     if job["max_activation"] <= 0:
         line["note"] = "never active in the cache: nothing to explain"
+        line["status"] = "never active"
         return line
     raw = answers.ask(prompts.explanation_messages(job["records"]), task="explain", **about)
     line["explanation_answer"] = raw
-    line["explanation"] = prompts.parse_explanation(raw)
-    if line["explanation"] is None:
+    parsed = prompts.parse_explanation(raw)
+    problem = "unparseable: empty answer" if parsed is None else prompts.explanation_problem(parsed)
+    if problem:
+        # Not an explanation: never labelled (so never "related"), never scored, shown as what it is.
+        line["status"] = problem
+        line["rejected_explanation"] = parsed
         return line
-    raw = answers.ask(prompts.label_messages(description, line["explanation"]), task="label", **about)
+    line["explanation"] = parsed
+    raw = answers.ask(prompts.label_messages(description, parsed), task="label", **about)
     line["label_answer"] = raw
     line["label"] = prompts.parse_label(raw)
+    line["status"] = "ok" if line["label"] is not None else "label unparseable"
+    line["label_method"] = getattr(answers.backend, "label_method", "LLM judgement of the explanation")
     if score:
         texts, truth = job["detect"]
         ask = lambda m: answers.ask(m, task="detect", **about)  # noqa: E731
@@ -268,10 +276,14 @@ def run(cfg) -> None:
     mark_done(cfg, "explain", [EXPLANATIONS, SCORES], backend=backend.name, model=backend.model)
     related = sum(1 for ln in lines if ln["label"] == 1)
     acc = scores["mean"]["accuracy"]
-    offline = " (offline backend: token summaries, no LLM)" if backend.name == "offline" else ""
+    offline = " (offline backend: top-token summaries and a lexicon rule, no LLM)" if backend.name == "offline" else ""
+    not_ok = {k: v for k, v in scores["explanations"].items() if k != "ok"}
     print(f"explain: {len(lines)} features by {backend.name}/{backend.model}{offline}: {related} related to the "
-          f"reward, mean detection accuracy {'n/a' if acc is None else f'{acc:.2f}'}; {answers.sent} requests sent, "
+          f"reward, mean detection accuracy {'n/a' if acc is None else f'{acc:.2f}'} over {scores['n_scored']} "
+          f"scored ({scores['n_unparsed']} unscored, {scores['n_retried']} retried); {answers.sent} requests sent, "
           f"{answers.reused} answered from {root / ANSWERS}", flush=True)
+    if not_ok:
+        print("  not usable: " + "; ".join(f"{n} {status}" for status, n in sorted(not_ok.items())), flush=True)
 
 
 def _ask_all(cfg, jobs, answers, description, made_from, done) -> list[str]:
