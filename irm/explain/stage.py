@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,59 @@ def _tokenizer(root: Path):
     return AutoTokenizer.from_pretrained(policy)
 
 
+LOGIT_LENS_TOKENS = 10  # promoted and suppressed tokens shown per feature
+HISTOGRAM_BINS = 20
+
+
+def _unembedding(root: Path, device) -> tuple[Optional[torch.Tensor], str]:
+    """The tuned model's unembedding W_U [vocab, d_model] with its final norm's gain folded in (as TransformerLens'
+    fold_ln does for the logit lens), and a line saying what it is; None and the reason when it cannot be had."""
+    policy = root / "rlhf" / "policy"
+    if not (policy / "config.json").is_file():
+        return None, f"no tuned model weights in {policy}"
+    from irm.models import load_pretrained
+
+    model, _ = load_pretrained(policy, device=device)
+    w_VD = model.get_output_embeddings().weight.detach().float()
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        gain = getattr(getattr(base, name, None), "weight", None)
+        if gain is not None:
+            return w_VD * gain.detach().float()[None, :], f"W_U (final {name} gain folded in) @ unit decoder row"
+    return w_VD, "W_U @ unit decoder row"
+
+
+def _logit_lens(direction_D: torch.Tensor, w_VD: Optional[torch.Tensor], how: str, decode_token) -> dict:
+    """The tokens a feature's decoder direction promotes and suppresses directly through the unembedding."""
+    if w_VD is None:
+        return {"method": None, "note": how}
+    if direction_D.shape[0] != w_VD.shape[1]:
+        return {"method": None, "note": f"the decoder rows live in a {direction_D.shape[0]}-wide site (not the "
+                                        f"residual stream's {w_VD.shape[1]}): no direct path to the unembedding"}
+    logits_V = w_VD @ (direction_D.float() / direction_D.float().norm().clamp_min(1e-12)).to(w_VD.device)
+    top = torch.topk(logits_V, LOGIT_LENS_TOKENS)
+    bottom = torch.topk(-logits_V, LOGIT_LENS_TOKENS)
+    return {"method": how,
+            "promoted": [[decode_token(int(i)), float(v)] for v, i in zip(top.values, top.indices)],
+            "suppressed": [[decode_token(int(i)), float(-v)] for v, i in zip(bottom.values, bottom.indices)]}
+
+
+def _histogram(maxima_W: np.ndarray, window: int) -> dict:
+    """Distribution of a feature's largest activation per window, over the windows where it fires."""
+    active = maxima_W[maxima_W > 0]
+    counts, edges = np.histogram(active, bins=HISTOGRAM_BINS, range=(0.0, float(active.max()) if len(active) else 1.0))
+    return {"of": f"largest activation per {window}-token window, windows where the feature fires",
+            "edges": edges.tolist(), "counts": counts.tolist(), "windows_active": int(len(active)),
+            "windows": int(len(maxima_W))}
+
+
 def _rng(cfg, t: Target) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, t.layer, t.expansion, t.index])
 
 
-def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> list[dict]:
-    """Records and detection texts for `targets` of one layer, from one pass over its cache with both SAEs."""
+def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unembed=(None, "")) -> list[dict]:
+    """Records, detection texts and dashboard data (activation histogram, logit lens through `unembed`) for
+    `targets` of one layer, from one pass over its cache with both SAEs."""
     from irm.activations import ActivationCache, cache_layer_dir
     from irm.sae import load_sae, sae_dir
 
@@ -178,9 +226,12 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device) -> li
     for c, (t, sel) in enumerate(zip(order, sels)):
         texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
                                              _rng(cfg, t))
+        sae = saes[t.role][0]
         jobs.append({"target": t, "records": feature_records(sel, c, wins, windows, decode_token),
                      "max_activation": float(maxima[:, c].max()),
-                     "detect": (texts, truth)})
+                     "detect": (texts, truth),
+                     "histogram": _histogram(maxima[:, c], cfg.explain.window),
+                     "logit_lens": _logit_lens(sae.dictionary[t.index], *unembed, decode_token)})
     return jobs
 
 
@@ -192,8 +243,8 @@ def _explain(job: dict, answers: AnswerCache, description: str, score: bool, mad
     line = {"layer": t.layer, "dictionary": t.dictionary, "role": t.role, "index": t.index,
             "pair": {"dictionary": f"x{t.pair_expansion}", "index": t.pair, "cosine": t.cosine},
             "explanation": None, "label": None, "score": None, "max_activation": job["max_activation"],
-            "records": job["records"], "backend": answers.backend.name, "model": answers.backend.model,
-            "made_from": made_from}
+            "records": job["records"], "histogram": job.get("histogram"), "logit_lens": job.get("logit_lens"),
+            "backend": answers.backend.name, "model": answers.backend.model, "made_from": made_from}
     if job["max_activation"] <= 0:
         line["note"] = "never active in the cache: nothing to explain"
         line["status"] = "never active"
@@ -263,7 +314,9 @@ def run(cfg) -> None:
     failures = []
     if todo:
         tokenizer = _tokenizer(root)
-        jobs = [job for layer, ts in todo.items() for job in _layer_jobs(cfg, layer, ts, tokenizer, device)]
+        unembed = _unembedding(root, device)
+        jobs = [job for layer, ts in todo.items()
+                for job in _layer_jobs(cfg, layer, ts, tokenizer, device, unembed)]
         failures = _ask_all(cfg, jobs, answers, description, made_from, done)
     if failures:
         raise UserError(f"{len(failures)} of {sum(map(len, targets.values()))} features got no answer after retries "
