@@ -305,7 +305,8 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
         saes = quality.get(layer) or {}
         sae_text = "; ".join(
             f"{name}: L0 {num(m.get('l0'), 1)} of {m.get('width')}, explained variance "
-            f"{num(m.get('explained_variance'))}, dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
+            f"{num(m.get('explained_variance'))} ({num(m.get('explained_variance_after_first'))} without first "
+            f"tokens), dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
             f"CE loss recovered {num(m.get('ce_loss_recovered'))}"
             for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
         init = rec.get("init") or {}

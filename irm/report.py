@@ -328,7 +328,8 @@ def build_summary(root: Path) -> dict:
                          "init": v.get("init")}
                  for layer, v in mmcs.get("layers", {}).items()},
         "sae": {layer: {name: {k: m.get(k) for k in ("width", "l0", "l0_fraction", "explained_variance",
-                                                     "dead_fraction", "ce_loss_recovered")}
+                                                     "explained_variance_after_first", "dead_fraction",
+                                                     "ce_loss_recovered")}
                         for name, m in rec.items()}
                 for layer, rec in ((_load(root, "sae/metrics.json") or {}).get("layers") or {}).items()},
         "ablation": {
@@ -541,16 +542,18 @@ def run(cfg: RunConfig) -> dict:
                 l0, frac = m.get("l0"), m.get("l0_fraction")
                 rows.append([layer, name, m.get("width"),
                              "n/a" if l0 is None else f"{l0:.1f} ({100 * frac:.1f}%)",
-                             _fmt(m.get("explained_variance")),
+                             _fmt(m.get("explained_variance")), _fmt(m.get("explained_variance_after_first")),
                              "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%",
                              _fmt(m.get("ce_loss_recovered"))])
         held = sae_metrics.get("heldout", {})
-        doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance", "dead",
-                   "CE loss recovered"], rows,
+        doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance",
+                   "explained variance, first tokens left out", "dead", "CE loss recovered"], rows,
                   caption=f"SAE quality on held-out data ({arch}; activations normalised to mean norm sqrt(d): "
                           f"{st.get('normalize')}; dead features revived by {st.get('revive')}). L0: features active "
                           "per token; dead: features that fire on no held-out token; explained variance on the "
-                          f"held-out {100 * held.get('cache_val_fraction', 0):.0f}% of the activation cache; CE loss "
+                          f"held-out {100 * held.get('cache_val_fraction', 0):.0f}% of the activation cache (also "
+                          "without each document's first token, whose activations can be an attention sink hundreds "
+                          "of times larger than any other's and then dominate the variance); CE loss "
                           "recovered = (L_zero - L_SAE) / (L_zero - L_clean), the tuned model's next-token loss on "
                           f"{held.get('ce_documents')} held-out documents with the layer's output zeroed, replaced "
                           "by the SAE's reconstruction, untouched (1 = the splice costs nothing). A dictionary is "

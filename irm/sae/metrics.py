@@ -1,7 +1,8 @@
 """Quality of exported SAEs, measured the way SAELens / SAEBench report it, by the sae stage after each fit:
 
 - on the held-out tail of the layer's activation cache (documents the SAE never trained on): L0 (active features
-  per token), explained variance (1 - Var(x - x_hat) / Var(x), variances summed over dimensions), normalised MSE,
+  per token), explained variance (1 - Var(x - x_hat) / Var(x), variances summed over dimensions; also without each
+  document's first token, an attention sink whose huge activations can dominate the variance), normalised MSE,
   the dead fraction (features that fire on no held-out token) and every feature's firing frequency;
 - downstream, on a few held-out documents of the corpus: the tuned model's next-token loss clean, with the SAE's
   reconstruction spliced in at its layer, and with the layer's output zeroed; CE loss recovered =
@@ -30,22 +31,29 @@ def heldout_metrics(sae, cache, start: int, stop: Optional[int] = None, batch_ro
     explained_variance, nmse, dead_fraction, rows, and feature_frequency (the fraction of rows each feature fires
     on). Statistics in float64, merged across batches exactly."""
     stop = cache.rows if stop is None else stop
-    moments = None
+    moments = {"all": None, "later": None}
     fired_F = torch.zeros(sae.d_hidden, dtype=torch.float64)
     device = sae.W_dec.device
     for lo in range(start, stop, batch_rows):
-        x_BD = cache.read_range(lo, min(stop, lo + batch_rows), ("acts",))["acts"].float().to(device)
+        rows = cache.read_range(lo, min(stop, lo + batch_rows), ("acts", "positions"))
+        x_BD = rows["acts"].float().to(device)
         x_hat_BD, codes_BF = sae(x_BD)
         fired_F += (codes_BF > 0).sum(dim=0).double().cpu()
-        batch = row_moments(x_BD, x_hat_BD, codes_BF).cpu()
-        moments = batch if moments is None else merge_moments(torch.stack([moments, batch]))
-    rows = max(0, stop - start)
-    if moments is None:
+        later = (rows["positions"] > 0).to(device)
+        for key, keep in (("all", slice(None)), ("later", later)):
+            batch = row_moments(x_BD[keep], x_hat_BD[keep], codes_BF[keep]).cpu()
+            moments[key] = batch if moments[key] is None else merge_moments(torch.stack([moments[key], batch]))
+    n = max(0, stop - start)
+    if moments["all"] is None:
         return {"rows": 0}
-    stats = {k: float(v) for k, v in moment_metrics(moments).items()}
-    freq_F = fired_F / max(1, rows)
-    return {"rows": rows, "l0": stats["l0"], "l0_fraction": stats["l0"] / sae.d_hidden,
+    stats = {k: float(v) for k, v in moment_metrics(moments["all"]).items()}
+    later = {k: float(v) for k, v in moment_metrics(moments["later"]).items()}
+    freq_F = fired_F / max(1, n)
+    return {"rows": n, "l0": stats["l0"], "l0_fraction": stats["l0"] / sae.d_hidden,
             "explained_variance": stats["explained_variance"], "nmse": stats["nmse"],
+            # Without each document's first token, whose activations can dwarf every other token's (an attention
+            # sink) and then dominate the variance: the number that says how well ordinary tokens are reconstructed.
+            "explained_variance_after_first": later["explained_variance"], "l0_after_first": later["l0"],
             "dead_fraction": float((fired_F == 0).double().mean()), "feature_frequency": freq_F.tolist()}
 
 

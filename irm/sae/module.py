@@ -152,8 +152,9 @@ class SAEModule(L.LightningModule):
 
     @torch.no_grad()
     def _initialise_from_data(self) -> None:
-        """Normalisation factor sqrt(d_in) / mean ||x|| over up to `normalize_rows` rows of the training part of the
-        cache (every rank reads the same rows: the same factor everywhere), and b_dec at their normalised mean."""
+        """Normalisation factor sqrt(d_in) / mean ||x|| over the tokens after each document's first among up to
+        `normalize_rows` rows of the training part of the cache (every rank reads the same rows: the same factor
+        everywhere), and b_dec at their normalised mean."""
         cache = getattr(self.trainer.datamodule, "cache", None)
         if cache is None:
             if self.hparams.normalize:
@@ -163,10 +164,16 @@ class SAEModule(L.LightningModule):
         stop = min(int(getattr(self.trainer.datamodule, "split", cache.rows)), self.hparams.normalize_rows)
         if stop < 1:
             return
-        x_RD = cache.read_range(0, stop, ("acts",))["acts"].double()
-        scale = float(self.d_in) ** 0.5 / float(x_RD.norm(dim=1).mean().clamp_min(1e-12)) if self.hparams.normalize \
-            else 1.0
-        mean_D = (x_RD.mean(dim=0) * scale).float()
+        rows = cache.read_range(0, stop, ("acts", "positions"))
+        x_RD = rows["acts"].double()
+        # Each document's first token is left out of the estimate: in many LMs its activations are an attention
+        # sink hundreds of times larger than any other token's (SmolLM2's last layers: mean norm 14460 vs 188), and
+        # would set the scale of every other token (SAELens likewise leaves BOS tokens out).
+        later = rows["positions"] > 0
+        typical_RD = x_RD[later] if bool(later.any()) else x_RD
+        scale = float(self.d_in) ** 0.5 / float(typical_RD.norm(dim=1).mean().clamp_min(1e-12)) \
+            if self.hparams.normalize else 1.0
+        mean_D = (typical_RD.mean(dim=0) * scale).float()
         for sae in self.saes.values():
             sae.input_scale.fill_(scale)
             sae.b_dec.copy_(mean_D)
