@@ -1,0 +1,116 @@
+"""Every config section is checked before any stage runs (issue 15.4): a bad value anywhere, or a missing explainer
+model or API key that a later stage needs, is one line and exit 2 before anything is loaded or written."""
+
+import glob
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import proc
+import pytest
+
+from irm.cli import parse_config
+from irm.config import validate
+from irm.errors import UserError
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+# one bad value per section (and the top level), with the field the message must name
+BAD = [
+    (["--devices", "0"], "devices"),
+    (["--threads", "0"], "threads"),
+    (["--model.tiny_d_model", "30"], "model.tiny_d_model"),
+    (["--corpus.n_documents", "0"], "corpus.n_documents"),
+    (["--reward.scale", "0"], "reward.scale"),
+    (["--reward.kind", "classifier"], "reward.classifier"),
+    (["--rlhf.batch_size", "6", "--rlhf.mini_batch_size", "4"], "rlhf.batch_size"),
+    (["--rlhf.mini_batch_size", "1"], "rlhf.mini_batch_size"),
+    (["--rlhf.prompt_min_tokens", "9", "--rlhf.prompt_max_tokens", "3"], "rlhf.prompt_min_tokens"),
+    (["--rlhf.learning_rate", "-1"], "rlhf.learning_rate"),
+    (["--evaluate.n", "1"], "evaluate.n"),
+    (["--divergence.top_k", "0"], "divergence.top_k"),
+    (["--cache.layers", "[-1]"], "cache.layers"),
+    (["--cache.shard_rows", "0"], "cache.shard_rows"),
+    (["--sae.expansions", "[1, 1]"], "sae.expansions"),
+    (["--sae.val_fraction", "1.0"], "sae.val_fraction"),
+    (["--dictionaries.top_k", "0"], "dictionaries.top_k"),
+    (["--explain.concurrency", "0"], "explain.concurrency"),
+    (["--explain.timeout", "0"], "explain.timeout"),
+    (["--triples.heldout_fraction", "1.0"], "triples.heldout_fraction"),
+    (["--triples.max_length", "1"], "triples.max_length"),
+    (["--regression.val_fraction", "0"], "regression.val_fraction"),
+    (["--regression.weight_decay", "-0.1"], "regression.weight_decay"),
+    (["--lexicon.bootstrap", "-1"], "lexicon.bootstrap"),
+    (["--lexicon.percentiles", "[90, 10]"], "lexicon.percentiles"),
+    (["--validate.threshold", "4"], "validate.threshold"),
+    (["--ablate.modes", "[zero]"], "ablate.modes"),
+    (["--ablate.n_prompts", "0"], "ablate.n_prompts"),
+]
+
+
+@pytest.mark.parametrize("args,field", BAD, ids=[b[1] for b in BAD])
+def test_a_bad_value_in_any_section_is_refused_naming_the_field(tmp_path, args, field):
+    cfg = parse_config("pipeline", ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), *args])
+    with pytest.raises(UserError, match=rf"^bad configuration: {field.replace('.', '[.]')}="):
+        validate(cfg)
+
+
+def test_the_shipped_run_configs_are_valid():
+    checked = 0
+    for path in sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))):
+        if Path(path).name in ("sae.yaml", "regression.yaml"):  # Lightning CLI configs, not run configs
+            continue
+        validate(parse_config("pipeline", ["--config", path]))
+        checked += 1
+    assert checked >= 3
+
+
+def test_the_explainers_needs_are_checked_only_for_the_stages_that_will_use_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("IRM_TEST_KEY", raising=False)
+    base = ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), "--explain.backend", "openai"]
+    no_model = parse_config("pipeline", base + ["--explain.api_key_env", "IRM_TEST_KEY"])
+    with pytest.raises(UserError, match="explain.model is empty"):
+        validate(no_model, ["rlhf", "explain"])
+    no_key = parse_config("pipeline", base + ["--explain.model", "m", "--explain.api_key_env", "IRM_TEST_KEY"])
+    with pytest.raises(UserError, match="IRM_TEST_KEY"):
+        validate(no_key, ["explain"])
+    validate(no_key, ["rlhf"])  # PPO alone does not need the explainer
+    llm_triples = parse_config("pipeline", base + ["--explain.model", "m", "--explain.api_key_env", "IRM_TEST_KEY",
+                                                   "--triples.substitution", "llm"])
+    with pytest.raises(UserError, match="IRM_TEST_KEY"):
+        validate(llm_triples, ["triples"])  # llm substitution asks the explainer too
+    monkeypatch.setenv("IRM_TEST_KEY", "k")
+    validate(no_key, ["explain"])
+
+
+# The refusal happens before anything heavy is imported (so it takes the CLI's start-up, a few seconds) and before the
+# run directory is created. Run in a fresh interpreter so the modules it loads are its own.
+PROBE = textwrap.dedent("""
+    import sys
+    from irm.cli import main
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:
+        heavy = [m for m in ("torch", "lightning", "trl", "transformers") if m in sys.modules]
+        print("exit", e.code, "heavy", heavy, flush=True)
+""")
+
+
+@pytest.mark.parametrize("case", ["bad-lexicon", "openai-no-model", "openai-no-key"])
+def test_the_pipeline_refuses_before_the_first_stage_and_writes_nothing(tmp_path, case):
+    run_dir = tmp_path / "run"
+    extra = {"bad-lexicon": ["--lexicon.bootstrap", "-5"],
+             "openai-no-model": ["--explain.backend", "openai"],
+             "openai-no-key": ["--explain.backend", "openai", "--explain.model", "gpt-4o-mini",
+                               "--explain.api_key_env", "IRM_TEST_UNSET_KEY"]}[case]
+    env = {k: v for k, v in os.environ.items() if k != "IRM_TEST_UNSET_KEY"}
+    out = proc.run([sys.executable, "-c", PROBE, "pipeline", "--config", str(TINY), "--run_dir", str(run_dir),
+                    "--log_dir", str(tmp_path / "tb"), *extra], timeout=120, cwd=tmp_path, env=env)
+    assert out.stdout.strip() == "exit 2 heavy []", (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("irm pipeline: error: bad configuration: ")
+    assert {"bad-lexicon": "lexicon.bootstrap=-5", "openai-no-model": "explain.model is empty",
+            "openai-no-key": "IRM_TEST_UNSET_KEY"}[case] in lines[0]
+    assert not run_dir.exists() and not (tmp_path / "tb").exists()
