@@ -136,6 +136,11 @@ class Doc:
         self.html.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
+    def raw(self, html_text: str, md_text: str) -> None:
+        """Ready-made HTML (a rendered template) and what the Markdown shows in its place."""
+        self.md.append(md_text + "\n")
+        self.html.append(html_text)
+
     def code(self, text: str, summary: str) -> None:
         """A block of YAML; in the HTML folded under `summary` so it does not bury the results."""
         self.md.append("```yaml\n" + text.rstrip() + "\n```\n")
@@ -476,6 +481,60 @@ def _score(f: dict) -> str:
     return "unparsed" if s.get("accuracy") is None else _fmt(s["accuracy"])
 
 
+HIST_W, HIST_H = 260, 90  # px: the dashboard's activation histogram
+
+
+def _histogram_svg(h: Optional[dict]) -> Optional[dict]:
+    """Bar geometry of a feature's activation histogram for the dashboard template."""
+    if not h or not h.get("counts") or not sum(h["counts"]):
+        return None
+    counts, edges = h["counts"], h["edges"]
+    top, w = max(counts), HIST_W / len(counts)
+    bars = [{"x": round(i * w, 1), "w": round(max(w - 1, 1), 1), "h": round(HIST_H * c / top, 1),
+             "y": round(HIST_H - HIST_H * c / top, 1),
+             "title": f"{edges[i]:.3g}-{edges[i + 1]:.3g}: {c} windows"} for i, c in enumerate(counts)]
+    return {"bars": bars, "width": HIST_W, "height": HIST_H, "max": f"{edges[-1]:.3g}",
+            "caption": f"max activation per window ({h.get('windows_active')} of {h.get('windows')} windows fire)"}
+
+
+def _dashboard(f: dict) -> dict:
+    """One explained feature as the dashboard template's context."""
+    peak = max([a for r in f.get("records") or [] for a in r.get("activations", [])] + [0.0])
+    windows = [{"kind": r.get("kind", ""),
+                "tokens": [{"text": t, "value": f"{a:.3g}", "alpha": round(min(max(a, 0.0) / peak, 1.0), 3)
+                            if peak > 0 else 0.0} for t, a in zip(r["tokens"], r["activations"])]}
+               for r in (f.get("records") or []) if r.get("kind") == "top"]
+    lens = f.get("logit_lens") or {}
+    promoted, suppressed = lens.get("promoted") or [], lens.get("suppressed") or []
+    pair = f.get("pair") or {}
+    return {"layer": f.get("layer"), "dictionary": f.get("dictionary"), "index": f.get("index"),
+            "label": f.get("label"), "status": f.get("status") or "unparsed", "score": _score(f),
+            "label_method": f.get("label_method"), "explanation": f.get("explanation"),
+            "rejected": f.get("rejected_explanation") or (f.get("note") if f.get("explanation") is None else None),
+            "max_activation": _fmt(f.get("max_activation")),
+            "pair": f"{pair.get('dictionary')} #{pair.get('index')}, cosine {_fmt(pair.get('cosine'))}" if pair else "",
+            "windows": windows, "hist": _histogram_svg(f.get("histogram")),
+            "lens_method": lens.get("method"), "lens_note": lens.get("note") or "not computed",
+            "promoted": promoted,
+            "lens_rows": [((p[0], f"{p[1]:+.2f}"), (s[0], f"{s[1]:+.2f}")) for p, s in zip(promoted, suppressed)]}
+
+
+def dashboard_section(doc: "Doc", feats: list[dict]) -> None:
+    """A dashboard per explained feature (Neuronpedia / SAEDashboard style), rendered from a Jinja2 template into
+    the HTML; the Markdown points there."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                      autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
+    intro = ("Per feature: its top-activating windows with each token shaded by its activation (hover for the value), "
+             "the histogram of its largest activation per window, and the tokens its decoder direction promotes and "
+             "suppresses directly through the unembedding (logit lens), with its explanation, label and detection "
+             "score.")
+    doc.heading("Feature dashboards", 3)
+    doc.raw(env.get_template("feature_dashboard.html.j2").render(intro=intro, features=[_dashboard(f) for f in feats]),
+            f"{len(feats)} feature dashboards (activation-shaded windows, histogram, logit lens): see report.html.")
+
+
 def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     plots = root / PLOTS
@@ -593,13 +652,25 @@ def run(cfg: RunConfig) -> dict:
     feats = read_jsonl(root / "explanations.jsonl")
     doc.heading("Shared features, their descriptions and reward labels (paper tables 2, 8, 9)")
     if feats:
+        methods = sorted({f["label_method"] for f in feats if f.get("label_method")})
         doc.table(
             ["layer", "dictionary", "feature", "explanation", "related to reward", "detection score"],
-            [[f.get("layer"), f.get("dictionary"), f.get("index"), f.get("explanation"),
-              {1: "yes", 0: "no"}.get(f.get("label"), "unparsed"), _score(f)] for f in feats],
-            caption=f"explainer: {feats[0].get('backend')} / {feats[0].get('model')}; detection score: accuracy "
-                    "of the explainer predicting from the explanation which texts activate the feature",
+            [[f.get("layer"), f.get("dictionary"), f.get("index"),
+              f.get("explanation") or (f"[{f.get('status', 'unparsed')}] {f.get('rejected_explanation') or ''}"
+                                       .strip()),
+              {1: "yes", 0: "no"}.get(f.get("label"), f.get("status") or "unparsed"), _score(f)] for f in feats],
+            caption=f"explainer: {feats[0].get('backend')} / {feats[0].get('model')}; labels: "
+                    f"{'; '.join(methods) or 'n/a'}; detection score: accuracy of the explainer predicting from the "
+                    "explanation which texts activate the feature",
         )
+        statuses = {}
+        for f in feats:
+            statuses[f.get("status", "ok")] = statuses.get(f.get("status", "ok"), 0) + 1
+        unusable = {k: v for k, v in statuses.items() if k != "ok"}
+        if unusable:
+            doc.para("Not explained (never labelled related): "
+                     + "; ".join(f"{n} {k}" for k, n in sorted(unusable.items())) + ".")
+        dashboard_section(doc, feats)
     else:
         doc.para("Not run.")
 
@@ -656,7 +727,17 @@ def run(cfg: RunConfig) -> dict:
     val = _load(root, "validation.json")
     doc.heading("Validation: labelled features where R predicts a large delta (paper table 6)")
     if val:
-        shown = {k: _features(v) if k == "related" else v for k, v in val.items() if k != "per_layer"}
+        vs = val.get("vs_other_explained") or {}
+        if vs:
+            doc.table(["inputs", "related features", "other explained features", "related frequency",
+                       "other explained frequency", "lift (ratio)", "permutation p (one-sided)"],
+                      [[k, v.get("n_related"), v.get("n_other"), v.get("related_frequency"),
+                        v.get("other_frequency"), v.get("lift"), _p(v.get("p_value"))] for k, v in vs.items()],
+                      caption="The control: the other explained features of the same layers (explained, labelled "
+                              "0), not every feature (dead ones included). p: "
+                              + (next(iter(vs.values())).get("test") or ""))
+        shown = {k: _features(v) if k == "related" else v for k, v in val.items()
+                 if k not in ("per_layer", "vs_other_explained", "other")}
         doc.table(["quantity", "value"], [[VALIDATION_LABELS.get(k, k), v] for k, v in shown.items()])
         per_layer = val.get("per_layer") or {}
         if per_layer:
@@ -672,6 +753,20 @@ def run(cfg: RunConfig) -> dict:
     abl = _load(root, "ablation.json")
     doc.heading("Ablating the reward-related features (paper table 5, with controls)")
     if abl:
+        heads = []
+        for mode, conds in abl.get("modes", {}).items():
+            for key, text in (("ablated_minus_splice", "ablated - splice only"),
+                              ("ablated_minus_random", "ablated - frequency-matched random features")):
+                d = conds.get(key)
+                if d:
+                    heads.append([f"{ABLATION_MODES.get(mode, mode)}: {text}", f"{d['mean']:+.3f}", _ci(d),
+                                  _p(d.get("p_value")) if key == "ablated_minus_splice" else
+                                  f"between-draw sd {_fmt(d.get('between_draw_std'))}", d.get("interval", "")])
+        if heads:
+            doc.table(["paired difference, same prompts", "mean reward difference", "95% CI", "p / spread",
+                       "interval"], heads,
+                      caption="The headline: negative means ablating the labelled features lowers the reward more "
+                              "than the control. " + (abl.get("random_control") or ""))
         rows = [["tuned model, no splice (before)", _fmt(abl["before"]["mean"]), _ci(abl["before"]), ""]]
         for mode, conds in abl.get("modes", {}).items():
             for cond, text in ABLATION_CONDITIONS.items():
