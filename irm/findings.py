@@ -323,3 +323,53 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
                    + (f"; SAE quality on held-out data: {sae_text}" if sae_text else ""),
         ))
     return rows or None
+
+
+@row_builder
+def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
+    """Table 6: the features labelled related fire more often where R predicts a large delta than the *other
+    explained* features of the same layers (validation.json), by a label-permutation test in both tails."""
+    val = _load(root, "validation.json")
+    vs = ((val or {}).get("vs_other_explained") or {}).get("inputs above threshold")
+    if not vs or vs.get("p_value") is None:
+        return None
+    return finding(
+        claim="the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)",
+        number=f"activation frequency {num(vs['related_frequency'])} over {vs['n_related']} related features; "
+               f"lift {num(vs.get('lift'), 2)}",
+        control=f"the {vs['n_other']} other explained features of the same layers: {num(vs['other_frequency'])}",
+        verdict=verdict_from_p(vs["p_value"], vs.get("p_value_less")),
+        detail=f"label permutation: {p_text(vs['p_value'])} (fire more), {p_text(vs.get('p_value_less'))} (fire "
+               f"less); {val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > {val.get('threshold')}",
+    )
+
+
+@row_builder
+def ablation_lowers_reward(root: Path) -> Optional[list]:
+    """Table 5: zero-ablating the labelled features lowers the reward, as paired differences on the same prompts
+    against the splice with nothing ablated and against frequency-matched random features (ablation.json). The
+    claim is a drop, so the verdict reads the negated interval against 0."""
+    abl = _load(root, "ablation.json")
+    if not abl or not abl.get("n_features"):
+        return None
+    rows = []
+    for mode, conds in abl.get("modes", {}).items():
+        for key, control in (("ablated_minus_splice", "the SAE splice with nothing ablated"),
+                             ("ablated_minus_random", f"{abl.get('random_draws')} draws of as many random features "
+                                                      f"matched on firing frequency")):
+            d = conds.get(key)
+            if not d:
+                continue
+            ci = d.get("ci95")
+            rows.append(finding(
+                claim=f"ablating the {abl['n_features']} labelled features lowers the reward ({mode} splice; paper "
+                      f"5.2, table 5)",
+                number=f"reward difference {num(d['mean'], signed=True)} {interval(ci)}",
+                control=control,
+                verdict=verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0),
+                detail=f"paired on {abl.get('n_prompts')} prompts; {d.get('interval', '')}"
+                       + (f"; {p_text(d['p_value'])}" if d.get("p_value") is not None else "")
+                       + (f"; between-draw sd {num(d['between_draw_std'])}" if d.get("between_draw_std") is not None
+                          else ""),
+            ))
+    return rows or None

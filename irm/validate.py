@@ -92,19 +92,20 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) ->
     out = {"n_related": int(len(related_F)), "n_other": int(len(other_F)),
            "related_frequency": float(related_F.mean()) if len(related_F) else None,
            "other_frequency": float(other_F.mean()) if len(other_F) else None,
-           "lift": None, "difference": None, "p_value": None,
-           "test": "label permutation among the explained features, one-sided (related fire more), statistic = "
-                   "difference of mean frequencies"}
+           "lift": None, "difference": None, "p_value": None, "p_value_less": None,
+           "test": "label permutation among the explained features, one-sided (p_value: related fire more; "
+                   "p_value_less: they fire less), statistic = difference of mean frequencies"}
     if not len(related_F) or not len(other_F):
         return out
     out["difference"] = out["related_frequency"] - out["other_frequency"]
     if out["other_frequency"] > 0:
         out["lift"] = out["related_frequency"] / out["other_frequency"]
     if min(len(related_F), len(other_F)) >= 2:
-        res = permutation_test((related_F, other_F), lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
-                               permutation_type="independent", alternative="greater", vectorized=True,
-                               n_resamples=N_PERMUTATIONS, rng=np.random.default_rng(seed))
-        out["p_value"] = float(res.pvalue)
+        for key, alternative in (("p_value", "greater"), ("p_value_less", "less")):
+            res = permutation_test((related_F, other_F), lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
+                                   permutation_type="independent", alternative=alternative, vectorized=True,
+                                   n_resamples=N_PERMUTATIONS, rng=np.random.default_rng(seed))
+            out[key] = float(res.pvalue)
     else:
         # scipy wants two values per group; with one feature in a group the partitions are just which value it
         # is, so enumerate them (ties count as extreme, as scipy counts them).
@@ -115,7 +116,9 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) ->
             diffs = pool - (total - pool) / (n - 1)
         else:
             diffs = (total - pool) / (n - 1) - pool
-        out["p_value"] = float(np.mean(diffs >= out["difference"] - 1e-12 * max(1.0, abs(out["difference"]))))
+        tol = 1e-12 * max(1.0, abs(out["difference"]))
+        out["p_value"] = float(np.mean(diffs >= out["difference"] - tol))
+        out["p_value_less"] = float(np.mean(diffs <= out["difference"] + tol))
     return out
 
 

@@ -90,3 +90,23 @@ def test_validation_lift_and_ablation_paired_differences_are_shown(made):
     assert re.search(r"ablated - splice only \| -0\.375 \| \[-0\.500, -0\.250\] \| 4\.00e-04", md)
     assert re.search(r"ablated - frequency-matched random features \| -0\.312 \| \[-0\.625, -0\.062\] \| "
                      r"between-draw sd 0\.125", md)
+
+
+def test_findings_rows_for_validation_and_ablation(made):
+    from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, SUPPORTED, build_findings
+
+    rows = {r["claim"]: r for r in build_findings(made)}
+    val = next(r for c, r in rows.items() if c.startswith("the features labelled related"))
+    assert val["verdict"] == SUPPORTED and "lift 2.00" in val["number"] and "0.250" in val["control"]
+    abl = [r for r in build_findings(made) if r["claim"].startswith("ablating")]
+    assert [r["verdict"] for r in abl] == [SUPPORTED, SUPPORTED]
+    assert "splice with nothing ablated" in abl[0]["control"] and "firing frequency" in abl[1]["control"]
+    # A drop whose interval reaches 0 is not distinguishable; a rise is contradicted.
+    path = made / "ablation.json"
+    data = json.loads(path.read_text())
+    error = data["modes"]["error"]
+    error["ablated_minus_splice"]["ci95"] = [-0.5, 0.1]
+    error["ablated_minus_random"]["ci95"] = [0.1, 0.3]
+    path.write_text(json.dumps(data))
+    verdicts = [r["verdict"] for r in build_findings(made) if r["claim"].startswith("ablating")]
+    assert verdicts == [NOT_DISTINGUISHABLE, CONTRADICTED]

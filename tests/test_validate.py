@@ -65,6 +65,7 @@ def test_lift_and_permutation_p_against_an_exact_enumeration():
     want = exact_one_sided_p(related, other)  # C(10, 3) = 120 partitions: scipy enumerates them
     assert want < 0.05
     assert got["p_value"] == pytest.approx(want)
+    assert got["p_value_less"] == pytest.approx(exact_one_sided_p(-related, -other))  # the other tail
     # Related features that fire less: the one-sided p is large, the lift below 1.
     flipped = compare_groups(other[:3], np.concatenate([related, other[3:]]))
     assert flipped["lift"] < 1 and flipped["p_value"] == pytest.approx(
@@ -73,6 +74,7 @@ def test_lift_and_permutation_p_against_an_exact_enumeration():
     # One feature in a group (scipy needs two): enumerated by hand, still equal to the exact enumeration.
     for a, b in ((related[:1], other), (related, other[5:6])):
         assert compare_groups(a, b)["p_value"] == pytest.approx(exact_one_sided_p(a, b))
+        assert compare_groups(a, b)["p_value_less"] == pytest.approx(exact_one_sided_p(-a, -b))
 
 
 def test_lift_compares_with_other_explained_features_not_every_feature():
@@ -147,6 +149,37 @@ def independent_codes(root, ids, position):
     return codes1, codes3
 
 
+def independent_selection(cfg, root):
+    """Every validation input (eval text position but the first) as (R's output on the lexicon scale, active
+    features [position, layer-major feature]), computed one unpadded text at a time, without the stage's code."""
+    from irm.data import load_texts
+    from irm.models import capture, load_pretrained, splice
+    from irm.regression import load_irm
+    from irm.sae import load_sae, sae_dir
+
+    model, tokenizer = load_pretrained(root / "rlhf" / "policy")
+    sae1, sae3 = (load_sae(sae_dir(root, layer, 1)) for layer in LAYERS)
+    weight, bias, _ = load_irm(root)
+    lo, hi = json.loads((root / "kendall.json").read_text())["mapping"]["raw_at_percentiles"]
+    scaled, active = [], []
+    for text in load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=20):
+        ids = tokenizer(text, truncation=True, max_length=cfg.cache.max_length)["input_ids"]
+        if len(ids) < 2:
+            continue
+        with torch.no_grad():
+            with capture(model, [1]) as acts:
+                model(input_ids=torch.tensor([ids]))
+            codes1 = sae1.encode(acts[1][0, 1:])
+            with splice(model, {1: lambda out: sae1.decode(sae1.encode(out))}), capture(model, [3]) as acts:
+                model(input_ids=torch.tensor([ids]))
+            codes3 = sae3.encode(acts[3][0, 1:])
+        x = torch.cat([codes1, codes3], dim=1).double()
+        raw = (x @ weight.double().flatten() + float(bias)).numpy()
+        scaled.append(np.clip(-4 + 8 * (raw - lo) / (hi - lo), -4, 4))
+        active.append((x > 0).numpy())
+    return np.concatenate(scaled), np.concatenate(active)
+
+
 def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     from safetensors.torch import load_file
     from scipy.stats import kendalltau
@@ -209,7 +242,28 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
 
     val = json.loads((root / "validation.json").read_text())
     assert val["n_texts"] == 20 and val["n_related"] == 3 and val["related"] == {"1": [2, 5], "3": [0]}
-    assert 0 <= val["n_inputs_above"] <= val["n_inputs"]
+    # R's selection recomputed without the stage: one unpadded text at a time, R's weights on the codes, the mapping
+    # written out by hand; then at a threshold that splits the inputs, which inputs R selects and how often the
+    # related features fire among them
+    scaled, active = independent_selection(tiny_cfg, root)
+    assert val["n_inputs"] == len(scaled) and val["n_inputs_above"] == int((scaled > 3.0).sum())
+    ordered = np.sort(scaled)
+    middle = ordered[len(ordered) // 4: 3 * len(ordered) // 4]
+    gap = int(np.argmax(np.diff(middle)))
+    assert middle[gap + 1] - middle[gap] > 1e-3  # batching noise cannot move an input across it
+    split = float((middle[gap] + middle[gap + 1]) / 2)
+    from irm.cli import main
+
+    main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS,
+          "--validate.threshold", repr(split)])
+    val_split = json.loads((root / "validation.json").read_text())
+    chosen = scaled > split
+    assert 0 < val_split["n_inputs_above"] == int(chosen.sum()) < len(scaled)
+    related_columns = [*RELATED[1], 64 + RELATED[3][0]]
+    assert val_split["related_frequency"] == pytest.approx(float(active[chosen][:, related_columns].mean()), abs=1e-9)
+    assert val_split["average_frequency"] == pytest.approx(float(active[chosen].mean()), abs=1e-9)
+    main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS])
+    val = json.loads((root / "validation.json").read_text())
     assert 0.0 < val["average_frequency_all_inputs"] < 1.0
     vs = val["vs_other_explained"]["all inputs"]
     assert vs["n_related"] == 3 and vs["n_other"] == 2 * 64 - 3  # every other feature was explained, labelled 0
