@@ -367,9 +367,10 @@ def ablation_lowers_reward(root: Path) -> Optional[list]:
                 number=f"reward difference {num(d['mean'], signed=True)} {interval(ci)}",
                 control=control,
                 verdict=verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0),
-                detail=f"paired on {abl.get('n_prompts')} prompts; {d.get('interval', '')}"
-                       + (f"; {p_text(d['p_value'])}" if d.get("p_value") is not None else "")
-                       + (f"; between-draw sd {num(d['between_draw_std'])}" if d.get("between_draw_std") is not None
-                          else ""),
+                detail="; ".join(part for part in (
+                    f"paired on {abl.get('n_prompts')} prompts", d.get("interval"),
+                    p_text(d["p_value"]) if d.get("p_value") is not None else None,
+                    f"between-draw sd {num(d['between_draw_std'])}" if d.get("between_draw_std") is not None
+                    else None) if part),
             ))
     return rows or None
