@@ -96,10 +96,15 @@ def test_threads_knob_caps_torch_threads_and_refuses_nonsense():
     assert (cfg.threads, cfg.devices) == (1, 2)
     before = torch.get_num_threads()
     try:
+        # start from another count than the one asked for (test modules pin torch to one thread at import, so a
+        # set_threads that did nothing would pass a check that only asks for 1)
+        torch.set_num_threads(3)
         set_threads(cfg.threads)
         assert torch.get_num_threads() == 1
+        set_threads(2)
+        assert torch.get_num_threads() == 2
         set_threads(None)  # the default leaves torch alone
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     with pytest.raises(UserError, match="threads must be >= 1"):

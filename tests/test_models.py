@@ -4,7 +4,6 @@ corpus word, saved models reload identically, and bad names fail with one clear 
 
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -335,10 +334,8 @@ def test_unreachable_hub_id_is_a_user_error(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as with no network, without waiting
-    started = time.monotonic()
     with pytest.raises(UserError, match=r"cannot load model 'no-such-org/no-such-model'.*hub id"):
         models.load_model(ModelConfig(name="no-such-org/no-such-model"))
-    assert time.monotonic() - started < 20
 
 
 def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):

@@ -21,15 +21,49 @@ ARTIFACTS = [
 ]
 
 
-def downstream(stage: str) -> set[str]:
-    """Every stage that reads `stage`, directly or not (computed from the graph, independently of the runner)."""
+# What each stage reads, written out from the paper's data flow and the stage modules' inputs, independently of
+# irm.stages (a missing edge in the code's graph must fail here, not be copied into the expectation).
+READS: dict[str, set[str]] = {
+    "rlhf": set(),
+    "evaluate-reward": {"rlhf"},                              # base and tuned policies
+    "divergence": {"rlhf"},                                   # parameter distance base vs tuned
+    "cache": {"rlhf", "divergence"},                          # tuned activations of the chosen layers
+    "sae": {"cache"},
+    "dictionaries": {"sae"},                                  # MMCS of each layer's two dictionaries
+    "explain": {"cache", "sae", "dictionaries"},              # shared features, their top windows
+    "triples": {"rlhf"},                                      # tokenizer of the tuned policy
+    "deltas": {"rlhf", "triples", "sae"},                     # codes through the spliced SAEs
+    "regression": {"deltas"},
+    "lexicon": {"rlhf", "regression", "triples", "sae"},
+    "control": {"rlhf", "divergence", "triples", "sae", "lexicon"},
+    "validate-features": {"rlhf", "regression", "lexicon", "explain", "sae"},
+    "ablate": {"rlhf", "sae", "explain"},                     # labelled features zeroed in the tuned policy
+    "report": {"evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
+               "validate-features", "ablate"},
+}
+
+
+def closure(stage: str, edges) -> set[str]:
+    """Every stage `stage` reads, directly or not, under `edges(stage) -> upstream stages`."""
     out: set[str] = set()
-    frontier = {stage}
+    frontier = set(edges(stage))
     while frontier:
-        nxt = {s for s, (_, ups) in GRAPH.items() if frontier & set(ups)} - out
-        out |= nxt
-        frontier = nxt
+        out |= frontier
+        frontier = {u for s in frontier for u in edges(s)} - out
     return out
+
+
+def downstream(stage: str) -> set[str]:
+    """Every stage that reads `stage`, directly or not, by READS (not by the code's graph)."""
+    return {s for s in READS if stage in closure(s, READS.__getitem__)}
+
+
+def test_the_stage_graph_has_every_edge_of_the_data_flow():
+    assert set(READS) == set(GRAPH) == set(ORDER)
+    for stage, reads in READS.items():
+        upstream = closure(stage, lambda s: GRAPH[s][1])
+        assert reads <= upstream, f"{stage} reads {sorted(reads - upstream)} but the graph does not say so"
+        assert all(ORDER.index(u) < ORDER.index(stage) for u in GRAPH[stage][1])
 
 
 def pipeline(run_dir: Path, *extra: str) -> dict:

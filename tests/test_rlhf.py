@@ -180,6 +180,28 @@ def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
         ppo_config(RLHFConfig(batch_size=10, mini_batch_size=4), "unused", 0, use_cpu=True)
 
 
+def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm_and_logs_the_norm_before(monkeypatch):
+    """The trainer's own optimizer (create_optimizer) rescales a gradient of norm 5 to norm 1 before stepping
+    (SGD, lr 1: the step is minus the clipped gradient, worked by hand), and records 5; with max_grad_norm 0 the
+    step is the whole gradient."""
+    from types import SimpleNamespace
+
+    from trl.experimental.ppo import PPOTrainer
+
+    from irm.rlhf.trainer import ResumablePPOTrainer
+
+    for max_norm, want in ((1.0, [-0.6, -0.8, 0.0]), (0.0, [-3.0, -4.0, 0.0])):
+        p = torch.nn.Parameter(torch.zeros(3))
+        monkeypatch.setattr(PPOTrainer, "create_optimizer", lambda self, model=None: torch.optim.SGD([p], lr=1.0))
+        trainer = object.__new__(ResumablePPOTrainer)  # no model: only the optimizer under test
+        trainer.args, trainer._grad_norms = SimpleNamespace(max_grad_norm=max_norm), []
+        optimizer = ResumablePPOTrainer.create_optimizer(trainer)
+        p.grad = torch.tensor([3.0, 4.0, 0.0])
+        optimizer.step()
+        torch.testing.assert_close(p.detach(), torch.tensor(want), rtol=0, atol=1e-6)
+        assert trainer._grad_norms == pytest.approx([5.0])
+
+
 def test_run_writes_policy_and_tensorboard_reward_and_kl_for_every_step(runs):
     from irm.artifacts import read_jsonl
     from irm.models import load_tuned
@@ -196,10 +218,6 @@ def test_run_writes_policy_and_tensorboard_reward_and_kl_for_every_step(runs):
     model, _ = load_tuned(cfg)
     assert model.config.model_type == "gpt_neox"
     assert sorted(p.name for p in ckpt_dir(cfg).iterdir()) == ["step-000004", "step-000008"]
-
-
-def test_tiny_run_takes_well_under_two_minutes(runs):
-    assert runs["full_seconds"] < 120
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(runs):
@@ -334,7 +352,17 @@ def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path
     evaluate(cfg)
     result = json.loads((Path(cfg.run_dir) / "reward_eval.json").read_text())
     assert result["base"]["n"] == result["tuned"]["n"] == 8
-    assert result["tuned"]["ci95"][0] <= result["tuned"]["mean"] <= result["tuned"]["ci95"][1]
+    # the interval recomputed with scipy from the journalled per-completion rewards (a mean always lies in its own
+    # interval, so that proves nothing)
+    import numpy as np
+    from scipy import stats
+
+    for label in ("base", "tuned"):
+        journal = Path(cfg.run_dir) / "evaluate" / f"{label}.jsonl"
+        rewards = np.concatenate([json.loads(line)["rewards"] for line in journal.read_text().splitlines()])
+        assert len(rewards) == 8 and result[label]["mean"] == pytest.approx(rewards.mean(), abs=1e-9)
+        low, high = stats.t.interval(0.95, len(rewards) - 1, loc=rewards.mean(), scale=stats.sem(rewards))
+        assert result[label]["ci95"] == pytest.approx([low, high], abs=1e-9)
 
 
 def test_without_a_final_checkpoint_the_run_leaves_none_and_editing_bookkeeping_redoes_nothing(runs):
