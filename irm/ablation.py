@@ -294,8 +294,6 @@ def _setup(cfg: RunConfig, device) -> _Setup:
     width = site_width(model, cfg.cache.site)
     saes = {layer: load_sae(sae_dir(cfg.run_dir, layer, cfg.sae.dictionary_pair()[0]), d_in=width, device=device) for layer in layers}
     widths = {layer: int(sae.dictionary.shape[0]) for layer, sae in saes.items()}
-    if a.match_pool < 1:
-        raise UserError(f"ablate.match_pool must be >= 1, got {a.match_pool}")
     for layer, ix in related.items():
         if ix[-1] >= widths[layer]:
             raise UserError(

@@ -392,7 +392,7 @@ def _problems(cfg: RunConfig) -> list[str]:
     at_least(v, "n_inputs", 1)
     need(-4.0 < v.threshold < 4.0, "validate.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
     a = cfg.ablate
-    for name in ("n_prompts", "new_tokens", "prefix_tokens", "batch_size"):
+    for name in ("n_prompts", "new_tokens", "prefix_tokens", "batch_size", "match_pool"):
         at_least(a, name, 1)
     at_least(a, "random_draws", 0)
     need(bool(a.modes) and set(a.modes) <= set(ABLATION_MODES), "ablate.modes", list(a.modes),
