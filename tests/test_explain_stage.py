@@ -247,6 +247,11 @@ def test_the_embedded_local_model_runs_the_stage_and_its_unusable_answers_are_fl
         assert ln["explanation_answer"].strip() and ln["label"] in (0, 1, None)
         if ln["explanation"] is None:
             assert ln["label"] is None and ln["status"] != "ok"
+        else:  # a usable explanation was asked about, and its label is what the model's label answer says
+            assert "label_answer" in ln
+            first = ln["label_answer"].strip().lstrip("*").strip()[:1]
+            if first in ("0", "1"):
+                assert ln["label"] == int(first), ln["label_answer"]
     answers = (Path(cfg.run_dir) / "explain" / "answers.jsonl").read_text()
     assert answers
     run(cfg)
