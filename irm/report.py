@@ -341,8 +341,16 @@ def build_summary(root: Path) -> dict:
             "before": ablation.get("before", {}).get("mean"),
             "after": ablation.get("after", {}).get("mean"),
             "n_features": ablation.get("n_features"),
+            "paired": {mode: {key: {k: conds[key].get(k) for k in ("mean", "ci95", "p_value", "between_draw_std")}
+                              for key in ("ablated_minus_splice", "ablated_minus_random") if key in conds}
+                       for mode, conds in ablation.get("modes", {}).items()},
         },
-        "validation": {k: validation.get(k) for k in ("related_frequency", "average_frequency", "n_inputs_above")},
+        "validation": {**{k: validation.get(k) for k in ("related_frequency", "average_frequency", "n_inputs_above")},
+                       "vs_other_explained": {k: {f: v.get(f) for f in ("n_related", "n_other", "related_frequency",
+                                                                         "other_frequency", "lift", "p_value")}
+                                              for k, v in (validation.get("vs_other_explained") or {}).items()}},
+        "explain": {k: (_load(root, "explain/scores.json") or {}).get(k)
+                    for k in ("backend", "model", "explanations", "n_scored", "n_unparsed", "n_retried")},
     }
 
 

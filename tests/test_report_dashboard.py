@@ -110,3 +110,12 @@ def test_findings_rows_for_validation_and_ablation(made):
     path.write_text(json.dumps(data))
     verdicts = [r["verdict"] for r in build_findings(made) if r["claim"].startswith("ablating")]
     assert verdicts == [NOT_DISTINGUISHABLE, CONTRADICTED]
+
+
+def test_summary_carries_the_lift_and_the_paired_differences(made):
+    s = json.loads((made / "summary.json").read_text())
+    assert s["validation"]["vs_other_explained"]["inputs above threshold"]["lift"] == 2.0
+    assert s["validation"]["vs_other_explained"]["inputs above threshold"]["p_value"] == 0.0123
+    paired = s["ablation"]["paired"]["error"]
+    assert paired["ablated_minus_splice"]["ci95"] == [-0.5, -0.25]
+    assert paired["ablated_minus_random"]["between_draw_std"] == 0.125
