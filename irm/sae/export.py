@@ -15,6 +15,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # TransformerLens hook names (what SAELens's `hook_name` means) of our activation sites.
+SAE_LENS_FORMAT = "6.0.0"  # the SAELens cfg.json format written (its `sae_lens_version` key)
 HOOK_NAMES = {"mlp_out": "blocks.{layer}.hook_mlp_out", "mlp_hidden": "blocks.{layer}.mlp.hook_post"}
 
 
@@ -73,6 +74,13 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
                 # The weights above act on raw activations; the SAE was trained on raw * input_scale.
                 "input_scale": s, **(irm or {})},
     }
+    # SAELens >= 6 reads a file that names its format version through its current path (without one it takes the
+    # pre-6.0 conversion) and keeps `metadata` when it saves an SAE back: our settings ride there too (issue 16).
+    cfg["sae_lens_version"] = SAE_LENS_FORMAT
+    cfg["reshape_activations"] = "none"
+    cfg["metadata"] = {"sae_lens_version": SAE_LENS_FORMAT, "irm": cfg["irm"],
+                       **{key: cfg[key] for key in ("model_name", "hook_name", "hook_head_index", "context_size",
+                                                     "prepend_bos")}}
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -119,7 +127,7 @@ def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=No
             f"{directory / WEIGHTS_FILE} does not match its {CFG_FILE} (missing {missing}, wrong shape {wrong}); "
             "rerun `python -m irm sae`"
         )
-    own = cfg.get("irm", {})
+    own = cfg.get("irm") or (cfg.get("metadata") or {}).get("irm") or {}  # ours, or ours saved back by SAELens
     tied = bool(own.get("tied", False))
     topk = cfg.get("architecture") == "topk" or own.get("activation") == "topk"
     k = own.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
