@@ -224,6 +224,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers
     from irm.parallel import split_list
+    from irm.readout import codes_at as shared_prefix_codes
     from irm.runtime import seed_all
     from irm.stages import mark_done, stage_fingerprint
     from irm.triples import VARIANTS, read_triples
@@ -255,11 +256,11 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     written = {}
     todo = [c for c in range(len(chunks)) if c not in kept]
     for c in ranks.progress(split_list(todo, ranks), desc="deltas: shards", unit="shard"):
-        codes = {}
-        for variant in VARIANTS:
-            items = [(triples[i]["ids"][variant], triples[i]["positions"][variant]) for i in chunks[c]]
-            codes[variant] = codes_at(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size,
-                                      cfg.cache.site, desc=f"deltas: {variant}", progress_bar=ranks.is_main)
+        # The three variants of a triple share the text before the word: one read, each prefix run once.
+        items = [(triples[i]["ids"][v], triples[i]["positions"][v]) for v in VARIANTS for i in chunks[c]]
+        read = shared_prefix_codes(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size,
+                                   cfg.cache.site, desc="deltas: triples", progress_bar=ranks.is_main)
+        codes = dict(zip(VARIANTS, read.split(len(chunks[c]))))
         rows = rows_of([triples[i]["id"] for i in chunks[c]], codes["positive"], codes["neutral"],
                        codes["negative"])
         written[c] = write_shard(out_dir, c, **rows)

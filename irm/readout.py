@@ -1,0 +1,205 @@
+"""Shared-prefix reads: the SAE codes at chosen token positions of many sequences that begin alike (a lexicon word
+appended to a few contexts, the three variants of a triple), with each shared beginning run through the model once.
+
+`codes_at` here answers exactly what `irm.deltas.codes_at` answers (each item's codes at its positions, averaged
+over them, with every SAE in `saes` spliced in) but computes it differently:
+
+1. Each sequence is cut after its last read position (a causal model's codes there never see later tokens).
+2. `prefix_groups` sorts the cut sequences and groups neighbours that share leading tokens whenever sharing saves
+   token-forwards: a group's prefix is the tokens all its members share.
+3. The prefixes of a batch of groups run once, left-padded, with the SAEs spliced in and a key/value cache kept:
+   a spliced SAE at layer L changes the residual stream every later layer (and later position) sees, so the cache
+   holds the keys and values of the spliced model. Codes read inside a prefix come from this pass.
+4. The rest of every member (its continuation, usually one token) runs against its group's cache, copied along the
+   batch (one cache row per member), with explicit position ids (the prefix's real length onwards) and the
+   prefix's padding mask in front of the continuation's, the SAEs spliced in again.
+
+Nothing after the last spliced block runs in either pass. A group of one is a plain forward pass of its sequence.
+The SAEs are called through their own `encode`/`decode`, so anything they do to the activations (a normalisation)
+happens here as in the full-forward path.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+from irm.errors import UserError
+
+CONTINUATION_ROWS = 4  # continuation rows per forward, as a multiple of batch_size (their cache rows cost memory)
+
+
+def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(limit, len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def prefix_groups(sequences: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Groups of the sequences (indices) that run one shared prefix: [(prefix length, members)], every index in
+    exactly one group, every member starting with the group's prefix. Greedy over the sorted sequences: the next
+    sequence joins the current group when that costs fewer token-forwards (prefix once plus every member's rest)
+    than starting a new group; a group of one has the whole sequence as its prefix."""
+    order = sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
+    groups: list[tuple[int, list[int]]] = []
+    ref: Sequence[int] = ()
+    p = n = 0
+    members: list[int] = []
+    for i in order:
+        seq = sequences[i]
+        shared = _lcp(ref, seq, p) if members else 0
+        # Merged: the shared prefix once, every member's rest. Apart: the group as it is, the new one whole.
+        # merged < apart  <=>  n * shared > p * (n - 1); strict, so nothing merges on an empty prefix.
+        if members and shared > 0 and n * shared > p * (n - 1):
+            members.append(i)
+            p, n = shared, n + 1
+        else:
+            if members:
+                groups.append((p, members))
+            ref, p, n, members = seq, len(seq), 1, [i]
+    if members:
+        groups.append((p, members))
+    return groups
+
+
+class _Stop(Exception):
+    """Raised by the last spliced block: nothing after it is needed."""
+
+
+def _stop(_module, _args, _out):
+    raise _Stop
+
+
+def _select_rows(cache, index):
+    """A copy of a key/value cache whose batch row r is row index[r] of `cache` (the original is left as it is:
+    a cache layer's update replaces its tensors, it never writes into them)."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        if getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None:
+            new.keys = layer.keys.index_select(0, index)
+            new.values = layer.values.index_select(0, index)
+        out.layers.append(new)
+    return out
+
+
+def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+             batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
+             progress_bar: bool = True) -> "torch.Tensor":
+    """codes_NLF: for each (token ids, read positions) item, the codes of every SAE in `saes` (spliced in all at
+    once) at its positions, averaged over them; the same numbers as `irm.deltas.codes_at` within float rounding,
+    with shared prefixes run once (module docstring). `batch_size` groups per prefix pass; continuations run
+    `CONTINUATION_ROWS * batch_size` members per pass."""
+    import torch
+    from transformers import DynamicCache
+
+    from irm.models import blocks, splice
+    from irm.runtime import progress
+
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    layers = list(saes)
+    if not items:
+        width = int(next(iter(saes.values())).dictionary.shape[0]) if saes else 0
+        return torch.zeros((0, len(layers), width))
+    device = next(model.parameters()).device
+    # Each sequence up to its last read position; an item without positions keeps its sequence (and gets NaN, the
+    # mean of nothing, as the full-forward path gives it).
+    cut = [list(ids[: max(pos) + 1]) if len(pos) else list(ids) for ids, pos in items]
+    sums: Optional[torch.Tensor] = None  # [items, layers, codes]; the width is the codes' (an SAE wrapper's own)
+    counts = torch.tensor([len(pos) for _, pos in items], dtype=torch.float32)
+
+    recorded: dict[int, torch.Tensor] = {}
+
+    def through(layer):
+        sae = saes[layer]
+        dtype = next(sae.parameters()).dtype
+
+        def fn(x):
+            codes = sae.encode(x.to(dtype))
+            recorded[layer] = codes
+            return sae.decode(codes).to(x.dtype)
+
+        return fn
+
+    def codes_BTLF():
+        return torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
+
+    import inspect
+
+    # transformers renamed `past_key_values` to `cache` (the old name warns, then goes): whichever forward takes.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def forward(cache, **kwargs):
+        kwargs[cache_kw] = cache
+        recorded.clear()
+        try:
+            model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}, use_cache=True)
+        except _Stop:
+            pass
+        return codes_BTLF()
+
+    groups = sorted(prefix_groups(cut), key=lambda g: g[0])  # similar prefix lengths share a pass: little padding
+    batches = [groups[i: i + batch_size] for i in range(0, len(groups), batch_size)]
+    rows_per_pass = CONTINUATION_ROWS * batch_size
+    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
+    try:
+        with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
+            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
+                # Prefixes, left-padded, positions counted from each one's first real token.
+                w = max(p for p, _ in batch)
+                ids_BW = torch.full((len(batch), w), pad_id, dtype=torch.long)
+                mask_BW = torch.zeros((len(batch), w), dtype=torch.long)
+                for row, (p, members) in enumerate(batch):
+                    ids_BW[row, w - p:] = torch.as_tensor(cut[members[0]][:p], dtype=torch.long)
+                    mask_BW[row, w - p:] = 1
+                cache = DynamicCache(config=model.config)
+                codes = forward(cache, input_ids=ids_BW, attention_mask=mask_BW,
+                                position_ids=(mask_BW.cumsum(-1) - 1).clamp(min=0))
+                if sums is None:
+                    sums = torch.zeros((len(items), *codes.shape[2:]))
+                rest = []  # (group row, item, prefix length) of members with tokens after the prefix
+                for row, (p, members) in enumerate(batch):
+                    for i in members:
+                        inside = [q for q in items[i][1] if q < p]
+                        if inside:
+                            sums[i] += codes[row, [w - p + q for q in inside]].sum(dim=0)
+                        if len(cut[i]) > p:
+                            rest.append((row, i, p))
+                # Continuations against copies of their group's cache rows, right-padded (nothing reads a pad: it
+                # comes after every real token of its row).
+                rest.sort(key=lambda r: len(cut[r[1]]) - r[2])
+                for start in range(0, len(rest), rows_per_pass):
+                    chunk = rest[start: start + rows_per_pass]
+                    s = max(len(cut[i]) - p for _, i, p in chunk)
+                    ids_RS = torch.full((len(chunk), s), pad_id, dtype=torch.long)
+                    tail_RS = torch.zeros((len(chunk), s), dtype=torch.long)
+                    for r, (_, i, p) in enumerate(chunk):
+                        ids_RS[r, : len(cut[i]) - p] = torch.as_tensor(cut[i][p:], dtype=torch.long)
+                        tail_RS[r, : len(cut[i]) - p] = 1
+                    index = torch.tensor([row for row, _, _ in chunk], dtype=torch.long)
+                    start_R = torch.tensor([p for _, _, p in chunk], dtype=torch.long)
+                    codes = forward(_select_rows(cache, index.to(device)), input_ids=ids_RS,
+                                    attention_mask=torch.cat([mask_BW[index], tail_RS], dim=1),
+                                    position_ids=start_R[:, None] + torch.arange(s))
+                    for r, (_, i, p) in enumerate(chunk):
+                        after = [q - p for q in items[i][1] if q >= p]
+                        if after:
+                            sums[i] += codes[r, after].sum(dim=0)
+    finally:
+        stopper.remove()
+    return sums / counts[:, None, None]
+
+
+def n_shared_tokens(sequences: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(token-forwards of the full-forward path, token-forwards with shared prefixes) for these (already cut)
+    sequences: what `prefix_groups` saves, for reports and benchmarks."""
+    groups = prefix_groups(sequences)
+    return (sum(len(s) for s in sequences),
+            sum(p + sum(len(sequences[i]) - p for i in members) for p, members in groups))
+
+
+__all__ = ["codes_at", "prefix_groups", "n_shared_tokens", "CONTINUATION_ROWS"]
