@@ -42,12 +42,39 @@ EXPANSION = 2  # d_hidden = 2 x d_in
 LEARNING_RATE = 1.0e-3  # paper appendix D
 L1_COEFFICIENT = 1.0e-3  # paper appendix D
 FLOPS_PER_ACT = 10  # x d_in x d_hidden: forward x W^T and f W; backward dL/df, dL/dW (decoder), dL/dW (encoder)
+DEVICE = "cpu"  # --device; on CUDA every contender trains there (irm through Lightning's "gpu" accelerator)
+
+
+def sync() -> None:
+    """Wait for the device's queued work: a timestamp on CUDA means nothing before it."""
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The fp32 GEMM rate where the SAEs train: the CPU's (_common.gemm_gflops) or, on CUDA, an n=8192 product
+    in true fp32 (TF32 off, PyTorch's default for matmul)."""
+    if not DEVICE.startswith("cuda"):
+        return gemm_gflops(n, repeats)
+    n = 8192
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    out = torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
 
 
 def steps_for(batch: int, quick: bool) -> tuple[int, int]:
     """(warm-up steps, timed steps): about 12k timed activations per repetition (a second or two at batch 4096
     on 2 cores), at least 10 steps; warm-up a tenth of that, at least 2 (allocator, Adam state, BLAS packing)."""
     timed = 3 if quick else max(10, 12288 // batch)
+    if DEVICE.startswith("cuda") and not quick:  # a GPU step takes microseconds: time enough of them to see it
+        timed = min(2000, max(200, 2**20 // batch))
     return (1 if quick else max(2, timed // 10)), timed
 
 
@@ -90,10 +117,12 @@ class _Stopwatch:
     def wrap(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for i, x in enumerate(batches):
             if i == self.warmup:
+                sync()
                 self.t0 = time.perf_counter()
             yield x
 
     def stop(self) -> float:
+        sync()
         self.t1 = time.perf_counter()
         return self.t1 - self.t0
 
@@ -121,6 +150,7 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
             self.t0 = self.t1 = self.s0 = self.s1 = None
 
         def on_train_batch_end(self, trainer, *_):
+            sync()
             now, step = time.perf_counter(), trainer.global_step
             if self.t0 is None and step >= warmup:
                 self.t0, self.s0 = now, step
@@ -137,7 +167,7 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
     every = math.ceil(defaults.checkpoint_every / batches_per_item) * batches_per_item  # as the stage rounds it
     checkpoints = ModelCheckpoint(dirpath=str(work / "checkpoints"), save_last=True, every_n_train_steps=every)
     profiler = SimpleProfiler() if profile else None
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=TensorBoardLogger(work / "logs"),
+    trainer = L.Trainer(accelerator="gpu" if DEVICE.startswith("cuda") else "cpu", devices=1, max_steps=warmup + steps, logger=TensorBoardLogger(work / "logs"),
                         callbacks=[checkpoints, clock], enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, profiler=profiler, default_root_dir=str(work))
     trainer.fit(module, datamodule=data)
@@ -156,9 +186,9 @@ def plain_loss(x_BD: torch.Tensor, w_FD: torch.Tensor, b_enc: torch.Tensor, b_de
 def run_plain(batches: Iterator[torch.Tensor], d_in: int, warmup: int, steps: int) -> float:
     d_hidden = EXPANSION * d_in
     torch.manual_seed(0)
-    w_FD = torch.nn.Parameter(F.normalize(torch.randn(d_hidden, d_in), dim=1))
-    b_enc = torch.nn.Parameter(torch.zeros(d_hidden))
-    b_dec = torch.nn.Parameter(torch.zeros(d_in))
+    w_FD = torch.nn.Parameter(F.normalize(torch.randn(d_hidden, d_in), dim=1).to(DEVICE))
+    b_enc = torch.nn.Parameter(torch.zeros(d_hidden, device=DEVICE))
+    b_dec = torch.nn.Parameter(torch.zeros(d_in, device=DEVICE))
     # Fused Adam, as irm's SAEModule configures it: irm / plain then measures what Lightning and the DataModule add.
     # (PyTorch's default, unfused Adam costs about 2 ms more a step at d_in 576 on one core: a third of a batch-32
     # step.)
@@ -178,9 +208,9 @@ def run_saelens(batches: Iterator[torch.Tensor], batch: int, d_in: int, warmup: 
 
     torch.manual_seed(0)
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=EXPANSION * d_in,
-                                                        l1_coefficient=L1_COEFFICIENT, dtype="float32", device="cpu"))
+                                                        l1_coefficient=L1_COEFFICIENT, dtype="float32", device=DEVICE))
     cfg = SAETrainerConfig(total_training_samples=(warmup + steps) * batch, train_batch_size_samples=batch,
-                           lr=LEARNING_RATE, lr_end=LEARNING_RATE / 10, device="cpu",
+                           lr=LEARNING_RATE, lr_end=LEARNING_RATE / 10, device=DEVICE,
                            logger=LoggingConfig(log_to_wandb=False))
     watch = _Stopwatch(warmup)
     SAETrainer(cfg=cfg, sae=sae, data_provider=watch.wrap(batches)).fit()
@@ -192,7 +222,7 @@ def run_dictionary_learning(batches: Iterator[torch.Tensor], d_in: int, warmup: 
 
     trainer = StandardTrainer(steps=warmup + steps, activation_dim=d_in, dict_size=EXPANSION * d_in, layer=0,
                               lm_name="synthetic", lr=LEARNING_RATE, l1_penalty=L1_COEFFICIENT, warmup_steps=0,
-                              sparsity_warmup_steps=None, seed=0, device="cpu", wandb_name=None)
+                              sparsity_warmup_steps=None, seed=0, device=DEVICE, wandb_name=None)
     watch = _Stopwatch(warmup)
     for step, x_BD in enumerate(watch.wrap(batches)):
         trainer.update(step, x_BD)
@@ -214,7 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="after the measurements, one irm run per setting under Lightning's SimpleProfiler")
     p.add_argument("--workdir", type=Path, default=None, help="where the caches go (default: a temporary folder)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every contender trains")
     args = parse_args(p, argv)
+    global DEVICE
+    DEVICE = args.device
     if args.batches_per_item is None:
         from irm.config import SAEConfig
 
@@ -231,9 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
             write_cache(caches[d_in], d_in, rows)
             from irm.activations import ActivationCache
 
-            acts[d_in] = ActivationCache(caches[d_in]).read_range(0, rows, ("acts",))["acts"]
+            acts[d_in] = ActivationCache(caches[d_in]).read_range(0, rows, ("acts",))["acts"].to(DEVICE)
 
-        warm_up_cpu(0.2 if args.quick else 3.0)
+        if DEVICE.startswith("cuda"):
+            device_gemm_gflops()  # warm-up: clocks, cuBLAS handles
+        else:
+            warm_up_cpu(0.2 if args.quick else 3.0)
         gemm: list[float] = []
         runs: dict[tuple[int, int], dict[str, list[float]]] = {}
         for d_in in args.d_in:
@@ -241,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                 warmup, steps = steps_for(batch, args.quick)
                 runs[d_in, batch] = per_lib = {lib: [] for lib in args.libs}
                 for rep in range(args.reps):
-                    gemm.append(gemm_gflops())
+                    gemm.append(device_gemm_gflops())
                     order = args.libs[rep % len(args.libs):] + args.libs[:rep % len(args.libs)]
                     for lib in order:
                         feed = in_memory_batches(acts[d_in], batch, warmup + steps)
@@ -275,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"reps": args.reps, "batches_per_item": args.batches_per_item,
                      "steps": {b: steps_for(b, args.quick) for b in args.batches},
                      "expansion": EXPANSION, "learning_rate": LEARNING_RATE, "l1_coefficient": L1_COEFFICIENT,
+                     "device": DEVICE, **({"gpu": torch.cuda.get_device_name()} if DEVICE.startswith("cuda") else {}),
                      **environment()},
     }
     write_json(args.json, record)
