@@ -133,3 +133,23 @@ def test_mlp_hidden_site_and_empty_inputs():
     new = codes_at(model, saes, items, tokenizer.pad_token_id, 3, site="mlp_hidden", progress_bar=False)
     torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-5)
     assert codes_at(model, saes, [], tokenizer.pad_token_id, 3, progress_bar=False).shape == (0, 2, d)
+
+
+def test_benchmark_script_quick_run_reports_equal_codes(tmp_path):
+    """benchmarks/lexicon_prefix.py end to end at tiny size: both paths ran on both workloads and agreed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lexicon_prefix.py"
+    out = tmp_path / "lexicon_prefix.json"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["workloads"]) == {"lexicon", "deltas"}
+    for w in record["workloads"].values():
+        assert w["items"] > 0 and w["tokens_shared_prefix"] <= w["tokens_full_forward"]
+        assert w["max_abs_diff"] <= 1e-5 * w["max_abs_code"]
+        assert all(len(v) == 1 and v[0] > 0 for v in w["seconds"].values())
