@@ -26,7 +26,11 @@ from typing import Optional, Sequence
 
 from irm.errors import UserError
 
-CONTINUATION_ROWS = 4  # continuation rows per forward, as a multiple of batch_size (their cache rows cost memory)
+# Continuation rows per forward: up to CONTINUATION_ROWS x batch_size (one-token continuations are thin matrix
+# products; more rows use the cores better), while their copied cache holds at most CACHED_TOKENS x batch_size
+# prefix tokens (a full-forward batch of 64-token sequences, four times over).
+CONTINUATION_ROWS = 16
+CACHED_TOKENS = 256
 
 
 def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -92,7 +96,7 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
     """codes_NLF: for each (token ids, read positions) item, the codes of every SAE in `saes` (spliced in all at
     once) at its positions, averaged over them; the same numbers as `irm.deltas.codes_at` within float rounding,
     with shared prefixes run once (module docstring). `batch_size` groups per prefix pass; continuations run
-    `CONTINUATION_ROWS * batch_size` members per pass."""
+    up to `CONTINUATION_ROWS * batch_size` members per pass (fewer behind long prefixes: `CACHED_TOKENS`)."""
     import torch
     from transformers import DynamicCache
 
@@ -144,7 +148,6 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
 
     groups = sorted(prefix_groups(cut), key=lambda g: g[0])  # similar prefix lengths share a pass: little padding
     batches = [groups[i: i + batch_size] for i in range(0, len(groups), batch_size)]
-    rows_per_pass = CONTINUATION_ROWS * batch_size
     stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
     try:
         with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
@@ -172,6 +175,7 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
                 # Continuations against copies of their group's cache rows, right-padded (nothing reads a pad: it
                 # comes after every real token of its row).
                 rest.sort(key=lambda r: len(cut[r[1]]) - r[2])
+                rows_per_pass = max(batch_size, min(CONTINUATION_ROWS * batch_size, CACHED_TOKENS * batch_size // w))
                 for start in range(0, len(rest), rows_per_pass):
                     chunk = rest[start: start + rows_per_pass]
                     s = max(len(cut[i]) - p for _, i, p in chunk)
