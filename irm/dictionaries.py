@@ -287,7 +287,7 @@ def run(cfg) -> None:
         rec["init"] = _init_mmcs(run_dir.root, layer, large_e)
         ch = rec["chance"]
         print(f"dictionaries layer {layer}: MMCS max {rec['max']:.3f} (random dictionaries "
-              f"{ch['max']['mean']:.3f} +- {ch['max']['std']:.3f}"
+              f"{ch['max']['mean']:.3f} +- {ch['max']['std']:.4f}"
               + (f", SAEs at initialisation {rec['init']['max']:.3f}" if rec["init"] else "")
               + f"), hungarian {rec['hungarian']:.3f} (random {ch['hungarian']['mean']:.3f} +- "
               f"{ch['hungarian']['std']:.3f}); firing features {rec['firing']['small']}/{small.shape[0]}, "

@@ -152,6 +152,8 @@ def run(cfg) -> None:
             for name, m in rec.items():
                 ce = m.get("ce_loss_recovered")
                 print(f"sae layer {layer} {name}: L0 {m['l0']:.1f} of {m['width']} ({100 * m['l0_fraction']:.1f}%), "
-                      f"explained variance {m['explained_variance']:.3f}, dead {100 * m['dead_fraction']:.1f}%, "
+                      f"explained variance {m['explained_variance']:.3f} "
+                      f"({m['explained_variance_after_first']:.3f} without first tokens), "
+                      f"dead {100 * m['dead_fraction']:.1f}%, "
                       f"CE loss recovered {'n/a' if ce is None else f'{ce:.3f}'}")
         mark_done(cfg, "sae", outputs + [Path(cfg.run_dir) / "sae" / "metrics.json"])
