@@ -103,8 +103,9 @@ def read_features(model, saes: dict, triples: list[dict], items: list, word_of_r
     word_codes, word_raw = read(items, f"control ({label}): words in context")
     # Reconstruction error of the SAEs at the sentiment tokens of this model (normalised by the activations' variance)
     x = raw["positive"].double()
-    x_hat = torch.stack([saes[layer].decode(codes["positive"][:, i].to(next(saes[layer].parameters()).dtype))
-                         .double() for i, layer in enumerate(saes)], dim=1)
+    with torch.no_grad():
+        x_hat = torch.stack([saes[layer].decode(codes["positive"][:, i].to(next(saes[layer].parameters()).dtype))
+                             .double() for i, layer in enumerate(saes)], dim=1)
     nmse = float(((x - x_hat) ** 2).sum() / ((x - x.mean(dim=0)) ** 2).sum())
     return {
         "x": rows["x"].double().numpy(), "x_raw": raw_rows["x"].double().numpy(), "y": rows["y"].double().numpy(),

@@ -145,16 +145,23 @@ def p_text(p: Optional[float]) -> str:
 # The claims
 
 
+def paired_reward(ev: Optional[dict]) -> Optional[dict]:
+    """evaluate-reward's paired tuned - base difference as {mean, ci95, p_value, n}, from its `paired` entry (mean_diff,
+    ci, p_value) or the older `difference` entry (mean, ci95, p_value); None when there is neither."""
+    d = (ev or {}).get("paired") or (ev or {}).get("difference")
+    if not d:
+        return None
+    return {"mean": d.get("mean_diff", d.get("mean")), "ci95": d.get("ci95", d.get("ci")),
+            "p_value": d.get("p_value", d.get("p")), "n": d.get("n")}
+
+
 @row_builder
 def reward_raised(root: Path) -> Optional[Row]:
     """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
-    ev = _load(root, "reward_eval.json")
-    if not ev:
-        return None
-    d = ev.get("paired") or ev.get("difference")
+    d = paired_reward(_load(root, "reward_eval.json"))
     if not d:
         return None
-    p = d.get("p_value", d.get("p"))
+    p = d["p_value"]
     return finding(
         claim="RLHF raised the reward (paper table 7)",
         number=f"tuned - base mean reward {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
@@ -215,6 +222,7 @@ def layers_moved(root: Path) -> Optional[Row]:
 
 
 CONTROL_JSON = "control.json"
+SAE_FIT_RATIO = 2.0  # the control's premise is flagged when the SAEs' NMSE on M_base exceeds this x M_RLHF's (+0.1)
 
 
 def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str) -> Row:
@@ -261,6 +269,13 @@ def differs_from_base(root: Path) -> Optional[Row]:
         return None
     d = c["delta_tau"]["all"]
     moves = c.get("per_word", {})
+    fit = (c.get("sae_fit") or {}).get("nmse_at_sentiment_tokens") or {}
+    caution = ""
+    base_nmse, tuned_nmse = fit.get("base"), fit.get("tuned")
+    if base_nmse is not None and tuned_nmse is not None and base_nmse > SAE_FIT_RATIO * tuned_nmse + 0.1:
+        caution = (f"; CAUTION: the tuned SAEs reconstruct M_base far worse than M_RLHF (NMSE {num(fit['base'])} vs "
+                   f"{num(fit['tuned'])}): RLHF moved the activations so far that one dictionary does not serve both "
+                   "models, and this control compares through a dictionary that does not fit M_base")
     return finding(
         claim="RLHF moved the implicit reward toward the training reward (tau_tuned > tau_base)",
         number=f"delta_tau = {num(d['delta'], signed=True)}, 95% CI {interval(d['ci95'])} (tau_tuned "
@@ -268,7 +283,8 @@ def differs_from_base(root: Path) -> Optional[Row]:
         control=f"the same triples, contexts and chain on the base model ({c.get('sae_choice', 'tuned SAEs')})",
         verdict=verdict_from_interval(d["ci95"]),
         detail=f"paired bootstrap over {d['n']} words; words that moved by more than {num(moves.get('threshold'))}: "
-               f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away",
+               f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away"
+               + caution,
     )
 
 

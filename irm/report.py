@@ -359,16 +359,13 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
     from its interval or p-value) and the named numbers of the controls in summary.json: the paired reward
     difference under `reward`, tau_base, delta_tau with its interval, the permutation p-values and the
     raw-activation tau under `control`."""
-    from irm.findings import build_findings
+    from irm.findings import build_findings, paired_reward
 
     rows = build_findings(root)
     summary["findings"] = rows
-    reward = _load(root, "reward_eval.json") or {}
-    paired = reward.get("paired") or reward.get("difference")
+    paired = paired_reward(_load(root, "reward_eval.json"))
     if paired:
-        summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = {
-            "mean": paired.get("mean"), "ci95": paired.get("ci95"), "p_value": paired.get("p_value", paired.get("p")),
-            "n": paired.get("n")}
+        summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = paired
     c = _load(root, "control.json")
     if c:
         def tau(label, key="tau", subset="all"):

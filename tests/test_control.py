@@ -211,3 +211,12 @@ def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_pa
     assert summary["reward"]["paired_difference_tuned_minus_base"]["ci95"] == [0.2, 0.4]
     text = "\n".join(doc.md)
     assert "delta_tau" in text and "Words that moved" in text
+
+
+def test_findings_flag_a_control_whose_dictionary_does_not_fit_the_base_model(tmp_path):
+    report, _, _, _ = run_analysis(tmp_path, changed=0)
+    for nmse, flagged in (({"tuned": 0.2, "base": 0.25}, False), ({"tuned": 0.2, "base": 26000.0}, True)):
+        report["sae_fit"] = {"nmse_at_sentiment_tokens": nmse}
+        (tmp_path / "control.json").write_text(json.dumps(report))
+        [row] = build_findings(tmp_path, [differs_from_base])
+        assert ("CAUTION" in row["detail"]) == flagged

@@ -76,6 +76,10 @@ def test_reward_row_reads_the_paired_difference(tmp_path, ci, p, expected):
     write(tmp_path, "reward_eval.json", {"difference": {"mean": 0, "ci95": [-1, 1]},
                                          "paired": {"mean": sum(ci) / 2, "ci95": ci, "p": p, "n": 256}})
     assert reward_raised(tmp_path)["verdict"] == expected
+    # evaluate-reward's own `paired` entry: mean_diff, ci, p_value
+    write(tmp_path, "reward_eval.json", {"paired": {"mean_diff": sum(ci) / 2, "ci": ci, "p_value": p, "n": 256}})
+    row = reward_raised(tmp_path)
+    assert row["verdict"] == expected and f"{ci[0]:.3f}" in row["number"] and "n = 256" in row["detail"]
 
 
 def test_layer_gap_per_tensor_null_finds_planted_layers_and_not_noise():
