@@ -140,3 +140,73 @@ def test_rerun_redoes_only_the_changed_stage_and_its_dependents(tiny_run):
     redone = {s for s, o in outcome.items() if o == "ran"}
     assert redone == {"lexicon"} | downstream("lexicon")
     assert "rlhf" not in redone and "sae" not in redone
+
+
+def event_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files directly in `directory`, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_tensorboard_reads_every_scalar_the_readme_says_we_log(tiny_run):
+    """README 'TensorBoard': PPO's mean reward, KL, policy and value losses and entropy; each SAE's MSE, normalised
+    MSE, L1, L0, dead-feature fraction and explained variance; the regression's MSE and R^2; per-layer MMCS."""
+    run_dir, _ = tiny_run
+    tb = run_dir.parent / "tb" / run_dir.name
+    metrics = [json.loads(line) for line in (run_dir / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    rlhf = event_scalars(tb / "rlhf")
+    for tag in ("rlhf/reward_mean", "rlhf/kl", "rlhf/policy_loss", "rlhf/value_loss", "rlhf/entropy"):
+        assert [s for s, _ in rlhf[tag]] == [m["step"] for m in metrics], tag
+        assert [v for _, v in rlhf[tag]] == pytest.approx([m[tag] for m in metrics], rel=1e-6), tag
+    layers = json.loads((run_dir / "divergence.json").read_text())["top_k"]
+    for layer in layers:
+        sae = event_scalars(tb / "sae" / f"layer-{layer:02d}")
+        for split in ("train", "val"):
+            for name in ("x1", "x2"):
+                for stat in ("mse", "nmse", "l1", "l0", "dead_fraction", "explained_variance"):
+                    values = sae.get(f"{split}/{name}/{stat}")
+                    assert values and all(math.isfinite(v) for _, v in values), (layer, split, name, stat)
+    regression = event_scalars(tb / "regression")
+    assert regression.get("val/mse") and regression.get("val/r2") and regression.get("train/loss")
+    mmcs = json.loads((run_dir / "mmcs.json").read_text())["layers"]
+    logged = event_scalars(tb / "dictionaries")
+    for method in ("max", "hungarian"):
+        assert dict(logged[f"mmcs/{method}"]) == pytest.approx({int(k): v[method] for k, v in mmcs.items()})
+
+
+@pytest.mark.slow
+def test_saelens_loads_every_exported_sae_and_encodes_and_decodes_as_ours(tiny_run, tmp_path):
+    """SAELens's own loader on every SAE the sae stage exported: codes and reconstructions of the layer's cached
+    activations equal ours; an SAE SAELens saves back still loads here as the same SAE, tied flag included."""
+    sae_lens = pytest.importorskip("sae_lens")
+    import torch
+    from safetensors.torch import load_file
+
+    from irm.sae import load_sae
+
+    run_dir, _ = tiny_run
+    exported = sorted((run_dir / "sae").glob("layer-*/x*/cfg.json"))
+    layers = json.loads((run_dir / "divergence.json").read_text())["top_k"]
+    assert len(exported) == 2 * len(layers)
+    for cfg_path in exported:
+        directory = cfg_path.parent
+        assert json.loads(cfg_path.read_text())["sae_lens_version"]  # read through SAELens's current format
+        shard = sorted((run_dir / "cache" / directory.parent.name).glob("shard-*.safetensors"))[0]
+        x = load_file(str(shard))["acts"][:256].float()
+        ours = load_sae(directory)
+        theirs = sae_lens.SAE.load_from_disk(str(directory), device="cpu")
+        with torch.no_grad():
+            codes = ours.encode(x)
+            assert (codes > 0).any()
+            torch.testing.assert_close(theirs.encode(x), codes, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(theirs.decode(codes), ours.decode(codes), rtol=1e-4, atol=1e-5)
+            back = tmp_path / directory.parent.name / directory.name
+            theirs.save_model(str(back))
+            again = load_sae(back)
+            assert again.tied == ours.tied
+            torch.testing.assert_close(again.encode(x), codes, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(again.decode(codes), ours.decode(codes), rtol=1e-4, atol=1e-5)
