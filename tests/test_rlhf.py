@@ -363,6 +363,13 @@ def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path
         assert len(rewards) == 8 and result[label]["mean"] == pytest.approx(rewards.mean(), abs=1e-9)
         low, high = stats.t.interval(0.95, len(rewards) - 1, loc=rewards.mean(), scale=stats.sem(rewards))
         assert result[label]["ci95"] == pytest.approx([low, high], abs=1e-9)
+    journals = {label: np.concatenate([json.loads(line)["rewards"] for line in
+                                       (Path(cfg.run_dir) / "evaluate" / f"{label}.jsonl").read_text().splitlines()])
+                for label in ("base", "tuned")}
+    d = journals["tuned"] - journals["base"]
+    assert result["paired"]["n"] == 8 and result["paired"]["mean_diff"] == pytest.approx(d.mean(), abs=1e-9)
+    if np.ptp(d) > 0:
+        assert result["paired"]["p_value"] == pytest.approx(stats.ttest_rel(journals["tuned"], journals["base"]).pvalue)
 
 
 def test_without_a_final_checkpoint_the_run_leaves_none_and_editing_bookkeeping_redoes_nothing(runs):
