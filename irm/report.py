@@ -504,11 +504,14 @@ def _histogram_svg(h: Optional[dict]) -> Optional[dict]:
 
 def _dashboard(f: dict) -> dict:
     """One explained feature as the dashboard template's context."""
-    peak = max([a for r in f.get("records") or [] for a in r.get("activations", [])] + [0.0])
+    records = f.get("records") or []
+    peak = max([a for r in records for a in r.get("activations", [])] + [0.0])
+    # Word-level tokenizers decode tokens without their spaces (BPE ones keep a leading space): put one back.
+    gap = "" if any(t[:1].isspace() for r in records for t in r.get("tokens", [])) else " "
     windows = [{"kind": r.get("kind", ""),
-                "tokens": [{"text": t, "value": f"{a:.3g}", "alpha": round(min(max(a, 0.0) / peak, 1.0), 3)
+                "tokens": [{"text": t + gap, "value": f"{a:.3g}", "alpha": round(min(max(a, 0.0) / peak, 1.0), 3)
                             if peak > 0 else 0.0} for t, a in zip(r["tokens"], r["activations"])]}
-               for r in (f.get("records") or []) if r.get("kind") == "top"]
+               for r in records if r.get("kind") == "top"]
     lens = f.get("logit_lens") or {}
     promoted, suppressed = lens.get("promoted") or [], lens.get("suppressed") or []
     pair = f.get("pair") or {}
