@@ -115,13 +115,13 @@ def run(cfg: RunConfig) -> None:
     # Fewer prefixes than completions: prefixes repeat, each repeat with its own sampled completion.
     prompts = [pool[i % len(pool)] for i in range(ecfg.n)]
 
-    def sample(model, label: str) -> list[dict]:
+    def draw(model, label: str) -> list[dict]:
         return sample_rewards(model, tokenizer, prompts, reward_fn, rule, cfg.seed, ecfg.batch_size,
                               out / "evaluate" / f"{label}.jsonl", fp, desc=f"{label} completions")
 
-    records = {"tuned": sample(tuned, "tuned")}
+    records = {"tuned": draw(tuned, "tuned")}
     del tuned  # one model in memory at a time
-    records["base"] = sample(load_model(cfg.model, seed=cfg.seed, device=device)[0], "base")
+    records["base"] = draw(load_model(cfg.model, seed=cfg.seed, device=device)[0], "base")
     rewards = {label: np.concatenate([r["rewards"] for r in recs]) for label, recs in records.items()}
     completions = {label: [c for r in recs for c in r["completions"]] for label, recs in records.items()}
     paired = paired_difference(rewards["tuned"], rewards["base"])
