@@ -9,8 +9,8 @@
   pages), so the epoch reads them from disk as it would a cache larger than the page cache. Reported: epoch seconds,
   peak RSS against the cache's size (a full load would show RSS above the cache size), MB/s of cache read.
 - model: `python -m irm rlhf` on the tiny GPT-NeoX (4 x 64), a wider tiny GPT-NeoX (8 x 256) and SmolLM2-135M
-  (quickstart config: LoRA rank 16; "SmolLM2-135M full": the same with rlhf.lora_rank 0), each run for 1 and for 3 PPO steps (every run writes one full-state checkpoint at its last
-  step): step seconds = (train time of 3 steps - train time of 1) / 2, checkpoint seconds ~ the 1-step run's train
+  (quickstart config: LoRA rank 16; "SmolLM2-135M full": the same with rlhf.lora_rank 0), each run for 1 and
+  for 3 PPO steps (every run writes one full-state checkpoint at its last step): step seconds = (train time of 3 steps - train time of 1) / 2, checkpoint seconds ~ the 1-step run's train
   time minus one step, checkpoint size = bytes of that checkpoint folder.
 
     python benchmarks/growth.py --threads 2 --json benchmarks/results/growth.json [--parts corpus sae model]

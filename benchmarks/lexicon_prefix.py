@@ -1,8 +1,8 @@
 """Shared-prefix reads against the full-forward path: the SAE codes the `lexicon` stage reads (every single-token
 lexicon word appended to the same few triple prefixes) and the `deltas` stage reads (the three variants of every
-triple), computed by `irm.deltas.codes_at` (one whole forward pass per item, the path before issue 17) and by
-`irm.readout.codes_at` (each shared prefix once, the continuations against its key/value cache), interleaved, with
-the largest difference between the two printed.
+triple), computed by `irm.deltas.full_forward_codes_at` (one whole forward pass per item, the path before issue
+17) and by `irm.readout.codes_at` (each shared prefix once, the continuations against its key/value cache),
+interleaved, with the largest difference between the two printed.
 
 The items are built as the stages build them, from the quickstart config: its corpus, its triples (built here with
 `irm.triples.build_triples`, as the `triples` stage does), its `lexicon.contexts_per_word` and `cache.batch_size`,
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     args = parse_args(p, argv)
 
     from irm.cli import parse_config
-    from irm.deltas import codes_at as full_forward
+    from irm.deltas import full_forward_codes_at as full_forward
     from irm.models import load_model, n_layers
     from irm.readout import codes_at as shared_prefix
     from irm.readout import n_shared_tokens

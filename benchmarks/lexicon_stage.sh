@@ -2,7 +2,7 @@
 # Stage-level lexicon timing on a quickstart-config run: hard-linked copy of a run directory that has rlhf,
 # divergence, cache and sae done ($1, default runs/sae-dev), then
 # triples, deltas, regression, and lexicon twice: the shared-prefix reader (HEAD) and the full-forward reader
-# (irm.readout.codes_at patched to irm.deltas.codes_at), each as its own process, wall time.
+# (irm.readout.codes_at patched to irm.deltas.full_forward_codes_at), each as its own process, wall time.
 set -e
 cd "$(dirname "$0")/.."
 R=runs/prefix-bench
@@ -16,7 +16,7 @@ done
 cp $R/kendall.json /tmp/kendall_new.json
 /usr/bin/time -f "lexicon (full forward) %e s" python -c "
 import sys, irm.readout, irm.deltas
-irm.readout.codes_at = irm.deltas.codes_at
+irm.readout.codes_at = irm.deltas.full_forward_codes_at
 sys.argv = ['irm', 'lexicon'] + sys.argv[1:]
 from irm.cli import main
 main()

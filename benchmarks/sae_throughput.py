@@ -167,7 +167,8 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
     every = math.ceil(defaults.checkpoint_every / batches_per_item) * batches_per_item  # as the stage rounds it
     checkpoints = ModelCheckpoint(dirpath=str(work / "checkpoints"), save_last=True, every_n_train_steps=every)
     profiler = SimpleProfiler() if profile else None
-    trainer = L.Trainer(accelerator="gpu" if DEVICE.startswith("cuda") else "cpu", devices=1, max_steps=warmup + steps, logger=TensorBoardLogger(work / "logs"),
+    trainer = L.Trainer(accelerator="gpu" if DEVICE.startswith("cuda") else "cpu", devices=1, max_steps=warmup + steps,
+                        logger=TensorBoardLogger(work / "logs"),
                         callbacks=[checkpoints, clock], enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, profiler=profiler, default_root_dir=str(work))
     trainer.fit(module, datamodule=data)

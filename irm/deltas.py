@@ -111,7 +111,18 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
              batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
              progress_bar: bool = True) -> "torch.Tensor":
     """codes_NLF: for each (token ids, word positions) item, the SAE codes of every layer at the word, averaged
-    over the word's tokens when it has several (multi_token: pool)."""
+    over the word's tokens when it has several (multi_token: pool). Computed by `irm.readout.codes_at`: items that
+    begin alike run their shared prefix once (equal to `full_forward_codes_at` within float rounding)."""
+    from irm.readout import codes_at as shared_prefix_codes
+
+    return shared_prefix_codes(model, saes, items, pad_id, batch_size, site, desc, progress_bar)
+
+
+def full_forward_codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                          batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
+                          progress_bar: bool = True) -> "torch.Tensor":
+    """`codes_at` the way it was computed before shared-prefix reads: one whole forward pass per item (iter_codes).
+    The reference the shared-prefix path is tested and benchmarked against."""
     import torch
 
     out: Optional[torch.Tensor] = None

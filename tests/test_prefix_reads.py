@@ -1,5 +1,6 @@
-"""Shared-prefix reads (irm.readout) against the full-forward path (irm.deltas.codes_at) and against an independent
-reference: each item run alone, unpadded, through the model with hand-written MLP hooks doing the SAE splice."""
+"""Shared-prefix reads (irm.readout) against the full-forward path (irm.deltas.full_forward_codes_at) and against an
+independent reference: each item run alone, unpadded, through the model with hand-written MLP hooks doing the SAE
+splice. irm.deltas.codes_at, which the deltas, lexicon and control stages call, is the shared-prefix path."""
 
 import random
 
@@ -91,13 +92,17 @@ def reference(model, saes, ids, positions, spliced=None):
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_equal_to_full_forward_and_to_unpadded_reference(name):
-    from irm.deltas import codes_at as full_forward
+    from irm.deltas import full_forward_codes_at as full_forward
 
     model, tokenizer, saes = tiny(name)
     items = make_items(len(tokenizer))
     expected = torch.stack([reference(model, saes, ids, pos) for ids, pos in items])
     old = full_forward(model, saes, items, tokenizer.pad_token_id, 4, progress_bar=False)
     torch.testing.assert_close(old, expected, rtol=1e-4, atol=1e-5)
+    from irm.deltas import codes_at as stage_codes_at
+
+    torch.testing.assert_close(stage_codes_at(model, saes, items, tokenizer.pad_token_id, 4, progress_bar=False),
+                               expected, rtol=1e-4, atol=1e-5)
     for batch_size in (1, 2, 64):
         new = codes_at(model, saes, items, tokenizer.pad_token_id, batch_size, progress_bar=False)
         torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)
@@ -121,7 +126,7 @@ def test_the_cache_carries_the_splice():
 
 
 def test_mlp_hidden_site_and_empty_inputs():
-    from irm.deltas import codes_at as full_forward
+    from irm.deltas import full_forward_codes_at as full_forward
     from irm.models import site_width
 
     model, tokenizer, _ = tiny("tiny-gpt2")
