@@ -223,6 +223,10 @@ class ControlConfig:
     refit on sign-shuffled targets, and R on raw MLP activations (irm.control)."""
 
     max_words: Optional[int] = 1000  # a seeded sample of the single-token lexicon words, read by both models
+    # SAEs of the base chain: `tuned` splices the tuned run's SAEs into M_base (one dictionary for both: the
+    # default, see irm/control.py); `base` trains SAEs on M_base's own activations at the same layers (cache and sae
+    # stages in <run_dir>/control/base-run), for when RLHF moved the activations too far for one dictionary.
+    base_saes: Literal["tuned", "base"] = "tuned"
     permutations: int = 200  # sign-shuffled refits of R per model (p-values down to 1/(n+1))
     bootstrap: int = 1000  # paired bootstrap resamples of words for delta_tau's interval
     ridge_alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])

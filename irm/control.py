@@ -99,9 +99,10 @@ def read_features(model, saes: dict, triples: list[dict], items: list, word_of_r
         both = codes_at(model, wrapped, its, pad_id, batch_size, site, desc=desc)
         return both[..., :width], both[..., width:]
 
-    codes, raw = {}, {}
-    for v in VARIANTS:
-        codes[v], raw[v] = read([(t["ids"][v], t["positions"][v]) for t in triples], f"control ({label}): {v}")
+    # The three variants of a triple share the text before the word: one read, each prefix run once (as deltas).
+    both = read([(t["ids"][v], t["positions"][v]) for v in VARIANTS for t in triples], f"control ({label}): triples")
+    codes = dict(zip(VARIANTS, both[0].split(len(triples))))
+    raw = dict(zip(VARIANTS, both[1].split(len(triples))))
     ids = [t["id"] for t in triples]
     rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
     raw_rows = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])

@@ -220,3 +220,26 @@ def test_findings_flag_a_control_whose_dictionary_does_not_fit_the_base_model(tm
         (tmp_path / "control.json").write_text(json.dumps(report))
         [row] = build_findings(tmp_path, [differs_from_base])
         assert ("CAUTION" in row["detail"]) == flagged
+
+
+def test_base_chain_with_its_own_saes_trains_them_on_the_base_model(tiny_cfg, capsys):
+    """control.base_saes: base runs the cache and sae stages on a sub-run whose policy is M_base and reads the base
+    chain through those SAEs: here they were trained on the model's activations, the tuned ones are untrained, so
+    the base chain's SAEs reconstruct better."""
+    from test_validate import TINY_YAML, build_upstream
+
+    from irm.cli import main
+
+    build_upstream(tiny_cfg)
+    root = Path(tiny_cfg.run_dir)
+    args = ["--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, "--cache.layers", "[1, 3]", "--triples.n",
+            "40", "--control.max_words", "200", "--control.permutations", "20", "--control.bootstrap", "50",
+            "--control.base_saes", "base", "--sae.epochs", "1", "--cache.n_documents", "100"]
+    for stage in ("triples", "control"):
+        main([stage, *args])
+    report = json.loads((root / "control.json").read_text())
+    assert "own SAEs" in report["sae_choice"]
+    for layer in (1, 3):
+        assert (root / "control" / "base-run" / "sae" / f"layer-{layer:02d}" / "x1" / "cfg.json").is_file()
+    fit = report["sae_fit"]["nmse_at_sentiment_tokens"]
+    assert fit["base"] < fit["tuned"]
