@@ -334,7 +334,7 @@ def build_summary(root: Path) -> dict:
                  for layer, v in mmcs.get("layers", {}).items()},
         "sae": {layer: {name: {k: m.get(k) for k in ("width", "l0", "l0_fraction", "explained_variance",
                                                      "explained_variance_after_first", "dead_fraction",
-                                                     "ce_loss_recovered")}
+                                                     "dead_fraction_all_tokens", "ce_loss_recovered")}
                         for name, m in rec.items()}
                 for layer, rec in ((_load(root, "sae/metrics.json") or {}).get("layers") or {}).items()},
         "ablation": {
@@ -610,11 +610,14 @@ def run(cfg: RunConfig) -> dict:
                 rows.append([layer, name, m.get("width"),
                              "n/a" if l0 is None else f"{l0:.1f} ({100 * frac:.1f}%)",
                              _fmt(m.get("explained_variance")), _fmt(m.get("explained_variance_after_first")),
-                             "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%",
+                             "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%"
+                             + ("" if m.get("dead_fraction_all_tokens") is None
+                                else f" ({100 * m['dead_fraction_all_tokens']:.1f}%)"),
                              _fmt(m.get("ce_loss_recovered"))])
         held = sae_metrics.get("heldout", {})
         doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance",
-                   "explained variance, first tokens left out", "dead", "CE loss recovered"], rows,
+                   "explained variance, first tokens left out", "dead on held-out (on any cached token)",
+                   "CE loss recovered"], rows,
                   caption=f"SAE quality on held-out data ({arch}; activations normalised to mean norm sqrt(d): "
                           f"{st.get('normalize')}; dead features revived by {st.get('revive')}). L0: features active "
                           "per token; dead: features that fire on no held-out token; explained variance on the "

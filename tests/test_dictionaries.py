@@ -430,7 +430,8 @@ def test_report_and_summary_show_sae_quality_and_each_mmcs_beside_its_chance(tmp
         "max": 0.625, "hungarian": 0.5, "max_firing": 0.65, "sizes": [576, 1152], "chance": chance,
         "init": {"max": 0.1380, "hungarian": 0.1130}, "firing": {"small": 570, "large": 1111, "measured": True}}}}))
     m = {"width": 576, "l0": 31.25, "l0_fraction": 31.25 / 576, "explained_variance": 0.8125,
-         "explained_variance_after_first": 0.6875, "dead_fraction": 0.0125, "ce_loss_recovered": 0.875}
+         "explained_variance_after_first": 0.6875, "dead_fraction": 0.0125, "dead_fraction_all_tokens": 0.00625,
+         "ce_loss_recovered": 0.875}
     (root / "sae" / "metrics.json").write_text(json.dumps({
         "layers": {"20": {"x1": m, "x2": {**m, "width": 1152, "l0_fraction": 31.25 / 1152}}},
         "settings": {"activation": "topk", "k": 32, "normalize": True, "revive": "auxk"},
@@ -443,5 +444,5 @@ def test_report_and_summary_show_sae_quality_and_each_mmcs_beside_its_chance(tmp
     row = next(line for line in md.splitlines() if line.startswith("| 20 | 576 | 1152"))
     assert "0.625" in row and "0.138 ± 0.002" in row and "0.113 ± 0.001" in row and "570 / 1111" in row
     row = next(line for line in md.splitlines() if line.startswith("| 20 | x2 | 1152"))
-    assert "31.2 (2.7%)" in row and "0.812" in row and "0.688" in row and "1.2%" in row and "0.875" in row
+    assert "31.2 (2.7%)" in row and "0.812" in row and "0.688" in row and "1.2% (0.6%)" in row and "0.875" in row
     assert "TopK (k = 32)" in md

@@ -462,6 +462,7 @@ def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(
             assert m["width"] == 64 * e and m["l0"] == pytest.approx(m["l0_fraction"] * 64 * e)
             assert 0 <= m["dead_fraction"] <= 1 and m["explained_variance"] <= 1
             assert m["dead_fraction"] == pytest.approx(np.mean(np.array(full["feature_frequency"]) == 0))
+            assert 0 <= m["dead_fraction_all_tokens"] <= m["dead_fraction"]
             assert m["ce_tokens"] > 0 and m["ce_clean"] > 0 and m["ce_loss_recovered"] is not None
             assert m["input_scale"] > 0
         init = json.loads((sae_dir(cfg.run_dir, layer, 2) / "cfg.json").read_text())["irm"]["init_mmcs"]

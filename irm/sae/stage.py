@@ -103,8 +103,13 @@ def evaluate(cfg, layers: list[int]) -> dict:
         rec = {}
         for name, sae in saes.items():
             m = heldout_metrics(sae, cache, start)
-            m.update(width=sae.d_hidden, activation=sae.activation, k=sae.k,
-                     input_scale=float(sae.input_scale))
+            # A feature silent on the held-out tokens may still fire on training tokens (rare rather than dead):
+            # the fraction silent on every cached token tells the two apart.
+            train_freq = heldout_metrics(sae, cache, 0, start).get("feature_frequency") if start > 0 else None
+            fired_any = [a > 0 or (train_freq is not None and b > 0)
+                         for a, b in zip(m["feature_frequency"], train_freq or m["feature_frequency"])]
+            m.update(width=sae.d_hidden, activation=sae.activation, k=sae.k, input_scale=float(sae.input_scale),
+                     dead_fraction_all_tokens=1.0 - sum(fired_any) / max(1, len(fired_any)))
             if ce is not None:
                 m.update(ce_clean=ce["clean"], ce_zero_ablated=ce["zero_ablated"], ce_spliced=ce[name]["spliced"],
                          ce_loss_recovered=ce[name]["recovered"], ce_tokens=ce["tokens"])
@@ -116,6 +121,7 @@ def evaluate(cfg, layers: list[int]) -> dict:
             "l0": "mean active features per held-out token; l0_fraction: l0 / width",
             "explained_variance": "1 - Var(x - x_hat) / Var(x) on held-out tokens, variances summed over dimensions",
             "dead_fraction": "features that fire on no held-out token",
+            "dead_fraction_all_tokens": "features that fire on no cached token, training tokens included",
             "ce_loss_recovered": "(L_zero - L_sae) / (L_zero - L_clean): tuned model's next-token loss with the "
                                  "layer output zeroed, replaced by the SAE's reconstruction, untouched",
         },
@@ -154,6 +160,7 @@ def run(cfg) -> None:
                 print(f"sae layer {layer} {name}: L0 {m['l0']:.1f} of {m['width']} ({100 * m['l0_fraction']:.1f}%), "
                       f"explained variance {m['explained_variance']:.3f} "
                       f"({m['explained_variance_after_first']:.3f} without first tokens), "
-                      f"dead {100 * m['dead_fraction']:.1f}%, "
+                      f"dead {100 * m['dead_fraction']:.1f}% ({100 * m['dead_fraction_all_tokens']:.1f}% on "
+                      "every cached token), "
                       f"CE loss recovered {'n/a' if ce is None else f'{ce:.3f}'}")
         mark_done(cfg, "sae", outputs + [Path(cfg.run_dir) / "sae" / "metrics.json"])
