@@ -131,6 +131,7 @@ class SAEConfig:
     revive: Literal["auto", "resample", "auxk", "none"] = "auto"  # dead features; auto: auxk (topk), resample (relu)
     aux_coefficient: float = 0.03125  # AuxK weight (sparsify, OpenAI: 1/32)
     resample_until: float = 0.5  # resampling happens during this fraction of the training steps
+    center_input: bool = False  # encoder reads x - b_dec (sparsify's TopK; SAELens apply_b_dec_to_input)
     val_fraction: float = 0.05
     dead_window: int = 1000  # optimizer steps without firing after which a feature counts as dead (and is revived)
     ce_documents: int = 16  # held-out documents for CE loss recovered (0: skip; it runs the tuned model)

@@ -154,6 +154,16 @@ def test_input_scale_maps_raw_activations_into_the_normalised_space():
     assert torch.allclose(sae.encode_normalized(3.0 * x), sae.encode(x))
 
 
+def test_centred_encoder_reads_x_minus_b_dec():
+    sae = random_sae(6, 10, tied=True)
+    sae.center_input = True
+    x = torch.randn(5, 6)
+    W_dec, b_enc, b_dec = (p.detach().double().numpy() for p in (sae.W_dec, sae.b_enc, sae.b_dec))
+    f = np.maximum((x.double().numpy() - b_dec) @ W_dec.T + b_enc, 0.0)
+    np.testing.assert_allclose(sae.encode(x).detach().numpy(), f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sae(x)[0].detach().numpy(), f @ W_dec + b_dec, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_keeps_exactly_k_codes_the_largest_ones():
     torch.manual_seed(0)
     sae = SparseAutoencoder(8, 32, tied=False, activation="topk", k=5)
@@ -412,11 +422,11 @@ def test_export_round_trip_in_saelens_layout(tmp_path, tied):
         load_sae(tmp_path / "x9")
 
 
-@pytest.mark.parametrize("activation", ["relu", "topk"])
-def test_saelens_reads_the_export(tmp_path, activation):
+@pytest.mark.parametrize("activation,center", [("relu", False), ("topk", False), ("topk", True)])
+def test_saelens_reads_the_export(tmp_path, activation, center):
     sae_lens = pytest.importorskip("sae_lens")
     torch.manual_seed(0)
-    sae = SparseAutoencoder(8, 16, tied=activation == "relu", activation=activation, k=3)
+    sae = SparseAutoencoder(8, 16, tied=activation == "relu", activation=activation, k=3, center_input=center)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.3)

@@ -58,8 +58,8 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
         "d_sae": sae.d_hidden,
         "dtype": "float32",
         "device": "cpu",
-        # Our encoder reads x itself, not x - b_dec (SPEC: f = ReLU(W_e x + b_e)).
-        "apply_b_dec_to_input": False,
+        # The paper's encoder reads x itself (SPEC: f = ReLU(W_e x + b_e)); center_input reads x - b_dec.
+        "apply_b_dec_to_input": sae.center_input,
         "normalize_activations": "none",
         "activation_fn_str": "topk" if topk else "relu",
         **({"k": sae.k, "activation_fn_kwargs": {"k": sae.k}} if topk else {}),
@@ -135,7 +135,7 @@ def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=No
         raise UserError(f"{directory / CFG_FILE} describes a topk SAE without k; rerun `python -m irm sae`")
     try:
         sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), tied=tied, activation="topk" if topk else "relu",
-                                k=k)
+                                k=k, center_input=bool(cfg.get("apply_b_dec_to_input", False)))
     except ValueError as e:
         raise UserError(f"{directory / CFG_FILE}: {e}; rerun `python -m irm sae`") from e
     # Undo save_sae's folding of the normalisation factor: the normalised-space weights, applied to raw * s.

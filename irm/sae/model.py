@@ -28,7 +28,7 @@ class SparseAutoencoder(nn.Module):
     dimensions."""
 
     def __init__(self, d_in: int, d_hidden: int, tied: bool = True, activation: str = "relu",
-                 k: Optional[int] = None):
+                 k: Optional[int] = None, center_input: bool = False):
         super().__init__()
         if d_in < 1 or d_hidden < 1:
             raise ValueError(f"SAE sizes must be positive, got d_in={d_in}, d_hidden={d_hidden}")
@@ -38,6 +38,10 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"a topk SAE needs 1 <= k <= d_hidden={d_hidden}, got k={k}")
         self.d_in, self.d_hidden, self.tied = int(d_in), int(d_hidden), bool(tied)
         self.activation, self.k = activation, (int(k) if activation == "topk" else None)
+        # sparsify's / SAELens's apply_b_dec_to_input: the encoder reads x - b_dec. The same family of maps as
+        # f = act(W_enc x + b_enc) (b_enc absorbs W_enc b_dec), but every feature starts centred on the data: where
+        # activations have a large mean, features pointing away from it would otherwise never fire.
+        self.center_input = bool(center_input)
         # Random unit-norm features: every feature starts equally able to fire, none starts dead or dominant.
         w_dec_FD = torch.randn(d_hidden, d_in)
         w_dec_FD /= w_dec_FD.norm(dim=1, keepdim=True)
@@ -60,7 +64,7 @@ class SparseAutoencoder(nn.Module):
         """ReLU(x_n W_enc + b_enc) of normalised inputs, every feature (before TopK keeps k of them)."""
         # F.linear takes weight [out, in]; W_dec already is [d_hidden, d_in], so the tied case needs no transpose.
         weight_FD = self.W_dec if self.W_enc is None else self.W_enc.t()
-        return F.relu(F.linear(x_n, weight_FD, self.b_enc))
+        return F.relu(F.linear(x_n - self.b_dec if self.center_input else x_n, weight_FD, self.b_enc))
 
     def codes_from_pre(self, pre: torch.Tensor) -> torch.Tensor:
         """The codes given `pre_activations`: all of them (relu) or the k largest per input (topk)."""
@@ -102,7 +106,8 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         topk = f", k={self.k}" if self.activation == "topk" else ""
-        return f"d_in={self.d_in}, d_hidden={self.d_hidden}, tied={self.tied}, activation={self.activation}{topk}"
+        return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, tied={self.tied}, activation={self.activation}{topk}, "
+                f"center_input={self.center_input}")
 
 
 def sae_loss(

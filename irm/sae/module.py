@@ -68,6 +68,7 @@ class SAEModule(L.LightningModule):
             badly reconstructed inputs, during the first `resample_until` of training, Anthropic's resampling),
             `auxk` (sparsify's auxiliary loss, weight `aux_coefficient`, k_aux = d_in / 2), `none`, or `auto`
             (auxk for topk, resample for relu).
+        center_input: the encoder reads x - b_dec (sparsify's TopK, SAELens's apply_b_dec_to_input).
 
     Decoder rows are rescaled to unit norm after every step (tied or not): the L1 term cannot be bought by
     shrinking codes against growing rows.
@@ -82,7 +83,7 @@ class SAEModule(L.LightningModule):
     def __init__(self, d_in: Optional[int] = None, expansions: Sequence[int] = (1, 2), l1_coefficient: float = 1.0e-3,
                  learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000, activation: str = "relu",
                  k: Optional[int] = None, normalize: bool = True, normalize_rows: int = 32768, revive: str = "auto",
-                 aux_coefficient: float = 1.0 / 32, resample_until: float = 0.5):
+                 aux_coefficient: float = 1.0 / 32, resample_until: float = 0.5, center_input: bool = False):
         super().__init__()
         expansions = list(expansions)
         if not expansions or any(int(e) != e or e < 1 for e in expansions) or len(set(expansions)) != len(expansions):
@@ -121,7 +122,8 @@ class SAEModule(L.LightningModule):
         for e in hp.expansions:
             name = f"x{e}"
             k = min(int(hp.k), e * d_in) if hp.activation == "topk" else None
-            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=hp.tied, activation=hp.activation, k=k)
+            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=hp.tied, activation=hp.activation, k=k,
+                                                center_input=hp.center_input)
             self.activity[name] = FeatureActivity(e * d_in)
 
     @property

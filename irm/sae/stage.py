@@ -43,7 +43,8 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     every = math.ceil(s.checkpoint_every / s.batches_per_item) * s.batches_per_item
     module = SAEModule(expansions=s.expansions, l1_coefficient=s.l1_coefficient, learning_rate=s.learning_rate,
                        tied=s.tied, dead_window=s.dead_window, activation=s.activation, k=s.k, normalize=s.normalize,
-                       revive=s.revive, aux_coefficient=s.aux_coefficient, resample_until=s.resample_until)
+                       revive=s.revive, aux_coefficient=s.aux_coefficient, resample_until=s.resample_until,
+                       center_input=s.center_input)
     # Lightning's default (every 50 loader items) leaves a short fit with a point or two of training curve; log
     # about 50 times per fit instead, never more often than every item nor less often than the default. Items per
     # epoch as ShardBatches counts them in one process (fewer per rank under DDP, so it then logs a little less).
@@ -127,8 +128,8 @@ def evaluate(cfg, layers: list[int]) -> dict:
         },
         "heldout": {"cache_val_fraction": s.val_fraction, "ce_documents": s.ce_documents,
                     "ce_split": cfg.corpus.eval_split},
-        "settings": {k: getattr(s, k) for k in ("activation", "k", "l1_coefficient", "tied", "normalize", "revive",
-                                                "learning_rate", "batch_size", "epochs")},
+        "settings": {k: getattr(s, k) for k in ("activation", "k", "l1_coefficient", "tied", "center_input",
+                                                "normalize", "revive", "learning_rate", "batch_size", "epochs")},
         "layers": records,
     }
     write_json(Path(cfg.run_dir) / "sae" / SUMMARY_FILE, summary)
