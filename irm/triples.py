@@ -228,6 +228,81 @@ class _LLM:
             return list(pool.map(ask, items))
 
 
+def _corpus_bigrams(texts: list[str], lexicon: dict[str, float], nlp) -> tuple[dict[str, set[str]], set[str]]:
+    """Which words follow which (left neighbour -> next words), and which neighbours precede a positive word."""
+    from irm.runtime import progress
+
+    follows: dict[str, set[str]] = {}
+    positive_lefts: set[str] = set()
+    for doc in progress(nlp.pipe(texts, batch_size=256), desc="triples: corpus bigrams", total=len(texts),
+                        unit="doc"):
+        for a, b in zip(doc[:-1], doc[1:]):
+            follows.setdefault(a.lower_, set()).add(b.lower_)
+            if lexicon.get(b.lower_, 0.0) > 0:
+                positive_lefts.add(a.lower_)
+    return follows, positive_lefts
+
+
+class _TripleMaker:
+    """Turns one text into a triple (or the reason it is skipped), counting what it skipped and why."""
+
+    def __init__(self, texts, lexicon, tokenizer, tc: TriplesConfig, seed: int, nlp, held_families, subs):
+        self.texts, self.lexicon, self.tokenizer, self.tc, self.seed, self.nlp = texts, lexicon, tokenizer, tc, seed, nlp
+        self.held_families, self.subs = held_families, subs
+        self.skipped: Counter = Counter()
+        self.skipped_multi: set[str] = set()
+        self.llm_fallback: Counter = Counter()
+
+    def candidate(self, doc_id: int):
+        """(doc_id, prefix, word, value, left neighbour) of a usable text, else why it is skipped."""
+        doc = self.nlp(self.texts[doc_id])
+        first = next((t for t in doc if self.lexicon.get(t.lower_, 0.0) > 0), None)
+        if first is None:
+            return "no_positive"
+        if family(first.lower_) in self.held_families:
+            return "heldout_positive"
+        if any(family(t.lower_) in self.held_families for t in doc[: first.i]):
+            return "heldout_in_prefix"  # R never reads a held-out family, not even in a context
+        left = doc[first.i - 1].lower_ if first.i > 0 else ""
+        return doc_id, self.texts[doc_id][: first.idx], first.text, self.lexicon[first.lower_], left
+
+    def _substitutes(self, doc_id: int, value: float, left: str, answer: Optional[str]) -> tuple[str, str]:
+        rng = random.Random(f"irm-triples:{self.seed}:{doc_id}")
+        neutral, negative = self.subs.neutral(left, rng), self.subs.negative(value, left, rng)
+        if answer is not None:
+            proposed_neutral, proposed_negative = parse_llm_answer(answer)
+            if proposed_neutral and self.subs.neutral_ok(proposed_neutral):
+                neutral = proposed_neutral
+            else:
+                self.llm_fallback["neutral"] += 1
+            if proposed_negative in self.subs.negatives:
+                negative = proposed_negative
+            else:
+                self.llm_fallback["negative"] += 1
+        return neutral, negative
+
+    def make(self, doc_id: int, prefix: str, word: str, value: float, left: str, answer: Optional[str]):
+        """The triple record, else why it is skipped."""
+        neutral, negative = self._substitutes(doc_id, value, left, answer)
+        words = {"positive": word, "neutral": match_case(neutral, word), "negative": match_case(negative, word)}
+        prefix = fit_prefix(self.tokenizer, prefix, words.values(), self.tc.max_length)
+        record = {"id": None, "doc_id": doc_id, "prefix": prefix, "words": words,
+                  "values": {"positive": value, "negative": self.lexicon[negative]},
+                  "substitution": "lexicon" if answer is None else "llm", "texts": {}, "ids": {}, "positions": {}}
+        multi = False
+        for variant, w in words.items():
+            text = prefix + w
+            ids, positions = locate(self.tokenizer, text, len(prefix), len(text))
+            if not positions:
+                return "word_not_tokenised"
+            if len(positions) > 1:
+                multi = True
+                if self.tc.multi_token == "skip":
+                    self.skipped_multi.add(w.lower())
+            record["texts"][variant], record["ids"][variant], record["positions"][variant] = text, ids, positions
+        return "multi_token" if multi and self.tc.multi_token == "skip" else record
+
+
 def build_triples(
     texts: list[str],
     lexicon: dict[str, float],
@@ -243,18 +318,9 @@ def build_triples(
     _check(tc)
     heldout = heldout_words(lexicon, tc.heldout_fraction, seed)
     heldout_all = set(heldout["positive"]) | set(heldout["negative"])
-    held_families = set(heldout["families"])
 
-    # Pass 1: which words follow which (left neighbour -> next words) and which neighbours precede positives.
-    follows: dict[str, set[str]] = {}
-    positive_lefts: set[str] = set()
-    for doc in progress(nlp.pipe(texts, batch_size=256), desc="triples: corpus bigrams", total=len(texts),
-                        unit="doc"):
-        for a, b in zip(doc[:-1], doc[1:]):
-            follows.setdefault(a.lower_, set()).add(b.lower_)
-            if lexicon.get(b.lower_, 0.0) > 0:
-                positive_lefts.add(a.lower_)
-
+    # Pass 1: corpus bigrams, which single-token words can stand in for a positive word.
+    follows, positive_lefts = _corpus_bigrams(texts, lexicon, nlp)
     candidates = {w for w, v in lexicon.items() if v < 0} | {w for s in follows.values() for w in s}
     counts = token_counts(tokenizer, candidates)
 
@@ -267,61 +333,13 @@ def build_triples(
 
     subs = Substitutes(lexicon, heldout_all, follows, positive_lefts, usable)
     multi_token_candidates = sum(1 for w in candidates if counts[w] > 1 and w.isalpha())
+    maker = _TripleMaker(texts, lexicon, tokenizer, tc, seed, nlp, set(heldout["families"]), subs)
 
     # Pass 2: texts in a seeded order, each truncated at its first positive lexicon token.
     order = list(range(len(texts)))
     random.Random(f"irm-triples-order:{seed}").shuffle(order)
     # The first texts of the seeded order are kept from the triples: the lexicon stage reads words in them.
     reserved, order = order[: tc.context_texts], order[tc.context_texts:]
-    skipped = Counter()
-    skipped_multi: set[str] = set()
-    llm_fallback = Counter()
-
-    def candidate(doc_id: int):
-        """(doc_id, prefix, word, value, left neighbour) of a usable text, else why it is skipped."""
-        doc = nlp(texts[doc_id])
-        first = next((t for t in doc if lexicon.get(t.lower_, 0.0) > 0), None)
-        if first is None:
-            return "no_positive"
-        if family(first.lower_) in held_families:
-            return "heldout_positive"
-        if any(family(t.lower_) in held_families for t in doc[: first.i]):
-            return "heldout_in_prefix"  # R never reads a held-out family, not even in a context
-        left = doc[first.i - 1].lower_ if first.i > 0 else ""
-        return doc_id, texts[doc_id][: first.idx], first.text, lexicon[first.lower_], left
-
-    def make(doc_id: int, prefix: str, word: str, value: float, left: str, answer: Optional[str]):
-        """The triple record, else why it is skipped."""
-        rng = random.Random(f"irm-triples:{seed}:{doc_id}")
-        neutral, negative = subs.neutral(left, rng), subs.negative(value, left, rng)
-        if answer is not None:
-            proposed_neutral, proposed_negative = parse_llm_answer(answer)
-            if proposed_neutral and subs.neutral_ok(proposed_neutral):
-                neutral = proposed_neutral
-            else:
-                llm_fallback["neutral"] += 1
-            if proposed_negative in subs.negatives:
-                negative = proposed_negative
-            else:
-                llm_fallback["negative"] += 1
-        words = {"positive": word, "neutral": match_case(neutral, word), "negative": match_case(negative, word)}
-        prefix = fit_prefix(tokenizer, prefix, words.values(), tc.max_length)
-        record = {"id": None, "doc_id": doc_id, "prefix": prefix, "words": words,
-                  "values": {"positive": value, "negative": lexicon[negative]},
-                  "substitution": "lexicon" if answer is None else "llm", "texts": {}, "ids": {}, "positions": {}}
-        multi = False
-        for variant, w in words.items():
-            text = prefix + w
-            ids, positions = locate(tokenizer, text, len(prefix), len(text))
-            if not positions:
-                return "word_not_tokenised"
-            if len(positions) > 1:
-                multi = True
-                if tc.multi_token == "skip":
-                    skipped_multi.add(w.lower())
-            record["texts"][variant], record["ids"][variant], record["positions"][variant] = text, ids, positions
-        return "multi_token" if multi and tc.multi_token == "skip" else record
-
     triples: list[dict] = []
     bar = progress(desc="triples", total=tc.n, unit="triple")
     done = 0
@@ -331,47 +349,52 @@ def build_triples(
         chunk = order[done: done + tc.n - len(triples)]
         done += len(chunk)
         items = []
-        for found in map(candidate, chunk):
+        for found in map(maker.candidate, chunk):
             if isinstance(found, str):
-                skipped[found] += 1
+                maker.skipped[found] += 1
             else:
                 items.append(found)
         answers = llm.answers([(p + w, w) for _, p, w, _, _ in items]) if llm is not None else [None] * len(items)
         for item, answer in zip(items, answers):
-            made = make(*item, answer)
+            made = maker.make(*item, answer)
             if isinstance(made, str):
-                skipped[made] += 1
+                maker.skipped[made] += 1
             else:
                 made["id"] = len(triples)
                 triples.append(made)
                 bar.update(1)
     bar.close()
 
-    used = {v: sorted({t["words"][v].lower() for t in triples}) for v in VARIANTS}
     contexts = unseen_contexts([texts[i] for i in reserved], triples, lexicon, tokenizer, tc.max_length, nlp)
-    summary = {
+    summary = _summary(triples, maker, tc, seed, heldout, len(texts), multi_token_candidates, contexts, len(reserved))
+    if llm is not None:
+        summary["llm_fallback"] = {"neutral": maker.llm_fallback["neutral"], "negative": maker.llm_fallback["negative"]}
+    return triples, summary
+
+
+def _summary(triples, maker: _TripleMaker, tc: TriplesConfig, seed: int, heldout: dict, n_texts: int,
+             multi_token_candidates: int, contexts: list[str], n_reserved: int) -> dict:
+    used = {v: sorted({t["words"][v].lower() for t in triples}) for v in VARIANTS}
+    return {
         "n_triples": len(triples),
-        "texts_scanned": sum(skipped.values()) + len(triples),
-        "texts_available": len(texts),
-        "skipped": dict(skipped),
+        "texts_scanned": sum(maker.skipped.values()) + len(triples),
+        "texts_available": n_texts,
+        "skipped": dict(maker.skipped),
         "substitution": tc.substitution,
         "multi_token": tc.multi_token,
-        "multi_token_words_skipped": sorted(skipped_multi),
-        "n_multi_token_words_skipped": len(skipped_multi),
+        "multi_token_words_skipped": sorted(maker.skipped_multi),
+        "n_multi_token_words_skipped": len(maker.skipped_multi),
         "n_multi_token_candidates": multi_token_candidates,
         "words_used": {v: len(used[v]) for v in VARIANTS},
         "used": used,
         "heldout": {**heldout, "fraction": tc.heldout_fraction, "seed": seed,
                     "n_positive": len(heldout["positive"]), "n_negative": len(heldout["negative"])},
         "max_length": tc.max_length,
-        "contexts": {"texts": contexts, "n": len(contexts), "reserved_texts": len(reserved),
+        "contexts": {"texts": contexts, "n": len(contexts), "reserved_texts": n_reserved,
                      "how": "texts no triple was built from, cut before their first positive lexicon word; a cut "
                             "equal to a triple's prefix is dropped"},
         "family_rule": FAMILY_RULE,
     }
-    if llm is not None:
-        summary["llm_fallback"] = {"neutral": llm_fallback["neutral"], "negative": llm_fallback["negative"]}
-    return triples, summary
 
 
 def unseen_contexts(texts: list[str], triples: list[dict], lexicon: dict[str, float], tokenizer, max_length: int,
