@@ -356,7 +356,8 @@ def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
         control=f"the {vs['n_other']} other explained features of the same layers: {num(vs['other_frequency'])}",
         verdict=verdict_from_p(vs["p_value"], vs.get("p_value_less")),
         detail=f"label permutation: {p_text(vs['p_value'])} (fire more), {p_text(vs.get('p_value_less'))} (fire "
-               f"less); {val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > {val.get('threshold')}",
+               f"less); {val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > "
+               f"{val.get('threshold')}",
     )
 
 

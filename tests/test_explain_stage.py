@@ -274,8 +274,9 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     assert "final_layer_norm" in how
     d = np.random.default_rng(0).normal(size=32)
     lens = _logit_lens(torch.tensor(d), w, how, lambda i: f"t{i}")
-    ref = (model.get_output_embeddings().weight.detach().double().numpy() * model.gpt_neox.final_layer_norm.weight.detach()
-           .double().numpy()) @ (d / np.linalg.norm(d))
+    w_u = model.get_output_embeddings().weight.detach().double().numpy()
+    gain = model.gpt_neox.final_layer_norm.weight.detach().double().numpy()
+    ref = (w_u * gain) @ (d / np.linalg.norm(d))
     order = np.argsort(-ref)
     assert [t for t, _ in lens["promoted"]] == [f"t{i}" for i in order[:LOGIT_LENS_TOKENS]]
     assert [t for t, _ in lens["suppressed"]] == [f"t{i}" for i in order[::-1][:LOGIT_LENS_TOKENS]]
