@@ -1,8 +1,8 @@
-"""The one way irm samples completions: PPO rollouts (stage `rlhf`, paper 4.1), the reward evaluation (`evaluate-reward`,
-paper table 7) and the feature ablation (`ablate`, paper table 5) all call `generate` with a `SamplingRule`, so a
-completion means the same thing in training, in table 7 and in table 5: at most `max_new_tokens` tokens, ending at the
-first end-of-text token when `stop_at_eos` (the token is kept, the rest is padding), drawn from the policy's own
-distribution at `temperature`, optionally cut to `top_k` / `top_p` (0 and 1: no cut, as PPO needs).
+"""The one way irm samples completions: PPO rollouts (stage `rlhf`, paper 4.1), the reward evaluation
+(`evaluate-reward`, paper table 7) and the feature ablation (`ablate`, paper table 5) all call `generate` with a
+`SamplingRule`, so a completion means the same thing in training, in table 7 and in table 5: at most `max_new_tokens`
+tokens, ending at the first end-of-text token when `stop_at_eos` (the token is kept, the rest is padding), drawn from
+the policy's own distribution at `temperature`, optionally cut to `top_k` / `top_p` (0 and 1: no cut, as PPO needs).
 
 Two sources of randomness, one distribution:
 - `seeds=None` (PPO): transformers' multinomial sampling from the global torch RNG, which the PPO checkpoints save and

@@ -96,6 +96,7 @@ def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg,
     prompts = [tok(f"the film was {w}")["input_ids"] for w in ("good", "bad", "long", "fine", "odd")] * 4
     lexicon = LexiconReward()
     scored = []
+    B = cfg.evaluate.batch_size
 
     def reward(texts):
         if len(scored) == 2 and dying:
@@ -105,16 +106,16 @@ def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg,
 
     dying = True
     with pytest.raises(KeyboardInterrupt):
-        sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "fp", "test")
+        sample_rewards(model, tok, prompts, reward, RULE, 0, B, tmp_path / "j.jsonl", "fp", "test")
     assert [r["batch"] for r in read_jsonl(tmp_path / "j.jsonl")] == [0, 1]
     dying, scored[:] = False, []
-    resumed = sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "fp", "test")
+    resumed = sample_rewards(model, tok, prompts, reward, RULE, 0, B, tmp_path / "j.jsonl", "fp", "test")
     assert scored == [4]  # only the third (last, ragged) batch was sampled again
-    whole = sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "k.jsonl", "fp", "test")
+    whole = sample_rewards(model, tok, prompts, reward, RULE, 0, B, tmp_path / "k.jsonl", "fp", "test")
     assert resumed == whole
     # a journal written under another fingerprint (other config or tuned model) is not reused
     scored[:] = []
-    sample_rewards(model, tok, prompts, reward, RULE, 0, cfg.evaluate.batch_size, tmp_path / "j.jsonl", "other", "test")
+    sample_rewards(model, tok, prompts, reward, RULE, 0, B, tmp_path / "j.jsonl", "other", "test")
     assert scored == [8, 8, 4]
     assert {r["fingerprint"] for r in read_jsonl(tmp_path / "j.jsonl")} == {"other"}
 

@@ -140,9 +140,10 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
                         f"{world_size}; start the rlhf stage with python, torchrun or accelerate launch")
     if rank == 0:
         ranks = f" on each of {world_size} processes" if world_size > 1 else ""
-        print(f"irm rlhf: PPO on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} steps of "
-              f"{cfg.rlhf.batch_size} prompts ({cfg.rlhf.batch_size // world_size}{ranks}), {len(prompts)} prompts "
-              f"in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
+        how = f"LoRA rank {cfg.rlhf.lora_rank}" if lora else "full fine-tuning"
+        print(f"irm rlhf: PPO ({how}) on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} "
+              f"steps of {cfg.rlhf.batch_size} prompts ({cfg.rlhf.batch_size // world_size}{ranks}), {len(prompts)} "
+              f"prompts in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
     start = time.perf_counter()
     # TRL runs gc.collect() twice per step; freezing what exists now (libraries, models) takes those from ~0.25 s
     # each to microseconds on a tiny model.
