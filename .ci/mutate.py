@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
-    "irm/reward.py": ["tests/test_reward.py"],
+    "irm/reward.py": ["tests/test_reward.py", "tests/test_classifier_reward.py"],
     "irm/dictionaries.py": ["tests/test_dictionaries.py"],
     "irm/divergence.py": ["tests/test_divergence.py"],
     "irm/lexicon.py": ["tests/test_lexicon.py"],

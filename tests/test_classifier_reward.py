@@ -107,3 +107,20 @@ def test_rlhf_evaluate_and_ablate_score_with_the_classifier(tmp_path):
         assert r == pytest.approx(expected(table, tok, text), abs=1e-4)
     ablation = json.loads((run_dir / "ablation.json").read_text())
     assert ablation["before"]["mean"] > OFFSET / 2
+
+
+def test_the_explainer_is_told_the_classifiers_own_name_for_the_rewarded_label(tmp_path):
+    from irm.config import RewardConfig
+    from irm.reward import reward_description
+
+    last_token_classifier(tmp_path / "clf")
+    cfg = RewardConfig(kind="classifier", classifier=str(tmp_path / "clf"))
+    assert "positive (#1) label" in reward_description(cfg)  # transformers' placeholder LABEL_1 is not a name
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    config["id2label"] = {"0": "NEGATIVE", "1": "POSITIVE"}
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(config))
+    assert "'POSITIVE' label" in reward_description(cfg)
+    assert "'NEGATIVE' label" in reward_description(RewardConfig(kind="classifier", classifier=cfg.classifier,
+                                                                 positive_label=0))
+    assert "positive (#2) label" in reward_description(RewardConfig(kind="classifier", classifier=cfg.classifier,
+                                                                    positive_label=2))  # no such entry: no crash

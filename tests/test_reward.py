@@ -130,6 +130,8 @@ def test_bad_settings_are_user_errors():
         LexiconReward(scale=0)
     with pytest.raises(UserError, match="clip"):
         LexiconReward(clip=float("nan"))
+    with pytest.raises(UserError, match="clip"):
+        LexiconReward(clip=0)  # a zero bound would clip every reward to 0
     with pytest.raises(UserError, match="not installed.*blank:en"):
         LexiconReward(spacy_pipeline="en_core_web_md_not_here")
     with pytest.raises(UserError, match="no language"):
