@@ -379,8 +379,8 @@ def ablation_lowers_reward(root: Path) -> Optional[list]:
                 continue
             ci = d.get("ci95")
             rows.append(finding(
-                claim=f"ablating the {abl['n_features']} labelled features lowers the reward ({mode} splice; paper "
-                      f"5.2, table 5)",
+                claim=f"ablating the {abl['n_features']} labelled feature{'s' if abl['n_features'] != 1 else ''} "
+                      f"lowers the reward ({mode} splice; paper 5.2, table 5)",
                 number=f"reward difference {num(d['mean'], signed=True)} {interval(ci)}",
                 control=control,
                 verdict=verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0),
