@@ -162,7 +162,7 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     root = Path(tiny_cfg.run_dir)
     args = ["--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, "--cache.layers", "[1, 3]", "--triples.n",
             "40", "--control.max_words", "200", "--control.permutations", "20", "--control.bootstrap", "50",
-            "--lexicon.contexts_per_word", "2"]
+            "--lexicon.contexts_per_word", "2", "--control.base_saes", "tuned"]
     for stage in ("triples", "deltas", "control"):
         main([stage, *args])
     out = capsys.readouterr().out
