@@ -638,13 +638,13 @@ def run(cfg: RunConfig) -> dict:
                 c = chance.get(method)
                 return "n/a" if not c else f"{c['mean']:.3f} ± {c['std']:.3f}"
 
-            rows.append([layer, sizes[0], sizes[1], _fmt(v.get("max")), with_chance("max"), _fmt(init.get("max")),
-                         _fmt(v.get("hungarian")), with_chance("hungarian"),
+            rows.append([layer, sizes[0], sizes[1], _fmt(v.get("max")), _fmt(v.get("hungarian")), with_chance("max"),
+                         with_chance("hungarian"), _fmt(init.get("max")),
                          f"{firing.get('small', 'n/a')} / {firing.get('large', 'n/a')}"])
         defs = mmcs.get("definitions", {})
-        doc.table(["layer", "small dictionary", "large dictionary", "MMCS (max, eq. 2)", "chance (random dictionaries)",
-                   "SAEs at initialisation", "MMCS (one-to-one Hungarian, authors' code)", "Hungarian chance",
-                   "firing features (small / large)"], rows,
+        doc.table(["layer", "small dictionary", "large dictionary", "MMCS (max, eq. 2)",
+                   "MMCS (one-to-one Hungarian, authors' code)", "max: chance (random dictionaries)",
+                   "Hungarian: chance", "max: SAEs at initialisation", "firing features (small / large)"], rows,
                   caption=(f"Dictionary sizes in features. max: {defs['max']}. Hungarian: {defs['hungarian']}. "
                            "Chance: mean ± standard deviation of the MMCS of pairs of random unit-vector dictionaries "
                            "of the same shapes; an MMCS near it says the two dictionaries share nothing beyond what "
