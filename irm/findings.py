@@ -15,7 +15,6 @@ The three verdicts, for a claim "the effect is above the control's value":
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -117,9 +116,11 @@ def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilde
     return rows
 
 
-def _load(root: Path, name: str) -> Optional[Any]:
-    p = root / name
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+def _load(root: Path, key: str) -> Optional[Any]:
+    """Artifact `key` of the run, None if its stage has not run (a corrupt one is refused in one line)."""
+    from irm.stages import read_artifact
+
+    return read_artifact(root, key, missing_ok=True)
 
 
 def num(x: Optional[float], digits: int = 3, signed: bool = False) -> str:
@@ -158,7 +159,7 @@ def paired_reward(ev: Optional[dict]) -> Optional[dict]:
 @row_builder
 def reward_raised(root: Path) -> Optional[Row]:
     """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
-    d = paired_reward(_load(root, "reward_eval.json"))
+    d = paired_reward(_load(root, "reward_eval"))
     if not d:
         return None
     p = d["p_value"]
@@ -204,7 +205,7 @@ def layer_gap_test(values: Sequence[float], k: int, per_tensor: Optional[dict] =
 @row_builder
 def layers_moved(root: Path) -> Optional[Row]:
     """The chosen layers moved more than the others (divergence.json)."""
-    div = _load(root, "divergence.json")
+    div = _load(root, "divergence")
     if not div or not div.get("values") or not div.get("top_k"):
         return None
     values, top = div["values"], div["top_k"]
@@ -221,7 +222,6 @@ def layers_moved(root: Path) -> Optional[Row]:
     )
 
 
-CONTROL_JSON = "control.json"
 SAE_FIT_RATIO = 2.0  # the control's premise is flagged when the SAEs' NMSE on M_base exceeds this x M_RLHF's (+0.1)
 
 
@@ -241,7 +241,7 @@ def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str) -> R
 def lexicon_reconstructed(root: Path) -> Optional[list]:
     """The implicit reward reconstructs the lexicon: tau of the tuned model's R against R refit on sign-shuffled
     targets; and what the SAE adds over the raw activations."""
-    c = _load(root, CONTROL_JSON)
+    c = _load(root, "control")
     if not c or "tuned" not in c:
         return None
     t = c["tuned"]
@@ -264,7 +264,7 @@ def lexicon_reconstructed(root: Path) -> Optional[list]:
 @row_builder
 def differs_from_base(root: Path) -> Optional[Row]:
     """RLHF moved the implicit reward toward the training reward: delta_tau = tau_tuned - tau_base."""
-    c = _load(root, CONTROL_JSON)
+    c = _load(root, "control")
     if not c or "delta_tau" not in c:
         return None
     d = c["delta_tau"]["all"]
@@ -291,7 +291,7 @@ def differs_from_base(root: Path) -> Optional[Row]:
 @row_builder
 def generalises(root: Path) -> Optional[Row]:
     """Held-out generalisation: tau on words of lemma families R never saw, in contexts no triple used."""
-    c = _load(root, CONTROL_JSON)
+    c = _load(root, "control")
     if not c or "tuned" not in c or "heldout" not in c["tuned"]["permutation"]:
         return None
     t = c["tuned"]
@@ -309,10 +309,10 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
     small dictionary's features, against the MMCS of random dictionaries of the same shapes (mmcs.json). The detail
     carries the SAEs' quality (sae/metrics.json): an MMCS above chance between dense or dead dictionaries means
     little."""
-    mmcs = _load(root, "mmcs.json")
+    mmcs = _load(root, "mmcs")
     if not mmcs or not mmcs.get("layers"):
         return None
-    quality = (_load(root, "sae/metrics.json") or {}).get("layers") or {}
+    quality = (_load(root, "sae_metrics") or {}).get("layers") or {}
     rows = []
     for layer, rec in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0])):
         chance = (rec.get("chance") or {}).get("max")
@@ -345,7 +345,7 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
 def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
     """Table 6: the features labelled related fire more often where R predicts a large delta than the *other
     explained* features of the same layers (validation.json), by a label-permutation test in both tails."""
-    val = _load(root, "validation.json")
+    val = _load(root, "validation")
     vs = ((val or {}).get("vs_other_explained") or {}).get("inputs above threshold")
     if not vs or vs.get("p_value") is None:
         return None
@@ -366,7 +366,7 @@ def ablation_lowers_reward(root: Path) -> Optional[list]:
     """Table 5: zero-ablating the labelled features lowers the reward, as paired differences on the same prompts
     against the splice with nothing ablated and against frequency-matched random features (ablation.json). The
     claim is a drop, so the verdict reads the negated interval against 0."""
-    abl = _load(root, "ablation.json")
+    abl = _load(root, "ablation")
     if not abl or not abl.get("n_features"):
         return None
     rows = []

@@ -4,9 +4,7 @@ self-contained report.html (plots inlined), and summary.json (the headline numbe
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import platform
 import re
 import time
@@ -14,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from irm.artifacts import read_jsonl, write_json, write_text
+from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
-from irm.stages import mark_done
+from irm.stages import CONFIG_YAML, artifact, mark_done, read_artifact
 
 PLOTS = "plots"
 DPI = 110  # a 8.7-inch figure fills the page's 60rem (960 px) column at this resolution
@@ -52,9 +50,10 @@ ABLATION_COLOURS = {"splice": "tab:blue", "ablated": "tab:red", "random": "tab:o
 ABLATION_MODES = {"reconstruction": "reconstruction splice (paper)", "error": "splice keeping the SAE error"}
 
 
-def _load(root: Path, name: str) -> Optional[Any]:
-    p = root / name
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+def _load(root: Path, key: str) -> Optional[Any]:
+    """Artifact `key` of the run (irm.stages.read_artifact), None if its stage has not run; a corrupt one is refused
+    in one line."""
+    return read_artifact(root, key, missing_ok=True)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -311,11 +310,11 @@ def _draw_ablation(before: dict, modes: dict) -> Callable:
 
 
 def build_summary(root: Path) -> dict:
-    reward = _load(root, "reward_eval.json") or {}
-    kendall = _load(root, "kendall.json") or {}
-    mmcs = _load(root, "mmcs.json") or {}
-    ablation = _load(root, "ablation.json") or {}
-    validation = _load(root, "validation.json") or {}
+    reward = _load(root, "reward_eval") or {}
+    kendall = _load(root, "kendall") or {}
+    mmcs = _load(root, "mmcs") or {}
+    ablation = _load(root, "ablation") or {}
+    validation = _load(root, "validation") or {}
     return {
         "reward": {
             "base_mean": reward.get("base", {}).get("mean"),
@@ -336,7 +335,7 @@ def build_summary(root: Path) -> dict:
                                                      "explained_variance_after_first", "dead_fraction",
                                                      "dead_fraction_all_tokens", "ce_loss_recovered")}
                         for name, m in rec.items()}
-                for layer, rec in ((_load(root, "sae/metrics.json") or {}).get("layers") or {}).items()},
+                for layer, rec in ((_load(root, "sae_metrics") or {}).get("layers") or {}).items()},
         "ablation": {
             "before": ablation.get("before", {}).get("mean"),
             "after": ablation.get("after", {}).get("mean"),
@@ -349,7 +348,7 @@ def build_summary(root: Path) -> dict:
                        "vs_other_explained": {k: {f: v.get(f) for f in ("n_related", "n_other", "related_frequency",
                                                                          "other_frequency", "lift", "p_value")}
                                               for k, v in (validation.get("vs_other_explained") or {}).items()}},
-        "explain": {k: (_load(root, "explain/scores.json") or {}).get(k)
+        "explain": {k: (_load(root, "explain_scores") or {}).get(k)
                     for k in ("backend", "model", "explanations", "n_scored", "n_unparsed", "n_retried")},
     }
 
@@ -363,10 +362,10 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
 
     rows = build_findings(root)
     summary["findings"] = rows
-    paired = paired_reward(_load(root, "reward_eval.json"))
+    paired = paired_reward(_load(root, "reward_eval"))
     if paired:
         summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = paired
-    c = _load(root, "control.json")
+    c = _load(root, "control")
     if c:
         def tau(label, key="tau", subset="all"):
             return (c.get(label, {}).get(key) or {}).get(subset, {}).get("tau")
@@ -400,7 +399,7 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
 def control_section(doc: "Doc", root: Path, plots: Path) -> None:
     """The base-model control and nulls (control.json, control_words.csv): taus of both chains, their permutation
     nulls and raw-activation fits, delta_tau, and the words that moved between the two reconstructed lexicons."""
-    c = _load(root, "control.json")
+    c = _load(root, "control")
     doc.heading("Base-model control and nulls")
     if not c:
         doc.para("Not run.")
@@ -427,12 +426,10 @@ def control_section(doc: "Doc", root: Path, plots: Path) -> None:
               + ([["held out", _fmt(dh.get("delta")), _ci(dh), dh.get("n")]] if dh else []),
               caption=d.get("method", ""))
     pw = c["per_word"]
-    words_csv = root / "control_words.csv"
     moved_rows = [r for r in pw.get("top", []) if r["moved"]]
     with doc.side_by_side():
-        if words_csv.exists():
-            with open(words_csv, encoding="utf-8") as f:
-                all_rows = list(csv.DictReader(f))
+        all_rows = _load(root, "control_words")
+        if all_rows:
             doc.image(_plot(plots / "control.png", _draw_control(c, all_rows), (WIDE, 3.8)),
                       "Left: each word's reconstructed value on the base model (x) and the tuned model (y), coloured "
                       "by its true lexicon value; circled: words that moved. Right: Kendall tau of R refit on "
@@ -543,22 +540,9 @@ def dashboard_section(doc: "Doc", feats: list[dict]) -> None:
             f"{len(feats)} feature dashboards (activation-shaded windows, histogram, logit lens): see report.html.")
 
 
-def run(cfg: RunConfig) -> dict:
-    root = Path(cfg.run_dir)
-    plots = root / PLOTS
-    plots.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(root)
-    doc = Doc()
-    doc.heading(f"irm report: {cfg.model.name}", 1)
-    doc.para(
-        f"Run directory {root}; reward: {cfg.reward.kind}; explainer backend: {cfg.explain.backend}"
-        + (" (offline: deterministic token summaries, not an LLM)" if cfg.explain.backend == "offline" else "")
-        + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
-    )
-    findings_section(doc, root, summary)
-
-    # Table 7: reward before and after RLHF.
-    reward = _load(root, "reward_eval.json")
+def reward_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Table 7: reward before and after RLHF, the paired difference, example completions."""
+    reward = _load(root, "reward_eval")
     doc.heading("Reward before and after PPO (paper table 7)")
     if reward:
         rows = [["base", _fmt(reward["base"]["mean"]), _ci(reward["base"]), reward["base"].get("n"), ""],
@@ -578,8 +562,11 @@ def run(cfg: RunConfig) -> dict:
     else:
         doc.para("Not run.")
 
-    # Figure 4: layer divergence.
-    div = _load(root, "divergence.json")
+
+
+def divergence_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Figure 4: each layer's parameter distance, the chosen layers."""
+    div = _load(root, "divergence")
     doc.heading("Layer divergence (paper figure 4)")
     if div and div.get("values"):
         values = div["values"]
@@ -595,10 +582,13 @@ def run(cfg: RunConfig) -> dict:
     else:
         doc.para("Not run.")
 
-    # Table 1: dictionaries and MMCS.
-    mmcs = _load(root, "mmcs.json")
+
+
+def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Table 1: SAE quality on held-out data, MMCS beside its chance level, training curves."""
+    mmcs = _load(root, "mmcs")
     doc.heading("Dictionaries and their overlap (paper table 1, eq. 2)")
-    sae_metrics = _load(root, "sae/metrics.json")
+    sae_metrics = _load(root, "sae_metrics")
     if sae_metrics and sae_metrics.get("layers"):
         st = sae_metrics.get("settings", {})
         arch = (f"TopK (k = {st.get('k')})" if st.get("activation") == "topk"
@@ -659,8 +649,11 @@ def run(cfg: RunConfig) -> dict:
                   "by the activations' variance, and L0 (features active per input), on the training batches of "
                   "the logged steps; dots are the validation rows at the end of each epoch.")
 
-    # Tables 2, 8, 9: feature descriptions.
-    feats = read_jsonl(root / "explanations.jsonl")
+
+
+def features_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Tables 2, 8, 9: the shared features' explanations, labels, detection scores, dashboards."""
+    feats = _load(root, "explanations") or []
     doc.heading("Shared features, their descriptions and reward labels (paper tables 2, 8, 9)")
     if feats:
         methods = sorted({f["label_method"] for f in feats if f.get("label_method")})
@@ -685,12 +678,12 @@ def run(cfg: RunConfig) -> dict:
     else:
         doc.para("Not run.")
 
-    # Tables 3, 10: reconstructed lexicon sample; tables 4, 11: Kendall tau.
-    lex_rows = []
-    if (root / "lexicon.csv").exists():
-        with open(root / "lexicon.csv", encoding="utf-8") as f:
-            lex_rows = list(csv.DictReader(f))
-    kendall = _load(root, "kendall.json")
+
+
+def lexicon_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Tables 3, 10: the reconstructed lexicon (a sample and a scatter plot)."""
+    lex_rows = _load(root, "lexicon") or []
+    kendall = _load(root, "kendall")
     doc.heading("Reconstructed lexicon (paper tables 3, 10)")
     if lex_rows:
         step = max(1, len(lex_rows) // cfg.lexicon.sample_size)
@@ -720,6 +713,11 @@ def run(cfg: RunConfig) -> dict:
                        for r in sample], caption=f"{len(sample)} words spread over the lexicon")
     else:
         doc.para("Not run.")
+
+
+def kendall_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Tables 4, 11: Kendall tau of the reconstructed vs the true lexicon."""
+    kendall = _load(root, "kendall")
     doc.heading("Kendall tau, reconstructed vs true lexicon (paper tables 4, 11)")
     if kendall:
         doc.table(["words", "n", "tau", "p-value", "bootstrap 95% CI"],
@@ -732,10 +730,16 @@ def run(cfg: RunConfig) -> dict:
                      + ". Only the held-out row measures generalisation: R never saw those words.")
     else:
         doc.para("Not run.")
+
+
+def base_control_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """The base-model control and its nulls (irm.control)."""
     control_section(doc, root, plots)
 
-    # Table 6: validation.
-    val = _load(root, "validation.json")
+
+def validation_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Table 6: the labelled features where R predicts a large delta, against the other explained features."""
+    val = _load(root, "validation")
     doc.heading("Validation: labelled features where R predicts a large delta (paper table 6)")
     if val:
         vs = val.get("vs_other_explained") or {}
@@ -760,8 +764,11 @@ def run(cfg: RunConfig) -> dict:
     else:
         doc.para("Not run.")
 
-    # Table 5: ablation with controls.
-    abl = _load(root, "ablation.json")
+
+
+def ablation_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """Table 5: reward after ablating the labelled features, paired against its controls."""
+    abl = _load(root, "ablation")
     doc.heading("Ablating the reward-related features (paper table 5, with controls)")
     if abl:
         heads = []
@@ -795,17 +802,44 @@ def run(cfg: RunConfig) -> dict:
     else:
         doc.para("Not run.")
 
+
+
+def configuration_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
+    """The run's config and the package versions."""
     doc.heading("Configuration")
-    cfg_text = (root / "config.yaml").read_text(encoding="utf-8") if (root / "config.yaml").exists() else ""
+    cfg_text = (root / CONFIG_YAML).read_text(encoding="utf-8") if (root / CONFIG_YAML).exists() else ""
     doc.code(cfg_text, f"config.yaml of this run ({len(cfg_text.splitlines())} lines; click to show)")
     doc.heading("Versions")
     doc.table(["package", "version"], [[k, v] for k, v in _versions().items()])
 
-    write_json(root / "summary.json", summary)
-    write_text(root / "report.md", "\n".join(doc.md))
-    write_text(root / "report.html", doc.page(cfg.model.name))
-    mark_done(cfg, "report", ["summary.json", "report.md", "report.html", PLOTS])
-    print(f"report: {root / 'report.html'}")
+
+
+# The report's sections after the findings, in order: one function per paper table or figure.
+SECTIONS = (reward_section, divergence_section, dictionaries_section, features_section, lexicon_section,
+            kendall_section, base_control_section, validation_section, ablation_section, configuration_section)
+
+
+def run(cfg: RunConfig) -> dict:
+    root = Path(cfg.run_dir)
+    plots = artifact(root, "plots")
+    plots.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(root)
+    doc = Doc()
+    doc.heading(f"irm report: {cfg.model.name}", 1)
+    doc.para(
+        f"Run directory {root}; reward: {cfg.reward.kind}; explainer backend: {cfg.explain.backend}"
+        + (" (offline: deterministic token summaries, not an LLM)" if cfg.explain.backend == "offline" else "")
+        + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
+    )
+    findings_section(doc, root, summary)
+    for section in SECTIONS:
+        section(doc, cfg, root, plots)
+    outputs = {key: artifact(root, key) for key in ("summary", "report_md", "report_html")}
+    write_json(outputs["summary"], summary)
+    write_text(outputs["report_md"], "\n".join(doc.md))
+    write_text(outputs["report_html"], doc.page(cfg.model.name))
+    mark_done(cfg, "report", [*outputs.values(), plots])
+    print(f"report: {outputs['report_html']}")
     return summary
 
 

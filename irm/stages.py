@@ -68,7 +68,8 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "sae", "dictionaries"), ("sae",), outputs=(("mmcs", "mmcs.json"),)),
     Stage("explain", "irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)",
           ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
-          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"))),
+          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"),
+                   ("explain_scores", "explain/scores.json"))),
     Stage("triples", "irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)",
           ("seed", "model", "corpus", "reward", "triples"), ("rlhf",),
           when=(("explain", lambda cfg: cfg.triples.substitution == "llm"),),
@@ -102,6 +103,9 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 ORDER = [s.name for s in STAGES]
 # stage -> (config sections, upstream stages): a view of STAGES for readers that want the bare graph.
 GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {s.name: (s.sections, s.upstream) for s in STAGES}
+
+# The resolved config of the last stage that ran, beside the artifacts.
+CONFIG_YAML = "config.yaml"
 
 # Config sections that make a run directory a different run altogether (refused, not overwritten).
 IDENTITY = ("model",)
@@ -198,7 +202,7 @@ def open_run_dir(cfg: RunConfig) -> Path:
     else:
         root.mkdir(parents=True, exist_ok=True)
         write_json(ident_path, {"identity": identity})
-    write_text(root / "config.yaml", dump_config(cfg))
+    write_text(root / CONFIG_YAML, dump_config(cfg))
     return root
 
 
