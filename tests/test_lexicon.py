@@ -174,3 +174,17 @@ def test_words_are_read_only_in_the_unseen_contexts_the_triples_stage_kept():
     for (ids, positions), w in zip(items, word_of_row):
         assert any(ids == tok(c + ["good", "bad"][w])["input_ids"] for c in picked)
         assert tok.decode([ids[p] for p in positions]).strip() == ["good", "bad"][w]
+
+
+def test_only_single_token_lexicon_words_are_read():
+    """By hand, with the tiny word-level tokenizer: good, bad, great are one token each; ':)' is two (':' and ')')
+    and is skipped; 'well done' holds a space and is not a word. A sample of 2 is drawn from the three."""
+    from irm.lexicon import lexicon_words
+    from irm.models import tiny_tokenizer
+
+    lexicon = {"good": 1.9, "bad": -2.5, ":)": 2.0, "great": 3.1, "well done": 1.0}
+    words, counts = lexicon_words(tiny_tokenizer(), lexicon, None, 0)
+    assert words == ["bad", "good", "great"]
+    assert counts == {"single_token_words": 3, "multi_token_words_skipped": 1}
+    sample, _ = lexicon_words(tiny_tokenizer(), lexicon, 2, 0)
+    assert len(sample) == 2 and set(sample) <= {"bad", "good", "great"}
