@@ -247,11 +247,56 @@ def _init_mmcs(run_dir: Path, layer: int, expansion: int):
     return read_cfg(sae_dir(run_dir, layer, expansion)).get("irm", {}).get("init_mmcs")
 
 
+def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int, device) -> dict:
+    """One layer's record for mmcs.json: the two dictionaries compared, against chance and initialisation."""
+    small = _load_dictionary(root, layer, small_e)
+    large = _load_dictionary(root, layer, large_e)
+    if small.shape[1] != large.shape[1]:
+        raise UserError(
+            f"layer {layer}: the x{small_e} and x{large_e} SAEs have different input widths "
+            f"({small.shape[1]} vs {large.shape[1]}); rerun `python -m irm sae` for this run_dir"
+        )
+    alive_small, measured_small = _firing(root, layer, small_e, small.shape[0])
+    alive_large, measured_large = _firing(root, layer, large_e, large.shape[0])
+    rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device, alive_small=alive_small,
+                        alive_large=alive_large)
+    rec["firing"]["measured"] = measured_small and measured_large
+    rec["dictionaries"] = {"small": f"x{small_e}", "large": f"x{large_e}"}
+    rec["chance"] = chance_mmcs(small.shape[0], large.shape[0], small.shape[1], cfg.dictionaries.chance_draws,
+                                seed=cfg.seed * 1000 + layer, device=device)
+    rec["init"] = _init_mmcs(root, layer, large_e)
+    ch = rec["chance"]
+    print(f"dictionaries layer {layer}: MMCS max {rec['max']:.3f} (random dictionaries "
+          f"{ch['max']['mean']:.3f} +- {ch['max']['std']:.4f}"
+          + (f", SAEs at initialisation {rec['init']['max']:.3f}" if rec["init"] else "")
+          + f"), hungarian {rec['hungarian']:.3f} (random {ch['hungarian']['mean']:.3f} +- "
+          f"{ch['hungarian']['std']:.3f}); firing features {rec['firing']['small']}/{small.shape[0]}, "
+          f"{rec['firing']['large']}/{large.shape[0]}")
+    if rec["zero_rows"]["small"] or rec["zero_rows"]["large"]:
+        log.warning("layer %d: %d/%d zero rows in x%d/x%d (cosine 0 with anything)", layer,
+                    rec["zero_rows"]["small"], rec["zero_rows"]["large"], small_e, large_e)
+    return rec
+
+
+def _log_scores(cfg, layers, records: dict) -> None:
+    """TensorBoard scalars per layer, under `<log_dir>/<run name>/dictionaries`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / "dictionaries"))
+    try:
+        for layer in layers:
+            rec = records[str(layer)]
+            writer.add_scalar("mmcs/max", rec["max"], global_step=layer)
+            writer.add_scalar("mmcs/hungarian", rec["hungarian"], global_step=layer)
+            writer.add_scalar("mmcs/max_chance", rec["chance"]["max"]["mean"], global_step=layer)
+            writer.add_scalar("max_cosine/median", rec["max_cosine"]["median"], global_step=layer)
+    finally:
+        writer.close()
+
+
 def run(cfg) -> None:
     """Compare the small and large dictionary of every chosen layer; write `<run_dir>/mmcs.json` and log the
     scores to TensorBoard under `<log_dir>/<run name>/dictionaries`."""
-    from torch.utils.tensorboard import SummaryWriter
-
     from irm.artifacts import RunDir, write_json
     from irm.divergence import chosen_layers
     from irm.runtime import progress, resolve_device, seed_all
@@ -269,33 +314,7 @@ def run(cfg) -> None:
 
     records = {}
     for layer in progress(layers, desc="dictionaries", unit="layer"):
-        small = _load_dictionary(run_dir.root, layer, small_e)
-        large = _load_dictionary(run_dir.root, layer, large_e)
-        if small.shape[1] != large.shape[1]:
-            raise UserError(
-                f"layer {layer}: the x{small_e} and x{large_e} SAEs have different input widths "
-                f"({small.shape[1]} vs {large.shape[1]}); rerun `python -m irm sae` for this run_dir"
-            )
-        alive_small, measured_small = _firing(run_dir.root, layer, small_e, small.shape[0])
-        alive_large, measured_large = _firing(run_dir.root, layer, large_e, large.shape[0])
-        rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device, alive_small=alive_small,
-                            alive_large=alive_large)
-        rec["firing"]["measured"] = measured_small and measured_large
-        rec["dictionaries"] = {"small": f"x{small_e}", "large": f"x{large_e}"}
-        rec["chance"] = chance_mmcs(small.shape[0], large.shape[0], small.shape[1], cfg.dictionaries.chance_draws,
-                                    seed=cfg.seed * 1000 + layer, device=device)
-        rec["init"] = _init_mmcs(run_dir.root, layer, large_e)
-        ch = rec["chance"]
-        print(f"dictionaries layer {layer}: MMCS max {rec['max']:.3f} (random dictionaries "
-              f"{ch['max']['mean']:.3f} +- {ch['max']['std']:.4f}"
-              + (f", SAEs at initialisation {rec['init']['max']:.3f}" if rec["init"] else "")
-              + f"), hungarian {rec['hungarian']:.3f} (random {ch['hungarian']['mean']:.3f} +- "
-              f"{ch['hungarian']['std']:.3f}); firing features {rec['firing']['small']}/{small.shape[0]}, "
-              f"{rec['firing']['large']}/{large.shape[0]}")
-        if rec["zero_rows"]["small"] or rec["zero_rows"]["large"]:
-            log.warning("layer %d: %d/%d zero rows in x%d/x%d (cosine 0 with anything)", layer,
-                        rec["zero_rows"]["small"], rec["zero_rows"]["large"], small_e, large_e)
-        records[str(layer)] = rec
+        records[str(layer)] = _compare_layer_pair(cfg, run_dir.root, layer, small_e, large_e, device)
 
     out = run_dir.path("mmcs.json")
     write_json(out, {
@@ -316,15 +335,6 @@ def run(cfg) -> None:
         "layers": records,
     })
 
-    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / "dictionaries"))
-    try:
-        for layer in layers:
-            rec = records[str(layer)]
-            writer.add_scalar("mmcs/max", rec["max"], global_step=layer)
-            writer.add_scalar("mmcs/hungarian", rec["hungarian"], global_step=layer)
-            writer.add_scalar("mmcs/max_chance", rec["chance"]["max"]["mean"], global_step=layer)
-            writer.add_scalar("max_cosine/median", rec["max_cosine"]["median"], global_step=layer)
-    finally:
-        writer.close()
+    _log_scores(cfg, layers, records)
 
     mark_done(cfg, "dictionaries", [out])
