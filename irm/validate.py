@@ -122,13 +122,61 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) ->
     return out
 
 
-def run(cfg: RunConfig) -> dict:
+def _eval_sequences(cfg: RunConfig, tokenizer) -> list:
+    """Token ids of the eval-split texts; a one-token text has no position left once its first is dropped."""
+    from irm.data import load_texts
+
+    vc = cfg.validate
+    texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=vc.n_inputs)
+    sequences = [ids for ids in tokenizer(texts, truncation=True, max_length=cfg.cache.max_length)["input_ids"]
+                 if len(ids) > 1]
+    if not sequences:
+        raise UserError(f"no eval-split text ({cfg.corpus.eval_split!r}) has two tokens or more; check the corpus")
+    return sequences
+
+
+def _count_frequencies(cfg: RunConfig, model, saes, sequences, pad_token_id, weight, bias, mapping, n_layers: int,
+                       width: int) -> Frequencies:
+    """How often each feature fires, on all positions and on those where R (lexicon scale) is above the threshold."""
     import torch
 
-    from irm.data import load_texts
-    from irm.deltas import iter_codes, load_saes
+    from irm.deltas import iter_codes
+    from irm.lexicon import apply_mapping
+
+    vc = cfg.validate
+    freqs = Frequencies(n_layers, width)
+    w = weight.float()
+    for batch, mask_BT, codes_BTLF in iter_codes(model, saes, sequences, pad_token_id,
+                                                 cfg.cache.batch_size, cfg.cache.site, desc="validate: eval texts"):
+        keep_BT = mask_BT.bool().clone()
+        first = keep_BT.float().argmax(dim=1)  # left padding: each row's first real token
+        keep_BT[torch.arange(len(batch)), first] = False
+        codes_NLF = codes_BTLF[keep_BT]
+        scaled = apply_mapping((codes_NLF.flatten(1) @ w + bias).numpy(), mapping)
+        freqs.update(codes_NLF.numpy(), scaled > vc.threshold)
+    return freqs
+
+
+def _print_result(result: dict, threshold: float, n_texts: int, n_related: int) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    print(f"validate-features: {result['n_inputs_above']} of {result['n_inputs']} positions ({n_texts} texts) "
+          f"above {threshold}; {n_related} related features active at {pct(result['related_frequency'])} vs "
+          f"average feature {pct(result['average_frequency'])} (all positions: "
+          f"{pct(result['related_frequency_all_inputs'])} vs {pct(result['average_frequency_all_inputs'])})")
+    vs = result["vs_other_explained"]["inputs above threshold"]
+    if vs["lift"] is not None:
+        print(f"  vs the {vs['n_other']} other explained features: {pct(vs['other_frequency'])}, lift "
+              f"{vs['lift']:.2f}, permutation p = {vs['p_value']:.3g}")
+    if "note" in result:
+        print(f"  note: {result['note']}")
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.deltas import load_saes
     from irm.explain import explained_features
-    from irm.lexicon import KENDALL_JSON, apply_mapping, raw_threshold
+    from irm.lexicon import KENDALL_JSON, raw_threshold
     from irm.models import load_tuned
     from irm.regression import load_irm
     from irm.runtime import resolve_device, seed_all
@@ -154,21 +202,9 @@ def run(cfg: RunConfig) -> dict:
     saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     width = int(next(iter(saes.values())).dictionary.shape[0])
 
-    texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=vc.n_inputs)
-    sequences = [ids for ids in tokenizer(texts, truncation=True, max_length=cfg.cache.max_length)["input_ids"]
-                 if len(ids) > 1]
-    if not sequences:
-        raise UserError(f"no eval-split text ({cfg.corpus.eval_split!r}) has two tokens or more; check the corpus")
-    freqs = Frequencies(len(layers), width)
-    w = weight.float()
-    for batch, mask_BT, codes_BTLF in iter_codes(model, saes, sequences, tokenizer.pad_token_id,
-                                                 cfg.cache.batch_size, cfg.cache.site, desc="validate: eval texts"):
-        keep_BT = mask_BT.bool().clone()
-        first = keep_BT.float().argmax(dim=1)  # left padding: each row's first real token
-        keep_BT[torch.arange(len(batch)), first] = False
-        codes_NLF = codes_BTLF[keep_BT]
-        scaled = apply_mapping((codes_NLF.flatten(1) @ w + bias).numpy(), mapping)
-        freqs.update(codes_NLF.numpy(), scaled > vc.threshold)
+    sequences = _eval_sequences(cfg, tokenizer)
+    freqs = _count_frequencies(cfg, model, saes, sequences, tokenizer.pad_token_id, weight, bias, mapping,
+                               len(layers), width)
 
     n_related = sum(len(v) for v in related.values())
     result = {
@@ -199,17 +235,5 @@ def run(cfg: RunConfig) -> dict:
     write_json(root / VALIDATION_JSON, result)
     mark_done(cfg, "validate-features", [VALIDATION_JSON])
 
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
-    print(f"validate-features: {result['n_inputs_above']} of {result['n_inputs']} positions ({len(sequences)} texts) "
-          f"above {vc.threshold}; {n_related} related features active at {pct(result['related_frequency'])} vs "
-          f"average feature {pct(result['average_frequency'])} (all positions: "
-          f"{pct(result['related_frequency_all_inputs'])} vs {pct(result['average_frequency_all_inputs'])})")
-    vs = result["vs_other_explained"]["inputs above threshold"]
-    if vs["lift"] is not None:
-        print(f"  vs the {vs['n_other']} other explained features: {pct(vs['other_frequency'])}, lift "
-              f"{vs['lift']:.2f}, permutation p = {vs['p_value']:.3g}")
-    if "note" in result:
-        print(f"  note: {result['note']}")
+    _print_result(result, vc.threshold, len(sequences), n_related)
     return result
