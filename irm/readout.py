@@ -90,6 +90,67 @@ def _select_rows(cache, index):
     return out
 
 
+def _through(sae, layer: int, recorded: dict):
+    """The splice for one layer: the SAE's reconstruction goes on, its codes are kept in `recorded[layer]`."""
+    dtype = next(sae.parameters()).dtype
+
+    def fn(x):
+        codes = sae.encode(x.to(dtype))
+        recorded[layer] = codes
+        return sae.decode(codes).to(x.dtype)
+
+    return fn
+
+
+def _prefix_inputs(batch, cut, pad_id: int):
+    """ids_BW, mask_BW: the batch's shared prefixes, left-padded to the longest."""
+    import torch
+
+    w = max(p for p, _ in batch)
+    ids_BW = torch.full((len(batch), w), pad_id, dtype=torch.long)
+    mask_BW = torch.zeros((len(batch), w), dtype=torch.long)
+    for row, (p, members) in enumerate(batch):
+        ids_BW[row, w - p:] = torch.as_tensor(cut[members[0]][:p], dtype=torch.long)
+        mask_BW[row, w - p:] = 1
+    return ids_BW, mask_BW
+
+
+def _add_prefix_codes(sums, codes, batch, items, cut) -> list:
+    """Adds each member's read positions inside its prefix to `sums`; returns (group row, item, prefix length)
+    of the members with tokens after the prefix."""
+    w = codes.shape[1]
+    rest = []
+    for row, (p, members) in enumerate(batch):
+        for i in members:
+            inside = [q for q in items[i][1] if q < p]
+            if inside:
+                sums[i] += codes[row, [w - p + q for q in inside]].sum(dim=0)
+            if len(cut[i]) > p:
+                rest.append((row, i, p))
+    return rest
+
+
+def _continuation_inputs(chunk, cut, pad_id: int):
+    """ids_RS, tail_RS: each member's tokens after its prefix, right-padded (nothing reads a pad: it comes after
+    every real token of its row)."""
+    import torch
+
+    s = max(len(cut[i]) - p for _, i, p in chunk)
+    ids_RS = torch.full((len(chunk), s), pad_id, dtype=torch.long)
+    tail_RS = torch.zeros((len(chunk), s), dtype=torch.long)
+    for r, (_, i, p) in enumerate(chunk):
+        ids_RS[r, : len(cut[i]) - p] = torch.as_tensor(cut[i][p:], dtype=torch.long)
+        tail_RS[r, : len(cut[i]) - p] = 1
+    return ids_RS, tail_RS
+
+
+def _add_continuation_codes(sums, codes, chunk, items) -> None:
+    for r, (_, i, p) in enumerate(chunk):
+        after = [q - p for q in items[i][1] if q >= p]
+        if after:
+            sums[i] += codes[r, after].sum(dim=0)
+
+
 def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
              batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
              progress_bar: bool = True) -> "torch.Tensor":
@@ -118,17 +179,6 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
 
     recorded: dict[int, torch.Tensor] = {}
 
-    def through(layer):
-        sae = saes[layer]
-        dtype = next(sae.parameters()).dtype
-
-        def fn(x):
-            codes = sae.encode(x.to(dtype))
-            recorded[layer] = codes
-            return sae.decode(codes).to(x.dtype)
-
-        return fn
-
     def codes_BTLF():
         return torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
 
@@ -150,49 +200,32 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
     batches = [groups[i: i + batch_size] for i in range(0, len(groups), batch_size)]
     stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
     try:
-        with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
+        splices = {layer: _through(saes[layer], layer, recorded) for layer in layers}
+        with torch.inference_mode(), splice(model, splices, site=site):
             for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
                 # Prefixes, left-padded, positions counted from each one's first real token.
-                w = max(p for p, _ in batch)
-                ids_BW = torch.full((len(batch), w), pad_id, dtype=torch.long)
-                mask_BW = torch.zeros((len(batch), w), dtype=torch.long)
-                for row, (p, members) in enumerate(batch):
-                    ids_BW[row, w - p:] = torch.as_tensor(cut[members[0]][:p], dtype=torch.long)
-                    mask_BW[row, w - p:] = 1
+                ids_BW, mask_BW = _prefix_inputs(batch, cut, pad_id)
+                w = ids_BW.shape[1]
                 cache = DynamicCache(config=model.config)
                 codes = forward(cache, input_ids=ids_BW, attention_mask=mask_BW,
                                 position_ids=(mask_BW.cumsum(-1) - 1).clamp(min=0))
                 if sums is None:
                     sums = torch.zeros((len(items), *codes.shape[2:]))
-                rest = []  # (group row, item, prefix length) of members with tokens after the prefix
-                for row, (p, members) in enumerate(batch):
-                    for i in members:
-                        inside = [q for q in items[i][1] if q < p]
-                        if inside:
-                            sums[i] += codes[row, [w - p + q for q in inside]].sum(dim=0)
-                        if len(cut[i]) > p:
-                            rest.append((row, i, p))
+                rest = _add_prefix_codes(sums, codes, batch, items, cut)
                 # Continuations against copies of their group's cache rows, right-padded (nothing reads a pad: it
                 # comes after every real token of its row).
                 rest.sort(key=lambda r: len(cut[r[1]]) - r[2])
                 rows_per_pass = max(batch_size, min(CONTINUATION_ROWS * batch_size, CACHED_TOKENS * batch_size // w))
                 for start in range(0, len(rest), rows_per_pass):
                     chunk = rest[start: start + rows_per_pass]
-                    s = max(len(cut[i]) - p for _, i, p in chunk)
-                    ids_RS = torch.full((len(chunk), s), pad_id, dtype=torch.long)
-                    tail_RS = torch.zeros((len(chunk), s), dtype=torch.long)
-                    for r, (_, i, p) in enumerate(chunk):
-                        ids_RS[r, : len(cut[i]) - p] = torch.as_tensor(cut[i][p:], dtype=torch.long)
-                        tail_RS[r, : len(cut[i]) - p] = 1
+                    ids_RS, tail_RS = _continuation_inputs(chunk, cut, pad_id)
+                    s = ids_RS.shape[1]
                     index = torch.tensor([row for row, _, _ in chunk], dtype=torch.long)
                     start_R = torch.tensor([p for _, _, p in chunk], dtype=torch.long)
                     codes = forward(_select_rows(cache, index.to(device)), input_ids=ids_RS,
                                     attention_mask=torch.cat([mask_BW[index], tail_RS], dim=1),
                                     position_ids=start_R[:, None] + torch.arange(s))
-                    for r, (_, i, p) in enumerate(chunk):
-                        after = [q - p for q in items[i][1] if q >= p]
-                        if after:
-                            sums[i] += codes[r, after].sum(dim=0)
+                    _add_continuation_codes(sums, codes, chunk, items)
     finally:
         stopper.remove()
     return sums / counts[:, None, None]
