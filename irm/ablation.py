@@ -323,6 +323,52 @@ def _setup(cfg: RunConfig, device) -> _Setup:
                   common)
 
 
+def _summary(cfg: RunConfig, s: _Setup, modes: dict, before: np.ndarray) -> dict:
+    """The content of ablation.json from every condition's paired rewards."""
+    a = cfg.ablate
+    n_features = sum(len(ix) for ix in s.features.values())
+    before_s = mean_ci(before)
+    after_mode = "reconstruction" if "reconstruction" in modes else a.modes[0]
+    after = modes[after_mode]["ablated"]
+    result = {
+        "n_prompts": len(s.prompts),
+        "new_tokens": a.new_tokens,
+        "prefix_tokens": a.prefix_tokens,
+        "layers": s.layers,
+        "site": cfg.cache.site,
+        "features": _json_features(s.features),
+        "n_features": n_features,
+        "random_draws": len(s.random_sets),
+        "random_control": (f"per labelled feature, one of the {a.match_pool} live unlabelled features nearest in log "
+                           f"firing frequency (fraction of the prompts' tokens where the code > 0, tuned model, no "
+                           f"splice); dead features never drawn"),
+        "feature_frequencies": {str(layer): [float(s.frequencies[layer][i]) for i in ix]
+                                for layer, ix in sorted(s.features.items())},
+        "model": before_s,
+        "modes": modes,
+        "before": {"mean": before_s["mean"], "ci95": before_s["ci95"]},
+        "after": {"mean": after["mean"], "ci95": after["ci95"], "mode": after_mode},
+    }
+    if n_features == 0:
+        result["note"] = "no feature is labelled related: 'ablated' and 'random' are the splice with nothing ablated"
+    return result
+
+
+def _print_summary(result: dict, s: _Setup) -> None:
+    n_features, before_s, modes = result["n_features"], result["model"], result["modes"]
+    print(f"irm ablate: mean reward over {len(s.prompts)} prompts, 95% CI; {n_features} labelled feature(s) "
+          f"at layers {sorted(s.related)}" + (" (none labelled: controls only)" if n_features == 0 else ""))
+    print(f"  before (tuned model)        {_fmt(before_s)}")
+    for mode, conds in modes.items():
+        for name in ("splice", "ablated", "random"):
+            if name in conds:
+                c = conds[name]
+                print(f"  {mode + ' ' + name:<27} {_fmt(c)}   vs before {_fmt(c['diff_vs_before'])}")
+        for name, text in (("ablated_minus_splice", "ablated - splice"), ("ablated_minus_random", "ablated - random")):
+            if name in conds:
+                print(f"  {mode + ' ' + text:<27} {_fmt(conds[name])}   (paired on prompts)")
+
+
 def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
     """One rank's part of the stage (irm.parallel): every rank generates its share of each condition's prompts;
     rank 0 summarises, writes ablation.json, records the stage and returns the summary."""
@@ -379,45 +425,11 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
     if not ranks.is_main:
         return None
 
-    n_features = sum(len(ix) for ix in s.features.values())
-    before_s = mean_ci(before)
-    after_mode = "reconstruction" if "reconstruction" in modes else a.modes[0]
-    after = modes[after_mode]["ablated"]
-    result = {
-        "n_prompts": len(s.prompts),
-        "new_tokens": a.new_tokens,
-        "prefix_tokens": a.prefix_tokens,
-        "layers": s.layers,
-        "site": cfg.cache.site,
-        "features": _json_features(s.features),
-        "n_features": n_features,
-        "random_draws": len(s.random_sets),
-        "random_control": (f"per labelled feature, one of the {a.match_pool} live unlabelled features nearest in log "
-                           f"firing frequency (fraction of the prompts' tokens where the code > 0, tuned model, no "
-                           f"splice); dead features never drawn"),
-        "feature_frequencies": {str(layer): [float(s.frequencies[layer][i]) for i in ix]
-                                for layer, ix in sorted(s.features.items())},
-        "model": before_s,
-        "modes": modes,
-        "before": {"mean": before_s["mean"], "ci95": before_s["ci95"]},
-        "after": {"mean": after["mean"], "ci95": after["ci95"], "mode": after_mode},
-    }
-    if n_features == 0:
-        result["note"] = "no feature is labelled related: 'ablated' and 'random' are the splice with nothing ablated"
+    result = _summary(cfg, s, modes, before)
     write_json(rd.path("ablation.json"), result)
     mark_done(cfg, "ablate", ["ablation.json", *sorted(set(used))])
 
-    print(f"irm ablate: mean reward over {len(s.prompts)} prompts, 95% CI; {n_features} labelled feature(s) "
-          f"at layers {sorted(s.related)}" + (" (none labelled: controls only)" if n_features == 0 else ""))
-    print(f"  before (tuned model)        {_fmt(before_s)}")
-    for mode, conds in modes.items():
-        for name in ("splice", "ablated", "random"):
-            if name in conds:
-                c = conds[name]
-                print(f"  {mode + ' ' + name:<27} {_fmt(c)}   vs before {_fmt(c['diff_vs_before'])}")
-        for name, text in (("ablated_minus_splice", "ablated - splice"), ("ablated_minus_random", "ablated - random")):
-            if name in conds:
-                print(f"  {mode + ' ' + text:<27} {_fmt(conds[name])}   (paired on prompts)")
+    _print_summary(result, s)
     return result
 
 
