@@ -68,6 +68,76 @@ def stop_after_step_on_signals(ckpt: FullStateCheckpoints):
             signal.signal(s, h)
 
 
+def _ppo_prompts(cfg: RunConfig, tokenizer) -> list:
+    """Token ids of the PPO prompts; a batch needs at least `rlhf.batch_size` of them."""
+    from irm.data import load_texts, make_prompts
+
+    texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
+    prompts = make_prompts(texts, tokenizer, cfg.rlhf.prompt_min_tokens, cfg.rlhf.prompt_max_tokens, seed=cfg.seed)
+    if len(prompts) < cfg.rlhf.batch_size:
+        raise UserError(
+            f"only {len(prompts)} PPO prompts from corpus split {cfg.corpus.split!r}, fewer than rlhf.batch_size="
+            f"{cfg.rlhf.batch_size}; use a larger corpus (corpus.n_documents) or a smaller batch"
+        )
+    return prompts
+
+
+def _announce(cfg: RunConfig, world_size: int, lora, n_prompts: int, log_dir) -> None:
+    ranks = f" on each of {world_size} processes" if world_size > 1 else ""
+    how = f"LoRA rank {cfg.rlhf.lora_rank}" if lora else "full fine-tuning"
+    print(f"irm rlhf: PPO ({how}) on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} "
+          f"steps of {cfg.rlhf.batch_size} prompts ({cfg.rlhf.batch_size // world_size}{ranks}), {n_prompts} "
+          f"prompts in all; TensorBoard: {log_dir}", file=sys.stderr)
+
+
+def _train(cfg: RunConfig, trainer, ckpt: FullStateCheckpoints, scalars, bar, rank: int) -> float:
+    """Runs PPO to the end and returns its wall seconds; a stop signal exits (SystemExit) once checkpointed."""
+    start = time.perf_counter()
+    # TRL runs gc.collect() twice per step; freezing what exists now (libraries, models) takes those from ~0.25 s
+    # each to microseconds on a tiny model.
+    gc.collect()
+    gc.freeze()
+    stop = None
+    try:
+        with stop_after_step_on_signals(ckpt):
+            trainer.train()
+    except TrainingInterrupted as e:
+        stop = e
+    finally:
+        gc.unfreeze()
+        scalars.close()
+        bar.close()
+    if stop is not None and rank > 0:
+        raise SystemExit(128 + stop.signum)
+    if stop is not None:
+        print(f"irm rlhf: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of {cfg.rlhf.steps}; "
+              f"state saved in {stop.checkpoint}. Rerun the same command to resume.", file=sys.stderr)
+        raise SystemExit(128 + stop.signum)
+    return time.perf_counter() - start
+
+
+def _save_policy(cfg: RunConfig, out: Path, trainer, policy, tokenizer, lora, generation_config,
+                 ckpt: FullStateCheckpoints, seconds: float, ran: int) -> None:
+    """Rank 0: the tuned policy to `<out>/policy`, the stage recorded with its timing and reward summary."""
+    if lora is not None:  # downstream stages read a plain model: the adapters folded into the weights
+        policy = trainer.policy_model.merge_and_unload()
+    policy.generation_config = generation_config
+    with atomic_dir(out / "policy") as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    summary = {"seconds_per_step": seconds / ran if ran else None}
+    if metrics:
+        summary["reward_first_step"] = metrics[0]["rlhf/reward_mean"]
+        summary["reward_last_step"] = metrics[-1]["rlhf/reward_mean"]
+    mark_done(cfg, STAGE, [out / "policy", out / "metrics.jsonl"], **summary)
+    ckpt.finish()
+    rate = f"{summary['seconds_per_step']:.2f} s/step" if ran else "nothing left to train"
+    rewards = (f"; mean reward {summary['reward_first_step']:.3f} at step 1, {summary['reward_last_step']:.3f} at step "
+               f"{metrics[-1]['step']}" if metrics else "")
+    print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {out / 'policy'}", file=sys.stderr)
+
+
 def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     """Train (or resume) PPO and save the tuned policy to `<run_dir>/rlhf/policy`. `callbacks`: extra
     TrainerCallbacks, run after ours (tests use them to watch or interrupt training)."""
@@ -84,7 +154,6 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     import torch
     from datasets import Dataset
 
-    from irm.data import load_texts, make_prompts
     from irm.models import load_model
     from irm.reward import build_reward
     from irm.rlhf.adapter import RewardAdapter, lora_config, value_model_from
@@ -107,13 +176,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     value_model = value_model_from(policy, lora, head_only=cfg.rlhf.value_head_only)
     reward_model = RewardAdapter(build_reward(cfg.reward, device=device), tokenizer)
 
-    texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
-    prompts = make_prompts(texts, tokenizer, cfg.rlhf.prompt_min_tokens, cfg.rlhf.prompt_max_tokens, seed=cfg.seed)
-    if len(prompts) < cfg.rlhf.batch_size:
-        raise UserError(
-            f"only {len(prompts)} PPO prompts from corpus split {cfg.corpus.split!r}, fewer than rlhf.batch_size="
-            f"{cfg.rlhf.batch_size}; use a larger corpus (corpus.n_documents) or a smaller batch"
-        )
+    prompts = _ppo_prompts(cfg, tokenizer)
 
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
     ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
@@ -139,53 +202,12 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         raise UserError(f"the launcher started {trainer.accelerator.num_processes} processes but set WORLD_SIZE="
                         f"{world_size}; start the rlhf stage with python, torchrun or accelerate launch")
     if rank == 0:
-        ranks = f" on each of {world_size} processes" if world_size > 1 else ""
-        how = f"LoRA rank {cfg.rlhf.lora_rank}" if lora else "full fine-tuning"
-        print(f"irm rlhf: PPO ({how}) on {cfg.model.name} against the {cfg.reward.kind} reward: {cfg.rlhf.steps} "
-              f"steps of {cfg.rlhf.batch_size} prompts ({cfg.rlhf.batch_size // world_size}{ranks}), {len(prompts)} "
-              f"prompts in all; TensorBoard: {scalars.log_dir}", file=sys.stderr)
-    start = time.perf_counter()
-    # TRL runs gc.collect() twice per step; freezing what exists now (libraries, models) takes those from ~0.25 s
-    # each to microseconds on a tiny model.
-    gc.collect()
-    gc.freeze()
-    stop = None
-    try:
-        with stop_after_step_on_signals(ckpt):
-            trainer.train()
-    except TrainingInterrupted as e:
-        stop = e
-    finally:
-        gc.unfreeze()
-        scalars.close()
-        bar.close()
-    if stop is not None and rank > 0:
-        raise SystemExit(128 + stop.signum)
-    if stop is not None:
-        print(f"irm rlhf: stopped by {signal.Signals(stop.signum).name} after step {stop.step} of {cfg.rlhf.steps}; "
-              f"state saved in {stop.checkpoint}. Rerun the same command to resume.", file=sys.stderr)
-        raise SystemExit(128 + stop.signum)
-    seconds = time.perf_counter() - start
+        _announce(cfg, world_size, lora, len(prompts), scalars.log_dir)
+    seconds = _train(cfg, trainer, ckpt, scalars, bar, rank)
     ran = cfg.rlhf.steps - ckpt.resumed_step
     if rank > 0:  # the replicas are identical: rank 0 saves the policy and records the stage
         trainer.accelerator.wait_for_everyone()
         return
 
-    if lora is not None:  # downstream stages read a plain model: the adapters folded into the weights
-        policy = trainer.policy_model.merge_and_unload()
-    policy.generation_config = generation_config
-    with atomic_dir(out / "policy") as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    metrics = read_jsonl(out / "metrics.jsonl")
-    summary = {"seconds_per_step": seconds / ran if ran else None}
-    if metrics:
-        summary["reward_first_step"] = metrics[0]["rlhf/reward_mean"]
-        summary["reward_last_step"] = metrics[-1]["rlhf/reward_mean"]
-    mark_done(cfg, STAGE, [out / "policy", out / "metrics.jsonl"], **summary)
-    ckpt.finish()
-    rate = f"{summary['seconds_per_step']:.2f} s/step" if ran else "nothing left to train"
-    rewards = (f"; mean reward {summary['reward_first_step']:.3f} at step 1, {summary['reward_last_step']:.3f} at step "
-               f"{metrics[-1]['step']}" if metrics else "")
-    print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {out / 'policy'}", file=sys.stderr)
+    _save_policy(cfg, out, trainer, policy, tokenizer, lora, generation_config, ckpt, seconds, ran)
     trainer.accelerator.wait_for_everyone()  # the other ranks exit only once the policy is saved
