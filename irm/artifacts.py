@@ -223,6 +223,15 @@ class RunDir:
         m["stages"][stage] = {"fingerprint": fp, "completed_at": time.time(), "outputs": files, **extra}
         write_json(self.path(MANIFEST), m)
 
+    def restore(self, stage: str, record: dict, order: list[str]) -> None:
+        """Put back a completion record taken with `stage_record` (a forced rerun that failed), at its place in
+        `order` (the stages' order in the manifest it was taken from), so the manifest reads as it did."""
+        m = self.manifest()
+        m["stages"][stage] = record
+        rank = {name: i for i, name in enumerate(order)}
+        m["stages"] = dict(sorted(m["stages"].items(), key=lambda kv: rank.get(kv[0], len(order))))
+        write_json(self.path(MANIFEST), m)
+
     def invalidate(self, stage: str) -> None:
         m = self.manifest()
         if m["stages"].pop(stage, None) is not None:

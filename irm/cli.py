@@ -74,29 +74,37 @@ def _one_line(msg: str) -> str:
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    """Start-up shared by every stage subcommand: parse, threads, run directory, then the "already done?" check: a
-    finished stage run again is a no-op (its completion stamp, which downstream fingerprints hash, is kept) unless
-    `--force` is given."""
+    """Start-up shared by every stage subcommand: parse, validate every section, threads, the run-directory lock,
+    then the "already done?" check: a stage whose outputs and whose upstream stages' outputs are all intact and made
+    from this config is a no-op (its completion stamp, which downstream fingerprints hash, is kept) unless `--force`
+    is given. A forced run that fails leaves the stage's previous completion record in place: nothing is lost."""
     from irm.artifacts import RunDir
     from irm.runtime import set_threads
     from irm.config import validate
     from irm.rundir_lock import hold_run_dir
-    from irm.stages import ORDER, is_done, open_run_dir
+    from irm.stages import ORDER, open_run_dir, up_to_date
 
     cfg = parse_config(stage, argv)
     validate(cfg, ORDER if stage == "pipeline" else [stage])  # every section, before anything runs or is written
     set_threads(cfg.threads)
     with hold_run_dir(cfg.run_dir, [stage, *argv]):  # one run at a time on a run directory
         open_run_dir(cfg)
+        rd, previous = RunDir(cfg.run_dir), None
         if stage != "pipeline":
             if "--force" in argv:
-                RunDir(cfg.run_dir).invalidate(stage)
-            elif is_done(cfg, stage):
+                previous, order = rd.stage_record(stage), list(rd.manifest()["stages"])
+                rd.invalidate(stage)
+            elif up_to_date(cfg, stage):
                 print(f"irm {stage}: up to date in {cfg.run_dir} (same config and inputs); --force reruns it",
                       file=sys.stderr)
                 return
         module = importlib.import_module(STAGES[stage][0])
-        module.run(cfg)
+        try:
+            module.run(cfg)
+        except BaseException:
+            if previous is not None and rd.stage_record(stage) is None:
+                rd.restore(stage, previous, order)
+            raise
 
 
 def _interrupt(signum, _frame):

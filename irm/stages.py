@@ -180,6 +180,12 @@ def is_done(cfg: RunConfig, stage: str) -> bool:
     return RunDir(cfg.run_dir).is_complete(stage, stage_fingerprint(cfg, stage))
 
 
+def up_to_date(cfg: RunConfig, stage: str) -> bool:
+    """`stage` is done and so is every stage upstream of it, transitively: an upstream artifact damaged or edited
+    since (its checksum no longer matches) makes the stage run again, and the rerun finds the damage."""
+    return is_done(cfg, stage) and all(up_to_date(cfg, up) for up in BY_NAME[stage].upstream)
+
+
 def mark_done(cfg: RunConfig, stage: str, outputs: list, **extra: Any) -> None:
     """Record `stage` complete with the outputs it wrote (paths relative to run_dir, or absolute under it)."""
     RunDir(cfg.run_dir).mark_complete(stage, stage_fingerprint(cfg, stage), outputs, **extra)

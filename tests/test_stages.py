@@ -97,18 +97,31 @@ def test_llm_substitution_answers_are_keyed_by_the_explainer_model(tmp_path):
 
 
 def test_a_finished_stage_run_again_is_a_no_op_unless_forced(tmp_path, capsys):
-    cfg = _cfg(tmp_path)
+    args = ["--run_dir", str(tmp_path), "--model.name", "tiny-gpt-neox"]
+    cfg = _cfg(tmp_path, model=dataclasses.replace(RunConfig().model, name="tiny-gpt-neox"))
     stages.open_run_dir(cfg)
-    (tmp_path / "mmcs.json").write_text("{}")
-    stages.mark_done(cfg, "dictionaries", ["mmcs.json"])
-    before = stages.RunDir(cfg.run_dir).stage_record("dictionaries")["completed_at"]
-    cli.main(["dictionaries", "--run_dir", str(tmp_path)])
+    (tmp_path / "rlhf" / "policy").mkdir(parents=True)
+    (tmp_path / "rlhf" / "policy" / "weights").write_text("not a model")
+    (tmp_path / "divergence.json").write_text("{}")
+    stages.mark_done(cfg, "rlhf", ["rlhf/policy"])
+    stages.mark_done(cfg, "divergence", ["divergence.json"])
+    record = stages.RunDir(cfg.run_dir).stage_record("divergence")
+    cli.main(["divergence", *args])
     assert "up to date" in capsys.readouterr().err
-    assert stages.RunDir(cfg.run_dir).stage_record("dictionaries")["completed_at"] == before
-    # forced: the record is dropped and the stage really runs (here it finds no SAEs and says so)
+    assert stages.RunDir(cfg.run_dir).stage_record("divergence") == record
+    # forced: the stage really runs (here it finds no loadable tuned policy and says so); the refused run loses
+    # nothing: the previous completion record is back, the manifest byte for byte as it was
+    manifest = (tmp_path / "manifest.json").read_bytes()
     with pytest.raises(SystemExit) as e:
-        cli.main(["dictionaries", "--run_dir", str(tmp_path), "--force"])
-    assert e.value.code == 2 and stages.RunDir(cfg.run_dir).stage_record("dictionaries") is None
+        cli.main(["divergence", *args, "--force"])
+    assert e.value.code == 2 and (tmp_path / "manifest.json").read_bytes() == manifest
+    # an upstream artifact edited since: the stage is no longer up to date and runs (and finds the problem)
+    (tmp_path / "rlhf" / "policy" / "weights").write_text("edited")
+    assert stages.is_done(cfg, "divergence") and not stages.up_to_date(cfg, "divergence")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["divergence", *args])
+    assert "up to date" not in capsys.readouterr().err
 
 
 def test_every_stage_uses_the_same_small_dictionary(tmp_path):

@@ -172,7 +172,7 @@ def test_sae_checkpoint_of_the_wrong_width(run_dir):
             state["state_dict"][key] = value[: value.shape[0] // 2, : value.shape[1] // 2].clone()
     torch.save(state, ckpt)
     try:
-        out = irm("sae", args_for(run_dir), cwd=run_dir.parent)
+        out = irm("sae", args_for(run_dir, "--force"), cwd=run_dir.parent)  # the finished stage, run again
     finally:
         ckpt.write_bytes(original)  # the bad checkpoint was ours; the fixture then checks nothing else changed
     refused(out, "sae", "wide")
@@ -189,7 +189,8 @@ def test_damaged_shard(run_dir, damage):
         flipped[-5] ^= 0xFF
         shard.write_bytes(bytes(flipped))
     try:
-        out = irm("sae", args_for(run_dir), cwd=run_dir.parent)
+        # shards are not checksummed on every start (the manifest is): a forced rerun reads them and finds it
+        out = irm("sae", args_for(run_dir, "--force"), cwd=run_dir.parent)
     finally:
         shard.write_bytes(original)  # the damage was ours; the fixture then checks nothing else changed
     line = refused(out, "sae", shard.name)
