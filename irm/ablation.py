@@ -31,6 +31,7 @@ from irm.runtime import seed_all
 from irm.sampling import SamplingRule, _GumbelNoise, prompt_seed, sample  # noqa: F401 (prompt_seed: seeds of prompts)
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
+from irm.stages import relpath
 
 MODES = ("reconstruction", "error")
 
@@ -426,8 +427,8 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
         return None
 
     result = _summary(cfg, s, modes, before)
-    write_json(rd.path("ablation.json"), result)
-    mark_done(cfg, "ablate", ["ablation.json", *sorted(set(used))])
+    write_json(rd.path(relpath("ablation")), result)
+    mark_done(cfg, "ablate", [relpath("ablation"), *sorted(set(used))])
 
     _print_summary(result, s)
     return result

@@ -288,121 +288,163 @@ class RunConfig:
 ABLATION_MODES = ("reconstruction", "error")
 
 
-def _problems(cfg: RunConfig) -> list[str]:
-    """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
-    import math
+class _Checks:
+    """Collects range problems, each as `section.field=value: what is needed`."""
 
-    out: list[str] = []
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.out = cfg, []
 
-    def need(ok: bool, where: str, value, rule: str) -> None:
+    def need(self, ok: bool, where: str, value, rule: str) -> None:
         if not ok:
-            out.append(f"{where}={value!r}: {rule}")
+            self.out.append(f"{where}={value!r}: {rule}")
 
-    def at_least(section, name: str, low, optional: bool = False) -> None:
+    def at_least(self, section, name: str, low, optional: bool = False) -> None:
         v = getattr(section, name, None) if section is not None else None
-        where = f"{_name_of(cfg, section)}{name}"
+        where = f"{_name_of(self.cfg, section)}{name}"
         if v is None and optional:
             return
-        need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, where, v,
-             f"must be >= {low}" + (" (or null)" if optional else ""))
+        self.need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, where, v,
+                  f"must be >= {low}" + (" (or null)" if optional else ""))
 
-    def positive(section, name: str) -> None:
+    def positive(self, section, name: str) -> None:
+        import math
+
         v = getattr(section, name)
-        need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{_name_of(cfg, section)}{name}", v,
-             "must be a positive finite number")
+        self.need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{_name_of(self.cfg, section)}{name}",
+                  v, "must be a positive finite number")
 
-    def fraction(section, name: str, low_open: bool = False) -> None:
+    def fraction(self, section, name: str, low_open: bool = False) -> None:
         v = getattr(section, name)
         ok = (0.0 < v < 1.0) if low_open else (0.0 <= v < 1.0)
-        need(ok, f"{_name_of(cfg, section)}{name}", v, "must be in (0, 1)" if low_open else "must be in [0, 1)")
+        self.need(ok, f"{_name_of(self.cfg, section)}{name}", v,
+                  "must be in (0, 1)" if low_open else "must be in [0, 1)")
 
-    at_least(cfg, "devices", 1)
-    at_least(cfg, "threads", 1, optional=True)
-    at_least(cfg, "seed", 0)
+
+def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of run-wide settings, the model and the corpus."""
+    ch.at_least(cfg, "devices", 1)
+    ch.at_least(cfg, "threads", 1, optional=True)
+    ch.at_least(cfg, "seed", 0)
     m = cfg.model
-    at_least(m, "tiny_layers", 1)
-    need(m.tiny_d_model >= 4 and m.tiny_d_model % 4 == 0, "model.tiny_d_model", m.tiny_d_model,
-         "must be a positive multiple of 4 (the tiny models' attention heads)")
-    at_least(cfg.corpus, "n_documents", 1)
+    ch.at_least(m, "tiny_layers", 1)
+    ch.need(m.tiny_d_model >= 4 and m.tiny_d_model % 4 == 0, "model.tiny_d_model", m.tiny_d_model,
+            "must be a positive multiple of 4 (the tiny models' attention heads)")
+    ch.at_least(cfg.corpus, "n_documents", 1)
+
+
+def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the reward."""
     r = cfg.reward
-    positive(r, "scale")
-    positive(r, "clip")
-    at_least(r, "positive_label", 0)
-    need(r.kind != "classifier" or bool(r.classifier), "reward.classifier", r.classifier,
-         "reward.kind classifier needs a sequence classifier (hub id or local directory)")
+    ch.positive(r, "scale")
+    ch.positive(r, "clip")
+    ch.at_least(r, "positive_label", 0)
+    ch.need(r.kind != "classifier" or bool(r.classifier), "reward.classifier", r.classifier,
+            "reward.kind classifier needs a sequence classifier (hub id or local directory)")
+
+
+def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of PPO, the reward evaluation, layer divergence."""
     h = cfg.rlhf
     for name in ("steps", "batch_size", "ppo_epochs", "response_length", "checkpoint_every"):
-        at_least(h, name, 1)
-    at_least(h, "mini_batch_size", 2)  # PPO whitens advantages within a mini-batch
-    need(h.mini_batch_size < 1 or h.batch_size % h.mini_batch_size == 0, "rlhf.batch_size", h.batch_size,
-         f"must be a multiple of rlhf.mini_batch_size ({h.mini_batch_size})")
-    need(1 <= h.prompt_min_tokens <= h.prompt_max_tokens, "rlhf.prompt_min_tokens", h.prompt_min_tokens,
-         f"need 1 <= prompt_min_tokens <= prompt_max_tokens ({h.prompt_max_tokens})")
+        ch.at_least(h, name, 1)
+    ch.at_least(h, "mini_batch_size", 2)  # PPO whitens advantages within a mini-batch
+    ch.need(h.mini_batch_size < 1 or h.batch_size % h.mini_batch_size == 0, "rlhf.batch_size", h.batch_size,
+            f"must be a multiple of rlhf.mini_batch_size ({h.mini_batch_size})")
+    ch.need(1 <= h.prompt_min_tokens <= h.prompt_max_tokens, "rlhf.prompt_min_tokens", h.prompt_min_tokens,
+            f"need 1 <= prompt_min_tokens <= prompt_max_tokens ({h.prompt_max_tokens})")
     for name in ("learning_rate", "max_grad_norm", "temperature"):
-        positive(h, name)
-    at_least(h, "kl_coef", 0)
+        ch.positive(h, name)
+    ch.at_least(h, "kl_coef", 0)
     if hasattr(h, "lora_rank"):
-        at_least(h, "lora_rank", 0)
-        positive(h, "lora_alpha")
-        fraction(h, "lora_dropout")
+        ch.at_least(h, "lora_rank", 0)
+        ch.positive(h, "lora_alpha")
+        ch.fraction(h, "lora_dropout")
     e = cfg.evaluate
-    at_least(e, "n", 2)  # an interval needs two completions
+    ch.at_least(e, "n", 2)  # an interval needs two completions
     for name in ("prefix_tokens", "new_tokens", "batch_size"):
-        at_least(e, name, 1)
-    at_least(cfg.divergence, "top_k", 1)
+        ch.at_least(e, name, 1)
+    ch.at_least(cfg.divergence, "top_k", 1)
+
+
+def _check_cache(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the activation cache."""
     c = cfg.cache
-    need(c.layers is None or all(isinstance(x, int) and x >= 0 for x in c.layers), "cache.layers", c.layers,
-         "must be null (the divergence stage's top-k) or layer indices >= 0")
+    ch.need(c.layers is None or all(isinstance(x, int) and x >= 0 for x in c.layers), "cache.layers", c.layers,
+            "must be null (the divergence stage's top-k) or layer indices >= 0")
     for name in ("max_length", "batch_size", "shard_rows"):
-        at_least(c, name, 1)
-    at_least(c, "n_documents", 1, optional=True)
+        ch.at_least(c, name, 1)
+    ch.at_least(c, "n_documents", 1, optional=True)
+
+
+def _check_sae(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the SAEs and their comparison."""
     s = cfg.sae
-    need(bool(s.expansions) and all(isinstance(x, int) and x >= 1 for x in s.expansions)
-         and len(set(s.expansions)) == len(s.expansions), "sae.expansions", s.expansions,
-         "must be distinct whole numbers >= 1 (e.g. [1, 2])")
-    at_least(s, "l1_coefficient", 0)
-    positive(s, "learning_rate")
+    ch.need(bool(s.expansions) and all(isinstance(x, int) and x >= 1 for x in s.expansions)
+            and len(set(s.expansions)) == len(s.expansions), "sae.expansions", s.expansions,
+            "must be distinct whole numbers >= 1 (e.g. [1, 2])")
+    ch.at_least(s, "l1_coefficient", 0)
+    ch.positive(s, "learning_rate")
     for name in ("batch_size", "epochs", "dead_window", "batches_per_item", "checkpoint_every"):
-        at_least(s, name, 1)
-    fraction(s, "val_fraction")
-    at_least(cfg.dictionaries, "top_k", 1)
+        ch.at_least(s, name, 1)
+    ch.fraction(s, "val_fraction")
+    ch.at_least(cfg.dictionaries, "top_k", 1)
+
+
+def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the explainer and the contrastive triples."""
     x = cfg.explain
     for name in ("concurrency", "window", "n_top", "n_score", "max_new_tokens"):
-        at_least(x, name, 1)
+        ch.at_least(x, name, 1)
     for name in ("max_retries", "retry_backoff", "n_quantile"):
-        at_least(x, name, 0)
-    positive(x, "timeout")
-    at_least(x, "max_features", 1, optional=True)
+        ch.at_least(x, name, 0)
+    ch.positive(x, "timeout")
+    ch.at_least(x, "max_features", 1, optional=True)
     t = cfg.triples
-    at_least(t, "n", 1)
-    at_least(t, "max_length", 2)
-    fraction(t, "heldout_fraction")
+    ch.at_least(t, "n", 1)
+    ch.at_least(t, "max_length", 2)
+    ch.fraction(t, "heldout_fraction")
     if hasattr(t, "context_texts"):
-        at_least(t, "context_texts", 0)
+        ch.at_least(t, "context_texts", 0)
+
+
+def _check_regression_and_lexicon(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the IRM regression and the lexicon reconstruction."""
     g = cfg.regression
-    at_least(g, "batch_size", 1)
-    at_least(g, "epochs", 1)
-    positive(g, "learning_rate")
-    at_least(g, "weight_decay", 0)
-    fraction(g, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
+    ch.at_least(g, "batch_size", 1)
+    ch.at_least(g, "epochs", 1)
+    ch.positive(g, "learning_rate")
+    ch.at_least(g, "weight_decay", 0)
+    ch.fraction(g, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
     lx = cfg.lexicon
-    at_least(lx, "contexts_per_word", 1)
-    at_least(lx, "bootstrap", 0)
-    at_least(lx, "sample_size", 0)
-    at_least(lx, "max_words", 2, optional=True)
+    ch.at_least(lx, "contexts_per_word", 1)
+    ch.at_least(lx, "bootstrap", 0)
+    ch.at_least(lx, "sample_size", 0)
+    ch.at_least(lx, "max_words", 2, optional=True)
     p = list(lx.percentiles)
-    need(len(p) == 2 and 0.0 <= p[0] < p[1] <= 100.0, "lexicon.percentiles", p,
-         "must be two increasing numbers in [0, 100]")
+    ch.need(len(p) == 2 and 0.0 <= p[0] < p[1] <= 100.0, "lexicon.percentiles", p,
+            "must be two increasing numbers in [0, 100]")
+
+
+def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of validation and ablation."""
     v = cfg.validate
-    at_least(v, "n_inputs", 1)
-    need(-4.0 < v.threshold < 4.0, "validate.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
+    ch.at_least(v, "n_inputs", 1)
+    ch.need(-4.0 < v.threshold < 4.0, "validate.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
     a = cfg.ablate
     for name in ("n_prompts", "new_tokens", "prefix_tokens", "batch_size", "match_pool"):
-        at_least(a, name, 1)
-    at_least(a, "random_draws", 0)
-    need(bool(a.modes) and set(a.modes) <= set(ABLATION_MODES), "ablate.modes", list(a.modes),
-         f"must be a non-empty subset of {list(ABLATION_MODES)}")
-    return out
+        ch.at_least(a, name, 1)
+    ch.at_least(a, "random_draws", 0)
+    ch.need(bool(a.modes) and set(a.modes) <= set(ABLATION_MODES), "ablate.modes", list(a.modes),
+            f"must be a non-empty subset of {list(ABLATION_MODES)}")
+
+
+def _problems(cfg: RunConfig) -> list[str]:
+    """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
+    ch = _Checks(cfg)
+    for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
+                  _check_explain_and_triples, _check_regression_and_lexicon, _check_validate_and_ablate):
+        check(ch, cfg)
+    return ch.out
 
 
 def _name_of(cfg: RunConfig, section) -> str:

@@ -36,16 +36,17 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from irm.artifacts import read_json, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
+from irm.stages import relpath
 
-CONTROL_JSON = "control.json"
-CONTROL_WORDS = "control_words.csv"
+CONTROL_JSON = relpath("control")
+CONTROL_WORDS = relpath("control_words")
 MODELS = ("tuned", "base")
 SUBSETS = ("all", "heldout", "seen", "negative")
 SAE_CHOICE = "the tuned run's SAEs spliced into both models at the same layers"
@@ -401,7 +402,7 @@ def run(cfg: RunConfig) -> dict:
         del model, saes
     analysis, rows = analyse(features, words, true, heldout, seen, cc, cfg.lexicon.percentiles, cfg.seed)
 
-    kendall_stage = read_json(root / "kendall.json") if (root / "kendall.json").exists() else {}
+    kendall_stage = read_json(root / relpath("kendall")) if (root / relpath("kendall")).exists() else {}
     report = {
         "sae_choice": SAE_CHOICE if cc.base_saes == "tuned" else SAE_OWN,
         "chain": "deltas of the triples -> closed-form ridge R (penalty by leave-one-out error) -> R on every word's "

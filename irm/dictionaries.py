@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from irm.errors import UserError
+from irm.stages import relpath
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def run(cfg) -> None:
     for layer in progress(layers, desc="dictionaries", unit="layer"):
         records[str(layer)] = _compare_layer_pair(cfg, run_dir.root, layer, small_e, large_e, device)
 
-    out = run_dir.path("mmcs.json")
+    out = run_dir.path(relpath("mmcs"))
     write_json(out, {
         "definitions": {
             "max": "paper eq. 2: mean over the small dictionary of the max cosine to any large-dictionary row",

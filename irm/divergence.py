@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from irm.errors import UserError
+from irm.stages import relpath
 
-OUTPUT_JSON = "divergence.json"
-OUTPUT_PNG = "divergence.png"
+OUTPUT_JSON = relpath("divergence")
+OUTPUT_PNG = relpath("divergence_plot")
 
 
 def _block_parameters(model, i: int) -> dict:

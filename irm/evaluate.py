@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Callable
 
 from irm.artifacts import append_jsonl, fingerprint, read_jsonl, write_json, write_text
-from irm.config import EvaluateConfig, RunConfig
+from irm.config import RunConfig
 from irm.errors import UserError
 from irm.runtime import progress, resolve_device, seed_all
 from irm.sampling import SamplingRule, prompt_seed, sample
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
+from irm.stages import relpath
 
 STAGE = "evaluate-reward"
-OUTPUT = "reward_eval.json"
+OUTPUT = relpath("reward_eval")
 N_EXAMPLES = 3  # completions of each model quoted in the JSON, for a reader to see what the numbers mean
 SAMPLER = "per-prompt-gumbel-1"  # journals of an older sampler are not reused
 

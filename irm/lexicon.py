@@ -19,9 +19,10 @@ import numpy as np
 from irm.artifacts import read_json, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
+from irm.stages import relpath
 
-LEXICON_CSV = "lexicon.csv"
-KENDALL_JSON = "kendall.json"
+LEXICON_CSV = relpath("lexicon")
+KENDALL_JSON = relpath("kendall")
 BOUND = 4.0  # the VADER lexicon's range is [-4, 4]
 SUBSETS = ("all", "negative", "heldout", "seen")
 TAU_ON = ("raw: R's output averaged per word. The [-4, 4] rescaling is monotone, but its clipping ties the words "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from irm.artifacts import write_json
 from irm.config import RunConfig
-from irm.stages import ORDER, is_done, stage as declared
+from irm.stages import ORDER, artifact, is_done, stage as declared
 
 
 def _say(msg: str) -> None:
@@ -46,8 +46,8 @@ def run(cfg: RunConfig) -> dict[str, str]:
         _say(f"[{i:>2}/{n}] {stage:<18} done in {timings[stage]:.1f} s")
     total = time.perf_counter() - start
     write_json(root / "pipeline.json", {"outcome": outcome, "seconds": timings, "total_seconds": total})
-    _say(f"irm pipeline: finished in {total:.0f} s. Report: {root / 'report.html'} (also report.md, summary.json)")
-    summary = root / "summary.json"
+    _say(f"irm pipeline: finished in {total:.0f} s. Report: {artifact(root, 'report_html')} (also report.md, summary.json)")
+    summary = artifact(root, "summary")
     if summary.exists():
         s = json.loads(summary.read_text())
         kt = s.get("kendall", {}).get("all", {})

@@ -573,7 +573,7 @@ def divergence_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> N
         mean = sum(values) / len(values)
         spread = (max(values) - min(values)) / mean if mean else 0.0
         with doc.side_by_side():
-            doc.image(_plot(plots / "divergence.png", _draw_divergence(div), (NARROW, 4.6)),
+            doc.image(_plot(plots / "layer_divergence.png", _draw_divergence(div), (NARROW, 4.6)),
                       f"Divergence of each layer's parameters, base vs tuned ({div.get('measure', 'per layer')}). "
                       f"The axis is fitted to the data: the layers differ by at most {100 * spread:.1f}% of the "
                       f"mean. The {len(div['top_k'])} largest (red) are the layers the SAEs are trained on.")

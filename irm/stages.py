@@ -118,6 +118,11 @@ BOOKKEEPING: dict[str, tuple[str, ...]] = {sec: fields for s in STAGES for sec, 
 ARTIFACTS: dict[str, tuple[str, str]] = {key: (rel, s.name) for s in STAGES for key, rel in s.outputs}
 
 
+def relpath(key: str) -> str:
+    """The path of artifact `key` relative to a run directory, as its Stage declares it."""
+    return ARTIFACTS[key][0]
+
+
 def artifact(run_dir: str | Path, key: str) -> Path:
     """The path of artifact `key` (a key of some Stage's `outputs`) in `run_dir`: writers and readers alike."""
     return Path(run_dir) / ARTIFACTS[key][0]

@@ -22,9 +22,10 @@ from typing import Callable, Iterable, Optional
 from irm.artifacts import read_jsonl, write_json, write_text
 from irm.config import RunConfig, TriplesConfig
 from irm.errors import UserError
+from irm.stages import relpath
 
-TRIPLES_JSONL = "triples.jsonl"
-TRIPLES_JSON = "triples.json"
+TRIPLES_JSONL = relpath("triples")
+TRIPLES_JSON = relpath("triples_summary")
 LLM_ANSWERS = "triples_llm.jsonl"  # append-only LLM answers: a rerun never pays twice
 VARIANTS = ("positive", "neutral", "negative")
 NEGATIVE_POOL = 5  # a negative substitute is drawn among this many closest in magnitude: spreads rows over words

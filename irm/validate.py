@@ -22,8 +22,9 @@ import numpy as np
 from irm.artifacts import read_json, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
+from irm.stages import relpath
 
-VALIDATION_JSON = "validation.json"
+VALIDATION_JSON = relpath("validation")
 N_PERMUTATIONS = 9999  # Monte Carlo label permutations; scipy enumerates every partition when there are fewer
 INPUTS = ("every token position of each eval-split text except its first, truncated to cache.max_length tokens; "
           "x = concatenated 1x-SAE codes of the chosen layers at that position")

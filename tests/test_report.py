@@ -111,7 +111,7 @@ def test_a_p_value_that_underflowed_to_zero_is_not_printed_as_zero(made):
 def test_every_plot_is_drawn_linked_from_the_markdown_and_inlined_in_the_html(made):
     root, _, md, page = made
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert sorted(Path(p).name for p in links) == ["ablation.png", "divergence.png", "lexicon_scatter.png",
+    assert sorted(Path(p).name for p in links) == ["ablation.png", "layer_divergence.png", "lexicon_scatter.png",
                                                    "sae_loss.png"]
     for p in links:
         assert (root / p).is_file(), p

@@ -9,8 +9,9 @@ from pathlib import Path
 from irm.artifacts import read_jsonl
 from irm.errors import UserError
 from irm.explain.backends import make_backend
+from irm.stages import relpath
 
-EXPLANATIONS = "explanations.jsonl"
+EXPLANATIONS = relpath("explanations")
 
 __all__ = ["EXPLANATIONS", "explained_features", "make_backend", "related_features"]
 

@@ -30,10 +30,11 @@ from irm.explain.backends import BackendError, make_backend
 from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
 from irm.runtime import progress, resolve_device, seed_all
 from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
+from irm.stages import relpath
 
 ANSWERS = "explain/answers.jsonl"
 FAILURES = "explain/failures.jsonl"
-SCORES = "explain/scores.json"
+SCORES = relpath("explain_scores")
 
 
 class AnswerCache:
@@ -109,7 +110,7 @@ def shared_features(cfg) -> dict[int, list[Target]]:
     """Per layer, the shared features of `<run_dir>/mmcs.json`: the pairs' small-dictionary indices in the small
     dictionary and their large-dictionary indices in the large one, best cosine first, each index once, at most
     `explain.max_features` per dictionary."""
-    mmcs = read_json(Path(cfg.run_dir) / "mmcs.json")
+    mmcs = read_json(Path(cfg.run_dir) / relpath("mmcs"))
     small, large = cfg.sae.dictionary_pair()
     cap = cfg.explain.max_features
     out: dict[int, list[Target]] = {}
