@@ -28,11 +28,14 @@ def numpy_stats(x, x_hat, codes) -> dict[str, float]:
 
 
 def encode_np(x, weights: dict, name: str):
-    """(codes, reconstruction) of a tied SAE from its state dict (paper 4.2: f = ReLU(W_enc^T x + b_enc))."""
+    """(codes, reconstruction, input) of a tied ReLU SAE from its state dict, in the SAE's normalised space where its
+    metrics are measured: x_n = s x with s its `input_scale`, f = ReLU(x_n W_dec^T + b_enc), x_hat = f W_dec + b_dec."""
     W_dec = weights[f"{name}.W_dec"].double().numpy()
     assert f"{name}.W_enc" not in weights  # configs/sae.yaml ties the weights
-    codes = np.maximum(x @ W_dec.T + weights[f"{name}.b_enc"].double().numpy(), 0.0)
-    return codes, codes @ W_dec + weights[f"{name}.b_dec"].double().numpy()
+    scale = float(weights[f"{name}.input_scale"]) if f"{name}.input_scale" in weights else 1.0
+    x_n = x * scale
+    codes = np.maximum(x_n @ W_dec.T + weights[f"{name}.b_enc"].double().numpy(), 0.0)
+    return codes, codes @ W_dec + weights[f"{name}.b_dec"].double().numpy(), x_n
 
 
 def test_statistics_of_parts_merge_into_those_of_the_whole():
@@ -122,8 +125,8 @@ def test_two_rank_validation_metrics_equal_single_process_and_numpy(tmp_path):
              if k.startswith("saes.")}
     loss = 0.0
     for name in ("x1", "x2"):
-        codes, x_hat = encode_np(x, state, name)
-        expected = numpy_stats(x, x_hat, codes)
+        codes, x_hat, x_n = encode_np(x, state, name)
+        expected = numpy_stats(x_n, x_hat, codes)
         expected["dead_fraction"] = 1.0 - (codes.max(axis=0) > 0).mean()
         loss += expected["mse"] + 1e-3 * expected["l1"]  # configs/sae.yaml: l1_coefficient 1e-3
         for metrics in (one, two):
@@ -156,9 +159,9 @@ def test_two_rank_training_metrics_describe_both_ranks_batches(tmp_path):
     config = fit_config(tmp_path, layer_dir, max_epochs=1, strategy="ddp", devices=2)  # batch 16, logs every 5
     cfg = yaml.safe_load(config.read_text())
     cfg["data"]["init_args"]["val_fraction"] = 0.0
-    # dead_window 1: a feature is dead at a logging step when it fired on no rank since the last one; a strong L1
-    # term keeps some features rare, so the dead fraction is neither 0 nor 1.
-    cfg["model"]["init_args"].update(dead_window=1, l1_coefficient=0.05)
+    # dead_window 1: a feature is dead at a logging step when it fired on no rank in that step (no revival, which
+    # would reset it); a strong L1 term keeps some features rare, so the dead fraction is neither 0 nor 1.
+    cfg["model"]["init_args"].update(dead_window=1, l1_coefficient=0.05, revive="none")
     cfg["trainer"]["callbacks"].append({"class_path": "test_scale_sae.RecordSteps",
                                         "init_args": {"path": str(tmp_path / "steps")}})
     config.write_text(yaml.safe_dump(cfg))
@@ -173,7 +176,7 @@ def test_two_rank_training_metrics_describe_both_ranks_batches(tmp_path):
     steps = sorted(logged["train/loss"])
     assert steps == list(range(4, len(ranks[0]), 5))  # every log_every_n_steps, counted from 0
     rank0_only_differs = 0
-    previous = -1
+
     for step in steps:
         (x0, weights), (x1, weights1) = ranks[0][step], ranks[1][step]
         for key, value in weights.items():  # DDP replicas: both ranks encoded with the same weights
@@ -181,19 +184,18 @@ def test_two_rank_training_metrics_describe_both_ranks_batches(tmp_path):
         x = torch.cat([x0, x1]).double().numpy()
         loss = 0.0
         for name in ("x1", "x2"):
-            codes, x_hat = encode_np(x, weights, name)
-            expected = numpy_stats(x, x_hat, codes)
+            codes, x_hat, x_n = encode_np(x, weights, name)
+            expected = numpy_stats(x_n, x_hat, codes)
             loss += expected["mse"] + 0.05 * expected["l1"]
             assert {k: logged[f"train/{name}/{k}"][step] for k in STATS} == pytest.approx(expected, rel=1e-5, abs=1e-6)
-            # Fired on any rank in any step since the last logging step.
+            # Fired on any rank in the logging step itself (dead_window 1).
             fired = np.zeros(codes.shape[1], dtype=bool)
-            for s in range(previous + 1, step + 1):
+            for s in range(step, step + 1):
                 for rank in ranks:
                     fired |= (encode_np(rank[s][0].double().numpy(), rank[s][1], name)[0] > 0).any(axis=0)
             assert logged[f"train/{name}/dead_fraction"][step] == pytest.approx(1.0 - fired.mean(), abs=1e-6)
-            codes0, x_hat0 = encode_np(x0.double().numpy(), weights, name)
-            rank0_only_differs += abs(numpy_stats(x0.double().numpy(), x_hat0, codes0)["l0"] - expected["l0"]) > 1e-3
+            codes0, x_hat0, x0_n = encode_np(x0.double().numpy(), weights, name)
+            rank0_only_differs += abs(numpy_stats(x0_n, x_hat0, codes0)["l0"] - expected["l0"]) > 1e-3
         assert logged["train/loss"][step] == pytest.approx(loss, rel=1e-5)
-        previous = step
     assert rank0_only_differs  # rank 0's batch alone would have given other values
     assert 0 < np.mean([v for v in logged["train/x2/dead_fraction"].values()]) < 1
