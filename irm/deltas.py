@@ -61,6 +61,7 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
     import torch
 
     from irm.models import blocks, splice
+    from irm.readout import _through
     from irm.runtime import progress
 
     if batch_size < 1:
@@ -69,22 +70,11 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
     layers = list(saes)
     recorded: dict[int, torch.Tensor] = {}
 
-    def through(layer):
-        sae = saes[layer]
-        dtype = next(sae.parameters()).dtype
-
-        def fn(out):
-            codes = sae.encode(out.to(dtype))
-            recorded[layer] = codes
-            return sae.decode(codes).to(out.dtype)
-
-        return fn
-
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
     try:
-        with torch.inference_mode(), splice(model, {layer: through(layer) for layer in layers}, site=site):
+        with torch.inference_mode(), splice(model, {layer: _through(saes[layer], layer, recorded) for layer in layers}, site=site):
             for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
                 width = max(len(sequences[i]) for i in batch)
                 ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
