@@ -3,6 +3,8 @@ comparison, boolean, constant or min/max in one module, in a copy of the tree; t
 against it (`-x`, `-m "not slow"`); a mutant survives when they still pass.
 
     heavy python .ci/mutate.py --budget-min 18 --json /tmp/mutation.json
+    heavy python .ci/mutate.py --modules irm/lexicon.py --budget-min 5 --offset 20   # the next mutants of one module
+    heavy python .ci/mutate.py --modules irm/lexicon.py --lines 204 254             # rerun survivors after a fix
 
 Mutants are drawn in a seeded random order, an equal time share per module, and the run stops at the budget;
 the score is killed / run. Survivors are listed with their line, to be read: a surviving mutant that changes a
@@ -29,9 +31,10 @@ TARGETS = {
     "irm/dictionaries.py": ["tests/test_dictionaries.py"],
     "irm/divergence.py": ["tests/test_divergence.py"],
     "irm/lexicon.py": ["tests/test_lexicon.py"],
-    # the SAE maths' unit tests (the Lightning fits in the same file take minutes per mutant)
-    "irm/sae/model.py": ["tests/test_sae.py", "-k", "not fit and not stage and not cli and not ddp and not pipeline "
-                         "and not resampling and not tensorboard and not bf16 and not grouped and not checkpoint"],
+    # the SAE maths' unit tests, the fast file first (the Lightning fits in test_sae.py take minutes per mutant)
+    "irm/sae/model.py": ["tests/test_sae_model.py", "tests/test_sae.py", "-k",
+                         "not fit and not stage and not cli and not ddp and not pipeline and not resampling "
+                         "and not tensorboard and not bf16 and not grouped and not checkpoint"],
 }
 SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
         ast.Pow: ast.Mult, ast.Mod: ast.FloorDiv, ast.MatMult: ast.Mult,
@@ -50,12 +53,33 @@ def _docstring_ids(tree: ast.AST) -> set[int]:
     return out
 
 
-def mutation_points(source: str) -> list[tuple[int, str, int]]:
-    """(index of the node in ast.walk order, description, line) of every mutation."""
+def _message_ids(tree: ast.AST) -> set[int]:
+    """Nodes that only build text for a person: f-strings, the argument of a `raise`, print/log/warning calls. A
+    mutant there changes a message, never a number, so it is not drawn (the check's time goes to the maths)."""
+    roots = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            roots.append(node)
+        elif isinstance(node, ast.Raise) and node.exc is not None:
+            roots.append(node.exc)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name in ("print", "debug", "info", "warning", "warn", "error", "exception"):
+                roots.append(node)
+    return {id(n) for root in roots for n in ast.walk(root)}
+
+
+def mutation_points(source: str, messages: bool = False) -> list[tuple[int, str, int]]:
+    """(index of the node in ast.walk order, description, line) of every mutation (inside messages too when
+    `messages`)."""
     tree = ast.parse(source)
     docs = _docstring_ids(tree)
+    skip = set() if messages else _message_ids(tree)
     points = []
     for i, node in enumerate(ast.walk(tree)):
+        if id(node) in skip:
+            continue
         line = getattr(node, "lineno", 0)
         if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in SWAP:
             points.append((i, f"{type(node.op).__name__} -> {SWAP[type(node.op)].__name__}", line))
@@ -112,9 +136,19 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=18.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", nargs="*", default=None, help="modules to mutate (default: all five)")
+    ap.add_argument("--modules", "--only", nargs="*", default=None, dest="modules",
+                    help="modules to mutate, e.g. irm/lexicon.py (default: all five)")
+    ap.add_argument("--lines", nargs="*", type=int, default=None,
+                    help="only the mutants on these lines (rerun a survivor against new tests)")
+    ap.add_argument("--messages", action="store_true",
+                    help="also mutate f-strings, raise arguments and print/log calls (text only; skipped by default)")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip the first N mutants of the seeded order (continue an earlier run of the same seed)")
     args = ap.parse_args()
-    targets = {k: v for k, v in TARGETS.items() if not args.only or k in args.only}
+    unknown = set(args.modules or ()) - set(TARGETS)
+    if unknown:
+        sys.exit(f"not a mutation target: {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    targets = {k: v for k, v in TARGETS.items() if not args.modules or k in args.modules}
     work = Path(tempfile.mkdtemp(prefix="irm-mutate-"))
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -130,8 +164,12 @@ def main() -> None:
         t0 = time.time()
         assert run_tests(work, tests, 600) == "survived", f"{tests} fail on the unmutated tree"
         baseline = time.time() - t0
-        points = mutation_points(source)
+        points = mutation_points(source, args.messages)
         random.Random(args.seed).shuffle(points)
+        points_total = len(points)
+        points = points[args.offset:]
+        if args.lines:
+            points = [p for p in points if p[2] in args.lines]
         results = []
         module_start = time.time()
         for index, what, line in points:
@@ -139,14 +177,14 @@ def main() -> None:
                 break
             (work / module).write_text(mutate(source, index))
             outcome = run_tests(work, tests, max(60.0, 3 * baseline))
-            results.append({"line": line, "mutation": what, "outcome": outcome})
-            print(f"{module}:{line} {what}: {outcome}", flush=True)
+            results.append({"line": line, "mutation": what, "node": index, "outcome": outcome})
+            print(f"{module}:{line} {what} (node {index}): {outcome}", flush=True)
         (work / module).write_text(source)
         killed = sum(r["outcome"].startswith("killed") for r in results)
-        report[module] = {"points": len(points), "run": len(results), "killed": killed,
+        report[module] = {"points": points_total, "offset": args.offset, "run": len(results), "killed": killed,
                           "baseline_s": round(baseline, 1),
                           "survivors": [r for r in results if r["outcome"] == "survived"]}
-        print(f"== {module}: {killed}/{len(results)} killed of {len(points)} mutation points "
+        print(f"== {module}: {killed}/{len(results)} killed of {points_total} mutation points "
               f"(tests {baseline:.0f} s each)", flush=True)
     total_run = sum(r["run"] for r in report.values())
     total_killed = sum(r["killed"] for r in report.values())

@@ -148,6 +148,23 @@ def test_bad_inputs_rejected():
         mmcs(small, large[:, :2], "max")
     with pytest.raises(ValueError, match="method"):
         mmcs(small, large, "mean")
+    for method in ("max", "hungarian"):  # either dictionary empty, not only both
+        with pytest.raises(ValueError, match="empty"):
+            mmcs(small[:0], large, method)
+        with pytest.raises(ValueError, match="empty"):
+            mmcs(small, large[:0], "max")
+
+
+def test_cosines_are_clipped_to_minus_one_and_one_where_rounding_leaves_them():
+    """A unit row against its own negative: its rounded cosine -(u . u) falls a hair below -1 for some rows (checked
+    here, so the test can fail); the reported cosine never leaves [-1, 1]."""
+    rows = torch.as_tensor(np.random.default_rng(0).standard_normal((300, 5)))
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    assert ((unit @ unit.T).diagonal() > 1.0).any()
+    for v in rows:
+        for method in ("max", "hungarian"):
+            assert -1.0 <= mmcs(v[None], -v[None], method)[1][0].cosine <= -1.0 + 1e-15
+            assert 1.0 - 1e-15 <= mmcs(v[None], v[None], method)[1][0].cosine <= 1.0
 
 
 # Property tests ---------------------------------------------------------------------------------------------------
@@ -230,17 +247,19 @@ def stage_cfg(tmp_path, layers=(1, 3), top_k=3):
                      cache=CacheConfig(layers=list(layers)), dictionaries=DictionariesConfig(top_k=top_k))
 
 
-def export_pair(cfg, layer, d=16, shared=5, seed=0):
-    """Export an x1 and an x2 SAE of one layer; x2 holds x1's first `shared` rows (rescaled) at shuffled positions
-    that never equal the x1 index. Returns (small, large, positions). x1's last row is zero (a dead feature)."""
+def export_pair(cfg, layer, d=16, shared=5, seed=0, n=None):
+    """Export an x1 and an x2 SAE of one layer: n (default d) and 2n features of width d; x2 holds x1's first
+    `shared` rows (rescaled) at shuffled positions that never equal the x1 index. Returns (small, large, positions).
+    x1's last row is zero (a dead feature)."""
     from irm.sae import SparseAutoencoder, sae_dir, save_sae
 
+    n = d if n is None else n
     rng = np.random.default_rng(seed)
-    small, large = SparseAutoencoder(d, d), SparseAutoencoder(d, 2 * d)
-    w_small = rng.standard_normal((d, d))
+    small, large = SparseAutoencoder(d, n), SparseAutoencoder(d, 2 * n)
+    w_small = rng.standard_normal((n, d))
     w_small[-1] = 0.0
-    w_large = rng.standard_normal((2 * d, d))
-    positions = rng.permutation(np.arange(d, 2 * d))[:shared]
+    w_large = rng.standard_normal((2 * n, d))
+    positions = rng.permutation(np.arange(n, 2 * n))[:shared]
     w_large[positions] = w_small[:shared] * 2.0
     with torch.no_grad():
         small.W_dec.copy_(torch.tensor(w_small))
@@ -331,6 +350,8 @@ def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
     assert chance["hungarian"]["draws"] == pytest.approx(expected_h, abs=1e-12)
     assert chance["max"]["mean"] == pytest.approx(np.mean(expected_max), abs=1e-12)
     assert chance["max"]["std"] == pytest.approx(np.std(expected_max, ddof=1), abs=1e-12)
+    two = chance_mmcs(n, m, d, draws=2, seed=7)  # the same first two draws: a sample std of two values
+    assert two["max"]["std"] == pytest.approx(abs(expected_max[0] - expected_max[1]) / np.sqrt(2), abs=1e-12)
     # Independently drawn numpy dictionaries (Gaussian rows, normalised) land at the same level: the chance level is
     # a property of the shapes, not of one generator.
     rng = np.random.default_rng(0)
@@ -446,3 +467,74 @@ def test_report_and_summary_show_sae_quality_and_each_mmcs_beside_its_chance(tmp
     row = next(line for line in md.splitlines() if line.startswith("| 20 | x2 | 1152"))
     assert "31.2 (2.7%)" in row and "0.812" in row and "0.688" in row and "1.2% (0.6%)" in row and "0.875" in row
     assert "TopK (k = 32)" in md
+
+
+def numpy_bootstrap_ci(best, resamples=1000, seed=0):
+    """95% percentile interval of the mean of `best`, features resampled with replacement by numpy's generator
+    (mmcs.json's documented procedure: 1000 resamples, default_rng(0), drawn over the features in the order of
+    the pairs: cosine descending)."""
+    best = np.sort(best)[::-1]
+    rng = np.random.default_rng(seed)
+    means = [best[rng.integers(0, len(best), len(best))].mean() for _ in range(resamples)]
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def test_compare_layer_of_unequal_sizes_and_width_against_numpy():
+    """6 small features and 10 large ones of width 8 (no size equals another, so a swapped axis shows): sizes, width,
+    firing counts without masks, the max-cosine summary and the bootstrap interval, each recomputed in numpy."""
+    from irm.dictionaries import compare_layer
+
+    rng = np.random.default_rng(11)
+    small, large = rng.standard_normal((6, 8)), rng.standard_normal((10, 8))
+    rec = compare_layer(small, large, top_k=2)
+    best = brute_cos(small, large).max(axis=1)
+    assert rec["sizes"] == [6, 10] and rec["width"] == 8
+    assert rec["firing"] == {"small": 6, "large": 10}
+    assert rec["max_cosine"] == pytest.approx({"mean": best.mean(), "median": np.median(best), "min": best.min(),
+                                               "max": best.max()}, abs=1e-12)
+    assert rec["max_ci95"] == pytest.approx(numpy_bootstrap_ci(best), abs=1e-12)
+    assert rec["max_ci95"][0] < rec["max"] < rec["max_ci95"][1]
+    assert len(rec["pairs"]) == len(rec["hungarian_pairs"]) == 2
+
+
+def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
+    """The stage with 12 x1 and 24 x2 features of width 8, seed 3 and a single chance draw: every number of the
+    layer's record against numpy/scipy (chance draws from the seeded generator, std 0 for one draw; the one-to-one
+    matching by scipy on -cos; firing counts from the held-out frequencies)."""
+    import json
+
+    from scipy.optimize import linear_sum_assignment
+
+    from irm.dictionaries import random_unit_dictionary, run
+    from irm.sae import sae_dir
+
+    cfg = stage_cfg(tmp_path, layers=(2,), top_k=4)
+    cfg.seed, cfg.dictionaries.chance_draws = 3, 1
+    small, large, positions = export_pair(cfg, 2, d=8, n=12, seed=4)
+    freq_small = [0.1] * 12
+    freq_small[1] = 0.0
+    freq_large = [0.3] * 24
+    freq_large[positions[0]] = 0.0
+    (sae_dir(cfg.run_dir, 2, 1) / "metrics.json").write_text(json.dumps({"feature_frequency": freq_small}))
+    (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").write_text(json.dumps({"feature_frequency": freq_large}))
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    cos = brute_cos(small, large)
+    assert rec["sizes"] == [12, 24] and rec["width"] == 8
+    assert rec["firing"] == {"small": 11, "large": 23, "measured": True}
+    assert rec["max"] == pytest.approx(cos.max(axis=1).mean(), abs=1e-6)
+    rows, cols = linear_sum_assignment(-cos)
+    assert rec["hungarian"] == pytest.approx(cos[rows, cols].mean(), abs=1e-6)
+    assert rec["max_ci95"] == pytest.approx(numpy_bootstrap_ci(cos.max(axis=1)), abs=1e-6)
+    alive_s, alive_l = np.array(freq_small) > 0, np.array(freq_large) > 0
+    assert rec["max_firing"] == pytest.approx(cos[alive_s][:, alive_l].max(axis=1).mean(), abs=1e-6)
+    # planted pairs 2, 3, 4 are exact matches between firing features; pair 0's large feature never fires
+    assert [(p["small"], p["large"]) for p in rec["pairs"][:3]] == [(i, int(positions[i])) for i in (2, 3, 4)]
+    g = torch.Generator().manual_seed(3 * 1000 + 2)
+    a, b = random_unit_dictionary(12, 8, g).numpy(), random_unit_dictionary(24, 8, g).numpy()
+    chance = a @ b.T
+    rows, cols = linear_sum_assignment(-chance)
+    assert rec["chance"]["max"] == pytest.approx({"mean": chance.max(axis=1).mean(), "std": 0.0,
+                                                  "draws": [chance.max(axis=1).mean()]}, abs=1e-12)
+    assert rec["chance"]["hungarian"]["draws"] == pytest.approx([chance[rows, cols].mean()], abs=1e-12)
+    assert rec["chance"]["hungarian"]["std"] == 0.0
