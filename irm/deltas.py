@@ -11,12 +11,14 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from irm.artifacts import RunDir, append_jsonl, atomic_path, read_json, read_jsonl, sha256_file, write_json
+from irm.activations.store import MANIFEST, ShardStore, intact, read_manifest as read_store_manifest, save_shard
+from irm.activations.store import shard_name, verify_shards, write_store_manifest
+from irm.artifacts import RunDir, append_jsonl, read_json, read_jsonl
 from irm.config import RunConfig
 from irm.errors import UserError
 
 DELTAS_DIR = "deltas"
-MANIFEST = "manifest.json"
+KEYS = ("x", "y", "triple", "sign")  # the tensors of a deltas shard, a row each
 SHARD_TRIPLES = 1024  # triples per shard (two rows each): a shard is the unit of resuming and of streaming
 SHARD = re.compile(r"shard-(\d+)\.safetensors")  # named by its chunk: triples [index * SHARD_TRIPLES, ...)
 JOURNAL = "journal-rank-{rank:05d}.jsonl"  # shards one process finished, appended as written; gone when complete
@@ -146,14 +148,10 @@ def sentiment_deltas(pos_NLF, neu_NLF, neg_NLF) -> tuple["torch.Tensor", "torch.
 
 
 def write_shard(directory: Path, index: int, x, y, triple, sign) -> dict:
-    """One shard `shard-NNNNN.safetensors` (x float32 [rows, features], y float32, triple and sign int64)."""
-    from safetensors.torch import save_file
-
-    name = f"shard-{index:05d}.safetensors"
-    with atomic_path(directory / name) as tmp:
-        save_file({"x": x.float().contiguous(), "y": y.float().contiguous(), "triple": triple.long().contiguous(),
-                   "sign": sign.long().contiguous()}, str(tmp))
-    return {"file": name, "rows": int(x.shape[0]), "sha256": sha256_file(directory / name)}
+    """One shard `shard-NNNNN.safetensors` of the shard store (x float32 [rows, features], y float32, triple and
+    sign int64); its manifest record {file, rows, sha256}."""
+    return save_shard(directory, shard_name(index), {"x": x.float(), "y": y.float(), "triple": triple.long(),
+                                                     "sign": sign.long()})
 
 
 def rows_of(triple_ids, pos_NLF, neu_NLF, neg_NLF) -> dict:
@@ -170,22 +168,28 @@ def rows_of(triple_ids, pos_NLF, neu_NLF, neg_NLF) -> dict:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """The deltas manifest, refusing an unfinished one."""
-    directory = Path(directory)
-    m = read_json(directory / MANIFEST) if (directory / MANIFEST).exists() else None
-    if not m or not m.get("complete"):
-        raise UserError(f"no complete deltas in {directory}; run `python -m irm deltas` first")
-    return m
+    """The deltas manifest, refusing a missing or unfinished one."""
+    return read_store_manifest(directory, "deltas", "deltas")
 
 
 def verify(directory: str | Path, manifest: dict) -> None:
-    for shard in manifest["shards"]:
-        path = Path(directory) / shard["file"]
-        if not path.is_file() or sha256_file(path) != shard["sha256"]:
-            raise UserError(f"deltas shard {path} is missing or corrupt (checksum mismatch); rerun "
-                            "`python -m irm deltas`")
+    """Every shard `manifest` lists is on disk with its recorded sha256, else a UserError naming the first that is not."""
+    verify_shards(directory, manifest["shards"], "deltas", "deltas")
 
 
+def open_deltas(directory: str | Path) -> ShardStore:
+    """The deltas of a run as a shard store (`irm.activations.store`), every shard checked against its sha256 first.
+    `store.manifest` has layers, site, width (codes per layer), n_features, n_triples; `store.read_shard(i, keys)`."""
+    store = ShardStore(directory, "deltas", "deltas")
+    store.verify()
+    return store
+
+
+def read_rows(directory: str | Path, keys: tuple[str, ...] = KEYS) -> dict:
+    """Every deltas row in manifest order (triple order; each triple's positive row, then its negative), after the
+    checks the regression makes: {x [rows, n_features] float32 (the tuned model's SAE codes, layer-major), y
+    float32, triple int64, sign int64 (+1 positive, -1 negative)}, `keys` of those."""
+    return open_deltas(directory).read_all(keys)
 
 
 def finished_shards(directory: Path, fp: str, layers: list[int], chunks: list[range]) -> dict[int, dict]:
@@ -201,12 +205,9 @@ def finished_shards(directory: Path, fp: str, layers: list[int], chunks: list[ra
     for rec in records:
         match = SHARD.fullmatch(rec["file"])
         chunk = int(match.group(1)) if match else len(chunks)
-        path = directory / rec["file"]
-        if chunk >= len(chunks) or rec["rows"] != 2 * len(chunks[chunk]) or not path.is_file():
+        if chunk >= len(chunks) or rec["rows"] != 2 * len(chunks[chunk]):
             continue
-        if rec["file"] not in digests:
-            digests[rec["file"]] = sha256_file(path)
-        if digests[rec["file"]] == rec["sha256"]:
+        if intact(directory, rec, digests):
             kept[chunk] = {"file": rec["file"], "rows": rec["rows"], "sha256": rec["sha256"]}
     return kept
 
@@ -240,7 +241,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     fp = stage_fingerprint(cfg, "deltas")
     chunks = [range(i, min(i + shard_triples, len(triples))) for i in range(0, len(triples), shard_triples)]
     manifest = {"layers": layers, "site": cfg.cache.site, "width": width, "n_features": len(layers) * width,
-                "n_triples": len(triples), "fingerprint": fp, "shards": [], "complete": False,
+                "n_triples": len(triples), "fingerprint": fp,
                 "x": "concatenated 1x-SAE codes at the sentiment token, layer-major (layers x width)",
                 "y": "Delta+ (positive rows, sign +1) or Delta- (negative rows, sign -1): sum over layers of the "
                      "Euclidean distance to the neutral variant's codes, negated for negatives",
@@ -251,7 +252,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     kept = None
     if ranks.is_main:
         kept = finished_shards(out_dir, fp, layers, chunks)
-        write_json(out_dir / MANIFEST, {**manifest, "shards": [kept[c] for c in sorted(kept)]})
+        write_store_manifest(out_dir, [kept[c] for c in sorted(kept)], complete=False, **manifest)
     kept = ranks.broadcast(kept)
     journal = out_dir / JOURNAL.format(rank=ranks.rank)
     written = {}
@@ -271,10 +272,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
 
     summary = None
     if ranks.is_main:
-        manifest["shards"] = [kept[c] for c in range(len(chunks))]
-        manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
-        manifest["complete"] = True
-        write_json(out_dir / MANIFEST, manifest)
+        manifest = write_store_manifest(out_dir, [kept[c] for c in range(len(chunks))], **manifest)
         # The manifest now lists every shard: journals and shards of other runs go, so the stage's outputs (all of
         # deltas/) are exactly what a single process writes.
         listed = {s["file"] for s in manifest["shards"]}

@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from irm.artifacts import atomic_path, read_json, write_json
 from irm.config import RunConfig
-from irm.deltas import read_manifest, verify
+from irm.deltas import open_deltas, read_manifest
 from irm.errors import UserError
 
 REGRESSION_DIR = "regression"
@@ -35,19 +35,16 @@ FINGERPRINT = "fingerprint.json"  # the config a checkpoint belongs to: a stale 
 
 
 class DeltaShards(Dataset):
-    """Map-style view of the shards whose keys are whole batches, (shard index, row indices): only the shard being
-    read is in memory."""
+    """Map-style view of the deltas' shard store whose keys are whole batches, (shard index, row indices): only the
+    shard being read is in memory."""
 
-    def __init__(self, directory: Path, files: list[str]):
-        self.directory = Path(directory)
-        self.files = files
+    def __init__(self, store):
+        self.store = store
         self._loaded: tuple[int, dict] | None = None
 
     def _shard(self, index: int) -> dict:
-        from safetensors.torch import load_file
-
         if self._loaded is None or self._loaded[0] != index:
-            self._loaded = (index, load_file(str(self.directory / self.files[index])))
+            self._loaded = (index, self.store.read_shard(index, ("x", "y")))
         return self._loaded[1]
 
     def __getitem__(self, key: tuple[int, list[int]]) -> dict:
@@ -57,7 +54,7 @@ class DeltaShards(Dataset):
         return {"x": tensors["x"][idx], "y": tensors["y"][idx]}
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.store.shards)
 
 
 class ShardBatchSampler(DistributedSampler):
@@ -126,10 +123,8 @@ class DeltaDataModule(L.LightningDataModule):
         return int(self.manifest["n_features"])
 
     def setup(self, stage: Optional[str] = None) -> None:
-        from safetensors import safe_open
-
-        self.manifest = read_manifest(self.deltas_dir)
-        verify(self.deltas_dir, self.manifest)
+        self.store = open_deltas(self.deltas_dir)
+        self.manifest = self.store.manifest
         n_triples = int(self.manifest["n_triples"])
         n_val = max(1, round(self.val_fraction * n_triples))
         if n_val >= n_triples:
@@ -137,13 +132,11 @@ class DeltaDataModule(L.LightningDataModule):
                             "make more triples (triples.n) or lower regression.val_fraction")
         val_ids = np.random.default_rng(self.seed).permutation(n_triples)[:n_val]
         self.train_rows, self.val_rows = [], []
-        for shard in self.manifest["shards"]:
-            with safe_open(str(self.deltas_dir / shard["file"]), "pt") as f:
-                triple = f.get_tensor("triple").numpy()
+        for shard in range(len(self.store.shards)):
+            triple = self.store.read_shard(shard, ("triple",))["triple"].numpy()
             is_val = np.isin(triple, val_ids)
             self.train_rows.append(np.flatnonzero(~is_val))
             self.val_rows.append(np.flatnonzero(is_val))
-        self.files = [s["file"] for s in self.manifest["shards"]]
         world = self._world()[1]
         for what, rows in (("training", self.train_rows), ("held-out", self.val_rows)):
             # The last rank's share of a shard is the smallest: n // world rows.
@@ -157,7 +150,7 @@ class DeltaDataModule(L.LightningDataModule):
     def _loader(self, rows: list[np.ndarray], shuffle: bool) -> DataLoader:
         rank, world = self._world()
         sampler = ShardBatchSampler(rows, self.batch_size, shuffle, self.seed, rank, world, even=shuffle)
-        return DataLoader(DeltaShards(self.deltas_dir, self.files), sampler=sampler, batch_size=None,
+        return DataLoader(DeltaShards(self.store), sampler=sampler, batch_size=None,
                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,8 +1,9 @@
-"""The on-disk activation cache of one layer (paper 4.2: activations are computed once, then read by every SAE
-epoch): `shard-NNNNN.safetensors` files (`shard-rRRRR-NNNNN` when several processes wrote them) holding `acts`
-[rows, width] and, per row, `token_ids`, `doc_ids` and `positions`, plus `manifest.json` listing the shards in row
-order with each one's row count and sha256. Writing keeps one shard in memory; reading goes through safetensors'
-memory map, one shard or one row range at a time, whichever process wrote the shard."""
+"""The shard store: a folder of `shard-NNNNN.safetensors` files (`shard-rRRRR-NNNNN` when several processes wrote
+them) and `manifest.json` listing the shards in row order with each one's row count and sha256. One format for every
+sharded artifact: the activation cache of a layer (paper 4.2: activations are computed once, then read by every SAE
+epoch; `acts` [rows, width] and, per row, `token_ids`, `doc_ids` and `positions`) and the deltas stage's regression
+rows (`irm.deltas`). Writing keeps one shard in memory; reading goes through safetensors' memory map, one shard or
+one row range at a time, whichever process wrote the shard."""
 
 from __future__ import annotations
 
@@ -13,12 +14,71 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from irm.artifacts import read_json, sha256_file, write_json
+from irm.artifacts import MANIFEST, atomic_path, read_json, sha256_file, write_json
 from irm.errors import UserError
 
-MANIFEST = "manifest.json"
 TENSORS = ("acts", "token_ids", "doc_ids", "positions")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The format: shards, their manifest records, the manifest, checksums
+
+
+def save_shard(directory: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write the shard `name` in `directory` (visible only when complete); its manifest record {file, rows, sha256},
+    rows being the tensors' first dimension."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / name
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    return {"file": name, "rows": int(next(iter(tensors.values())).shape[0]), "sha256": sha256_file(path)}
+
+
+def write_store_manifest(directory: str | os.PathLike, shards: list[dict[str, Any]], complete: bool = True,
+                         **fields: Any) -> dict:
+    """manifest.json of a store: `fields` (what the rows are), then `rows`, `shards` ({file, rows, sha256}, in row
+    order) and `complete` (readers refuse a manifest that is not)."""
+    record = {**fields, "rows": sum(int(s["rows"]) for s in shards), "shards": list(shards), "complete": complete}
+    write_json(Path(directory) / MANIFEST, record)
+    return record
+
+
+def read_manifest(directory: str | os.PathLike, what: str, stage: str) -> dict:
+    """The manifest of a complete store; a missing or unfinished one is a UserError naming `stage`, which writes it."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no {what} in {directory} ({MANIFEST} missing); run `python -m irm {stage}` first")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
+        raise UserError(f"{what} {directory} is incomplete; rerun `python -m irm {stage}`")
+    return manifest
+
+
+def intact(directory: str | os.PathLike, shard: dict[str, Any], digests: Optional[dict[str, str]] = None) -> bool:
+    """Whether the shard a manifest record names is on disk with its recorded sha256 (`digests`, when given,
+    keeps each file's digest so a file listed twice is hashed once)."""
+    path = Path(directory) / shard["file"]
+    if not path.is_file():
+        return False
+    digest = digests.get(shard["file"]) if digests is not None else None
+    if digest is None:
+        digest = sha256_file(path)
+        if digests is not None:
+            digests[shard["file"]] = digest
+    return digest == shard["sha256"]
+
+
+def verify_shards(directory: str | os.PathLike, shards: list[dict[str, Any]], what: str, stage: str) -> None:
+    """Check every listed shard against its sha256; a UserError naming the first missing or damaged one."""
+    for shard in shards:
+        path = Path(directory) / shard["file"]
+        if not path.is_file():
+            raise UserError(f"{what} shard {path} is missing; rerun `python -m irm {stage}`")
+        if not intact(directory, shard):
+            raise UserError(f"{what} shard {path} fails its checksum (damaged or modified); "
+                            f"rerun `python -m irm {stage}`")
 
 
 def cache_layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
@@ -36,10 +96,7 @@ def write_manifest(directory: str | os.PathLike, shards: list[dict[str, Any]], w
                    **manifest: Any) -> dict:
     """manifest.json of a complete cache: `shards` ({file, rows, sha256}) in row order, as written by one
     ShardWriter or by several in turn; `manifest` adds model, layer, site, corpus fingerprint..."""
-    record = {**manifest, "dtype": dtype, "rows": sum(int(s["rows"]) for s in shards), "width": int(width),
-              "shards": list(shards), "complete": True}
-    write_json(Path(directory) / MANIFEST, record)
-    return record
+    return write_store_manifest(directory, shards, **manifest, dtype=dtype, width=int(width))
 
 
 class ShardWriter:
@@ -82,16 +139,11 @@ class ShardWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if self.fill == 0:
             return
-        name = shard_name(len(self.shards), self.rank)
-        tensors = {"acts": self.acts_RD[: self.fill].contiguous()}
-        tensors.update({key: self.ids_3R[i, : self.fill].contiguous() for i, key in enumerate(TENSORS[1:])})
-        path = self.directory / name
-        save_file(tensors, str(path))
-        self.shards.append({"file": name, "rows": self.fill, "sha256": sha256_file(path)})
+        tensors = {"acts": self.acts_RD[: self.fill]}
+        tensors.update({key: self.ids_3R[i, : self.fill] for i, key in enumerate(TENSORS[1:])})
+        self.shards.append(save_shard(self.directory, shard_name(len(self.shards), self.rank), tensors))
         self.fill = 0
 
     def finish(self) -> list[dict[str, Any]]:
@@ -104,29 +156,22 @@ class ShardWriter:
         return write_manifest(self.directory, self.finish(), self.width, self.dtype, **manifest)
 
 
-class ActivationCache:
-    """Read side of one layer's cache. Nothing is loaded up front: shards are opened (memory-mapped) on demand."""
+class ShardStore:
+    """Read side of a store (`what` names it in errors, `stage` is the stage that writes it). Nothing is loaded up
+    front: shards are opened (memory-mapped) on demand."""
 
-    def __init__(self, layer_dir: str | os.PathLike):
-        self.dir = Path(layer_dir)
-        path = self.dir / MANIFEST
-        if not path.is_file():
-            raise UserError(f"no activation cache in {self.dir} ({MANIFEST} missing); run `python -m irm cache` first")
-        self.manifest: dict = read_json(path)
-        if not self.manifest.get("complete"):
-            raise UserError(f"activation cache {self.dir} is incomplete; rerun `python -m irm cache`")
+    def __init__(self, directory: str | os.PathLike, what: str, stage: str):
+        self.dir, self.what, self.stage = Path(directory), what, stage
+        self.manifest: dict = read_manifest(self.dir, what, stage)
         self.shards: list[dict] = list(self.manifest["shards"])
         self.rows: int = int(self.manifest["rows"])
-        self.width: int = int(self.manifest["width"])
-        self.layer: Optional[int] = self.manifest.get("layer")
-        self.dtype: str = self.manifest["dtype"]
         # offsets[i] = first global row of shard i; offsets[-1] = rows
         self.offsets: list[int] = [0]
         for s in self.shards:
             self.offsets.append(self.offsets[-1] + int(s["rows"]))
         if self.offsets[-1] != self.rows:
-            raise UserError(f"{path} lists shards with {self.offsets[-1]} rows but says rows={self.rows}; "
-                            "rerun `python -m irm cache`")
+            raise UserError(f"{self.dir / MANIFEST} lists shards with {self.offsets[-1]} rows but says "
+                            f"rows={self.rows}; rerun `python -m irm {stage}`")
 
     def __len__(self) -> int:
         return self.rows
@@ -136,13 +181,8 @@ class ActivationCache:
 
     def verify(self, shards: Optional[list[int]] = None) -> None:
         """Check every shard's sha256 against the manifest; UserError naming the first damaged or missing shard."""
-        for i in range(len(self.shards)) if shards is None else shards:
-            path = self.path(i)
-            if not path.is_file():
-                raise UserError(f"cache shard {path} is missing; rerun `python -m irm cache`")
-            if sha256_file(path) != self.shards[i]["sha256"]:
-                raise UserError(f"cache shard {path} fails its checksum (damaged or modified); "
-                                "rerun `python -m irm cache`")
+        listed = self.shards if shards is None else [self.shards[i] for i in shards]
+        verify_shards(self.dir, listed, self.what, self.stage)
 
     def _open(self, shard: int):
         from safetensors import SafetensorError, safe_open
@@ -151,12 +191,34 @@ class ActivationCache:
         try:
             return safe_open(str(path), framework="pt")
         except (OSError, SafetensorError) as e:
-            raise UserError(f"cannot read cache shard {path} ({e}); rerun `python -m irm cache`") from e
+            raise UserError(f"cannot read {self.what} shard {path} ({e}); rerun `python -m irm {self.stage}`") from e
+
+    def read_shard(self, shard: int, keys: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
+        """Whole tensors of one shard (`keys`, or all it holds), in their stored dtype."""
+        with self._open(shard) as f:
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+
+    def read_all(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Every row of `keys`, shards concatenated in manifest order."""
+        parts = [self.read_shard(i, keys) for i in range(len(self.shards))]
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+    def shard_of(self, row: int) -> int:
+        return bisect.bisect_right(self.offsets, row) - 1
+
+
+class ActivationCache(ShardStore):
+    """Read side of one layer's cache."""
+
+    def __init__(self, layer_dir: str | os.PathLike):
+        super().__init__(layer_dir, "activation cache", "cache")
+        self.width: int = int(self.manifest["width"])
+        self.layer: Optional[int] = self.manifest.get("layer")
+        self.dtype: str = self.manifest["dtype"]
 
     def read_shard(self, shard: int, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
         """Whole tensors of one shard, acts in their stored dtype."""
-        with self._open(shard) as f:
-            return {k: f.get_tensor(k) for k in keys}
+        return super().read_shard(shard, keys)
 
     def read_range(self, start: int, stop: int, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
         """Global rows [start, stop), read through the memory map (only those rows leave the disk). Acts as float32."""
@@ -178,9 +240,6 @@ class ActivationCache:
 
     def _empty(self, key: str) -> torch.Tensor:
         return torch.empty(0, self.width) if key == "acts" else torch.empty(0, dtype=torch.int64)
-
-    def shard_of(self, row: int) -> int:
-        return bisect.bisect_right(self.offsets, row) - 1
 
     def iter_batches(self, batch_rows: int, keys: tuple[str, ...] = TENSORS) -> Iterator[dict[str, torch.Tensor]]:
         """Every row in order, `batch_rows` at a time (the last batch may be shorter); acts as float32."""
