@@ -11,6 +11,8 @@ The three verdicts, for a claim "the effect is above the control's value":
 - "supported": the 95% interval lies wholly above the control's value (or p < alpha in the claimed direction);
 - "contradicted": it lies wholly below (or p < alpha in the opposite direction);
 - "not distinguishable from the control": anything else, including an interval that touches the control's value.
+A claim whose stage ran but had nothing to measure (no feature labelled related, so nothing to validate or ablate)
+gets the row "not tested", with the reason: a claim that silently drops out of the table reads as no problem.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 SUPPORTED = "supported"
 NOT_DISTINGUISHABLE = "not distinguishable from the control"
 CONTRADICTED = "contradicted"
-VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED)
+NOT_TESTED = "not tested"
+VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED, NOT_TESTED)
 ALPHA = 0.05  # the level of every p-value verdict (two one-sided tests, or a two-sided test read with its sign)
 FIELDS = ("claim", "number", "control", "verdict", "detail")
 
@@ -93,6 +96,10 @@ def finding(claim: str, number: str, control: str, verdict: str, detail: str) ->
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail}
+
+
+def _not_tested(claim: str, why: str) -> Row:
+    return finding(claim=claim, number="none", control="none", verdict=NOT_TESTED, detail=why)
 
 
 def row_builder(fn: RowBuilder) -> RowBuilder:
@@ -346,11 +353,14 @@ def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
     """Table 6: the features labelled related fire more often where R predicts a large delta than the *other
     explained* features of the same layers (validation.json), by a label-permutation test in both tails."""
     val = _load(root, "validation")
+    claim = "the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)"
+    if val is not None and not val.get("n_related"):
+        return _not_tested(claim, "no explained feature was labelled related to the reward (explanations.jsonl)")
     vs = ((val or {}).get("vs_other_explained") or {}).get("inputs above threshold")
     if not vs or vs.get("p_value") is None:
         return None
     return finding(
-        claim="the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)",
+        claim=claim,
         number=f"activation frequency {num(vs['related_frequency'])} over {vs['n_related']} related features; "
                f"lift {num(vs.get('lift'), 2)}",
         control=f"the {vs['n_other']} other explained features of the same layers: {num(vs['other_frequency'])}",
@@ -367,7 +377,11 @@ def ablation_lowers_reward(root: Path) -> Optional[list]:
     against the splice with nothing ablated and against frequency-matched random features (ablation.json). The
     claim is a drop, so the verdict reads the negated interval against 0."""
     abl = _load(root, "ablation")
-    if not abl or not abl.get("n_features"):
+    if abl is not None and not abl.get("n_features"):
+        return [_not_tested("ablating the labelled features lowers the reward (paper 5.2, table 5)",
+                            "no feature of the small dictionaries was labelled related to the reward, so none was "
+                            "ablated (explanations.jsonl)")]
+    if not abl:
         return None
     rows = []
     for mode, conds in abl.get("modes", {}).items():

@@ -391,7 +391,8 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
                   [[r["claim"], r["number"], r["control"], r["verdict"], r["detail"]] for r in rows],
                   caption="Each claim of the paper as this run measured it. The verdict follows from the interval "
                           "or p-value (95%, alpha 0.05): supported when it excludes the control in the claimed "
-                          "direction, contradicted when it excludes it in the other, else not distinguishable.")
+                          "direction, contradicted when it excludes it in the other, else not distinguishable; not "
+                          "tested when the stage ran but had nothing to measure (the detail says why).")
     else:
         doc.para("No claim could be checked: the stages that measure them have not run.")
 

@@ -56,12 +56,22 @@ def lexicon():
 
 
 def test_offline_explanation_names_the_tokens_with_most_activation_and_says_it_is_offline():
-    records = [{"tokens": ["the", " Great", "film"], "discrete": [0, 10, 2]},
-               {"tokens": ["a", "great", "plot", "film"], "discrete": [0, 8, 0, 3]}]
+    records = [{"tokens": ["the", " Great", " film"], "discrete": [0, 10, 2]},
+               {"tokens": ["a", " great", " plot", " film"], "discrete": [0, 8, 0, 3]}]
     answer = OfflineBackend().chat(prompts.explanation_messages(records))
     # weights: great 18, film 5; "the"/"a"/"plot" never activate
     assert answer.startswith('top-activating tokens "great" (78%), "film" (22%)') and "no LLM" in answer
     assert '"plot"' not in answer
+
+
+def test_offline_explanation_names_whole_words_not_their_sub_word_tokens():
+    # " l" + "ame" spell "lame", " odd" + "ly" "oddly"; "." after a word and a word after "." stay apart
+    records = [{"tokens": [" it", " was", " l", "ame", ".", "the", " end"], "discrete": [0, 0, 9, 1, 4, 0, 0]},
+               {"tokens": [" odd", "ly", " l", "ame"], "discrete": [3, 3, 6, 0]}]
+    answer = OfflineBackend().chat(prompts.explanation_messages(records))
+    # lame 9 + 1 + 6 = 16, oddly 6, "." 4 (of 26)
+    assert answer.startswith('top-activating tokens "lame" (62%), "oddly" (23%), "." (15%)'), answer
+    assert '"l"' not in answer and '"ame"' not in answer
 
 
 @pytest.mark.parametrize("word", ["great", "awful", "camera", "minutes"])

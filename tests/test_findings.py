@@ -7,13 +7,26 @@ import json
 import numpy as np
 import pytest
 
-from irm.findings import (CONTRADICTED, NOT_DISTINGUISHABLE, ROW_BUILDERS, SUPPORTED, VERDICTS, build_findings,
+from irm.findings import (CONTRADICTED, NOT_DISTINGUISHABLE, NOT_TESTED, ROW_BUILDERS, SUPPORTED, VERDICTS, build_findings,
                           finding, layer_gap_test, layers_moved, permutation_p, reward_raised, verdict_from_interval,
                           verdict_from_p, verdict_from_two_sided)
 
 
-def test_verdict_words_are_exactly_the_three_agreed():
-    assert VERDICTS == ("supported", "not distinguishable from the control", "contradicted")
+def test_verdict_words_are_exactly_the_three_agreed_and_not_tested():
+    assert VERDICTS == ("supported", "not distinguishable from the control", "contradicted", "not tested")
+
+
+def test_a_feature_claim_with_nothing_labelled_related_is_not_tested_not_dropped(tmp_path):
+    # validate and ablate ran, but no feature was labelled related: both claims appear, "not tested", saying why;
+    # with the artifacts absent (stages not run) they are left out
+    from irm.findings import ablation_lowers_reward, related_features_fire_where_r_is_high
+
+    assert related_features_fire_where_r_is_high(tmp_path) is None and ablation_lowers_reward(tmp_path) is None
+    (tmp_path / "validation.json").write_text(json.dumps({"n_related": 0, "related": {}}))
+    (tmp_path / "ablation.json").write_text(json.dumps({"n_features": 0, "modes": {}}))
+    rows = build_findings(tmp_path, [related_features_fire_where_r_is_high, ablation_lowers_reward])
+    assert [r["verdict"] for r in rows] == [NOT_TESTED, NOT_TESTED]
+    assert all("labelled related" in r["detail"] for r in rows)
 
 
 @pytest.mark.parametrize("ci, control, expected", [

@@ -173,7 +173,8 @@ class LocalBackend:
 class OfflineBackend:
     """No model at all: the deterministic top-token summary explainer, for air-gapped runs and tests. It answers this
     package's three prompts by rule, and every answer says so:
-    - explanation: the tokens carrying most of the feature's activation in the records shown, with their shares
+    - explanation: the words carrying most of the feature's activation in the records shown (sub-word tokens joined
+      into the word they spell, so a feature on the "l" of "lame" names "lame"), with their shares
       ("top-activating tokens "great" (61%), ...");
     - label (`label_method`): 1 when tokens of the reward's own lexicon (VADER) carry at least half of the named
       activation. This is a keyword rule on what the feature fires on, not a judgement of meaning: it can only find
@@ -181,7 +182,9 @@ class OfflineBackend:
     - detection: a text activates when it contains one of the named tokens."""
 
     name = "offline"
-    model = "offline-top-token-summary"
+    # the rule's version is part of the name: answers are cached by backend, model and prompt, so a changed rule must
+    # not be served its predecessor's answers (v2: sub-word tokens joined into whole words)
+    model = "offline-top-token-summary-v2"
     params: dict = {}
     label_method = ("rule, no LLM: reward-lexicon (VADER) tokens carry at least half of the activation of the "
                     "tokens the summary names")
@@ -214,13 +217,27 @@ N_SUMMARY_TOKENS = 3  # tokens named by an offline explanation
 LEXICON_SHARE = 0.5  # the offline label rule's threshold on the lexicon tokens' share of the named activation
 
 
+def _whole_words(record: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """A record's tokens joined into the words they spell, each with the activation summed over its tokens: a
+    sub-word token (one that starts with a letter or digit and follows one that ends in a letter or digit, with no
+    space between) continues the word before it, so " l" + "ame" is "lame" and " odd" + "ly" is "oddly"."""
+    words: list[list] = []
+    for tok, act in record:
+        glued = words and tok[:1].isalnum() and words[-1][0][-1:].isalnum()
+        if glued:
+            words[-1][0] += tok
+            words[-1][1] += act
+        else:
+            words.append([tok, act])
+    return [(w.strip().lower(), a) for w, a in words]
+
+
 def _summarise(records: list[list[tuple[str, int]]]) -> str:
     weight: dict[str, int] = {}
     for rec in records:
-        for tok, act in rec:
-            key = tok.strip().lower()
-            if act > 0 and key:
-                weight[key] = weight.get(key, 0) + act
+        for word, act in _whole_words(rec):
+            if act > 0 and word:
+                weight[word] = weight.get(word, 0) + act
     top = sorted(weight, key=lambda t: (-weight[t], t))[:N_SUMMARY_TOKENS]
     if not top:
         return "nothing: no token activates (offline top-token summary, no LLM)"
