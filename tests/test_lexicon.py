@@ -95,7 +95,34 @@ def test_kendall_is_scipys_on_float_vectors_including_ties():
     ref = kendalltau(true, pred)
     assert ours["tau"] == pytest.approx(ref.statistic, abs=1e-12)
     assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-9)
-    assert ours["n"] == 300
+    assert ours["n"] == 300 and ours["bootstrap"] == 0 and ours["ci95"] is None  # no interval unless asked
+
+
+def test_kendall_is_defined_from_two_words_and_for_a_range_of_exactly_one():
+    """By hand: two words in the same order have tau 1, in opposite order -1; values spanning exactly 1 are not
+    constant. A constant vector has no tau."""
+    assert kendall([1.0, 2.0], [5.0, 7.0])["tau"] == pytest.approx(1.0)
+    assert kendall([1.0, 2.0], [7.0, 5.0])["tau"] == pytest.approx(-1.0)
+    assert kendall([0.0, 1.0, 0.5], [0.0, 2.0, 1.0])["tau"] == pytest.approx(1.0)
+    assert kendall([0.0, 2.0, 1.0], [0.0, 1.0, 0.5])["tau"] == pytest.approx(1.0)
+    assert kendall([1.0, 1.0, 1.0], [0.0, 2.0, 1.0])["tau"] is None
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_of_resampled_taus():
+    """numpy/scipy alone: the words resampled with replacement by default_rng(seed), scipy's tau of each resample,
+    the 2.5th and 97.5th percentiles; one resample gives a zero-width interval at its tau."""
+    rng = np.random.default_rng(3)
+    true = np.round(rng.uniform(-4, 4, 40), 1)
+    pred = true + rng.normal(0, 3, 40)
+    for resamples in (1, 150):
+        draws = np.random.default_rng(9)
+        taus = []
+        for _ in range(resamples):
+            idx = draws.integers(0, 40, 40)
+            taus.append(kendalltau(true[idx], pred[idx]).statistic)
+        expected = np.percentile(taus, [2.5, 97.5])
+        got = kendall(true, pred, bootstrap=resamples, seed=9)["ci95"]
+        assert got == pytest.approx(expected.tolist(), abs=1e-12)
 
 
 def test_kendall_refuses_strings_and_handles_degenerate_input():
@@ -103,6 +130,9 @@ def test_kendall_refuses_strings_and_handles_degenerate_input():
         kendall(["good", "bad"], [1.0, -1.0])
     assert kendall([1.0], [2.0])["tau"] is None
     assert kendall([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])["tau"] is None
+    for a, b in (([1.0, 2.0, 3.0], [1.0, 2.0]), (np.eye(3), np.eye(3))):  # unequal lengths; matrices, not vectors
+        with pytest.raises(ValueError, match="two vectors"):
+            kendall(a, b)
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_tau():
@@ -122,6 +152,23 @@ def test_rescale_maps_percentiles_onto_plus_minus_four_and_clips():
     np.testing.assert_allclose(apply_mapping([5.0, 100.0], mapping), [0.0, 4.0])
     assert apply_mapping([raw_threshold(3.0, mapping)], mapping)[0] == pytest.approx(3.0)
     assert (apply_mapping(np.ones(3), {"raw_at_percentiles": [2.0, 2.0]}) == 0).all()
+    assert rescale(raw)[1]["percentiles"] == [10.0, 90.0]  # the authors' default
+    from irm.errors import UserError
+
+    for bad in ((10, 100.5), (-0.5, 90), (50, 50)):
+        with pytest.raises(UserError, match="lexicon.percentiles"):
+            rescale(raw, bad)
+    np.testing.assert_allclose(rescale(raw, (0, 100))[0], np.linspace(-4, 4, 11))  # the extremes are allowed
+
+
+@pytest.mark.parametrize("setting", [("contexts_per_word", 0), ("bootstrap", -1), ("max_words", 1)])
+def test_stage_refuses_each_impossible_setting_alone(tiny_cfg, setting):
+    from irm.errors import UserError
+    from irm.lexicon import run
+
+    setattr(tiny_cfg.lexicon, *setting)
+    with pytest.raises(UserError, match="lexicon.contexts_per_word must be >= 1"):
+        run(tiny_cfg)
 
 
 def test_sign_agreement_and_per_word_mean_hand_worked():
@@ -170,7 +217,8 @@ def test_words_are_read_only_in_the_unseen_contexts_the_triples_stage_kept():
         unseen_contexts({"contexts": {"texts": []}}, 4, seed=0)
     tok = tiny_tokenizer()
     items, word_of_row = word_items(tok, ["good", "bad"], picked)
-    assert len(items) == len(word_of_row) <= 8
+    assert len(items) == len(word_of_row) == 8  # each word is one token in each of the 4 contexts
+    assert word_of_row.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     for (ids, positions), w in zip(items, word_of_row):
         assert any(ids == tok(c + ["good", "bad"][w])["input_ids"] for c in picked)
         assert tok.decode([ids[p] for p in positions]).strip() == ["good", "bad"][w]
@@ -188,3 +236,100 @@ def test_only_single_token_lexicon_words_are_read():
     assert counts == {"single_token_words": 3, "multi_token_words_skipped": 1}
     sample, _ = lexicon_words(tiny_tokenizer(), lexicon, 2, 0)
     assert len(sample) == 2 and set(sample) <= {"bad", "good", "great"}
+
+
+def test_a_word_that_is_not_one_token_in_a_context_is_not_read_there():
+    """By hand, with the tiny word-level tokenizer: ':)' is two tokens after any context, so it is never read;
+    'great' after 'it is ' is one token at position 2 (ids of 'it', 'is', 'great'); after 'it is' without the space it
+    merges into one unknown token that covers the context's last characters too, still one token."""
+    from irm.lexicon import word_items
+    from irm.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    items, word_of_row = word_items(tok, ["great", ":)"], ["it is ", "the film was "])
+    assert word_of_row.tolist() == [0, 0]
+    assert items[0] == (tok("it is great")["input_ids"], [2])
+    assert items[1] == (tok("the film was great")["input_ids"], [3])
+    assert len(tok("it is :)")["input_ids"]) == 4  # the skipped word really is two tokens there
+
+
+# The stage, on the tiny model -------------------------------------------------------------------------------------
+
+LAYERS = [1, 3]
+BIAS = 0.75  # R's intercept: far from 0, so its sign shows in every raw value
+
+
+def lexicon_run(cfg, contexts):
+    """A run directory with what the lexicon stage reads, made with the owners' public functions: the tiny model as
+    the tuned policy, 1x SAEs of layers 1 and 3 (random, with biases that make codes fire), R (random weight,
+    intercept BIAS) and a triples.json naming held-out and used words and the unseen contexts."""
+    from safetensors.torch import save_file
+
+    from irm.artifacts import write_json
+    from irm.models import load_model, site_width
+    from irm.regression import EXPORT, REGRESSION_DIR
+    from irm.sae import SparseAutoencoder, sae_dir, save_sae
+    from irm.triples import TRIPLES_JSON
+
+    root = Path(cfg.run_dir)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model.save_pretrained(root / "rlhf" / "policy")
+    tokenizer.save_pretrained(root / "rlhf" / "policy")
+    width = site_width(model, "mlp_out")
+    torch.manual_seed(0)
+    for layer in LAYERS:
+        sae = SparseAutoencoder(width, width, tied=False)
+        with torch.no_grad():
+            sae.b_enc.uniform_(0.0, 0.5)
+        save_sae(sae, sae_dir(root, layer, 1), layer=layer)
+    weight = torch.randn(len(LAYERS) * width, generator=torch.Generator().manual_seed(1))
+    (root / REGRESSION_DIR).mkdir(parents=True)
+    save_file({"weight": weight, "bias": torch.tensor([BIAS]), "layers": torch.tensor(LAYERS)},
+              str(root / REGRESSION_DIR / EXPORT))
+    write_json(root / TRIPLES_JSON, {"heldout": {"positive": ["good", "great"], "negative": ["bad"]},
+                                     "used": {"positive": ["love"], "negative": ["hate"]},
+                                     "contexts": {"texts": contexts}})
+    return weight.double().numpy()
+
+
+def test_stage_raw_column_is_r_on_the_words_codes_averaged_over_contexts(tiny_cfg):
+    """lexicon.csv's `raw` of every word, recomputed one (context + word) text at a time without the stage's batching
+    or shared-prefix cache: SAE codes at the word (layer 1 from a plain forward, layer 3 with layer 1's SAE spliced
+    in), R = codes . w + b, averaged over the contexts; `true` is VADER's own lexicon value; kendall.json's tau is
+    scipy's on those columns."""
+    import json
+
+    from test_validate import independent_codes
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from irm.lexicon import run
+    from irm.models import load_pretrained
+
+    contexts = ["the film was ", "i think it is "]
+    cfg = tiny_cfg
+    cfg.cache.layers = LAYERS
+    cfg.lexicon.contexts_per_word, cfg.lexicon.bootstrap, cfg.lexicon.max_words = 1, 0, 2  # the smallest accepted
+    weight = lexicon_run(cfg, contexts)
+    root = Path(cfg.run_dir)
+    run(cfg)
+    assert json.loads((root / "kendall.json").read_text())["words_evaluated"] == 2
+    cfg.lexicon.contexts_per_word, cfg.lexicon.max_words = 2, 12
+    run(cfg)
+    table = list(csv.DictReader(open(root / "lexicon.csv")))
+    report = json.loads((root / "kendall.json").read_text())
+    assert len(table) == report["words_evaluated"] == 12 and report["merged_in_context_skipped"] == 0
+    _, tokenizer = load_pretrained(root / "rlhf" / "policy")
+    vader = SentimentIntensityAnalyzer().lexicon
+    raw, true = [], []
+    for row in table:
+        r = []
+        for prefix in contexts:
+            ids = tokenizer(prefix + row["word"])["input_ids"]
+            c1, c3 = independent_codes(root, ids, len(ids) - 1)
+            r.append(float(torch.cat([c1, c3]).double().numpy() @ weight) + BIAS)
+        raw.append(np.mean(r))
+        true.append(vader[row["word"]])
+    assert [float(row["raw"]) for row in table] == pytest.approx(raw, abs=1e-4)
+    assert [float(row["true"]) for row in table] == pytest.approx(true, abs=1e-12)
+    assert report["all"]["tau"] == pytest.approx(kendalltau(true, raw).statistic, abs=1e-12)
+    assert [int(row["heldout"]) for row in table] == [int(row["word"] in ("good", "great", "bad")) for row in table]
