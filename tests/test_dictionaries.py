@@ -529,7 +529,7 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
     alive_s, alive_l = np.array(freq_small) > 0, np.array(freq_large) > 0
     assert rec["max_firing"] == pytest.approx(cos[alive_s][:, alive_l].max(axis=1).mean(), abs=1e-6)
     # planted pairs 2, 3, 4 are exact matches between firing features; pair 0's large feature never fires
-    assert [(p["small"], p["large"]) for p in rec["pairs"][:3]] == [(i, int(positions[i])) for i in (2, 3, 4)]
+    assert {(p["small"], p["large"]) for p in rec["pairs"][:3]} == {(i, int(positions[i])) for i in (2, 3, 4)}
     g = torch.Generator().manual_seed(3 * 1000 + 2)
     a, b = random_unit_dictionary(12, 8, g).numpy(), random_unit_dictionary(24, 8, g).numpy()
     chance = a @ b.T
@@ -538,3 +538,11 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
                                                   "draws": [chance.max(axis=1).mean()]}, abs=1e-12)
     assert rec["chance"]["hungarian"]["draws"] == pytest.approx([chance[rows, cols].mean()], abs=1e-12)
     assert rec["chance"]["hungarian"]["std"] == 0.0
+    # top_k 1 is allowed; without x2's held-out frequencies the firing counts are not measured (all 24 count)
+    (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").unlink()
+    cfg.dictionaries.top_k = 1
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    assert rec["firing"] == {"small": 11, "large": 24, "measured": False}
+    assert len(rec["pairs"]) == 1 and rec["pairs"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rec["pairs"][0]["large"] == positions[rec["pairs"][0]["small"]]
