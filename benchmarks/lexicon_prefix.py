@@ -1,7 +1,7 @@
 """Shared-prefix reads against the full-forward path: the SAE codes the `lexicon` stage reads (every single-token
 lexicon word appended to the same few triple prefixes) and the `deltas` stage reads (the three variants of every
-triple), computed by `irm.deltas.full_forward_codes_at` (one whole forward pass per item, the path before issue
-17) and by `irm.readout.codes_at` (each shared prefix once, the continuations against its key/value cache),
+triple), computed by `irm.sae.splice.full_forward_codes_at` (one whole forward pass per item, the path before issue
+17) and by `irm.sae.splice.codes_at` (each shared prefix once, the continuations against its key/value cache),
 interleaved, with the largest difference between the two printed.
 
 The items are built as the stages build them, from the quickstart config: its corpus, its triples (built here with
@@ -74,10 +74,10 @@ def main(argv=None) -> dict:
     args = parse_args(p, argv)
 
     from irm.cli import parse_config
-    from irm.deltas import full_forward_codes_at as full_forward
+    from irm.sae.splice import full_forward_codes_at as full_forward
     from irm.models import load_model, n_layers
-    from irm.readout import codes_at as shared_prefix
-    from irm.readout import n_shared_tokens
+    from irm.sae.splice import codes_at as shared_prefix
+    from irm.sae.splice import n_shared_tokens
     from irm.reward import LexiconReward, spacy_tokenizer
     from irm.triples import build_triples
     from irm.data import load_texts

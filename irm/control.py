@@ -89,7 +89,8 @@ def read_features(model, saes: dict, triples: list[dict], items: list, word_of_r
     contexts (words x features)."""
     import torch
 
-    from irm.deltas import codes_at, n_codes, rows_of
+    from irm.deltas import rows_of
+    from irm.sae.splice import codes_at, n_codes
     from irm.lexicon import per_word
     from irm.triples import VARIANTS
 
@@ -333,7 +334,7 @@ def base_run_saes(cfg: RunConfig, model, tokenizer, layers: list[int], expansion
     import dataclasses
 
     from irm.activations import cache as cache_stage
-    from irm.deltas import load_saes
+    from irm.sae.splice import load_saes
     from irm.sae import stage as sae_stage
     from irm.stages import is_done, open_run_dir
 
@@ -354,7 +355,7 @@ def base_run_saes(cfg: RunConfig, model, tokenizer, layers: list[int], expansion
 
 
 def run(cfg: RunConfig) -> dict:
-    from irm.deltas import load_saes
+    from irm.sae.splice import load_saes
     from irm.divergence import chosen_layers
     from irm.lexicon import lexicon_words, unseen_contexts, word_items
     from irm.models import load_model, load_tuned, n_layers

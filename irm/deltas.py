@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 from irm.activations.store import MANIFEST, ShardStore, intact, read_manifest as read_store_manifest, save_shard
 from irm.activations.store import shard_name, verify_shards, write_store_manifest
 from irm.artifacts import RunDir, append_jsonl, read_json, read_jsonl
 from irm.config import RunConfig
-from irm.errors import UserError
+from irm.sae.splice import codes_at, full_forward_codes_at, iter_codes, load_saes, n_codes  # noqa: F401
+# (the spliced-SAE reader lives in irm.sae.splice; these names stay importable from irm.deltas)
 
 DELTAS_DIR = "deltas"
 KEYS = ("x", "y", "triple", "sign")  # the tensors of a deltas shard, a row each
@@ -23,116 +24,6 @@ SHARD_TRIPLES = 1024  # triples per shard (two rows each): a shard is the unit o
 SHARD = re.compile(r"shard-(\d+)\.safetensors")  # named by its chunk: triples [index * SHARD_TRIPLES, ...)
 JOURNAL = "journal-rank-{rank:05d}.jsonl"  # shards one process finished, appended as written; gone when complete
 JOURNALS = "journal-rank-*.jsonl"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SAE codes through the spliced model
-
-
-def load_saes(run_dir: str | Path, layers: Sequence[int], model, site: str, expansion: int) -> dict:
-    """The exported SAE of size `expansion` (the small dictionary: `cfg.sae.dictionary_pair()[0]`) of every layer,
-    in eval mode on `model`'s device; one trained on another width (another model or site) is refused."""
-    from irm.models import site_width
-    from irm.sae import load_sae, sae_dir
-
-    device = next(model.parameters()).device
-    saes = {}
-    for layer in layers:
-        path = sae_dir(run_dir, layer, expansion)
-        if not path.exists():
-            raise UserError(f"no {expansion}x SAE for layer {layer} in {path}; run `python -m irm sae` first")
-        saes[layer] = load_sae(path, d_in=site_width(model, site), device=device).eval()
-    return saes
-
-
-class _Stop(Exception):
-    """Raised by the last spliced block: nothing after it (later blocks, the LM head) is read."""
-
-
-def _stop(_module, _args, _out):
-    raise _Stop
-
-
-def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-               site: str = "mlp_out", desc: str = "SAE codes", progress_bar: bool = True) -> Iterator[tuple]:
-    """For batches of token-id sequences (left-padded, positions counted from each sequence's first real token),
-    run `model` with every SAE in `saes` spliced in (output replaced by decode(encode(output))) and yield
-    (indices into `sequences`, mask_BT, codes_BTLF): the codes of every layer in `saes` order, on the CPU.
-    Sequences are batched by length so little compute goes to padding. `progress_bar=False` on all but one of
-    several processes."""
-    import torch
-
-    from irm.models import blocks, splice
-    from irm.readout import _through
-    from irm.runtime import progress
-
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
-    layers = list(saes)
-    recorded: dict[int, torch.Tensor] = {}
-
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
-    try:
-        with torch.inference_mode(), splice(model, {layer: _through(saes[layer], layer, recorded) for layer in layers}, site=site):
-            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
-                width = max(len(sequences[i]) for i in batch)
-                ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = sequences[i]
-                    ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-                    mask_BT[row, width - len(seq):] = 1
-                # Explicit positions: with left padding the model would otherwise count pads as positions.
-                pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-                recorded.clear()
-                try:
-                    model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device),
-                          position_ids=pos_BT.to(device))
-                except _Stop:
-                    pass
-                codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
-                yield batch, mask_BT, codes_BTLF
-    finally:
-        stopper.remove()
-
-
-def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-             batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
-             progress_bar: bool = True) -> "torch.Tensor":
-    """codes_NLF: for each (token ids, word positions) item, the SAE codes of every layer at the word, averaged
-    over the word's tokens when it has several (multi_token: pool). Computed by `irm.readout.codes_at`: items that
-    begin alike run their shared prefix once (equal to `full_forward_codes_at` within float rounding)."""
-    from irm.readout import codes_at as shared_prefix_codes
-
-    return shared_prefix_codes(model, saes, items, pad_id, batch_size, site, desc, progress_bar)
-
-
-def full_forward_codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                          batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
-                          progress_bar: bool = True) -> "torch.Tensor":
-    """`codes_at` the way it was computed before shared-prefix reads: one whole forward pass per item (iter_codes).
-    The reference the shared-prefix path is tested and benchmarked against."""
-    import torch
-
-    out: Optional[torch.Tensor] = None
-    for batch, mask_BT, codes_BTLF in iter_codes(model, saes, [ids for ids, _ in items], pad_id, batch_size,
-                                                  site, desc, progress_bar):
-        if out is None:
-            out = torch.zeros((len(items), *codes_BTLF.shape[2:]))
-        width = mask_BT.shape[1]
-        for row, i in enumerate(batch):
-            ids, positions = items[i]
-            shift = width - len(ids)
-            out[i] = codes_BTLF[row, [shift + p for p in positions]].mean(dim=0)
-    return out if out is not None else torch.zeros((0, len(saes), n_codes(saes)))
-
-
-def n_codes(saes: dict) -> int:
-    """Features per layer: the width of the 1x dictionaries."""
-    return int(next(iter(saes.values())).dictionary.shape[0])
 
 
 def sentiment_deltas(pos_NLF, neu_NLF, neg_NLF) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -226,7 +117,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers
     from irm.parallel import split_list
-    from irm.readout import codes_at as shared_prefix_codes
+    from irm.sae.splice import codes_at as shared_prefix_codes
     from irm.runtime import seed_all
     from irm.stages import mark_done, stage_fingerprint
     from irm.triples import VARIANTS, read_triples

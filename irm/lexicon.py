@@ -220,10 +220,10 @@ def run(cfg: RunConfig) -> Optional[dict]:
 def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     """One process's part of the stage: R's output on its contiguous share of the items, gathered in item order;
     rank 0 averages per word, computes Kendall tau and writes the outputs."""
-    from irm.deltas import load_saes, n_codes
+    from irm.sae.splice import load_saes, n_codes
     from irm.models import load_tuned
     from irm.parallel import split_list
-    from irm.readout import codes_at  # every context run once, the words against its key/value cache
+    from irm.sae.splice import codes_at  # every context run once, the words against its key/value cache
     from irm.regression import load_irm
     from irm.reward import LexiconReward
     from irm.runtime import seed_all

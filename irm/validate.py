@@ -141,7 +141,7 @@ def _count_frequencies(cfg: RunConfig, model, saes, sequences, pad_token_id, wei
     """How often each feature fires, on all positions and on those where R (lexicon scale) is above the threshold."""
     import torch
 
-    from irm.deltas import iter_codes
+    from irm.sae.splice import iter_codes
     from irm.lexicon import apply_mapping
 
     vc = cfg.validate
@@ -175,7 +175,7 @@ def _print_result(result: dict, threshold: float, n_texts: int, n_related: int) 
 
 
 def run(cfg: RunConfig) -> dict:
-    from irm.deltas import load_saes
+    from irm.sae.splice import load_saes
     from irm.explain import explained_features
     from irm.lexicon import KENDALL_JSON, raw_threshold
     from irm.models import load_tuned

@@ -1,4 +1,4 @@
-"""Shared-prefix reads (irm.readout) against the full-forward path (irm.deltas.full_forward_codes_at) and against an
+"""Shared-prefix reads (irm.sae.splice) against the full-forward path (irm.sae.splice.full_forward_codes_at) and against an
 independent reference: each item run alone, unpadded, through the model with hand-written MLP hooks doing the SAE
 splice. irm.deltas.codes_at, which the deltas, lexicon and control stages call, is the shared-prefix path."""
 
@@ -9,7 +9,7 @@ import torch
 
 from irm.config import ModelConfig
 from irm.models import TINY_MODELS, arch_of, blocks, load_model
-from irm.readout import codes_at, n_shared_tokens, prefix_groups
+from irm.sae.splice import codes_at, n_shared_tokens, prefix_groups
 from irm.sae import SparseAutoencoder
 
 
@@ -92,7 +92,7 @@ def reference(model, saes, ids, positions, spliced=None):
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_equal_to_full_forward_and_to_unpadded_reference(name):
-    from irm.deltas import full_forward_codes_at as full_forward
+    from irm.sae.splice import full_forward_codes_at as full_forward
 
     model, tokenizer, saes = tiny(name)
     items = make_items(len(tokenizer))
@@ -126,7 +126,7 @@ def test_the_cache_carries_the_splice():
 
 
 def test_mlp_hidden_site_and_empty_inputs():
-    from irm.deltas import full_forward_codes_at as full_forward
+    from irm.sae.splice import full_forward_codes_at as full_forward
     from irm.models import site_width
 
     model, tokenizer, _ = tiny("tiny-gpt2")

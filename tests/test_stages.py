@@ -128,7 +128,7 @@ def test_every_stage_uses_the_same_small_dictionary(tmp_path):
     """With sae.expansions [2, 4] the small dictionary is the 2x one for explain, deltas/lexicon/validate (load_saes)
     and ablate alike (they once meant 1x in two places and min(expansions) in a third)."""
     from irm.config import SAEConfig, ModelConfig
-    from irm.deltas import load_saes
+    from irm.sae.splice import load_saes
     from irm.models import load_model, site_width
     from irm.sae import SparseAutoencoder, save_sae, sae_dir
 

@@ -1,7 +1,12 @@
-"""Shared-prefix reads: the SAE codes at chosen token positions of many sequences that begin alike (a lexicon word
+"""The spliced-SAE reader: the SAE codes of chosen layers read with the SAEs spliced into the model (each layer's
+output replaced by its SAE's reconstruction), as deltas, lexicon, validate and control read them. `load_saes`,
+`codes_at` (shared-prefix reads, below), `iter_codes` and `full_forward_codes_at` (one whole forward pass per
+sequence, the reference), `n_codes`.
+
+Shared-prefix reads: the SAE codes at chosen token positions of many sequences that begin alike (a lexicon word
 appended to a few contexts, the three variants of a triple), with each shared beginning run through the model once.
 
-`codes_at` here answers exactly what `irm.deltas.codes_at` answers (each item's codes at its positions, averaged
+`codes_at` answers exactly what `full_forward_codes_at` answers (each item's codes at its positions, averaged
 over them, with every SAE in `saes` spliced in) but computes it differently:
 
 1. Each sequence is cut after its last read position (a causal model's codes there never see later tokens).
@@ -22,7 +27,8 @@ happens here as in the full-forward path.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 from irm.errors import UserError
 
@@ -155,7 +161,7 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
              batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
              progress_bar: bool = True) -> "torch.Tensor":
     """codes_NLF: for each (token ids, read positions) item, the codes of every SAE in `saes` (spliced in all at
-    once) at its positions, averaged over them; the same numbers as `irm.deltas.codes_at` within float rounding,
+    once) at its positions, averaged over them; the same numbers as `full_forward_codes_at` within float rounding,
     with shared prefixes run once (module docstring). `batch_size` groups per prefix pass; continuations run
     up to `CONTINUATION_ROWS * batch_size` members per pass (fewer behind long prefixes: `CACHED_TOKENS`)."""
     import torch
@@ -240,3 +246,93 @@ def n_shared_tokens(sequences: Sequence[Sequence[int]]) -> tuple[int, int]:
 
 
 __all__ = ["codes_at", "prefix_groups", "n_shared_tokens", "CONTINUATION_ROWS"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full-forward reads (every SAE spliced in, one whole forward pass per sequence)
+
+
+def load_saes(run_dir: str | Path, layers: Sequence[int], model, site: str, expansion: int) -> dict:
+    """The exported SAE of size `expansion` (the small dictionary: `cfg.sae.dictionary_pair()[0]`) of every layer,
+    in eval mode on `model`'s device; one trained on another width (another model or site) is refused."""
+    from irm.models import site_width
+    from irm.sae import load_sae, sae_dir
+
+    device = next(model.parameters()).device
+    saes = {}
+    for layer in layers:
+        path = sae_dir(run_dir, layer, expansion)
+        if not path.exists():
+            raise UserError(f"no {expansion}x SAE for layer {layer} in {path}; run `python -m irm sae` first")
+        saes[layer] = load_sae(path, d_in=site_width(model, site), device=device).eval()
+    return saes
+
+
+def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int,
+               site: str = "mlp_out", desc: str = "SAE codes", progress_bar: bool = True) -> Iterator[tuple]:
+    """For batches of token-id sequences (left-padded, positions counted from each sequence's first real token),
+    run `model` with every SAE in `saes` spliced in (output replaced by decode(encode(output))) and yield
+    (indices into `sequences`, mask_BT, codes_BTLF): the codes of every layer in `saes` order, on the CPU.
+    Sequences are batched by length so little compute goes to padding. `progress_bar=False` on all but one of
+    several processes."""
+    import torch
+
+    from irm.models import blocks, splice
+    from irm.runtime import progress
+
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    device = next(model.parameters()).device
+    layers = list(saes)
+    recorded: dict[int, torch.Tensor] = {}
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
+    try:
+        with torch.inference_mode(), splice(model, {layer: _through(saes[layer], layer, recorded) for layer in layers}, site=site):
+            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
+                width = max(len(sequences[i]) for i in batch)
+                ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    seq = sequences[i]
+                    ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+                    mask_BT[row, width - len(seq):] = 1
+                # Explicit positions: with left padding the model would otherwise count pads as positions.
+                pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+                recorded.clear()
+                try:
+                    model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device),
+                          position_ids=pos_BT.to(device))
+                except _Stop:
+                    pass
+                codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
+                yield batch, mask_BT, codes_BTLF
+    finally:
+        stopper.remove()
+
+
+def full_forward_codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                          batch_size: int, site: str = "mlp_out", desc: str = "SAE codes",
+                          progress_bar: bool = True) -> "torch.Tensor":
+    """`codes_at` the way it was computed before shared-prefix reads: one whole forward pass per item (iter_codes).
+    The reference the shared-prefix path is tested and benchmarked against."""
+    import torch
+
+    out: Optional[torch.Tensor] = None
+    for batch, mask_BT, codes_BTLF in iter_codes(model, saes, [ids for ids, _ in items], pad_id, batch_size,
+                                                  site, desc, progress_bar):
+        if out is None:
+            out = torch.zeros((len(items), *codes_BTLF.shape[2:]))
+        width = mask_BT.shape[1]
+        for row, i in enumerate(batch):
+            ids, positions = items[i]
+            shift = width - len(ids)
+            out[i] = codes_BTLF[row, [shift + p for p in positions]].mean(dim=0)
+    return out if out is not None else torch.zeros((0, len(saes), n_codes(saes)))
+
+
+def n_codes(saes: dict) -> int:
+    """Features per layer: the width of the 1x dictionaries."""
+    return int(next(iter(saes.values())).dictionary.shape[0])
