@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from irm.artifacts import RunDir, append_jsonl, fingerprint, read_jsonl, write_json
+from irm.artifacts import RunDir, fingerprint, read_jsonl, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
-from irm.parallel import Ranks, launch, split_list
+from irm.parallel import Ranks, launch
 from irm.runtime import seed_all
-from irm.sampling import SamplingRule, _GumbelNoise, prompt_seed, sample  # noqa: F401 (prompt_seed: seeds of prompts)
+from irm.sampling import SamplingRule, _GumbelNoise, journalled_batches, prompt_seed, sample  # noqa: F401
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 from irm.stages import relpath
@@ -165,25 +165,14 @@ def condition_rewards(ranks: Ranks, directory: Path, stem: str, n_prompts: int, 
     use another number of processes. `score_batch(indices) -> (texts, rewards)`."""
     done = ranks.broadcast(_finished(directory, stem) if ranks.is_main else None)
     todo = [i for i in range(n_prompts) if i not in done]
-    mine = split_list(todo, ranks)
-    path = own_file(directory, stem, ranks)
-    new: dict[int, float] = {}
-    with ranks.progress(desc=desc, total=n_prompts, unit="prompt") as bar:
-        shown = n_prompts - len(todo)
-        bar.update(shown)
-        for start in range(0, len(mine), batch_size):
-            indices = mine[start : start + batch_size]
-            texts, rewards = score_batch(indices)
-            rewards = [float(r) for r in rewards]
-            append_jsonl(path, {"prompts": indices, "rewards": rewards, "texts": texts})
-            new.update(zip(indices, rewards))
-            # Rank 0 counts its batches once per rank: the shares are equal and run at the same pace.
-            step = min(len(indices) * ranks.world_size, n_prompts - shown)
-            bar.update(step)
-            shown += step
-        for share in ranks.gather(new):
-            done.update(share)
-        bar.update(n_prompts - shown)
+
+    def step(indices: list[int]) -> dict:
+        texts, rewards = score_batch(indices)
+        return {"prompts": indices, "rewards": [float(r) for r in rewards], "texts": texts}
+
+    for indices, record in journalled_batches(ranks, own_file(directory, stem, ranks), todo, n_prompts, batch_size,
+                                              step, desc):
+        done.update(zip(indices, record["rewards"]))
     return np.array([done[i] for i in range(n_prompts)], dtype=np.float64)
 
 

@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from irm.artifacts import append_jsonl, fingerprint, read_jsonl, write_json, write_text
+from irm.artifacts import fingerprint, read_jsonl, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
-from irm.runtime import progress, resolve_device, seed_all
-from irm.sampling import SamplingRule, prompt_seed, sample
+from irm.parallel import Ranks
+from irm.runtime import resolve_device, seed_all
+from irm.sampling import SamplingRule, journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
@@ -48,18 +49,16 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
         write_text(journal, "")
     n_batches = math.ceil(len(prompts) / batch_size)
     model.eval()
-    with progress(desc=desc, total=n_batches, unit="batch") as bar:
-        bar.update(sum(b < n_batches for b in done))
-        for b in range(n_batches):
-            if b in done:
-                continue
-            indices = range(b * batch_size, min((b + 1) * batch_size, len(prompts)))
-            out = sample(model, tokenizer, [prompts[i] for i in indices], rule, [prompt_seed(seed, i) for i in indices])
-            record = {"batch": b, "fingerprint": fp, "rewards": [float(r) for r in reward_fn(out.texts)],
-                      "completions": out.completions}
-            append_jsonl(journal, record)
-            done[b] = record
-            bar.update(1)
+
+    def step(indices: list[int]) -> dict:
+        out = sample_prompts(model, tokenizer, prompts, indices, rule, seed)
+        return {"batch": indices[0] // batch_size, "fingerprint": fp,
+                "rewards": [float(r) for r in reward_fn(out.texts)], "completions": out.completions}
+
+    # Finished batches are whole batches of the grid, so the rest, cut into batch_size pieces, is the rest of the grid.
+    todo = [i for i in range(len(prompts)) if i // batch_size not in done]
+    for _, record in journalled_batches(Ranks(), journal, todo, len(prompts), batch_size, step, desc):
+        done[record["batch"]] = record
     return [done[b] for b in range(n_batches)]
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass
 
-__all__ = ["SamplingRule", "Completions", "generate", "sample", "rule", "prompt_seed"]
+__all__ = ["SamplingRule", "Completions", "generate", "sample", "sample_prompts", "journalled_batches", "rule",
+           "prompt_seed"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +181,39 @@ def prompt_seed(seed: int, index: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def sample_prompts(model, tokenizer, prompts: list[list[int]], indices: list[int], rule: SamplingRule,
+                   seed: int) -> Completions:
+    """Completions of `prompts[i]` for i in `indices` (one batch), prompt i drawn with `prompt_seed(seed, i)`: the
+    same completion whatever batch, resume or process it falls in, and the same noise for every model or
+    intervention given the same prompts (evaluate-reward and ablate)."""
+    return sample(model, tokenizer, [prompts[i] for i in indices], rule, [prompt_seed(seed, i) for i in indices])
+
+
+def journalled_batches(ranks, journal, todo: list[int], total: int, batch_size: int, step, desc: str) -> list:
+    """The one sample-score-journal loop (evaluate-reward, ablate): the prompts `todo` (indices among `total`; the
+    rest were finished by an earlier run) are split among `ranks` (contiguous shares), each rank runs
+    `step(indices) -> record` on `batch_size` of its prompts at a time and appends the record to its `journal` as
+    soon as it is made, so a killed run never redoes a batch. Returns every rank's new (indices, record), on every
+    rank. The progress bar counts prompts."""
+    from irm.artifacts import append_jsonl
+    from irm.parallel import split_list
+
+    mine = split_list(todo, ranks)
+    new = []
+    with ranks.progress(desc=desc, total=total, unit="prompt") as bar:
+        shown = total - len(todo)
+        bar.update(shown)
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start: start + batch_size]
+            record = step(indices)
+            append_jsonl(journal, record)
+            new.append((indices, record))
+            # Rank 0 counts its batches once per rank: the shares are equal and run at the same pace.
+            moved = min(len(indices) * ranks.world_size, total - shown)
+            bar.update(moved)
+            shown += moved
+        gathered = [item for share in ranks.gather(new) for item in share]
+        bar.update(total - shown)
+    return gathered
