@@ -4,6 +4,7 @@ mid-epoch (the loader's state_dict), so a resumed fit sees the batches an uninte
 
 from __future__ import annotations
 
+import ast
 import math
 from typing import Any, Iterator, Optional
 
@@ -151,6 +152,18 @@ class ShardBatches:
         return acts_RD
 
 
+def checkpoint_interval(callback: L.Callback) -> int:
+    """A checkpoint callback's every_n_train_steps, read from its public `state_key`, which names the constructor
+    arguments that identify its state in a checkpoint (ModelCheckpoint's: "ModelCheckpoint{'monitor': None, ...,
+    'every_n_train_steps': 200, ...}"); 0 when it names none."""
+    key = callback.state_key
+    try:
+        args = ast.literal_eval(key[key.index("{"):])
+    except (ValueError, SyntaxError):
+        return 0
+    return int(args.get("every_n_train_steps") or 0) if isinstance(args, dict) else 0
+
+
 def validation_start(cache: ActivationCache, val_fraction: float) -> int:
     """First row of the held-out tail: the last `val_fraction` of rows, moved back to the start of the document it
     cuts (rows of a document are contiguous, `positions` count from 0), so no document is in both parts."""
@@ -196,7 +209,7 @@ class ActivationDataModule(L.LightningDataModule):
             # The optimizer-step count advances by batches_per_item per item: a checkpoint interval that is not a
             # multiple of it is never hit, and an interrupted run would have nothing recent to resume from.
             for cb in self.trainer.checkpoint_callbacks:
-                every = getattr(cb, "_every_n_train_steps", 0)
+                every = checkpoint_interval(cb)
                 if every and every % hp.batches_per_item:
                     raise UserError(f"ModelCheckpoint every_n_train_steps={every} is not a multiple of "
                                     f"batches_per_item={hp.batches_per_item}; make it one")

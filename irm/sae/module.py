@@ -31,7 +31,11 @@ class FeatureActivity(nn.Module):
 
     @torch.no_grad()
     def observe(self, codes_BF: torch.Tensor) -> None:
-        fired_F = codes_BF.detach().amax(dim=0) > 0
+        self.record(codes_BF.detach().amax(dim=0) > 0)
+
+    @torch.no_grad()
+    def record(self, fired_F: torch.Tensor) -> None:
+        """One step in which the features of the boolean mask `fired_F` fired."""
         self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
 
     @torch.no_grad()
@@ -47,6 +51,51 @@ class FeatureActivity(nn.Module):
 
 
 REVIVE = ("auto", "resample", "auxk", "none")
+
+
+class _ReluSAEStep(torch.autograd.Function):
+    """sae_loss of a ReLU SAE whose encoder reads x unshifted (SparseAutoencoder.pre_activations, codes_from_pre,
+    decode_normalized, then sae_loss), with its gradients written out: the same maths as autograd through those
+    functions, in fewer passes over the [rows, features] codes, which at large batches cost as much as a GEMM's
+    worth and at small ones dominate what is not GEMM. The ReLU runs in place; one per-feature sum of the codes gives
+    both the L1 term and which features fired (codes are >= 0: a feature fired iff its sum is > 0); backward adds the
+    L1 gradient and applies the ReLU's mask in place on the decoder's gradient, and accumulates a tied matrix's two
+    gradient terms into one buffer (autograd would add a transposed copy of one to the other).
+
+    apply(x_n, W_dec, W_enc or None (tied), b_enc, b_dec, l1_coefficient) -> (loss, x_hat_n, codes, code sums per
+    feature); only the loss is differentiable, and x_n gets no gradient (activations are data)."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_dec, W_enc, b_enc, b_dec, l1_coefficient: float):
+        codes_BF = torch.addmm(b_enc, x_BD, W_dec.t() if W_enc is None else W_enc).relu_()
+        x_hat_BD = torch.addmm(b_dec, codes_BF, W_dec)
+        err_BD = x_hat_BD - x_BD
+        code_sums_F = codes_BF.sum(dim=0)
+        flat = err_BD.view(-1)
+        loss = torch.dot(flat, flat) / flat.numel() + l1_coefficient * (code_sums_F.sum() / x_BD.shape[0])
+        ctx.save_for_backward(x_BD, W_dec, W_enc, codes_BF, err_BD)
+        ctx.l1_coefficient = l1_coefficient
+        ctx.mark_non_differentiable(x_hat_BD, codes_BF, code_sums_F)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the three outputs above
+        return loss, x_hat_BD, codes_BF, code_sums_F
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        x_BD, W_dec, W_enc, codes_BF, err_BD = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        rows = x_BD.shape[0]
+        grad_x_hat_BD = err_BD * (grad_loss * (2.0 / err_BD.numel()))  # of the MSE
+        # Through the decoder, plus the L1 term's l1_coefficient / rows on every code, zero where the ReLU cut.
+        grad_pre_BF = torch.mm(grad_x_hat_BD, W_dec.t()).add_(grad_loss * (ctx.l1_coefficient / rows))
+        grad_pre_BF = torch.ops.aten.threshold_backward.grad_input(grad_pre_BF, codes_BF, 0, grad_input=grad_pre_BF)
+        if W_enc is None:
+            grad_W_dec = torch.mm(grad_pre_BF.t(), x_BD).addmm_(codes_BF.t(), grad_x_hat_BD)
+            grad_W_enc = None
+        else:
+            grad_W_dec = torch.mm(codes_BF.t(), grad_x_hat_BD)
+            grad_W_enc = torch.mm(x_BD.t(), grad_pre_BF)
+        return None, grad_W_dec, grad_W_enc, grad_pre_BF.sum(dim=0), grad_x_hat_BD.sum(dim=0), None
 
 
 class SAEModule(L.LightningModule):
@@ -108,6 +157,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("init_mmcs", torch.full((2,), float("nan"), dtype=torch.float64))
         self._val_fired: dict[str, torch.Tensor] = {}
         self._val_moments: Optional[torch.Tensor] = None  # [dictionary, statistics] of the held-out rows seen so far
+        self._items = 0  # loader items trained on in this fit (a resumed fit counts on from its checkpoint's)
         if d_in is not None:
             self._build(int(d_in))
 
@@ -147,6 +197,8 @@ class SAEModule(L.LightningModule):
         elif width is not None and int(width) != self.d_in:
             raise UserError(f"the SAEs are {self.d_in} wide but the activations of {self.trainer.datamodule.cache.dir} "
                             f"are {width} wide; drop model.init_args.d_in or point data at the matching layer")
+        if stage == "fit":
+            self._items = 0  # a resumed fit's count comes with its checkpoint, restored after this
         if stage == "fit" and self.global_step == 0:
             # A resumed fit gets both from its checkpoint, which is restored after this.
             self._initialise_from_data()
@@ -191,7 +243,12 @@ class SAEModule(L.LightningModule):
         self.init_mmcs.copy_(torch.tensor([mmcs(small, large, "max")[0], mmcs(small, large, "hungarian")[0]],
                                           dtype=torch.float64))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["irm_items"] = self._items
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before the count was kept: right for one batch per item, the default.
+        self._items = int(checkpoint.get("irm_items", checkpoint.get("global_step", 0)))
         state = checkpoint["state_dict"]
         found = {k.split(".")[1] for k in state if k.startswith("saes.")}
         if found != set(self.saes):
@@ -216,6 +273,7 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         """One optimizer step per batch: `batch` is a tensor [rows, width], or a list of them when the datamodule
         groups batches (ActivationDataModule's batches_per_item)."""
+        self._items += 1
         for x_BD in batch if isinstance(batch, (list, tuple)) else (batch,):
             x_n, parts = self._step(x_BD)
         if self._logging_step():
@@ -231,14 +289,22 @@ class SAEModule(L.LightningModule):
         hp = self.hparams
         total = 0.0
         parts, x_n = {}, None
+        auxk = self.revive == "auxk" and hp.aux_coefficient > 0
         for name, sae in self.saes.items():
             x_n = x_BD * sae.input_scale.to(x_BD.dtype)
+            activity = self.activity[name]
+            if self._written_out(sae, x_n, auxk):
+                loss, x_hat_n, codes_BF, code_sums_F = _ReluSAEStep.apply(x_n, sae.W_dec, sae.W_enc, sae.b_enc,
+                                                                          sae.b_dec, self._l1)
+                total = total + loss
+                activity.record(code_sums_F > 0)
+                parts[name] = (x_hat_n, codes_BF)
+                continue
             pre_BF = sae.pre_activations(x_n)
             codes_BF = sae.codes_from_pre(pre_BF)
             x_hat_n = sae.decode_normalized(codes_BF)
             total = total + sae_loss(x_n, x_hat_n, codes_BF, self._l1)[0]
-            activity = self.activity[name]
-            if self.revive == "auxk" and hp.aux_coefficient > 0:
+            if auxk:
                 dead_F = activity.dead(hp.dead_window)
                 total = total + hp.aux_coefficient * auxk_loss(sae, x_n, x_hat_n, pre_BF, dead_F, max(1, sae.d_in // 2))
             activity.observe(codes_BF)
@@ -254,8 +320,19 @@ class SAEModule(L.LightningModule):
                 self._resample(name, sae, x_n, parts[name][0])
         return x_n, parts
 
+    @staticmethod
+    def _written_out(sae: SparseAutoencoder, x_n: torch.Tensor, auxk: bool) -> bool:
+        """Whether `_ReluSAEStep` computes this step: the paper's ReLU SAE (tied or not, encoder reading x unshifted,
+        no auxiliary loss) on float32/float64 data in the parameters' dtype, outside autocast (mixed precision takes
+        the autograd path, whose casts autocast manages)."""
+        return (sae.activation == "relu" and not sae.center_input and not auxk and not x_n.requires_grad
+                and x_n.dtype == sae.W_dec.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x_n.device.type))
+
     def _resample_due(self) -> bool:
         step, window = self.global_step, self.hparams.dead_window
+        if step == 0 or step % window:
+            return False  # (estimated_stepping_batches below is not free: not on every step)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         # Lightning counts loader items; an item of grouped batches is several optimizer steps.
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -299,9 +376,10 @@ class SAEModule(L.LightningModule):
         return n
 
     def _logging_step(self) -> bool:
-        # The steps Lightning's logger connector writes on (counted in loader items, as it counts them).
+        # The steps Lightning's logger writes on: every log_every_n_steps loader items (it counts items, not
+        # optimizer steps, and writes on the item that completes each multiple).
         every = self.trainer.log_every_n_steps
-        return every > 0 and (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+        return every > 0 and self._items % every == 0
 
     @property
     def _stats_dtype(self) -> torch.dtype:
