@@ -497,6 +497,22 @@ def test_compare_layer_of_unequal_sizes_and_width_against_numpy():
     assert len(rec["pairs"]) == len(rec["hungarian_pairs"]) == 2
 
 
+def test_no_firing_feature_on_one_side_leaves_max_firing_empty_and_zero_rows_include_the_threshold():
+    """When no small (or no large) feature fires there is nothing to share: max_firing is None and there are no
+    pairs, while the scores over every feature stand. A row of norm exactly ZERO_NORM (1e-12) counts as a zero row."""
+    from irm.dictionaries import ZERO_NORM, compare_layer, zero_rows
+
+    rng = np.random.default_rng(12)
+    small, large = rng.standard_normal((4, 5)), rng.standard_normal((7, 5))
+    for alive_small, alive_large in ((np.zeros(4, bool), np.ones(7, bool)), (np.ones(4, bool), np.zeros(7, bool))):
+        rec = compare_layer(small, large, top_k=3, alive_small=alive_small, alive_large=alive_large)
+        assert rec["max_firing"] is None and rec["pairs"] == [] and rec["hungarian_pairs"] == []
+        assert rec["max"] == pytest.approx(brute_max(small, large), abs=1e-12)
+    edge = np.zeros((3, 3))
+    edge[0, 0], edge[1, 1] = ZERO_NORM, 2 * ZERO_NORM  # norms exactly 1e-12 and 2e-12
+    assert np.linalg.norm(edge[0]) == ZERO_NORM and zero_rows(edge) == 2
+
+
 def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
     """The stage with 12 x1 and 24 x2 features of width 8, seed 3 and a single chance draw: every number of the
     layer's record against numpy/scipy (chance draws from the seeded generator, std 0 for one draw; the one-to-one
