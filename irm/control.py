@@ -28,7 +28,9 @@ the nulls can refit it hundreds of times in seconds:
   so what the SAE adds is visible.
 Both for the tuned and the base model. Every word's features are read once per model (codes and the SAE's input in
 the same pass, through the same `codes_at` as the deltas and lexicon stages) and kept as a words x features matrix,
-so a refit's tau is one matrix-vector product (R is linear: the mean over contexts of R is R of the mean).
+so a refit's tau is one matrix-vector product (R is linear: the mean over contexts of R is R of the mean). The tuned
+model's triple rows are the deltas stage's own (its shards keep the activations the codes encode, `x_raw`): the same
+model, SAEs and reader, so they are read once in the run, not twice; M_base's are read here.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -57,72 +59,72 @@ SAE_OWN = "each model's own SAEs at the same layers (M_base's trained on its act
 # Reading: codes and the activations they encode, in one pass
 
 
-def with_inputs(saes: dict) -> dict:
-    """Each SAE wrapped so that its `encode` returns [codes | the activation it encoded] and `decode` reads the
-    codes part: `codes_at` through these gives the codes and the raw MLP output at once, the splice unchanged."""
-    import torch
-    from torch import nn
+def triple_rows(model, saes: dict, triples: list[dict], pad_id: int, batch_size: int, site: str, label: str) -> dict:
+    """One model's regression rows of the triples, as the deltas stage computes them (x = SAE codes, x_raw = the
+    activations they encode, y = the deltas, sign, triple), read through `saes` spliced into `model`."""
+    from irm.deltas import RAW, read_triples_through, rows_of
 
-    class WithInputs(nn.Module):
-        def __init__(self, sae):
-            super().__init__()
-            self.sae = sae
-            self.width = int(sae.dictionary.shape[0])
-
-        def encode(self, x):
-            return torch.cat([self.sae.encode(x), x.to(self.sae_dtype)], dim=-1)
-
-        def decode(self, z):
-            return self.sae.decode(z[..., : self.width])
-
-        @property
-        def sae_dtype(self):
-            return next(self.sae.parameters()).dtype
-
-    return {layer: WithInputs(sae) for layer, sae in saes.items()}
+    codes, raw = read_triples_through(model, saes, triples, pad_id, batch_size, site, f"control ({label}): triples")
+    ids = [t["id"] for t in triples]
+    rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
+    rows[RAW] = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])["x"]
+    return rows
 
 
-def read_features(model, saes: dict, triples: list[dict], items: list, word_of_row: np.ndarray, n_words: int,
-                  pad_id: int, batch_size: int, site: str, label: str) -> dict:
-    """For one model: the regression rows of the triples (x = SAE codes, x_raw = the MLP outputs they encode, y =
-    the deltas, as the deltas stage computes them) and every word's mean codes and raw activations over its
+def tuned_rows(root: Path, n_triples: int) -> Optional[dict]:
+    """The tuned model's rows as the deltas stage wrote them (the same model, SAEs, triples and reader as
+    `triple_rows` would use: read once, not twice), or None when the deltas stage has not written them (not run, or
+    shards from before they kept the raw activations): then they are read here."""
+    from irm.artifacts import MANIFEST
+    from irm.deltas import KEYS, RAW, open_deltas
+
+    if not (root / relpath("deltas") / MANIFEST).exists():
+        return None
+    store = open_deltas(root / relpath("deltas"))
+    if RAW not in store.manifest or store.manifest.get("n_triples") != n_triples:
+        return None
+    return store.read_all((*KEYS, RAW))
+
+
+def features_of(rows: dict, saes: dict, model, items: list, word_of_row: np.ndarray, n_words: int, pad_id: int,
+                batch_size: int, site: str, label: str) -> dict:
+    """For one model: its triple rows as float64 arrays, the SAEs' reconstruction error at the positive sentiment
+    tokens (normalised by the activations' variance), and every word's mean codes and raw activations over its
     contexts (words x features)."""
     import torch
 
-    from irm.deltas import rows_of
+    from irm.deltas import RAW, with_inputs
     from irm.sae.splice import codes_at, n_codes
     from irm.lexicon import per_word
-    from irm.triples import VARIANTS
 
     width = n_codes(saes)
-    wrapped = with_inputs(saes)
-
-    def read(its, desc):
-        both = codes_at(model, wrapped, its, pad_id, batch_size, site, desc=desc)
-        return both[..., :width], both[..., width:]
-
-    # The three variants of a triple share the text before the word: one read, each prefix run once (as deltas).
-    both = read([(t["ids"][v], t["positions"][v]) for v in VARIANTS for t in triples], f"control ({label}): triples")
-    codes = dict(zip(VARIANTS, both[0].split(len(triples))))
-    raw = dict(zip(VARIANTS, both[1].split(len(triples))))
-    ids = [t["id"] for t in triples]
-    rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
-    raw_rows = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])
-    word_codes, word_raw = read(items, f"control ({label}): words in context")
-    # Reconstruction error of the SAEs at the sentiment tokens of this model (normalised by the activations' variance)
-    x = raw["positive"].double()
+    both = codes_at(model, with_inputs(saes), items, pad_id, batch_size, site,
+                    desc=f"control ({label}): words in context")
+    word_codes, word_raw = both[..., :width], both[..., width:]
+    positive = rows["sign"] == 1
+    n_layers = len(saes)
+    codes_pos = rows["x"][positive].reshape(int(positive.sum()), n_layers, width)
+    x = rows[RAW][positive].reshape(codes_pos.shape[0], n_layers, -1).double()
     with torch.no_grad():
         w = {layer: next(saes[layer].parameters()) for layer in saes}  # codes come back on the CPU
-        x_hat = torch.stack([saes[layer].decode(codes["positive"][:, i].to(w[layer].device, w[layer].dtype))
+        x_hat = torch.stack([saes[layer].decode(codes_pos[:, i].to(w[layer].device, w[layer].dtype))
                              .double().cpu() for i, layer in enumerate(saes)], dim=1)
     nmse = float(((x - x_hat) ** 2).sum() / ((x - x.mean(dim=0)) ** 2).sum())
     return {
-        "x": rows["x"].double().numpy(), "x_raw": raw_rows["x"].double().numpy(), "y": rows["y"].double().numpy(),
+        "x": rows["x"].double().numpy(), "x_raw": rows[RAW].double().numpy(), "y": rows["y"].double().numpy(),
         "sign": rows["sign"].numpy(), "triple": rows["triple"].numpy(),
         "words": per_word(word_codes.flatten(1).double().numpy(), word_of_row, n_words),
         "words_raw": per_word(word_raw.flatten(1).double().numpy(), word_of_row, n_words),
         "sae_nmse": nmse,
     }
+
+
+def read_features(model, saes: dict, triples: list[dict], items: list, word_of_row: np.ndarray, n_words: int,
+                  pad_id: int, batch_size: int, site: str, label: str, rows: Optional[dict] = None) -> dict:
+    """For one model: `features_of` its triple rows (read here unless `rows` gives them) and words."""
+    if rows is None:
+        rows = triple_rows(model, saes, triples, pad_id, batch_size, site, label)
+    return features_of(rows, saes, model, items, word_of_row, n_words, pad_id, batch_size, site, label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,8 +399,10 @@ def run(cfg: RunConfig) -> dict:
             saes = base_run_saes(cfg, model, tokenizer, layers, expansion)
         else:
             saes = load_saes(root, layers, model, cfg.cache.site, expansion)
+        # The tuned chain's triples are the deltas stage's rows: the same model, SAEs and reader.
+        rows = tuned_rows(root, len(triples)) if label == "tuned" else None
         features[label] = read_features(model, saes, triples, items, word_of_row, len(words),
-                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label)
+                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label, rows)
         sae_fit[label] = features[label]["sae_nmse"]
         del model, saes
     analysis, rows = analyse(features, words, true, heldout, seen, cc, cfg.lexicon.percentiles, cfg.seed)

@@ -20,6 +20,7 @@ from irm.sae.splice import codes_at, full_forward_codes_at, iter_codes, load_sae
 
 DELTAS_DIR = "deltas"
 KEYS = ("x", "y", "triple", "sign")  # the tensors of a deltas shard, a row each
+RAW = "x_raw"  # also in each shard: the activations the codes of `x` encode (the SAEs' inputs; the control reads them)
 SHARD_TRIPLES = 1024  # triples per shard (two rows each): a shard is the unit of resuming and of streaming
 SHARD = re.compile(r"shard-(\d+)\.safetensors")  # named by its chunk: triples [index * SHARD_TRIPLES, ...)
 JOURNAL = "journal-rank-{rank:05d}.jsonl"  # shards one process finished, appended as written; gone when complete
@@ -38,11 +39,55 @@ def sentiment_deltas(pos_NLF, neu_NLF, neg_NLF) -> tuple["torch.Tensor", "torch.
 # The shards
 
 
-def write_shard(directory: Path, index: int, x, y, triple, sign) -> dict:
+def write_shard(directory: Path, index: int, x, y, triple, sign, x_raw=None) -> dict:
     """One shard `shard-NNNNN.safetensors` of the shard store (x float32 [rows, features], y float32, triple and
-    sign int64); its manifest record {file, rows, sha256}."""
-    return save_shard(directory, shard_name(index), {"x": x.float(), "y": y.float(), "triple": triple.long(),
-                                                     "sign": sign.long()})
+    sign int64, and x_raw float32 [rows, layers x d_in] when given); its manifest record {file, rows, sha256}."""
+    tensors = {"x": x.float(), "y": y.float(), "triple": triple.long(), "sign": sign.long()}
+    if x_raw is not None:
+        tensors[RAW] = x_raw.float()
+    return save_shard(directory, shard_name(index), tensors)
+
+
+def with_inputs(saes: dict) -> dict:
+    """Each SAE wrapped so that its `encode` returns [codes | the activation it encoded] and `decode` reads the
+    codes part: `codes_at` through these gives the codes and the raw activations at once, the splice unchanged."""
+    import torch
+    from torch import nn
+
+    class WithInputs(nn.Module):
+        def __init__(self, sae):
+            super().__init__()
+            self.sae = sae
+            self.width = int(sae.dictionary.shape[0])
+
+        def encode(self, x):
+            return torch.cat([self.sae.encode(x), x.to(self.sae_dtype)], dim=-1)
+
+        def decode(self, z):
+            return self.sae.decode(z[..., : self.width])
+
+        @property
+        def sae_dtype(self):
+            return next(self.sae.parameters()).dtype
+
+    return {layer: WithInputs(sae) for layer, sae in saes.items()}
+
+
+def read_triples_through(model, saes: dict, triples: list[dict], pad_id: int, batch_size: int, site: str,
+                         desc: str, progress_bar: bool = True) -> tuple[dict, dict]:
+    """({variant: codes [N, layers, width]}, {variant: the activations they encode [N, layers, d_in]}) at the
+    sentiment token of every variant of `triples`, in one shared-prefix read (the three variants share the text
+    before the word: each prefix runs once)."""
+    from irm.sae.splice import codes_at as shared_prefix_codes
+    from irm.triples import VARIANTS
+
+    width = n_codes(saes)
+    items = [(t["ids"][v], t["positions"][v]) for v in VARIANTS for t in triples]
+    both = shared_prefix_codes(model, with_inputs(saes), items, pad_id, batch_size, site, desc=desc,
+                               progress_bar=progress_bar)
+    codes = dict(zip(VARIANTS, both[..., :width].split(len(triples))))
+    raw = dict(zip(VARIANTS, both[..., width:].split(len(triples))))
+    return codes, raw
 
 
 def rows_of(triple_ids, pos_NLF, neu_NLF, neg_NLF) -> dict:
@@ -117,15 +162,14 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers
     from irm.parallel import split_list
-    from irm.sae.splice import codes_at as shared_prefix_codes
-    from irm.runtime import seed_all
+    from irm.runtime import start
     from irm.stages import mark_done, stage_fingerprint
-    from irm.triples import VARIANTS, read_triples
+    from irm.triples import read_triples
 
-    seed_all(cfg.seed)
+    device = start(cfg.seed, ranks=ranks)
     out_dir = RunDir(cfg.run_dir).path(DELTAS_DIR)
     triples = read_triples(cfg.run_dir)
-    model, tokenizer = load_tuned(cfg, device=ranks.device)
+    model, tokenizer = load_tuned(cfg, device=device)
     layers = chosen_layers(cfg, n_layers(model))
     saes = load_saes(cfg.run_dir, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     width = n_codes(saes)
@@ -136,7 +180,8 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
                 "x": "concatenated 1x-SAE codes at the sentiment token, layer-major (layers x width)",
                 "y": "Delta+ (positive rows, sign +1) or Delta- (negative rows, sign -1): sum over layers of the "
                      "Euclidean distance to the neutral variant's codes, negated for negatives",
-                "pooling": "mean over the word's tokens when it has several"}
+                "pooling": "mean over the word's tokens when it has several",
+                RAW: "the activations (the SAEs' inputs) that x's codes encode, layer-major (layers x d_in)"}
 
     # Resume, whatever the process count was: rank 0 decides which finished shards are kept, and marks the
     # manifest unfinished so no reader takes the shards being rewritten for complete deltas.
@@ -149,13 +194,12 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     written = {}
     todo = [c for c in range(len(chunks)) if c not in kept]
     for c in ranks.progress(split_list(todo, ranks), desc="deltas: shards", unit="shard"):
-        # The three variants of a triple share the text before the word: one read, each prefix run once.
-        items = [(triples[i]["ids"][v], triples[i]["positions"][v]) for v in VARIANTS for i in chunks[c]]
-        read = shared_prefix_codes(model, saes, items, tokenizer.pad_token_id, cfg.cache.batch_size,
-                                   cfg.cache.site, desc="deltas: triples", progress_bar=ranks.is_main)
-        codes = dict(zip(VARIANTS, read.split(len(chunks[c]))))
-        rows = rows_of([triples[i]["id"] for i in chunks[c]], codes["positive"], codes["neutral"],
-                       codes["negative"])
+        chunk = [triples[i] for i in chunks[c]]
+        codes, raw = read_triples_through(model, saes, chunk, tokenizer.pad_token_id, cfg.cache.batch_size,
+                                          cfg.cache.site, desc="deltas: triples", progress_bar=ranks.is_main)
+        ids = [t["id"] for t in chunk]
+        rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
+        rows[RAW] = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])["x"]
         written[c] = write_shard(out_dir, c, **rows)
         append_jsonl(journal, {**written[c], "fingerprint": fp, "layers": layers})
     for share in ranks.gather(written):

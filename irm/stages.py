@@ -84,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("control", "irm.control",
           "9. base-model control and nulls: the same chain on M_base, delta_tau, permutation and raw-activation R",
           ("seed", "model", "reward", "cache", "sae", "lexicon", "control"),
-          ("rlhf", "divergence", "triples", "sae", "lexicon"),
+          ("rlhf", "divergence", "triples", "sae", "deltas", "lexicon"),
           outputs=(("control", "control.json"), ("control_words", "control_words.csv"))),
     Stage("validate-features", "irm.validate",
           "10. activation frequency of labelled features where R > 3 (table 6)",

@@ -178,11 +178,22 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     assert len(rows) == report["n_words"] and all(float(r["move"]) == 0 for r in rows)
     row = next(r for r in build_findings(root) if r["claim"].startswith("RLHF moved"))
     assert row["verdict"] == NOT_DISTINGUISHABLE
-    # The codes part of the wrapped read equals the deltas stage's regression rows (same triples, same SAEs).
-    from irm.control import read_features  # noqa: F401  (the function the stage used)
+    # The tuned chain took its triple rows from the deltas stage's shards (the base chain read its own, and the
+    # equalities above say the two agree); they equal a fresh read through the same model and SAEs.
+    from irm.control import triple_rows, tuned_rows
+    from irm.deltas import load_saes
+    from irm.models import load_tuned
+    from irm.triples import read_triples
 
     shard = load_file(str(root / "deltas" / "shard-00000.safetensors"))
-    assert shard["x"].shape[0] == 80
+    assert shard["x"].shape[0] == 80 and shard["x_raw"].shape == (80, 2 * 64)
+    stored = tuned_rows(root, 40)
+    assert stored is not None
+    model, tokenizer = load_tuned(tiny_cfg)
+    saes = load_saes(root, [1, 3], model, tiny_cfg.cache.site, 1)
+    fresh = triple_rows(model, saes, read_triples(root), tokenizer.pad_token_id, 8, tiny_cfg.cache.site, "tuned")
+    for key in ("x", "x_raw", "y", "sign", "triple"):
+        np.testing.assert_allclose(stored[key].numpy(), fresh[key].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_path):
