@@ -27,7 +27,6 @@ from irm.artifacts import RunDir, fingerprint, read_jsonl, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.parallel import Ranks, launch
-from irm.runtime import seed_all
 from irm.sampling import SamplingRule, _GumbelNoise, journalled_batches, prompt_seed, sample  # noqa: F401
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
@@ -363,11 +362,12 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
     """One rank's part of the stage (irm.parallel): every rank generates its share of each condition's prompts;
     rank 0 summarises, writes ablation.json, records the stage and returns the summary."""
     from irm.models import splice
+    from irm.runtime import start
     from irm.stages import mark_done
 
-    seed_all(cfg.seed)
+    device = start(cfg.seed, ranks=ranks)
     try:
-        s, error = _setup(cfg, ranks.device), None
+        s, error = _setup(cfg, device), None
     except UserError as e:
         s, error = None, str(e)
     # The ranks agree before anyone generates: a rank that stopped alone would leave the others waiting at the
@@ -426,5 +426,4 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
 def run(cfg: RunConfig) -> dict:
     """Generate under every condition on `cfg.devices` processes (irm.parallel), score, and write
     `<run_dir>/ablation.json`; returns its content."""
-    check_modes(cfg.ablate.modes)  # before anything loads or a process starts
     return launch(cfg, _ablate)

@@ -387,7 +387,9 @@ def _check_sae(ch: "_Checks", cfg: RunConfig) -> None:
     for name in ("batch_size", "epochs", "dead_window", "batches_per_item", "checkpoint_every"):
         ch.at_least(s, name, 1)
     ch.fraction(s, "val_fraction")
+    ch.at_least(s, "ce_documents", 0)  # 0 skips CE loss recovered
     ch.at_least(cfg.dictionaries, "top_k", 1)
+    ch.at_least(cfg.dictionaries, "chance_draws", 1)  # MMCS's chance level needs one pair of random dictionaries
 
 
 def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:

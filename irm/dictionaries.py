@@ -300,15 +300,10 @@ def run(cfg) -> None:
     scores to TensorBoard under `<log_dir>/<run name>/dictionaries`."""
     from irm.artifacts import RunDir, write_json
     from irm.divergence import chosen_layers
-    from irm.runtime import progress, resolve_device, seed_all
+    from irm.runtime import progress, start
     from irm.stages import mark_done
 
-    if cfg.dictionaries.chance_draws < 1:
-        raise UserError(f"dictionaries.chance_draws={cfg.dictionaries.chance_draws}: must be at least 1")
-    if cfg.dictionaries.top_k < 1:
-        raise UserError(f"dictionaries.top_k={cfg.dictionaries.top_k}: must be at least 1")
-    seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = start(cfg.seed, cfg.device)
     run_dir = RunDir(cfg.run_dir)
     layers = chosen_layers(cfg)
     small_e, large_e = _expansion_pair(cfg)

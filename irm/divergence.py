@@ -143,11 +143,10 @@ def run(cfg) -> None:
     """Load base and tuned models, write divergence.json and divergence.png, record the stage as complete."""
     from irm.artifacts import RunDir, write_json
     from irm.models import load_model, load_tuned
-    from irm.runtime import resolve_device, seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
 
-    seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = start(cfg.seed, cfg.device)
     base, _ = load_model(cfg.model, cfg.seed, device=device)
     tuned, _ = load_tuned(cfg, device=device)
     per_tensor: dict = {}

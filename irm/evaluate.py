@@ -24,7 +24,7 @@ from irm.artifacts import fingerprint, read_jsonl, write_json, write_text
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.parallel import Ranks
-from irm.runtime import resolve_device, seed_all
+from irm.runtime import start
 from irm.sampling import SamplingRule, journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
@@ -89,9 +89,6 @@ def run(cfg: RunConfig) -> None:
     if is_done(cfg, STAGE):
         print(f"irm evaluate-reward: up to date: {out / OUTPUT}; nothing to do", file=sys.stderr)
         return
-    if ecfg.n < 2 or ecfg.batch_size < 1 or ecfg.new_tokens < 1:
-        raise UserError(f"evaluate.n={ecfg.n}, batch_size={ecfg.batch_size}, new_tokens={ecfg.new_tokens}: need n >= 2 "
-                        "(for an interval), batch_size >= 1 and new_tokens >= 1 (paper table 7: 1000, -, 30)")
     import numpy as np
 
     from irm.data import load_texts, prefixes
@@ -99,8 +96,7 @@ def run(cfg: RunConfig) -> None:
     from irm.reward import build_reward
 
     open_run_dir(cfg)
-    device = resolve_device(cfg.device)
-    seed_all(cfg.seed)
+    device = start(cfg.seed, cfg.device)
     rule = sampling_rule(cfg.rlhf, ecfg.new_tokens)
     fp = fingerprint(stage_fingerprint(cfg, STAGE), SAMPLER, dataclasses.asdict(rule))
     reward_fn = build_reward(cfg.reward, device=device)

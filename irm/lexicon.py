@@ -226,19 +226,19 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     from irm.sae.splice import codes_at  # every context run once, the words against its key/value cache
     from irm.regression import load_irm
     from irm.reward import LexiconReward
-    from irm.runtime import seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
     from irm.triples import TRIPLES_JSON
 
     lc = cfg.lexicon
-    seed_all(cfg.seed)
+    device = start(cfg.seed, ranks=ranks)
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)
     info = read_json(root / TRIPLES_JSON)
     heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
     seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
     lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
-    model, tokenizer = load_tuned(cfg, device=ranks.device)
+    model, tokenizer = load_tuned(cfg, device=device)
     saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     n_features = len(layers) * n_codes(saes)
     if n_features != weight.numel():

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from irm.artifacts import atomic_path, read_json, write_json
+from irm.artifacts import atomic_path, write_json
 from irm.config import RunConfig
 from irm.deltas import open_deltas, read_manifest
 from irm.errors import UserError
@@ -303,30 +303,24 @@ def build_trainer(cfg: RunConfig, extra_callbacks: tuple = ()) -> L.Trainer:
 
 
 def run(cfg: RunConfig) -> dict:
-    from irm.runtime import seed_all
+    from irm.runtime import resume_from, start
     from irm.stages import mark_done, stage_fingerprint
 
     rc = cfg.regression
-    seed_all(cfg.seed)
+    start(cfg.seed, cfg.device)  # seeds; Lightning's Trainer places the model (regression.trainer)
     root = Path(cfg.run_dir)
     out = root / REGRESSION_DIR
     fp = stage_fingerprint(cfg, "regression")
     dm = DeltaDataModule(str(root / "deltas"), rc.batch_size, rc.val_fraction, cfg.seed)
     model = IRMRegression(dm.n_features, rc.learning_rate, rc.weight_decay, rc.optimizer)
 
-    last = out / "checkpoints" / "last.ckpt"
-    stamp = out / FINGERPRINT
-    if last.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp:
-        ckpt_path: Optional[str] = str(last)
+    # Checkpoints made from other deltas or settings are removed, never resumed.
+    last = resume_from(out / "checkpoints", out / FINGERPRINT, fp)
+    if last is not None:
         print(f"regression: resuming from {last}")
-    else:
-        ckpt_path = None
-        for old in (out / "checkpoints").glob("*.ckpt"):
-            old.unlink()  # made from other deltas or settings: never resumed
-    write_json(stamp, {"fingerprint": fp})
 
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last is not None else None)
     val = trainer.validate(model, datamodule=dm, verbose=False)[0]  # torchmetrics: over every rank's rows
     metrics = {**dm.counts(), "n_features": dm.n_features, "layers": dm.manifest["layers"],
                "epochs": trainer.current_epoch, "optimizer": rc.optimizer, "weight_decay": rc.weight_decay,

@@ -1,8 +1,10 @@
-"""Small runtime conventions shared by the stages: device choice, seeding, progress bars."""
+"""Small runtime conventions shared by the stages: device choice, seeding, progress bars, resuming a training run."""
 
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 from typing import Iterable, Optional
 
 from irm.errors import UserError
@@ -29,6 +31,19 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start(seed: int, device: str = "auto", ranks=None):
+    """A stage's start-up, the same for every stage (`run`, or a worker of `irm.parallel.launch`):
+    `device = start(cfg.seed, cfg.device)` (`start(cfg.seed, ranks=ranks)` in a worker). Every RNG is seeded with
+    `seed` (a stage draws the same whatever ran before it in the process) and the device it computes on is returned:
+    `ranks.device` in a worker, else `device` resolved. The seed is passed, not the config, so a stage's source shows
+    that it reads `cfg.seed` (tests/test_stages.py). Threads (`cfg.threads`), the run-directory lock and the "already
+    done?" check are the CLI's, once per process (`irm.cli.run_stage`)."""
+    seed_all(seed)
+    if ranks is not None and ranks.device is not None:
+        return ranks.device
+    return resolve_device(device)
+
+
 def progress(iterable: Optional[Iterable] = None, *, desc: str, total: Optional[int] = None, unit: str = "it",
              disable: bool = False):
     """A tqdm bar on stderr (the one transformers and Lightning use)."""
@@ -47,3 +62,17 @@ def set_threads(threads: Optional[int]) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def resume_from(checkpoints: Path, stamp: Path, fingerprint: str) -> Optional[Path]:
+    """The one resume rule of the Lightning stages (sae, regression): `checkpoints/last.ckpt` when `stamp` says the
+    checkpoints were made under `fingerprint` (this config, these inputs). Otherwise None: the checkpoints folder,
+    stale whatever it holds, is removed (never resumed) and `stamp` records `fingerprint` for the fit about to start."""
+    from irm.artifacts import read_json, write_json
+
+    last = Path(checkpoints) / "last.ckpt"
+    if last.is_file() and Path(stamp).is_file() and read_json(stamp).get("fingerprint") == fingerprint:
+        return last
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    write_json(stamp, {"fingerprint": fingerprint})
+    return None

@@ -430,13 +430,10 @@ def run(cfg: RunConfig) -> dict:
     from irm.data import load_texts
     from irm.models import load_tuned
     from irm.reward import LexiconReward, spacy_tokenizer
-    from irm.runtime import seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
 
-    _check(cfg.triples)
-    if cfg.triples.substitution == "llm" and cfg.explain.backend == "offline":
-        raise UserError("triples.substitution: llm needs a language model; set explain.backend to local or openai")
-    seed_all(cfg.seed)
+    start(cfg.seed, cfg.device)  # seeds; the triples need only the tokenizer, on the CPU
     root = Path(cfg.run_dir)
     _, tokenizer = load_tuned(cfg, device="cpu")
     if not tokenizer.is_fast:

@@ -85,12 +85,12 @@ def _cache_worker(ranks: Ranks, cfg) -> None:
     from irm.data import corpus_fingerprint, load_texts
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers, site_width
-    from irm.runtime import seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
 
-    seed_all(cfg.seed)
+    device = start(cfg.seed, ranks=ranks)
     c = cfg.cache
-    model, tokenizer = load_tuned(cfg, device=ranks.device)
+    model, tokenizer = load_tuned(cfg, device=device)
     layers = chosen_layers(cfg, n_layers(model))
     width = site_width(model, c.site)
     texts = load_texts(cfg.corpus, cfg.corpus.split, cfg.seed, n=c.n_documents)

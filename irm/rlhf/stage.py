@@ -23,7 +23,7 @@ from irm.artifacts import atomic_dir, fingerprint, read_jsonl
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.rlhf.checkpoint import FullStateCheckpoints, TrainingInterrupted
-from irm.runtime import resolve_device, seed_all
+from irm.runtime import start
 from irm.stages import is_done, mark_done, open_run_dir
 
 STAGE = "rlhf"
@@ -148,8 +148,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     rank, local_rank, world_size = launch_world()
     if rank == 0:
         open_run_dir(cfg)
-    device = resolve_device(cfg.device)
-    seed_all(cfg.seed)
+    device = start(cfg.seed, cfg.device)
 
     import torch
     from datasets import Dataset

@@ -6,7 +6,6 @@ last.ckpt), TensorBoard logs to `<log_dir>/<run name>/sae/layer-NN`, exported SA
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 from irm.errors import UserError
@@ -22,20 +21,15 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from irm.activations import ActivationDataModule, cache_layer_dir
-    from irm.artifacts import read_json, write_json
-    from irm.runtime import seed_all
+    from irm.runtime import resume_from, seed_all
     from irm.sae.export import layer_dir, sae_dir
     from irm.sae.module import ExportSAEs, SAEModule
 
     s = cfg.sae
     root = layer_dir(cfg.run_dir, layer)
-    checkpoints, stamp = root / "checkpoints", root / "train.json"
-    last = checkpoints / "last.ckpt"
+    checkpoints = root / "checkpoints"
     # Resume only checkpoints made from this config and this cache; anything else is stale and removed.
-    resume = last.is_file() and stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint
-    if not resume:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        write_json(stamp, {"fingerprint": fingerprint})
+    last = resume_from(checkpoints, root / "train.json", fingerprint)
     seed_all(cfg.seed)  # each layer's initialisation is independent of which layers were trained before it
     data = ActivationDataModule(str(cache_layer_dir(cfg.run_dir, layer)), batch_size=s.batch_size,
                                 val_fraction=s.val_fraction, seed=cfg.seed, batches_per_item=s.batches_per_item)
@@ -66,7 +60,7 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
         )
     except (TypeError, ValueError) as e:
         raise UserError(f"sae.trainer holds an argument lightning.Trainer rejects ({e}); fix sae.trainer") from e
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last is not None else None)
     return [sae_dir(cfg.run_dir, layer, e) for e in s.expansions], trainer.is_global_zero
 
 
@@ -78,12 +72,12 @@ def evaluate(cfg, layers: list[int]) -> dict:
     from irm.activations import ActivationCache, cache_layer_dir
     from irm.activations.datamodule import validation_start
     from irm.artifacts import write_json
-    from irm.runtime import resolve_device
+    from irm.runtime import start
     from irm.sae.export import load_sae, sae_dir
     from irm.sae.metrics import SUMMARY_FILE, ce_loss_recovered, heldout_metrics, summary_row
 
     s = cfg.sae
-    device = resolve_device(cfg.device)
+    device = start(cfg.seed, cfg.device)
     model = tokenizer = texts = None
     if s.ce_documents > 0:
         from irm.data import load_texts
@@ -142,10 +136,6 @@ def run(cfg) -> None:
     from irm.divergence import chosen_layers
     from irm.stages import mark_done, stage_fingerprint
 
-    if cfg.sae.epochs < 1 or cfg.sae.checkpoint_every < 1:
-        raise UserError("sae.epochs and sae.checkpoint_every must be >= 1")
-    if cfg.sae.ce_documents < 0:
-        raise UserError("sae.ce_documents must be >= 0 (0 skips CE loss recovered)")
     layers = chosen_layers(cfg)
     fingerprint = stage_fingerprint(cfg, "sae")
     outputs, is_zero = [], True
