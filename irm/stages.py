@@ -19,7 +19,8 @@ class StageModule(Protocol):
     """A stage's module (`Stage.module`): `run(cfg)` reads its inputs from run_dir through `irm.artifacts`, writes its
     outputs atomically, and ends with `mark_done(cfg, name, outputs)`. The CLI has already parsed and validated the
     config, taken the run-directory lock and skipped the stage if it was up to date; the module seeds and picks
-    its device itself (`irm.runtime`) since the pipeline calls several stages in one process."""
+    its device itself (`device = irm.runtime.start(cfg.seed, cfg.device)`) since the pipeline calls several stages in
+    one process."""
 
     def run(self, cfg: RunConfig) -> Any: ...
 
