@@ -333,3 +333,15 @@ def test_stage_raw_column_is_r_on_the_words_codes_averaged_over_contexts(tiny_cf
     assert [float(row["true"]) for row in table] == pytest.approx(true, abs=1e-12)
     assert report["all"]["tau"] == pytest.approx(kendalltau(true, raw).statistic, abs=1e-12)
     assert [int(row["heldout"]) for row in table] == [int(row["word"] in ("good", "great", "bad")) for row in table]
+
+
+def test_choose_contexts_picks_distinct_non_blank_triple_prefixes_seeded():
+    """benchmarks/lexicon_prefix.py's contexts: k of the distinct non-blank prefixes, seeded; [''] when none."""
+    from irm.lexicon import choose_contexts
+
+    triples = [{"prefix": p} for p in ("the film was ", "the film was ", "it is ", "  ", "a plot so ")]
+    picked = choose_contexts(triples, 2, seed=0)
+    assert len(picked) == 2 and set(picked) < {"the film was ", "it is ", "a plot so "}
+    assert picked == choose_contexts(triples, 2, seed=0)
+    assert sorted(choose_contexts(triples, 10, seed=1)) == ["a plot so ", "it is ", "the film was "]
+    assert choose_contexts([{"prefix": " "}], 3, seed=0) == [""]
