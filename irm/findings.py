@@ -330,7 +330,10 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
             f"{name}: L0 {num(m.get('l0'), 1)} of {m.get('width')}, explained variance "
             f"{num(m.get('explained_variance'))} ({num(m.get('explained_variance_after_first'))} without first "
             f"tokens), dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
-            f"CE loss recovered {num(m.get('ce_loss_recovered'))}"
+            f"CE loss recovered {num(m.get('ce_loss_recovered'))}" + (
+                f" (splice {num(m['ce_spliced'] - m['ce_clean'], signed=True)} nats, zeroing the layer "
+                f"{num(m['ce_zero_ablated'] - m['ce_clean'], signed=True)})"
+                if all(m.get(k) is not None for k in ("ce_spliced", "ce_clean", "ce_zero_ablated")) else "")
             for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
         init = rec.get("init") or {}
         rows.append(finding(
@@ -354,7 +357,7 @@ def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
     explained* features of the same layers (validation.json), by a label-permutation test in both tails."""
     val = _load(root, "validation")
     claim = "the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)"
-    if val is not None and not val.get("n_related"):
+    if val is not None and val.get("n_related") == 0:
         return _not_tested(claim, "no explained feature was labelled related to the reward (explanations.jsonl)")
     vs = ((val or {}).get("vs_other_explained") or {}).get("inputs above threshold")
     if not vs or vs.get("p_value") is None:
@@ -377,7 +380,7 @@ def ablation_lowers_reward(root: Path) -> Optional[list]:
     against the splice with nothing ablated and against frequency-matched random features (ablation.json). The
     claim is a drop, so the verdict reads the negated interval against 0."""
     abl = _load(root, "ablation")
-    if abl is not None and not abl.get("n_features"):
+    if abl is not None and abl.get("n_features") == 0:
         return [_not_tested("ablating the labelled features lowers the reward (paper 5.2, table 5)",
                             "no feature of the small dictionaries was labelled related to the reward, so none was "
                             "ablated (explanations.jsonl)")]

@@ -604,11 +604,11 @@ def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) ->
                              "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%"
                              + ("" if m.get("dead_fraction_all_tokens") is None
                                 else f" ({100 * m['dead_fraction_all_tokens']:.1f}%)"),
-                             _fmt(m.get("ce_loss_recovered"))])
+                             _fmt(m.get("ce_loss_recovered")), _ce_gaps(m)])
         held = sae_metrics.get("heldout", {})
         doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance",
                    "explained variance, first tokens left out", "dead on held-out (on any cached token)",
-                   "CE loss recovered"], rows,
+                   "CE loss recovered", "L_SAE - L_clean; L_zero - L_clean (nats)"], rows,
                   caption=f"SAE quality on held-out data ({arch}; activations normalised to mean norm sqrt(d): "
                           f"{st.get('normalize')}; dead features revived by {st.get('revive')}). L0: features active "
                           "per token; dead: features that fire on no held-out token; explained variance on the "
@@ -617,7 +617,10 @@ def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) ->
                           "of times larger than any other's and then dominate the variance); CE loss "
                           "recovered = (L_zero - L_SAE) / (L_zero - L_clean), the tuned model's next-token loss on "
                           f"{held.get('ce_documents')} held-out documents with the layer's output zeroed, replaced "
-                          "by the SAE's reconstruction, untouched (1 = the splice costs nothing). A dictionary is "
+                          "by the SAE's reconstruction, untouched (1 = the splice costs nothing; above 1 = the "
+                          "splice lowers the loss a little, read it with the two gaps beside it: when zeroing the "
+                          "layer costs a few hundredths of a nat the ratio is a small difference over a small gap). "
+                          "A dictionary is "
                           "worth analysing with L0 a small fraction of its width and most variance explained.")
     if mmcs:
         rows = []
@@ -652,9 +655,20 @@ def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) ->
 
 
 
+def _ce_gaps(m: dict) -> str:
+    """The two loss differences behind CE loss recovered: what the splice and zeroing the layer each cost."""
+    clean, zero, spliced = m.get("ce_clean"), m.get("ce_zero_ablated"), m.get("ce_spliced")
+    if clean is None or zero is None or spliced is None:
+        return "n/a"
+    return f"{spliced - clean:+.3f}; {zero - clean:+.3f}"
+
+
 def features_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:
     """Tables 2, 8, 9: the shared features' explanations, labels, detection scores, dashboards."""
     feats = _load(root, "explanations") or []
+    # Related features first, then by layer, dictionary and how well the feature is matched in the other dictionary.
+    feats = sorted(feats, key=lambda f: (f.get("label") != 1, f.get("layer", 0), f.get("dictionary", ""),
+                                         -((f.get("pair") or {}).get("cosine") or 0.0)))
     doc.heading("Shared features, their descriptions and reward labels (paper tables 2, 8, 9)")
     if feats:
         methods = sorted({f["label_method"] for f in feats if f.get("label_method")})
