@@ -183,13 +183,18 @@ def test_csv_columns_reproduce_the_reported_tau():
     words = [f"w{i}" for i in range(60)]
     true = np.round(rng.uniform(-4, 4, 60), 1)
     raw = true + rng.normal(0, 1, 60)
-    rows, report = summarise(words, true, raw, {"w1", "w2", "w3"}, {"w4"}, (10, 90), 0, 0, 5)
+    seen = {f"w{i}" for i in range(4, 14)}
+    rows, report = summarise(words, true, raw, {"w1", "w2", "w3"}, seen, (10, 90), 0, 0, 5)
     table = list(csv.DictReader(io.StringIO(lexicon_csv(rows))))
     assert {"word", "true", "reconstructed", "heldout"} <= set(table[0])
     t, r = [float(row["true"]) for row in table], [float(row["raw"]) for row in table]
     assert kendalltau(t, r).statistic == pytest.approx(report["all"]["tau"], abs=1e-12)
     assert all(-4 <= float(row["reconstructed"]) <= 4 for row in table)
     assert sum(int(row["heldout"]) for row in table) == report["heldout"]["n"] == 3
+    assert [row["word"] for row in table if row["seen"] == "1"] == [f"w{i}" for i in range(4, 14)]
+    assert report["seen"]["n"] == 10
+    assert report["seen"]["tau"] == pytest.approx(kendalltau(true[4:14], raw[4:14]).statistic, abs=1e-12)
+    assert report["heldout"]["tau"] == pytest.approx(kendalltau(true[1:4], raw[1:4]).statistic, abs=1e-12)
     assert len(report["sample"]) == 5 and report["negative"]["n"] == int((true < 0).sum())
 
 
