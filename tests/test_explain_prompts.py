@@ -72,6 +72,10 @@ def test_offline_explanation_names_whole_words_not_their_sub_word_tokens():
     # lame 9 + 1 + 6 = 16, oddly 6, "." 4 (of 26)
     assert answer.startswith('top-activating tokens "lame" (62%), "oddly" (23%), "." (15%)'), answer
     assert '"l"' not in answer and '"ame"' not in answer
+    # a word-level tokenizer's tokens carry no spaces and are words already: nothing is joined
+    words = [{"tokens": ["it", "was", "lame", "minutes"], "discrete": [0, 0, 9, 3]}]
+    assert OfflineBackend().chat(prompts.explanation_messages(words)).startswith(
+        'top-activating tokens "lame" (75%), "minutes" (25%)')
 
 
 @pytest.mark.parametrize("word", ["great", "awful", "camera", "minutes"])

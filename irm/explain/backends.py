@@ -220,10 +220,13 @@ LEXICON_SHARE = 0.5  # the offline label rule's threshold on the lexicon tokens'
 def _whole_words(record: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """A record's tokens joined into the words they spell, each with the activation summed over its tokens: a
     sub-word token (one that starts with a letter or digit and follows one that ends in a letter or digit, with no
-    space between) continues the word before it, so " l" + "ame" is "lame" and " odd" + "ly" is "oddly"."""
+    space between) continues the word before it, so " l" + "ame" is "lame" and " odd" + "ly" is "oddly". Only for a
+    tokenizer whose tokens carry their spaces (a record with a space-led token): a word-level tokenizer's tokens are
+    words already and carry none."""
     words: list[list] = []
+    spaced = any(tok[:1].isspace() for tok, _ in record)
     for tok, act in record:
-        glued = words and tok[:1].isalnum() and words[-1][0][-1:].isalnum()
+        glued = spaced and words and tok[:1].isalnum() and words[-1][0][-1:].isalnum()
         if glued:
             words[-1][0] += tok
             words[-1][1] += act
