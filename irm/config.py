@@ -427,6 +427,18 @@ def _check_regression_and_lexicon(ch: "_Checks", cfg: RunConfig) -> None:
             "must be two increasing numbers in [0, 100]")
 
 
+def _check_control(ch: "_Checks", cfg: RunConfig) -> None:
+    """Ranges of the base-model control and its nulls."""
+    c = cfg.control
+    ch.at_least(c, "permutations", 1)
+    ch.at_least(c, "bootstrap", 0)
+    ch.at_least(c, "max_words", 3, optional=True)
+    ch.at_least(c, "top_words", 0)
+    ch.positive(c, "move_z")
+    ch.need(bool(c.ridge_alphas) and all(isinstance(a, (int, float)) and a > 0 for a in c.ridge_alphas),
+            "control.ridge_alphas", list(c.ridge_alphas), "must be a non-empty list of positive numbers")
+
+
 def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of validation and ablation."""
     v = cfg.validate
@@ -444,7 +456,8 @@ def _problems(cfg: RunConfig) -> list[str]:
     """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
     ch = _Checks(cfg)
     for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
-                  _check_explain_and_triples, _check_regression_and_lexicon, _check_validate_and_ablate):
+                  _check_explain_and_triples, _check_regression_and_lexicon, _check_control,
+                  _check_validate_and_ablate):
         check(ch, cfg)
     return ch.out
 

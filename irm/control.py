@@ -44,7 +44,6 @@ import numpy as np
 
 from irm.artifacts import read_json, write_json, write_text
 from irm.config import RunConfig
-from irm.errors import UserError
 from irm.stages import relpath
 
 CONTROL_JSON = relpath("control")
@@ -362,17 +361,13 @@ def run(cfg: RunConfig) -> dict:
     from irm.lexicon import lexicon_words, unseen_contexts, word_items
     from irm.models import load_model, load_tuned, n_layers
     from irm.reward import LexiconReward
-    from irm.runtime import resolve_device, seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
     from irm.triples import TRIPLES_JSON, read_triples
 
-    cc = cfg.control
-    if cc.permutations < 1 or cc.bootstrap < 0 or (cc.max_words is not None and cc.max_words < 3):
-        raise UserError(f"control.permutations must be >= 1, control.bootstrap >= 0 and control.max_words >= 3 (or "
-                        f"null), got {cc.permutations}, {cc.bootstrap}, {cc.max_words}")
-    seed_all(cfg.seed)
+    cc = cfg.control  # its ranges: irm.config.validate, before any stage runs
+    device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
-    device = resolve_device(cfg.device)
     triples = read_triples(root)
     info = read_json(root / TRIPLES_JSON)
     heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])

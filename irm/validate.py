@@ -180,15 +180,11 @@ def run(cfg: RunConfig) -> dict:
     from irm.lexicon import KENDALL_JSON, raw_threshold
     from irm.models import load_tuned
     from irm.regression import load_irm
-    from irm.runtime import resolve_device, seed_all
+    from irm.runtime import start
     from irm.stages import mark_done
 
-    vc = cfg.validate
-    if vc.n_inputs < 1 or not -4.0 < vc.threshold < 4.0:
-        raise UserError(f"validate.n_inputs must be >= 1 and validate.threshold inside (-4, 4) (the lexicon scale), "
-                        f"got {vc.n_inputs}, {vc.threshold}")
-    seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
+    vc = cfg.validate  # its ranges: irm.config.validate, before any stage runs
+    device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)
     kendall_path = root / KENDALL_JSON

@@ -28,7 +28,7 @@ from irm.errors import UserError
 from irm.explain import EXPLANATIONS, prompts, scoring
 from irm.explain.backends import BackendError, make_backend
 from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
-from irm.runtime import progress, resolve_device, seed_all
+from irm.runtime import progress, start
 from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
 from irm.stages import relpath
 
@@ -301,8 +301,7 @@ def _reward_description(cfg) -> str:
 def run(cfg) -> None:
     from irm.stages import mark_done
 
-    seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     targets = shared_features(cfg)
     backend = make_backend(cfg.explain, device=device)
