@@ -113,14 +113,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, missing: str = "", corrupt: str = "") -> Any:
+    """The JSON file at `path`; a missing or unparseable one is a one-line UserError (`missing` / `corrupt`: the
+    message to give instead of the generic one, with "{path}" and "{error}" replaced)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"missing {path}: run the stage that writes it first")
+    if not path.is_file():
+        raise UserError((missing or "missing {path}: run the stage that writes it first").replace("{path}", str(path)))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete it and rerun its stage") from e
+        text = corrupt or "{path} is not valid JSON ({error}); delete it and rerun its stage"
+        raise UserError(text.replace("{path}", str(path)).replace("{error}", str(e))) from e
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

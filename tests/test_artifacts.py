@@ -99,3 +99,19 @@ def test_run_dir_of_another_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="different config"):
         open_run_dir(other)
     open_run_dir(cfg)  # the same run reopens fine
+
+
+def test_read_json_and_an_exported_sae_cfg_refuse_missing_and_corrupt_files_in_one_line(tmp_path):
+    from irm.artifacts import read_json
+    from irm.errors import UserError
+    from irm.sae.export import read_cfg
+
+    with pytest.raises(UserError, match=r"^missing .*x\.json: run the stage that writes it first$"):
+        read_json(tmp_path / "x.json")
+    with pytest.raises(UserError, match=r"^no exported SAE in .*cfg\.json missing\); run `python -m irm sae` first$"):
+        read_cfg(tmp_path)
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"cfg\.json is not valid JSON \(.*\); rerun `python -m irm sae`$"):
+        read_cfg(tmp_path)
+    with pytest.raises(UserError, match=r"cfg\.json is not valid JSON \(.*\); delete it and rerun its stage$"):
+        read_json(tmp_path / "cfg.json")

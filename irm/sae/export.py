@@ -4,7 +4,6 @@ SAELens's layout (weights W_enc, b_enc, W_dec, b_dec; cfg keys d_in, d_sae, hook
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -89,13 +88,11 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
 
 
 def read_cfg(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / CFG_FILE
-    if not path.is_file():
-        raise UserError(f"no exported SAE in {directory} ({CFG_FILE} missing); run `python -m irm sae` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg}); rerun `python -m irm sae`") from e
+    from irm.artifacts import read_json
+
+    return read_json(Path(directory) / CFG_FILE,
+                     missing=f"no exported SAE in {directory} ({CFG_FILE} missing); run `python -m irm sae` first",
+                     corrupt="{path} is not valid JSON ({error}); rerun `python -m irm sae`")
 
 
 def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=None):
