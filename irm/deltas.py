@@ -15,10 +15,11 @@ from irm.activations.store import MANIFEST, ShardStore, intact, read_manifest as
 from irm.activations.store import shard_name, verify_shards, write_store_manifest
 from irm.artifacts import RunDir, append_jsonl, read_json, read_jsonl
 from irm.config import RunConfig
+from irm.stages import relpath
 from irm.sae.splice import codes_at, full_forward_codes_at, iter_codes, load_saes, n_codes  # noqa: F401
 # (the spliced-SAE reader lives in irm.sae.splice; these names stay importable from irm.deltas)
 
-DELTAS_DIR = "deltas"
+DELTAS_DIR = relpath("deltas")
 KEYS = ("x", "y", "triple", "sign")  # the tensors of a deltas shard, a row each
 RAW = "x_raw"  # also in each shard: the activations the codes of `x` encode (the SAEs' inputs; the control reads them)
 SHARD_TRIPLES = 1024  # triples per shard (two rows each): a shard is the unit of resuming and of streaming

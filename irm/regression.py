@@ -23,8 +23,9 @@ from irm.artifacts import atomic_path, write_json
 from irm.config import RunConfig
 from irm.deltas import open_deltas, read_manifest
 from irm.errors import UserError
+from irm.stages import relpath
 
-REGRESSION_DIR = "regression"
+REGRESSION_DIR = relpath("regression")
 EXPORT = "regression.safetensors"
 METRICS = "metrics.json"
 FINGERPRINT = "fingerprint.json"  # the config a checkpoint belongs to: a stale one is never resumed
@@ -311,7 +312,7 @@ def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     out = root / REGRESSION_DIR
     fp = stage_fingerprint(cfg, "regression")
-    dm = DeltaDataModule(str(root / "deltas"), rc.batch_size, rc.val_fraction, cfg.seed)
+    dm = DeltaDataModule(str(root / relpath("deltas")), rc.batch_size, rc.val_fraction, cfg.seed)
     model = IRMRegression(dm.n_features, rc.learning_rate, rc.weight_decay, rc.optimizer)
 
     # Checkpoints made from other deltas or settings are removed, never resumed.

@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
-from irm.stages import CONFIG_YAML, artifact, mark_done, read_artifact
+from irm.stages import CONFIG_YAML, artifact, mark_done, read_artifact, relpath
 
-PLOTS = "plots"
+PLOTS = relpath("plots")
 DPI = 110  # a 8.7-inch figure fills the page's 60rem (960 px) column at this resolution
 SHORT = 24  # characters: table cells up to this long are kept on one line in the HTML
 WIDE = 8.7  # inches: figures with several panels or an outside legend
