@@ -58,21 +58,9 @@ SAE_OWN = "each model's own SAEs at the same layers (M_base's trained on its act
 # Reading: codes and the activations they encode, in one pass
 
 
-def triple_rows(model, saes: dict, triples: list[dict], pad_id: int, batch_size: int, site: str, label: str) -> dict:
-    """One model's regression rows of the triples, as the deltas stage computes them (x = SAE codes, x_raw = the
-    activations they encode, y = the deltas, sign, triple), read through `saes` spliced into `model`."""
-    from irm.deltas import RAW, read_triples_through, rows_of
-
-    codes, raw = read_triples_through(model, saes, triples, pad_id, batch_size, site, f"control ({label}): triples")
-    ids = [t["id"] for t in triples]
-    rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
-    rows[RAW] = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])["x"]
-    return rows
-
-
 def tuned_rows(root: Path, n_triples: int) -> Optional[dict]:
     """The tuned model's rows as the deltas stage wrote them (the same model, SAEs, triples and reader as
-    `triple_rows` would use: read once, not twice), or None when the deltas stage has not written them (not run, or
+    `irm.deltas.triple_rows` would use: read once, not twice), or None when the deltas stage has not written them (not run, or
     shards from before they kept the raw activations): then they are read here."""
     from irm.artifacts import MANIFEST
     from irm.deltas import KEYS, RAW, open_deltas
@@ -92,8 +80,8 @@ def features_of(rows: dict, saes: dict, model, items: list, word_of_row: np.ndar
     contexts (words x features)."""
     import torch
 
-    from irm.deltas import RAW, with_inputs
-    from irm.sae.splice import codes_at, n_codes
+    from irm.deltas import RAW
+    from irm.sae.splice import codes_at, n_codes, with_inputs
     from irm.lexicon import per_word
 
     width = n_codes(saes)
@@ -122,7 +110,9 @@ def read_features(model, saes: dict, triples: list[dict], items: list, word_of_r
                   pad_id: int, batch_size: int, site: str, label: str, rows: Optional[dict] = None) -> dict:
     """For one model: `features_of` its triple rows (read here unless `rows` gives them) and words."""
     if rows is None:
-        rows = triple_rows(model, saes, triples, pad_id, batch_size, site, label)
+        from irm.deltas import triple_rows
+
+        rows = triple_rows(model, saes, triples, pad_id, batch_size, site, f"control ({label}): triples")
     return features_of(rows, saes, model, items, word_of_row, n_words, pad_id, batch_size, site, label)
 
 
@@ -395,9 +385,9 @@ def run(cfg: RunConfig) -> dict:
         else:
             saes = load_saes(root, layers, model, cfg.cache.site, expansion)
         # The tuned chain's triples are the deltas stage's rows: the same model, SAEs and reader.
-        rows = tuned_rows(root, len(triples)) if label == "tuned" else None
+        stored = tuned_rows(root, len(triples)) if label == "tuned" else None
         features[label] = read_features(model, saes, triples, items, word_of_row, len(words),
-                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label, rows)
+                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label, stored)
         sae_fit[label] = features[label]["sae_nmse"]
         del model, saes
     analysis, rows = analyse(features, words, true, heldout, seen, cc, cfg.lexicon.percentiles, cfg.seed)

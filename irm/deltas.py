@@ -49,37 +49,12 @@ def write_shard(directory: Path, index: int, x, y, triple, sign, x_raw=None) -> 
     return save_shard(directory, shard_name(index), tensors)
 
 
-def with_inputs(saes: dict) -> dict:
-    """Each SAE wrapped so that its `encode` returns [codes | the activation it encoded] and `decode` reads the
-    codes part: `codes_at` through these gives the codes and the raw activations at once, the splice unchanged."""
-    import torch
-    from torch import nn
-
-    class WithInputs(nn.Module):
-        def __init__(self, sae):
-            super().__init__()
-            self.sae = sae
-            self.width = int(sae.dictionary.shape[0])
-
-        def encode(self, x):
-            return torch.cat([self.sae.encode(x), x.to(self.sae_dtype)], dim=-1)
-
-        def decode(self, z):
-            return self.sae.decode(z[..., : self.width])
-
-        @property
-        def sae_dtype(self):
-            return next(self.sae.parameters()).dtype
-
-    return {layer: WithInputs(sae) for layer, sae in saes.items()}
-
-
-def read_triples_through(model, saes: dict, triples: list[dict], pad_id: int, batch_size: int, site: str,
-                         desc: str, progress_bar: bool = True) -> tuple[dict, dict]:
-    """({variant: codes [N, layers, width]}, {variant: the activations they encode [N, layers, d_in]}) at the
-    sentiment token of every variant of `triples`, in one shared-prefix read (the three variants share the text
-    before the word: each prefix runs once)."""
-    from irm.sae.splice import codes_at as shared_prefix_codes
+def triple_rows(model, saes: dict, triples: list[dict], pad_id: int, batch_size: int, site: str, desc: str,
+                progress_bar: bool = True) -> dict:
+    """The regression rows of `triples` read through `saes` spliced into `model` (`rows_of`), with RAW: the
+    activations the codes encode, at the sentiment token of each variant. One shared-prefix read: the three variants
+    share the text before the word, so each prefix runs once."""
+    from irm.sae.splice import codes_at as shared_prefix_codes, with_inputs
     from irm.triples import VARIANTS
 
     width = n_codes(saes)
@@ -88,7 +63,10 @@ def read_triples_through(model, saes: dict, triples: list[dict], pad_id: int, ba
                                progress_bar=progress_bar)
     codes = dict(zip(VARIANTS, both[..., :width].split(len(triples))))
     raw = dict(zip(VARIANTS, both[..., width:].split(len(triples))))
-    return codes, raw
+    ids = [t["id"] for t in triples]
+    rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
+    rows[RAW] = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])["x"]
+    return rows
 
 
 def rows_of(triple_ids, pos_NLF, neu_NLF, neg_NLF) -> dict:
@@ -195,12 +173,8 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     written = {}
     todo = [c for c in range(len(chunks)) if c not in kept]
     for c in ranks.progress(split_list(todo, ranks), desc="deltas: shards", unit="shard"):
-        chunk = [triples[i] for i in chunks[c]]
-        codes, raw = read_triples_through(model, saes, chunk, tokenizer.pad_token_id, cfg.cache.batch_size,
-                                          cfg.cache.site, desc="deltas: triples", progress_bar=ranks.is_main)
-        ids = [t["id"] for t in chunk]
-        rows = rows_of(ids, codes["positive"], codes["neutral"], codes["negative"])
-        rows[RAW] = rows_of(ids, raw["positive"], raw["neutral"], raw["negative"])["x"]
+        rows = triple_rows(model, saes, [triples[i] for i in chunks[c]], tokenizer.pad_token_id,
+                           cfg.cache.batch_size, cfg.cache.site, desc="deltas: triples", progress_bar=ranks.is_main)
         written[c] = write_shard(out_dir, c, **rows)
         append_jsonl(journal, {**written[c], "fingerprint": fp, "layers": layers})
     for share in ranks.gather(written):

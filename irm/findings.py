@@ -98,6 +98,16 @@ def finding(claim: str, number: str, control: str, verdict: str, detail: str) ->
     return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail}
 
 
+def ce_gaps(m: dict) -> Optional[tuple[float, float]]:
+    """The two loss differences behind an SAE's CE loss recovered (sae/metrics.json): (L_SAE - L_clean, L_zero -
+    L_clean) in nats per token, or None when they were not measured. A ratio over a gap of a few hundredths of a nat
+    is read with them."""
+    clean, zero, spliced = m.get("ce_clean"), m.get("ce_zero_ablated"), m.get("ce_spliced")
+    if clean is None or zero is None or spliced is None:
+        return None
+    return spliced - clean, zero - clean
+
+
 def _not_tested(claim: str, why: str) -> Row:
     return finding(claim=claim, number="none", control="none", verdict=NOT_TESTED, detail=why)
 
@@ -331,9 +341,8 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
             f"{num(m.get('explained_variance'))} ({num(m.get('explained_variance_after_first'))} without first "
             f"tokens), dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
             f"CE loss recovered {num(m.get('ce_loss_recovered'))}" + (
-                f" (splice {num(m['ce_spliced'] - m['ce_clean'], signed=True)} nats, zeroing the layer "
-                f"{num(m['ce_zero_ablated'] - m['ce_clean'], signed=True)})"
-                if all(m.get(k) is not None for k in ("ce_spliced", "ce_clean", "ce_zero_ablated")) else "")
+                f" (splice {num(ce_gaps(m)[0], signed=True)} nats, zeroing the layer "
+                f"{num(ce_gaps(m)[1], signed=True)})" if ce_gaps(m) else "")
             for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
         init = rec.get("init") or {}
         rows.append(finding(

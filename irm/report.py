@@ -604,7 +604,7 @@ def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) ->
                              "n/a" if m.get("dead_fraction") is None else f"{100 * m['dead_fraction']:.1f}%"
                              + ("" if m.get("dead_fraction_all_tokens") is None
                                 else f" ({100 * m['dead_fraction_all_tokens']:.1f}%)"),
-                             _fmt(m.get("ce_loss_recovered")), _ce_gaps(m)])
+                             _fmt(m.get("ce_loss_recovered")), _ce_gap_text(m)])
         held = sae_metrics.get("heldout", {})
         doc.table(["layer", "dictionary", "features", "L0 (% of features)", "explained variance",
                    "explained variance, first tokens left out", "dead on held-out (on any cached token)",
@@ -655,12 +655,11 @@ def dictionaries_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) ->
 
 
 
-def _ce_gaps(m: dict) -> str:
-    """The two loss differences behind CE loss recovered: what the splice and zeroing the layer each cost."""
-    clean, zero, spliced = m.get("ce_clean"), m.get("ce_zero_ablated"), m.get("ce_spliced")
-    if clean is None or zero is None or spliced is None:
-        return "n/a"
-    return f"{spliced - clean:+.3f}; {zero - clean:+.3f}"
+def _ce_gap_text(m: dict) -> str:
+    from irm.findings import ce_gaps
+
+    gaps = ce_gaps(m)
+    return "n/a" if gaps is None else f"{gaps[0]:+.3f}; {gaps[1]:+.3f}"
 
 
 def features_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None:

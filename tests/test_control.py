@@ -180,8 +180,8 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     assert row["verdict"] == NOT_DISTINGUISHABLE
     # The tuned chain took its triple rows from the deltas stage's shards (the base chain read its own, and the
     # equalities above say the two agree); they equal a fresh read through the same model and SAEs.
-    from irm.control import triple_rows, tuned_rows
-    from irm.deltas import load_saes
+    from irm.control import tuned_rows
+    from irm.deltas import load_saes, triple_rows
     from irm.models import load_tuned
     from irm.triples import read_triples
 
@@ -191,7 +191,8 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     assert stored is not None
     model, tokenizer = load_tuned(tiny_cfg)
     saes = load_saes(root, [1, 3], model, tiny_cfg.cache.site, 1)
-    fresh = triple_rows(model, saes, read_triples(root), tokenizer.pad_token_id, 8, tiny_cfg.cache.site, "tuned")
+    fresh = triple_rows(model, saes, read_triples(root), tokenizer.pad_token_id, 8, tiny_cfg.cache.site,
+                        "tuned")
     for key in ("x", "x_raw", "y", "sign", "triple"):
         np.testing.assert_allclose(stored[key].numpy(), fresh[key].numpy(), rtol=1e-5, atol=1e-6)
 

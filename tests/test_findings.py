@@ -140,3 +140,11 @@ def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
     p1 = {k: v.detach() for k, v in tuned.named_parameters()}
     full = next(k for k in p0 if k.endswith(name) and ".0." in k)
     assert per_tensor[name][0] == pytest.approx(float((p0[full].double() - p1[full].double()).norm()))
+
+
+def test_ce_gaps_are_the_two_loss_differences_behind_ce_loss_recovered():
+    from irm.findings import ce_gaps
+
+    gaps = ce_gaps({"ce_clean": 5.0, "ce_zero_ablated": 5.04, "ce_spliced": 4.99})
+    assert gaps == pytest.approx((-0.01, 0.04))  # recovered = (5.04 - 4.99) / 0.04 = 1.25: a ratio above 1
+    assert ce_gaps({"ce_clean": 5.0, "ce_spliced": 4.99}) is None

@@ -336,3 +336,28 @@ def full_forward_codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int]
 def n_codes(saes: dict) -> int:
     """Features per layer: the width of the 1x dictionaries."""
     return int(next(iter(saes.values())).dictionary.shape[0])
+
+
+def with_inputs(saes: dict) -> dict:
+    """Each SAE wrapped so that its `encode` returns [codes | the activation it encoded] and `decode` reads the
+    codes part: `codes_at` through these gives the codes and the raw activations at once, the splice unchanged."""
+    import torch
+    from torch import nn
+
+    class WithInputs(nn.Module):
+        def __init__(self, sae):
+            super().__init__()
+            self.sae = sae
+            self.width = int(sae.dictionary.shape[0])
+
+        def encode(self, x):
+            return torch.cat([self.sae.encode(x), x.to(self.sae_dtype)], dim=-1)
+
+        def decode(self, z):
+            return self.sae.decode(z[..., : self.width])
+
+        @property
+        def sae_dtype(self):
+            return next(self.sae.parameters()).dtype
+
+    return {layer: WithInputs(sae) for layer, sae in saes.items()}
