@@ -298,13 +298,14 @@ class _Checks:
         if not ok:
             self.out.append(f"{where}={value!r}: {rule}")
 
-    def at_least(self, section, name: str, low, optional: bool = False) -> None:
+    def at_least(self, section, name: str, low, optional: bool = False, rule: str | None = None) -> None:
+        """`section.name` >= `low` (or None when `optional`); `rule` replaces the default `must be >= low` text."""
         v = getattr(section, name, None) if section is not None else None
         where = f"{_name_of(self.cfg, section)}{name}"
         if v is None and optional:
             return
         self.need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, where, v,
-                  f"must be >= {low}" + (" (or null)" if optional else ""))
+                  rule or f"must be >= {low}" + (" (or null)" if optional else ""))
 
     def positive(self, section, name: str) -> None:
         import math
@@ -349,7 +350,7 @@ def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:
         ch.at_least(h, name, 1)
     ch.at_least(h, "mini_batch_size", 2)  # PPO whitens advantages within a mini-batch
     ch.need(h.mini_batch_size < 1 or h.batch_size % h.mini_batch_size == 0, "rlhf.batch_size", h.batch_size,
-            f"must be a multiple of rlhf.mini_batch_size ({h.mini_batch_size})")
+            f"must be a multiple of mini_batch_size ({h.mini_batch_size}; paper: 64 and 16)")
     ch.need(1 <= h.prompt_min_tokens <= h.prompt_max_tokens, "rlhf.prompt_min_tokens", h.prompt_min_tokens,
             f"need 1 <= prompt_min_tokens <= prompt_max_tokens ({h.prompt_max_tokens})")
     for name in ("learning_rate", "max_grad_norm", "temperature"):
@@ -418,10 +419,11 @@ def _check_regression_and_lexicon(ch: "_Checks", cfg: RunConfig) -> None:
     ch.at_least(g, "weight_decay", 0)
     ch.fraction(g, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
     lx = cfg.lexicon
-    ch.at_least(lx, "contexts_per_word", 1)
-    ch.at_least(lx, "bootstrap", 0)
+    words = "lexicon.contexts_per_word must be >= 1, lexicon.bootstrap >= 0 and lexicon.max_words >= 2 (or null)"
+    ch.at_least(lx, "contexts_per_word", 1, rule=words)
+    ch.at_least(lx, "bootstrap", 0, rule=words)
     ch.at_least(lx, "sample_size", 0)
-    ch.at_least(lx, "max_words", 2, optional=True)
+    ch.at_least(lx, "max_words", 2, optional=True, rule=words)
     p = list(lx.percentiles)
     ch.need(len(p) == 2 and 0.0 <= p[0] < p[1] <= 100.0, "lexicon.percentiles", p,
             "must be two increasing numbers in [0, 100]")

@@ -43,9 +43,7 @@ def _floats(values, name: str) -> np.ndarray:
 def rescale(raw, percentiles: Sequence[float] = (10.0, 90.0)) -> tuple[np.ndarray, dict]:
     """Map the given percentiles of `raw` onto [-4, 4] (affine) and clip: the authors' normalisation."""
     raw = _floats(raw, "raw values")
-    lo_p, hi_p = percentiles
-    if not 0.0 <= lo_p < hi_p <= 100.0:
-        raise UserError(f"lexicon.percentiles must be two increasing numbers in [0, 100], got {list(percentiles)}")
+    lo_p, hi_p = percentiles  # in range: irm.config.validate checks lexicon.percentiles before any stage runs
     lo, hi = (float(v) for v in np.percentile(raw, [lo_p, hi_p]))
     mapping = {"kind": f"affine: percentile {lo_p:g} -> -4, percentile {hi_p:g} -> +4, then clipped to [-4, 4]",
                "percentiles": [lo_p, hi_p], "raw_at_percentiles": [lo, hi], "bound": BOUND}
@@ -210,11 +208,7 @@ def word_items(tokenizer, words: Sequence[str], contexts: Sequence[str]) -> tupl
 def run(cfg: RunConfig) -> Optional[dict]:
     from irm.parallel import launch
 
-    lc = cfg.lexicon
-    if lc.contexts_per_word < 1 or lc.bootstrap < 0 or (lc.max_words is not None and lc.max_words < 2):
-        raise UserError(f"lexicon.contexts_per_word must be >= 1, lexicon.bootstrap >= 0 and lexicon.max_words "
-                        f">= 2 (or null), got {lc.contexts_per_word}, {lc.bootstrap}, {lc.max_words}")
-    return launch(cfg, _lexicon)
+    return launch(cfg, _lexicon)  # the lexicon section's ranges: irm.config.validate, before any stage runs
 
 
 def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:

@@ -195,15 +195,6 @@ def parse_llm_answer(answer: str) -> tuple[Optional[str], Optional[str]]:
 # The stage
 
 
-def _check(tc: TriplesConfig) -> None:
-    if tc.n < 1:
-        raise UserError(f"triples.n must be at least 1, got {tc.n}")
-    if not 0.0 <= tc.heldout_fraction < 1.0:
-        raise UserError(f"triples.heldout_fraction must be in [0, 1), got {tc.heldout_fraction}")
-    if tc.max_length < 2:
-        raise UserError(f"triples.max_length must be at least 2 tokens, got {tc.max_length}")
-
-
 class _LLM:
     """LLM substitution through the explain stage's backend and its answer cache (keyed by backend, model,
     generation parameters and prompt, so another explainer never reuses these answers)."""
@@ -313,10 +304,10 @@ def build_triples(
     nlp,
     llm: Optional[_LLM] = None,
 ) -> tuple[list[dict], dict]:
-    """Triples from `texts` (scanned in a seeded order) and the counts that describe them."""
+    """Triples from `texts` (scanned in a seeded order) and the counts that describe them. `tc`'s ranges are
+    irm.config.validate's, checked before any stage runs."""
     from irm.runtime import progress
 
-    _check(tc)
     heldout = heldout_words(lexicon, tc.heldout_fraction, seed)
     heldout_all = set(heldout["positive"]) | set(heldout["negative"])
 

@@ -153,22 +153,30 @@ def test_rescale_maps_percentiles_onto_plus_minus_four_and_clips():
     assert apply_mapping([raw_threshold(3.0, mapping)], mapping)[0] == pytest.approx(3.0)
     assert (apply_mapping(np.ones(3), {"raw_at_percentiles": [2.0, 2.0]}) == 0).all()
     assert rescale(raw)[1]["percentiles"] == [10.0, 90.0]  # the authors' default
+    from irm.config import RunConfig, validate
     from irm.errors import UserError
 
-    for bad in ((10, 100.5), (-0.5, 90), (50, 50)):
+    for bad in ((10, 100.5), (-0.5, 90), (50, 50)):  # refused before any stage runs, so rescale never sees them
+        cfg = RunConfig()
+        cfg.lexicon.percentiles = list(bad)
         with pytest.raises(UserError, match="lexicon.percentiles"):
-            rescale(raw, bad)
+            validate(cfg, ["lexicon"])
     np.testing.assert_allclose(rescale(raw, (0, 100))[0], np.linspace(-4, 4, 11))  # the extremes are allowed
 
 
 @pytest.mark.parametrize("setting", [("contexts_per_word", 0), ("bootstrap", -1), ("max_words", 1)])
-def test_stage_refuses_each_impossible_setting_alone(tiny_cfg, setting):
-    from irm.errors import UserError
-    from irm.lexicon import run
+def test_stage_refuses_each_impossible_setting_alone(in_tmp, setting):
+    """Through the stage's entry (`python -m irm lexicon`), which validates the config before anything runs."""
+    from conftest import TINY_YAML
 
-    setattr(tiny_cfg.lexicon, *setting)
+    from irm.cli import run_stage
+    from irm.errors import UserError
+
+    name, value = setting
     with pytest.raises(UserError, match="lexicon.contexts_per_word must be >= 1"):
-        run(tiny_cfg)
+        run_stage("lexicon", ["--config", str(TINY_YAML), "--run_dir", str(in_tmp / "run"), f"--lexicon.{name}",
+                              str(value)])
+    assert not (in_tmp / "run").exists()
 
 
 def test_sign_agreement_and_per_word_mean_hand_worked():

@@ -173,11 +173,11 @@ def test_checkpoints_of_another_configuration_or_a_longer_run_are_discarded(tmp_
 
 
 def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
-    from irm.config import RLHFConfig
-    from irm.rlhf.trainer import ppo_config
+    """Refused by the config check every stage entry runs first (irm.config.validate)."""
+    from irm.config import RLHFConfig, RunConfig, validate
 
     with pytest.raises(UserError, match="multiple of mini_batch_size"):
-        ppo_config(RLHFConfig(batch_size=10, mini_batch_size=4), "unused", 0, use_cpu=True)
+        validate(RunConfig(rlhf=RLHFConfig(batch_size=10, mini_batch_size=4)), ["rlhf"])
 
 
 def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm_and_logs_the_norm_before(monkeypatch):

@@ -180,11 +180,14 @@ def test_llm_answers_parsed_or_rejected():
     assert parse_llm_answer('{"neutral": "two words", "negative": 3}') == (None, None)
 
 
-def test_bad_settings_are_user_errors(tiny):
+def test_bad_settings_are_user_errors():
+    """Refused by the config check every stage entry runs first (irm.config.validate)."""
+    from irm.config import RunConfig, validate
+
     with pytest.raises(UserError, match="heldout_fraction"):
-        build_triples(TEXTS, LEXICON, tiny, TriplesConfig(heldout_fraction=1.0), 0, NLP)
+        validate(RunConfig(triples=TriplesConfig(heldout_fraction=1.0)), ["triples"])
     with pytest.raises(UserError, match="triples.n"):
-        build_triples(TEXTS, LEXICON, tiny, TriplesConfig(n=0), 0, NLP)
+        validate(RunConfig(triples=TriplesConfig(n=0)), ["triples"])
 
 
 def test_llm_substitution_uses_valid_proposals_falls_back_on_bad_ones_and_caches(tiny, tmp_path, monkeypatch):

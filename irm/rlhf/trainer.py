@@ -145,12 +145,8 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, worl
     it in mini-batches of `mini_batch_size`, one optimizer step each (the classic TRL/paper meaning of batch and
     mini-batch: TRL 1.12 calls the rollout batch `per_device_train_batch_size` * `gradient_accumulation_steps`).
     `batch_size` and `mini_batch_size` stay global under data parallelism: each of `world_size` processes samples
-    and trains on 1/world_size of them (TRL all-reduces the gradients), so a config means the same PPO at any scale."""
-    if rlhf.steps < 1 or rlhf.batch_size < 1 or rlhf.mini_batch_size < 1 or rlhf.batch_size % rlhf.mini_batch_size:
-        raise UserError(
-            f"rlhf.steps={rlhf.steps}, batch_size={rlhf.batch_size}, mini_batch_size={rlhf.mini_batch_size}: use "
-            "positive values with batch_size a multiple of mini_batch_size (paper: 64 and 16)"
-        )
+    and trains on 1/world_size of them (TRL all-reduces the gradients), so a config means the same PPO at any scale.
+    The ranges that do not depend on the process count are irm.config.validate's, checked before any stage runs."""
     if rlhf.mini_batch_size % world_size:
         raise UserError(
             f"rlhf.batch_size={rlhf.batch_size} and mini_batch_size={rlhf.mini_batch_size} must be multiples of the "
@@ -160,12 +156,6 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, worl
     if rlhf.mini_batch_size // world_size < 2:
         raise UserError(f"rlhf.mini_batch_size must be at least 2 per process ({2 * world_size} with {world_size} "
                         "processes): PPO whitens advantages within a mini-batch")
-    if not 1 <= rlhf.prompt_min_tokens <= rlhf.prompt_max_tokens or rlhf.response_length < 1:
-        raise UserError(
-            f"rlhf.prompt_min_tokens={rlhf.prompt_min_tokens}, prompt_max_tokens={rlhf.prompt_max_tokens}, "
-            f"response_length={rlhf.response_length}: need 1 <= min <= max and response_length >= 1 "
-            "(paper: 2, 10, 8-20)"
-        )
     with _quiet():
         return PPOConfig(
             output_dir=output_dir,
