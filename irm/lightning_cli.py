@@ -8,17 +8,34 @@ from __future__ import annotations
 from irm.errors import UserError
 
 
+def _cli_class():
+    """LightningCLI whose Trainer construction turns a refused --trainer.* setting into one line: any error
+    Lightning raises while building the Trainer from the user's trainer settings (e.g. FSDP on a CPU, an unknown
+    accelerator) is a setting the user chose, worth a UserError, not a traceback. Errors elsewhere are left alone."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class CLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"bad trainer setting: {' '.join(str(e).split())}") from None
+
+    return CLI
+
+
 def cli_main(argv: list[str]) -> None:
     import sys
 
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
 
     # The CLI reads sys.argv itself: DDP's launcher restarts this very command line in each worker process, so
     # sys.argv must be the command being run (`python -m irm fit ...`), whoever called cli_main.
     sys.argv = [sys.argv[0], *argv]
     try:
-        LightningCLI(
+        _cli_class()(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
@@ -32,19 +49,7 @@ def cli_main(argv: list[str]) -> None:
         # (missing cache, bad setting) is re-raised as itself so the CLI prints its one line and exits 2.
         cause = e
         while cause is not None and not isinstance(cause, UserError):
-            if _raised_in(cause, "accelerator_connector.py"):
-                # Lightning's check of the --trainer.accelerator/strategy/devices/num_nodes combination (e.g. FSDP
-                # on a CPU): a setting the user chose, worth one line, not a traceback.
-                raise UserError(f"bad trainer setting: {' '.join(str(cause).split())}") from None
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
         raise cause from None
-
-
-def _raised_in(error: BaseException, filename: str) -> bool:
-    """Whether `error` was raised by code in a file named `filename` (its traceback's innermost frame)."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(filename)
