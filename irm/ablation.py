@@ -24,29 +24,23 @@ from typing import Any, Callable
 import numpy as np
 
 from irm.artifacts import RunDir, fingerprint, read_jsonl, write_json
+from irm.config import ABLATION_MODES as MODES
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.parallel import Ranks, launch
-from irm.sampling import SamplingRule, _GumbelNoise, journalled_batches, prompt_seed, sample  # noqa: F401
+from irm.sampling import journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
 from irm.stats import mean_ci
 from irm.stages import relpath
 
-MODES = ("reconstruction", "error")
-
-
-def check_modes(modes: list[str]) -> None:
-    if not modes or any(m not in MODES for m in modes):
-        raise UserError(f"ablate.modes {list(modes)} must be a non-empty subset of {list(MODES)}")
-
-
 def intervention(sae, features: list[int], mode: str) -> Callable:
     """The function `irm.models.splice` applies to a layer's site output: encode with `sae`, zero `features` in the
     codes, and return the reconstruction (`reconstruction`) or the output minus the zeroed features' decoder
-    contribution (`error`)."""
+    contribution (`error`). `ablate.modes` is checked by irm.config.validate before any stage runs."""
     import torch
 
-    check_modes([mode])
+    if mode not in MODES:
+        raise ValueError(f"unknown splice mode {mode!r}; one of {list(MODES)}")
     sae_dtype = next(sae.parameters()).dtype
     index = torch.as_tensor(features, dtype=torch.long)
 
@@ -123,16 +117,6 @@ def draw_matched_features(features: dict[int, list[int]], frequencies: dict[int,
             drawn[layer] = sorted(chosen)
         out.append(drawn)
     return out
-
-
-def generate(model, tokenizer, prompts: list[list[int]], seeds: list[int], rule: SamplingRule) -> list[str]:
-    """Prefix + completion of each prompt as text, sampled under the run's one sampling rule (irm.sampling: as PPO
-    sampled, ending at end-of-text), prompt i with its own seed: the same noise in every condition, batch, resume and
-    process (common random numbers: conditions differ only by the intervention)."""
-    return sample(model, tokenizer, prompts, rule, seeds).texts
-
-
-_per_prompt_sampler = _GumbelNoise  # the per-prompt Gumbel-max noise generate() draws (irm.sampling)
 
 
 def result_files(directory: Path, stem: str) -> list[Path]:
@@ -256,7 +240,6 @@ class _Setup:
     random_sets: list[dict[int, list[int]]]
     frequencies: dict[int, np.ndarray]
     prompts: list[list[int]]
-    seeds: list[int]
     reward: Callable
     common: tuple  # what every condition's results depend on besides the intervention
 
@@ -302,13 +285,12 @@ def _setup(cfg: RunConfig, device) -> _Setup:
         )
     frequencies = firing_frequencies(model, tokenizer, saes, prompts, cfg.cache.site, a.batch_size)
     random_sets = draw_matched_features(features, frequencies, a.random_draws, cfg.seed, a.match_pool)
-    seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     reward = build_reward(cfg.reward, device)
     rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("rlhf", "sae")}
     common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, sampling_rule(cfg.rlhf, a.new_tokens),
               stamps)
-    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, frequencies, prompts, seeds, reward,
+    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, frequencies, prompts, reward,
                   common)
 
 
@@ -389,9 +371,11 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
         fns = {} if ablate is None else {layer: intervention(s.saes[layer], ablate[layer], mode) for layer in s.layers}
 
         def score_batch(indices: list[int]):
+            # Prompt i is drawn with its own seed (irm.sampling.prompt_seed): the same noise in every condition,
+            # batch, resume and process (common random numbers: conditions differ only by the intervention).
             with splice(s.model, fns, site=cfg.cache.site):
-                out = generate(s.model, s.tokenizer, [s.prompts[i] for i in indices], [s.seeds[i] for i in indices],
-                               sampling_rule(cfg.rlhf, a.new_tokens))
+                out = sample_prompts(s.model, s.tokenizer, s.prompts, indices, sampling_rule(cfg.rlhf, a.new_tokens),
+                                     cfg.seed).texts
             return out, s.reward(out)
 
         rewards = condition_rewards(ranks, directory, stem, len(s.prompts), a.batch_size, score_batch,

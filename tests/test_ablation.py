@@ -13,21 +13,19 @@ from scipy.linalg import hadamard
 
 from irm.stats import mean_ci
 from irm.ablation import (
-    _per_prompt_sampler,
     _random_summary,
     condition_rewards,
     difference_vs_draws,
     draw_matched_features,
     firing_frequencies,
-    generate,
     paired_difference,
     intervention,
-    prompt_seed,
     result_files,
     run,
 )
 from irm.artifacts import append_jsonl, read_jsonl
-from irm.sampling import SamplingRule
+from irm.sampling import SamplingRule, prompt_seed, sample_prompts
+from irm.sampling import _GumbelNoise as _per_prompt_sampler  # the per-prompt noise ablate's completions draw
 from irm.config import ModelConfig
 from irm.models import capture, load_model, splice
 from irm.parallel import Ranks
@@ -349,7 +347,8 @@ def test_generate_samples_exactly_new_tokens_from_the_policy_alone(tiny):
     trap.eos_token_id, trap.repetition_penalty = expected[0][len(prompts[0]) + 1], 50.0
     model.generation_config = trap
     try:
-        got = generate(model, tokenizer, prompts, seeds, SamplingRule(new_tokens))  # stops at the tokenizer's eos
+        # ablate's sampler (irm.sampling.sample_prompts, prompt i with prompt_seed(5, i)); stops at the tokenizer's eos
+        got = sample_prompts(model, tokenizer, prompts, [0, 1], SamplingRule(new_tokens), 5).texts
         assert model.generation_config is trap  # restored
     finally:
         model.generation_config = config
@@ -520,9 +519,13 @@ def test_no_labelled_feature_still_runs_the_controls(ablate_cfg):
 def test_user_errors_name_the_fix(ablate_cfg):
     from irm.errors import UserError
 
+    from irm.config import validate
+
     cfg = ablate_cfg
-    with pytest.raises(UserError, match="subset of"):
-        intervention(random_sae(0), [], "dimensions")
+    modes, cfg.ablate.modes = cfg.ablate.modes, ["dimensions"]
+    with pytest.raises(UserError, match="subset of"):  # refused before any stage runs
+        validate(cfg, ["ablate"])
+    cfg.ablate.modes = modes
     build_run(cfg, {3: [1]})  # explanations from a run whose chosen layers were different
     with pytest.raises(UserError, match="rerun `python -m irm explain`"):
         run(cfg)

@@ -130,8 +130,8 @@ def test_the_three_callers_use_one_rule_and_stop_at_end_of_text(eos_prone, tmp_p
     """PPO's rollout rule, table 7's and table 5's are the run's rule at their lengths; evaluate and ablate draw the
     same completion for the same prompt and seed, and both stop at end-of-text (ablate did not: it sampled exactly
     new_tokens tokens whatever came)."""
-    from irm.ablation import generate as ablate_generate
     from irm.evaluate import sample_rewards
+    from irm.sampling import sample_prompts  # what the ablate stage draws its completions with
     from irm.rlhf.trainer import rollout_rule
 
     rlhf = RLHFConfig(temperature=0.9, response_length=7)
@@ -141,7 +141,7 @@ def test_the_three_callers_use_one_rule_and_stop_at_end_of_text(eos_prone, tmp_p
     records = sample_rewards(model, tok, PROMPTS, lambda texts: [0.0] * len(texts), r, seed=4, batch_size=2,
                              journal=tmp_path / "j.jsonl", fp="x", desc="t")
     evaluated = [c for rec in records for c in rec["completions"]]
-    ablated = ablate_generate(model, tok, PROMPTS, [prompt_seed(4, i) for i in range(len(PROMPTS))], r)
+    ablated = sample_prompts(model, tok, PROMPTS, list(range(len(PROMPTS))), r, 4).texts
     expected = [by_hand(model, p, prompt_seed(4, i), r, tok.eos_token_id) for i, p in enumerate(PROMPTS)]
     assert any(len(e) < 12 for e in expected)
     assert evaluated == [tok.decode(e, skip_special_tokens=True) for e in expected]
