@@ -57,22 +57,40 @@ def test_gradients_match_finite_differences(tied):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_module_step_equals_the_autograd_step(tied, monkeypatch):
-    """Two SAEModules from the same seed take the same steps, one through the written-out gradients, one through
-    autograd (SparseAutoencoder and sae_loss): the same parameters, Adam state and firing history after them."""
+    """SAEModules from the same seed take the same steps: through the written-out gradients set directly (one
+    process), through them inside autograd (_ReluSAEStep, as under DDP), and through autograd over
+    SparseAutoencoder and sae_loss: the same parameters, Adam state and firing history after them."""
     x = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(4)).relu()
-    states = []
-    for written_out in (True, False):
+    states, backward_calls = [], []
+    for written_out, direct in ((True, True), (True, False), (False, False)):
         torch.manual_seed(0)
         module = SAEModule(d_in=16, expansions=[1, 2], tied=tied, revive="none")
         opt = torch.optim.Adam(module.parameters(), lr=1e-2)
         monkeypatch.setattr(SAEModule, "_written_out", staticmethod(lambda *a, w=written_out: w))
+        monkeypatch.setattr(SAEModule, "_direct_gradients", lambda self, d=direct: d)
         monkeypatch.setattr(SAEModule, "optimizers", lambda self, o=opt: o)
-        monkeypatch.setattr(SAEModule, "manual_backward", lambda self, loss: loss.backward())
+        calls = []
+        monkeypatch.setattr(SAEModule, "manual_backward", lambda self, loss, c=calls: (c.append(1), loss.backward()))
         for x_BD in x:
             module._step(x_BD)
         states.append(module.state_dict())
-    for key, value in states[0].items():
-        torch.testing.assert_close(value, states[1][key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+        backward_calls.append(len(calls))
+    assert backward_calls == [0, 3, 3]  # the direct path never calls autograd
+    for state in states[1:]:
+        for key, value in states[0].items():
+            torch.testing.assert_close(value, state[key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+
+
+def test_gradients_skip_autograd_on_one_process_only():
+    module = SAEModule(d_in=4)
+    assert module._direct_gradients()  # no trainer: one process
+
+    class Trainer:
+        world_size = 2
+    module._trainer = Trainer()
+    assert not module._direct_gradients()
+    Trainer.world_size = 1
+    assert module._direct_gradients()
 
 
 def test_the_written_out_step_is_used_for_the_papers_sae_only():
