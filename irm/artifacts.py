@@ -54,6 +54,11 @@ def _clear_stale(path: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def unwritable(path, error: OSError) -> UserError:
+    """The one-line error of a write the OS refused (disk full, permissions, ...)."""
+    return UserError(f"could not write {path}: {error.strerror or error} (free disk space or choose another run_dir)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it onto `path`.
@@ -71,7 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+        raise unwritable(path, e) from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -99,7 +104,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+        raise unwritable(path, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -143,7 +148,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e} (free disk space or choose another run_dir)") from e
+        raise unwritable(path, e) from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -49,7 +49,6 @@ from irm.stages import relpath
 CONTROL_JSON = relpath("control")
 CONTROL_WORDS = relpath("control_words")
 MODELS = ("tuned", "base")
-SUBSETS = ("all", "heldout", "seen", "negative")
 SAE_CHOICE = "the tuned run's SAEs spliced into both models at the same layers"
 SAE_OWN = "each model's own SAEs at the same layers (M_base's trained on its activations: control/base-run)"
 
@@ -268,6 +267,8 @@ def _r2(y, pred) -> float:
 def compare(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], results: dict, cc,
             percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
     """control.json's comparisons of the two chains: delta_tau per subset, SAE vs raw per model, per-word moves."""
+    from irm.lexicon import subset_masks
+
     masks = subset_masks(words, true, heldout, seen)
     delta = {name: paired_delta_tau(true[m], results["tuned"]["predicted"][m], results["base"]["predicted"][m],
                                     cc.bootstrap, seed) for name, m in masks.items() if name in ("all", "heldout")}
@@ -286,6 +287,8 @@ def analyse(features: dict, words: Sequence[str], true: np.ndarray, heldout: set
     """Everything control.json says about the two chains, from each model's features (`read_features`): per model
     the taus, the permutation null and the raw-activation taus; delta_tau, SAE vs raw and the per-word moves. Returns
     (that dict, every word's row of control_words.csv)."""
+    from irm.lexicon import subset_masks
+
     masks = subset_masks(words, true, heldout, seen)
     results = {label: chain(features[label], true, masks, cc.ridge_alphas, cc.permutations, seed, cc.raw)
                for label in MODELS}
@@ -303,13 +306,6 @@ def affine(raw, percentiles: Sequence[float]) -> np.ndarray:
     lo, hi = rescale(raw, percentiles)[1]["raw_at_percentiles"]
     raw = np.asarray(raw, dtype=np.float64)
     return np.zeros_like(raw) if hi <= lo else -BOUND + 2 * BOUND * (raw - lo) / (hi - lo)
-
-
-def subset_masks(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str]) -> dict:
-    return {"all": np.ones(len(words), dtype=bool),
-            "heldout": np.array([w in heldout for w in words], dtype=bool),
-            "seen": np.array([w in seen for w in words], dtype=bool),
-            "negative": true < 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +344,7 @@ def base_run_saes(cfg: RunConfig, model, tokenizer, layers: list[int], expansion
 def run(cfg: RunConfig) -> dict:
     from irm.sae.splice import load_saes
     from irm.divergence import chosen_layers
-    from irm.lexicon import lexicon_words, unseen_contexts, word_items
+    from irm.lexicon import heldout_and_seen, lexicon_words, unseen_contexts, word_items
     from irm.models import load_model, load_tuned, n_layers
     from irm.reward import LexiconReward
     from irm.runtime import start
@@ -360,8 +356,7 @@ def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     triples = read_triples(root)
     info = read_json(root / TRIPLES_JSON)
-    heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
-    seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
+    heldout, seen = heldout_and_seen(info)
     lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
 
     features, sae_fit = {}, {}

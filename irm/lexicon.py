@@ -112,17 +112,26 @@ def per_word(values, word_of_row, n_words: int) -> np.ndarray:
     return np.bincount(word_of_row, weights=values, minlength=n_words) / counts
 
 
+def subset_masks(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str]) -> dict:
+    """The word subsets Kendall tau is reported on (SUBSETS), as boolean masks over `words`."""
+    masks = {"all": np.ones(len(words), dtype=bool), "negative": np.asarray(true) < 0,
+             "heldout": np.array([w in heldout for w in words], dtype=bool),
+             "seen": np.array([w in seen for w in words], dtype=bool)}
+    return {name: masks[name] for name in SUBSETS}
+
+
+def heldout_and_seen(info: dict) -> tuple[set[str], set[str]]:
+    """From triples.json's contents: the lexicon words the triples stage held out, and those its triples used."""
+    return (set(info["heldout"]["positive"]) | set(info["heldout"]["negative"]),
+            set(info["used"]["positive"]) | set(info["used"]["negative"]))
+
+
 def summarise(words: Sequence[str], true, raw, heldout: set[str], seen: set[str], percentiles: Sequence[float],
               bootstrap: int, seed: int, sample_size: int) -> tuple[list[dict], dict]:
     """Rows of lexicon.csv and the contents of kendall.json from per-word values."""
     true, raw = _floats(true, "true values"), _floats(raw, "raw values")
     reconstructed, mapping = rescale(raw, percentiles)
-    masks = {
-        "all": np.ones(len(words), dtype=bool),
-        "negative": true < 0,
-        "heldout": np.array([w in heldout for w in words], dtype=bool),
-        "seen": np.array([w in seen for w in words], dtype=bool),
-    }
+    masks = subset_masks(words, true, heldout, seen)
     report = {name: kendall(true[m], raw[m], bootstrap, seed) for name, m in masks.items()}
     rows = [{"word": w, "true": float(t), "reconstructed": float(r), "raw": float(v), "heldout": int(h),
              "seen": int(s)}
@@ -229,8 +238,7 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)
     info = read_json(root / TRIPLES_JSON)
-    heldout = set(info["heldout"]["positive"]) | set(info["heldout"]["negative"])
-    seen = set(info["used"]["positive"]) | set(info["used"]["negative"])
+    heldout, seen = heldout_and_seen(info)
     lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
     model, tokenizer = load_tuned(cfg, device=device)
     saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])

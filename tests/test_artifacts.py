@@ -44,6 +44,24 @@ def test_disk_full_is_a_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_every_writer_names_the_file_the_disk_refused(tmp_path, monkeypatch):
+    """atomic_dir and append_jsonl turn an OS error into the same one line as write_json."""
+    import os
+
+    from irm.artifacts import atomic_dir
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=r"^could not write .*log\.jsonl: No space left on device \(free disk space"):
+        append_jsonl(tmp_path / "log.jsonl", {"a": 1})
+    with pytest.raises(UserError, match=r"^could not write .*model: No space left on device \(free disk space"):
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_bytes(b"w")
+    assert not (tmp_path / "model").exists()
+
+
 def test_torn_jsonl_line_is_not_read(tmp_path):
     p = tmp_path / "a.jsonl"
     append_jsonl(p, {"i": 0})
