@@ -323,12 +323,12 @@ def base_run_saes(cfg: RunConfig, model, tokenizer, layers: list[int], expansion
     from irm.activations import cache as cache_stage
     from irm.sae.splice import load_saes
     from irm.sae import stage as sae_stage
-    from irm.stages import is_done, open_run_dir
+    from irm.stages import artifact, is_done, open_run_dir
 
     sub = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir) / BASE_RUN),
                               cache=dataclasses.replace(cfg.cache, layers=list(layers)))
     open_run_dir(sub)
-    policy = Path(sub.run_dir) / "rlhf" / "policy"
+    policy = artifact(sub.run_dir, "policy")
     if not (policy / "config.json").is_file():
         from irm.artifacts import atomic_dir
 

@@ -453,7 +453,9 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: str = "float32", devic
 
 def load_tuned(cfg: "RunConfig", device=None):
     """The RLHF-tuned policy M_RLHF of a run: `<run_dir>/rlhf/policy`."""
-    path = Path(cfg.run_dir) / "rlhf" / "policy"
+    from irm.stages import artifact
+
+    path = artifact(cfg.run_dir, "policy")
     if not (path / "config.json").is_file():
         raise UserError(f"no tuned policy in {path}; run `python -m irm rlhf` first")
     return load_pretrained(path, cfg.model.dtype, device, cfg.model.trust_remote_code)

@@ -6,7 +6,6 @@ With `devices: N` or under torchrun the documents are split between processes (i
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -86,7 +85,7 @@ def _cache_worker(ranks: Ranks, cfg) -> None:
     from irm.divergence import chosen_layers
     from irm.models import load_tuned, n_layers, site_width
     from irm.runtime import start
-    from irm.stages import mark_done
+    from irm.stages import artifact, mark_done
 
     device = start(cfg.seed, ranks=ranks)
     c = cfg.cache
@@ -97,7 +96,7 @@ def _cache_worker(ranks: Ranks, cfg) -> None:
     share = ranks.split(len(texts))
     record = {
         "model": cfg.model.name,
-        "policy": str(Path(cfg.run_dir) / "rlhf" / "policy"),
+        "policy": str(artifact(cfg.run_dir, "policy")),
         "site": c.site,
         "corpus_fingerprint": corpus_fingerprint(cfg.corpus, cfg.corpus.split, cfg.seed),
         "split": cfg.corpus.split,

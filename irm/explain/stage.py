@@ -30,7 +30,7 @@ from irm.explain.backends import BackendError, make_backend
 from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
 from irm.runtime import progress, start
 from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
-from irm.stages import relpath
+from irm.stages import artifact, relpath
 
 ANSWERS = "explain/answers.jsonl"
 FAILURES = "explain/failures.jsonl"
@@ -131,7 +131,7 @@ def shared_features(cfg) -> dict[int, list[Target]]:
 
 
 def _tokenizer(root: Path):
-    policy = root / "rlhf" / "policy"
+    policy = artifact(root, "policy")
     if not policy.is_dir():
         raise UserError(f"missing {policy}: run `python -m irm rlhf` first (windows are decoded with the tuned "
                         f"model's tokenizer)")
@@ -147,7 +147,7 @@ HISTOGRAM_BINS = 20
 def _unembedding(root: Path, device) -> tuple[Optional[torch.Tensor], str]:
     """The tuned model's unembedding W_U [vocab, d_model] with its final norm's gain folded in (as TransformerLens'
     fold_ln does for the logit lens), and a line saying what it is; None and the reason when it cannot be had."""
-    policy = root / "rlhf" / "policy"
+    policy = artifact(root, "policy")
     if not (policy / "config.json").is_file():
         return None, f"no tuned model weights in {policy}"
     from irm.models import load_pretrained

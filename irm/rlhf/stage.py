@@ -24,7 +24,7 @@ from irm.config import RunConfig
 from irm.errors import UserError
 from irm.rlhf.checkpoint import FullStateCheckpoints, TrainingInterrupted
 from irm.runtime import start
-from irm.stages import is_done, mark_done, open_run_dir
+from irm.stages import artifact, is_done, mark_done, open_run_dir
 
 STAGE = "rlhf"
 
@@ -122,20 +122,21 @@ def _save_policy(cfg: RunConfig, out: Path, trainer, policy, tokenizer, lora, ge
     if lora is not None:  # downstream stages read a plain model: the adapters folded into the weights
         policy = trainer.policy_model.merge_and_unload()
     policy.generation_config = generation_config
-    with atomic_dir(out / "policy") as tmp:
+    saved, metrics_path = artifact(cfg.run_dir, "policy"), artifact(cfg.run_dir, "rlhf_metrics")
+    with atomic_dir(saved) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = read_jsonl(metrics_path)
     summary = {"seconds_per_step": seconds / ran if ran else None}
     if metrics:
         summary["reward_first_step"] = metrics[0]["rlhf/reward_mean"]
         summary["reward_last_step"] = metrics[-1]["rlhf/reward_mean"]
-    mark_done(cfg, STAGE, [out / "policy", out / "metrics.jsonl"], **summary)
+    mark_done(cfg, STAGE, [saved, metrics_path], **summary)
     ckpt.finish()
     rate = f"{summary['seconds_per_step']:.2f} s/step" if ran else "nothing left to train"
     rewards = (f"; mean reward {summary['reward_first_step']:.3f} at step 1, {summary['reward_last_step']:.3f} at step "
                f"{metrics[-1]['step']}" if metrics else "")
-    print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {out / 'policy'}", file=sys.stderr)
+    print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {saved}", file=sys.stderr)
 
 
 def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
@@ -143,7 +144,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     TrainerCallbacks, run after ours (tests use them to watch or interrupt training)."""
     out = Path(cfg.run_dir) / STAGE
     if is_done(cfg, STAGE):
-        print(f"irm rlhf: up to date: {out / 'policy'} was trained with this config; nothing to do", file=sys.stderr)
+        print(f"irm rlhf: up to date: {artifact(cfg.run_dir, 'policy')} was trained with this config; nothing to do", file=sys.stderr)
         return
     rank, local_rank, world_size = launch_world()
     if rank == 0:
@@ -180,7 +181,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
     ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
                                 final=cfg.rlhf.keep_final_checkpoint)
-    scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, out / "metrics.jsonl")
+    scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, artifact(cfg.run_dir, "rlhf_metrics"))
     bar = ProgressBar()
     # TRL averages the logged metrics over ranks: rank 0 alone writes them and draws the bar.
     watchers = [scalars, bar] if rank == 0 else []
