@@ -22,7 +22,6 @@ import torch
 from irm.sae.model import moment_metrics, merge_moments, row_moments
 
 METRICS_FILE = "metrics.json"  # per exported SAE, beside its cfg.json
-SUMMARY_FILE = "metrics.json"  # <run_dir>/sae/metrics.json: every layer and dictionary, without per-feature lists
 
 
 @torch.no_grad()

@@ -74,7 +74,8 @@ def evaluate(cfg, layers: list[int]) -> dict:
     from irm.artifacts import write_json
     from irm.runtime import start
     from irm.sae.export import load_sae, sae_dir
-    from irm.sae.metrics import SUMMARY_FILE, ce_loss_recovered, heldout_metrics, summary_row
+    from irm.sae.metrics import METRICS_FILE, ce_loss_recovered, heldout_metrics, summary_row
+    from irm.stages import artifact
 
     s = cfg.sae
     device = start(cfg.seed, cfg.device)
@@ -108,7 +109,7 @@ def evaluate(cfg, layers: list[int]) -> dict:
             if ce is not None:
                 m.update(ce_clean=ce["clean"], ce_zero_ablated=ce["zero_ablated"], ce_spliced=ce[name]["spliced"],
                          ce_loss_recovered=ce[name]["recovered"], ce_tokens=ce["tokens"])
-            write_json(sae_dir(cfg.run_dir, layer, int(name[1:])) / "metrics.json", m)
+            write_json(sae_dir(cfg.run_dir, layer, int(name[1:])) / METRICS_FILE, m)
             rec[name] = summary_row(m)
         records[str(layer)] = rec
     summary = {
@@ -126,7 +127,7 @@ def evaluate(cfg, layers: list[int]) -> dict:
                                                 "normalize", "revive", "learning_rate", "batch_size", "epochs")},
         "layers": records,
     }
-    write_json(Path(cfg.run_dir) / "sae" / SUMMARY_FILE, summary)
+    write_json(artifact(cfg.run_dir, "sae_metrics"), summary)
     return summary
 
 
@@ -134,7 +135,7 @@ def run(cfg) -> None:
     """Train every chosen layer's SAEs, measure them (`evaluate`), then record the stage with the exported SAEs as
     its outputs and print one line per SAE."""
     from irm.divergence import chosen_layers
-    from irm.stages import mark_done, stage_fingerprint
+    from irm.stages import artifact, mark_done, stage_fingerprint
 
     layers = chosen_layers(cfg)
     fingerprint = stage_fingerprint(cfg, "sae")
@@ -154,4 +155,4 @@ def run(cfg) -> None:
                       f"dead {100 * m['dead_fraction']:.1f}% ({100 * m['dead_fraction_all_tokens']:.1f}% on "
                       "every cached token), "
                       f"CE loss recovered {'n/a' if ce is None else f'{ce:.3f}'}")
-        mark_done(cfg, "sae", outputs + [Path(cfg.run_dir) / "sae" / "metrics.json"])
+        mark_done(cfg, "sae", outputs + [artifact(cfg.run_dir, "sae_metrics")])
