@@ -26,8 +26,6 @@ def cache_activations(model, tokenizer, texts: list[str], writers: dict[int, Sha
     `ranks` only decides which process shows the progress bar."""
     from irm.models import capture
 
-    if batch_size < 1 or max_length < 1:
-        raise UserError(f"cache.batch_size ({batch_size}) and cache.max_length ({max_length}) must be >= 1")
     device = next(model.parameters()).device
     layers = sorted(writers)
     starts = range(0, len(texts), batch_size)

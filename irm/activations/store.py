@@ -108,8 +108,6 @@ class ShardWriter:
                  rank: Optional[int] = None):
         if dtype not in DTYPES:
             raise UserError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        if shard_rows < 1:
-            raise UserError(f"cache.shard_rows must be >= 1, not {shard_rows}")
         self.directory, self.width, self.dtype, self.rank = Path(directory), int(width), dtype, rank
         self.directory.mkdir(parents=True, exist_ok=True)
         self.acts_RD = torch.empty(shard_rows, width, dtype=DTYPES[dtype])
