@@ -20,7 +20,9 @@ HOOK_NAMES = {"mlp_out": "blocks.{layer}.hook_mlp_out", "mlp_hidden": "blocks.{l
 
 def layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
     """`<run_dir>/sae/layer-NN`: a layer's exported SAEs and its Lightning checkpoints."""
-    return Path(run_dir) / "sae" / f"layer-{int(layer):02d}"
+    from irm.stages import artifact
+
+    return artifact(run_dir, "sae") / f"layer-{int(layer):02d}"
 
 
 def sae_dir(run_dir: str | os.PathLike, layer: int, expansion: int) -> Path:
