@@ -134,6 +134,10 @@ class SAEModule(L.LightningModule):
     Decoder rows are rescaled to unit norm after every step (tied or not): the L1 term cannot be bought by
     shrinking codes against growing rows.
 
+    The paper's ReLU SAE (no AuxK, encoder not centred, float32/64 outside autocast) trains through written-out
+    gradients (`_ReluSAEStep`); on one process they are set without autograd, so callbacks' `on_before_backward` /
+    `on_after_backward` do not run for it (`on_before_optimizer_step` does, with the gradients in place).
+
     Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance; in the normalised space)
     are computed on the steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the
     statistics cost passes over the codes and their logging would otherwise sync with the host each step. Under DDP
