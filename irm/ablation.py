@@ -24,8 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from irm.artifacts import RunDir, fingerprint, read_jsonl, write_json
-from irm.config import ABLATION_MODES as MODES
-from irm.config import RunConfig
+from irm.config import ABLATION_MODES as MODES, RunConfig
 from irm.errors import UserError
 from irm.parallel import Ranks, launch
 from irm.sampling import journalled_batches, sample_prompts

@@ -307,11 +307,12 @@ class SAEModule(L.LightningModule):
         parts, x_n = {}, None
         auxk = self.revive == "auxk" and hp.aux_coefficient > 0
         direct = {}  # {dictionary name: its gradients}, when they skip autograd (_direct_gradients)
+        set_directly = self._direct_gradients()
         for name, sae in self.saes.items():
             x_n = x_BD * sae.input_scale.to(x_BD.dtype)
             activity = self.activity[name]
             if self._written_out(sae, x_n, auxk):
-                if self._direct_gradients():
+                if set_directly:
                     with torch.no_grad():
                         _, x_hat_n, codes_BF, code_sums_F, err_BD = _relu_step_forward(
                             x_n, sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec, self._l1)
@@ -374,7 +375,7 @@ class SAEModule(L.LightningModule):
         # Lightning counts loader items; an item of grouped batches is several optimizer steps.
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         total *= getattr(getattr(dm, "hparams", None), "batches_per_item", 1) or 1
-        return step > 0 and step % window == 0 and step <= self.hparams.resample_until * total
+        return step <= self.hparams.resample_until * total
 
     @torch.no_grad()
     def _resample(self, name: str, sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor) -> int:
