@@ -28,7 +28,7 @@ CONTRADICTED = "contradicted"
 NOT_TESTED = "not tested"
 VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED, NOT_TESTED)
 ALPHA = 0.05  # the level of every p-value verdict (two one-sided tests, or a two-sided test read with its sign)
-FIELDS = ("claim", "number", "control", "verdict", "detail")
+FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration")
 
 Row = dict[str, str]
 RowBuilder = Callable[[Path], Union[Row, list, None]]
@@ -92,10 +92,13 @@ def permutation_p(observed: float, null: Sequence[float], alternative: str = "gr
 # Rows
 
 
-def finding(claim: str, number: str, control: str, verdict: str, detail: str) -> Row:
+def finding(claim: str, number: str, control: str, verdict: str, detail: str, calibration: Optional[str] = None) -> Row:
+    """One row. `calibration` names the finding's families in the calibration harness (`irm.calibration`), whose
+    measured false-positive rate and power the row carries."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-    return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail}
+    return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail,
+            "calibration": calibration}
 
 
 def ce_gaps(m: dict) -> Optional[tuple[float, float]]:
