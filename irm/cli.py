@@ -28,8 +28,19 @@ STAGES = {st.name: (st.module, st.help) for st in DECLARED}
 STAGES["pipeline"] = ("irm.pipeline", "run every stage in order from one config, skipping finished ones")
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("irm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _print_help() -> None:
-    print("usage: python -m irm <command> [--config CONFIG.yaml] [--key.sub value ...]\n")
+    print("usage: irm <command> [--config CONFIG.yaml] [--key.sub value ...]   (or: python -m irm ...)\n")
     print("Measure and explain the divergence between an RLHF-tuned model's implicit reward and its training reward.\n")
     print("Training (Lightning CLI):")
     for name, text in LIGHTNING.items():
@@ -37,7 +48,7 @@ def _print_help() -> None:
     print("\nStages (one YAML config for all; `python -m irm <stage> --help` lists its options):")
     for name, (_, text) in STAGES.items():
         print(f"  {name:<18} {text}")
-    print("\nExample: python -m irm pipeline --config configs/quickstart.yaml")
+    print("\nExample: irm pipeline --config configs/quickstart.yaml        irm --version")
 
 
 def build_parser(stage: str):
@@ -46,26 +57,76 @@ def build_parser(stage: str):
 
     from irm.config import RunConfig
 
-    parser = ArgumentParser(prog=f"python -m irm {stage}", description=STAGES[stage][1].strip(), exit_on_error=False)
+    from irm.config_docs import document
+
+    parser = ArgumentParser(prog=f"irm {stage}", description=STAGES[stage][1].strip(), exit_on_error=False,
+                            epilog=FORCE_HELP if stage != "pipeline" else None)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML run config (see configs/)")
-    parser.add_argument("--force", action="store_true",
-                        help="run the stage even when it is up to date (its downstream stages then rerun too)")
-    parser.add_class_arguments(RunConfig)
+    parser.add_class_arguments(document(RunConfig))
     return parser
+
+
+# `--force` is read off the command line by `run_stage`, not parsed into the config, so `--print_config` shows only
+# the run's settings.
+FORCE_HELP = "--force: run the stage even when it is up to date (its downstream stages then rerun too)"
 
 
 def parse_config(stage: str, argv: list[str]):
     """Parse argv into a RunConfig; any parse error becomes a one-line UserError."""
     parser = build_parser(stage)
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args([a for a in argv if a != "--force"])
     except argparse.ArgumentError as e:
-        raise UserError(f"bad configuration: {_one_line(str(e))}") from None
+        raise UserError(f"bad configuration: {explain_parse_error(_one_line(str(e)))}") from None
     cfg = parser.instantiate(ns)
-    ns_dict = {k: v for k, v in vars(cfg).items() if k not in ("config", "force")}
+    ns_dict = {k: v for k, v in vars(cfg).items() if k != "config"}
     from irm.config import RunConfig
 
     return RunConfig(**ns_dict)
+
+
+def explain_parse_error(msg: str) -> str:
+    """jsonargparse's message turned into `<problem>; <fix>`: an unknown key gets the closest valid one, a value of
+    the wrong type what the field takes and its default."""
+    import re
+
+    from irm.config import RunConfig
+    from irm.config_docs import closest, option_names
+
+    keys = option_names(RunConfig)
+    unknown = re.search(r"unrecognized arguments: --(\S+)", msg)
+    in_group = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", msg)
+    wrong = re.search(r'Parser key "([\w.]+)": Expected an? (.+?)\. Got value: (.*)$', msg)
+    if unknown or in_group:
+        key = unknown.group(1) if unknown else f"{in_group.group(1)}.{in_group.group(2)}"
+        guess = closest(key, keys)
+        fix = f"did you mean `{guess}`?" if guess else "`irm <stage> --help` lists every option"
+        return f"unknown option `{key}`; {fix}"
+    union = re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes Subtypes: '
+                      r'\[(.*?)\] Errors:.*Given value: (.*)$', msg)
+    if wrong or union:
+        key, expected, got = (wrong or union).groups()
+        kind = re.sub(r"<class '(\w+)'>", r"\1", expected).replace("typing.", "").replace("NoneType", "null")
+        kind = f"({kind.replace(', ', ' or ')})" if union else kind
+        literal = re.match(r"Literal\[(.*)\]$", kind)
+        takes = f"one of {literal.group(1)}" if literal else f"a value of type {kind}"
+        default = _default_of(key)
+        return (f"{key} got {got.strip()!r}, which is not {takes}; set {key} to {takes}"
+                + (f" (default: {default!r})" if default is not None else ""))
+    return msg
+
+
+def _default_of(key: str):
+    import dataclasses
+
+    from irm.config import RunConfig
+
+    obj = RunConfig()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
 
 
 def _one_line(msg: str) -> str:
@@ -115,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help()
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"irm {version()}")
         return
     cmd, rest = argv[0], argv[1:]
     # SIGTERM (a scheduler, `kill`, a container stop) ends the run as Ctrl-C does: atomic writes are abandoned,

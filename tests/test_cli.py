@@ -48,7 +48,78 @@ def test_config_errors_are_one_line_exit_2(args, needle, tmp_path):
 def test_misspelled_key_in_yaml_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("run_dir: r\nsae:\n  epocs: 3\n")
     out = irm("sae", "--config", "c.yaml", cwd=tmp_path)
-    assert out.returncode == 2 and "epocs" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "unknown option `sae.epocs`; did you mean `sae.epochs`?" in out.stderr
+
+
+def sections():
+    import dataclasses
+
+    from irm.config import RunConfig
+
+    return [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
+
+
+def a_field(section: str, want_type=None):
+    """The first field of `section` whose default is of `want_type` (any field when None)."""
+    import dataclasses
+
+    from irm.config import RunConfig
+
+    obj = getattr(RunConfig(), section)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if want_type is None or (type(value) is want_type):
+            return f.name, value
+    return None, None
+
+
+@pytest.mark.parametrize("section", sections())
+def test_every_section_misspelling_gets_the_closest_key_and_wrong_type_the_valid_one(section):
+    """For every section: a key with two letters swapped is answered with the real key; a word where a number
+    belongs is answered with the field's type and default. Both `<problem>; <fix>`, in one line."""
+    from irm.cli import parse_config
+
+    name, _ = a_field(section)
+    typo = name[:-2] + name[-1] + name[-2] if len(name) > 3 else name + "x"
+    with pytest.raises(UserError) as e:
+        parse_config("cache", [f"--{section}.{typo}", "3"])
+    assert f"unknown option `{section}.{typo}`; did you mean `{section}.{name}`?" in str(e.value)
+    number, default = a_field(section, int)
+    if number is None:
+        number, default = a_field(section, float)
+    if number is not None:
+        with pytest.raises(UserError) as e:
+            parse_config("cache", [f"--{section}.{number}", "lots"])
+        message = str(e.value)
+        assert f"{section}.{number} got 'lots'" in message and "; set " in message
+        assert f"(default: {default!r})" in message and "\n" not in message
+
+
+def test_help_shows_each_fields_comment_from_config_py():
+    """The comment beside a field in irm/config.py is its help text (one place for it)."""
+    import inspect
+
+    from irm.config import CacheConfig
+    from irm.config_docs import field_docs
+
+    source = inspect.getsource(CacheConfig)
+    docs = field_docs(CacheConfig)
+    assert docs["max_length"] == source.split("max_length: int = 64  # ")[1].splitlines()[0].strip()
+    out = irm("cache", "--help")
+    assert out.returncode == 0
+    flat = " ".join(out.stdout.split())
+    assert f"--cache.max_length MAX_LENGTH {docs['max_length']}" in flat
+    assert "--force" in flat
+
+
+def test_version_and_print_config_without_stray_keys(tmp_path):
+    from importlib.metadata import version
+
+    out = irm("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"irm {version('irm')}"
+    printed = irm("cache", "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0 and "force" not in printed.stdout
 
 
 def test_print_config_round_trips(tmp_path):
