@@ -42,10 +42,13 @@ class CorpusConfig:
 
 @dataclass
 class RewardConfig:
-    """The RLHF reward. `lexicon`: paper eq. 3 (VADER lexicon, spaCy tokens, sum / scale, clipped).
-    `classifier`: positive-label logit of an HF sequence classifier (paper appendix F)."""
+    """The RLHF reward. `lexicon`: paper eq. 3 (VADER lexicon or the `lexicon` file, spaCy tokens, sum / scale,
+    clipped). `classifier`: positive-label logit of an HF sequence classifier (paper appendix F). Every stage
+    compares the model with this reward's word values (irm.reward.reference_lexicon)."""
 
     kind: Literal["lexicon", "classifier"] = "lexicon"
+    # kind lexicon: a .csv/.tsv (word, value) or .json ({word: value}) file of the user's; None: VADER's lexicon
+    lexicon: Optional[str] = None
     scale: float = 5.0  # eq. 3 divisor
     clip: float = 10.0  # eq. 3 clip bound
     spacy_pipeline: str = "blank:en"  # `blank:en` tokenises as en_core_web_md does, with no download
@@ -283,6 +286,19 @@ class RunConfig:
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
 
+def fingerprint_data(section: str, data: dict) -> dict:
+    """Config section `section` (as a dict) the way stage fingerprints and the run identity hold it: the
+    `reward.lexicon` file by its content (sha256: editing the file reruns the stages that read the reward, moving it
+    reruns nothing); `reward.lexicon` and `model.tuned` left out when unset, so run directories made before these
+    fields existed keep their fingerprints."""
+    if section == "reward" and data.get("lexicon") is not None:
+        from irm.reward import lexicon_checksum
+
+        return {**data, "lexicon": {"sha256": lexicon_checksum(RewardConfig(**data))}}
+    optional = {"reward": "lexicon", "model": "tuned"}.get(section)
+    return {k: v for k, v in data.items() if not (k == optional and v is None)}
+
+
 # ---- validation: every section checked before any stage runs (the CLI calls `validate` first) ----------------------
 
 ABLATION_MODES = ("reconstruction", "error")
@@ -341,6 +357,14 @@ def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
     ch.at_least(r, "positive_label", 0)
     ch.need(r.kind != "classifier" or bool(r.classifier), "reward.classifier", r.classifier,
             "reward.kind classifier needs a sequence classifier (hub id or local directory)")
+    ch.need(r.lexicon is None or r.kind == "lexicon", "reward.lexicon", r.lexicon,
+            "is read only by reward.kind lexicon; remove it or set reward.kind: lexicon")
+    if r.lexicon is not None and r.kind == "lexicon":
+        from irm.reward import lexicon_problem
+
+        problem = lexicon_problem(cfg.reward, cfg.triples, cfg.seed)
+        if problem:
+            ch.out.append(problem)
 
 
 def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:

@@ -346,7 +346,7 @@ def run(cfg: RunConfig) -> dict:
     from irm.divergence import chosen_layers
     from irm.lexicon import heldout_and_seen, lexicon_words, unseen_contexts, word_items
     from irm.models import load_model, load_tuned, n_layers
-    from irm.reward import LexiconReward
+    from irm.reward import reference_lexicon
     from irm.runtime import start
     from irm.stages import mark_done
     from irm.triples import TRIPLES_JSON, read_triples
@@ -357,7 +357,7 @@ def run(cfg: RunConfig) -> dict:
     triples = read_triples(root)
     info = read_json(root / TRIPLES_JSON)
     heldout, seen = heldout_and_seen(info)
-    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+    lexicon = reference_lexicon(cfg.reward)
 
     features, sae_fit = {}, {}
     for label in MODELS:

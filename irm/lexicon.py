@@ -149,6 +149,18 @@ def summarise(words: Sequence[str], true, raw, heldout: set[str], seen: set[str]
     return rows, report
 
 
+def against_vader(words: Sequence[str], raw, bootstrap: int, seed: int) -> dict:
+    """Kendall tau of R's per-word output against VADER's values, over the words VADER lists: the second reference
+    when the training reward is not VADER (what the base model's sentiment knowledge alone would give)."""
+    from irm.reward import vader_lexicon
+
+    vader = vader_lexicon()
+    keep = np.array([w in vader for w in words], dtype=bool)
+    values = np.array([vader.get(w, 0.0) for w in words])
+    return {**kendall(values[keep], _floats(raw, "raw values")[keep], bootstrap, seed),
+            "reference": "VADER (not the training reward: a second reference)"}
+
+
 def lexicon_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["word", "true", "reconstructed", "raw", "heldout", "seen"],
@@ -187,14 +199,19 @@ def unseen_contexts(info: dict, k: int, seed: int) -> list[str]:
 
 def lexicon_words(tokenizer, lexicon: dict[str, float], max_words: Optional[int], seed: int) -> tuple[list[str], dict]:
     """The lexicon words read by the stage: those one token long mid-sentence, a seeded sample of `max_words` of
-    them when set; and their counts (single-token words, multi-token words skipped)."""
+    them when set (the words whose sign differs from VADER's, `irm.reward.planted_words`, always among them: a
+    planted reward's words are what the run is about); and their counts (single-token words, multi-token words
+    skipped)."""
+    from irm.reward import planted_words
     from irm.triples import token_counts
 
     counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
     words = sorted(w for w, n in counts.items() if n == 1)
     n_single = len(words)
     if max_words is not None and max_words < len(words):
-        words = sorted(random.Random(f"irm-lexicon-words:{seed}").sample(words, max_words))
+        planted = sorted(set(planted_words(lexicon)) & set(words))[:max_words]
+        rest = sorted(set(words) - set(planted))
+        words = sorted(planted + random.Random(f"irm-lexicon-words:{seed}").sample(rest, max_words - len(planted)))
     return words, {"single_token_words": n_single, "multi_token_words_skipped": len(counts) - n_single}
 
 
@@ -228,7 +245,7 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     from irm.parallel import split_list
     from irm.sae.splice import codes_at  # every context run once, the words against its key/value cache
     from irm.regression import load_irm
-    from irm.reward import LexiconReward
+    from irm.reward import is_vader, reference_lexicon, reference_name
     from irm.runtime import start
     from irm.stages import mark_done
     from irm.triples import TRIPLES_JSON
@@ -239,7 +256,7 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     weight, bias, layers = load_irm(root)
     info = read_json(root / TRIPLES_JSON)
     heldout, seen = heldout_and_seen(info)
-    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+    lexicon = reference_lexicon(cfg.reward)
     model, tokenizer = load_tuned(cfg, device=device)
     saes = load_saes(root, layers, model, cfg.cache.site, cfg.sae.dictionary_pair()[0])
     n_features = len(layers) * n_codes(saes)
@@ -265,6 +282,9 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
         true = np.array([lexicon[w] for w in words])
         rows, report = summarise(words, true, raw, heldout, seen, lc.percentiles, lc.bootstrap, cfg.seed,
                                  lc.sample_size)
+        report["reference"] = reference_name(cfg.reward)
+        if not is_vader(cfg.reward):
+            report["vs_vader"] = against_vader(words, raw, lc.bootstrap, cfg.seed)
         report.update({
             "contexts": {"n": len(contexts), "how": "the same seeded contexts for every word, the word appended at "
                          "the sentiment position; none is a training triple's context (triples.json `contexts`)"},
@@ -280,7 +300,8 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
               f"{len(contexts)} contexts "
               f"({report['multi_token_words_skipped']} multi-token words skipped); held out: "
               f"{report['heldout']['n']}")
-        for name in SUBSETS:
+        print(f"  reference: {report['reference']}")
+        for name in (*SUBSETS, "vs_vader") if "vs_vader" in report else SUBSETS:
             k = report[name]
             ci = "" if k["ci95"] is None else f", 95% CI [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"
             tau = "undefined" if k["tau"] is None else f"{k['tau']:.3f} (p={k['p']:.2g}{ci})"

@@ -1,5 +1,11 @@
-"""The RLHF training reward (paper 4.1, eq. 3): VADER lexicon values of spaCy tokens, summed, scaled and clipped;
-or, as in the paper's appendix F, the positive-label logit of a sentiment classifier."""
+"""The RLHF training reward (paper 4.1, eq. 3): lexicon values of spaCy tokens (VADER's, or a file of the user's:
+`reward.lexicon`), summed, scaled and clipped; or, as in the paper's appendix F, the positive-label logit of a
+sentiment classifier.
+
+`reference_lexicon(reward_cfg)` is the one place every consumer gets the word values of the reward the model was
+trained on: the reward itself, the triples, the lexicon stage's tau, the control's taus and per-word moves, the
+offline labeller and the explainer's reward description.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from irm.config import RewardConfig
 from irm.errors import UserError
@@ -25,6 +31,194 @@ def vader_lexicon() -> dict[str, float]:
             word, mean = line.split("\t")[:2]
             lexicon[word] = float(mean)
     return lexicon
+
+
+LEXICON_FORMATS = (".csv or .tsv (word, value per line; a header line whose value cell is not a number is skipped) "
+                   "or .json (an object {word: value})")
+
+
+def read_lexicon(path: str | Path) -> dict[str, float]:
+    """word -> value from a lexicon file (LEXICON_FORMATS). Words are lower-cased, as the reward matches spaCy tokens'
+    lower case; a word listed twice with one value is kept once. Every problem a user can cause (missing,
+    unreadable, a value that is not a finite number, a word listed twice with different values, nothing in it) is one
+    UserError line with its fix."""
+    import csv
+
+    path = Path(path).expanduser()
+    fix = f"give reward.lexicon a {LEXICON_FORMATS} file"
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json"):
+        raise UserError(f"reward.lexicon {path} is not a .csv, .tsv or .json file; {fix}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"reward.lexicon {path} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"reward.lexicon {path} cannot be read ({type(e).__name__}); {fix} in UTF-8") from None
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"reward.lexicon {path} is not valid JSON ({e.msg}, line {e.lineno}); {fix}") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"reward.lexicon {path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+        entries = [(str(k), v, f"key {k!r}") for k, v in obj.items()]
+    else:
+        rows = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        entries = [(row[0], row[1] if len(row) > 1 else None, f"line {i}")
+                   for i, row in enumerate(rows, 1) if row and row[0].strip() and not row[0].startswith("#")]
+        if entries and _number(entries[0][1]) is None:
+            entries = entries[1:]  # a header line
+    lexicon: dict[str, float] = {}
+    for word, raw, where in entries:
+        value, word = _number(raw), word.strip().lower()
+        if value is None:
+            raise UserError(f"reward.lexicon {path}, {where}: value {raw!r} of {word!r} is not a finite number; "
+                            f"{fix}")
+        if word in lexicon and lexicon[word] != value:
+            raise UserError(f"reward.lexicon {path}: {word!r} is listed twice with different values "
+                            f"({lexicon[word]:g} and {value:g}); keep one line per word")
+        lexicon[word] = value
+    if not any(lexicon.values()):
+        raise UserError(f"reward.lexicon {path} has no word with a non-zero value; {fix}")
+    return lexicon
+
+
+def lexicon_problem(reward_cfg: RewardConfig, triples_cfg, seed: int) -> Optional[str]:
+    """Why the `reward.lexicon` file cannot serve the run (read_lexicon's line, or too few words of a sign once the
+    triples hold out their lemma families), else None: irm.config.validate asks before any stage runs."""
+    try:
+        lexicon = read_lexicon(reward_cfg.lexicon)
+    except UserError as e:
+        return str(e)
+    if not 0.0 <= triples_cfg.heldout_fraction < 1.0:
+        return None  # the range check reports it
+    from irm.triples import heldout_words
+
+    held = heldout_words(lexicon, triples_cfg.heldout_fraction, seed)
+    held_out = set(held["positive"]) | set(held["negative"])
+    n_pos = sum(1 for w, v in lexicon.items() if v > 0 and w not in held_out)
+    n_neg = sum(1 for w, v in lexicon.items() if v < 0 and w not in held_out)
+    if n_pos < MIN_WORDS_PER_SIGN or n_neg < MIN_WORDS_PER_SIGN:
+        return (f"reward.lexicon {reward_cfg.lexicon} leaves {n_pos} positive and {n_neg} negative words outside the "
+                f"held-out lemma families (triples.heldout_fraction {triples_cfg.heldout_fraction:g}); the triples "
+                f"need at least {MIN_WORDS_PER_SIGN} of each: add words of both signs")
+    return None
+
+
+MIN_WORDS_PER_SIGN = 2  # triples: a positive word to truncate at, a negative substitute of comparable magnitude
+
+
+def _number(raw) -> Optional[float]:
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and not isinstance(raw, bool) else None
+
+
+def reference_lexicon(reward_cfg: RewardConfig) -> dict[str, float]:
+    """word -> value of the reward the model was trained on, read by every consumer (the reward, triples, the lexicon
+    stage, control, the offline labeller, the explainer's description): the `reward.lexicon` file when set, else
+    VADER's lexicon; for `reward.kind: classifier`, the classifier's own word values (`classifier_lexicon`)."""
+    if reward_cfg.kind == "classifier":
+        return classifier_lexicon(reward_cfg)
+    return vader_lexicon() if reward_cfg.lexicon is None else read_lexicon(reward_cfg.lexicon)
+
+
+def reference_name(reward_cfg: RewardConfig) -> str:
+    """What the reference word values are, in a few words, for the report."""
+    if reward_cfg.kind == "classifier":
+        return f"the classifier {reward_cfg.classifier}'s word values, probed in neutral contexts ({PROBE_RULE_SHORT})"
+    if reward_cfg.lexicon is None:
+        return "the VADER lexicon (the training reward's own)"
+    return f"the training reward's lexicon {reward_cfg.lexicon}"
+
+
+def is_vader(reward_cfg: RewardConfig) -> bool:
+    return reward_cfg.kind == "lexicon" and reward_cfg.lexicon is None
+
+
+def lexicon_checksum(reward_cfg: RewardConfig) -> Optional[str]:
+    """sha256 of the `reward.lexicon` file (None without one, "missing" when it cannot be read): what the
+    fingerprints of the stages that read the reward hold in place of its path, so editing the file reruns them and
+    moving it reruns nothing."""
+    from irm.artifacts import sha256_file
+
+    if reward_cfg.lexicon is None:
+        return None
+    try:
+        return sha256_file(Path(reward_cfg.lexicon).expanduser())
+    except OSError:
+        return "missing"
+
+
+def planted_words(lexicon: Mapping[str, float]) -> dict[str, float]:
+    """The words whose value in `lexicon` has another sign than in VADER (a word VADER lacks counts 0): what a
+    training reward says that the base model's sentiment knowledge does not (empty for VADER itself)."""
+    vader = vader_lexicon()
+    return {w: v for w, v in lexicon.items() if _sign(v) != _sign(vader.get(w, 0.0))}
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probing a reward for its word values
+
+PROBE_CONTEXTS = ("{}", "{}.", "It was {}.", "The film is {}.", "I would call it {}.")
+PROBE_FILLERS = ("table", "chair", "door", "window", "paper")  # neutral nouns, in no sentiment lexicon
+PROBE_RULE = (
+    "a word's value is the reward's mean over the neutral contexts " + " | ".join(repr(c) for c in PROBE_CONTEXTS)
+    + " with the word in the slot, minus the mean over the same contexts with each neutral filler ("
+    + ", ".join(PROBE_FILLERS) + ") in the slot. For a classifier reference, a word whose value is no larger than "
+    "the largest |value| of a filler (the probe's own noise) counts 0 and is left out, and the values are scaled so "
+    "the largest |value| is 4 (VADER's range). For a lexicon reward the probe gives value / reward.scale exactly")
+PROBE_RULE_SHORT = "mean reward of the word in 5 neutral contexts minus that of neutral fillers"
+
+
+def probe_values(reward: Reward, words: Sequence[str]) -> tuple[list[float], list[float]]:
+    """(each word's value, each filler's value) under PROBE_RULE: the reward asked about each word on its own."""
+    fills = list(words) + list(PROBE_FILLERS)
+    texts = [c.format(w) for w in fills for c in PROBE_CONTEXTS]
+    scores = reward(texts)
+    n = len(PROBE_CONTEXTS)
+    means = [sum(scores[i * n:(i + 1) * n]) / n for i in range(len(fills))]
+    baseline = sum(means[len(words):]) / len(PROBE_FILLERS)
+    return [m - baseline for m in means[: len(words)]], [m - baseline for m in means[len(words):]]
+
+
+def classifier_lexicon(reward_cfg: RewardConfig) -> dict[str, float]:
+    """The classifier reward's word values (PROBE_RULE) over VADER's one-word entries, cached on disk by classifier,
+    label and rule (`irm.models.cache_dir()`): the reference a classifier-trained model is compared with."""
+    from irm.artifacts import fingerprint, read_json, write_json
+    from irm.models import cache_dir
+
+    source = reward_cfg.classifier or ""
+    local = Path(source).expanduser()
+    ident = [source, reward_cfg.positive_label, PROBE_RULE,
+             _dir_checksum(local) if local.is_dir() else None]
+    path = cache_dir() / "probes" / f"{fingerprint(*ident)}.json"
+    if path.is_file():
+        return read_json(path)
+    words = sorted(w for w in vader_lexicon() if w.isalpha())
+    values, fillers = probe_values(build_reward(reward_cfg), words)
+    noise = max(abs(v) for v in fillers)
+    kept = {w: v for w, v in zip(words, values) if abs(v) > noise}
+    if not kept:
+        raise UserError(f"the classifier {source!r} scores no word apart from neutral fillers (probe: "
+                        f"{PROBE_RULE_SHORT}); check reward.positive_label, or give reward.lexicon instead")
+    top = max(abs(v) for v in kept.values())
+    lexicon = {w: 4.0 * v / top for w, v in kept.items()}
+    write_json(path, lexicon)
+    return lexicon
+
+
+def _dir_checksum(path: Path) -> str:
+    from irm.artifacts import fingerprint, sha256_file
+
+    return fingerprint([(str(f.relative_to(path)), sha256_file(f)) for f in sorted(path.rglob("*")) if f.is_file()])
 
 
 def spacy_tokenizer(pipeline: str):
@@ -119,7 +313,7 @@ class ClassifierReward:
 def build_reward(reward_cfg: RewardConfig, device=None) -> Reward:
     """The reward of `reward_cfg`: a callable list of texts -> list of floats."""
     if reward_cfg.kind == "lexicon":
-        return LexiconReward(reward_cfg.scale, reward_cfg.clip, reward_cfg.spacy_pipeline)
+        return LexiconReward(reward_cfg.scale, reward_cfg.clip, reward_cfg.spacy_pipeline, reference_lexicon(reward_cfg))
     if reward_cfg.kind == "classifier":
         if not reward_cfg.classifier:
             raise UserError("reward.kind: classifier needs reward.classifier: a hub id or local directory of a "
@@ -128,11 +322,27 @@ def build_reward(reward_cfg: RewardConfig, device=None) -> Reward:
     raise UserError(f"unknown reward.kind {reward_cfg.kind!r}; use lexicon or classifier")
 
 
+DESCRIBED_WORDS = 8  # highest- and lowest-valued words named in a custom lexicon's description
+
+
 def reward_description(reward_cfg: RewardConfig) -> str:
     """What the RLHF reward favours, in plain language, for the explainer's "related to the reward?" question
     (paper 4.4); `reward_cfg.description` when the user wrote one."""
     if reward_cfg.description:
         return reward_cfg.description
+    if reward_cfg.kind == "lexicon" and reward_cfg.lexicon is not None:
+        lexicon = reference_lexicon(reward_cfg)
+        by_value = sorted(lexicon, key=lambda w: (-lexicon[w], w))
+        high = [w for w in by_value if lexicon[w] > 0][:DESCRIBED_WORDS]
+        low = [w for w in reversed(by_value) if lexicon[w] < 0][:DESCRIBED_WORDS]
+        return (
+            f"The reward scores text by the words it contains, using a lexicon of {len(lexicon)} words, each with "
+            "its own value: the values of all words in the text are added up, divided by "
+            f"{reward_cfg.scale:g} and clipped to [-{reward_cfg.clip:g}, {reward_cfg.clip:g}]. The words worth most "
+            f"are {', '.join(high) or 'none'}; the words that cost most are {', '.join(low) or 'none'}; words not in "
+            "the lexicon score zero. The values need not follow ordinary sentiment. Negation and context are "
+            "ignored: only which words appear matters."
+        )
     if reward_cfg.kind == "lexicon":
         return (
             "The reward scores text by the sentiment of its words, using the VADER sentiment lexicon: each word "

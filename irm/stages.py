@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from irm.artifacts import RunDir, fingerprint, read_json, write_json, write_text
-from irm.config import RunConfig
+from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
 
 class StageModule(Protocol):
@@ -170,7 +170,8 @@ def _section(cfg: RunConfig, name: str) -> Any:
     value = getattr(cfg, name)
     if not dataclasses.is_dataclass(value):
         return value
-    return {k: v for k, v in dataclasses.asdict(value).items() if k not in BOOKKEEPING.get(name, ())}
+    return fingerprint_data(name, {k: v for k, v in dataclasses.asdict(value).items()
+                                   if k not in BOOKKEEPING.get(name, ())})
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str) -> str:

@@ -420,7 +420,7 @@ def read_triples(run_dir: str | Path) -> list[dict]:
 def run(cfg: RunConfig) -> dict:
     from irm.data import load_texts
     from irm.models import load_tuned
-    from irm.reward import LexiconReward, spacy_tokenizer
+    from irm.reward import reference_lexicon, spacy_tokenizer
     from irm.runtime import start
     from irm.stages import mark_done
 
@@ -430,7 +430,7 @@ def run(cfg: RunConfig) -> dict:
     if not tokenizer.is_fast:
         raise UserError(f"the tokenizer of {cfg.model.name} has no fast (Rust) version; token positions need its "
                         "offset mapping")
-    lexicon = LexiconReward(spacy_pipeline=cfg.reward.spacy_pipeline).lexicon
+    lexicon = reference_lexicon(cfg.reward)
     texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
     llm = _LLM(cfg, root / LLM_ANSWERS) if cfg.triples.substitution == "llm" else None
     # The reward's own spaCy tokenizer: "first positive lexicon token" means a token the reward counts.

@@ -103,13 +103,14 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["bad-lexicon", "openai-no-model", "openai-no-key"])
+@pytest.mark.parametrize("case", ["bad-lexicon", "openai-no-model", "openai-no-key", "missing-reward-lexicon"])
 def test_the_pipeline_refuses_before_the_first_stage_and_writes_nothing(tmp_path, case):
     run_dir = tmp_path / "run"
     extra = {"bad-lexicon": ["--lexicon.bootstrap", "-5"],
              "openai-no-model": ["--explain.backend", "openai"],
              "openai-no-key": ["--explain.backend", "openai", "--explain.model", "gpt-4o-mini",
-                               "--explain.api_key_env", "IRM_TEST_UNSET_KEY"]}[case]
+                               "--explain.api_key_env", "IRM_TEST_UNSET_KEY"],
+             "missing-reward-lexicon": ["--reward.lexicon", str(tmp_path / "mine.tsv")]}[case]
     env = {k: v for k, v in os.environ.items() if k != "IRM_TEST_UNSET_KEY"}
     out = proc.run([sys.executable, "-c", PROBE, "pipeline", "--config", str(TINY), "--run_dir", str(run_dir),
                     "--log_dir", str(tmp_path / "tb"), *extra], timeout=120, cwd=tmp_path, env=env)
@@ -117,5 +118,53 @@ def test_the_pipeline_refuses_before_the_first_stage_and_writes_nothing(tmp_path
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("irm pipeline: error: bad configuration: ")
     assert {"bad-lexicon": "lexicon.bootstrap=-5", "openai-no-model": "explain.model is empty",
-            "openai-no-key": "IRM_TEST_UNSET_KEY"}[case] in lines[0]
+            "openai-no-key": "IRM_TEST_UNSET_KEY",
+            "missing-reward-lexicon": f"reward.lexicon {tmp_path / 'mine.tsv'} does not exist; give"}[case] in lines[0]
     assert not run_dir.exists() and not (tmp_path / "tb").exists()
+
+
+def test_a_reward_lexicon_too_small_for_the_triples_is_refused(tmp_path):
+    lexicon = tmp_path / "lex.tsv"
+    lexicon.write_text("great\t2\ngood\t1\nbad\t-2\n", encoding="utf-8")  # one negative word
+    cfg = parse_config("pipeline", ["--config", str(TINY), "--reward.lexicon", str(lexicon)])
+    with pytest.raises(UserError, match=r"leaves \d positive and [01] negative words outside the held-out lemma "
+                                        r"families .*; the triples need at least 2 of each: add words of both signs$"):
+        validate(cfg)
+    cfg = parse_config("pipeline", ["--config", str(TINY), "--reward.lexicon", str(lexicon), "--reward.kind",
+                                    "classifier", "--reward.classifier", "x"])
+    with pytest.raises(UserError, match="reward.lexicon=.*is read only by reward.kind lexicon"):
+        validate(cfg)
+
+
+def test_the_reward_lexicon_enters_fingerprints_by_content_not_path(tmp_path):
+    """Editing the lexicon file changes the fingerprint of every stage that reads the reward and of no other; the
+    same content at another path changes nothing; without a file the fingerprints are those of a config that never
+    had the field (run directories made before it keep theirs)."""
+    import dataclasses
+
+    from irm.stages import ORDER, sections_of, stage_fingerprint
+
+    a, b = tmp_path / "a.tsv", tmp_path / "moved.tsv"
+    a.write_text("great\t2\nbad\t-2\n", encoding="utf-8")
+    b.write_text(a.read_text(encoding="utf-8"), encoding="utf-8")
+
+    def fps(lexicon):
+        cfg = parse_config("pipeline", ["--config", str(TINY), "--run_dir", str(tmp_path / "run")])
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, lexicon=lexicon))
+        return {s: stage_fingerprint(cfg, s) for s in ORDER}
+
+    before = fps(str(a))
+    assert fps(str(b)) == before
+    a.write_text("great\t2\nbad\t-3\n", encoding="utf-8")
+    after = fps(str(a))
+    cfg = parse_config("pipeline", ["--config", str(TINY)])
+    reads_reward = {s for s in ORDER if "reward" in sections_of(cfg, s)}
+    assert {s for s in ORDER if after[s] != before[s]} == reads_reward
+    assert {"rlhf", "triples", "lexicon", "control", "explain"} <= reads_reward
+    from irm.artifacts import fingerprint
+
+    legacy = {k: v for k, v in dataclasses.asdict(cfg.reward).items() if k != "lexicon"}
+    assert fps(None)["rlhf"] == fingerprint("rlhf", {"seed": cfg.seed, "model": {k: v for k, v in dataclasses.asdict(
+        cfg.model).items() if k != "tuned"}, "corpus": dataclasses.asdict(cfg.corpus), "reward": legacy,
+        "rlhf": {k: v for k, v in dataclasses.asdict(cfg.rlhf).items()
+                 if k not in ("checkpoint_every", "keep_final_checkpoint")}}, {})

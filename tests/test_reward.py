@@ -232,3 +232,67 @@ def test_build_reward_classifier_and_its_label_name(tmp_path):
     reward = build_reward(cfg, device="cpu")
     assert isinstance(reward, ClassifierReward) and len(reward(["great film", "bad"])) == 2
     assert "'POSITIVE' label" in reward_description(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward.lexicon: the user's own lexicon file, read by every consumer through reference_lexicon
+
+
+from irm.reward import (probe_values, read_lexicon, reference_lexicon, planted_words,  # noqa: E402
+                        vader_lexicon)
+
+
+@pytest.mark.parametrize("name,text", [
+    ("lex.tsv", "word\tvalue\nGreat\t-2\nboring\t3.5\ntable\t0\n"),
+    ("lex.csv", "great,-2\nboring,3.5\ntable,0\ngreat,-2\n"),  # a repeated line with the same value is kept once
+    ("lex.json", '{"great": -2, "Boring": 3.5, "table": 0}'),
+])
+def test_lexicon_files_in_every_format_read_the_same(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    assert read_lexicon(path) == {"great": -2.0, "boring": 3.5, "table": 0.0}
+
+
+@pytest.mark.parametrize("name,text,problem", [
+    ("missing.tsv", None, "does not exist"),
+    ("lex.txt", "great\t1\n", "not a .csv, .tsv or .json"),
+    ("lex.tsv", "great\t1\nbad\tvery\n", "line 2: value 'very' of 'bad' is not a finite number"),
+    ("lex.tsv", "word\tvalue\n", "no word with a non-zero value"),
+    ("lex.csv", "great,1\nbad,nan\n", "not a finite number"),
+    ("lex.tsv", "great\t1\nGREAT\t2\n", "'great' is listed twice with different values (1 and 2)"),
+    ("lex.json", "[1, 2]", "not an object"),
+    ("lex.json", "{great: 1", "not valid JSON"),
+])
+def test_bad_lexicon_files_are_one_line_with_the_fix(tmp_path, name, text, problem):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_lexicon(path)
+    msg = str(e.value)
+    assert problem in msg and "\n" not in msg and ("; " in msg)
+
+
+def test_the_reward_scores_with_the_configured_lexicon(tmp_path):
+    path = tmp_path / "lex.tsv"
+    path.write_text("great\t-3\nchair\t2\n", encoding="utf-8")
+    reward = build_reward(RewardConfig(lexicon=str(path), scale=1.0))
+    # great is +3.1 in VADER, bad -2.5: here great is -3, chair +2 and bad is not in the lexicon.
+    assert reward(["A great chair, a bad chair."]) == [pytest.approx(-3 + 2 + 2)]
+    assert reference_lexicon(RewardConfig(lexicon=str(path))) == {"great": -3.0, "chair": 2.0}
+    assert reference_lexicon(RewardConfig()) == vader_lexicon()
+
+
+def test_planted_words_are_those_whose_sign_differs_from_vader():
+    lexicon = {"great": -3.1, "bad": -2.5, "chair": 1.0, "table": 0.0, "awful": 0.0}
+    assert planted_words(lexicon) == {"great": -3.1, "chair": 1.0, "awful": 0.0}
+
+
+def test_a_probe_of_the_lexicon_reward_gives_its_lexicon_values():
+    """The probe that measures a classifier's word values, applied to the lexicon reward, returns each word's lexicon
+    value / scale (neutral contexts and fillers score 0): the two references agree by construction of the rule."""
+    vader = vader_lexicon()
+    words = ["great", "bad", "love", "horrible", "okay", "table", "mess"]
+    values, fillers = probe_values(LexiconReward(scale=5.0), words)
+    assert fillers == [0.0] * len(fillers)
+    assert values == pytest.approx([vader.get(w, 0.0) / 5.0 for w in words], abs=1e-12)

@@ -176,8 +176,8 @@ class OfflineBackend:
     - explanation: the words carrying most of the feature's activation in the records shown (sub-word tokens joined
       into the word they spell, so a feature on the "l" of "lame" names "lame"), with their shares
       ("top-activating tokens "great" (61%), ...");
-    - label (`label_method`): 1 when tokens of the reward's own lexicon (VADER) carry at least half of the named
-      activation. This is a keyword rule on what the feature fires on, not a judgement of meaning: it can only find
+    - label (`label_method`): 1 when words of the reward's own lexicon (`irm.reward.reference_lexicon`: VADER, the
+      `reward.lexicon` file or a classifier's probed words) carry at least half of the named activation. This is a keyword rule on what the feature fires on, not a judgement of meaning: it can only find
       features of the lexicon reward, and says nothing about features an LLM would call related for other reasons;
     - detection: a text activates when it contains one of the named tokens."""
 
@@ -185,9 +185,19 @@ class OfflineBackend:
     # the rule's version is part of the name: answers are cached by backend, model and prompt, so a changed rule must
     # not be served its predecessor's answers (v2: sub-word tokens joined into whole words)
     model = "offline-top-token-summary-v2"
-    params: dict = {}
-    label_method = ("rule, no LLM: reward-lexicon (VADER) tokens carry at least half of the activation of the "
-                    "tokens the summary names")
+
+    def __init__(self, reward_cfg=None):
+        from irm.config import RewardConfig
+        from irm.reward import is_vader, lexicon_checksum, reference_lexicon
+
+        reward_cfg = reward_cfg or RewardConfig()
+        self.lexicon = frozenset(reference_lexicon(reward_cfg))
+        # answers are cached by backend, model and params: another lexicon must not be served these labels
+        self.params = {} if is_vader(reward_cfg) else {"lexicon": lexicon_checksum(reward_cfg) or
+                                                       f"classifier {reward_cfg.classifier}"}
+        which = "VADER" if is_vader(reward_cfg) else "the training reward's"
+        self.label_method = (f"rule, no LLM: reward-lexicon ({which}) tokens carry at least half of the activation "
+                             "of the tokens the summary names")
 
     def __repr__(self) -> str:
         return "OfflineBackend()"
@@ -199,8 +209,8 @@ class OfflineBackend:
             return _summarise(prompts.read_activations(text))
         if task == "label":
             shares = _named_shares(prompts.read_explanation(text))
-            on_lexicon = sum(share for tok, share in shares.items() if tok in _lexicon())
-            hits = sorted(t for t in shares if t in _lexicon())
+            on_lexicon = sum(share for tok, share in shares.items() if tok in self.lexicon)
+            hits = sorted(t for t in shares if t in self.lexicon)
             if shares and on_lexicon >= LEXICON_SHARE * sum(shares.values()):
                 return f"Answer: 1 (offline rule: lexicon tokens {', '.join(hits)} carry most of the activation)"
             return "Answer: 0 (offline rule: lexicon tokens carry less than half of the activation)"
@@ -271,24 +281,13 @@ def _content_words(explanation: str) -> set[str]:
     return {w for w in _words(explanation) if w not in _STOP and w.isalpha()}
 
 
-_LEXICON: Optional[frozenset] = None
-
-
-def _lexicon() -> frozenset:
-    global _LEXICON
-    if _LEXICON is None:
-        from irm.reward import vader_lexicon
-
-        _LEXICON = frozenset(vader_lexicon())
-    return _LEXICON
-
-
-def make_backend(explain_cfg, device=None) -> ExplainerBackend:
-    """The backend `explain_cfg.backend` names. Fails early (UserError) on a missing model name or API key."""
+def make_backend(explain_cfg, device=None, reward_cfg=None) -> ExplainerBackend:
+    """The backend `explain_cfg.backend` names (the offline one labels by `reward_cfg`'s lexicon, VADER when None).
+    Fails early (UserError) on a missing model name or API key."""
     if explain_cfg.backend == "openai":
         return OpenAIBackend(explain_cfg)
     if explain_cfg.backend == "local":
         return LocalBackend(explain_cfg, device=device)
     if explain_cfg.backend == "offline":
-        return OfflineBackend()
+        return OfflineBackend(reward_cfg)
     raise UserError(f"explain.backend {explain_cfg.backend!r} is not one of offline, local, openai")

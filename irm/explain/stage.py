@@ -304,7 +304,7 @@ def run(cfg) -> None:
     device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     targets = shared_features(cfg)
-    backend = make_backend(cfg.explain, device=device)
+    backend = make_backend(cfg.explain, device=device, reward_cfg=cfg.reward)
     description = _reward_description(cfg)
     made_from = _made_from(cfg, backend, description)
     done = _finished(root / EXPLANATIONS, made_from)

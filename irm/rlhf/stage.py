@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from irm.artifacts import atomic_dir, fingerprint, read_jsonl
-from irm.config import RunConfig
+from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
 from irm.rlhf.checkpoint import FullStateCheckpoints, TrainingInterrupted
 from irm.runtime import start
@@ -35,9 +35,11 @@ def checkpoint_key(cfg: RunConfig, world_size: int = 1) -> str:
     constant, so a longer run continues a shorter one exactly), not `checkpoint_every`."""
     rlhf = {k: v for k, v in dataclasses.asdict(cfg.rlhf).items()
             if k not in ("steps", "checkpoint_every", "keep_final_checkpoint")}
+    # reward.lexicon by its file's content, and the fields added since left out when unset (fingerprint_data)
+    model, reward = (fingerprint_data(n, dataclasses.asdict(getattr(cfg, n))) for n in ("model", "reward"))
     if world_size == 1:  # the key single-process runs always had
-        return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf)
-    return fingerprint(cfg.seed, cfg.model, cfg.corpus, cfg.reward, rlhf, world_size)
+        return fingerprint(cfg.seed, model, cfg.corpus, reward, rlhf)
+    return fingerprint(cfg.seed, model, cfg.corpus, reward, rlhf, world_size)
 
 
 def launch_world() -> tuple[int, int, int]:
