@@ -475,6 +475,15 @@ def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(
             assert 0 <= m["dead_fraction_all_tokens"] <= m["dead_fraction"]
             assert m["ce_tokens"] > 0 and m["ce_clean"] > 0 and m["ce_loss_recovered"] is not None
             assert m["input_scale"] > 0
+            # sparsity.safetensors: log10 density, SAELens's convention, from the same held-out frequencies
+            from safetensors.numpy import load_file
+
+            log_density = load_file(str(sae_dir(cfg.run_dir, layer, e) / "sparsity.safetensors"))["sparsity"]
+            np.testing.assert_allclose(log_density, np.log10(np.array(full["feature_frequency"]) + 1e-10), rtol=1e-6)
+            exported = json.loads((sae_dir(cfg.run_dir, layer, e) / "cfg.json").read_text())
+            assert exported["model_name"] == cfg.model.name  # a tiny alias stays; the embedded one becomes a hub id
+            assert exported["irm"]["activations_from"] == "tuned"
+            assert exported["irm"]["tuned_checkpoint"] == str(Path(cfg.run_dir) / "rlhf" / "policy")
         init = json.loads((sae_dir(cfg.run_dir, layer, 2) / "cfg.json").read_text())["irm"]["init_mmcs"]
         assert 0 < init["hungarian"] <= init["max"] < 1
     steps = json.loads((sae_dir(cfg.run_dir, 2, 1) / "cfg.json").read_text())["irm"]["global_step"]
@@ -681,3 +690,11 @@ def test_ce_loss_recovered_is_one_for_a_lossless_splice_and_uses_the_models_own_
     gap = out["zero_ablated"] - out["clean"]
     assert out["lossy"]["recovered"] == pytest.approx((out["zero_ablated"] - out["lossy"]["spliced"]) / gap)
     assert out["lossy"]["spliced"] != pytest.approx(out["clean"], rel=1e-3)
+
+
+def test_exported_model_name_is_loadable_by_other_tools():
+    from irm.sae.export import loadable_model_name
+
+    assert loadable_model_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert loadable_model_name("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+

@@ -12,6 +12,7 @@ from irm.errors import UserError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"  # log10 feature density, as SAELens writes it and Neuronpedia reads it
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # TransformerLens hook names (what SAELens's `hook_name` means) of our activation sites.
 SAE_LENS_FORMAT = "6.0.0"  # the SAELens cfg.json format written (its `sae_lens_version` key)
@@ -87,6 +88,29 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CFG_FILE, cfg)
     return directory
+
+
+def loadable_model_name(name: Optional[str]) -> Optional[str]:
+    """The name another tool can load the model by: the hub id the embedded GGUF model was converted from, else the
+    name as given (a hub id, a local path; a tiny test model's alias stays: it exists only in irm)."""
+    from irm.models import EMBEDDED_ALIAS, EMBEDDED_HUB_ID
+
+    return EMBEDDED_HUB_ID if name == EMBEDDED_ALIAS else name
+
+
+def write_sparsity(directory: str | os.PathLike, frequency) -> Path:
+    """`sparsity.safetensors` beside an exported SAE: each feature's log10 firing density (`sparsity`, log10(frequency
+    + 1e-10), SAELens's convention), from the held-out frequencies the sae stage measures."""
+    import torch
+    from safetensors.torch import save_file
+
+    from irm.artifacts import atomic_path
+
+    path = Path(directory) / SPARSITY_FILE
+    log_density = torch.log10(torch.as_tensor(frequency, dtype=torch.float64) + 1e-10).float().contiguous()
+    with atomic_path(path) as tmp:
+        save_file({"sparsity": log_density}, str(tmp))
+    return path
 
 
 def read_cfg(directory: str | os.PathLike) -> dict:

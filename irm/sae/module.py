@@ -522,7 +522,7 @@ class ExportSAEs(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
         if not trainer.is_global_zero:
             return
-        from irm.sae.export import save_sae
+        from irm.sae.export import loadable_model_name, save_sae
 
         manifest = getattr(trainer.datamodule, "manifest", None) or {}
         root = self.target(trainer)
@@ -531,8 +531,12 @@ class ExportSAEs(L.Callback):
         init_mmcs = None if mm[0] != mm[0] else {"max": mm[0], "hungarian": mm[1]}  # NaN: one dictionary only
         for name, sae in pl_module.saes.items():
             save_sae(sae, root / name, layer=manifest.get("layer"), site=manifest.get("site", "mlp_out"),
-                     model_name=manifest.get("model"), context_size=manifest.get("max_length"),
-                     irm={"expansion": int(name[1:]), "l1_coefficient": hp.l1_coefficient,
+                     model_name=loadable_model_name(manifest.get("model")), context_size=manifest.get("max_length"),
+                     # SAEs are trained on the tuned policy's activations: `model_name` is the base model's id (what
+                     # other tools load), the checkpoint whose activations they encode is named here.
+                     irm={"activations_from": "tuned" if manifest.get("policy") else "model_name",
+                          "tuned_checkpoint": manifest.get("policy"), "base_model": manifest.get("model"),
+                          "expansion": int(name[1:]), "l1_coefficient": hp.l1_coefficient,
                           "learning_rate": hp.learning_rate, "global_step": trainer.global_step,
                           "normalize": hp.normalize, "revive": pl_module.revive, "dead_window": hp.dead_window,
                           "init_mmcs": init_mmcs, "cache_rows": manifest.get("rows"),

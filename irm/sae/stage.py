@@ -73,7 +73,7 @@ def evaluate(cfg, layers: list[int]) -> dict:
     from irm.activations.datamodule import validation_start
     from irm.artifacts import write_json
     from irm.runtime import start
-    from irm.sae.export import load_sae, sae_dir
+    from irm.sae.export import load_sae, sae_dir, write_sparsity
     from irm.sae.metrics import METRICS_FILE, ce_loss_recovered, heldout_metrics, summary_row
     from irm.stages import artifact
 
@@ -110,6 +110,7 @@ def evaluate(cfg, layers: list[int]) -> dict:
                 m.update(ce_clean=ce["clean"], ce_zero_ablated=ce["zero_ablated"], ce_spliced=ce[name]["spliced"],
                          ce_loss_recovered=ce[name]["recovered"], ce_tokens=ce["tokens"])
             write_json(sae_dir(cfg.run_dir, layer, int(name[1:])) / METRICS_FILE, m)
+            write_sparsity(sae_dir(cfg.run_dir, layer, int(name[1:])), m["feature_frequency"])
             rec[name] = summary_row(m)
         records[str(layer)] = rec
     summary = {
