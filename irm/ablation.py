@@ -1,10 +1,15 @@
 """`python -m irm ablate` (paper 5.2, table 5): mean reward of the tuned model's completions before and after
 zero-ablating, inside each chosen layer's SAE, the features the explainer labelled "related to the reward", with the
 controls the paper lacks: the SAE splice with nothing ablated, and as many random features ablated, each drawn to
-match a labelled feature's firing frequency (a feature that fires on every token moves the reward more than one that
-never fires, whatever it means). The headline numbers are paired differences on the same prompts: ablated minus
-splice-only, and ablated minus random, whose interval resamples prompts and random draws together (two-level
-bootstrap), so it counts the spread between draws and not only between prompts.
+match a labelled feature's firing frequency and its mean contribution (mean code times decoder row norm: a feature
+that fires on every token, or writes a large vector, moves the reward more than one that does not, whatever it
+means). The headline numbers are paired differences on the same prompts: ablated minus splice-only (paired t over
+prompts), and ablated minus random. For the latter the question is whether the labelled set is an outlier among
+random sets, so its interval is a t prediction interval over the random draws (issue 22): with per-draw mean
+differences m_d (d = 1..D), mean(m) +- t(D-1) s_m sqrt(1 + 1/D), exact under normality when the labelled set is one
+more draw of the random sets' distribution (the prompts are shared, so their noise cancels in m_d). Its width shrinks
+as t(D-1) sqrt(1 + 1/D): 4.97 s_m at 3 draws, 2.51 at 8, 2.37 at 10. Each draw is one more generation pass over the
+prompts (on the quickstart about 6 s).
 
 Features are zeroed in the SAE's code space, never as dimensions of the reconstruction (the authors' mistake). Two
 splice modes: `reconstruction` replaces the site output by the SAE's reconstruction (the paper's), `error` keeps
@@ -56,16 +61,18 @@ def intervention(sae, features: list[int], mode: str) -> Callable:
     return fn
 
 
-def firing_frequencies(model, tokenizer, saes: dict, prompts: list[list[int]], site: str,
-                       batch_size: int) -> dict[int, np.ndarray]:
-    """Per layer, the fraction of the prompts' real (non-pad) token positions where each SAE feature fires
-    (code > 0), read from the tuned model without any splice."""
+def feature_statistics(model, tokenizer, saes: dict, prompts: list[list[int]], site: str,
+                       batch_size: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per layer and SAE feature, over the prompts' real (non-pad) token positions, read from the tuned model without
+    any splice: (frequencies, magnitudes), the fraction of positions where the feature fires (code > 0) and its mean
+    contribution to the site output, mean code times its decoder row's norm in the raw space."""
     import torch
 
     from irm.models import capture
 
     layers = sorted(saes)
     active: dict[int, np.ndarray] = {}
+    total: dict[int, np.ndarray] = {}
     n = 0
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer.pad({"input_ids": prompts[start:start + batch_size]}, return_tensors="pt").to(model.device)
@@ -76,18 +83,28 @@ def firing_frequencies(model, tokenizer, saes: dict, prompts: list[list[int]], s
             sae = saes[layer]
             with torch.inference_mode():
                 codes_NF = sae.encode(acts[layer][keep_BT].to(next(sae.parameters()).dtype))
-            counts = (codes_NF > 0).sum(dim=0).cpu().numpy().astype(np.int64)
-            active[layer] = active.get(layer, 0) + counts
+            active[layer] = active.get(layer, 0) + (codes_NF > 0).sum(dim=0).cpu().numpy().astype(np.int64)
+            total[layer] = total.get(layer, 0) + codes_NF.double().sum(dim=0).cpu().numpy()
         n += int(keep_BT.sum())
-    return {layer: np.asarray(active[layer], dtype=np.float64) / max(n, 1) for layer in layers}
+    frequencies, magnitudes = {}, {}
+    for layer in layers:
+        sae = saes[layer]
+        # decode(codes) = (codes W_dec + b_dec) / input_scale: feature i writes code_i W_dec[i] / input_scale
+        norms = (sae.dictionary.double().norm(dim=1) / float(sae.input_scale)).cpu().numpy()
+        frequencies[layer] = np.asarray(active[layer], dtype=np.float64) / max(n, 1)
+        magnitudes[layer] = np.asarray(total[layer], dtype=np.float64) / max(n, 1) * norms
+    return frequencies, magnitudes
 
 
 def draw_matched_features(features: dict[int, list[int]], frequencies: dict[int, np.ndarray], draws: int,
-                          seed: int, pool: int) -> list[dict[int, list[int]]]:
-    """`draws` control sets matched on firing frequency: per layer and labelled feature, one feature drawn at
-    random from the `pool` live (frequency > 0), unlabelled, not yet drawn features nearest to it in log frequency.
-    Dead features are never drawn (a labelled feature that never fires is matched with the rarest live ones).
-    Draw d depends only on (seed, d), so adding draws keeps the old."""
+                          seed: int, pool: int,
+                          magnitudes: dict[int, np.ndarray] | None = None) -> list[dict[int, list[int]]]:
+    """`draws` control sets matched on firing frequency and, with `magnitudes`, on mean contribution (mean code
+    times decoder norm): per layer and labelled feature, one feature drawn at random from the `pool` live
+    (frequency > 0), unlabelled, not yet drawn features nearest to it in (log frequency, log magnitude), each
+    coordinate in units of its spread over the layer's candidates. Dead features are never drawn (a labelled feature
+    that never fires is matched with the rarest, weakest live ones). Draw d depends only on (seed, d), so adding
+    draws keeps the old."""
     out = []
     for d in range(draws):
         rng = np.random.default_rng([seed, d])
@@ -102,12 +119,19 @@ def draw_matched_features(features: dict[int, list[int]], frequencies: dict[int,
                     f"layer {layer}: {len(labelled)} features are labelled related but only {len(candidates)} other "
                     f"features fire on the ablation prompts, too few for a frequency-matched random control; label "
                     f"fewer features (explain.max_features) or use more prompts (ablate.n_prompts)")
-            floor = freq[live].min() if len(live) else 1.0
-            log_c = np.log(freq[candidates]) if len(candidates) else np.zeros(0)
+            coords = [freq] if magnitudes is None else [freq, np.abs(np.asarray(magnitudes[layer], np.float64))]
+            scaled = []
+            for values in coords:
+                positive = values[live][values[live] > 0]
+                floor = positive.min() if len(positive) else 1.0
+                logs = np.log(np.maximum(values, floor))
+                spread = logs[candidates].std() if len(coords) > 1 and len(candidates) > 1 else 0.0
+                scaled.append(logs / (spread if spread > 0 else 1.0))
+            point = np.stack(scaled, axis=1)  # features x coordinates
             taken = np.zeros(len(candidates), dtype=bool)
             chosen = []
             for i in labelled:
-                gap = np.abs(log_c - np.log(max(freq[i], floor)))
+                gap = np.sqrt(((point[candidates] - point[i]) ** 2).sum(axis=1))
                 gap[taken] = np.inf
                 nearest = np.argsort(gap, kind="stable")[: min(pool, int((~taken).sum()))]
                 pick = int(rng.choice(nearest))
@@ -163,14 +187,14 @@ def _paired(rewards: np.ndarray, before: np.ndarray) -> dict:
 
 
 def _random_summary(draw_rewards: np.ndarray, draws: list[dict], before: np.ndarray,
-                    frequencies: dict[int, np.ndarray] | None = None) -> dict:
+                    frequencies: dict[int, np.ndarray] | None = None,
+                    magnitudes: dict[int, np.ndarray] | None = None) -> dict:
     """draw_rewards [draws, prompts]: pooled over all samples, over per-draw means, and paired per prompt (the
-    prompt's mean over draws minus its reward before); each draw with its features' firing frequencies."""
+    prompt's mean over draws minus its reward before); each draw with its features' firing frequencies and mean
+    contributions (when given)."""
     def freqs(f: dict) -> dict:
-        if frequencies is None:
-            return {}
-        return {"frequencies": {str(layer): [float(frequencies[layer][i]) for i in ix]
-                                for layer, ix in sorted(f.items())}}
+        return {key: {str(layer): [float(values[layer][i]) for i in ix] for layer, ix in sorted(f.items())}
+                for key, values in (("frequencies", frequencies), ("magnitudes", magnitudes)) if values is not None}
 
     return {
         **mean_ci(draw_rewards),
@@ -178,9 +202,6 @@ def _random_summary(draw_rewards: np.ndarray, draws: list[dict], before: np.ndar
         "diff_vs_before": mean_ci(draw_rewards.mean(axis=0) - before),
         "draws": [{"features": _json_features(f), **freqs(f), **mean_ci(r)} for f, r in zip(draws, draw_rewards)],
     }
-
-
-BOOTSTRAP = 10_000  # resamples of the two-level bootstrap
 
 
 def paired_difference(ablated: np.ndarray, control: np.ndarray) -> dict:
@@ -194,27 +215,30 @@ def paired_difference(ablated: np.ndarray, control: np.ndarray) -> dict:
     return out
 
 
-def difference_vs_draws(ablated_P: np.ndarray, draws_DP: np.ndarray, seed: int, resamples: int = BOOTSTRAP) -> dict:
-    """Ablated minus the random control, paired on prompts: the mean over draws d and prompts p of
-    ablated[p] - draw[d, p], with a 95% percentile interval from a two-level bootstrap that resamples prompts and,
-    independently, draws (both with replacement), so the spread between random draws widens the interval
-    (scipy.stats.bootstrap resamples one level only). With one draw that spread cannot be measured: the interval
-    then counts prompts only, and says so."""
+def difference_vs_draws(ablated_P: np.ndarray, draws_DP: np.ndarray) -> dict:
+    """Ablated minus the random control, paired on prompts: per draw d the mean over prompts of
+    ablated[p] - draw[d, p] (m_d), their mean, and a 95% t prediction interval over draws, mean(m) +- t(D-1) s_m
+    sqrt(1 + 1/D): the labelled set compared with the distribution of random sets, its own place in that
+    distribution counted (the 1) beside the uncertainty of the random sets' mean (the 1/D). `p_value` is the
+    matching two-sided t test. With one draw there is no spread to compare with: no interval, and it says so."""
+    from scipy import stats
+
     diff_DP = np.asarray(ablated_P, dtype=np.float64)[None, :] - np.asarray(draws_DP, dtype=np.float64)
     n_d, n_p = diff_DP.shape
-    rng = np.random.default_rng(seed)
-    # A resample with replacement is a multinomial count per draw and per prompt; its mean is
-    # count_d . diff . count_p / (n_d n_p), computed for every resample at once.
-    count_BD = rng.multinomial(n_d, np.full(n_d, 1.0 / n_d), size=resamples).astype(np.float64)
-    count_BP = rng.multinomial(n_p, np.full(n_p, 1.0 / n_p), size=resamples).astype(np.float64)
-    stats_B = np.einsum("bd,dp,bp->b", count_BD, diff_DP, count_BP) / (n_d * n_p)
-    lo, hi = np.percentile(stats_B, [2.5, 97.5])
     per_draw = diff_DP.mean(axis=1)
-    return {"mean": float(diff_DP.mean()), "ci95": [float(lo), float(hi)], "n": int(n_p), "draws": int(n_d),
-            "per_draw_means": [float(x) for x in per_draw],
-            "between_draw_std": float(per_draw.std(ddof=1)) if n_d > 1 else None,
-            "interval": ("two-level bootstrap over prompts and random draws, 95% percentile" if n_d > 1 else
-                         "bootstrap over prompts only (one random draw: the spread between draws is not counted)")}
+    out = {"mean": float(per_draw.mean()), "ci95": None, "p_value": None, "n": int(n_p), "draws": int(n_d),
+           "per_draw_means": [float(x) for x in per_draw], "between_draw_std": None,
+           "interval": "one random draw: no spread between draws to compare the labelled set with, no interval"}
+    if n_d < 2:
+        return out
+    sd = float(per_draw.std(ddof=1))
+    scale = sd * np.sqrt(1.0 + 1.0 / n_d)
+    half = float(stats.t.ppf(0.975, n_d - 1) * scale)
+    out.update(ci95=[out["mean"] - half, out["mean"] + half], between_draw_std=sd,
+               interval=f"t prediction interval over {n_d} random draws (df {n_d - 1}), 95%")
+    if scale > 0:
+        out["p_value"] = float(2 * stats.t.sf(abs(out["mean"]) / scale, n_d - 1))
+    return out
 
 
 def _json_features(features: dict[int, list[int]]) -> dict[str, list[int]]:
@@ -238,6 +262,7 @@ class _Setup:
     features: dict[int, list[int]]
     random_sets: list[dict[int, list[int]]]
     frequencies: dict[int, np.ndarray]
+    magnitudes: dict[int, np.ndarray]
     prompts: list[list[int]]
     reward: Callable
     common: tuple  # what every condition's results depend on besides the intervention
@@ -282,15 +307,15 @@ def _setup(cfg: RunConfig, device) -> _Setup:
             f"prefixes of {a.prefix_tokens} tokens; lower ablate.n_prompts or ablate.prefix_tokens, or raise "
             f"corpus.n_documents"
         )
-    frequencies = firing_frequencies(model, tokenizer, saes, prompts, cfg.cache.site, a.batch_size)
-    random_sets = draw_matched_features(features, frequencies, a.random_draws, cfg.seed, a.match_pool)
+    frequencies, magnitudes = feature_statistics(model, tokenizer, saes, prompts, cfg.cache.site, a.batch_size)
+    random_sets = draw_matched_features(features, frequencies, a.random_draws, cfg.seed, a.match_pool, magnitudes)
     reward = build_reward(cfg.reward, device)
     rd = RunDir(cfg.run_dir)
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("rlhf", "sae")}
     common = (cfg.seed, cfg.corpus, cfg.reward, cfg.cache.site, a.prefix_tokens, sampling_rule(cfg.rlhf, a.new_tokens),
               stamps)
-    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, frequencies, prompts, reward,
-                  common)
+    return _Setup(model, tokenizer, layers, related, saes, features, random_sets, frequencies, magnitudes, prompts,
+                  reward, common)
 
 
 def _summary(cfg: RunConfig, s: _Setup, modes: dict, before: np.ndarray) -> dict:
@@ -309,11 +334,14 @@ def _summary(cfg: RunConfig, s: _Setup, modes: dict, before: np.ndarray) -> dict
         "features": _json_features(s.features),
         "n_features": n_features,
         "random_draws": len(s.random_sets),
-        "random_control": (f"per labelled feature, one of the {a.match_pool} live unlabelled features nearest in log "
-                           f"firing frequency (fraction of the prompts' tokens where the code > 0, tuned model, no "
-                           f"splice); dead features never drawn"),
+        "random_control": (f"per labelled feature, one of the {a.match_pool} live unlabelled features nearest in (log "
+                           f"firing frequency, log mean contribution), each in units of its spread over the layer: "
+                           f"frequency = fraction of the prompts' tokens where the code > 0, contribution = mean code "
+                           f"times decoder row norm (raw space), tuned model, no splice; dead features never drawn"),
         "feature_frequencies": {str(layer): [float(s.frequencies[layer][i]) for i in ix]
                                 for layer, ix in sorted(s.features.items())},
+        "feature_magnitudes": {str(layer): [float(s.magnitudes[layer][i]) for i in ix]
+                               for layer, ix in sorted(s.features.items())},
         "model": before_s,
         "modes": modes,
         "before": {"mean": before_s["mean"], "ci95": before_s["ci95"]},
@@ -393,8 +421,8 @@ def _ablate(ranks: Ranks, cfg: RunConfig) -> dict | None:
         if s.random_sets:
             draw_r = np.stack([rewards_of(f"{mode} random {d + 1}/{len(s.random_sets)}", mode, f)
                                for d, f in enumerate(s.random_sets)])
-            modes[mode]["random"] = _random_summary(draw_r, s.random_sets, before, s.frequencies)
-            modes[mode]["ablated_minus_random"] = difference_vs_draws(ablated_r, draw_r, cfg.seed)
+            modes[mode]["random"] = _random_summary(draw_r, s.random_sets, before, s.frequencies, s.magnitudes)
+            modes[mode]["ablated_minus_random"] = difference_vs_draws(ablated_r, draw_r)
     if not ranks.is_main:
         return None
 

@@ -8,8 +8,16 @@ scale with the lexicon stage's mapping (kendall.json), so the threshold (paper: 
 
 The paper compares the related features with "the average feature", dead ones included: any explained feature
 (the explainer only sees features that fire) beats that. The control here is the *other explained* features of the
-same layers (explained and labelled 0): the lift is the ratio of the two groups' mean activation frequency, and its
-p-value comes from permuting the labels among the explained features (exact when the partitions are few).
+same layers (explained and labelled 0). A feature that fires on most tokens fires often where R is high too, so raw
+frequencies favour busy features; the verdict's statistic is each feature's *enrichment* over its own base rate,
+P(active | R > threshold) / P(active), 1 for a feature that ignores R whatever its rate (issue 22). The two groups'
+enrichments are compared by a label permutation test of Welch's t (studentised, so a group of rare, noisy features
+does not pass for a difference); raw frequencies are kept beside it.
+
+Circularity: the offline explainer (explain.backend offline) labels a feature related when reward-lexicon tokens
+carry most of its activation, and R's targets are that lexicon's values, so related features fire on the words R
+scores high by construction. validation.json records the label method and `circular` (the reason, or None); the
+findings row then reports the numbers with verdict "not tested" and says why.
 """
 
 from __future__ import annotations
@@ -74,6 +82,11 @@ class Frequencies:
             "per_layer": per_layer,
         }
 
+    def enrichment(self, layers: list[int], features: dict[int, list[int]]) -> np.ndarray:
+        """Each of `features`' P(active | R above) / P(active) (`enrichment`), NaN for one that never fires."""
+        return enrichment(self.per_feature(layers, features, above=True),
+                          self.per_feature(layers, features, above=False))
+
     def per_feature(self, layers: list[int], features: dict[int, list[int]], above: bool = True) -> np.ndarray:
         """Activation frequency of each of `features` (layer -> indices, in `layers` order), over the inputs R
         selects (`above`) or over all inputs; empty when there is no input to count."""
@@ -84,18 +97,45 @@ class Frequencies:
                         dtype=np.float64)
 
 
-def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) -> dict:
-    """Related vs other explained features' activation frequencies: means, lift (ratio of means), difference, and
-    the one-sided label-permutation p-value of the difference (H1: related features fire more). Permutation test
-    with scipy (exact enumeration when the partitions number at most N_PERMUTATIONS). None where a group is empty."""
+def enrichment(above_F: np.ndarray, all_F: np.ndarray) -> np.ndarray:
+    """Per feature, its activation frequency among the inputs R selects over its frequency among all inputs: how
+    much more often than its own base rate it fires where R is high (NaN where it never fires, or nothing was
+    counted)."""
+    above_F, all_F = np.asarray(above_F, dtype=np.float64), np.asarray(all_F, dtype=np.float64)
+    out = np.full(above_F.shape, np.nan)
+    np.divide(above_F, all_F, out=out, where=all_F > 0)
+    return out
+
+
+def welch_t(a, b, axis=-1):
+    """Welch's t of mean(a) - mean(b) along `axis` (vectorised for scipy's permutation_test); a difference over a
+    zero spread is +-inf, no difference 0."""
+    diff = a.mean(axis=axis) - b.mean(axis=axis)
+    se = np.sqrt(a.var(axis=axis, ddof=1) / a.shape[axis] + b.var(axis=axis, ddof=1) / b.shape[axis])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(diff == 0, 0.0, diff / se)
+
+
+def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0,
+                   what: str = "activation frequency") -> dict:
+    """Related vs other explained features' values of `what` (one per feature; NaN ones, features that never fired,
+    are left out and counted in `n_undefined`): means, lift (ratio of means), difference, and the one-sided
+    label-permutation p-values (H1: related features score higher; `p_value_less`: lower) of Welch's t with scipy
+    (exact enumeration when the partitions number at most N_PERMUTATIONS). With one feature in a group the
+    partitions are enumerated on the difference of means. None where a group is empty. The keys keep the
+    frequency names (`related_frequency`: the related group's mean of `what`) for the report's table."""
     from scipy.stats import permutation_test
 
-    out = {"n_related": int(len(related_F)), "n_other": int(len(other_F)),
+    related_F, other_F = np.asarray(related_F, dtype=np.float64), np.asarray(other_F, dtype=np.float64)
+    undefined = int((~np.isfinite(related_F)).sum() + (~np.isfinite(other_F)).sum())
+    related_F, other_F = related_F[np.isfinite(related_F)], other_F[np.isfinite(other_F)]
+    out = {"statistic": what, "n_related": int(len(related_F)), "n_other": int(len(other_F)),
+           "n_undefined": undefined,
            "related_frequency": float(related_F.mean()) if len(related_F) else None,
            "other_frequency": float(other_F.mean()) if len(other_F) else None,
            "lift": None, "difference": None, "p_value": None, "p_value_less": None,
-           "test": "label permutation among the explained features, one-sided (p_value: related fire more; "
-                   "p_value_less: they fire less), statistic = difference of mean frequencies"}
+           "test": "label permutation among the explained features, one-sided (p_value: related higher; "
+                   "p_value_less: lower), statistic = Welch's t of the two groups' means"}
     if not len(related_F) or not len(other_F):
         return out
     out["difference"] = out["related_frequency"] - out["other_frequency"]
@@ -103,13 +143,15 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) ->
         out["lift"] = out["related_frequency"] / out["other_frequency"]
     if min(len(related_F), len(other_F)) >= 2:
         for key, alternative in (("p_value", "greater"), ("p_value_less", "less")):
-            res = permutation_test((related_F, other_F), lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
-                                   permutation_type="independent", alternative=alternative, vectorized=True,
-                                   n_resamples=N_PERMUTATIONS, rng=np.random.default_rng(seed))
+            res = permutation_test((related_F, other_F), welch_t, permutation_type="independent",
+                                   alternative=alternative, vectorized=True, n_resamples=N_PERMUTATIONS,
+                                   rng=np.random.default_rng(seed))
             out[key] = float(res.pvalue)
     else:
-        # scipy wants two values per group; with one feature in a group the partitions are just which value it
-        # is, so enumerate them (ties count as extreme, as scipy counts them).
+        # scipy wants two values per group (and Welch's t a spread in each); with one feature in a group the
+        # partitions are just which value it is, so enumerate them on the difference of means (ties count as
+        # extreme, as scipy counts them).
+        out["test"] = out["test"].replace("Welch's t of the two groups' means", "difference of the groups' means")
         pool = np.concatenate([related_F, other_F])
         total = pool.sum()
         k, n = len(related_F), len(pool)
@@ -121,6 +163,31 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0) ->
         out["p_value"] = float(np.mean(diffs >= out["difference"] - tol))
         out["p_value_less"] = float(np.mean(diffs <= out["difference"] + tol))
     return out
+
+
+ENRICHMENT = "enrichment over base rate"  # the vs_other_explained entry that carries the verdict
+ENRICHMENT_TEXT = "per-feature enrichment P(active | R > threshold) / P(active)"
+
+
+def label_methods(root: Path) -> list[str]:
+    """How the small dictionary's features were labelled (explanations.jsonl's label_method), each method once."""
+    from irm.artifacts import read_jsonl
+    from irm.explain import EXPLANATIONS
+
+    return sorted({line["label_method"] for line in read_jsonl(root / EXPLANATIONS)
+                   if line.get("role") == "small" and line.get("label_method")})
+
+
+def circularity(methods: list[str]) -> Optional[str]:
+    """Why validating R against these labels is circular (None when it is not): the offline rule labels by the
+    reward lexicon's own tokens, the words R's targets score."""
+    from irm.explain.backends import OfflineBackend
+
+    if OfflineBackend.label_method in methods:
+        return ("circular: the offline rule labels a feature related when reward-lexicon tokens carry most of its "
+                "activation, and R's targets are that lexicon's values, so related features fire where R is high "
+                "by construction; label with an LLM (explain.backend local or openai) for a test")
+    return None
 
 
 def _eval_sequences(cfg: RunConfig, tokenizer) -> list:
@@ -170,6 +237,12 @@ def _print_result(result: dict, threshold: float, n_texts: int, n_related: int) 
     if vs["lift"] is not None:
         print(f"  vs the {vs['n_other']} other explained features: {pct(vs['other_frequency'])}, lift "
               f"{vs['lift']:.2f}, permutation p = {vs['p_value']:.3g}")
+    e = result["vs_other_explained"][ENRICHMENT]
+    if e["lift"] is not None:
+        print(f"  enrichment over each feature's base rate: related {e['related_frequency']:.2f}, other "
+              f"{e['other_frequency']:.2f}, permutation p = {e['p_value']:.3g}")
+    if result.get("circular"):
+        print(f"  {result['circular']}")
     if "note" in result:
         print(f"  note: {result['note']}")
 
@@ -216,7 +289,10 @@ def run(cfg: RunConfig) -> dict:
         "related": {str(k): v for k, v in related.items()},
         "active": "code > 0",
         **freqs.summary(layers, related),
+        "label_methods": label_methods(root),
         "vs_other_explained": {
+            ENRICHMENT: compare_groups(freqs.enrichment(layers, related), freqs.enrichment(layers, other), cfg.seed,
+                                       what=ENRICHMENT_TEXT),
             "inputs above threshold": compare_groups(freqs.per_feature(layers, related),
                                                      freqs.per_feature(layers, other), cfg.seed),
             "all inputs": compare_groups(freqs.per_feature(layers, related, above=False),
@@ -224,6 +300,7 @@ def run(cfg: RunConfig) -> dict:
         },
         "other": {str(k): v for k, v in other.items()},
     }
+    result["circular"] = circularity(result["label_methods"])
     if n_related == 0:
         result["note"] = ("no feature of the chosen layers was labelled related to the reward by the explain stage: "
                           "there is nothing to compare with the average feature")

@@ -17,7 +17,7 @@ from irm.ablation import (
     condition_rewards,
     difference_vs_draws,
     draw_matched_features,
-    firing_frequencies,
+    feature_statistics,
     paired_difference,
     intervention,
     result_files,
@@ -236,20 +236,43 @@ def test_random_control_too_large_is_a_user_error():
         draw_matched_features({0: [0, 1, 2]}, {0: np.array([0.5, 0.5, 0.5, 0.5, 0.0])}, draws=1, seed=0, pool=5)
 
 
-def test_firing_frequencies_count_real_tokens_only(tiny):
-    """Against a hand count on each unpadded prompt: left padding never counts as a token where a feature fires."""
+def test_feature_statistics_count_real_tokens_only(tiny):
+    """Against a hand count on each unpadded prompt: left padding never counts as a token where a feature fires; the
+    mean contribution is the mean code times the decoder row's norm over the input scale (numpy, float64)."""
     model, tokenizer, _ = tiny
     sae = random_sae(3)
+    with torch.no_grad():
+        sae.input_scale.fill_(2.5)
     prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23], [31, 32, 33, 34]]
-    got = firing_frequencies(model, tokenizer, {1: sae}, prompts, "mlp_out", batch_size=2)
-    counts, n = np.zeros(D), 0
+    got, magnitudes = feature_statistics(model, tokenizer, {1: sae}, prompts, "mlp_out", batch_size=2)
+    counts, sums, n = np.zeros(D), np.zeros(D), 0
     for ids in prompts:
         with torch.no_grad(), capture(model, [1]) as acts:
             model(input_ids=torch.tensor([ids]))
-        counts += (sae_codes_np(sae, acts[1][0].double().numpy()) > 0).sum(axis=0)
+        codes = sae_codes_np(sae, 2.5 * acts[1][0].double().numpy())
+        counts += (codes > 0).sum(axis=0)
+        sums += codes.sum(axis=0)
         n += len(ids)
     np.testing.assert_allclose(got[1], counts / n)
+    norms = np.linalg.norm(sae.W_dec.double().numpy(), axis=1) / 2.5
+    np.testing.assert_allclose(magnitudes[1], sums / n * norms, rtol=1e-5)
     assert 0 < got[1].mean() < 1
+
+
+def test_random_control_matches_mean_contribution_as_well_as_frequency():
+    """Features of one firing frequency but contributions spread over three decades: with magnitudes the drawn
+    features sit next to the labelled one's contribution (by a plain sort here); by frequency alone they do not."""
+    rng = np.random.default_rng(7)
+    n = 300
+    freq = np.full(n, 0.1)
+    magnitude = np.exp(rng.uniform(np.log(1e-3), 0.0, n))
+    labelled = int(np.argmax(magnitude))  # the strongest writer
+    both = draw_matched_features({0: [labelled]}, {0: freq}, draws=30, seed=0, pool=5, magnitudes={0: magnitude})
+    alone = draw_matched_features({0: [labelled]}, {0: freq}, draws=30, seed=0, pool=5)
+    top = set(np.argsort(-magnitude)[1:16].tolist())  # the 15 strongest other writers
+    assert all(d[0][0] in top for d in both)
+    assert np.mean([np.log(magnitude[d[0][0]]) for d in both]) > np.mean([np.log(magnitude[d[0][0]])
+                                                                           for d in alone]) + 1.0
 
 
 # --- paired differences ----------------------------------------------------------------------------------------
@@ -266,39 +289,33 @@ def test_ablated_minus_splice_is_scipys_paired_t():
     assert got["p_value"] == pytest.approx(res.pvalue, rel=1e-12)
 
 
-def two_level_bootstrap_by_loop(ablated, draws, resamples, seed):
-    """The two-level bootstrap written as a plain loop: pick draws, pick prompts, average the differences."""
-    rng = np.random.default_rng(seed)
-    n_d, n_p = draws.shape
-    out = []
-    for _ in range(resamples):
-        d = rng.integers(0, n_d, n_d)
-        p = rng.integers(0, n_p, n_p)
-        out.append((ablated[p][None, :] - draws[d][:, p]).mean())
-    return np.percentile(out, [2.5, 97.5])
-
-
-def test_difference_vs_draws_interval_counts_the_spread_between_draws():
+def test_difference_vs_draws_is_a_t_prediction_interval_over_draws():
+    """Against scipy: the per-draw mean differences m_d, mean(m) +- t(D-1) sd(m) sqrt(1 + 1/D), and the matching
+    two-sided p; the interval widens with the spread between draws, which a paired t over prompts ignores."""
     rng = np.random.default_rng(5)
     n_p = 40
     ablated = rng.normal(0.0, 1.0, n_p)
     noise = rng.normal(0.0, 0.2, (4, n_p))
     alike = ablated[None, :] + 0.3 + noise  # four draws that agree
     spread = alike + np.array([-1.5, -0.5, 0.5, 1.5])[:, None]  # same prompts, draws that disagree
-    a, b = difference_vs_draws(ablated, alike, seed=0), difference_vs_draws(ablated, spread, seed=0)
+    a, b = difference_vs_draws(ablated, alike), difference_vs_draws(ablated, spread)
     assert a["mean"] == pytest.approx(-0.3 - noise.mean()) and b["mean"] == pytest.approx(a["mean"])
+    for draws, got in ((alike, a), (spread, b)):
+        m = (ablated[None] - draws).mean(axis=1)
+        scale = m.std(ddof=1) * np.sqrt(1 + 1 / len(m))
+        half = stats.t.ppf(0.975, len(m) - 1) * scale
+        assert got["ci95"] == pytest.approx([m.mean() - half, m.mean() + half], rel=1e-12)
+        assert got["p_value"] == pytest.approx(2 * stats.t.sf(abs(m.mean()) / scale, len(m) - 1), rel=1e-10)
+        assert got["between_draw_std"] == pytest.approx(m.std(ddof=1))
+        # the same interval from scipy's one-sample t of the m_d, widened by sqrt(1 + D) (prediction, not mean)
+        lo, hi = stats.ttest_1samp(m, 0.0).confidence_interval(0.95)
+        assert got["ci95"][1] - got["ci95"][0] == pytest.approx((hi - lo) * np.sqrt(1 + len(m)), rel=1e-10)
     width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
     assert width(b) > 5 * width(a)
-    # A paired t interval over prompts of the mean-over-draws difference ignores the draws' spread entirely.
     t_lo, t_hi = mean_ci(ablated - spread.mean(axis=0))["ci95"]
     assert width(b) > 5 * (t_hi - t_lo)
-    # The vectorised resampling equals a plain loop's, up to Monte Carlo error.
-    for draws, got in ((alike, a), (spread, b)):
-        lo, hi = two_level_bootstrap_by_loop(ablated, draws, 4000, seed=1)
-        assert got["ci95"] == pytest.approx([lo, hi], abs=0.1 * (hi - lo))
-    assert b["between_draw_std"] == pytest.approx((ablated[None] - spread).mean(axis=1).std(ddof=1))
-    one = difference_vs_draws(ablated, alike[:1], seed=0)
-    assert one["between_draw_std"] is None and "prompts only" in one["interval"]
+    one = difference_vs_draws(ablated, alike[:1])
+    assert one["ci95"] is None and one["between_draw_std"] is None and "one random draw" in one["interval"]
 
 
 # --- sampling --------------------------------------------------------------------------------------------------

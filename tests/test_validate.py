@@ -39,19 +39,27 @@ def test_frequencies_hand_worked():
     assert none["related_frequency"] is None and none["average_frequency"] == out["average_frequency"]
 
 
-def exact_one_sided_p(related, other):
-    """P(mean(A) - mean(B) >= observed) over every way to choose which |related| of the pooled values are A."""
+def welch(a, b):
+    """Welch's t in plain numpy."""
+    return (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+
+
+def exact_one_sided_p(related, other, statistic=None):
+    """P(stat(A, B) >= observed) over every way to choose which |related| of the pooled values are A; the statistic
+    is Welch's t when both groups have two values or more (compare_groups' test), else the difference of means."""
     import itertools
 
+    if statistic is None:
+        statistic = welch if min(len(related), len(other)) >= 2 else (lambda a, b: a.mean() - b.mean())
     pool = np.concatenate([related, other])
     k, n = len(related), len(pool)
-    observed = related.mean() - other.mean()
+    observed = statistic(related, other)
     hits = total = 0
     for chosen in itertools.combinations(range(n), k):
         mask = np.zeros(n, dtype=bool)
         mask[list(chosen)] = True
         total += 1
-        hits += pool[mask].mean() - pool[~mask].mean() >= observed - 1e-12
+        hits += statistic(pool[mask], pool[~mask]) >= observed - 1e-12
     return hits / total
 
 
@@ -262,6 +270,15 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     related_columns = [*RELATED[1], 64 + RELATED[3][0]]
     assert val_split["related_frequency"] == pytest.approx(float(active[chosen][:, related_columns].mean()), abs=1e-9)
     assert val_split["average_frequency"] == pytest.approx(float(active[chosen].mean()), abs=1e-9)
+    # each feature's enrichment over its own base rate, by hand; features that never fire have none
+    base = active.mean(axis=0)
+    lifted = np.where(base > 0, active[chosen].mean(axis=0) / np.where(base > 0, base, 1), np.nan)
+    other_columns = [c for c in range(2 * 64) if c not in related_columns]
+    e = val_split["vs_other_explained"]["enrichment over base rate"]
+    assert e["related_frequency"] == pytest.approx(np.nanmean(lifted[related_columns]), abs=1e-9)
+    assert e["other_frequency"] == pytest.approx(np.nanmean(lifted[other_columns]), abs=1e-9)
+    assert e["n_undefined"] == int(np.isnan(lifted).sum())
+    assert val_split["label_methods"] == [] and val_split["circular"] is None  # labels written without a method
     main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS])
     val = json.loads((root / "validation.json").read_text())
     assert 0.0 < val["average_frequency_all_inputs"] < 1.0
