@@ -247,6 +247,24 @@ def stage_cfg(tmp_path, layers=(1, 3), top_k=3):
                      cache=CacheConfig(layers=list(layers)), dictionaries=DictionariesConfig(top_k=top_k))
 
 
+def write_cache(cfg, layer, d=16, rows=600, seed=0):
+    """A cache of `rows` anisotropic, mean-shifted activations (1/k spectrum, a shared mean) at `layer`, documents of
+    20 rows whose first rows are 50x off the others (the attention sink the chance level leaves out). Returns the
+    rows at positions > 0, as float64."""
+    from irm.activations.store import ShardWriter, cache_layer_dir
+
+    rng = np.random.default_rng(100 + seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    acts = (rng.standard_normal((rows, d)) / np.sqrt(np.arange(1, d + 1))) @ q.T + 2.0 * q[:, 0]
+    position = np.arange(rows) % 20
+    acts[position == 0] *= 50.0
+    writer = ShardWriter(cache_layer_dir(cfg.run_dir, layer), d, shard_rows=250)
+    writer.add(torch.tensor(acts, dtype=torch.float32), torch.zeros(rows, dtype=torch.int64),
+               torch.tensor(np.arange(rows) // 20), torch.tensor(position))
+    writer.close(model="test", layer=layer, site="mlp_out", max_length=20)
+    return acts.astype(np.float32).astype(np.float64)[position > 0]
+
+
 def export_pair(cfg, layer, d=16, shared=5, seed=0, n=None):
     """Export an x1 and an x2 SAE of one layer: n (default d) and 2n features of width d; x2 holds x1's first
     `shared` rows (rescaled) at shuffled positions that never equal the x1 index. Returns (small, large, positions).
@@ -279,6 +297,8 @@ def test_stage_writes_mmcs_json_tensorboard_and_manifest(tmp_path):
 
     cfg = stage_cfg(tmp_path)
     planted = {layer: export_pair(cfg, layer, seed=layer) for layer in (1, 3)}
+    for layer in (1, 3):
+        write_cache(cfg, layer, seed=layer)
     run(cfg)
     out = json.loads((tmp_path / "run" / "mmcs.json").read_text())
     assert set(out["layers"]) == {"1", "3"}
@@ -314,6 +334,8 @@ def test_stage_missing_sae_and_single_expansion_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="python -m irm sae"):
         run(cfg)
     export_pair(cfg, 0)
+    with pytest.raises(UserError, match="python -m irm cache"):  # the chance level reads the activations
+        run(cfg)
     cfg.sae.expansions = [1]
     with pytest.raises(UserError, match="sae.expansions"):
         run(cfg)
@@ -362,6 +384,47 @@ def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
     assert abs(wide["mean"] - np.mean(numpy_draws)) < 4 * spread * np.sqrt(1 / 50 + 1 / 200)
 
 
+def test_activation_moments_equal_numpys_mean_and_covariance_and_factor_reproduces_it():
+    from irm.dictionaries import activation_moments
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 1e4  # a large mean: summed around a shift
+    m = activation_moments([x[:3], np.zeros((0, 6)), x[3:200], torch.tensor(x[200:])])
+    assert m.rows == 500
+    np.testing.assert_allclose(m.mean.numpy(), x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.factor.numpy() @ m.factor.numpy().T, np.cov(x.T), rtol=1e-8, atol=1e-9)
+    with pytest.raises(ValueError, match="two rows"):
+        activation_moments([x[:1]])
+
+
+def anisotropic_rows(rng, n, d, mean_scale=0.0):
+    """Rows with a 1/k variance spectrum along random axes, shifted by mean_scale along the first axis."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (rng.standard_normal((n, d)) / np.sqrt(np.arange(1, d + 1))) @ q.T + mean_scale * q[:, 0]
+
+
+@pytest.mark.parametrize("mean_scale", [0.0, 1.0])
+def test_chance_from_moments_matches_numpy_draws_of_the_activations_distribution(mean_scale):
+    """Independent check: dictionaries whose rows are numpy's multivariate normals with the activations' mean and
+    covariance score what chance_mmcs(moments=...) reads, and both sit far above the isotropic level (issue 22: 1/k
+    spectrum, a shared mean)."""
+    from irm.dictionaries import activation_moments, chance_mmcs
+
+    rng = np.random.default_rng(9)
+    n, m, d = 32, 64, 32
+    acts = anisotropic_rows(rng, 4000, d, mean_scale)
+    ours = chance_mmcs(n, m, d, draws=60, seed=2, methods=("max",), moments=activation_moments([acts]))["max"]
+    mu, cov = acts.mean(axis=0), np.cov(acts.T)
+    numpy_draws = [numpy_max_mmcs(rng.multivariate_normal(mu, cov, n), rng.multivariate_normal(mu, cov, m))
+                   for _ in range(200)]
+    iso = chance_mmcs(n, m, d, draws=60, seed=2, methods=("max",))["max"]["mean"]
+    spread = np.std(numpy_draws, ddof=1)
+    print(f"chance {n}x{m} in {d} dims, mean {mean_scale}: ours {ours['mean']:.3f}, numpy {np.mean(numpy_draws):.3f}"
+          f" +- {spread:.3f}, isotropic {iso:.3f}")
+    assert abs(ours["mean"] - np.mean(numpy_draws)) < 4 * spread * np.sqrt(1 / 60 + 1 / 200)
+    assert ours["mean"] > iso + 0.1
+
+
 def test_a_feature_that_never_fires_is_never_a_shared_feature():
     from irm.dictionaries import compare_layer
 
@@ -388,49 +451,71 @@ def test_a_feature_that_never_fires_is_never_a_shared_feature():
 def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys):
     import json
 
-    from irm.dictionaries import chance_mmcs, run
+    from irm.dictionaries import activation_moments, chance_mmcs, run
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=16)
     small, large, positions = export_pair(cfg, 2)
+    acts = write_cache(cfg, 2)
     # The sae stage's held-out frequencies: small feature 0 (planted in x2) never fires.
     freq_small = [0.0] + [0.1] * 15
     (sae_dir(cfg.run_dir, 2, 1) / "metrics.json").write_text(json.dumps({"feature_frequency": freq_small}))
     (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").write_text(json.dumps({"feature_frequency": [0.2] * 32}))
     run(cfg)
     rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
-    expected = chance_mmcs(16, 32, 16, cfg.dictionaries.chance_draws, seed=cfg.seed * 1000 + 2)
+    # the chance level's moments are numpy's mean and covariance of the rows past each document's first
+    moments = activation_moments([acts])
+    expected = chance_mmcs(16, 32, 16, cfg.dictionaries.chance_draws, seed=cfg.seed * 1000 + 2, moments=moments,
+                           hungarian_draws=5)
     for method in ("max", "hungarian"):
-        assert rec["chance"][method]["draws"] == pytest.approx(expected[method]["draws"], abs=1e-12)
-    assert len(rec["chance"]["max"]["draws"]) == cfg.dictionaries.chance_draws == 5
+        assert rec["chance"][method]["draws"] == pytest.approx(expected[method]["draws"], abs=1e-9)
+    assert len(rec["chance"]["max"]["draws"]) == cfg.dictionaries.chance_draws == 99
+    assert len(rec["chance"]["hungarian"]["draws"]) == 5 and len(rec["chance_isotropic"]["max"]["draws"]) == 5
+    assert rec["chance_rows"] == len(acts) == 570
     assert rec["chance"]["max"]["std"] > 0
+    # activations with a mean and a steep spectrum: random rows drawn like them agree far more than isotropic ones
+    assert rec["chance"]["max"]["mean"] > rec["chance_isotropic"]["max"]["mean"] + 0.2
     assert rec["init"] is None  # exported by hand, not by a fit
     assert rec["firing"] == {"small": 15, "large": 32, "measured": True}
     assert 0 not in {p["small"] for p in rec["pairs"]}
     out = capsys.readouterr().out
-    assert f"random dictionaries {expected['max']['mean']:.3f}" in out
+    assert f"distribution {expected['max']['mean']:.3f}" in out
 
 
-def test_findings_row_compares_mmcs_with_chance_and_carries_sae_quality(tmp_path):
+def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_sae_quality(tmp_path):
+    """The verdict is the rank of the real MMCS among the chance draws (permutation p with the observed value
+    counted, computed here by hand), one-sided at the table's level (2.5% a tail); a record with isotropic chance
+    only, or none, is a "not tested" row that says why, never a missing row."""
     import json
 
-    from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, SUPPORTED, dictionaries_share_features
+    from irm.findings import ALPHA, NOT_DISTINGUISHABLE, NOT_TESTED, SUPPORTED, dictionaries_share_features
 
-    chance = {"max": {"mean": 0.14, "std": 0.002, "draws": [0.14] * 5}}
+    draws = list(np.linspace(0.40, 0.60, 99))  # 99 chance draws
+    chance = {"max": {"mean": float(np.mean(draws)), "std": float(np.std(draws, ddof=1)), "draws": draws}}
+    base = {"chance": chance, "chance_rows": 5000, "chance_isotropic": {"max": {"mean": 0.14}},
+            "dictionaries": {"small": "x1", "large": "x2"}}
     mmcs_json = {"layers": {
-        "3": {"max": 0.62, "max_ci95": [0.58, 0.66], "chance": chance, "init": {"max": 0.139},
-              "firing": {"small": 570, "large": 1100}, "dictionaries": {"small": "x1", "large": "x2"}},
-        "5": {"max": 0.141, "max_ci95": [0.139, 0.143], "chance": chance, "init": {"max": 0.14},
-              "firing": {"small": 300, "large": 400}, "dictionaries": {"small": "x1", "large": "x2"}},
-        "7": {"max": 0.10, "max_ci95": [0.09, 0.11], "chance": chance, "dictionaries": {}}}}
+        "3": {**base, "max": 0.62, "max_ci95": [0.58, 0.66], "init": {"max": 0.139},
+              "firing": {"small": 570, "large": 1100}},
+        "4": {**base, "max": 0.599, "max_ci95": [0.58, 0.62]},  # above 98 of 99 draws: p = 2/100, < 0.025
+        "5": {**base, "max": 0.597, "max_ci95": [0.55, 0.65]},  # above 97: p = 3/100, not below 0.025
+        "6": {"max": 0.62, "max_ci95": [0.58, 0.66], "chance": {"max": {"mean": 0.14, "std": 0.01, "draws": [0.14]}},
+              "dictionaries": {}},  # isotropic chance only (mmcs.json from before issue 22)
+        "7": {"max": 0.10, "max_ci95": [0.09, 0.11], "dictionaries": {}}}}
     (tmp_path / "mmcs.json").write_text(json.dumps(mmcs_json))
-    assert [r["verdict"] for r in dictionaries_share_features(tmp_path)] == [SUPPORTED, NOT_DISTINGUISHABLE,
-                                                                            CONTRADICTED]
+    rows = dictionaries_share_features(tmp_path)
+    assert [r["verdict"] for r in rows] == [SUPPORTED, SUPPORTED, NOT_DISTINGUISHABLE, NOT_TESTED, NOT_TESTED]
+    for row, observed in zip(rows[:3], (0.62, 0.599, 0.597)):
+        p = (1 + sum(d >= observed for d in draws)) / (1 + len(draws))
+        assert row["p_value"] == pytest.approx(min(1.0, 2 * p)) and (p < ALPHA / 2) == (row["verdict"] == SUPPORTED)
+        assert row["calibration"] == "mmcs"
+    assert "isotropic random dictionaries only" in rows[3]["detail"] and "no chance level" in rows[4]["detail"]
     (tmp_path / "sae").mkdir()
     (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"layers": {"3": {"x1": {
         "l0": 31.5, "width": 576, "explained_variance": 0.81, "dead_fraction": 0.02, "ce_loss_recovered": 0.9}}}}))
     row = dictionaries_share_features(tmp_path)[0]
-    assert "0.620 [0.580, 0.660]" in row["number"] and "0.140 ± 0.002" in row["control"]
+    assert "0.620 [0.580, 0.660]" in row["number"] and "5000 cached rows" in row["control"]
+    assert f"{np.mean(draws):.3f} ± {np.std(draws, ddof=1):.3f} (99 draws; isotropic ones 0.140)" in row["control"]
     assert "x1: L0 31.5 of 576, explained variance 0.810 (n/a without first tokens), dead 2.0%, CE loss recovered " \
            "0.900" in row["detail"]
     assert dictionaries_share_features(tmp_path / "missing") is None
@@ -521,12 +606,13 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
 
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import random_unit_dictionary, run
+    from irm.dictionaries import activation_moments, run
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=4)
     cfg.seed, cfg.dictionaries.chance_draws = 3, 1
     small, large, positions = export_pair(cfg, 2, d=8, n=12, seed=4)
+    acts = write_cache(cfg, 2, d=8, rows=300, seed=4)
     freq_small = [0.1] * 12
     freq_small[1] = 0.0
     freq_large = [0.3] * 24
@@ -546,15 +632,21 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
     assert rec["max_firing"] == pytest.approx(cos[alive_s][:, alive_l].max(axis=1).mean(), abs=1e-6)
     # planted pairs 2, 3, 4 are exact matches between firing features; pair 0's large feature never fires
     assert {(p["small"], p["large"]) for p in rec["pairs"][:3]} == {(i, int(positions[i])) for i in (2, 3, 4)}
+    # the one chance pair: standard normals from the seeded generator, mapped through the activations' mean and
+    # covariance factor (activation_moments, checked against numpy elsewhere), normalised here in numpy
+    moments = activation_moments([acts])
+    mean, factor = moments.mean.numpy(), moments.factor.numpy()
     g = torch.Generator().manual_seed(3 * 1000 + 2)
-    a, b = random_unit_dictionary(12, 8, g).numpy(), random_unit_dictionary(24, 8, g).numpy()
-    chance = a @ b.T
+    z_small = torch.randn(12, 8, generator=g, dtype=torch.float64).numpy()
+    z_large = torch.randn(24, 8, generator=g, dtype=torch.float64).numpy()
+    a, b = mean + z_small @ factor.T, mean + z_large @ factor.T
+    chance = brute_cos(a, b)
     rows, cols = linear_sum_assignment(-chance)
     # pytest >= 9.2 refuses approx of a dict holding a list: the scalars and the list of draws separately
     assert {k: rec["chance"]["max"][k] for k in ("mean", "std")} == pytest.approx(
-        {"mean": chance.max(axis=1).mean(), "std": 0.0}, abs=1e-12)
-    assert rec["chance"]["max"]["draws"] == pytest.approx([chance.max(axis=1).mean()], abs=1e-12)
-    assert rec["chance"]["hungarian"]["draws"] == pytest.approx([chance[rows, cols].mean()], abs=1e-12)
+        {"mean": chance.max(axis=1).mean(), "std": 0.0}, abs=1e-9)
+    assert rec["chance"]["max"]["draws"] == pytest.approx([chance.max(axis=1).mean()], abs=1e-9)
+    assert rec["chance"]["hungarian"]["draws"] == pytest.approx([chance[rows, cols].mean()], abs=1e-9)
     assert rec["chance"]["hungarian"]["std"] == 0.0
     # top_k 1 is allowed; without x2's held-out frequencies the firing counts are not measured (all 24 count)
     (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").unlink()
