@@ -283,6 +283,9 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     dictionaries: DictionariesConfig = field(default_factory=DictionariesConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    # Where the sae, regression and rlhf stages log their metrics, any of tensorboard, csv, mlflow (a local file store
+    # under log_dir/mlruns), wandb (offline); a stage's trainer.logger overrides it (irm.loggers).
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     triples: TriplesConfig = field(default_factory=TriplesConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
@@ -318,6 +321,7 @@ class _Checks:
     def need(self, ok: bool, where: str, value, rule: str) -> None:
         if not ok:
             self.out.append(f"{where}={value!r}: {rule}")
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # irm.loggers.BACKENDS
 
     def at_least(self, section, name: str, low, optional: bool = False, rule: str | None = None) -> None:
         """`section.name` >= `low` (or None when `optional`); `rule` replaces the default `must be >= low` text."""
@@ -357,6 +361,7 @@ def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
 def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of the reward."""
     r = cfg.reward
+    ch.need(all(name in LOGGERS for name in cfg.loggers), "loggers", cfg.loggers, f"each must be one of {LOGGERS}")
     ch.positive(r, "scale")
     ch.positive(r, "clip")
     ch.at_least(r, "positive_label", 0)

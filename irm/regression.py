@@ -288,15 +288,17 @@ def build_trainer(cfg: RunConfig, extra_callbacks: tuple = ()) -> L.Trainer:
     """The Trainer of `python -m irm regression`: TensorBoard under <log_dir>/<run name>/regression, checkpoints
     (last.ckpt) in <run_dir>/regression/checkpoints, R exported at the end."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from irm.loggers import stage_loggers
 
     root = Path(cfg.run_dir)
-    logger = TensorBoardLogger(save_dir=cfg.log_dir, name=root.name, version=REGRESSION_DIR)
+    # regression.trainer's logger (names or class_path mappings) replaces the run's loggers for this stage
+    logger = stage_loggers(cfg.log_dir, cfg.run_dir, REGRESSION_DIR, cfg.regression.trainer.get("logger", cfg.loggers))
     callbacks = [ModelCheckpoint(dirpath=str(root / REGRESSION_DIR / "checkpoints"), save_last=True),
                  ExportRegression(str(root / REGRESSION_DIR / EXPORT)), *extra_callbacks]
     kwargs = {"max_epochs": cfg.regression.epochs, "logger": logger, "callbacks": callbacks,
               "default_root_dir": str(root / REGRESSION_DIR), "log_every_n_steps": 10}
-    kwargs.update(cfg.regression.trainer)
+    kwargs.update({k: v for k, v in cfg.regression.trainer.items() if k != "logger"})
     try:
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as e:

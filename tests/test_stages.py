@@ -14,7 +14,7 @@ from irm import cli, stages
 from irm.config import ExplainConfig, RunConfig, TriplesConfig
 
 # RunConfig fields that say where and how a run executes, not what it computes: never fingerprinted.
-RUNTIME_FIELDS = {"run_dir", "device", "devices", "threads", "log_dir"}
+RUNTIME_FIELDS = {"run_dir", "device", "devices", "threads", "log_dir", "loggers"}
 SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - RUNTIME_FIELDS
 
 

@@ -35,13 +35,19 @@ def step_scalars(logs: dict) -> dict[str, float]:
 
 
 class ScalarLogger(TrainerCallback):
-    """TensorBoard scalars under `log_dir` and the same numbers as JSON lines in `jsonl`, one record per PPO step.
-    A resumed run drops what a killed run logged after its checkpoint (TensorBoard through `purge_step`), so every
-    step appears once."""
+    """TensorBoard scalars under `log_dir` and the same numbers as JSON lines in `jsonl`, one record per PPO step,
+    and to the run's other loggers (`cfg.loggers`: csv, mlflow, wandb through irm.loggers; TRL's own `report_to`
+    integrations read environment variables, a second configuration, so PPO logs through the same logger objects as
+    the Lightning stages instead). A resumed run drops what a killed run logged after its checkpoint (TensorBoard
+    through `purge_step`, the JSON lines by rewriting), so every step appears once there; the other loggers receive
+    the resumed steps again."""
 
-    def __init__(self, log_dir: Path, jsonl: Path):
+    def __init__(self, log_dir: Path, jsonl: Path, cfg=None):
         self.log_dir, self.jsonl = Path(log_dir), Path(jsonl)
         self.writer = None
+        self.tensorboard = cfg is None or "tensorboard" in cfg.loggers
+        self.others = [] if cfg is None else [n for n in cfg.loggers if n != "tensorboard"]
+        self.cfg, self.loggers = cfg, []
 
     def on_train_begin(self, args, state, control, **kwargs):
         from torch.utils.tensorboard import SummaryWriter
@@ -49,15 +55,25 @@ class ScalarLogger(TrainerCallback):
         done = state.global_step
         kept = [r for r in read_jsonl(self.jsonl) if r["step"] <= done]
         write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=done + 1 if done else None)
+        if self.tensorboard:
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=done + 1 if done else None)
+        if self.others:
+            from irm.loggers import stage_loggers
+
+            self.loggers = stage_loggers(self.cfg.log_dir, self.cfg.run_dir, self.log_dir.name, self.others)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         scalars = step_scalars(logs or {})
         if not scalars:
             return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, state.global_step)
-        self.writer.flush()  # a killed run keeps every step it logged
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, state.global_step)
+            self.writer.flush()  # a killed run keeps every step it logged
+        if self.loggers:
+            from irm.loggers import log_metrics
+
+            log_metrics(self.loggers, scalars, state.global_step)
         append_jsonl(self.jsonl, {"step": state.global_step, **scalars})
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -67,6 +83,11 @@ class ScalarLogger(TrainerCallback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.loggers:
+            from irm.loggers import finish
+
+            finish(self.loggers)
+            self.loggers = []
 
 
 class ProgressBar(TrainerCallback):

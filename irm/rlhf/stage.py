@@ -183,7 +183,8 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
     ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
                                 final=cfg.rlhf.keep_final_checkpoint)
-    scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, artifact(cfg.run_dir, "rlhf_metrics"))
+    scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, artifact(cfg.run_dir, "rlhf_metrics"),
+                           cfg)
     bar = ProgressBar()
     # TRL averages the logged metrics over ranks: rank 0 alone writes them and draws the bar.
     watchers = [scalars, bar] if rank == 0 else []

@@ -1,7 +1,7 @@
 """`python -m irm sae` (paper 4.2, appendix D): train the SAE pair (sae.expansions x the width) of every chosen layer
 on its activation cache through a lightning.Trainer, with the same classes `python -m irm fit --config
 configs/sae.yaml` uses. Checkpoints go to `<run_dir>/sae/layer-NN/checkpoints` (an interrupted run resumes from
-last.ckpt), TensorBoard logs to `<log_dir>/<run name>/sae/layer-NN`, exported SAEs to `<run_dir>/sae/layer-NN/x<e>`."""
+last.ckpt), metrics to the run's loggers (TensorBoard: `<log_dir>/<run name>/sae/layer-NN`), exported SAEs to `<run_dir>/sae/layer-NN/x<e>`."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from pathlib import Path
 from irm.errors import UserError
 
 # Trainer arguments the stage sets from the config itself.
-OWN_TRAINER_ARGS = ("max_epochs", "logger", "callbacks", "default_root_dir")
+OWN_TRAINER_ARGS = ("max_epochs", "callbacks", "default_root_dir")
 
 
 def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     """Fit (or resume) one layer's SAEs and export them; returns (exported directories, is rank zero)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from irm.activations import ActivationDataModule, cache_layer_dir
+    from irm.loggers import stage_loggers
     from irm.runtime import resume_from, seed_all
     from irm.sae.export import layer_dir, sae_dir
     from irm.sae.module import ExportSAEs, SAEModule
@@ -52,11 +51,12 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
         trainer = L.Trainer(
             max_epochs=s.epochs,
             default_root_dir=str(root),
-            logger=TensorBoardLogger(save_dir=cfg.log_dir, name=Path(cfg.run_dir).name,
-                                     version=f"sae/layer-{layer:02d}"),
+            # sae.trainer's logger (names or class_path mappings) replaces the run's loggers for this stage
+            logger=stage_loggers(cfg.log_dir, cfg.run_dir, f"sae/layer-{layer:02d}",
+                                 s.trainer.get("logger", cfg.loggers)),
             callbacks=[ModelCheckpoint(dirpath=str(checkpoints), save_last=True, every_n_train_steps=every),
                        ExportSAEs(str(root))],
-            **{"log_every_n_steps": log_every, **s.trainer},
+            **{"log_every_n_steps": log_every, **{k: v for k, v in s.trainer.items() if k != "logger"}},
         )
     except (TypeError, ValueError) as e:
         raise UserError(f"sae.trainer holds an argument lightning.Trainer rejects ({e}); fix sae.trainer") from e
