@@ -1,0 +1,130 @@
+"""The planted reward (issue 23): the shipped planted lexicon is what it says, and the per-set test
+(irm.findings.planted_shift) against a hand computation, blind to the moves that would fool a naive count."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from irm.cli import parse_config
+from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, planted_shift, planted_words_moved, tau_against_vader
+from irm.reward import planted_words, read_lexicon, vader_lexicon
+from irm.triples import heldout_words
+
+ROOT = Path(__file__).parents[1]
+PLANTED = {**{w: -3.0 for w in "awesome beautiful favorite glad happy love loved perfect strong sweet".split()},
+           **{w: 3.0 for w in "awkward bad badly lost nasty sorry terrible tired useless worst".split()}}
+
+
+def test_the_shipped_planted_lexicon_is_vader_with_the_documented_words_flipped():
+    cfg = parse_config("pipeline", ["--config", str(ROOT / "configs" / "planted.yaml")])
+    lexicon = read_lexicon(ROOT / cfg.reward.lexicon)
+    vader = vader_lexicon()
+    assert planted_words(lexicon) == PLANTED
+    assert all(vader[w] * v < 0 for w, v in PLANTED.items())  # a flip of VADER's sign, every one
+    assert {w: v for w, v in lexicon.items() if w not in PLANTED} == {w: v for w, v in vader.items()
+                                                                      if w == w.lower() and w not in PLANTED}
+    header = (ROOT / cfg.reward.lexicon).read_text(encoding="utf-8").splitlines()[:5]
+    assert all(w in " ".join(header) for w in PLANTED)  # documented in the file itself
+
+
+def test_every_planted_word_is_in_a_lemma_family_the_triples_hold_out():
+    cfg = parse_config("pipeline", ["--config", str(ROOT / "configs" / "planted.yaml")])
+    held = heldout_words(read_lexicon(ROOT / cfg.reward.lexicon), cfg.triples.heldout_fraction, cfg.seed)
+    assert set(PLANTED) <= set(held["positive"]) | set(held["negative"])
+
+
+def _by_hand(base, tuned, vader, planted):
+    """The statistic written out: residual moves off a least-squares line, signed, planted mean minus other mean;
+    the exact two-sided permutation p over every choice of the planted set."""
+    move = tuned - base
+    design = np.column_stack([np.ones_like(base), base])
+    coef, *_ = np.linalg.lstsq(design, move, rcond=None)
+    residual = move - design @ coef
+    is_planted = ~np.isnan(planted)
+    score = np.where(is_planted, np.sign(np.nan_to_num(planted)), -np.sign(vader)) * residual
+    keep = is_planted | (vader != 0)
+    score, labels = score[keep], is_planted[keep]
+    k = int(labels.sum())
+    observed = score[labels].mean() - score[~labels].mean()
+    null = []
+    for chosen in itertools.combinations(range(len(score)), k):
+        mask = np.zeros(len(score), dtype=bool)
+        mask[list(chosen)] = True
+        null.append(score[mask].mean() - score[~mask].mean())
+    null = np.array(null)
+    p = 2 * min(np.mean(null >= observed - 1e-12), np.mean(null <= observed + 1e-12))
+    return observed, min(p, 1.0)
+
+
+def test_planted_shift_matches_a_hand_computation_with_exact_permutations():
+    rng = np.random.default_rng(3)
+    vader = np.array([2.0, -1.5, 3.0, 0.0, -2.5, 1.0, -0.5, 2.2, -3.1, 1.7])
+    base = vader + rng.normal(0, 1, 10)
+    tuned = base + rng.normal(0, 0.5, 10)
+    planted = np.full(10, np.nan)
+    planted[[0, 4, 7]] = [-3.0, 3.0, -3.0]
+    tuned[[0, 7]] -= 1.0
+    tuned[4] += 1.0
+    shift, p = _by_hand(base, tuned, vader, planted)
+    got = planted_shift(base, tuned, vader, planted, n_resamples=10_000)  # > C(9, 3): scipy enumerates exactly
+    assert got["n_planted"] == 3 and got["n_other"] == 6  # the word VADER lacks and nobody planted is left out
+    assert got["shift"] == pytest.approx(shift, abs=1e-12)
+    assert got["p"] == pytest.approx(p, abs=1e-9)
+    assert got["ci95"][0] < got["shift"] < got["ci95"][1]
+
+
+def test_shrinkage_of_every_value_is_not_a_planted_move():
+    """Every tuned value is 0.5 x the base value: the planted words (VADER's strongest) move toward 0, i.e. toward
+    their planted sign, more than the others do; the residual statistic sees no planted shift."""
+    rng = np.random.default_rng(0)
+    vader = rng.choice([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], 400)
+    base = vader + rng.normal(0, 1, 400)
+    planted = np.full(400, np.nan)
+    strongest = np.argsort(-np.abs(base))[:20]
+    planted[strongest] = -3.0 * np.sign(vader[strongest])
+    naive = np.sign(planted[strongest]) * (0.5 * base - base)[strongest]
+    assert naive.mean() > 1.0  # a naive "moved toward the planted value" would call this a strong effect
+    got = planted_shift(base, 0.5 * base + rng.normal(0, 0.3, 400), vader, planted)
+    assert got["p"] > 0.05 and abs(got["shift"]) < 0.2
+
+
+def _control_words(path: Path, rows):
+    path.write_text("word,true,base,tuned,move,moved,direction,heldout\n" + "".join(
+        f"{w},{t},{b},{u},{u - b},0,same,1\n" for w, t, b, u in rows), encoding="utf-8")
+
+
+def test_the_findings_rows_read_the_control_words_and_kendall(tmp_path):
+    import json
+
+    rng = np.random.default_rng(1)
+    vader = vader_lexicon()
+    words = [w for w in sorted(vader) if w.isalpha() and w not in PLANTED][:200] + sorted(PLANTED)
+    true = [PLANTED.get(w, vader[w]) for w in words]
+    base = [vader[w] + rng.normal(0, 1) for w in words]
+    tuned = [b + rng.normal(0, 0.3) + (0.8 * np.sign(PLANTED[w]) if w in PLANTED else 0) for w, b in zip(words, base)]
+    _control_words(tmp_path / "control_words.csv", zip(words, true, base, tuned))
+    row = planted_words_moved(tmp_path)
+    assert row["verdict"] == SUPPORTED and row["calibration"] == "planted"
+    assert "20 planted words" in row["detail"]
+    _control_words(tmp_path / "control_words.csv", zip(words, [vader[w] for w in words], base, tuned))
+    assert planted_words_moved(tmp_path) is None  # the training lexicon is VADER's: nothing planted
+    assert tau_against_vader(tmp_path) is None
+    (tmp_path / "kendall.json").write_text(json.dumps({"reference": "the training reward's lexicon x.tsv",
+                                                       "vs_vader": {"tau": 0.3, "ci95": [0.2, 0.4], "p": 1e-5,
+                                                                    "n": 500}}))
+    row = tau_against_vader(tmp_path)
+    assert row["verdict"] == SUPPORTED and "second reference" in row["claim"] and "x.tsv" in row["detail"]
+
+
+def test_the_calibration_families_are_registered_and_separate_null_from_planted():
+    from irm.calibration import families, run_family
+
+    planted = [f for f in families() if f.finding == "planted"]
+    assert sum(f.null for f in planted) >= 1 and len({f.effect for f in planted if not f.null}) >= 3
+    sizes = {"words": 300, "planted_words": 20}
+    strongest = max(planted, key=lambda f: f.effect)
+    assert run_family(strongest, 20, sizes)["rate"] == 1.0
+    for null in (f for f in planted if f.null):
+        assert run_family(null, 20, sizes)["verdicts"].get(NOT_DISTINGUISHABLE, 0) >= 17
