@@ -26,6 +26,11 @@ LIGHTNING = {
 # `run(cfg: RunConfig)`.
 STAGES = {st.name: (st.module, st.help) for st in DECLARED}
 STAGES["pipeline"] = ("irm.pipeline", "run every stage in order from one config, skipping finished ones")
+# Sharing a run's SAEs through a Hugging Face Hub repository (irm.sae.hub).
+SHARING = {
+    "push": "irm push RUN_DIR REPO_ID [--private]: upload the run's exported SAEs to a hub repository",
+    "pull": "irm pull REPO_ID|FOLDER [--to DIR]: fetch SAEs in irm's hub layout and list their folders",
+}
 
 
 def version() -> str:
@@ -48,7 +53,33 @@ def _print_help() -> None:
     print("\nStages (one YAML config for all; `python -m irm <stage> --help` lists its options):")
     for name, (_, text) in STAGES.items():
         print(f"  {name:<18} {text}")
+    print("\nSharing SAEs (Hugging Face Hub layout, loadable by SAELens):")
+    for name, text in SHARING.items():
+        print(f"  {name:<18} {text}")
     print("\nExample: irm pipeline --config configs/quickstart.yaml        irm --version")
+
+
+def share(cmd: str, argv: list[str]) -> None:
+    """`irm push` / `irm pull` (irm.sae.hub)."""
+    from irm.sae import hub
+
+    parser = argparse.ArgumentParser(prog=f"irm {cmd}", description=SHARING[cmd], exit_on_error=False)
+    if cmd == "push":
+        parser.add_argument("run_dir")
+        parser.add_argument("repo_id")
+        parser.add_argument("--private", action="store_true")
+    else:
+        parser.add_argument("source", help="a hub repo id or a local folder in irm's layout")
+        parser.add_argument("--to", default=None, help="download into this folder (default: the hub cache)")
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UserError(f"{e}; `irm {cmd} --help` shows the arguments") from None
+    if cmd == "push":
+        print(hub.push(args.run_dir, args.repo_id, private=args.private))
+        return
+    for (layer, expansion), folder in sorted(hub.pull(args.source, args.to).items()):
+        print(f"layer {layer} x{expansion}: {folder}")
 
 
 def build_parser(stage: str):
@@ -192,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
             cli_main([cmd, *rest])
         elif cmd in STAGES:
             run_stage(cmd, rest)
+        elif cmd in SHARING:
+            share(cmd, rest)
         else:
             raise UserError(f"unknown command {cmd!r}; `python -m irm --help` lists the commands")
     except UserError as e:

@@ -210,3 +210,52 @@ def test_saelens_loads_every_exported_sae_and_encodes_and_decodes_as_ours(tiny_r
             assert again.tied == ours.tied
             torch.testing.assert_close(again.encode(x), codes, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(again.decode(codes), ours.decode(codes), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_an_sae_saved_by_saelens_itself_loads_here_and_computes_as_theirs(architecture, tmp_path):
+    """Not one of ours: an SAE SAELens builds and saves (random weights, its own cfg.json: decoder bias subtracted
+    from the input, no irm block) loads through irm.sae.load_sae and encodes and decodes as SAELens does; one irm
+    cannot run (a normalisation it does not implement) is refused in one line."""
+    sae_lens = pytest.importorskip("sae_lens")
+    import torch
+
+    from irm.errors import UserError
+    from irm.sae import load_sae
+
+    torch.manual_seed(0)
+    if architecture == "topk":
+        theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=16, d_sae=48, k=5))
+    else:
+        theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=16, d_sae=48))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    theirs.save_model(str(tmp_path / "theirs"))
+    ours = load_sae(tmp_path / "theirs")
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert (codes > 0).any()
+        torch.testing.assert_close(ours.encode(x), codes, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.decode(codes), theirs.decode(codes), rtol=1e-4, atol=1e-5)
+    cfg = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
+    cfg["normalize_activations"] = "layer_norm"
+    (tmp_path / "theirs" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="normalize_activations 'layer_norm'"):
+        load_sae(tmp_path / "theirs")
+
+
+@pytest.mark.slow
+def test_saelens_reads_our_model_and_hook_names(tiny_run):
+    """SAELens's loader sees the model and hook names our cfg.json gives (TransformerLens hook naming)."""
+    sae_lens = pytest.importorskip("sae_lens")
+
+    run_dir, _ = tiny_run
+    for cfg_path in sorted((run_dir / "sae").glob("layer-*/x*/cfg.json")):
+        layer = int(cfg_path.parent.parent.name.split("-")[1])
+        theirs = sae_lens.SAE.load_from_disk(str(cfg_path.parent), device="cpu")
+        assert theirs.cfg.metadata.hook_name == f"blocks.{layer}.hook_mlp_out"
+        assert theirs.cfg.metadata.model_name == json.loads(cfg_path.read_text())["irm"]["base_model"]
+

@@ -113,6 +113,19 @@ def write_sparsity(directory: str | os.PathLike, frequency) -> Path:
     return path
 
 
+def _unsupported(cfg: dict) -> Optional[str]:
+    """What of an SAELens cfg.json irm's SparseAutoencoder does not implement, or None."""
+    if cfg.get("architecture", "standard") not in ("standard", "topk"):
+        return f"architecture {cfg.get('architecture')!r}"
+    if cfg.get("normalize_activations") not in (None, "none"):
+        return f"normalize_activations {cfg.get('normalize_activations')!r}"
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        return "rescale_acts_by_decoder_norm"
+    if cfg.get("reshape_activations") not in (None, "none"):
+        return f"reshape_activations {cfg.get('reshape_activations')!r}"
+    return None
+
+
 def read_cfg(directory: str | os.PathLike) -> dict:
     from irm.artifacts import read_json
 
@@ -151,6 +164,10 @@ def load_sae(directory: str | os.PathLike, d_in: Optional[int] = None, device=No
             "rerun `python -m irm sae`"
         )
     own = cfg.get("irm") or (cfg.get("metadata") or {}).get("irm") or {}  # ours, or ours saved back by SAELens
+    unsupported = _unsupported(cfg)
+    if unsupported:
+        raise UserError(f"{directory / CFG_FILE} describes an SAE irm cannot run ({unsupported}); irm reads SAELens's "
+                        "standard (ReLU) and topk SAEs on raw activations")
     tied = bool(own.get("tied", False))
     topk = cfg.get("architecture") == "topk" or own.get("activation") == "topk"
     k = own.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
