@@ -16,9 +16,12 @@ from typing import Literal, Optional
 class ModelConfig:
     """The base model M_base. `name` is one of: a registry alias (`smollm2-135m-instruct`, the embedded default;
     `tiny-gpt-neox`, `tiny-gpt-neo`, `tiny-llama`, `tiny-gpt2`: randomly initialised from `RunConfig.seed`),
-    a hub id (`EleutherAI/pythia-70m`), a local HF directory, or a `.gguf` file."""
+    a hub id (`EleutherAI/pythia-70m`), a local HF directory, or a `.gguf` file; `tuned` the same for M_RLHF."""
 
     name: str = "smollm2-135m-instruct"
+    # M_RLHF given, not trained: a hub id, local HF directory or .gguf (as `name` accepts) fine-tuned from `name` (a
+    # full fine-tune or merged adapters). The rlhf stage then copies it into the run instead of running PPO.
+    tuned: Optional[str] = None
     revision: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # off unless the user turns it on: hub code runs on this machine
@@ -356,6 +359,12 @@ def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
     ch.need(m.tiny_d_model >= 4 and m.tiny_d_model % 4 == 0, "model.tiny_d_model", m.tiny_d_model,
             "must be a positive multiple of 4 (the tiny models' attention heads)")
     ch.at_least(cfg.corpus, "n_documents", 1)
+    if m.tuned is not None:
+        from irm.models import pair_problem
+
+        problem = pair_problem(m, cfg.seed)
+        if problem:
+            ch.out.append(problem)
 
 
 def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:

@@ -432,6 +432,17 @@ def _ready(model, tokenizer, device) -> tuple:
     return model.eval(), tokenizer
 
 
+def _source(name: str) -> str:
+    """What `from_pretrained` reads for a non-tiny model name: the converted HF directory of a `.gguf` file (or of
+    the embedded alias), else the name itself (a local HF directory or a hub id)."""
+    if name == EMBEDDED_ALIAS or name.endswith(".gguf"):
+        gguf = embedded_gguf() if name == EMBEDDED_ALIAS else Path(name).expanduser()
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {name} does not exist; {_hint()}")
+        return str(converted_gguf(gguf))
+    return name
+
+
 def load_model(model_cfg: "ModelConfig", seed: int = 0, device=None) -> tuple:
     """(causal LM in eval mode, tokenizer) for `model_cfg.name`: a tiny alias (random init from `seed`), the embedded
     alias, a `.gguf` file, a local HF directory or a hub id."""
@@ -439,10 +450,7 @@ def load_model(model_cfg: "ModelConfig", seed: int = 0, device=None) -> tuple:
     if name in TINY_MODELS:
         return _ready(*_tiny_model(model_cfg, seed), device)
     if name == EMBEDDED_ALIAS or name.endswith(".gguf"):
-        gguf = embedded_gguf() if name == EMBEDDED_ALIAS else Path(name).expanduser()
-        if not gguf.is_file():
-            raise UserError(f"GGUF file {name} does not exist; {_hint()}")
-        return _ready(*_from_pretrained(str(converted_gguf(gguf)), model_cfg.dtype), device)
+        return _ready(*_from_pretrained(_source(name), model_cfg.dtype), device)
     model, tokenizer = _from_pretrained(name, model_cfg.dtype, model_cfg.revision, model_cfg.trust_remote_code)
     return _ready(model, tokenizer, device)
 
@@ -460,3 +468,113 @@ def load_tuned(cfg: "RunConfig", device=None):
     if not (path / "config.json").is_file():
         raise UserError(f"no tuned policy in {path}; run `python -m irm rlhf` first")
     return load_pretrained(path, cfg.model.dtype, device, cfg.model.trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tuned model given by the user (model.tuned)
+
+
+def _config_and_vocab(name: str, model_cfg: "ModelConfig", seed: int, revision: Optional[str]) -> tuple:
+    """(HF config, tokenizer vocabulary or None when the directory ships no tokenizer) of a model name, without
+    loading its weights."""
+    if name in TINY_MODELS:
+        tokenizer = tiny_tokenizer()
+        return _tiny_config(name, model_cfg.tiny_layers, model_cfg.tiny_d_model, tokenizer), tokenizer.get_vocab()
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = _source(name)
+    if _looks_local(source) and not Path(source).expanduser().is_dir():
+        raise UserError(f"model directory {source} does not exist; {_hint()}")
+    source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
+    opts = dict(revision=revision, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, **opts)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load model {source!r} ({_first_line(e)}); {_hint()}") from None
+    if not _has_tokenizer(source):
+        return config, None  # a fine-tune saved without its tokenizer: it uses the base model's
+    try:
+        return config, AutoTokenizer.from_pretrained(source, **opts).get_vocab()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the tokenizer of {source!r} ({_first_line(e)}); {_hint()}") from None
+
+
+def pair_problem(model_cfg: "ModelConfig", seed: int = 0) -> Optional[str]:
+    """Why `model_cfg.tuned` cannot be the tuned descendant of `model_cfg.name` (another architecture, layer count,
+    hidden size or tokenizer), in one line with the fix; None when the pair matches. irm.config.validate asks before
+    any stage runs; only the configs and tokenizers are read."""
+    try:
+        base, base_vocab = _config_and_vocab(model_cfg.name, model_cfg, seed, model_cfg.revision)
+        tuned, tuned_vocab = _config_and_vocab(model_cfg.tuned, model_cfg, seed, None)
+    except UserError as e:
+        return f"model.tuned: {e}"
+    fix = f"give model.tuned a model fine-tuned from {model_cfg.name} (or set model.name to its base)"
+    for what, get in (("architecture", lambda c: c.model_type), ("layer count", lambda c: c.num_hidden_layers),
+                      ("hidden size", lambda c: c.hidden_size)):
+        if get(base) != get(tuned):
+            return (f"model.tuned {model_cfg.tuned} has {what} {get(tuned)!r} but model.name {model_cfg.name} has "
+                    f"{get(base)!r}; {fix}")
+    if base_vocab is not None and tuned_vocab is not None and base_vocab != tuned_vocab:
+        return (f"model.tuned {model_cfg.tuned} has another tokenizer than model.name {model_cfg.name} "
+                f"({len(tuned_vocab)} vs {len(base_vocab)} tokens, {len(set(tuned_vocab.items()) ^ set(base_vocab.items()))} "
+                f"entries differ); {fix}")
+    return None
+
+
+def tuned_identity(model_cfg: "ModelConfig", commit: Optional[str] = None) -> dict:
+    """What the manifest records of a given tuned model: its name, the directory read and, for local files, the
+    checksum of every file (a .gguf: of the file itself); for a hub id the commit it resolved to (`commit`, from
+    the loaded model's config)."""
+    name = model_cfg.tuned
+    out: dict = {"name": name}
+    if name.endswith(".gguf"):
+        out["sha256"] = sha256_file(Path(name).expanduser())
+    elif Path(name).expanduser().is_dir():
+        out["sha256"] = dir_checksum(Path(name).expanduser())
+    elif commit is not None:
+        out["commit"] = commit
+    return out
+
+
+def dir_checksum(path: Path) -> str:
+    """One hash of every file under `path` (relative names and contents)."""
+    from irm.artifacts import fingerprint
+
+    return fingerprint([(str(f.relative_to(path)), sha256_file(f)) for f in sorted(path.rglob("*")) if f.is_file()])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer(source: str) -> bool:
+    """False for a local directory of weights saved without a tokenizer; a hub id is assumed to have one."""
+    path = Path(source).expanduser()
+    return not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_given_tuned(model_cfg: "ModelConfig", seed: int = 0, device=None) -> tuple:
+    """(model, tokenizer) of `model_cfg.tuned` (any name `load_model` accepts); a directory saved without a
+    tokenizer gets the base model's (pair_problem has checked the two agree wherever both exist)."""
+    import dataclasses
+
+    tuned_cfg = dataclasses.replace(model_cfg, name=model_cfg.tuned, revision=None)
+    source = model_cfg.tuned if model_cfg.tuned in TINY_MODELS else _source(model_cfg.tuned)
+    if _has_tokenizer(source):
+        return load_model(tuned_cfg, seed, device)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(source).expanduser()), dtype=_torch_dtype(model_cfg.dtype),
+                                                     trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load model {source!r} ({_first_line(e)}); {_hint()}") from None
+    return _ready(model, _base_tokenizer(model_cfg), device)
+
+
+def _base_tokenizer(model_cfg: "ModelConfig"):
+    if model_cfg.name in TINY_MODELS:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_source(model_cfg.name), revision=model_cfg.revision,
+                                         trust_remote_code=model_cfg.trust_remote_code)

@@ -193,12 +193,12 @@ def classifier_lexicon(reward_cfg: RewardConfig) -> dict[str, float]:
     """The classifier reward's word values (PROBE_RULE) over VADER's one-word entries, cached on disk by classifier,
     label and rule (`irm.models.cache_dir()`): the reference a classifier-trained model is compared with."""
     from irm.artifacts import fingerprint, read_json, write_json
-    from irm.models import cache_dir
+    from irm.models import cache_dir, dir_checksum
 
     source = reward_cfg.classifier or ""
     local = Path(source).expanduser()
     ident = [source, reward_cfg.positive_label, PROBE_RULE,
-             _dir_checksum(local) if local.is_dir() else None]
+             dir_checksum(local) if local.is_dir() else None]
     path = cache_dir() / "probes" / f"{fingerprint(*ident)}.json"
     if path.is_file():
         return read_json(path)
@@ -213,12 +213,6 @@ def classifier_lexicon(reward_cfg: RewardConfig) -> dict[str, float]:
     lexicon = {w: 4.0 * v / top for w, v in kept.items()}
     write_json(path, lexicon)
     return lexicon
-
-
-def _dir_checksum(path: Path) -> str:
-    from irm.artifacts import fingerprint, sha256_file
-
-    return fingerprint([(str(f.relative_to(path)), sha256_file(f)) for f in sorted(path.rglob("*")) if f.is_file()])
 
 
 def spacy_tokenizer(pipeline: str):

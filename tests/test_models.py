@@ -4,6 +4,7 @@ corpus word, saved models reload identically, and bad names fail with one clear 
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,3 +376,94 @@ def test_embedded_smollm2_converts_once_matches_the_gguf_and_generates(tmp_path,
         out = again.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape == (2, enc["input_ids"].shape[1] + 5)
     assert all(text.strip() for text in tok.batch_decode(out[:, -5:], skip_special_tokens=True))
+
+
+# --- model.tuned: the user's own tuned model (issue 23.3) -----------------------------------------------------------
+
+
+def _save(tmp_path, name: str, **sizes) -> str:
+    """A tiny model (and its tokenizer) saved to disk; `sizes` override tiny_layers / tiny_d_model."""
+    cfg = ModelConfig(name="tiny-gpt-neox", **sizes) if name == "tiny-gpt-neox" else ModelConfig(name=name, **sizes)
+    model, tok = models.load_model(cfg, seed=0)
+    path = tmp_path / f"{name}-{'-'.join(f'{k}{v}' for k, v in sizes.items())}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+BASE = dict(name="tiny-gpt-neox", tiny_layers=2, tiny_d_model=16)
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("tuned,what", [
+    (("tiny-llama", dict(tiny_layers=2, tiny_d_model=16)), r"architecture 'llama' but model.name tiny-gpt-neox has "
+                                                           r"'gpt_neox'"),
+    (("tiny-gpt-neox", dict(tiny_layers=3, tiny_d_model=16)), "layer count 3 but model.name tiny-gpt-neox has 2"),
+    (("tiny-gpt-neox", dict(tiny_layers=2, tiny_d_model=32)), "hidden size 32 but model.name tiny-gpt-neox has 16"),
+])
+def test_a_mismatched_pair_is_refused_in_one_line(tmp_path, tuned, what):
+    path = _save(tmp_path, tuned[0], **tuned[1])
+    problem = models.pair_problem(ModelConfig(**BASE, tuned=path))
+    assert re.search(what, problem) and problem.endswith(
+        "; give model.tuned a model fine-tuned from tiny-gpt-neox (or set model.name to its base)")
+
+
+def test_a_tuned_model_with_another_tokenizer_is_refused(tmp_path):
+    path = _save(tmp_path, "tiny-gpt-neox", tiny_layers=2, tiny_d_model=16)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["zzplanted"])
+    tok.save_pretrained(path)
+    problem = models.pair_problem(ModelConfig(**BASE, tuned=path))
+    assert "another tokenizer than model.name tiny-gpt-neox" in problem and "1 entries differ" in problem
+    assert models.pair_problem(ModelConfig(**BASE, tuned=str(tmp_path / "nowhere"))).startswith(
+        "model.tuned: model directory")
+
+
+def test_the_pipeline_refuses_a_mismatched_pair_before_any_stage(tmp_path, capsys):
+    from irm.cli import main
+
+    path = _save(tmp_path, "tiny-gpt-neox", tiny_layers=3, tiny_d_model=64)  # tiny.yaml's base has 4 layers
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--config", str(TINY_CONFIG), "--run_dir", str(run_dir), "--model.tuned", path])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "layer count 3 but model.name tiny-gpt-neox has 4" in err[0]
+    assert not run_dir.exists()
+
+
+def test_a_given_tuned_model_is_the_runs_policy_and_layer_divergence_sees_its_changes(tiny_cfg, tmp_path):
+    """model.tuned: the rlhf stage trains nothing, saves the given model as rlhf/policy with its checksum in the
+    manifest; the divergence stage measures exactly the blocks that were changed (a full fine-tune as a perturbation
+    of two blocks, compared with the Frobenius norms computed here); a directory saved without its tokenizer gets the
+    base model's."""
+    import dataclasses
+
+    from irm import divergence
+    from irm.artifacts import read_json
+    from irm.config import validate
+    from irm.rlhf.stage import run as rlhf_run
+
+    base, _ = models.load_model(tiny_cfg.model, seed=tiny_cfg.seed)
+    tuned_dir = tmp_path / "tuned"
+    gen = torch.Generator().manual_seed(1)
+    expected = [0.0] * models.n_layers(base)
+    with torch.no_grad():
+        for layer in (1, 3):
+            for name, p in base.named_parameters():
+                if name.startswith(models.block_prefix(base, layer)):
+                    delta = 0.01 * torch.randn(p.shape, generator=gen)
+                    p.add_(delta)
+                    expected[layer] += float(delta.double().norm())
+    base.save_pretrained(tuned_dir)  # weights only: no tokenizer files
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, tuned=str(tuned_dir)))
+    validate(cfg)
+    rlhf_run(cfg)
+    record = read_json(Path(cfg.run_dir) / "manifest.json")["stages"]["rlhf"]
+    assert record["tuned"] == {"name": str(tuned_dir), "sha256": models.dir_checksum(tuned_dir)}
+    assert not (Path(cfg.run_dir) / "rlhf" / "metrics.jsonl").exists()  # nothing trained
+    policy, tok = models.load_tuned(cfg)
+    assert tok.get_vocab() == models.tiny_tokenizer().get_vocab()
+    divergence.run(cfg)
+    got = read_json(Path(cfg.run_dir) / "divergence.json")["values"]
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)  # float32 weights: (w + d) - w rounds d

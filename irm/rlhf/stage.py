@@ -1,5 +1,6 @@
 """`python -m irm rlhf`: PPO fine-tuning of the base model M_base into M_RLHF against the reward (paper 4.1, C),
-through TRL's PPOTrainer with a frozen reference copy of the base, a value model and our reward behind an adapter.
+through TRL's PPOTrainer with a frozen reference copy of the base, a value model and our reward behind an adapter;
+or, with `model.tuned`, the user's own tuned model taken as M_RLHF (`given_policy`).
 Resumable from full-state checkpoints; SIGINT/SIGTERM finish the current step, checkpoint and exit.
 
 Data parallel under a multi-process launcher (`torchrun --nproc_per_node N -m irm rlhf ...` or `accelerate launch
@@ -141,6 +142,25 @@ def _save_policy(cfg: RunConfig, out: Path, trainer, policy, tokenizer, lora, ge
     print(f"irm rlhf: done ({rate}{rewards}); tuned policy in {saved}", file=sys.stderr)
 
 
+def given_policy(cfg: RunConfig) -> None:
+    """`model.tuned`: no PPO. The given tuned model (its pairing with model.name checked by irm.config.validate) is
+    saved as the run's policy, where every later stage reads M_RLHF as it reads a PPO-trained one, and the manifest
+    records what it was (name, checksum of local files or the hub commit)."""
+    from irm.models import load_given_tuned, tuned_identity
+
+    open_run_dir(cfg)
+    start(cfg.seed, "cpu")
+    model, tokenizer = load_given_tuned(cfg.model, cfg.seed, device="cpu")
+    saved = artifact(cfg.run_dir, "policy")
+    with atomic_dir(saved) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    identity = tuned_identity(cfg.model, getattr(model.config, "_commit_hash", None))
+    mark_done(cfg, STAGE, [saved], tuned=identity)
+    print(f"irm rlhf: no training: the tuned model {cfg.model.tuned} (model.tuned) is the run's policy, saved in "
+          f"{saved}", file=sys.stderr)
+
+
 def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     """Train (or resume) PPO and save the tuned policy to `<run_dir>/rlhf/policy`. `callbacks`: extra
     TrainerCallbacks, run after ours (tests use them to watch or interrupt training)."""
@@ -149,6 +169,10 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
         print(f"irm rlhf: up to date: {artifact(cfg.run_dir, 'policy')} was trained with this config; nothing to do", file=sys.stderr)
         return
     rank, local_rank, world_size = launch_world()
+    if cfg.model.tuned is not None:
+        if rank == 0:
+            given_policy(cfg)
+        return
     if rank == 0:
         open_run_dir(cfg)
     device = start(cfg.seed, cfg.device)
