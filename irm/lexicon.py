@@ -65,8 +65,9 @@ def raw_threshold(threshold: float, mapping: dict) -> float:
 
 
 def kendall(true, predicted, bootstrap: int = 0, seed: int = 0) -> dict:
-    """scipy's Kendall tau-b and p-value of two float vectors, with a percentile bootstrap 95% interval (words
-    resampled with replacement, seeded). tau is None when it is undefined (fewer than 2 words or a constant)."""
+    """scipy's Kendall tau-b and p-value of two float vectors, with a percentile bootstrap 95% interval
+    (scipy.stats.bootstrap, words resampled in pairs, seeded). tau is None when it is undefined (fewer than 2 words
+    or a constant)."""
     from scipy.stats import kendalltau
 
     x, y = _floats(true, "true values"), _floats(predicted, "predicted values")
@@ -78,15 +79,15 @@ def kendall(true, predicted, bootstrap: int = 0, seed: int = 0) -> dict:
     res = kendalltau(x, y)
     out["tau"], out["p"] = float(res.statistic), float(res.pvalue)
     if bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        taus = []
-        for _ in range(bootstrap):
-            idx = rng.integers(0, len(x), len(x))
-            tau = kendalltau(x[idx], y[idx]).statistic
-            if np.isfinite(tau):
-                taus.append(tau)
-        if taus:
-            out["ci95"] = [float(v) for v in np.percentile(taus, [2.5, 97.5])]
+        from scipy.stats import bootstrap as scipy_bootstrap
+
+        with np.errstate(invalid="ignore"):
+            res = scipy_bootstrap((x, y), lambda a, b: kendalltau(a, b).statistic, paired=True, vectorized=False,
+                                  n_resamples=bootstrap, method="percentile", random_state=np.random.default_rng(seed))
+        ci = res.confidence_interval
+        # a resample with a constant side has no tau: scipy's interval is then NaN, and none is reported
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            out["ci95"] = [float(ci.low), float(ci.high)]
     return out
 
 

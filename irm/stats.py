@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -17,5 +15,7 @@ def mean_ci(values) -> dict:
     if x.size < 2:
         return {"mean": mean, "ci95": None, "std": 0.0, "n": int(x.size)}
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.975, x.size - 1) * std / math.sqrt(x.size))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "std": std, "n": int(x.size)}
+    if std == 0:
+        return {"mean": mean, "ci95": [mean, mean], "std": 0.0, "n": int(x.size)}
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=0.95)
+    return {"mean": mean, "ci95": [float(ci.low), float(ci.high)], "std": std, "n": int(x.size)}
