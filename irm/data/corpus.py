@@ -5,7 +5,7 @@ Local files are read here (pyarrow for parquet, the csv and json modules otherwi
 `datasets.load_dataset(fmt, data_files=...)`, which reads the same formats: that path writes an Arrow copy of every
 file into the datasets cache on first use and reports a malformed record as "An error occurred while generating the
 dataset" with the row only in its chained cause, where a user needs the file and line to fix it (checked with
-datasets 4 on a jsonl with a bad second line). Hub sources go through `datasets`."""
+datasets 5.2 on a jsonl with a bad second line). Hub sources go through `datasets`."""
 
 from __future__ import annotations
 
