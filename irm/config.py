@@ -246,6 +246,16 @@ class ControlConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """The calibration harness at this run's sizes (irm.calibration; `python -m irm calibrate`): simulated worlds
+    through the findings' own code, for each finding's false-positive rate and minimal detectable effect."""
+
+    worlds: int = 40  # worlds per family (null and planted); the full harness (benchmarks/calibration.py) runs 500+
+    bootstrap: int = 200  # delta_tau's resamples inside each simulated world (a real run: control.bootstrap)
+    permutations: int = 99  # sign-shuffled refits inside each simulated world (a real run: control.permutations)
+
+
+@dataclass
 class ValidateConfig:
     threshold: float = 3.0  # paper table 6: inputs where R predicts delta > 3
     n_inputs: int = 500
@@ -276,6 +286,9 @@ class RunConfig:
     devices: int = 1  # processes (one GPU each, or CPU processes) for cache, deltas, lexicon and ablate (irm.parallel)
     threads: Optional[int] = None  # torch CPU threads per process; None: torch's default (one per core)
     log_dir: str = "lightning_logs"  # TensorBoard root; each stage logs under <log_dir>/<run name>/<stage>
+    # Where the sae, regression and rlhf stages log their metrics, any of tensorboard, csv, mlflow (a local file store
+    # under log_dir/mlruns), wandb (offline); a stage's trainer.logger overrides it (irm.loggers).
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -286,13 +299,11 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     dictionaries: DictionariesConfig = field(default_factory=DictionariesConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
-    # Where the sae, regression and rlhf stages log their metrics, any of tensorboard, csv, mlflow (a local file store
-    # under log_dir/mlruns), wandb (offline); a stage's trainer.logger overrides it (irm.loggers).
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     triples: TriplesConfig = field(default_factory=TriplesConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
@@ -313,6 +324,7 @@ def fingerprint_data(section: str, data: dict) -> dict:
 # ---- validation: every section checked before any stage runs (the CLI calls `validate` first) ----------------------
 
 ABLATION_MODES = ("reconstruction", "error")
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # irm.loggers.BACKENDS
 
 
 class _Checks:
@@ -324,7 +336,6 @@ class _Checks:
     def need(self, ok: bool, where: str, value, rule: str) -> None:
         if not ok:
             self.out.append(f"{where}={value!r}: {rule}")
-LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # irm.loggers.BACKENDS
 
     def at_least(self, section, name: str, low, optional: bool = False, rule: str | None = None) -> None:
         """`section.name` >= `low` (or None when `optional`); `rule` replaces the default `must be >= low` text."""
@@ -353,6 +364,7 @@ def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of run-wide settings, the model and the corpus."""
     ch.at_least(cfg, "devices", 1)
     ch.at_least(cfg, "threads", 1, optional=True)
+    ch.need(all(name in LOGGERS for name in cfg.loggers), "loggers", cfg.loggers, f"each must be one of {LOGGERS}")
     ch.at_least(cfg, "seed", 0)
     m = cfg.model
     ch.at_least(m, "tiny_layers", 1)
@@ -370,7 +382,6 @@ def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
 def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of the reward."""
     r = cfg.reward
-    ch.need(all(name in LOGGERS for name in cfg.loggers), "loggers", cfg.loggers, f"each must be one of {LOGGERS}")
     ch.positive(r, "scale")
     ch.positive(r, "clip")
     ch.at_least(r, "positive_label", 0)
@@ -484,6 +495,13 @@ def _check_control(ch: "_Checks", cfg: RunConfig) -> None:
             "control.ridge_alphas", list(c.ridge_alphas), "must be a non-empty list of positive numbers")
 
 
+def _check_calibrate(ch: "_Checks", cfg: RunConfig) -> None:
+    c = cfg.calibrate
+    ch.at_least(c, "worlds", 1)
+    ch.at_least(c, "bootstrap", 20)
+    ch.at_least(c, "permutations", 19)
+
+
 def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of validation and ablation."""
     v = cfg.validate
@@ -501,7 +519,7 @@ def _problems(cfg: RunConfig) -> list[str]:
     """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
     ch = _Checks(cfg)
     for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
-                  _check_explain_and_triples, _check_regression_and_lexicon, _check_control,
+                  _check_explain_and_triples, _check_regression_and_lexicon, _check_control, _check_calibrate,
                   _check_validate_and_ablate):
         check(ch, cfg)
     return ch.out

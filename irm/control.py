@@ -19,8 +19,9 @@ directory `control/base-run` whose policy is M_base) and reads the base chain th
 config, whose PPO at lr 1e-2 on a random model inflates the chosen layers' activations 160x, the tuned SAEs'
 NMSE is 0.22 on M_RLHF and 26,000 on M_base: there the premise fails and `base` is the control to use.
 
-R is refitted here for both models by the same closed-form ridge (irm.regression.RidgePath: penalty chosen by exact
-leave-one-out error), not by the regression stage's Adam loop, so that both chains use one estimator and so that
+R is refitted here for both models by the same closed-form ridge (irm.regression.RidgePath), at one penalty for every
+chain (chosen by exact leave-one-triple-out error summed over the chains), not by the regression stage's Adam
+loop, so that both chains use one estimator and so that
 the nulls can refit it hundreds of times in seconds:
 - permutation null: R refit on targets whose signs are flipped for a random half of the triples (a triple's two
   rows swap their +/- sign; magnitudes kept), `control.permutations` times; p = (1 + #{tau_null >= tau}) / (1 + n);
@@ -73,10 +74,11 @@ def tuned_rows(root: Path, n_triples: int) -> Optional[dict]:
 
 
 def features_of(rows: dict, saes: dict, model, items: list, word_of_row: np.ndarray, n_words: int, pad_id: int,
-                batch_size: int, site: str, label: str) -> dict:
+                batch_size: int, site: str, label: str, context_of_row: Optional[np.ndarray] = None) -> dict:
     """For one model: its triple rows as float64 arrays, the SAEs' reconstruction error at the positive sentiment
-    tokens (normalised by the activations' variance), and every word's mean codes and raw activations over its
-    contexts (words x features)."""
+    tokens (normalised by the activations' variance), every word's mean codes and raw activations over its
+    contexts (words x features) and, with `context_of_row`, the codes and activations of every word in every
+    context (items x features: delta_tau's bootstrap resamples the contexts)."""
     import torch
 
     from irm.deltas import RAW
@@ -102,17 +104,22 @@ def features_of(rows: dict, saes: dict, model, items: list, word_of_row: np.ndar
         "words": per_word(word_codes.flatten(1).double().numpy(), word_of_row, n_words),
         "words_raw": per_word(word_raw.flatten(1).double().numpy(), word_of_row, n_words),
         "sae_nmse": nmse,
+        **({} if context_of_row is None else {
+            "items": word_codes.flatten(1).double().numpy(), "items_raw": word_raw.flatten(1).double().numpy(),
+            "word_of_item": np.asarray(word_of_row), "context_of_item": np.asarray(context_of_row)}),
     }
 
 
 def read_features(model, saes: dict, triples: list[dict], items: list, word_of_row: np.ndarray, n_words: int,
-                  pad_id: int, batch_size: int, site: str, label: str, rows: Optional[dict] = None) -> dict:
+                  pad_id: int, batch_size: int, site: str, label: str, rows: Optional[dict] = None,
+                  context_of_row: Optional[np.ndarray] = None) -> dict:
     """For one model: `features_of` its triple rows (read here unless `rows` gives them) and words."""
     if rows is None:
         from irm.deltas import triple_rows
 
         rows = triple_rows(model, saes, triples, pad_id, batch_size, site, f"control ({label}): triples")
-    return features_of(rows, saes, model, items, word_of_row, n_words, pad_id, batch_size, site, label)
+    return features_of(rows, saes, model, items, word_of_row, n_words, pad_id, batch_size, site, label,
+                       context_of_row)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,6 +135,33 @@ def flipped_signs(triple: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(flip[inverse], -1.0, 1.0)
 
 
+PAIRWISE_MAX = 600  # above this many words, Kendall tau by scipy (n log n) rather than by all pairs (n^2)
+
+
+def kendall_taus(true, predicted_KN) -> np.ndarray:
+    """Kendall tau-b of `true` against each row of `predicted_KN` (NaN entries left out, as scipy.stats.kendalltau's
+    nan_policy "omit" does), by all pairs at once for up to PAIRWISE_MAX words (the bootstraps and nulls take it
+    thousands of times, where scipy's per-call overhead dominated), else by scipy row by row. NaN when undefined."""
+    from scipy.stats import kendalltau
+
+    true = np.asarray(true, dtype=np.float64)
+    pred = np.atleast_2d(np.asarray(predicted_KN, dtype=np.float64))
+    if len(true) > PAIRWISE_MAX:
+        return np.array([kendalltau(true, row, nan_policy="omit").statistic for row in pred], dtype=np.float64)
+    iu = np.triu_indices(len(true), 1)
+    sx = np.sign(true[iu[0]] - true[iu[1]])
+    out = np.empty(len(pred))
+    step = max(1, 4_000_000 // max(1, len(sx)))  # rows at a time: a few million pairs in memory
+    for start in range(0, len(pred), step):
+        sy = np.sign(pred[start:start + step, iu[0]] - pred[start:start + step, iu[1]])
+        valid = np.isfinite(sy)
+        sy = np.where(valid, sy, 0.0)
+        sxv = np.where(valid, sx, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + step] = (sxv * sy).sum(axis=1) / np.sqrt((sxv != 0).sum(axis=1) * (sy != 0).sum(axis=1))
+    return out
+
+
 def taus(true: np.ndarray, predicted: np.ndarray, masks: dict) -> dict:
     """Kendall tau (irm.lexicon.kendall) of each subset."""
     from irm.lexicon import kendall
@@ -135,21 +169,20 @@ def taus(true: np.ndarray, predicted: np.ndarray, masks: dict) -> dict:
     return {name: kendall(true[m], predicted[m]) for name, m in masks.items()}
 
 
-def permutation_null(path, y: np.ndarray, triple: np.ndarray, words_F: np.ndarray, true: np.ndarray, masks: dict,
-                     observed: dict, n: int, seed: int) -> dict:
-    """R refit `n` times on sign-flipped targets (`flipped_signs`); per subset the null taus, their mean and sd,
-    and the one-sided permutation p-values of the observed tau (upper: `p_greater`, lower: `p_less`)."""
-    from scipy.stats import kendalltau
-
+def permutation_null(path, multiple: float, y: np.ndarray, triple: np.ndarray, words_F: np.ndarray, true: np.ndarray,
+                     masks: dict, observed: dict, n: int, seed: int) -> dict:
+    """R refit `n` times on sign-flipped targets (`flipped_signs`) at the observed fit's penalty; per subset the
+    null taus, their mean and sd, and the one-sided permutation p-values of the observed tau (upper: `p_greater`,
+    lower: `p_less`)."""
     from irm.findings import permutation_p
 
     rng = np.random.default_rng(seed)
-    null: dict[str, list[float]] = {name: [] for name in masks}
-    for _ in range(n):
-        w, b, _ = path.fit(y * flipped_signs(triple, rng))
-        pred = words_F @ w + b
-        for name, m in masks.items():
-            null[name].append(float(kendalltau(true[m], pred[m]).statistic) if m.sum() > 1 else float("nan"))
+    pred_PW = np.empty((n, len(true)))
+    for i in range(n):
+        w, b, _ = path.fit(y * flipped_signs(triple, rng), multiple)
+        pred_PW[i] = words_F @ w + b
+    null = {name: kendall_taus(true[m], pred_PW[:, m]) if m.sum() > 1 else np.full(n, np.nan)
+            for name, m in masks.items()}
     out = {}
     for name, values in null.items():
         arr = np.asarray(values, dtype=np.float64)
@@ -164,31 +197,84 @@ def permutation_null(path, y: np.ndarray, triple: np.ndarray, words_F: np.ndarra
     return out
 
 
-def paired_delta_tau(true, a, b, n_resamples: int = 1000, seed: int = 0) -> dict:
-    """tau(true, a) - tau(true, b) and its 95% percentile interval from scipy.stats.bootstrap with paired
-    resampling of words (a word's true value and both predictions travel together)."""
-    from scipy.stats import bootstrap, kendalltau
+def _rows_by_triple(triple: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row indices of each triple in `ids` order, [triples, rows per triple] (every triple has as many rows)."""
+    order = np.argsort(triple, kind="stable")
+    found, counts = np.unique(triple[order], return_counts=True)
+    if len(set(counts.tolist())) != 1 or not np.array_equal(found, ids):
+        raise ValueError("every chain needs the same triples, each with the same number of rows")
+    return order.reshape(len(ids), int(counts[0]))
 
-    true, a, b = (np.asarray(v, dtype=np.float64) for v in (true, a, b))
 
-    def stat(t, x, y):
-        return kendalltau(t, x).statistic - kendalltau(t, y).statistic
+def _items(f: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chain's words in context: (features per item, word of each item, context of each item). Features without
+    items (one row per word, already averaged) count as one context."""
+    items = f.get(f"items{key[1:]}") if "word_of_item" in f else None
+    if items is None:
+        words = f["words" + key[1:]]
+        return words, np.arange(len(words)), np.zeros(len(words), dtype=np.int64)
+    return items, np.asarray(f["word_of_item"]), np.asarray(f["context_of_item"])
 
-    out = {"delta": None, "ci95": None, "n": int(len(true)), "n_resamples": int(n_resamples),
-           "method": "scipy.stats.bootstrap, paired over words, percentile interval"}
-    if len(true) < 3:
-        return out
-    delta = float(stat(true, a, b))
-    if not np.isfinite(delta):
-        return out
-    out["delta"] = delta
-    if n_resamples > 0:
-        with np.errstate(invalid="ignore"):
-            res = bootstrap((true, a, b), stat, paired=True, vectorized=False, n_resamples=n_resamples,
-                            method="percentile", random_state=np.random.default_rng(seed))
-        ci = res.confidence_interval
-        if np.isfinite(ci.low) and np.isfinite(ci.high):
-            out["ci95"] = [float(ci.low), float(ci.high)]
+
+def resampled_deltas(features: dict, true: np.ndarray, masks: dict, scales: dict, multiple: float,
+                     pairs: dict, n_resamples: int, seed: int) -> dict:
+    """tau(a) - tau(b) for every pair of chains, with a 95% percentile interval from a bootstrap that resamples
+    every unit that varies, paired across the chains: the triples (R refitted on the drawn triples' rows, closed
+    form, at the one penalty `multiple` x each chain's own scale), the contexts the words are read in (a word's
+    features are its mean over the drawn contexts) and the words tau is taken over (within each subset). A chain is
+    (model label, "x" for the SAE codes or "x_raw" for the raw activations); `pairs` maps a name to (chain a,
+    chain b); `scales` maps a chain to its RidgePath's scale. A hand loop: scipy.stats.bootstrap resamples one
+    level of units, not three. Returns {pair name: {subset: {delta, ci95, p_value, n, ...}}}: p_value the two-sided
+    bootstrap p of "no difference" (twice the smaller share of draws on either side of 0)."""
+    from scipy.stats import kendalltau
+
+    from irm.regression import RidgeRefits
+
+    true = np.asarray(true, dtype=np.float64)
+    chains = sorted({c for pair in pairs.values() for c in pair})
+    ids = np.unique(features[chains[0][0]]["triple"])
+    refits, by_triple, items = {}, {}, {}
+    for label, key in chains:
+        f = features[label]
+        items[(label, key)] = _items(f, key)
+        refits[(label, key)] = RidgeRefits(f[key], f["y"], multiple * scales[(label, key)], items[(label, key)][0])
+        by_triple[(label, key)] = _rows_by_triple(np.asarray(f["triple"]), ids)
+    n_contexts = int(max(it[2].max() for it in items.values())) + 1
+    subsets = {name: np.flatnonzero(m) for name, m in masks.items()}
+    draws = {(c, s): np.full(n_resamples, np.nan) for c in chains for s in subsets}
+    rng = np.random.default_rng(seed)
+    for i in range(n_resamples):
+        picked = rng.integers(0, len(ids), len(ids))
+        context_weight = np.bincount(rng.integers(0, n_contexts, n_contexts), minlength=n_contexts)
+        words_drawn = {s: rng.choice(idx, size=len(idx)) for s, idx in subsets.items() if len(idx) > 2}
+        word_pred = np.empty((len(chains), len(true)))
+        for j, c in enumerate(chains):
+            item_pred = refits[c].predict(by_triple[c][picked].ravel())
+            _, word_of_item, context_of_item = items[c]
+            weight = context_weight[context_of_item].astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                word_pred[j] = (np.bincount(word_of_item, weights=weight * item_pred, minlength=len(true))
+                                / np.bincount(word_of_item, weights=weight, minlength=len(true)))
+        for s, drawn in words_drawn.items():
+            for c, tau in zip(chains, kendall_taus(true[drawn], word_pred[:, drawn])):
+                draws[(c, s)][i] = tau
+    out: dict = {}
+    for name, (a, b) in pairs.items():
+        out[name] = {}
+        for s, idx in subsets.items():
+            ta = kendalltau(true[idx], features[a[0]]["pred" + a[1][1:]][idx]).statistic if len(idx) > 2 else np.nan
+            tb = kendalltau(true[idx], features[b[0]]["pred" + b[1][1:]][idx]).statistic if len(idx) > 2 else np.nan
+            delta = float(ta - tb) if np.isfinite(ta) and np.isfinite(tb) else None
+            diff = draws[(a, s)] - draws[(b, s)]
+            diff = diff[np.isfinite(diff)]
+            ci = ([float(v) for v in np.percentile(diff, [2.5, 97.5])]
+                  if delta is not None and len(diff) >= max(20, n_resamples // 2) else None)
+            p = (min(1.0, 2 * min(1 + int((diff <= 0).sum()), 1 + int((diff >= 0).sum())) / (1 + len(diff)))
+                 if ci is not None else None)
+            out[name][s] = {"delta": delta, "ci95": ci, "p_value": p, "n": int(len(idx)), "n_triples": int(len(ids)),
+                            "n_contexts": n_contexts, "n_resamples": int(n_resamples), "penalty_multiple": multiple,
+                            "method": "bootstrap of triples (R refitted), contexts and words, paired across the "
+                                      "chains; percentile interval"}
     return out
 
 
@@ -236,25 +322,37 @@ def words_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def chain(features: dict, true: np.ndarray, masks: dict, alphas, permutations: int, seed: int,
-          raw: bool = True) -> dict:
-    """The chain on one model's features: R (closed-form ridge) on the codes, its per-word predictions and taus, the
-    permutation null; R on the raw activations and its taus."""
-    from irm.regression import RidgePath
+CHAINS = {"x": "SAE codes", "x_raw": "raw activations"}
 
-    path = RidgePath(features["x"], alphas)
-    w, b, alpha = path.fit(features["y"])
-    pred = features["words"] @ w + b
-    out = {"tau": taus(true, pred, masks), "ridge_alpha": alpha, "predicted": pred,
-           "train_r2": _r2(features["y"], features["x"] @ w + b)}
-    out["permutation"] = permutation_null(path, features["y"], features["triple"], features["words"], true, masks,
-                                          out["tau"], permutations, seed)
-    if raw:
-        raw_path = RidgePath(features["x_raw"], alphas)
-        w_raw, b_raw, alpha_raw = raw_path.fit(features["y"])
-        out["raw_predicted"] = features["words_raw"] @ w_raw + b_raw
+
+def penalty(features: dict, cc) -> tuple[dict, float]:
+    """Every chain's RidgePath (rows grouped by triple for leave-one-out) and the one penalty multiple all chains
+    use: the grid value with the least summed leave-one-triple-out error (`irm.regression.shared_multiple`)."""
+    from irm.regression import RidgePath, shared_multiple
+
+    keys = ("x", "x_raw") if cc.raw else ("x",)
+    paths = {(label, key): RidgePath(f[key], cc.ridge_alphas, f["triple"])
+             for label, f in features.items() for key in keys}
+    return paths, shared_multiple(list(paths.values()), [features[label]["y"] for label, _ in paths])
+
+
+def chain(features: dict, paths: dict, label: str, multiple: float, true: np.ndarray, masks: dict,
+          permutations: int, seed: int) -> dict:
+    """The chain on one model's features, at the shared penalty: R (closed-form ridge) on the codes, its per-word
+    predictions and taus, the permutation null; R on the raw activations and its taus (when its path is given)."""
+    f = features[label]
+    path = paths[(label, "x")]
+    w, b, _ = path.fit(f["y"], multiple)
+    pred = f["words"] @ w + b
+    out = {"tau": taus(true, pred, masks), "ridge_alpha": multiple, "predicted": pred,
+           "train_r2": _r2(f["y"], f["x"] @ w + b)}
+    out["permutation"] = permutation_null(path, multiple, f["y"], f["triple"], f["words"], true, masks, out["tau"],
+                                          permutations, seed)
+    if (label, "x_raw") in paths:
+        w_raw, b_raw, _ = paths[(label, "x_raw")].fit(f["y"], multiple)
+        out["raw_predicted"] = f["words_raw"] @ w_raw + b_raw
         out["raw_tau"] = taus(true, out["raw_predicted"], masks)
-        out["raw_ridge_alpha"] = alpha_raw
+        out["raw_ridge_alpha"] = multiple
     return out
 
 
@@ -264,38 +362,60 @@ def _r2(y, pred) -> float:
     return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
 
 
-def compare(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], results: dict, cc,
-            percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
-    """control.json's comparisons of the two chains: delta_tau per subset, SAE vs raw per model, per-word moves."""
+DELTA_SUBSETS = ("all", "heldout")
+
+
+def word_subsets(words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str]) -> dict:
+    """The lexicon stage's subsets (irm.lexicon.subset_masks) and `unseen`: the words no triple used. R is trained
+    on the triples' words with their signs as targets, so on a seen word it can read back the label it memorised
+    from the word's identity (measured in the calibration harness: tau 0.1-0.2 and "supported" in a third of the
+    worlds whose activations carry no sentiment at all); only unseen words test what R learned about sentiment."""
     from irm.lexicon import subset_masks
 
     masks = subset_masks(words, true, heldout, seen)
-    delta = {name: paired_delta_tau(true[m], results["tuned"]["predicted"][m], results["base"]["predicted"][m],
-                                    cc.bootstrap, seed) for name, m in masks.items() if name in ("all", "heldout")}
-    sae_vs_raw = {
-        label: {"all": paired_delta_tau(true, r["predicted"], r["raw_predicted"], cc.bootstrap, seed)}
-        for label, r in results.items() if "raw_predicted" in r
-    }
+    return {**masks, "unseen": ~masks["seen"]}
+
+
+def compare(features: dict, words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], results: dict,
+            paths: dict, multiple: float, cc, percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
+    """control.json's comparisons of the chains: delta_tau per subset and SAE vs raw per model (both from one
+    bootstrap, `resampled_deltas`), per-word moves."""
+    from irm.lexicon import subset_masks
+
+    masks = subset_masks(words, true, heldout, seen)
+    preds = {label: {**features[label], "pred": r["predicted"], "pred_raw": r.get("raw_predicted")}
+             for label, r in results.items()}
+    pairs = {"delta_tau": (("tuned", "x"), ("base", "x"))}
+    pairs.update({f"sae_vs_raw:{label}": ((label, "x"), (label, "x_raw")) for label, r in results.items()
+                  if "raw_predicted" in r})
+    scales = {c: p.scale for c, p in paths.items()}
+    deltas = resampled_deltas(preds, true, {name: masks[name] for name in DELTA_SUBSETS}, scales, multiple, pairs,
+                              cc.bootstrap, seed)
+    sae_vs_raw = {name.split(":", 1)[1]: {"all": d["all"]} for name, d in deltas.items() if name != "delta_tau"}
     recon = {label: affine(r["predicted"], percentiles) for label, r in results.items()}
     rows, moves = word_moves(words, true, recon["tuned"], recon["base"], heldout, cc.move_z)
     moves["top"] = rows[: cc.top_words]
-    return {"delta_tau": delta, "sae_vs_raw": sae_vs_raw, "per_word": moves}, rows
+    return {"delta_tau": deltas["delta_tau"], "sae_vs_raw": sae_vs_raw, "per_word": moves}, rows
 
 
 def analyse(features: dict, words: Sequence[str], true: np.ndarray, heldout: set[str], seen: set[str], cc,
             percentiles: Sequence[float], seed: int) -> tuple[dict, list]:
     """Everything control.json says about the two chains, from each model's features (`read_features`): per model
-    the taus, the permutation null and the raw-activation taus; delta_tau, SAE vs raw and the per-word moves. Returns
-    (that dict, every word's row of control_words.csv)."""
+    the taus, the permutation null and the raw-activation taus, all at one penalty (`penalty`); delta_tau, SAE vs
+    raw and the per-word moves. Returns (that dict, every word's row of control_words.csv)."""
     from irm.lexicon import subset_masks
 
-    masks = subset_masks(words, true, heldout, seen)
-    results = {label: chain(features[label], true, masks, cc.ridge_alphas, cc.permutations, seed, cc.raw)
+    masks = word_subsets(words, true, heldout, seen)
+    paths, multiple = penalty(features, cc)
+    results = {label: chain(features, paths, label, multiple, true, masks, cc.permutations, seed)
                for label in MODELS}
-    comparison, rows = compare(words, true, heldout, seen, results, cc, percentiles, seed)
+    comparison, rows = compare(features, words, true, heldout, seen, results, paths, multiple, cc, percentiles, seed)
     per_model = {label: {k: v for k, v in r.items() if k not in ("predicted", "raw_predicted")}
                  for label, r in results.items()}
-    return {**per_model, **comparison}, rows
+    return {**per_model, **comparison, "penalty": {
+        "multiple": multiple, "rule": "one ridge penalty for every chain (both models, codes and raw): the grid "
+                                      "multiple of the mean squared singular value with the least summed "
+                                      "leave-one-triple-out error"}}, rows
 
 
 def affine(raw, percentiles: Sequence[float]) -> np.ndarray:
@@ -368,7 +488,11 @@ def run(cfg: RunConfig) -> dict:
             layers = chosen_layers(cfg, n_layers(model))
             words, _ = lexicon_words(tokenizer, lexicon, cc.max_words, cfg.seed)
             contexts = unseen_contexts(info, cfg.lexicon.contexts_per_word, cfg.seed)
-            items, word_of_row = word_items(tokenizer, words, contexts)
+            # context by context, so that every item's context is known (delta_tau's bootstrap resamples them)
+            per_context = [word_items(tokenizer, words, [context]) for context in contexts]
+            items = [item for its, _ in per_context for item in its]
+            word_of_row = np.concatenate([w for _, w in per_context]).astype(np.int64)
+            context_of_row = np.concatenate([np.full(len(w), c) for c, (_, w) in enumerate(per_context)])
             kept = np.unique(word_of_row)  # words read in at least one context
             remap = np.full(len(words), -1)
             remap[kept] = np.arange(len(kept))
@@ -382,7 +506,8 @@ def run(cfg: RunConfig) -> dict:
         # The tuned chain's triples are the deltas stage's rows: the same model, SAEs and reader.
         stored = tuned_rows(root, len(triples)) if label == "tuned" else None
         features[label] = read_features(model, saes, triples, items, word_of_row, len(words),
-                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label, stored)
+                                        tokenizer.pad_token_id, cfg.cache.batch_size, cfg.cache.site, label, stored,
+                                        context_of_row)
         sae_fit[label] = features[label]["sae_nmse"]
         del model, saes
     analysis, rows = analyse(features, words, true, heldout, seen, cc, cfg.lexicon.percentiles, cfg.seed)
@@ -390,8 +515,8 @@ def run(cfg: RunConfig) -> dict:
     kendall_stage = read_json(root / relpath("kendall")) if (root / relpath("kendall")).exists() else {}
     report = {
         "sae_choice": SAE_CHOICE if cc.base_saes == "tuned" else SAE_OWN,
-        "chain": "deltas of the triples -> closed-form ridge R (penalty by leave-one-out error) -> R on every word's "
-                 "mean features over the contexts -> Kendall tau against the lexicon (raw R output)",
+        "chain": "deltas of the triples -> closed-form ridge R (one penalty, by leave-one-triple-out error) -> R on "
+                 "every word's mean features over the contexts -> Kendall tau against the lexicon (raw R output)",
         "layers": layers, "n_triples": len(triples), "n_words": len(words), "n_contexts": len(contexts),
         "sae_fit": {"nmse_at_sentiment_tokens": sae_fit,
                     "what": "sum of squared reconstruction errors over the sum of squared deviations from the mean, "

@@ -7,12 +7,21 @@ dict | list[dict] | None` that reads its stage's artifact (None when the artifac
 measured), builds the row with `finding(...)` and a verdict from one of the verdict functions below, and decorate it
 with `@row_builder` (or append it to `ROW_BUILDERS`).
 
-The three verdicts, for a claim "the effect is above the control's value":
-- "supported": the 95% interval lies wholly above the control's value (or p < alpha in the claimed direction);
-- "contradicted": it lies wholly below (or p < alpha in the opposite direction);
+The three verdicts, for a claim "the effect is above the control's value", at one convention for the whole table:
+two-sided level ALPHA = 0.05, i.e. 2.5% in each direction (a 95% interval, or a one-sided p-value against ALPHA / 2):
+- "supported": the 95% interval lies wholly above the control's value (or p < alpha / 2 in the claimed direction);
+- "contradicted": it lies wholly below (or p < alpha / 2 in the opposite direction);
 - "not distinguishable from the control": anything else, including an interval that touches the control's value.
-A claim whose stage ran but had nothing to measure (no feature labelled related, so nothing to validate or ablate)
-gets the row "not tested", with the reason: a claim that silently drops out of the table reads as no problem.
+Across the table the rows' two-sided p-values (`p_value`) are Holm-corrected (`holm`): a row whose corrected p is
+not below ALPHA is "not distinguishable" whatever its own interval says, so the chance that any row of a run is a
+false positive stays at ALPHA. A row without a p-value keeps its own verdict and says it is outside the correction.
+A claim whose stage ran but had nothing to measure (no feature labelled related, so nothing to validate or ablate; an
+undefined held-out tau) gets the row "not tested", with the reason: a claim that silently drops out of the table
+reads as no problem.
+
+Every row names its calibration key (`irm.calibration`): `build_findings` adds the false-positive rate measured in
+the harness's null worlds (the largest over the finding's null families) and, for a "not distinguishable" row, the
+smallest effect this run could have detected with 80% power, from the run's calibration.json when it has one.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ NOT_DISTINGUISHABLE = "not distinguishable from the control"
 CONTRADICTED = "contradicted"
 NOT_TESTED = "not tested"
 VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED, NOT_TESTED)
-ALPHA = 0.05  # the level of every p-value verdict (two one-sided tests, or a two-sided test read with its sign)
-FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration")
+ALPHA = 0.05  # two-sided level of every verdict: 95% intervals, one-sided p-values against ALPHA / 2
+FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration", "p_value")
+# What build_findings adds to every row: the Holm-corrected p and the calibration harness's numbers.
+ADDED = ("p_holm", "false_positive_rate", "false_positive_ci95", "minimal_detectable_effect", "effect_unit")
 
 Row = dict[str, str]
 RowBuilder = Callable[[Path], Union[Row, list, None]]
@@ -56,13 +67,32 @@ def verdict_from_interval(ci: Optional[Sequence[float]], control: float = 0.0) -
 
 def verdict_from_p(p_greater: Optional[float], p_less: Optional[float], alpha: float = ALPHA) -> str:
     """The verdict on "the effect is above the control" from the two one-sided p-values of a test (e.g. the upper and
-    lower tail of a permutation null): supported when the upper one is below `alpha`, contradicted when the lower
-    one is, else not distinguishable."""
-    if p_greater is not None and p_greater < alpha:
+    lower tail of a permutation null): supported when the upper one is below `alpha` / 2, contradicted when the
+    lower one is, else not distinguishable (the table's one convention: two-sided level `alpha`)."""
+    if p_greater is not None and p_greater < alpha / 2:
         return SUPPORTED
-    if p_less is not None and p_less < alpha:
+    if p_less is not None and p_less < alpha / 2:
         return CONTRADICTED
     return NOT_DISTINGUISHABLE
+
+
+def two_sided(p_greater: Optional[float], p_less: Optional[float]) -> Optional[float]:
+    """The two-sided p-value of two one-sided ones (twice the smaller, at most 1)."""
+    ps = [p for p in (p_greater, p_less) if p is not None]
+    return min(1.0, 2 * min(ps)) if ps else None
+
+
+def holm(p_values: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm's step-down adjustment of the p-values that are not None (scipy.stats.false_discovery_control has no Holm;
+    statsmodels' multipletests would be a dependency for five lines)."""
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    m = len(idx)
+    out: list[Optional[float]] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
 
 
 def verdict_from_two_sided(p: Optional[float], effect: Optional[float], alpha: float = ALPHA) -> str:
@@ -92,13 +122,15 @@ def permutation_p(observed: float, null: Sequence[float], alternative: str = "gr
 # Rows
 
 
-def finding(claim: str, number: str, control: str, verdict: str, detail: str, calibration: Optional[str] = None) -> Row:
+def finding(claim: str, number: str, control: str, verdict: str, detail: str, calibration: Optional[str] = None,
+            p_value: Optional[float] = None) -> Row:
     """One row. `calibration` names the finding's families in the calibration harness (`irm.calibration`), whose
-    measured false-positive rate and power the row carries."""
+    measured false-positive rate and power the row carries; `p_value` is the row's two-sided p-value (the Holm
+    correction across the table reads it; None: the row stays outside the correction)."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail,
-            "calibration": calibration}
+            "calibration": calibration, "p_value": None if p_value is None else float(p_value)}
 
 
 def ce_gaps(m: dict) -> Optional[tuple[float, float]]:
@@ -111,8 +143,9 @@ def ce_gaps(m: dict) -> Optional[tuple[float, float]]:
     return spliced - clean, zero - clean
 
 
-def _not_tested(claim: str, why: str) -> Row:
-    return finding(claim=claim, number="none", control="none", verdict=NOT_TESTED, detail=why)
+def _not_tested(claim: str, why: str, calibration: Optional[str] = None) -> Row:
+    return finding(claim=claim, number="none", control="none", verdict=NOT_TESTED, detail=why,
+                   calibration=calibration)
 
 
 def row_builder(fn: RowBuilder) -> RowBuilder:
@@ -121,8 +154,11 @@ def row_builder(fn: RowBuilder) -> RowBuilder:
     return fn
 
 
-def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilder]] = None) -> list[Row]:
-    """Every registered claim whose artifacts are in `root`, as rows {claim, number, control, verdict, detail}."""
+def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilder]] = None,
+                   calibration: Optional[dict] = None) -> list[Row]:
+    """Every registered claim whose artifacts are in `root`, as rows (FIELDS, then ADDED): Holm-corrected across
+    the table (`correct`) and with the calibration harness's numbers (`calibrated`; from `calibration`, else the
+    run's calibration.json when the calibrate stage ran)."""
     root = Path(root)
     rows: list[Row] = []
     for build in ROW_BUILDERS if builders is None else builders:
@@ -133,7 +169,44 @@ def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilde
             if set(r) != set(FIELDS) or r["verdict"] not in VERDICTS:
                 raise ValueError(f"{build.__name__} built a malformed findings row: {r}")
             rows.append(r)
-    return rows
+    if calibration is None:
+        calibration = _load(root, "calibration")
+    return calibrated(correct(rows), calibration)
+
+
+def correct(rows: list[Row], alpha: float = ALPHA) -> list[Row]:
+    """The rows with `p_holm` (Holm across the rows that have a two-sided p-value) and the verdict it allows: a
+    supported or contradicted row whose corrected p is not below `alpha` becomes not distinguishable, saying so."""
+    adjusted = holm([r.get("p_value") if r["verdict"] != NOT_TESTED else None for r in rows])
+    m = sum(p is not None for p in adjusted)
+    out = []
+    for r, p in zip(rows, adjusted):
+        r = {**r, "p_holm": p}
+        if p is None and r["verdict"] != NOT_TESTED:
+            r["detail"] += "; outside the Holm correction (no p-value)"
+        elif p is not None and r["verdict"] in (SUPPORTED, CONTRADICTED) and not p < alpha:
+            r["detail"] += (f"; {r['verdict']} on its own (p = {r['p_value']:.3g}), not after Holm's correction "
+                            f"over the table's {m} tested rows (p = {p:.3g})")
+            r["verdict"] = NOT_DISTINGUISHABLE
+        out.append(r)
+    return out
+
+
+def calibrated(rows: list[Row], calibration: Optional[dict]) -> list[Row]:
+    """The rows with their finding's measured false-positive rate (the largest over its null families, with its
+    95% interval) and, when not distinguishable, the minimal detectable effect at 80% power, from a calibration
+    record (calibration.json: {"findings": {key: {false_positive_rate, false_positive_ci95,
+    minimal_detectable_effect, effect_unit}}}); None where the harness has no such finding or did not run."""
+    per_finding = (calibration or {}).get("findings") or {}
+    out = []
+    for r in rows:
+        cal = per_finding.get(r.get("calibration") or "") or {}
+        out.append({**r, "false_positive_rate": cal.get("false_positive_rate"),
+                    "false_positive_ci95": cal.get("false_positive_ci95"),
+                    "minimal_detectable_effect": (cal.get("minimal_detectable_effect")
+                                                  if r["verdict"] == NOT_DISTINGUISHABLE else None),
+                    "effect_unit": cal.get("effect_unit")})
+    return out
 
 
 def _load(root: Path, key: str) -> Optional[Any]:
@@ -176,12 +249,8 @@ def paired_reward(ev: Optional[dict]) -> Optional[dict]:
             "p_value": d.get("p_value", d.get("p")), "n": d.get("n")}
 
 
-@row_builder
-def reward_raised(root: Path) -> Optional[Row]:
-    """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
-    d = paired_reward(_load(root, "reward_eval"))
-    if not d:
-        return None
+def reward_row(d: dict) -> Row:
+    """The reward row from the paired tuned - base difference ({mean, ci95, p_value, n}: `paired_reward`)."""
     p = d["p_value"]
     return finding(
         claim="RLHF raised the reward (paper table 7)",
@@ -189,63 +258,84 @@ def reward_raised(root: Path) -> Optional[Row]:
                f"{p_text(p)}",
         control="the base model on the same held-out prefixes and sampling seeds (paired)",
         verdict=verdict_from_interval(d.get("ci95")),
-        detail=f"n = {d.get('n')} paired completions; verdict from the 95% interval of the paired difference",
+        detail=f"n = {d.get('n')} paired completions; verdict from the 95% t-interval of the paired difference",
+        calibration="reward", p_value=p,
     )
 
 
-def layer_gap_test(values: Sequence[float], k: int, per_tensor: Optional[dict] = None, n_perm: int = 2000,
-                   seed: int = 0) -> dict:
-    """Do the k most divergent layers stand out from the rest by more than chance picks? Statistic: mean divergence
-    of the top k over the mean of the others. The top k are the largest by construction, so the null re-selects them
-    in every draw: with per-tensor norms ({tensor name: [one per layer]}), each tensor's norms are permuted across
-    layers independently (H0: no layer moved more than another, tensor by tensor); without them, the layers'
-    values are resampled with replacement (H0: all layers' values come from one distribution)."""
+@row_builder
+def reward_raised(root: Path) -> Optional[Row]:
+    """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
+    d = paired_reward(_load(root, "reward_eval"))
+    return reward_row(d) if d else None
+
+
+def layer_outlier_test(values: Sequence[float], k: int, n_sim: int = 4000, seed: int = 0) -> dict:
+    """Do the k most divergent layers stand out from the others by more than the top k of layers that differ at
+    random? Statistic: the gap between the mean log divergence of the top k and that of the others, in standard
+    deviations of the others' logs. Null: every layer's log divergence drawn independently from one normal
+    distribution (a random per-layer factor, no special layers): the statistic does not depend on that
+    distribution's mean and spread, so its null is simulated exactly from standard normals, the top k re-selected
+    in every draw. (Permuting each parameter tensor's norm across layers, the earlier null, tests only that the
+    tensors of a layer move together: with a 3% random factor per layer it said "supported" in 40 of 40 worlds.)"""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    if not 1 <= k < n:
-        return {"ratio": None, "p": None, "n_perm": 0, "null": "none: needs 1 <= k < layers"}
+    if not 1 <= k <= n - 3 or (values <= 0).any():
+        return {"statistic": None, "ratio": None, "p": None, "n_sim": 0,
+                "null": "none: needs at least 3 layers besides the top k, every divergence positive"}
 
-    def ratio(v: np.ndarray) -> float:
-        s = np.sort(v)[::-1]
-        rest = s[k:].mean()
-        return float(s[:k].mean() / rest) if rest > 0 else float("inf")
+    def stat(v_SN: np.ndarray) -> np.ndarray:
+        s = -np.sort(-v_SN, axis=-1)
+        rest = s[..., k:]
+        return (s[..., :k].mean(axis=-1) - rest.mean(axis=-1)) / rest.std(axis=-1, ddof=1)
 
-    observed = ratio(values)
-    rng = np.random.default_rng(seed)
-    if per_tensor:
-        t = np.asarray([per_tensor[name] for name in sorted(per_tensor)], dtype=np.float64)  # tensors x layers
-        null = [ratio(np.stack([rng.permutation(row) for row in t]).sum(axis=0)) for _ in range(n_perm)]
-        how = "each tensor's norm permuted across layers, top k re-selected in every draw"
-    else:
-        null = [ratio(rng.choice(values, size=n, replace=True)) for _ in range(n_perm)]
-        how = "layers' values resampled with replacement, top k re-selected in every draw (no per-tensor norms)"
-    return {"ratio": observed, "p": permutation_p(observed, null), "n_perm": n_perm, "null": how}
+    logs = np.log(values)
+    observed = float(stat(logs[None])[0])
+    null = stat(np.random.default_rng(seed).standard_normal((n_sim, n)))
+    top = np.sort(values)[::-1]
+    return {"statistic": observed, "ratio": float(top[:k].mean() / top[k:].mean()),
+            "p": permutation_p(observed, null), "n_sim": n_sim,
+            "null": "each layer's log divergence independent and normal (layers differing by a random factor, none "
+                    "special), top k re-selected in every draw"}
+
+
+def layer_row(div: dict) -> Row:
+    """The layer claim's row from divergence.json's contents ({values, top_k})."""
+    values, top = div["values"], div["top_k"]
+    claim = (f"the {len(top)} chosen layers ({', '.join(map(str, top))}) moved more than layers differing at random "
+             "would put on top (paper 4.2)")
+    test = layer_outlier_test(values, len(top))
+    if test["p"] is None:
+        return _not_tested(claim, f"{len(values)} layers, top {len(top)}: {test['null']}", "layers")
+    p = test["p"]
+    return finding(
+        claim=claim,
+        number=f"their mean divergence is {num(test['ratio'])} x the others'; gap {num(test['statistic'], 2)} SD of "
+               f"the others' log divergence, {p_text(p)}",
+        control=f"the top {len(top)} of layers that differ at random: {test['null']}",
+        # one direction only: the top k cannot fall below the rest, so "supported" or "not distinguishable"
+        verdict=verdict_from_p(p, None),
+        detail=f"{len(values)} layers, {test['n_sim']} null draws; spread of all layers "
+               f"{num(100 * (max(values) - min(values)) / (sum(values) / len(values)), 1)}% of their mean. Tested: "
+               "that these layers stand out from this run's other layers, not that another PPO seed or prompt set "
+               "would pick them again (that needs a replicate run)",
+        calibration="layers", p_value=min(1.0, 2 * p),
+    )
 
 
 @row_builder
 def layers_moved(root: Path) -> Optional[Row]:
-    """The chosen layers moved more than the others (divergence.json)."""
+    """The chosen layers moved more than layers that differ at random (divergence.json)."""
     div = _load(root, "divergence")
     if not div or not div.get("values") or not div.get("top_k"):
         return None
-    values, top = div["values"], div["top_k"]
-    test = layer_gap_test(values, len(top), div.get("per_tensor"))
-    p = test["p"]
-    return finding(
-        claim=f"the {len(top)} chosen layers ({', '.join(map(str, top))}) moved more than the others (paper 4.2)",
-        number=f"their mean divergence is {num(test['ratio'])} x the others', {p_text(p)}",
-        control=f"chance top-{len(top)} picks: {test['null']}",
-        # one-sided: a ratio below the null's cannot happen for the top k, so only "supported" or "not distinguishable"
-        verdict=verdict_from_p(p, None),
-        detail=f"{len(values)} layers, {test['n_perm']} null draws; spread of all layers "
-               f"{num(100 * (max(values) - min(values)) / (sum(values) / len(values)), 1)}% of their mean",
-    )
+    return layer_row(div)
 
 
 SAE_FIT_RATIO = 2.0  # the control's premise is flagged when the SAEs' NMSE on M_base exceeds this x M_RLHF's (+0.1)
 
 
-def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str) -> Row:
+def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str, calibration: str) -> Row:
     """A claim that R's Kendall tau beats R refit on sign-shuffled targets (control.json's permutation null)."""
     return finding(
         claim=claim,
@@ -253,8 +343,48 @@ def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str) -> R
         control=f"R refit on sign-shuffled targets, the same words ({perm['n']} refits: null tau 95% range "
                 f"{interval(perm.get('q95'))})",
         verdict=verdict_from_p(perm["p_greater"], perm["p_less"]),
-        detail=f"permutation {p_text(perm['p_greater'])} (one-sided); {note}",
+        detail=f"permutation {p_text(perm['p_greater'])} (one-sided, against {ALPHA / 2:g}); {note}",
+        calibration=calibration, p_value=two_sided(perm["p_greater"], perm["p_less"]),
     )
+
+
+def delta_row(claim: str, number: str, control: str, d: dict, detail: str, calibration: str) -> Row:
+    """A claim read from one of control.json's bootstrap comparisons ({delta, ci95, p_value, ...})."""
+    return finding(claim=claim, number=number, control=control, verdict=verdict_from_interval(d.get("ci95")),
+                   detail=detail, calibration=calibration, p_value=d.get("p_value"))
+
+
+RESAMPLED = "bootstrap of triples (R refitted), contexts and words"
+
+
+def lexicon_rows(c: dict) -> list:
+    """The tuned model's tau against the permutation null, and what the SAE adds over the raw activations, from
+    control.json's contents."""
+    t = c["tuned"]
+    claim_raw = "the SAE features carry the reward better than the raw MLP activations they encode"
+    subset = "unseen" if "unseen" in t["tau"] else "all"
+    k, perm = t["tau"][subset], t["permutation"][subset]
+    claim = "the tuned model's implicit reward reconstructs the lexicon (paper 5.1)"
+    if k.get("tau") is None or perm.get("p_greater") is None:
+        rows = [_not_tested(claim, f"Kendall tau on the {k.get('n', 0)} words no triple used is undefined",
+                            "lexicon_tau")]
+    else:
+        rows = [tau_against_null(
+            claim, "words no triple used" if subset == "unseen" else "words", k, perm,
+            f"tau over all {t['tau']['all']['n']} words {num(t['tau']['all']['tau'])}, but on the words the triples "
+            "used R can read back the sign it was trained on, so the verdict reads the others; the same closed-form "
+            "ridge chain as the base-model control", "lexicon_tau")]
+    sae_gain = c.get("sae_vs_raw", {}).get("tuned", {}).get("all")
+    if sae_gain and sae_gain.get("delta") is not None:
+        rows.append(delta_row(
+            claim_raw,
+            f"tau(SAE codes) - tau(raw) = {num(sae_gain['delta'], signed=True)}, 95% CI {interval(sae_gain['ci95'])}",
+            f"R fitted on the raw activations at the same tokens (tau {num(t['raw_tau']['all']['tau'])})",
+            sae_gain, f"paired {RESAMPLED}, both chains refitted on every draw; tuned model", "sae_vs_raw"))
+    elif "raw_tau" in t:
+        rows.append(_not_tested(claim_raw, "tau of the codes or of the raw activations is undefined (a constant "
+                                           "prediction)", "sae_vs_raw"))
+    return rows
 
 
 @row_builder
@@ -264,30 +394,15 @@ def lexicon_reconstructed(root: Path) -> Optional[list]:
     c = _load(root, "control")
     if not c or "tuned" not in c:
         return None
-    t = c["tuned"]
-    rows = [tau_against_null("the tuned model's implicit reward reconstructs the lexicon (paper 5.1)", "words",
-                             t["tau"]["all"], t["permutation"]["all"],
-                             "the same closed-form ridge chain as the base-model control")]
-    sae_gain = c.get("sae_vs_raw", {}).get("tuned", {}).get("all")
-    if sae_gain:
-        rows.append(finding(
-            claim="the SAE features carry the reward better than the raw MLP activations they encode",
-            number=f"tau(SAE codes) - tau(raw) = {num(sae_gain['delta'], signed=True)}, 95% CI "
-                   f"{interval(sae_gain['ci95'])}",
-            control=f"R fitted on the raw activations at the same tokens (tau {num(t['raw_tau']['all']['tau'])})",
-            verdict=verdict_from_interval(sae_gain["ci95"]),
-            detail="paired bootstrap over words (scipy.stats.bootstrap, percentile); tuned model",
-        ))
-    return rows
+    return lexicon_rows(c)
 
 
-@row_builder
-def differs_from_base(root: Path) -> Optional[Row]:
-    """RLHF moved the implicit reward toward the training reward: delta_tau = tau_tuned - tau_base."""
-    c = _load(root, "control")
-    if not c or "delta_tau" not in c:
-        return None
+def delta_tau_row(c: dict) -> Row:
+    """delta_tau = tau_tuned - tau_base from control.json's contents."""
+    claim = "RLHF moved the implicit reward toward the training reward (tau_tuned > tau_base)"
     d = c["delta_tau"]["all"]
+    if d.get("delta") is None:
+        return _not_tested(claim, "tau_tuned or tau_base is undefined (a constant prediction)", "delta_tau")
     moves = c.get("per_word", {})
     fit = (c.get("sae_fit") or {}).get("nmse_at_sentiment_tokens") or {}
     caution = ""
@@ -296,130 +411,216 @@ def differs_from_base(root: Path) -> Optional[Row]:
         caution = (f"; CAUTION: the tuned SAEs reconstruct M_base far worse than M_RLHF (NMSE {num(fit['base'])} vs "
                    f"{num(fit['tuned'])}): RLHF moved the activations so far that one dictionary does not serve both "
                    "models, and this control compares through a dictionary that does not fit M_base")
-    return finding(
-        claim="RLHF moved the implicit reward toward the training reward (tau_tuned > tau_base)",
-        number=f"delta_tau = {num(d['delta'], signed=True)}, 95% CI {interval(d['ci95'])} (tau_tuned "
-               f"{num(c['tuned']['tau']['all']['tau'])}, tau_base {num(c['base']['tau']['all']['tau'])})",
-        control=f"the same triples, contexts and chain on the base model ({c.get('sae_choice', 'tuned SAEs')})",
-        verdict=verdict_from_interval(d["ci95"]),
-        detail=f"paired bootstrap over {d['n']} words; words that moved by more than {num(moves.get('threshold'))}: "
-               f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away"
-               + caution,
-    )
+    return delta_row(
+        claim,
+        f"delta_tau = {num(d['delta'], signed=True)}, 95% CI {interval(d['ci95'])} (tau_tuned "
+        f"{num(c['tuned']['tau']['all']['tau'])}, tau_base {num(c['base']['tau']['all']['tau'])})",
+        f"the same triples, contexts and chain on the base model ({c.get('sae_choice', 'tuned SAEs')})", d,
+        f"paired {RESAMPLED}: {d['n']} words, {d.get('n_triples', 'n/a')} triples, {d.get('n_contexts', 'n/a')} "
+        f"contexts; words that moved by more than {num(moves.get('threshold'))}: "
+        f"{moves.get('n_moved_toward', 'n/a')} toward the reward, {moves.get('n_moved_away', 'n/a')} away" + caution,
+        "delta_tau")
+
+
+@row_builder
+def differs_from_base(root: Path) -> Optional[Row]:
+    """RLHF moved the implicit reward toward the training reward: delta_tau = tau_tuned - tau_base."""
+    c = _load(root, "control")
+    if not c or "delta_tau" not in c:
+        return None
+    return delta_tau_row(c)
+
+
+def heldout_row(c: dict) -> Row:
+    """Held-out generalisation from control.json's contents; "not tested" when the held-out tau is undefined."""
+    claim = "the implicit reward generalises to unseen words (paper 5.1, held out)"
+    t = c["tuned"]
+    k, perm = t["tau"].get("heldout") or {}, t["permutation"].get("heldout") or {}
+    if k.get("tau") is None or perm.get("p_greater") is None:
+        return _not_tested(claim, f"Kendall tau on the {k.get('n', 0)} held-out words is undefined (fewer than 2 "
+                                  "words, or R or the lexicon constant on them)", "heldout_tau")
+    return tau_against_null(claim, "held-out words", k, perm,
+                            "held-out words: whole lemma families kept out of every triple, read in contexts no "
+                            "triple used", "heldout_tau")
 
 
 @row_builder
 def generalises(root: Path) -> Optional[Row]:
     """Held-out generalisation: tau on words of lemma families R never saw, in contexts no triple used."""
     c = _load(root, "control")
-    if not c or "tuned" not in c or "heldout" not in c["tuned"]["permutation"]:
+    if not c or "tuned" not in c:
         return None
-    t = c["tuned"]
-    k, perm = t["tau"]["heldout"], t["permutation"]["heldout"]
-    if k.get("tau") is None:
-        return None
-    return tau_against_null("the implicit reward generalises to unseen words (paper 5.1, held out)", "held-out words",
-                            k, perm, "held-out words: whole lemma families kept out of every triple, read in "
-                                     "contexts no triple used")
+    return heldout_row(c)
+
+
+def _sae_quality_text(saes: dict) -> str:
+    """The SAEs' held-out quality (sae/metrics.json of one layer), one clause per dictionary."""
+    return "; ".join(
+        f"{name}: L0 {num(m.get('l0'), 1)} of {m.get('width')}, explained variance "
+        f"{num(m.get('explained_variance'))} ({num(m.get('explained_variance_after_first'))} without first "
+        f"tokens), dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
+        f"CE loss recovered {num(m.get('ce_loss_recovered'))}" + (
+            f" (splice {num(ce_gaps(m)[0], signed=True)} nats, zeroing the layer "
+            f"{num(ce_gaps(m)[1], signed=True)})" if ce_gaps(m) else "")
+        for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
+
+
+def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
+    """One layer's MMCS row from its mmcs.json record (and its SAEs' sae/metrics.json entry): the max MMCS ranked
+    among the MMCS of random dictionaries drawn from the activations' own distribution (mean and covariance of the
+    cached activations, `irm.dictionaries.chance_mmcs`), a one-sided permutation p-value. Isotropic chance is too
+    easy a null (issue 22) and an mmcs.json that has only it is "not tested"."""
+    small, large = (rec.get("dictionaries") or {}).get("small", "small"), (rec.get("dictionaries") or {}).get(
+        "large", "large")
+    claim = f"layer {layer}: the {small} and {large} dictionaries share features (MMCS, eq. 2)"
+    chance = (rec.get("chance") or {}).get("max")
+    if not chance or not chance.get("draws"):
+        return _not_tested(claim, "mmcs.json has no chance level for this layer; rerun `python -m irm dictionaries`",
+                           "mmcs")
+    if rec.get("chance_rows") is None:
+        return _not_tested(claim, f"MMCS {num(rec['max'])} was compared with isotropic random dictionaries only, a "
+                                  "null far easier than the activations' own distribution; rerun `python -m irm "
+                                  "dictionaries`", "mmcs")
+    draws = chance["draws"]
+    p = permutation_p(rec["max"], draws, "greater")
+    iso = ((rec.get("chance_isotropic") or {}).get("max") or {}).get("mean")
+    init = rec.get("init") or {}
+    sae_text = _sae_quality_text(saes or {})
+    return finding(
+        claim=claim,
+        number=f"MMCS {num(rec['max'])} {interval(rec.get('max_ci95'))}",
+        control=f"random dictionaries of the same shapes drawn from the activations' distribution (mean and "
+                f"covariance of {rec['chance_rows']} cached rows): {num(chance['mean'])} ± {num(chance['std'])} "
+                f"({len(draws)} draws; isotropic ones {num(iso)})",
+        verdict=verdict_from_p(p, None),
+        detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; rank among the chance draws "
+               f"{p_text(p)} (one-sided; the smallest possible is {num(1 / (len(draws) + 1), 3)}); SAEs at "
+               f"initialisation {num(init.get('max'))}; firing features "
+               f"{(rec.get('firing') or {}).get('small', 'n/a')} / {(rec.get('firing') or {}).get('large', 'n/a')}"
+               + (f"; SAE quality on held-out data: {sae_text}" if sae_text else ""),
+        calibration="mmcs",
+        p_value=two_sided(p, None),
+    )
 
 
 @row_builder
 def dictionaries_share_features(root: Path) -> Optional[list]:
-    """Each layer's two dictionaries share features (paper eq. 2): the max MMCS, with its bootstrap interval over the
-    small dictionary's features, against the MMCS of random dictionaries of the same shapes (mmcs.json). The detail
-    carries the SAEs' quality (sae/metrics.json): an MMCS above chance between dense or dead dictionaries means
-    little."""
+    """Each layer's two dictionaries share features (paper eq. 2): `mmcs_row` per layer of mmcs.json, with the SAEs'
+    quality (sae/metrics.json): an MMCS above chance between dense or dead dictionaries means little."""
     mmcs = _load(root, "mmcs")
     if not mmcs or not mmcs.get("layers"):
         return None
     quality = (_load(root, "sae_metrics") or {}).get("layers") or {}
-    rows = []
-    for layer, rec in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0])):
-        chance = (rec.get("chance") or {}).get("max")
-        if not chance:
-            continue
-        saes = quality.get(layer) or {}
-        sae_text = "; ".join(
-            f"{name}: L0 {num(m.get('l0'), 1)} of {m.get('width')}, explained variance "
-            f"{num(m.get('explained_variance'))} ({num(m.get('explained_variance_after_first'))} without first "
-            f"tokens), dead {num(100 * m['dead_fraction'] if m.get('dead_fraction') is not None else None, 1)}%, "
-            f"CE loss recovered {num(m.get('ce_loss_recovered'))}" + (
-                f" (splice {num(ce_gaps(m)[0], signed=True)} nats, zeroing the layer "
-                f"{num(ce_gaps(m)[1], signed=True)})" if ce_gaps(m) else "")
-            for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
-        init = rec.get("init") or {}
-        rows.append(finding(
-            claim=f"layer {layer}: the {rec.get('dictionaries', {}).get('small', 'small')} and "
-                  f"{rec.get('dictionaries', {}).get('large', 'large')} dictionaries share features (MMCS, eq. 2)",
-            number=f"MMCS {num(rec['max'])} {interval(rec.get('max_ci95'))}",
-            control=f"random dictionaries of the same shapes: {num(chance['mean'])} ± {num(chance['std'])} "
-                    f"({len(chance.get('draws', []))} draws)",
-            verdict=verdict_from_interval(rec.get("max_ci95"), control=chance["mean"]),
-            detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; SAEs at initialisation "
-                   f"{num(init.get('max'))}; firing features {(rec.get('firing') or {}).get('small', 'n/a')} / "
-                   f"{(rec.get('firing') or {}).get('large', 'n/a')}"
-                   + (f"; SAE quality on held-out data: {sae_text}" if sae_text else ""),
-        ))
-    return rows or None
+    return [mmcs_row(layer, rec, quality.get(layer))
+            for layer, rec in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0]))] or None
+
+
+VALIDATION_CLAIM = "the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)"
+
+
+def validation_row(val: dict) -> Row:
+    """Table 6 from validation.json: the related features' enrichment over their own base rate (P(active | R >
+    threshold) / P(active), per feature) against the other explained features', by a label permutation of Welch's t
+    (`irm.validate.compare_groups`), one-sided like the claim. Labels from the offline lexicon rule make the test
+    circular: the numbers are shown and the verdict is "not tested"."""
+    from irm.validate import ENRICHMENT
+
+    if val.get("n_related") == 0:
+        return _not_tested(VALIDATION_CLAIM, "no explained feature was labelled related to the reward "
+                                             "(explanations.jsonl)", "validation")
+    vs = (val.get("vs_other_explained") or {}).get(ENRICHMENT)
+    if not vs:
+        return _not_tested(VALIDATION_CLAIM, "validation.json has no per-feature enrichment (written before issue "
+                                             "22); rerun `python -m irm validate-features`", "validation")
+    if vs.get("p_value") is None:
+        why = (f"R puts no input above {val.get('threshold')}" if not val.get("n_inputs_above") else
+               f"{vs['n_related']} related and {vs['n_other']} other explained features fired: nothing to compare")
+        return _not_tested(VALIDATION_CLAIM, why, "validation")
+    raw = (val.get("vs_other_explained") or {}).get("inputs above threshold") or {}
+    circular = val.get("circular")
+    p_greater, p_less = vs["p_value"], vs.get("p_value_less")
+    return finding(
+        claim=VALIDATION_CLAIM + (" [circular labels]" if circular else ""),
+        number=f"enrichment over base rate {num(vs['related_frequency'], 2)} (mean over {vs['n_related']} related "
+               f"features); raw activation frequency {num(raw.get('related_frequency'))}",
+        control=f"the {vs['n_other']} other explained features of the same layers: enrichment "
+                f"{num(vs['other_frequency'], 2)}, raw frequency {num(raw.get('other_frequency'))}",
+        # one-sided, like the claim (a significantly lower enrichment is its reverse, in the detail)
+        verdict=NOT_TESTED if circular else verdict_from_p(p_greater, None),
+        detail=(f"{circular}; " if circular else "")
+               + f"label permutation of Welch's t: {p_text(p_greater)} (related more enriched), {p_text(p_less)} "
+               f"(less{': the claim reversed' if verdict_from_p(None, p_less) == CONTRADICTED else ''}); "
+               f"{vs.get('n_undefined', 0)} explained features never fired (no base rate); "
+               f"{val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > {val.get('threshold')}",
+        calibration="validation",
+        p_value=None if circular else two_sided(p_greater, None),
+    )
 
 
 @row_builder
 def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
-    """Table 6: the features labelled related fire more often where R predicts a large delta than the *other
-    explained* features of the same layers (validation.json), by a label-permutation test in both tails."""
+    """Table 6 (validation.json), through `validation_row`."""
     val = _load(root, "validation")
-    claim = "the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)"
-    if val is not None and val.get("n_related") == 0:
-        return _not_tested(claim, "no explained feature was labelled related to the reward (explanations.jsonl)")
-    vs = ((val or {}).get("vs_other_explained") or {}).get("inputs above threshold")
-    if not vs or vs.get("p_value") is None:
+    return None if val is None else validation_row(val)
+
+
+ABLATION_CLAIM = "ablating the {n} labelled feature{s} lowers the reward ({mode} splice; paper 5.2, table 5)"
+
+
+def ablation_row(abl: dict, mode: str, key: str) -> Optional[Row]:
+    """One paired difference of ablation.json (`key`: ablated_minus_splice, paired t over prompts; or
+    ablated_minus_random, the t prediction interval over random draws), or None when it was not measured. The
+    claim is a drop, so the verdict reads the negated interval against 0, one-sided: "supported" or "not
+    distinguishable"."""
+    d = (abl.get("modes") or {}).get(mode, {}).get(key)
+    if not d:
         return None
+    n = abl.get("n_features", 0)
+    claim = ABLATION_CLAIM.format(n=n, s="s" if n != 1 else "", mode=mode)
+    calibration = "ablation_vs_splice" if key == "ablated_minus_splice" else "ablation_vs_random"
+    if key == "ablated_minus_splice":
+        control = "the SAE splice with nothing ablated"
+    else:
+        control = (f"{abl.get('random_draws')} draws of as many random features matched on firing frequency and "
+                   "mean contribution (mean code x decoder norm)")
+    ci = d.get("ci95")
+    if ci is None and key == "ablated_minus_random":
+        return _not_tested(claim + " vs random features", f"{d.get('interval')}; set ablate.random_draws >= 2",
+                           calibration)
+    # One-sided, like the claim: a rise is the claim's reverse, reported in the detail, not a verdict on it (in a
+    # world without an effect the two tails together would err at the table's whole 5%).
+    verdict = verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0)
+    rose = verdict == CONTRADICTED
     return finding(
         claim=claim,
-        number=f"activation frequency {num(vs['related_frequency'])} over {vs['n_related']} related features; "
-               f"lift {num(vs.get('lift'), 2)}",
-        control=f"the {vs['n_other']} other explained features of the same layers: {num(vs['other_frequency'])}",
-        verdict=verdict_from_p(vs["p_value"], vs.get("p_value_less")),
-        detail=f"label permutation: {p_text(vs['p_value'])} (fire more), {p_text(vs.get('p_value_less'))} (fire "
-               f"less); {val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > "
-               f"{val.get('threshold')}",
+        number=f"reward difference {num(d['mean'], signed=True)} {interval(ci)}",
+        control=control,
+        verdict=NOT_DISTINGUISHABLE if rose else verdict,
+        detail="; ".join(part for part in (
+            "the reward rose (the interval lies above 0): the claim's reverse" if rose else None,
+            f"paired on {abl.get('n_prompts')} prompts", d.get("interval"),
+            p_text(d["p_value"]) if d.get("p_value") is not None else None,
+            f"between-draw sd {num(d['between_draw_std'])}" if d.get("between_draw_std") is not None
+            else None) if part),
+        calibration=calibration,
+        p_value=d.get("p_value"),
     )
 
 
 @row_builder
 def ablation_lowers_reward(root: Path) -> Optional[list]:
     """Table 5: zero-ablating the labelled features lowers the reward, as paired differences on the same prompts
-    against the splice with nothing ablated and against frequency-matched random features (ablation.json). The
-    claim is a drop, so the verdict reads the negated interval against 0."""
+    against the splice with nothing ablated and against matched random features (ablation.json, `ablation_row`)."""
     abl = _load(root, "ablation")
     if abl is not None and abl.get("n_features") == 0:
         return [_not_tested("ablating the labelled features lowers the reward (paper 5.2, table 5)",
                             "no feature of the small dictionaries was labelled related to the reward, so none was "
-                            "ablated (explanations.jsonl)")]
+                            "ablated (explanations.jsonl)", "ablation_vs_splice")]
     if not abl:
         return None
-    rows = []
-    for mode, conds in abl.get("modes", {}).items():
-        for key, control in (("ablated_minus_splice", "the SAE splice with nothing ablated"),
-                             ("ablated_minus_random", f"{abl.get('random_draws')} draws of as many random features "
-                                                      f"matched on firing frequency")):
-            d = conds.get(key)
-            if not d:
-                continue
-            ci = d.get("ci95")
-            rows.append(finding(
-                claim=f"ablating the {abl['n_features']} labelled feature{'s' if abl['n_features'] != 1 else ''} "
-                      f"lowers the reward ({mode} splice; paper 5.2, table 5)",
-                number=f"reward difference {num(d['mean'], signed=True)} {interval(ci)}",
-                control=control,
-                verdict=verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0),
-                detail="; ".join(part for part in (
-                    f"paired on {abl.get('n_prompts')} prompts", d.get("interval"),
-                    p_text(d["p_value"]) if d.get("p_value") is not None else None,
-                    f"between-draw sd {num(d['between_draw_std'])}" if d.get("between_draw_std") is not None
-                    else None) if part),
-            ))
-    return rows or None
+    rows = [ablation_row(abl, mode, key) for mode in abl.get("modes", {})
+            for key in ("ablated_minus_splice", "ablated_minus_random")]
+    return [r for r in rows if r is not None] or None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -346,11 +346,13 @@ class RidgePath:
     rows, so a refit (a shuffled target, another penalty) costs two small matrix products instead of a training run.
 
     For a target y the fit minimises ||X w + b - y||^2 + alpha ||w||^2 with a free intercept b (as IRMRegression's
-    weight decay penalises w only); alpha is chosen per target among `alphas` (multiples of the mean squared singular
-    value, so the grid does not depend on the features' scale) by exact leave-one-out error: the ridge hat matrix's
-    diagonal gives every row's held-out residual without refitting."""
+    weight decay penalises w only); alpha is one of `alphas`, multiples of the mean squared singular value (so the
+    grid does not depend on the features' scale), chosen by exact leave-one-group-out error when not given: with
+    `groups` (a label per row: a triple's two rows share one), each group's held-out residuals are (I - H_gg)^-1 r_g
+    from the ridge hat matrix H (no refit), so a triple's second row never helps predict its first; without groups
+    every row is its own group."""
 
-    def __init__(self, x_NF, alphas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)):
+    def __init__(self, x_NF, alphas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), groups=None):
         x = np.asarray(x_NF, dtype=np.float64)
         if x.ndim != 2 or len(x) < 3:
             raise UserError(f"a ridge fit needs at least 3 rows of features, got shape {x.shape}")
@@ -360,22 +362,99 @@ class RidgePath:
         u, s, vt = np.linalg.svd(x - self.x_mean, full_matrices=False)
         keep = s > s[0] * 1e-10 if len(s) else s > 0
         self.u, self.s, self.vt = u[:, keep], s[keep], vt[keep]
-        scale = float(np.mean(self.s ** 2)) if self.s.size else 1.0
-        self.alphas = np.asarray(alphas, dtype=np.float64) * scale
+        self.scale = float(np.mean(self.s ** 2)) if self.s.size else 1.0
+        self.alphas = np.asarray(alphas, dtype=np.float64) * self.scale
         self.multiples = [float(a) for a in alphas]
+        self._loo_blocks = self._group_blocks(np.arange(len(x)) if groups is None else np.asarray(groups))
 
-    def fit(self, y_N) -> tuple[np.ndarray, float, float]:
-        """(w, b, chosen alpha multiple) for target `y_N`."""
+    def _group_blocks(self, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per group size: the groups' row indices [G, size] and (I - H_gg)^-1 for every alpha [A, G, size, size]."""
+        _, inverse = np.unique(groups, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        sizes = np.bincount(inverse)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        n = len(groups)
+        s2 = self.s ** 2
+        shrink_AK = s2 / (s2 + self.alphas[:, None])
+        blocks = []
+        for size in np.unique(sizes):
+            idx = np.stack([order[starts[g]: starts[g] + size] for g in np.flatnonzero(sizes == size)])  # [G, size]
+            u_GSK = self.u[idx]
+            h = np.einsum("gik,ak,gjk->agij", u_GSK, shrink_AK, u_GSK) + 1.0 / n
+            eye = np.eye(size)
+            blocks.append((idx, np.linalg.pinv(eye - h)))
+        return blocks
+
+    def loo_error(self, y_N) -> np.ndarray:
+        """Mean squared leave-one-group-out residual of `y_N` at every alpha of the grid."""
         y = np.asarray(y_N, dtype=np.float64)
-        y_mean = float(y.mean())
-        yc = y - y_mean
+        yc = y - y.mean()
         uty = self.u.T @ yc
         s2 = self.s ** 2
-        shrink_AK = s2 / (s2 + self.alphas[:, None])  # each alpha's shrinkage of each direction
-        resid_NA = yc[:, None] - self.u @ (shrink_AK * uty).T
-        # diag of the hat matrix (the intercept adds 1/n): leave-one-out residual = residual / (1 - h)
-        h_NA = (self.u ** 2) @ shrink_AK.T + 1.0 / len(y)
-        loo = np.mean((resid_NA / np.clip(1.0 - h_NA, 1e-12, None)) ** 2, axis=0)
-        best = int(np.argmin(loo))
-        w = self.vt.T @ (self.s / (s2 + self.alphas[best]) * uty)
-        return w, y_mean - float(self.x_mean @ w), self.multiples[best]
+        shrink_AK = s2 / (s2 + self.alphas[:, None])
+        resid_AN = yc[None, :] - (shrink_AK * uty) @ self.u.T
+        total = np.zeros(len(self.alphas))
+        for idx, inv in self._loo_blocks:
+            r = resid_AN[:, idx]  # [A, G, size]
+            total += (np.einsum("agij,agj->agi", inv, r) ** 2).sum(axis=(1, 2))
+        return total / len(y)
+
+    def best_multiple(self, y_N) -> float:
+        return self.multiples[int(np.argmin(self.loo_error(y_N)))]
+
+    def fit(self, y_N, multiple: Optional[float] = None) -> tuple[np.ndarray, float, float]:
+        """(w, b, alpha multiple) for target `y_N`, at `multiple` when given, else at the grid's best by
+        leave-one-group-out error."""
+        y = np.asarray(y_N, dtype=np.float64)
+        if multiple is None:
+            multiple = self.best_multiple(y)
+        y_mean = float(y.mean())
+        uty = self.u.T @ (y - y_mean)
+        w = self.vt.T @ (self.s / (self.s ** 2 + multiple * self.scale) * uty)
+        return w, y_mean - float(self.x_mean @ w), float(multiple)
+
+
+def shared_multiple(paths: Sequence[RidgePath], ys: Sequence[np.ndarray]) -> float:
+    """One penalty for several chains (e.g. the tuned and base models' R): the grid multiple with the least summed
+    leave-one-group-out error, each chain's error over its target's variance so that no chain's scale dominates."""
+    multiples = paths[0].multiples
+    if any(p.multiples != multiples for p in paths):
+        raise ValueError("the chains' ridge paths must share one grid of penalties")
+    total = sum(p.loo_error(y) / max(float(np.var(y)), 1e-300) for p, y in zip(paths, ys))
+    return multiples[int(np.argmin(total))]
+
+
+class RidgeRefits:
+    """Ridge refits (free intercept, penalty `alpha` in absolute units) on bootstrap draws of the rows of x (indices,
+    repeats allowed), each returning its predictions on `predict_MF`. In the dual form when there are fewer rows
+    than features: the Gram matrix of all rows and the predicted points' products with them are computed once, and
+    a draw costs one rows x rows solve (the draw's centred Gram is the Gram's sub-block, centred)."""
+
+    def __init__(self, x_NF, y_N, alpha: float, predict_MF):
+        self.x = np.asarray(x_NF, dtype=np.float64)
+        self.y = np.asarray(y_N, dtype=np.float64)
+        self.alpha = float(alpha)
+        self.predict_MF = np.asarray(predict_MF, dtype=np.float64)
+        n, f = self.x.shape
+        self.dual = f > n
+        if self.dual:
+            self.gram = self.x @ self.x.T
+            self.cross = self.predict_MF @ self.x.T
+
+    def predict(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        y = self.y[rows]
+        yc = y - y.mean()
+        n = len(rows)
+        if not self.dual:
+            x = self.x[rows]
+            mean = x.mean(axis=0)
+            xc = x - mean
+            w = np.linalg.solve(xc.T @ xc + self.alpha * np.eye(x.shape[1]), xc.T @ yc)
+            return self.predict_MF @ w + float(y.mean() - mean @ w)
+        g = self.gram[np.ix_(rows, rows)]
+        row_mean = g.mean(axis=0)
+        gc = g - row_mean[None, :] - row_mean[:, None] + row_mean.mean()
+        c = np.linalg.solve(gc + self.alpha * np.eye(n), yc)  # sums to 0, so the draw's mean drops out of w
+        b = float(y.mean() - row_mean @ c)
+        return self.cross[:, rows] @ c + b

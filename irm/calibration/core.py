@@ -35,7 +35,8 @@ class Family:
         "ablation_vs_random"; the same key the findings row carries as `calibration`);
     name: the kind of world (e.g. "separate dictionaries", "sentiment-irrelevant linear map");
     effect: 0 for a null world (the claim is false); > 0 the planted effect, in `unit`;
-    world: (rng, sizes) -> verdict, one world drawn and judged by the real code path;
+    world: (rng, sizes) -> verdict, or (verdict, the finding's number in that world), one world drawn and judged
+        by the real code path (the numbers' mean is the family's measured effect, in the finding's own units);
     unit: what `effect` measures (e.g. "tau", "relative layer shift");
     cost: "fast" (part of the default-suite check) or "slow" (only in the full run)."""
 
@@ -68,15 +69,22 @@ def run_family(family: Family, n_worlds: int, sizes: Sizes, seed: int = 0) -> di
     from irm.findings import CONTRADICTED, SUPPORTED
 
     counts: dict[str, int] = {}
+    numbers: list[float] = []
     start = time.perf_counter()
-    base = np.random.SeedSequence([seed, _stable_hash(family.finding), _stable_hash(family.name)])
+    base = np.random.SeedSequence([seed, _stable_hash(family.finding), _stable_hash(family.name),
+                                   int(family.effect * 1e6)])
     for child in base.spawn(n_worlds):
         verdict = family.world(np.random.default_rng(child), sizes)
+        if isinstance(verdict, tuple):
+            verdict, number = verdict
+            if number is not None and np.isfinite(number):
+                numbers.append(float(number))
         counts[verdict] = counts.get(verdict, 0) + 1
     hits = counts.get(SUPPORTED, 0) + (counts.get(CONTRADICTED, 0) if family.null else 0)
     return {"finding": family.finding, "family": family.name, "effect": family.effect, "unit": family.unit,
             "null": family.null, "n": n_worlds, "verdicts": counts, "rate": hits / n_worlds,
-            "ci95": clopper_pearson(hits, n_worlds), "seconds": time.perf_counter() - start}
+            "ci95": clopper_pearson(hits, n_worlds), "seconds": time.perf_counter() - start,
+            "measured_effect": float(np.mean(numbers)) if numbers else None}
 
 
 def run(families: Iterable[Family], n_worlds: int | Callable[[Family], int], sizes: Sizes, seed: int = 0,
@@ -96,14 +104,19 @@ def failures(results: Sequence[dict]) -> list[dict]:
     return [r for r in results if r["null"] and (r["rate"] > FP_LIMIT or r["ci95"][1] > FP_UPPER_LIMIT)]
 
 
-def minimal_detectable_effect(results: Sequence[dict], finding: str, power: float = TARGET_POWER) -> Optional[float]:
+def minimal_detectable_effect(results: Sequence[dict], finding: str, power: float = TARGET_POWER,
+                              measured: bool = False) -> Optional[float]:
     """The smallest effect of `finding` detected with at least `power`, linearly interpolated between the planted
     effect sizes that bracket it (per family the power curve, then the largest over families: the effect every
-    planted family detects); None when no planted effect reached `power`."""
+    planted family detects); None when no planted effect reached `power`. With `measured`, effects are the
+    families' measured effects (the finding's own number, e.g. delta_tau) instead of the planted parameter."""
     per_family: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         if r["finding"] == finding and not r["null"]:
-            per_family.setdefault(r["family"], []).append((r["effect"], r["rate"]))
+            effect = r.get("measured_effect") if measured else r["effect"]
+            if effect is None:
+                continue
+            per_family.setdefault(r["family"], []).append((effect, r["rate"]))
     mdes = []
     for curve in per_family.values():
         curve.sort()

@@ -1,0 +1,86 @@
+"""`python -m irm calibrate`: the calibration harness at this run's sizes (SPEC "Controls: calibration").
+
+Reads the sizes that set each finding's power from the run's artifacts (words, triples and contexts of the control;
+paired prompts of evaluate-reward; layers and top k of divergence), runs every "fast" family of `irm.calibration`
+(the main null family of each finding and its planted families) with `calibrate.worlds` worlds each, and writes
+calibration.json: every family's verdict counts, false-positive rate or power with its Clopper-Pearson interval,
+and per finding the largest false-positive rate over its null families and the minimal detectable effect at 80%
+power, in the finding's own number where the worlds report it (delta_tau, tau, reward difference, top-k ratio).
+The report's findings table reads it. The full harness, every family with hundreds of worlds at fixed sizes, is
+`python benchmarks/calibration.py` (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from irm.config import RunConfig
+
+
+def run_sizes(root: Path) -> dict:
+    """The sizes of this run that the simulated worlds take, from its artifacts (absent ones keep the defaults)."""
+    from irm.stages import read_artifact
+
+    sizes: dict = {}
+    c = read_artifact(root, "control", missing_ok=True) or {}
+    for key, name in (("n_words", "words"), ("n_triples", "triples"), ("n_contexts", "contexts")):
+        if c.get(key):
+            sizes[name] = int(c[key])
+    ev = read_artifact(root, "reward_eval", missing_ok=True) or {}
+    n = ((ev.get("paired") or {}).get("n")) or ((ev.get("difference") or {}).get("n"))
+    if n:
+        sizes["prompts"] = int(n)
+    div = read_artifact(root, "divergence", missing_ok=True) or {}
+    if div.get("values") and div.get("top_k"):
+        sizes["layers"], sizes["top_k"] = len(div["values"]), len(div["top_k"])
+    return sizes
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per finding: the largest false-positive rate over its null families (with that family's interval and
+    name) and the minimal detectable effect at 80% power (measured units where the worlds report a number)."""
+    from irm.calibration.core import TARGET_POWER, minimal_detectable_effect
+
+    out: dict = {}
+    for finding in dict.fromkeys(r["finding"] for r in results):
+        nulls = [r for r in results if r["finding"] == finding and r["null"]]
+        worst = max(nulls, key=lambda r: (r["rate"], r["ci95"][1]), default=None)
+        planted = [r for r in results if r["finding"] == finding and not r["null"]]
+        measured = bool(planted) and all(r.get("measured_effect") is not None for r in planted)
+        out[finding] = {
+            "false_positive_rate": worst["rate"] if worst else None,
+            "false_positive_ci95": worst["ci95"] if worst else None,
+            "worst_null_family": worst["family"] if worst else None,
+            "minimal_detectable_effect": minimal_detectable_effect(results, finding, TARGET_POWER, measured),
+            "effect_unit": "the finding's own number" if measured else (planted[0]["unit"] if planted else None),
+            "power": TARGET_POWER,
+        }
+    return out
+
+
+def calibrate(sizes: dict, worlds: int, seed: int, cost: Optional[str] = "fast", progress=None) -> dict:
+    """Run the harness's families (of `cost`, all when None) at `sizes` and summarise."""
+    from irm.calibration import families, run
+
+    results = run(families(cost), worlds, sizes, seed, progress)
+    return {"sizes": sizes, "worlds": worlds, "seed": seed, "families": results, "findings": summarise(results)}
+
+
+def run(cfg: RunConfig) -> dict:
+    from irm.artifacts import write_json
+    from irm.stages import artifact, mark_done
+
+    root = Path(cfg.run_dir)
+    cc = cfg.calibrate
+    sizes = {**run_sizes(root), "bootstrap": cc.bootstrap, "permutations": cc.permutations}
+    out = calibrate(sizes, cc.worlds, cfg.seed,
+                    progress=lambda f: print(f"calibrate: {f.finding}: {f.name} (effect {f.effect:g})", flush=True))
+    path = artifact(root, "calibration")
+    write_json(path, out)
+    mark_done(cfg, "calibrate", [path])
+    for finding, s in out["findings"].items():
+        fp = s["false_positive_rate"]
+        print(f"calibrate: {finding}: false positives {'n/a' if fp is None else f'{100 * fp:.1f}%'}, minimal "
+              f"detectable effect {s['minimal_detectable_effect']}")
+    return out
