@@ -126,17 +126,21 @@ def auxk_loss(sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor, 
     """sparsify's (and OpenAI's TopK paper's) auxiliary loss that revives dead features: the k_aux largest
     pre-activations among the dead features reconstruct the main reconstruction's residual (detached), scored as
     squared error over the residual's total variance and scaled down while fewer than k_aux features are dead. Zero
-    when none is dead. Only dead features receive its gradient."""
-    n_dead = int(dead_F.sum())
-    if n_dead == 0:
-        return pre_BF.new_zeros(())
-    k = min(int(k_aux), n_dead)
+    when none is dead. Only dead features receive its gradient.
+
+    Written without reading the dead count back to Python (a device-to-host sync on a GPU, every step): the top
+    k_aux are always taken, and those that fall on live features (-inf after masking, when fewer than k_aux are dead)
+    contribute nothing."""
+    k = min(int(k_aux), pre_BF.shape[-1])
     values_BK, indices_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(k, dim=-1, sorted=False)
+    values_BK = torch.where(torch.isfinite(values_BK), values_BK, torch.zeros((), dtype=values_BK.dtype,
+                                                                               device=values_BK.device))
     aux_codes_BF = torch.zeros_like(pre_BF).scatter(-1, indices_BK, values_BK)
     residual_BD = (x_n - x_hat_n).detach()
     residual_hat_BD = aux_codes_BF @ sae.W_dec  # no bias: the residual's mean is the main decoder's business
     total = (residual_BD - residual_BD.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-    return min(n_dead / k_aux, 1.0) * (residual_hat_BD - residual_BD).pow(2).sum(dim=-1).mean() / total
+    weight = (dead_F.sum() / k_aux).clamp(max=1.0).to(pre_BF.dtype)  # 0 when none is dead
+    return weight * (residual_hat_BD - residual_BD).pow(2).sum(dim=-1).mean() / total
 
 
 # Reconstruction statistics of a set of rows as one vector that merges exactly across batches and DDP ranks, so a metric
