@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("explain", "irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)",
           ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
           bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"),
-                   ("explain_scores", "explain/scores.json"))),
+                   ("explain_scores", "explain/scores.json"), ("neuronpedia", "explain/neuronpedia"))),
     Stage("triples", "irm.triples", "7. contrastive (positive, neutral, negative) inputs (paper E.2)",
           ("seed", "model", "corpus", "reward", "triples"), ("rlhf",),
           when=(("explain", lambda cfg: cfg.triples.substitution == "llm"),),

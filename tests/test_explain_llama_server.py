@@ -61,7 +61,7 @@ def llama_server(tmp_path_factory):
 def test_explain_stage_through_a_real_llama_cpp_server(in_tmp, llama_server, monkeypatch):
     from irm.artifacts import read_jsonl
     from irm.cli import parse_config
-    from irm.explain.stage import run
+    from irm.explain.stage import NOT_EXPLAINED, run
 
     monkeypatch.setenv("IRM_LLAMA_KEY", "no-key-needed")
     cfg = parse_config("explain", ["--config", str(TINY), "--run_dir", str(in_tmp / "run"), "--device", "cpu",
@@ -75,7 +75,7 @@ def test_explain_stage_through_a_real_llama_cpp_server(in_tmp, llama_server, mon
     first = sorted(mmcs["layers"])[0]
     path.write_text(json.dumps({"layers": {first: mmcs["layers"][first]}}))
     run(cfg)
-    lines = read_jsonl(Path(cfg.run_dir) / "explanations.jsonl")
+    lines = [ln for ln in read_jsonl(Path(cfg.run_dir) / "explanations.jsonl") if ln["status"] != NOT_EXPLAINED]
     assert len(lines) == 2 * cfg.explain.max_features
     for ln in lines:
         assert ln["backend"] == "openai" and ln["model"] == "smollm2-135m-gguf"
@@ -86,6 +86,9 @@ def test_explain_stage_through_a_real_llama_cpp_server(in_tmp, llama_server, mon
             first_char = ln["label_answer"].strip().lstrip("*").strip()[:1]
             if first_char in ("0", "1"):
                 assert ln["label"] == int(first_char), ln["label_answer"]
+            for key in ("score", "fuzz"):  # both scores asked of the real server; a parsed one carries its interval
+                s = ln[key]
+                assert s is None or s["accuracy"] is None or isinstance(s["at_chance"], bool)
     assert "/v1/chat/completions" in llama_server["log"].read_text()  # the requests reached the real server
     answers = (Path(cfg.run_dir) / "explain" / "answers.jsonl").read_text()
     assert answers

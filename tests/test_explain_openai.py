@@ -96,6 +96,13 @@ def cfg(tiny_cfg, template, offline_server, key):
     return tiny_cfg
 
 
+def explained(lines: list[dict]) -> list[dict]:
+    """The lines of features within explain.max_features (the others have a feature page only)."""
+    from irm.explain.stage import NOT_EXPLAINED
+
+    return [ln for ln in lines if ln["status"] != NOT_EXPLAINED]
+
+
 def files_containing(root: Path, needle: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
@@ -112,7 +119,7 @@ def test_stage_survives_faults_records_a_malformed_answer_and_never_writes_the_k
     s.inject("500-echo-key")
     s.inject("garbage", match=prompts.LABEL_QUESTION)  # one label answer that says neither 1 nor 0
     run(cfg)
-    lines = read_jsonl(Path(cfg.run_dir) / "explanations.jsonl")
+    lines = explained(read_jsonl(Path(cfg.run_dir) / "explanations.jsonl"))
     assert len(lines) == 16
     # the garbage answer is recorded, and reused by every feature asking the same question (same explanation)
     unparsed = [ln for ln in lines if ln["label"] is None]
@@ -155,7 +162,7 @@ def test_a_run_cut_short_resumes_without_asking_any_answered_question_again(cfg,
     with pytest.raises(UserError, match="rerun") as info:
         run(cfg)
     assert key not in str(info.value)
-    first = read_jsonl(Path(cfg.run_dir) / "explanations.jsonl")
+    first = explained(read_jsonl(Path(cfg.run_dir) / "explanations.jsonl"))
     assert 0 < len(first) < 16
     failures = read_jsonl(Path(cfg.run_dir) / "explain" / "failures.jsonl")
     assert failures and all("503" in f["error"] for f in failures)
@@ -166,7 +173,7 @@ def test_a_run_cut_short_resumes_without_asking_any_answered_question_again(cfg,
     asked = s.answered()
     assert len({repr(m) for m in asked}) == len(asked)  # no question was answered twice, across both runs
     assert len(asked) > n_before
-    assert len(read_jsonl(Path(cfg.run_dir) / "explanations.jsonl")) == 16
+    assert len(explained(read_jsonl(Path(cfg.run_dir) / "explanations.jsonl"))) == 16
     n_after = len(s.log)
     run(cfg)  # everything done: nothing is sent
     assert len(s.log) == n_after
@@ -183,6 +190,7 @@ def finished_requests(lines, description) -> set[str]:
         out.add(repr(prompts.explanation_messages(ln["records"])))
         out.add(repr(prompts.label_messages(description, ln["explanation"])))
         out.add(repr(prompts.detection_messages(ln["explanation"], ln["score"]["texts"])))
+        out.add(repr(prompts.fuzz_messages(ln["explanation"], ln["fuzz"]["texts"])))
     return out
 
 
@@ -210,16 +218,16 @@ def test_a_killed_run_resumes_without_re_requesting_finished_features(cfg, offli
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     path = Path(cfg.run_dir) / "explanations.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and len(read_jsonl(path)) < 4 and proc.poll() is None:
+    while time.time() < deadline and len(explained(read_jsonl(path))) < 4 and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = read_jsonl(path)
+    finished = explained(read_jsonl(path))
     assert 4 <= len(finished) < 16, "the run was not killed halfway"
     n_killed = len(s.log)
     s.delay = 0.0
     run(cfg)
     again = {repr(r["messages"]) for r in s.log[n_killed:]}
     assert again and not again & finished_requests(finished, reward_description(cfg.reward))
-    assert len(read_jsonl(path)) == 16
+    assert len(explained(read_jsonl(path))) == 16
     assert files_containing(tmp_path, key) == []  # the killed run's stderr, the run dir, the config

@@ -39,7 +39,7 @@ def test_window_maxima_match_brute_force_for_any_batch_size(built, batch_rows):
     from irm.sae import load_sae, sae_dir
 
     sae = load_sae(sae_dir(root, 1, 2))
-    wins, maxima = window_maxima(_cache(root), sae.encode, WINDOW, batch_rows=batch_rows)
+    wins, maxima, _ = window_maxima(_cache(root), sae.encode, WINDOW, batch_rows=batch_rows)
     order, expect, first_rows = _brute_force(acts, docs, pos, "x2")
     assert len(wins) == len(order)
     np.testing.assert_array_equal(wins.row, first_rows)
@@ -85,7 +85,7 @@ def test_records_are_scaled_by_the_feature_max_over_all_records_not_per_record(b
     root, data = built
     acts, token_ids, docs, pos = data[1]
     sae = load_sae(sae_dir(root, 1, 1))
-    wins, maxima = window_maxima(_cache(root), sae.encode, WINDOW)
+    wins, maxima, _ = window_maxima(_cache(root), sae.encode, WINDOW)
     feature = 2
     sel = select_windows(maxima[:, feature], n_top=3, n_quantile=3, n_score=2, rng=np.random.default_rng(0))
     windows = read_windows(_cache(root), sae.encode, wins, sel.top + sel.quantile)

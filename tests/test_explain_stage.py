@@ -12,6 +12,7 @@ import pytest
 from explain_rundir import LAYERS, PERM, TRIGGERS, build_run, codes
 from irm.artifacts import read_jsonl
 from irm.errors import UserError
+from irm.explain.stage import NOT_EXPLAINED
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,21 @@ def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_share
     from irm.stages import is_done
 
     run(cfg)
-    lines = lines_of(cfg)
+    every = lines_of(cfg)
     cap = cfg.explain.max_features  # 4 on the tiny config: pairs of small 0..3 (best cosine first)
     inverse = {k: j for j, k in enumerate(PERM)}
     expected = {(layer, "x1", k) for layer in LAYERS for k in range(cap)}
     expected |= {(layer, "x2", inverse[k]) for layer in LAYERS for k in range(cap)}
+    lines = [ln for ln in every if ln["status"] != NOT_EXPLAINED]
     assert {(ln["layer"], ln["dictionary"], ln["index"]) for ln in lines} == expected
+    # every feature of every pair has a page; those beyond the cap are not explained, labelled or scored
+    pairs = {(layer, "x1", k) for layer in LAYERS for k in range(len(TRIGGERS))}
+    pairs |= {(layer, "x2", inverse[k]) for layer in LAYERS for k in range(len(TRIGGERS))}
+    assert {(ln["layer"], ln["dictionary"], ln["index"]) for ln in every} == pairs
+    for ln in every:
+        if ln["status"] == NOT_EXPLAINED:
+            assert ln["explanation"] is ln["label"] is ln["score"] is None and "fuzz" not in ln
+            assert ln["records"] and ln["density"]["tokens"] > 0 and ln["histogram"]["windows_active"] > 0
     lexicon = vader()
     for ln in lines:
         word = TRIGGERS[coordinate(ln)]
@@ -61,13 +71,17 @@ def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_share
         assert ln["label"] == int(word in lexicon)
         top = ln["records"][0]
         assert top["tokens"][top["discrete"].index(10)] == word
-        s = ln["score"]
-        assert s["accuracy"] == np.mean(np.array(s["predictions"]) == np.array(s["truth"]))
-        assert s["n_active"] > 0 and s["n_inactive"] > 0
+        for s in (ln["score"], ln["fuzz"]):
+            assert s["accuracy"] == np.mean(np.array(s["predictions"]) == np.array(s["truth"]))
+            assert s["n_active"] > 0 and s["n_inactive"] > 0
+        assert ln["fuzz"]["n_active"] == ln["fuzz"]["n_inactive"]  # each window twice: fired / random highlight
     scores = json.loads((Path(cfg.run_dir) / "explain" / "scores.json").read_text())
     assert scores["n_scored"] == len(lines)
     assert scores["mean"]["accuracy"] == pytest.approx(np.mean([ln["score"]["accuracy"] for ln in lines]))
     assert scores["mean"]["f1"] == pytest.approx(np.mean([ln["score"]["f1"] for ln in lines]))
+    assert scores["fuzz"]["n_scored"] == len(lines)
+    assert scores["fuzz"]["mean"]["accuracy"] == pytest.approx(np.mean([ln["fuzz"]["accuracy"] for ln in lines]))
+    assert scores["explanations"] == {"ok": len(lines), NOT_EXPLAINED: len(every) - len(lines)}
     assert is_done(cfg, "explain")
     assert "offline" in capsys.readouterr().out
     want = sorted(k for k in range(cap) if TRIGGERS[k] in lexicon)
@@ -85,7 +99,8 @@ def test_large_dictionary_features_are_read_with_large_dictionary_indices(cfg, t
             continue
         j = ln["index"]
         assert TRIGGERS[PERM[j]] != TRIGGERS[j]
-        assert f'"{TRIGGERS[PERM[j]]}"' in ln["explanation"] and f'"{TRIGGERS[j]}"' not in ln["explanation"]
+        if ln["status"] != NOT_EXPLAINED:
+            assert f'"{TRIGGERS[PERM[j]]}"' in ln["explanation"] and f'"{TRIGGERS[j]}"' not in ln["explanation"]
         acts, token_ids, docs, pos = data[ln["layer"]]
         c = codes(acts, "x2")[:, j]
         assert ln["max_activation"] == pytest.approx(c.max(), rel=1e-6)
@@ -129,7 +144,7 @@ def test_changed_settings_replace_stale_lines(cfg):
     run(cfg)
     cfg.explain.n_top = 2
     run(cfg)
-    lines = lines_of(cfg)
+    lines = [ln for ln in lines_of(cfg) if ln["status"] != NOT_EXPLAINED]
     assert len(lines) == len({(ln["layer"], ln["dictionary"], ln["index"]) for ln in lines}) == 16
     assert all(sum(r["kind"] == "top" for r in ln["records"]) == 2 for ln in lines)
 
@@ -183,7 +198,7 @@ class ScriptedBackend:
 
 
 def test_unusable_answers_are_counted_shown_and_never_labelled_related(cfg, monkeypatch, capsys):
-    from irm.explain import explained_features, related_features, stage
+    from irm.explain import explained_features, prompts, related_features, stage
 
     backend = ScriptedBackend()
     monkeypatch.setattr(stage, "make_backend", lambda *a, **k: backend)
@@ -193,7 +208,7 @@ def test_unusable_answers_are_counted_shown_and_never_labelled_related(cfg, monk
     by_status = {}
     for ln in lines:
         by_status.setdefault(ln["status"].split(":")[0], []).append(ln)
-    assert set(by_status) == {"echo", "unparseable", "ok"}
+    assert set(by_status) == {"echo", "unparseable", "ok", NOT_EXPLAINED}
     for ln in by_status["echo"] + by_status["unparseable"]:
         assert ln["label"] is None and ln["explanation"] is None and ln["score"] is None
         assert "label_answer" not in ln  # never even asked
@@ -202,8 +217,10 @@ def test_unusable_answers_are_counted_shown_and_never_labelled_related(cfg, monk
         assert ln["explanation"] == "words of praise" and ln["label"] == 1
         s = ln["score"]
         assert s["accuracy"] is None and s["retried"] and "first: 3" in s["unscored_reason"]
-    # Every detection request was asked twice (once more with the stricter format), then given up on.
-    assert len(backend.detect_calls) == 2 * len(by_status["ok"])
+    # Every detection and fuzzing request was asked twice (once more with the stricter format), then given up on.
+    assert len(backend.detect_calls) == 2 * 2 * len(by_status["ok"])
+    tasks = [prompts.task_of(m[:-2] if len(m) > 4 else m) for m in backend.detect_calls]  # a retry: 2 turns more
+    assert sorted(tasks) == sorted(["detect", "fuzz"] * 2 * len(by_status["ok"]))
     related = related_features(cfg.run_dir)
     assert sum(map(len, related.values())) == sum(ln["role"] == "small" for ln in by_status["ok"])
     assert explained_features(cfg.run_dir, 0) == {layer: [] for layer in related}

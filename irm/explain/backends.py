@@ -179,12 +179,15 @@ class OfflineBackend:
     - label (`label_method`): 1 when words of the reward's own lexicon (`irm.reward.reference_lexicon`: VADER, the
       `reward.lexicon` file or a classifier's probed words) carry at least half of the named activation. This is a keyword rule on what the feature fires on, not a judgement of meaning: it can only find
       features of the lexicon reward, and says nothing about features an LLM would call related for other reasons;
-    - detection: a text activates when it contains one of the named tokens."""
+    - detection: a text activates when it contains one of the named tokens;
+    - fuzzing: a text's highlighting matches when a highlighted run holds one of the named tokens."""
 
     name = "offline"
     # the rule's version is part of the name: answers are cached by backend, model and prompt, so a changed rule must
     # not be served its predecessor's answers (v2: sub-word tokens joined into whole words)
     model = "offline-top-token-summary-v2"
+    label_method = ("rule, no LLM: tokens of the training reward's lexicon carry at least half of the activation of "
+                    "the tokens the summary names")
 
     def __init__(self, reward_cfg=None):
         from irm.config import RewardConfig
@@ -195,9 +198,6 @@ class OfflineBackend:
         # answers are cached by backend, model and params: another lexicon must not be served these labels
         self.params = {} if is_vader(reward_cfg) else {"lexicon": lexicon_checksum(reward_cfg) or
                                                        f"classifier {reward_cfg.classifier}"}
-        which = "VADER" if is_vader(reward_cfg) else "the training reward's"
-        self.label_method = (f"rule, no LLM: reward-lexicon ({which}) tokens carry at least half of the activation "
-                             "of the tokens the summary names")
 
     def __repr__(self) -> str:
         return "OfflineBackend()"
@@ -214,9 +214,13 @@ class OfflineBackend:
             if shares and on_lexicon >= LEXICON_SHARE * sum(shares.values()):
                 return f"Answer: 1 (offline rule: lexicon tokens {', '.join(hits)} carry most of the activation)"
             return "Answer: 0 (offline rule: lexicon tokens carry less than half of the activation)"
-        if task == "detect":
+        if task in ("detect", "fuzz"):
             words = set(_named_shares(prompts.read_explanation(text))) or _content_words(
                 prompts.read_explanation(text))
+            if task == "fuzz":  # the highlighted runs, not the whole text, must hold a named word
+                marks = [int(bool(words & set(_words(" ".join(prompts.read_highlights(t))))))
+                         for t in prompts.read_examples(text)]
+                return f"{marks} (offline: a highlighted token is a named token)"
             marks = [int(bool(words & set(_words(t)))) for t in prompts.read_examples(text)]
             return f"{marks} (offline: contains a named token)"
         raise UserError("the offline explain backend answers only irm's explain prompts; set explain.backend to "

@@ -1,9 +1,11 @@
 """The explainer's prompts (paper 4.4, E.1, after Bills et al. 2023) and the parsers of their answers.
 
-Three requests per feature: explain it from `token<TAB>activation` records ("the main thing this feature does is
-find ..."), label the explanation 1/0 against a plain-language description of the RLHF reward, and (detection
-scoring, after EleutherAI's delphi) say which of a mix of text windows the feature activates on. The `read_*`
-functions invert the formats, for the offline backend, which answers these prompts without a model.
+Four requests per feature: explain it from `token<TAB>activation` records ("the main thing this feature does is
+find ..."), label the explanation 1/0 against a plain-language description of the RLHF reward, and score it two ways
+after EleutherAI's delphi: detection (say which of a mix of text windows the feature activates on) and fuzzing (say
+in which windows the <<highlighted>> tokens are the ones the explanation describes: the tokens that fire, or as many
+tokens chosen at random among those that do not). The `read_*` functions invert the formats, for the offline
+backend, which answers these prompts without a model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ FEATURE_LINE = f"Feature: {EXPLAIN_CUE} "
 EXAMPLES_HEADER = "Examples:"
 LABEL_QUESTION = "Is this feature related to the reward?"
 NONZERO_HEADER = "The same texts, only the tokens with non-zero activation:"
+FUZZ_HEADER = "Highlighted examples:"
+HIGHLIGHT = ("<<", ">>")  # delphi's marks around a run of highlighted tokens
 
 EXPLAIN_SYSTEM = (
     "You are an interpretability researcher studying features of a language model's sparse autoencoder. Each "
@@ -56,6 +60,16 @@ DETECT_SYSTEM = (
     "on some of the texts and not on others. Going by the explanation, decide for each text whether the feature "
     "activates on it. Reply with only a JSON list of 0s and 1s, exactly one per text, in the texts' order (for 4 "
     "texts, e.g. [0, 1, 1, 0]), and nothing else."
+)
+
+
+FUZZ_SYSTEM = (
+    "You get the explanation of a feature of a language model and a numbered list of texts. In every text some "
+    "tokens are highlighted between << and >>. In some texts the highlighted tokens are exactly the ones the feature "
+    "activates on; in the others they were chosen at random. Going by the explanation, decide for each text whether "
+    "its highlighted tokens are the ones the explanation describes. Reply with only a JSON list of 0s and 1s, exactly "
+    "one per text, in the texts' order (1: the highlighting matches the explanation, 0: it does not), and nothing "
+    "else."
 )
 
 
@@ -212,6 +226,53 @@ def detection_messages(explanation: str, texts: list[str]) -> list[dict]:
             {"role": "user", "content": _detection_request(explanation, texts)}]
 
 
+def _fuzz_request(explanation: str, texts: list[str]) -> str:
+    n = len(texts)
+    lines = [f"{FEATURE_LINE}{_one_line(explanation)}", "", FUZZ_HEADER]
+    lines.extend(f"Example {i}: {_one_line(t)}" for i, t in enumerate(texts, 1))
+    lines.append("")
+    lines.append(f"For each of the {n} examples, are the highlighted tokens the ones the explanation describes? Reply "
+                 f"with a list of {n} digits, 1 for yes and 0 for no.")
+    return "\n".join(lines)
+
+
+_FUZZ_EXAMPLE = (_EXAMPLE_ANSWER, ["it was released in <<1994>> to great acclaim", "the <<cast>> is superb",
+                                   "from <<2003>> until now the show ran", "it was <<released>> in 1994"],
+                 "[1, 0, 1, 0]")
+
+
+def fuzz_messages(explanation: str, texts: list[str]) -> list[dict]:
+    """Fuzzing (delphi): texts with highlighted token runs; the answer says which highlightings fit the explanation.
+    Answered and parsed like detection (`parse_detection`, `detection_retry_messages`)."""
+    example, example_texts, answer = _FUZZ_EXAMPLE
+    return [{"role": "system", "content": FUZZ_SYSTEM},
+            {"role": "user", "content": _fuzz_request(example, example_texts)},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": _fuzz_request(explanation, texts)}]
+
+
+def highlight(tokens: list[str], marked: list[bool], gap: str = "") -> str:
+    """Tokens joined (with `gap` between them: "" for tokens that carry their spaces) with each run of marked tokens
+    between << and >>, a run's leading space kept outside the marks."""
+    out, i = [], 0
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and marked[j] == marked[i]:
+            j += 1
+        run = gap.join(tokens[i:j])
+        if marked[i]:
+            lead = run[:len(run) - len(run.lstrip())]
+            run = f"{lead}{HIGHLIGHT[0]}{run.lstrip()}{HIGHLIGHT[1]}"
+        out.append(run)
+        i = j
+    return gap.join(out)
+
+
+def read_highlights(text: str) -> list[str]:
+    """The highlighted runs of one fuzzing example."""
+    return re.findall(re.escape(HIGHLIGHT[0]) + r"(.*?)" + re.escape(HIGHLIGHT[1]), text)
+
+
 def detection_retry_messages(messages: list[dict], answer: str, n: int) -> list[dict]:
     """The detection request once more, after an answer that was not n verdicts: the conversation so far, then a
     stricter instruction that says what was wrong and shows the exact shape wanted."""
@@ -250,12 +311,14 @@ def parse_detection(answer: str, n: int) -> Optional[list[int]]:
 # Inverses, for the offline backend.
 
 def task_of(messages: list[dict]) -> Optional[str]:
-    """Which of this module's requests `messages` is: "explain", "label", "detect", or None (not ours)."""
+    """Which of this module's requests `messages` is: "explain", "label", "detect", "fuzz", or None (not ours)."""
     text = messages[-1]["content"] if messages else ""
     if text.rstrip().endswith(EXPLAIN_CUE) and START in text:
         return "explain"
     if LABEL_QUESTION in text and FEATURE_LINE in text:
         return "label"
+    if FUZZ_HEADER in text and FEATURE_LINE in text:
+        return "fuzz"
     if EXAMPLES_HEADER in text and FEATURE_LINE in text:
         return "detect"
     return None

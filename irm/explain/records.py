@@ -6,7 +6,7 @@ over all its records (the authors' code scaled each example by its own maximum, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -36,10 +36,12 @@ class Windows:
 
 
 def window_maxima(cache, encode: Callable[[torch.Tensor], torch.Tensor], window: int,
-                  batch_rows: int = BATCH_ROWS, desc: str = "feature maxima") -> tuple[Windows, np.ndarray]:
+                  batch_rows: int = BATCH_ROWS, desc: str = "feature maxima") -> tuple[Windows, np.ndarray, np.ndarray]:
     """One pass over `cache`: for every window, the largest value of each column of `encode(acts_BD) -> codes_BF`
-    (the features being explained, all dictionaries of a layer at once). Returns the windows and maxima_WF."""
+    (the features being explained, all dictionaries of a layer at once). Returns the windows, maxima_WF and
+    active_F, the number of cache rows (tokens) where each column is above zero (its activation density's count)."""
     starts, docs, positions, chunks = [], [], [], []
+    active_F = None
     prev_key = None  # (doc, window number) of the previous batch's last row: a window may straddle two batches
     offset = 0
     total = -(-cache.rows // batch_rows)
@@ -47,6 +49,8 @@ def window_maxima(cache, encode: Callable[[torch.Tensor], torch.Tensor], window:
         doc, pos = batch["doc_ids"].numpy(), batch["positions"].numpy()
         with torch.inference_mode():
             codes_BF = encode(batch["acts"]).float().cpu().numpy()
+        fired = (codes_BF > 0).sum(axis=0)
+        active_F = fired if active_F is None else active_F + fired
         part = pos // window
         new = np.ones(len(doc), dtype=bool)
         new[1:] = (doc[1:] != doc[:-1]) | (part[1:] != part[:-1])
@@ -70,7 +74,7 @@ def window_maxima(cache, encode: Callable[[torch.Tensor], torch.Tensor], window:
     wins = Windows(row=row, length=length, doc=np.concatenate(docs) if docs else row.copy(),
                    start=np.concatenate(positions) if positions else row.copy())
     maxima_WF = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
-    return wins, maxima_WF
+    return wins, maxima_WF, (active_F if active_F is not None else np.zeros(maxima_WF.shape[1], dtype=np.int64))
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Selection:
     quantile: list[int]
     active: list[int]
     inactive: list[int]
+    # per quantile window: (lowest, highest window maximum of its bin, the bin's share of the activating windows)
+    bins: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 def select_windows(maxima_W: np.ndarray, n_top: int, n_quantile: int, n_score: int,
@@ -95,11 +101,12 @@ def select_windows(maxima_W: np.ndarray, n_top: int, n_quantile: int, n_score: i
     rest = active[n_top:]
     bins = np.array_split(rest, min(n_quantile, len(rest))) if len(rest) and n_quantile > 0 else []
     quantile = [int(rng.choice(b)) for b in bins]
+    spans = [(float(maxima_W[b].min()), float(maxima_W[b].max()), len(b) / len(active)) for b in bins]
     shown = set(top.tolist()) | set(quantile)
     held = np.array([w for w in rest.tolist() if w not in shown], dtype=np.int64)
     inactive = np.flatnonzero(maxima_W <= 0)
     pick = lambda pool: sorted(rng.choice(pool, size=min(n_score, len(pool)), replace=False).tolist())  # noqa: E731
-    return Selection(top=top.tolist(), quantile=quantile, active=pick(held), inactive=pick(inactive))
+    return Selection(top=top.tolist(), quantile=quantile, active=pick(held), inactive=pick(inactive), bins=spans)
 
 
 def discretise(acts: list[np.ndarray], max_act: float) -> list[list[int]]:
@@ -132,8 +139,11 @@ def read_windows(cache, encode: Callable[[torch.Tensor], torch.Tensor], wins: Wi
 
 
 def feature_records(sel: Selection, column: int, wins: Windows, windows: dict, decode_token) -> list[dict]:
-    """The records shown for one feature (column `column` of the codes): tokens, raw and 0-10 activations."""
+    """The records shown for one feature (column `column` of the codes): tokens, raw and 0-10 activations; a
+    quantile record also carries its bin (`bin`: lowest and highest window maximum, share of activating windows)."""
     shown = [(w, "top") for w in sel.top] + [(w, "quantile") for w in sel.quantile]
+    bins = [None] * len(sel.top) + ([list(b) for b in sel.bins] if len(sel.bins) == len(sel.quantile)
+                                     else [None] * len(sel.quantile))
     acts = [windows[w][1][:, column] for w, _ in shown]
     max_act = max((float(a.max()) for a in acts if len(a)), default=0.0)
     discrete = discretise(acts, max_act)
@@ -146,6 +156,14 @@ def feature_records(sel: Selection, column: int, wins: Windows, windows: dict, d
             "tokens": [decode_token(int(t)) for t in windows[w][0]],
             "activations": [float(x) for x in a],
             "discrete": d,
+            **({"bin": bins[i]} if bins[i] is not None else {}),
         }
-        for (w, kind), a, d in zip(shown, acts, discrete)
+        for i, ((w, kind), a, d) in enumerate(zip(shown, acts, discrete))
     ]
+
+
+
+def token_gap(token_lists) -> str:
+    """What goes between a feature's decoded tokens (an iterable of its records' token lists) to spell their text:
+    nothing for tokenizers whose tokens carry their spaces (BPE: " great"), a space for word-level ones."""
+    return "" if any(t[:1].isspace() for tokens in token_lists for t in tokens) else " "

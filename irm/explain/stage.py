@@ -1,5 +1,8 @@
 """`python -m irm explain` (paper 4.4, E.1): explain each shared feature of each layer's two dictionaries from its
-top-activating windows, label the explanation 1/0 "related to the RLHF reward", and score it by detection.
+top-activating windows, label the explanation 1/0 "related to the RLHF reward", and score it by detection and
+fuzzing. Every feature of mmcs.json's pairs gets its feature page data (top and quantile windows, activation density,
+histogram, logit effect), explained or not (`explain.max_features` caps only the explanations), also written in
+SAEDashboard's Neuronpedia format (irm.explain.neuronpedia).
 
 Resumable and pay-once: every raw answer is appended to `explain/answers.jsonl` (keyed by a hash of backend, model
 and messages) the moment it arrives, and every finished feature to `explanations.jsonl`; a rerun skips finished
@@ -25,9 +28,9 @@ import torch
 
 from irm.artifacts import RunDir, append_jsonl, fingerprint, read_json, read_jsonl, write_json, write_text
 from irm.errors import UserError
-from irm.explain import EXPLANATIONS, prompts, scoring
+from irm.explain import EXPLANATIONS, neuronpedia, prompts, scoring
 from irm.explain.backends import BackendError, make_backend
-from irm.explain.records import feature_records, read_windows, select_windows, window_maxima
+from irm.explain.records import feature_records, read_windows, select_windows, token_gap, window_maxima
 from irm.runtime import progress, start
 from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
 from irm.stages import artifact, relpath
@@ -96,6 +99,7 @@ class Target:
     pair_expansion: int
     pair: int  # its best partner in the other dictionary
     cosine: float
+    explain: bool = True  # False: beyond explain.max_features, a feature page without an explanation
 
     @property
     def dictionary(self) -> str:
@@ -108,8 +112,8 @@ class Target:
 
 def shared_features(cfg) -> dict[int, list[Target]]:
     """Per layer, the shared features of `<run_dir>/mmcs.json`: the pairs' small-dictionary indices in the small
-    dictionary and their large-dictionary indices in the large one, best cosine first, each index once, at most
-    `explain.max_features` per dictionary."""
+    dictionary and their large-dictionary indices in the large one, best cosine first, each index once; all but the
+    first `explain.max_features` of each dictionary have `explain` False (a page, no explanation)."""
     mmcs = read_json(Path(cfg.run_dir) / relpath("mmcs"))
     small, large = cfg.sae.dictionary_pair()
     cap = cfg.explain.max_features
@@ -120,10 +124,10 @@ def shared_features(cfg) -> dict[int, list[Target]]:
         for mine, exp, other, other_exp in (("small", small, "large", large), ("large", large, "small", small)):
             seen: set[int] = set()
             for p in pairs:
-                if p[mine] not in seen and (cap is None or len(seen) < cap):
-                    seen.add(p[mine])
+                if p[mine] not in seen:
                     targets.append(Target(layer, mine, exp, int(p[mine]), other_exp, int(p[other]),
-                                          float(p["cosine"])))
+                                          float(p["cosine"]), explain=cap is None or len(seen) < cap))
+                    seen.add(p[mine])
         out[layer] = targets
     if not out:
         raise UserError(f"{cfg.run_dir}/mmcs.json lists no layers; rerun `python -m irm dictionaries`")
@@ -141,6 +145,8 @@ def _tokenizer(root: Path):
 
 
 LOGIT_LENS_TOKENS = 10  # promoted and suppressed tokens shown per feature
+NOT_EXPLAINED = "not explained (beyond explain.max_features)"
+LINE_FORMAT = 2  # what a line holds (2: fuzzing, density, quantile bins): a line of another format is redone
 HISTOGRAM_BINS = 20
 
 
@@ -172,9 +178,12 @@ def _logit_lens(direction_D: torch.Tensor, w_VD: Optional[torch.Tensor], how: st
     logits_V = w_VD @ (direction_D.float() / direction_D.float().norm().clamp_min(1e-12)).to(w_VD.device)
     top = torch.topk(logits_V, LOGIT_LENS_TOKENS)
     bottom = torch.topk(-logits_V, LOGIT_LENS_TOKENS)
+    counts, edges = np.histogram(logits_V.cpu().numpy(), bins=HISTOGRAM_BINS)
     return {"method": how,
             "promoted": [[decode_token(int(i)), float(v)] for v, i in zip(top.values, top.indices)],
-            "suppressed": [[decode_token(int(i)), float(-v)] for v, i in zip(bottom.values, bottom.indices)]}
+            "suppressed": [[decode_token(int(i)), float(-v)] for v, i in zip(bottom.values, bottom.indices)],
+            "histogram": {"of": "the effect on every token's logit", "edges": edges.tolist(),
+                          "counts": counts.tolist()}}
 
 
 def _histogram(maxima_W: np.ndarray, window: int) -> dict:
@@ -186,13 +195,35 @@ def _histogram(maxima_W: np.ndarray, window: int) -> dict:
             "windows": int(len(maxima_W))}
 
 
-def _rng(cfg, t: Target) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, t.layer, t.expansion, t.index])
+def _rng(cfg, t: Target, *stream: int) -> np.random.Generator:
+    """A feature's own random stream (window samples, detection order); `stream` (1: fuzzing) gives another."""
+    return np.random.default_rng([cfg.seed, t.layer, t.expansion, t.index, *stream])
+
+
+def _held_out_density(directory: Path) -> Optional[np.ndarray]:
+    """Each feature's firing density on the SAE's held-out tokens, from the sparsity file the sae stage wrote beside
+    it (log10 density, SAELens's convention); None when there is none."""
+    from irm.sae.export import SPARSITY_FILE
+
+    path = directory / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    return np.power(10.0, load_file(str(path))["sparsity"].astype(np.float64))
+
+
+def _density(active: int, rows: int, hist: dict, held_out: Optional[float]) -> dict:
+    return {"tokens": active / rows if rows else 0.0, "tokens_active": int(active), "tokens_total": int(rows),
+            "windows": hist["windows_active"] / hist["windows"] if hist["windows"] else 0.0,
+            "held_out": held_out,
+            "of": "fraction of cached tokens (and of windows) where the feature is above zero; held_out: the sae "
+                  "stage's held-out tokens (sparsity.safetensors)"}
 
 
 def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unembed=(None, "")) -> list[dict]:
-    """Records, detection texts and dashboard data (activation histogram, logit lens through `unembed`) for
-    `targets` of one layer, from one pass over its cache with both SAEs."""
+    """Records, detection and fuzzing texts and feature page data (activation density, histogram, logit lens through
+    `unembed`) for `targets` of one layer, from one pass over its cache with both SAEs."""
     from irm.activations import ActivationCache, cache_layer_dir
     from irm.sae import load_sae, sae_dir
 
@@ -201,9 +232,10 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
     if cache.rows == 0:
         raise UserError(f"the activation cache of layer {layer} is empty; rerun `python -m irm cache` with documents")
     roles = sorted({(t.role, t.expansion) for t in targets})
-    saes = {}
+    saes, held_out = {}, {}
     for role, exp in roles:
         sae = load_sae(sae_dir(root, layer, exp), d_in=cache.width, device=device)
+        held_out[role] = _held_out_density(sae_dir(root, layer, exp))
         width = sae.dictionary.shape[0]
         idx = [t.index for t in targets if t.role == role]
         bad = [i for i in idx if not 0 <= i < width]
@@ -217,7 +249,7 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
         acts_BD = acts_BD.to(device)
         return torch.cat([sae.encode(acts_BD)[:, idx] for sae, idx in saes.values()], dim=1)
 
-    wins, maxima = window_maxima(cache, encode, cfg.explain.window, desc=f"explain: layer {layer} maxima")
+    wins, maxima, active = window_maxima(cache, encode, cfg.explain.window, desc=f"explain: layer {layer} maxima")
     sels = [select_windows(maxima[:, c], cfg.explain.n_top, cfg.explain.n_quantile, cfg.explain.n_score,
                            _rng(cfg, t)) for c, t in enumerate(order)]
     windows = read_windows(cache, encode, wins, [w for s in sels for w in s.top + s.quantile + s.active + s.inactive])
@@ -227,25 +259,37 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
     for c, (t, sel) in enumerate(zip(order, sels)):
         texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
                                              _rng(cfg, t))
+        records = feature_records(sel, c, wins, windows, decode_token)
+        fuzz = [([decode_token(int(i)) for i in windows[w][0]], windows[w][1][:, c]) for w in sel.active]
+        fuzz_texts, fuzz_truth = scoring.fuzz_set(fuzz, _rng(cfg, t, 1), token_gap(r["tokens"] for r in records))
         sae = saes[t.role][0]
-        jobs.append({"target": t, "records": feature_records(sel, c, wins, windows, decode_token),
+        hist = _histogram(maxima[:, c], cfg.explain.window)
+        dens = held_out[t.role]
+        jobs.append({"target": t, "records": records,
                      "max_activation": float(maxima[:, c].max()),
-                     "detect": (texts, truth),
-                     "histogram": _histogram(maxima[:, c], cfg.explain.window),
+                     "detect": (texts, truth), "fuzz": (fuzz_texts, fuzz_truth),
+                     "histogram": hist,
+                     "density": _density(int(active[c]), cache.rows, hist,
+                                         None if dens is None else float(dens[t.index])),
                      "logit_lens": _logit_lens(sae.dictionary[t.index], *unembed, decode_token)})
     return jobs
 
 
 def _explain(job: dict, answers: AnswerCache, description: str, score: bool, made_from: str) -> dict:
-    """One feature's line: explanation, label, detection score, the records shown. An unparseable answer gives a
-    null with the raw answer kept beside it."""
+    """One feature's line: explanation, label, detection and fuzzing scores, the records shown and its page data. An
+    unparseable answer gives a null with the raw answer kept beside it; a feature beyond explain.max_features gets
+    its page data only."""
     t: Target = job["target"]
     about = {"layer": t.layer, "dictionary": t.dictionary, "index": t.index}
     line = {"layer": t.layer, "dictionary": t.dictionary, "role": t.role, "index": t.index,
             "pair": {"dictionary": f"x{t.pair_expansion}", "index": t.pair, "cosine": t.cosine},
             "explanation": None, "label": None, "score": None, "max_activation": job["max_activation"],
             "records": job["records"], "histogram": job.get("histogram"), "logit_lens": job.get("logit_lens"),
+            "density": job.get("density"),
             "backend": answers.backend.name, "model": answers.backend.model, "made_from": made_from}
+    if not t.explain:
+        line["status"] = NOT_EXPLAINED
+        return line
     if job["max_activation"] <= 0:
         line["note"] = "never active in the cache: nothing to explain"
         line["status"] = "never active"
@@ -266,9 +310,10 @@ def _explain(job: dict, answers: AnswerCache, description: str, score: bool, mad
     line["status"] = "ok" if line["label"] is not None else "label unparseable"
     line["label_method"] = getattr(answers.backend, "label_method", "LLM judgement of the explanation")
     if score:
-        texts, truth = job["detect"]
-        ask = lambda m: answers.ask(m, task="detect", **about)  # noqa: E731
-        line["score"] = scoring.score(ask, line["explanation"], texts, truth)
+        for key, task in scoring.SCORES.items():
+            texts, truth = job[task]
+            ask = lambda m, task=task: answers.ask(m, task=task, **about)  # noqa: E731
+            line[key] = scoring.score(ask, line["explanation"], texts, truth, task)
     return line
 
 
@@ -278,7 +323,7 @@ def _made_from(cfg, backend, description: str) -> str:
     stamps = {s: (rd.stage_record(s) or {}).get("completed_at") for s in ("cache", "sae", "dictionaries")}
     content = {k: v for k, v in dataclasses.asdict(cfg.explain).items() if k not in EXPLAIN_OPERATIONAL}
     return fingerprint(content, description, cfg.seed, sorted(cfg.sae.expansions), backend.name, backend.model,
-                       stamps)
+                       stamps, LINE_FORMAT)
 
 
 def _finished(path: Path, made_from: str) -> dict[tuple, dict]:
@@ -326,15 +371,25 @@ def run(cfg) -> None:
     write_text(root / EXPLANATIONS, "".join(json.dumps(ln) + "\n" for ln in lines))
     scores = scoring.summarise(lines)
     write_json(root / SCORES, {"backend": backend.name, "model": backend.model, **scores})
-    mark_done(cfg, "explain", [EXPLANATIONS, SCORES], backend=backend.name, model=backend.model)
+    pages = neuronpedia.write(cfg, lines)
+    mark_done(cfg, "explain", [EXPLANATIONS, SCORES, pages], backend=backend.name, model=backend.model)
     related = sum(1 for ln in lines if ln["label"] == 1)
-    acc = scores["mean"]["accuracy"]
     offline = " (offline backend: top-token summaries and a lexicon rule, no LLM)" if backend.name == "offline" else ""
-    not_ok = {k: v for k, v in scores["explanations"].items() if k != "ok"}
-    print(f"explain: {len(lines)} features by {backend.name}/{backend.model}{offline}: {related} related to the "
-          f"reward, mean detection accuracy {'n/a' if acc is None else f'{acc:.2f}'} over {scores['n_scored']} "
-          f"scored ({scores['n_unparsed']} unscored, {scores['n_retried']} retried); {answers.sent} requests sent, "
-          f"{answers.reused} answered from {root / ANSWERS}", flush=True)
+    pages_only = scores["explanations"].get(NOT_EXPLAINED, 0)
+    not_ok = {k: v for k, v in scores["explanations"].items() if k not in ("ok", NOT_EXPLAINED)}
+
+    def mean(s: dict) -> str:
+        acc = s["mean"]["accuracy"]
+        return (f"{'n/a' if acc is None else f'{acc:.2f}'}{' (at chance)' if s['at_chance'] else ''} over "
+                f"{s['n_scored']} scored, {s['n_at_chance']} of them at chance")
+
+    print(f"explain: {len(lines) - pages_only} features explained by {backend.name}/{backend.model}{offline} "
+          f"({pages_only} more shared features with a page only, beyond explain.max_features): {related} related to "
+          f"the reward; mean detection accuracy {mean(scores)}, fuzzing {mean(scores['fuzz'])} "
+          f"({scores['n_unparsed'] + scores['fuzz']['n_unparsed']} unscored, "
+          f"{scores['n_retried'] + scores['fuzz']['n_retried']} retried); {answers.sent} requests sent, "
+          f"{answers.reused} answered from {root / ANSWERS}; feature pages for SAEDashboard/Neuronpedia in {pages}",
+          flush=True)
     if not_ok:
         print("  not usable: " + "; ".join(f"{n} {status}" for status, n in sorted(not_ok.items())), flush=True)
 
