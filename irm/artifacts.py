@@ -56,7 +56,7 @@ def _clear_stale(path: Path) -> None:
 
 def unwritable(path, error: OSError) -> UserError:
     """The one-line error of a write the OS refused (disk full, permissions, ...)."""
-    return UserError(f"could not write {path}: {error.strerror or error} (free disk space or choose another run_dir)")
+    return UserError(f"could not write {path}: {error.strerror or error}; free disk space or choose another run_dir")
 
 
 @contextlib.contextmanager

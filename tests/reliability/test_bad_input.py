@@ -103,6 +103,8 @@ def refused(out, stage: str, *needles: str) -> str:
     line = errors[0]
     assert line.startswith(f"irm {stage}: error: "), line
     assert out.stderr.rstrip().splitlines()[-1] == line  # the error is the last thing printed
+    problem, sep, fix = line[len(f"irm {stage}: error: "):].partition("; ")
+    assert sep and problem.strip() and fix.strip(), f"not '<problem>; <fix>': {line}"  # the README's promise
     for needle in needles:
         assert needle in line, (needle, line)
     return line
@@ -243,3 +245,16 @@ def test_disk_full_while_writing(run_dir):
     out = irm("cache", args_for(run_dir, "--cache.n_documents", "30"), cwd=run_dir.parent, code=DISK_FULL)
     refused(out, "cache", os.strerror(errno.ENOSPC))
     assert not list((run_dir / "cache").glob(".tmp-*")), "a partial cache was left behind"
+
+
+def test_the_readme_table_lists_exactly_these_tests():
+    """The README's "Bad input" table is checked against this file: every test it names exists here, and every
+    test of a bad input here is in the table."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    named = {m.group(1) for m in re.finditer(r"`(test_\w+)(?:\[[^`]*\])?`", table)}
+    here = {name for name in globals() if name.startswith("test_")} - {"test_the_readme_table_lists_exactly_these_tests"}
+    assert named == here, (sorted(named - here), sorted(here - named))
+
