@@ -54,9 +54,9 @@ def test_every_writer_names_the_file_the_disk_refused(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(UserError, match=r"^could not write .*log\.jsonl: No space left on device \(free disk space"):
+    with pytest.raises(UserError, match=r"^could not write .*log\.jsonl: No space left on device; free disk space"):
         append_jsonl(tmp_path / "log.jsonl", {"a": 1})
-    with pytest.raises(UserError, match=r"^could not write .*model: No space left on device \(free disk space"):
+    with pytest.raises(UserError, match=r"^could not write .*model: No space left on device; free disk space"):
         with atomic_dir(tmp_path / "model") as tmp:
             (tmp / "weights.bin").write_bytes(b"w")
     assert not (tmp_path / "model").exists()
