@@ -64,7 +64,8 @@ def test_one_self_contained_dashboard_per_explained_feature(made):
     assert len(boards) == 3
     assert not re.search(r"<script|<link|src=\"http|href=\"http|url\(", html)  # nothing fetched over a network
     first = boards[0]
-    # Tokens shaded by activation / the feature's peak (4.0): 0, 1 and 0.25; values in the tooltip.
+    # Tokens shaded by activation / the feature's peak (4.0): 0, 1 and 0.25, then the quantile window's 0.125;
+    # values in the tooltip.
     shades = re.findall(r'rgba\(255,110,0,([0-9.]+)\)" title="([^"]+)"', first)
     assert shades == [("0.0", "0"), ("1.0", "4"), ("0.25", "1")]
     heights = [float(h) for h in re.findall(r'<rect [^>]*height="([0-9.]+)"', first)]
