@@ -67,7 +67,7 @@ def test_one_self_contained_dashboard_per_explained_feature(made):
     # Tokens shaded by activation / the feature's peak (4.0): 0, 1 and 0.25, then the quantile window's 0.125;
     # values in the tooltip.
     shades = re.findall(r'rgba\(255,110,0,([0-9.]+)\)" title="([^"]+)"', first)
-    assert shades == [("0.0", "0"), ("1.0", "4"), ("0.25", "1")]
+    assert shades == [("0.0", "0"), ("1.0", "4"), ("0.25", "1"), ("0.125", "0.5")]
     heights = [float(h) for h in re.findall(r'<rect [^>]*height="([0-9.]+)"', first)]
     assert heights == [90.0, 0.0, 36.0, 18.0]  # one bar per bin, counts 5, 0, 2, 1 scaled to the tallest
     assert "superb" in first and "awful" in first and "&lt;&amp;&gt;" in first  # escaped, not raw HTML
