@@ -328,14 +328,15 @@ LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # irm.loggers.BACKENDS
 
 
 class _Checks:
-    """Collects range problems, each as `section.field=value: what is needed`."""
+    """Collects range problems, each as `section.field=value is not valid; what a valid value is`."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg, self.out = cfg, []
 
     def need(self, ok: bool, where: str, value, rule: str) -> None:
         if not ok:
-            self.out.append(f"{where}={value!r}: {rule}")
+            fix = f"{where} {rule}" if rule.startswith(("must", "each must")) else rule
+            self.out.append(f"{where}={value!r} is not valid; {fix}")
 
     def at_least(self, section, name: str, low, optional: bool = False, rule: str | None = None) -> None:
         """`section.name` >= `low` (or None when `optional`); `rule` replaces the default `must be >= low` text."""
@@ -516,7 +517,7 @@ def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
 
 
 def _problems(cfg: RunConfig) -> list[str]:
-    """Every range problem in `cfg`, each as `section.field=value: what is needed`."""
+    """Every range problem in `cfg`, each as `section.field=value is not valid; what a valid value is`."""
     ch = _Checks(cfg)
     for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
                   _check_explain_and_triples, _check_regression_and_lexicon, _check_control, _check_calibrate,

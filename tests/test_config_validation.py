@@ -58,8 +58,10 @@ BAD = [
 @pytest.mark.parametrize("args,field", BAD, ids=[b[1] for b in BAD])
 def test_a_bad_value_in_any_section_is_refused_naming_the_field(tmp_path, args, field):
     cfg = parse_config("pipeline", ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), *args])
-    with pytest.raises(UserError, match=rf"^bad configuration: {field.replace('.', '[.]')}="):
+    with pytest.raises(UserError, match=rf"^bad configuration: {field.replace('.', '[.]')}=") as e:
         validate(cfg)
+    problem, sep, fix = str(e.value).partition("; ")  # `<problem>; <fix>`, as the README promises
+    assert sep and "is not valid" in problem and fix.strip() and "\n" not in str(e.value)
 
 
 def test_the_shipped_run_configs_are_valid():
