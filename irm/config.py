@@ -543,13 +543,13 @@ def _environment_problems(cfg: RunConfig, stages) -> list[str]:
     out = []
     if uses_explainer and cfg.explain.backend == "openai":
         if not cfg.explain.model:
-            out.append("explain.model is empty: name the chat model for explain.backend openai (e.g. gpt-4o-mini, or "
+            out.append("explain.model is empty; name the chat model for explain.backend openai (e.g. gpt-4o-mini, or "
                        "the model your vLLM/Ollama/llama.cpp server serves)")
         if not os.environ.get(cfg.explain.api_key_env):
-            out.append(f"environment variable {cfg.explain.api_key_env} (explain.api_key_env) is not set: put the API "
+            out.append(f"environment variable {cfg.explain.api_key_env} (explain.api_key_env) is not set; put the API "
                        "key for explain.backend openai in it (any non-empty value for a server that needs no key)")
     if "triples" in stages and cfg.triples.substitution == "llm" and cfg.explain.backend == "offline":
-        out.append("triples.substitution llm needs an LLM explainer: set explain.backend to local or openai")
+        out.append("triples.substitution llm needs an LLM explainer; set explain.backend to local or openai")
     return out
 
 
