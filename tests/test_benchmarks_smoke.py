@@ -159,3 +159,18 @@ def test_sae_cache_rows_follow_documents_as_the_cache_stage_writes_them(tmp_path
     assert torch.equal(rows["positions"], torch.arange(300) % 64)
     assert torch.equal(rows["doc_ids"], torch.arange(300) // 64)
     assert torch.isfinite(rows["acts"]).all() and rows["acts"].std() > 0
+
+
+def test_stage_rates_divides_stage_times_by_steps_and_tokens(tmp_path):
+    """gpu_check.sh's PPO s/step and cache tokens/s, on a run directory written by hand (pipeline.json's stage times,
+    two layers' cache manifests of 1200 tokens each, 8 PPO steps): 12 s / 8 steps, 1200 tokens / 3 s."""
+    from stage_rates import stage_rates
+
+    run = tmp_path / "run"
+    for layer in (1, 3):
+        (run / "cache" / f"layer-{layer:02d}").mkdir(parents=True)
+        (run / "cache" / f"layer-{layer:02d}" / "manifest.json").write_text(json.dumps({"rows": 1200}))
+    (run / "pipeline.json").write_text(json.dumps({"seconds": {"rlhf": 12.0, "cache": 3.0}}))
+    (tmp_path / "c.yaml").write_text("rlhf:\n  steps: 8\n")
+    r = stage_rates(run, tmp_path / "c.yaml")
+    assert r["ppo_seconds_per_step"] == 1.5 and r["cache_tokens_per_second"] == 400.0 and r["cache_layers"] == 2
