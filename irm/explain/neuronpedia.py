@@ -11,10 +11,12 @@ lens); `logits_hist_data_bar_values`/`_heights` (histogram of that effect over t
 (fraction of cached tokens where the feature fires); `freq_hist_data_bar_values`/`_heights` (bin centres and counts of
 the feature's largest activation per window, windows where it fires: SAEDashboard bins token activations instead);
 `n_prompts_total` (windows), `n_tokens_in_prompt` (`explain.window`), `dataset` (`corpus.source`); `activations`, one
-per top and quantile window: `tokens`, `values`, and the bin SAEDashboard's converter gives them (top windows:
+per top and quantile window: `tokens`, `values`, `qualifying_token_index` (its strongest token), and the bin
+SAEDashboard's converter gives them (top windows:
 `bin_min` -1, `bin_max` the feature's largest activation, `bin_contains` -1; a quantile window: its bin's lowest and
 highest window maximum and its share of the activating windows). Left at SAEDashboard's empty defaults: the neuron
-alignment and correlation tables and `decoder_weights_dist` (attention-head SAEs only). `model_id` is the model
+alignment and correlation tables, `decoder_weights_dist` (attention-head SAEs only) and `vector`. Written against
+sae-dashboard 0.8.0. `model_id` is the model
 name of the SAEs' cfg.json (a hub id for hub models), `sae_set` is `irm-xE`, and Neuronpedia's source id is
 `<layer>-irm-xE`. Explanation rows hold Neuronpedia's explanation columns we can fill (`modelId`, `layer` (the source
 id), `index`, `description`, `typeName`, `explanationModelName`); the detection and fuzzing scores stay in
@@ -54,8 +56,9 @@ def _activation(record: dict, max_activation: float) -> dict:
         lo, hi, share = record["bin"]
     else:
         lo, hi, share = -1, max_activation, -1
-    return {"bin_min": lo, "bin_max": hi, "bin_contains": share, "tokens": record["tokens"],
-            "values": [round(float(v), 4) for v in record["activations"]]}
+    values = [round(float(v), 4) for v in record["activations"]]
+    return {"bin_min": lo, "bin_max": hi, "bin_contains": share, "tokens": record["tokens"], "values": values,
+            "qualifying_token_index": max(range(len(values)), key=values.__getitem__) if values else 0}
 
 
 def feature(line: dict, cfg) -> dict:
