@@ -387,14 +387,34 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
         }
     doc.heading("Findings")
     if rows:
-        doc.table(["claim", "number", "control", "verdict", "detail"],
-                  [[r["claim"], r["number"], r["control"], r["verdict"], r["detail"]] for r in rows],
+        doc.table(["claim", "number", "control", "verdict", "false positives", "detail"],
+                  [[r["claim"], r["number"], r["control"], _verdict_text(r), _fp_text(r), r["detail"]] for r in rows],
                   caption="Each claim of the paper as this run measured it. The verdict follows from the interval "
-                          "or p-value (95%, alpha 0.05): supported when it excludes the control in the claimed "
-                          "direction, contradicted when it excludes it in the other, else not distinguishable; not "
-                          "tested when the stage ran but had nothing to measure (the detail says why).")
+                          "or p-value at one convention (two-sided alpha 0.05: a 95% interval, or 2.5% in each "
+                          "direction), Holm-corrected across the table's rows: supported when it excludes the "
+                          "control in the claimed direction, contradicted when it excludes it in the other, else "
+                          "not distinguishable, with the smallest effect this run could have detected with 80% "
+                          "power; not tested when the stage ran but had nothing to measure (the detail says why). "
+                          "False positives: the rate at which this verdict said supported or contradicted in "
+                          "simulated worlds where the claim is false (the worst of its null families, calibrate "
+                          "stage, at this run's sizes).")
     else:
         doc.para("No claim could be checked: the stages that measure them have not run.")
+
+
+def _verdict_text(r: dict) -> str:
+    """The verdict, with the minimal detectable effect when not distinguishable (calibrate stage)."""
+    mde = r.get("minimal_detectable_effect")
+    if mde is None:
+        return r["verdict"]
+    return f"{r['verdict']} (detectable at 80% power: {mde:+.3g}, {r.get('effect_unit') or 'effect'})"
+
+
+def _fp_text(r: dict) -> str:
+    fp, ci = r.get("false_positive_rate"), r.get("false_positive_ci95")
+    if fp is None:
+        return "not calibrated"
+    return f"{100 * fp:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def control_section(doc: "Doc", root: Path, plots: Path) -> None:

@@ -1,0 +1,99 @@
+"""The calibration harness can fail (issue 22): in simulated worlds where a claim is false, today's statistics hold
+the false-positive rate near 5%, and the statistics they replaced do not. Small world counts (the default suite's
+budget); the full harness is benchmarks/calibration.py (benchmarks/RESULTS.md)."""
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, bootstrap, kendalltau
+
+import irm.control
+from irm.calibration import core
+from irm.calibration.chain import NULL_DELTA, world_of
+from irm.calibration.run_level import layer_world
+from irm.findings import SUPPORTED, NOT_DISTINGUISHABLE
+
+# Few triples for many words: R's own estimation noise, which the words-only interval ignored, dominates
+SMALL = {"words": 300, "triples": 30, "contexts": 2, "bootstrap": 40, "permutations": 1}
+
+
+def words_only(features, true, masks, scales, multiple, pairs, n_resamples, seed):
+    """The replaced delta_tau interval: the fitted predictions held fixed, words resampled (paired) only."""
+    out = {}
+    for name, (a, b) in pairs.items():
+        out[name] = {}
+        for s, m in masks.items():
+            t, x, y = true[m], features[a[0]]["pred" + a[1][1:]][m], features[b[0]]["pred" + b[1][1:]][m]
+
+            def stat(t, x, y):
+                return kendalltau(t, x).statistic - kendalltau(t, y).statistic
+
+            ci = bootstrap((t, x, y), stat, paired=True, vectorized=False, n_resamples=n_resamples,
+                           method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+            out[name][s] = {"delta": float(stat(t, x, y)), "ci95": [float(ci.low), float(ci.high)], "p_value": None,
+                            "n": int(m.sum())}
+    return out
+
+
+def false_positives(family: core.Family, n: int, sizes) -> int:
+    r = core.run_family(family, n, sizes, seed=1)
+    assert r["null"] and r["n"] == n
+    return round(r["rate"] * n)
+
+
+def test_delta_tau_holds_its_false_positives_where_the_words_only_bootstrap_did_not(monkeypatch):
+    name = "sentiment-irrelevant linear map"
+    family = core.Family("delta_tau", name, 0.0, world_of("delta_tau", **NULL_DELTA[name]))
+    n = 20  # measured: 1 of 20 today, 5 of 20 with the words-only interval (separate dictionaries: 1 and 6)
+    today = false_positives(family, n, SMALL)
+    monkeypatch.setattr(irm.control, "resampled_deltas", words_only)
+    before = false_positives(family, n, SMALL)
+    # today: consistent with at most 5% (binomial test); the old interval: far above it
+    assert binomtest(today, n, 0.05, alternative="greater").pvalue > 0.05, today
+    assert binomtest(before, n, 0.05, alternative="greater").pvalue < 0.01, before
+
+
+def test_layer_claim_holds_its_false_positives_where_the_per_tensor_null_did_not(monkeypatch):
+    import irm.findings
+
+    family = core.Family("layers", "random per-layer factor", 0.0, layer_world(0.0, "log-normal 3%"))
+    n = 100
+    today = false_positives(family, n, {"layers": 30, "top_k": 3})
+
+    def per_tensor_null(values, k, n_sim=2000, seed=0):  # the replaced test: each tensor's norms permuted
+        values = np.asarray(values)
+        rng = np.random.default_rng(seed)
+
+        def ratio(v):
+            s = np.sort(v)[::-1]
+            return s[:k].mean() / s[k:].mean()
+
+        # per-tensor norms are not kept by layer_row's input; the world's values are sums of 9 tensors that all
+        # carry the layer's factor, so permuting tensors across layers is permuting 9 rescaled copies
+        t = np.stack([values / 9.0] * 9)
+        null = [ratio(np.stack([rng.permutation(row) for row in t]).sum(axis=0)) for _ in range(200)]
+        return {"statistic": ratio(values), "ratio": ratio(values), "n_sim": 200, "null": "per tensor",
+                "p": irm.findings.permutation_p(ratio(values), null)}
+
+    monkeypatch.setattr(irm.findings, "layer_outlier_test", per_tensor_null)
+    before = false_positives(family, 20, {"layers": 30, "top_k": 3})
+    assert binomtest(today, n, 0.05, alternative="greater").pvalue > 0.05, today
+    assert before >= 15, before
+
+
+def test_planted_delta_tau_is_found_and_measured_effects_give_a_minimal_detectable_effect():
+    sizes = {**SMALL, "words": 120, "triples": 60}
+    results = [core.run_family(core.Family("delta_tau", "planted", e, world_of("delta_tau", effect=e)), 6,
+                               sizes, seed=2) for e in (0.25, 1.0)]
+    assert results[1]["rate"] >= 0.75 and results[1]["measured_effect"] > results[0]["measured_effect"] > 0
+    mde = core.minimal_detectable_effect(results, "delta_tau", measured=True)
+    assert mde is not None and 0 < mde <= results[1]["measured_effect"]
+
+
+def test_holm_matches_a_hand_worked_example_and_demotes_a_row():
+    from irm.findings import correct, finding, holm
+
+    assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    rows = [finding(k, "1", "c", SUPPORTED, "d", p_value=p) for k, p in (("a", 0.01), ("b", 0.04), ("c", 0.03))]
+    out = correct(rows)
+    assert [r["verdict"] for r in out] == [SUPPORTED, NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE]
+    assert [r["p_holm"] for r in out] == pytest.approx([0.03, 0.06, 0.06]) and "Holm" in out[1]["detail"]
