@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from irm.findings import (CONTRADICTED, NOT_DISTINGUISHABLE, NOT_TESTED, ROW_BUILDERS, SUPPORTED, VERDICTS, build_findings,
-                          finding, layer_gap_test, layers_moved, permutation_p, reward_raised, verdict_from_interval,
-                          verdict_from_p, verdict_from_two_sided)
+                          calibrated, finding, heldout_row, layer_outlier_test, layers_moved, permutation_p,
+                          reward_raised, verdict_from_interval, verdict_from_p, verdict_from_two_sided)
 
 
 def test_verdict_words_are_exactly_the_three_agreed_and_not_tested():
@@ -52,6 +52,7 @@ def test_verdict_from_interval_refuses_a_reversed_interval():
 @pytest.mark.parametrize("p_greater, p_less, expected", [
     (0.001, 0.999, SUPPORTED), (0.999, 0.001, CONTRADICTED), (0.2, 0.8, NOT_DISTINGUISHABLE),
     (0.05, 0.95, NOT_DISTINGUISHABLE), (None, None, NOT_DISTINGUISHABLE), (0.01, None, SUPPORTED),
+    (0.03, 0.97, NOT_DISTINGUISHABLE),  # one convention: two-sided 0.05, so 2.5% per direction
 ])
 def test_verdict_from_p_every_branch(p_greater, p_less, expected):
     assert verdict_from_p(p_greater, p_less) == expected
@@ -95,22 +96,47 @@ def test_reward_row_reads_the_paired_difference(tmp_path, ci, p, expected):
     assert row["verdict"] == expected and f"{ci[0]:.3f}" in row["number"] and "n = 256" in row["detail"]
 
 
-def test_layer_gap_per_tensor_null_finds_planted_layers_and_not_noise():
+def test_layer_outlier_test_is_scale_free_finds_planted_layers_and_its_null_is_uniform():
     rng = np.random.default_rng(0)
-    tensors = {f"t{j}": list(1.0 + 0.01 * rng.normal(size=30)) for j in range(8)}
-    flat = layer_gap_test(np.sum([v for v in tensors.values()], axis=0), 3, tensors, n_perm=500)
+    values = np.exp(0.03 * rng.normal(size=30))
+    flat = layer_outlier_test(values, 3, n_sim=1000)
     assert flat["p"] > 0.05
-    planted = {k: [x * (1.5 if i in (4, 9, 20) else 1.0) for i, x in enumerate(v)] for k, v in tensors.items()}
-    values = np.sum([v for v in planted.values()], axis=0)
-    strong = layer_gap_test(values, 3, planted, n_perm=500)
-    assert strong["p"] < 0.01 and strong["ratio"] == pytest.approx(1.5, rel=0.02)
+    scaled = layer_outlier_test(values * 7.0, 3, n_sim=1000)  # the statistic ignores the scale
+    assert scaled["statistic"] == pytest.approx(flat["statistic"]) and scaled["p"] == pytest.approx(flat["p"], abs=0.002)
+    planted = values.copy()
+    planted[[4, 9, 20]] *= 1.3
+    strong = layer_outlier_test(planted, 3, n_sim=1000)
+    assert strong["p"] < 0.01 and strong["ratio"] == pytest.approx(1.3, rel=0.05)
+    # under its null (log-normal layers) the p-value is uniform: 5% of 400 worlds below 0.05, within chance
+    ps = [layer_outlier_test(np.exp(rng.normal(size=12)), 2, n_sim=400, seed=i)["p"] for i in range(400)]
+    assert 8 <= sum(p < 0.05 for p in ps) <= 34
+    assert layer_outlier_test([1.0, 2.0, 3.0], 1)["p"] is None  # fewer than 3 layers besides the top k
 
 
 def test_layers_row_from_divergence_json(tmp_path):
     values = [1.0 + 0.001 * i for i in range(30)]
     write(tmp_path, "divergence.json", {"values": values, "top_k": [29, 28, 27], "k": 3})
     row = layers_moved(tmp_path)
-    assert row["verdict"] == NOT_DISTINGUISHABLE and "29, 28, 27" in row["claim"]
+    assert row["verdict"] == NOT_DISTINGUISHABLE and "29, 28, 27" in row["claim"] and row["calibration"] == "layers"
+    write(tmp_path, "divergence.json", {"values": [1.0, 2.0, 3.0], "top_k": [2], "k": 1})
+    assert layers_moved(tmp_path)["verdict"] == NOT_TESTED  # too few layers: a row saying so, not a missing row
+
+
+def test_undefined_heldout_tau_is_a_not_tested_row():
+    c = {"tuned": {"tau": {"heldout": {"tau": None, "n": 1}}, "permutation": {"heldout": {"p_greater": None}}}}
+    row = heldout_row(c)
+    assert row["verdict"] == NOT_TESTED and "undefined" in row["detail"] and row["calibration"] == "heldout_tau"
+
+
+def test_rows_carry_the_calibrated_false_positive_rate_and_the_mde_only_when_not_distinguishable():
+    cal = {"findings": {"layers": {"false_positive_rate": 0.02, "false_positive_ci95": [0.01, 0.04],
+                                   "minimal_detectable_effect": 1.1, "effect_unit": "ratio"}}}
+    rows = [finding("a", "1", "c", NOT_DISTINGUISHABLE, "d", calibration="layers"),
+            finding("b", "1", "c", SUPPORTED, "d", calibration="layers"), finding("c", "1", "c", SUPPORTED, "d")]
+    out = calibrated(rows, cal)
+    assert out[0]["false_positive_rate"] == 0.02 and out[0]["minimal_detectable_effect"] == 1.1
+    assert out[1]["false_positive_rate"] == 0.02 and out[1]["minimal_detectable_effect"] is None
+    assert out[2]["false_positive_rate"] is None
 
 
 def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
@@ -121,7 +147,10 @@ def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
     with pytest.raises(ValueError):
         build_findings(tmp_path, [lambda root: {"claim": "only a claim"}])
     rows = build_findings(tmp_path, [lambda root: [finding("a", "1", "c", SUPPORTED, "d"), None][:1]])
-    assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED, "detail": "d"}]
+    assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED,
+                     "detail": "d; outside the Holm correction (no p-value)", "calibration": None, "p_value": None,
+                     "p_holm": None, "false_positive_rate": None, "false_positive_ci95": None,
+                     "minimal_detectable_effect": None, "effect_unit": None}]
 
 
 def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
