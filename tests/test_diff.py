@@ -91,6 +91,8 @@ def test_batch_topk_keeps_the_k_times_rows_largest_scores_of_the_batch():
 
 def test_crosscoder_inference_threshold_replaces_the_batch():
     cc = Crosscoder(4, 8, activation="batchtopk", k=2)
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(8, 2, 1) * 3)  # latents of different decoder norms: the selection weighs by them
     x = torch.randn(16, 2, 4)
     assert torch.equal(cc.encode(x), cc.encode_normalized(x, batch=True))  # no threshold yet: the batch rule
     cc.update_threshold(torch.tensor(0.5))
@@ -98,4 +100,109 @@ def test_crosscoder_inference_threshold_replaces_the_batch():
     assert float(cc.threshold) == pytest.approx(0.99 * 0.5 + 0.01 * 1.5)
     pre = cc.pre_activations(x)
     score = pre * cc.W_dec.norm(dim=-1).sum(dim=-1)
-    assert torch.equal(cc.encode(x), torch.where(score > float(cc.threshold), pre, torch.zeros_like(pre)))
+    expected = torch.where(score > float(cc.threshold), pre, torch.zeros_like(pre))
+    assert torch.equal(cc.encode(x), expected)
+    assert not torch.equal(expected, torch.where(pre > float(cc.threshold), pre, torch.zeros_like(pre)))
+
+
+def _pair_dirs(tmp_path, rows=300, width=5, shard_rows=64):
+    """Two caches whose rows are tied: base row i = i * ones, tuned row i = 10 i * ones + 1."""
+    from irm.calibration.diff import write_pair
+
+    i = np.arange(rows, dtype=np.float64)[:, None] * np.ones(width)
+    return write_pair(tmp_path, i, 10 * i + 1, shard_rows=shard_rows)
+
+
+def test_paired_datamodule_keeps_base_and_tuned_rows_together_through_the_shuffle(tmp_path):
+    from irm.diff.data import PairedDataModule
+
+    base_dir, tuned_dir = _pair_dirs(tmp_path)
+    data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=32, val_fraction=0.2, seed=3)
+    data.setup("fit")
+    train = torch.cat(list(data.train_dataloader()))
+    assert train.shape[1:] == (2, 5)
+    np.testing.assert_allclose(train[:, TUNED].numpy(), 10 * train[:, BASE].numpy() + 1)  # paired
+    seen = sorted(train[:, BASE, 0].long().tolist())
+    assert seen == list(range(data.split)) and seen != train[:, BASE, 0].long().tolist()  # every row, shuffled
+    val = torch.cat(list(data.val_dataloader()))
+    assert val[:, BASE, 0].long().tolist() == list(range(data.split, 300))
+    # the difference view: tuned - base batches, and its cache reads the same differences
+    diff = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=32, val_fraction=0.2, seed=3, difference=True)
+    diff.setup("fit")
+    d = torch.cat(list(diff.train_dataloader()))
+    np.testing.assert_allclose(d.numpy(), (train[:, TUNED] - train[:, BASE]).numpy())
+    np.testing.assert_allclose(diff.cache.read_range(5, 7)["acts"].numpy(), [[46.0] * 5, [55.0] * 5])
+
+
+def test_paired_cache_refuses_caches_of_different_tokens(tmp_path):
+    from irm.activations.store import ShardWriter
+    from irm.calibration.diff import write_pair
+    from irm.diff.data import PairedCache
+
+    base_dir, tuned_dir = write_pair(tmp_path, np.zeros((40, 3)), np.ones((40, 3)), shard_rows=16)
+    other = ShardWriter(tmp_path / "other", 3, shard_rows=16)
+    ids = torch.arange(40)
+    other.add(torch.ones(40, 3), ids + 1, ids // 16, ids % 16)  # other token ids
+    other.close(layer=0)
+    with pytest.raises(UserError, match="different tokens"):
+        PairedCache(base_dir, tmp_path / "other")
+    short = write_pair(tmp_path / "short", np.zeros((30, 3)), np.zeros((30, 3)), shard_rows=16)[0]
+    with pytest.raises(UserError, match="sharded differently"):
+        PairedCache(short, tuned_dir)
+
+
+# Crosscoders trained on planted worlds (irm.calibration.diff): 32 wide, 48 shared latents, 4096 tokens, 600 steps.
+
+def _aligned(cc, direction, model=TUNED) -> int:
+    """The latent whose `model` decoder row is closest in direction to `direction`."""
+    d = cc.W_dec.detach()[:, model].double()
+    return int(((d / d.norm(dim=1, keepdim=True)) @ torch.as_tensor(direction)).argmax())
+
+
+def test_crosscoder_finds_the_direction_only_the_tuned_model_holds():
+    from irm.calibration.diff import crosscode, found_cosine, paired_world
+
+    w = paired_world(np.random.default_rng(0), {}, effect=1.0, turn=0.2, rescale=0.2)
+    module, result = crosscode(w, {}, seed=0)
+    specific = result["classes"] == "tuned-specific"
+    assert specific.sum() == 1  # the planted latent, and nothing else
+    assert found_cosine(module.crosscoder, w.planted, specific) > 0.9
+    j = int(np.flatnonzero(specific)[0])
+    assert result["delta"][j] >= SPECIFIC and abs(result["nu_tuned"]["nu_error"][j]) <= NU_MAX
+    # along its tuned decoder the latent explains its own contribution in the tuned model: beta near 1
+    assert result["betas"]["tuned"]["error"][j, TUNED] == pytest.approx(1.0, abs=0.15)
+    assert result["fractions"]["tuned-specific"] == pytest.approx(1 / module.crosscoder.d_hidden)
+    for name in ("base", "tuned"):  # both models reconstructed
+        assert result["quality"][name]["explained_variance"] > 0.9
+
+
+def test_crosscoder_calls_nothing_specific_when_the_tuned_model_only_turns_and_rescales_shared_latents():
+    from irm.calibration.diff import crosscode, paired_world
+
+    w = paired_world(np.random.default_rng(1), {}, turn=0.2, rescale=0.2)
+    _, result = crosscode(w, {}, seed=1)
+    assert result["fractions"]["tuned-specific"] == 0 and result["fractions"]["base-specific"] == 0
+    assert result["fractions"]["shared"] > 0.5
+
+
+def test_l1_crosscoder_shrinks_a_weak_base_decoder_that_batchtopk_keeps_and_latent_scaling_flags_it():
+    """Complete shrinkage (Minder, Dumas et al. 2025): one latent fires in the base at a quarter of its tuned
+    magnitude. Anthropic's L1 loss pushes its base decoder toward 0 (called tuned-only by the norms), BatchTopK keeps
+    it near a quarter; Latent Scaling sees the base's quarter in the L1 crosscoder's error and calls it an artifact."""
+    from irm.calibration.diff import crosscode, paired_world
+
+    w = paired_world(np.random.default_rng(1), {}, turn=0.2, rescale=0.2, weak_in_base=0.25)
+    ratios = {}
+    for name, hparams in (("l1", {"activation": "relu", "l1_coefficient": 1.5, "learning_rate": 3e-3}),
+                          ("batchtopk", {})):
+        module, result = crosscode(w, {}, seed=1, **hparams)
+        j = _aligned(module.crosscoder, w.shared[0])
+        norms = result["norms"][j]
+        ratios[name] = norms[BASE] / norms[TUNED]
+        if name == "l1":
+            assert result["delta"][j] >= SPECIFIC  # the norms alone say tuned-only
+            assert result["classes"][j] == "tuned-only artifact"
+            assert result["nu_tuned"]["nu_error"][j] == pytest.approx(0.25, abs=0.05)  # the base's true share
+        else:
+            assert result["delta"][j] < SPECIFIC and result["classes"][j] == "partial"
+    assert ratios["l1"] < 0.6 * 0.25 and ratios["batchtopk"] == pytest.approx(0.25, abs=0.07)

@@ -1,0 +1,176 @@
+"""Calibration of the crosscoder's "tuned-specific latents" (SPEC "Model diffing", issue 27): paired worlds of sparse
+activations, base and tuned, written as two activation caches and read by the real path (PairedDataModule, a
+BatchTopK crosscoder trained through Lightning, Latent Scaling and the classification of irm.diff.scaling).
+
+Every world draws a dictionary of `shared` unit directions that fire sparsely (probability FIRE, exponential
+magnitudes) in both models with Gaussian noise. Null worlds: the tuned model holds the same latents, its directions
+turned slightly and its magnitudes rescaled (what fine-tuning does to shared features), or additionally one latent
+at a third of its tuned strength in the base (the world that makes an L1 crosscoder's base decoder shrink to zero).
+Planted worlds: one direction fires in the tuned model only, at `effect` times a shared latent's mean magnitude.
+The verdict is "supported" when at least one latent is called tuned-specific; in a planted world it must also be the
+planted direction (cosine >= FOUND_COSINE with its tuned decoder), else the world counts as a miss."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from irm.calibration.core import Family, Sizes
+
+FIRE = 0.05  # probability that a latent fires on a token
+NOISE = 0.05  # sd of the per-dimension Gaussian noise, against unit-norm directions of magnitude ~1
+TOKENS_PER_DOC = 16
+FOUND_COSINE = 0.9
+WEAK_FIRE = 0.2  # firing probability of the latent that is weak in the base: common enough that no crosscoder misses it
+STEPS = 600  # optimizer steps of a world's crosscoder (batch 256): its planted latent's base decoder has decayed by then
+LEARNING_RATE = 1e-2  # these worlds are 32 wide: a larger step than a 576-wide layer's 1e-3 trains them in seconds
+EFFECTS = (0.5, 1.0, 2.0)
+WEAK_NULL = 0.3  # the weak latent's base magnitude in the null family: above the 1/5 that would make it specific
+
+
+class PairedWorld(NamedTuple):
+    base: np.ndarray  # [rows, width]
+    tuned: np.ndarray  # [rows, width]
+    planted: np.ndarray  # [width]: the tuned-only direction (in the tuned activations when effect > 0)
+    shared: np.ndarray  # [shared, width]: the base model's latent directions (latent 0 is the weak one)
+
+
+def paired_world(rng: np.random.Generator, sizes: Sizes, effect: float = 0.0, turn: float = 0.0,
+                 rescale: float = 0.0, weak_in_base: float = 0.0) -> PairedWorld:
+    """The activations of one world.
+
+    sizes: width (default 32), shared (latents in both, 48), rows (4096). turn: every shared direction is turned in the
+    tuned model by adding a random vector of norm `turn` (renormalised: 0.2 is about 11 degrees); rescale: sd of the log of every shared latent's tuned
+    magnitude factor; weak_in_base: when > 0, shared latent 0 fires in the base at this fraction of its tuned
+    magnitude (at the same tokens); effect: magnitude of the planted tuned-only direction (0: none)."""
+    width, n_shared, rows = int(sizes.get("width", 32)), int(sizes.get("shared", 48)), int(sizes.get("rows", 4096))
+    u_KD = _unit(rng.normal(size=(n_shared, width)))
+    u_tuned_KD = _unit(u_KD + turn * _unit(rng.normal(size=u_KD.shape)))
+    factor_K = np.exp(rescale * rng.normal(size=n_shared))
+    fire_K = np.full(n_shared, FIRE)
+    if weak_in_base:
+        fire_K[0] = WEAK_FIRE
+    a_RK = (rng.random((rows, n_shared)) < fire_K) * rng.exponential(1.0, (rows, n_shared))
+    base_a, tuned_a = a_RK.copy(), a_RK * factor_K
+    if weak_in_base:
+        base_a[:, 0] = weak_in_base * tuned_a[:, 0]
+    planted_D = _unit(rng.normal(size=width))
+    base = base_a @ u_KD + NOISE * rng.normal(size=(rows, width))
+    tuned = tuned_a @ u_tuned_KD + NOISE * rng.normal(size=(rows, width))
+    if effect:
+        tuned += effect * ((rng.random(rows) < FIRE) * rng.exponential(1.0, rows))[:, None] * planted_D
+    return PairedWorld(base, tuned, planted_D, u_KD)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def write_pair(root: str | os.PathLike, base: np.ndarray, tuned: np.ndarray, shard_rows: int = 2048) -> tuple[Path, Path]:
+    """The two activation caches of a world (`root/base`, `root/tuned`), as the cache stage would write them: the
+    same tokens, TOKENS_PER_DOC to a document."""
+    from irm.activations.store import ShardWriter
+
+    rows = base.shape[0]
+    ids = torch.arange(rows)
+    dirs = []
+    for name, acts in (("base", base), ("tuned", tuned)):
+        writer = ShardWriter(Path(root) / name, acts.shape[1], shard_rows=shard_rows)
+        writer.add(torch.as_tensor(acts, dtype=torch.float32), ids % 50000, ids // TOKENS_PER_DOC,
+                   ids % TOKENS_PER_DOC)
+        writer.close(layer=0)
+        dirs.append(Path(root) / name)
+    return dirs[0], dirs[1]
+
+
+def fit(base_dir: Path, tuned_dir: Path, *, steps: int, seed: int = 0, difference: bool = False,
+        batch_size: int = 256, **hparams):
+    """A crosscoder (or with `difference` an SAE module on tuned - base) trained `steps` optimizer steps on the
+    pair, no logger, no checkpoints; (module, datamodule)."""
+    import lightning as L
+
+    from irm.diff.data import PairedDataModule
+    from irm.runtime import seed_all
+
+    seed_all(seed)
+    data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=batch_size, val_fraction=0.25, seed=seed,
+                            difference=difference)
+    if difference:
+        from irm.sae.module import SAEModule
+
+        module = SAEModule(**hparams)
+    else:
+        from irm.diff.module import CrosscoderModule
+
+        module = CrosscoderModule(**hparams)
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    # A world this small trains fastest on one thread (600 steps: 2.7 s against 9-20 s on two busy cores, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        torch.set_num_threads(threads)
+    return module, data
+
+
+def held_out(data) -> list[torch.Tensor]:
+    """The datamodule's held-out batches."""
+    return list(data.val_dataloader())
+
+
+def crosscode(w: PairedWorld, sizes: Sizes, seed: int, **hparams):
+    """(trained CrosscoderModule, `read_crosscoder` of its held-out rows) of one world: BatchTopK with sizes' k
+    (default 4) and expansion (2) for STEPS steps at LEARNING_RATE unless `hparams` say otherwise."""
+    from irm.diff.scaling import read_crosscoder
+
+    hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
+               "learning_rate": LEARNING_RATE, **hparams}
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data = fit(*write_pair(tmp, w.base, w.tuned), steps=int(sizes.get("steps", STEPS)), seed=seed,
+                           **hparams)
+        return module, read_crosscoder(module.crosscoder, held_out(data))
+
+
+def judge(rng: np.random.Generator, sizes: Sizes, effect: float = 0.0, **world) -> str:
+    """One world judged by the real path: the verdict on "the tuned model holds latents the base does not"."""
+    from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED
+
+    w = paired_world(rng, sizes, effect=effect, **world)
+    module, result = crosscode(w, sizes, seed=int(rng.integers(2**31)))
+    specific = result["classes"] == "tuned-specific"
+    if not specific.any():
+        return NOT_DISTINGUISHABLE
+    if effect:
+        return SUPPORTED if found_cosine(module.crosscoder, w.planted, specific) >= FOUND_COSINE else NOT_DISTINGUISHABLE
+    return SUPPORTED
+
+
+def found_cosine(cc, direction_D: np.ndarray, among_F: Optional[np.ndarray] = None) -> float:
+    """The largest cosine between `direction_D` and a tuned decoder row (of the latents `among_F`, default all)."""
+    from irm.diff.model import TUNED
+
+    d_FD = cc.W_dec.detach()[:, TUNED].double()
+    d_FD = d_FD / d_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos_F = (d_FD @ torch.as_tensor(direction_D, dtype=torch.float64)).numpy()
+    if among_F is not None:
+        cos_F = cos_F[np.asarray(among_F, dtype=bool)]
+    return float(cos_F.max()) if cos_F.size else float("nan")
+
+
+UNIT = "planted tuned-only latent's magnitude, in shared latents' mean magnitudes"
+FAMILIES: list[Family] = [
+    Family("diff_specific", "tuned holds the same latents, turned and rescaled", 0.0,
+           lambda rng, s: judge(rng, s, turn=0.2, rescale=0.2), UNIT, cost="slow"),
+    Family("diff_specific", "one latent weak (0.3 of its tuned magnitude) in the base", 0.0,
+           lambda rng, s: judge(rng, s, turn=0.2, rescale=0.2, weak_in_base=WEAK_NULL), UNIT, cost="slow"),
+    *(Family("diff_specific", "one direction fires in the tuned model only", e,
+             lambda rng, s, e=e: judge(rng, s, effect=e, turn=0.2, rescale=0.2), UNIT, cost="slow") for e in EFFECTS),
+]
