@@ -206,3 +206,15 @@ def test_l1_crosscoder_shrinks_a_weak_base_decoder_that_batchtopk_keeps_and_late
         else:
             assert result["delta"][j] < SPECIFIC and result["classes"][j] == "partial"
     assert ratios["l1"] < 0.6 * 0.25 and ratios["batchtopk"] == pytest.approx(0.25, abs=0.07)
+
+
+def test_diff_sae_on_tuned_minus_base_finds_the_tuned_only_direction(tmp_path):
+    """The baseline: an ordinary SAE (irm.sae's SAEModule) on the paired datamodule's differences."""
+    from irm.calibration.diff import fit, paired_world, write_pair
+
+    w = paired_world(np.random.default_rng(0), {}, effect=1.0, turn=0.2, rescale=0.2)
+    module, _ = fit(*write_pair(tmp_path, w.base, w.tuned), steps=600, difference=True,
+                    expansions=[2], activation="topk", k=4, learning_rate=1e-2, tied=False, center_input=True)
+    d = module.saes["x2"].W_dec.detach().double()
+    cos = ((d / d.norm(dim=1, keepdim=True)) @ torch.as_tensor(w.planted)).abs()
+    assert float(cos.max()) > 0.9
