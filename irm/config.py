@@ -250,9 +250,13 @@ class CalibrateConfig:
     """The calibration harness at this run's sizes (irm.calibration; `python -m irm calibrate`): simulated worlds
     through the findings' own code, for each finding's false-positive rate and minimal detectable effect."""
 
-    worlds: int = 40  # worlds per family (null and planted); the full harness (benchmarks/calibration.py) runs 500+
-    bootstrap: int = 200  # delta_tau's resamples inside each simulated world (a real run: control.bootstrap)
-    permutations: int = 99  # sign-shuffled refits inside each simulated world (a real run: control.permutations)
+    worlds: int = 10  # worlds per family (null and planted); the full harness (benchmarks/calibration.py): more
+    bootstrap: int = 100  # delta_tau's resamples inside each simulated world (a real run: control.bootstrap)
+    permutations: int = 79  # sign-shuffled refits inside each simulated world (a real run: control.permutations)
+    # The simulated control's words and triples are this run's, capped here for cost (a world at 800 words and 600
+    # triples takes ~7 s): with fewer, the minimal detectable effect is an upper bound of this run's.
+    max_words: int = 300
+    max_triples: int = 200
 
 
 @dataclass
@@ -500,7 +504,9 @@ def _check_calibrate(ch: "_Checks", cfg: RunConfig) -> None:
     c = cfg.calibrate
     ch.at_least(c, "worlds", 1)
     ch.at_least(c, "bootstrap", 20)
-    ch.at_least(c, "permutations", 19)
+    ch.at_least(c, "permutations", 39)  # a one-sided p below 0.025 needs at least 40 draws
+    ch.at_least(c, "max_words", 20)
+    ch.at_least(c, "max_triples", 20)
 
 
 def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:

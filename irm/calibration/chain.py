@@ -190,9 +190,10 @@ NULL_TAU = {"no sentiment in the activations": {"signal": 0.0},
             "no sentiment, 1/k spectrum": {"signal": 0.0, "spectrum": "1/k"}}
 NULL_RAW = {"codes an equally noisy linear view": {"raw_view": "linear", "view_noise": (0.5, 0.5)},
             "codes an equally noisy overcomplete view": {"raw_view": "overcomplete", "view_noise": (0.5, 0.5)}}
-UNIT = {"delta_tau": "fraction of the way from the base model's word values to the lexicon (tau: measured)",
-        "lexicon_tau": "sentiment signal (tau: measured)", "heldout_tau": "sentiment signal (tau: measured)",
-        "sae_vs_raw": "the raw view's noise over the codes' (tau difference: measured)"}
+UNIT = {"delta_tau": "delta_tau", "lexicon_tau": "Kendall tau (words no triple used)",
+        "heldout_tau": "Kendall tau (held-out words)", "sae_vs_raw": "tau(codes) - tau(raw)"}
+# Planted families' `effect` is the world's parameter (named in the family); the harness reports power against the
+# finding's own number measured in those worlds (the unit above), which is what a reader compares with a run.
 
 
 def _families() -> list[Family]:
@@ -207,7 +208,8 @@ def _families() -> list[Family]:
         for i, (name, world) in enumerate(NULL_TAU.items()):
             out.append(Family(kind, name, 0.0, world_of(kind, **world), UNIT[kind], "fast" if i == 0 else "slow"))
         for effect in (0.5, 1.0, 2.0):
-            out.append(Family(kind, "planted sentiment", effect, world_of(kind, signal=effect), UNIT[kind]))
+            out.append(Family(kind, "planted sentiment", effect, world_of(kind, signal=effect),
+                              UNIT[kind]))
     for i, (name, world) in enumerate(NULL_RAW.items()):
         out.append(Family("sae_vs_raw", name, 0.0, world_of("sae_vs_raw", **world), UNIT["sae_vs_raw"],
                           "fast" if i == 0 else "slow"))

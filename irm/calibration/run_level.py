@@ -69,15 +69,17 @@ def layer_world(effect: float, factor: str):
 def _families() -> list[Family]:
     out = []
     for noise in ("skewed", "t3"):
-        out.append(Family("reward", f"no reward change, {noise} noise", 0.0, reward_world(0.0, noise), "reward"))
+        out.append(Family("reward", f"no reward change, {noise} noise", 0.0, reward_world(0.0, noise),
+                          "tuned - base mean reward"))
     for effect in (0.1, 0.2, 0.4):
-        out.append(Family("reward", "planted reward increase", effect, reward_world(effect, "skewed"), "reward"))
+        out.append(Family("reward", "planted reward increase", effect, reward_world(effect, "skewed"),
+                          "tuned - base mean reward"))
     for factor in ("log-normal 3%", "uniform 5%", "per-tensor noise"):
         out.append(Family("layers", f"random per-layer factor ({factor})", 0.0, layer_world(0.0, factor),
-                          "relative excess of the special layers"))
+                          "top-k over the others' mean divergence"))
     for effect in (0.05, 0.1, 0.2):
-        out.append(Family("layers", "planted special layers", effect, layer_world(effect, "log-normal 3%"),
-                          "relative excess of the special layers"))
+        out.append(Family("layers", "planted special layers", effect,
+                          layer_world(effect, "log-normal 3%"), "top-k over the others' mean divergence"))
     return out
 
 

@@ -53,7 +53,8 @@ def summarise(results: list[dict]) -> dict:
             "false_positive_ci95": worst["ci95"] if worst else None,
             "worst_null_family": worst["family"] if worst else None,
             "minimal_detectable_effect": minimal_detectable_effect(results, finding, TARGET_POWER, measured),
-            "effect_unit": "the finding's own number" if measured else (planted[0]["unit"] if planted else None),
+            "effect_unit": planted[0]["unit"] if planted else None,
+            "effect_measured": measured,  # the effect is the finding's own number in the planted worlds
             "power": TARGET_POWER,
         }
     return out
@@ -73,9 +74,13 @@ def run(cfg: RunConfig) -> dict:
 
     root = Path(cfg.run_dir)
     cc = cfg.calibrate
-    sizes = {**run_sizes(root), "bootstrap": cc.bootstrap, "permutations": cc.permutations}
-    out = calibrate(sizes, cc.worlds, cfg.seed,
-                    progress=lambda f: print(f"calibrate: {f.finding}: {f.name} (effect {f.effect:g})", flush=True))
+    measured = run_sizes(root)
+    sizes = {**measured, "bootstrap": cc.bootstrap, "permutations": cc.permutations}
+    caps = {"words": cc.max_words, "triples": cc.max_triples}
+    sizes.update({k: min(sizes[k], cap) for k, cap in caps.items() if k in sizes})
+    out = {"run_sizes": measured, **calibrate(
+        sizes, cc.worlds, cfg.seed,
+        progress=lambda f: print(f"calibrate: {f.finding}: {f.name} (effect {f.effect:g})", flush=True))}
     path = artifact(root, "calibration")
     write_json(path, out)
     mark_done(cfg, "calibrate", [path])
