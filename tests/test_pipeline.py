@@ -38,8 +38,9 @@ READS: dict[str, set[str]] = {
     "control": {"rlhf", "divergence", "triples", "sae", "lexicon"},
     "validate-features": {"rlhf", "regression", "lexicon", "explain", "sae"},
     "ablate": {"rlhf", "sae", "explain"},                     # labelled features zeroed in the tuned policy
+    "calibrate": {"evaluate-reward", "divergence", "control"},  # the sizes its simulated worlds take
     "report": {"evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
-               "validate-features", "ablate"},
+               "validate-features", "ablate", "calibrate"},
 }
 
 
