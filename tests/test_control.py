@@ -192,6 +192,30 @@ def test_ridge_path_equals_numpys_solve_and_chooses_the_loo_best_penalty():
     assert multiple == best
 
 
+def test_ridge_leave_one_triple_out_equals_refits_without_each_triple_and_one_penalty_serves_both_chains():
+    from irm.regression import shared_multiple
+
+    rng = np.random.default_rng(1)
+    x, groups = rng.normal(size=(40, 8)), np.repeat(np.arange(20), 2)
+    y = x @ rng.normal(size=8) + rng.normal(size=40)
+    path = RidgePath(x, alphas=(1e-2, 1e-1, 1.0, 10.0), groups=groups)
+
+    def brute(multiple):  # refit without each triple's two rows, at the full data's penalty scale
+        errs = []
+        for g in range(20):
+            keep = groups != g
+            xm, ym = x[keep], y[keep]
+            xmc = xm - xm.mean(0)
+            w = np.linalg.solve(xmc.T @ xmc + multiple * path.scale * np.eye(8), xmc.T @ (ym - ym.mean()))
+            errs.extend(y[~keep] - (x[~keep] @ w + ym.mean() - xm.mean(0) @ w))
+        return np.mean(np.square(errs))
+
+    np.testing.assert_allclose(path.loo_error(y), [brute(m) for m in path.multiples], rtol=1e-10)
+    other = RidgePath(x + rng.normal(size=x.shape), alphas=path.multiples, groups=groups)
+    total = path.loo_error(y) / y.var() + other.loo_error(2 * y) / (2 * y).var()
+    assert shared_multiple([path, other], [y, 2 * y]) == path.multiples[int(np.argmin(total))]
+
+
 def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, capsys):
     """With M_RLHF == M_base the two chains are the same computation: delta_tau is exactly 0, no word moves, and the
     verdict is "not distinguishable". The codes read through the wrapped SAEs equal the deltas stage's rows."""
