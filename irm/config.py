@@ -449,7 +449,9 @@ def _check_sae(ch: "_Checks", cfg: RunConfig) -> None:
     ch.fraction(s, "val_fraction")
     ch.at_least(s, "ce_documents", 0)  # 0 skips CE loss recovered
     ch.at_least(cfg.dictionaries, "top_k", 1)
-    ch.at_least(cfg.dictionaries, "chance_draws", 1)  # MMCS's chance level needs one pair of random dictionaries
+    # MMCS's verdict ranks the real MMCS among the chance draws, one-sided at 2.5%: 1 / (draws + 1) must be below it
+    ch.at_least(cfg.dictionaries, "chance_draws", 40,
+                rule="must be >= 40 (the verdict ranks MMCS among the chance draws; 99 is the default)")
 
 
 def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:

@@ -66,7 +66,7 @@ def _as_float64(dictionary, device=None):
 
 def _unit_rows(d_FW):
     """Rows scaled to unit norm; zero rows stay zero (so their cosine with anything is 0). Returns (unit, n_zero)."""
-    norms_F = d_FW.norm(dim=1, keepdim=True)
+    norms_F = d_FW.norm(dim=-1, keepdim=True)
     zero_F = norms_F <= ZERO_NORM
     unit_FW = d_FW / norms_F.masked_fill(zero_F, 1.0)
     unit_FW.masked_fill_(zero_F, 0.0)
@@ -146,14 +146,16 @@ def mmcs(small, large, method: str = "max", *, device=None,
     return float(cos.mean()), pairs
 
 
-def random_unit_dictionary(n: int, width: int, generator=None, moments: "Moments | None" = None):
-    """[n, width] random dictionary rows scaled to unit norm, float64. Without `moments` the rows are uniform on the
-    unit sphere (normalised standard normals: isotropic); with them each row is a draw of the activations' own
-    distribution, mean + factor @ z (a Gaussian with their mean and covariance), then normalised: a dictionary that
-    shares nothing with another but the data's shape (its principal directions and its mean)."""
+def random_unit_dictionary(n, width: int, generator=None, moments: "Moments | None" = None, device=None):
+    """[n, width] random dictionary rows scaled to unit norm, float64 (`n` a tuple: a batch of dictionaries, [*n,
+    width]). Without `moments` the rows are uniform on the unit sphere (normalised standard normals: isotropic);
+    with them each row is a draw of the activations' own distribution, mean + factor @ z (a Gaussian with their mean
+    and covariance), then normalised: a dictionary that shares nothing with another but the data's shape (its
+    principal directions and its mean)."""
     import torch
 
-    z = torch.randn(n, width, generator=generator, dtype=torch.float64)
+    shape = tuple(n) if isinstance(n, (tuple, list)) else (n,)
+    z = torch.randn(*shape, width, generator=generator, dtype=torch.float64).to(device or "cpu")
     d = z if moments is None else moments.mean + z @ moments.factor.T
     return _unit_rows(d)[0]
 
@@ -233,14 +235,25 @@ def chance_mmcs(n_small: int, n_large: int, width: int, draws: int = 5, seed: in
     if moments is not None:
         moments = Moments(moments.mean.to(on), moments.factor.to(on), moments.rows)
     scores = {m: [] for m in methods}
-    for i in range(draws):
-        small = random_unit_dictionary(n_small, width, g, moments).to(on)
-        large = random_unit_dictionary(n_large, width, g, moments).to(on)
+    # Pairs are drawn `batch` at a time (as many as CHUNK_ELEMENTS cosines hold): the small dictionaries of the
+    # batch, then its large ones, from one seeded generator.
+    batch = max(1, CHUNK_ELEMENTS // max(1, n_small * n_large))
+    done = 0
+    while done < draws:
+        b = min(batch, draws - done)
+        small_BNW = random_unit_dictionary((b, n_small), width, g, moments, on)
+        large_BMW = random_unit_dictionary((b, n_large), width, g, moments, on)
         for m in methods:
             if m == "max":
-                scores[m].append(float(_max_cosines(small, large, CHUNK_ELEMENTS)[0].mean()))
-            elif hungarian_draws is None or i < hungarian_draws:
-                scores[m].append(mmcs(small, large, m, device=device)[0])
+                if b == 1:  # one pair may be too large for one matrix: the chunked search
+                    best = _max_cosines(small_BNW[0], large_BMW[0], CHUNK_ELEMENTS)[0].mean()[None]
+                else:
+                    best = torch.bmm(small_BNW, large_BMW.transpose(1, 2)).amax(dim=2).clamp(-1.0, 1.0).mean(dim=1)
+                scores[m].extend(best.cpu().tolist())
+            else:
+                scores[m].extend(mmcs(small_BNW[i], large_BMW[i], m, device=device)[0] for i in range(b)
+                                 if hungarian_draws is None or done + i < hungarian_draws)
+        done += b
     return {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                 "draws": [float(x) for x in v]} for m, v in scores.items()}
 
@@ -419,8 +432,8 @@ def run(cfg) -> None:
                      "the shared features; a feature that never fires is never one",
             "hungarian_pairs": "top-k pairs of the one-to-one matching whose features both fire, for comparison",
             "max_ci95": "95% bootstrap interval of max over the small dictionary's features",
-            "chance": "MMCS of two random dictionaries of the same shapes whose rows are drawn from the activations' own "
-                      "distribution (a Gaussian with the cached activations' mean and covariance, rows normalised; "
+            "chance": "MMCS of two random dictionaries of the same shapes whose rows are drawn from the activations' "
+                      "own distribution (a Gaussian with the cached activations' mean and covariance, rows normalised; "
                       f"{CHANCE_ROWS}; chance_rows of them): mean, sample std and every one of `draws` seeded pairs "
                       f"(hungarian: the first {HUNGARIAN_DRAWS}). The findings verdict ranks max among the max draws",
             "chance_isotropic": "the same with rows uniform on the unit sphere (the easiest null, for reference)",

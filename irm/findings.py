@@ -515,14 +515,15 @@ def dictionaries_share_features(root: Path) -> Optional[list]:
             for layer, rec in sorted(mmcs["layers"].items(), key=lambda kv: int(kv[0]))] or None
 
 
-VALIDATION_CLAIM = "the features labelled related to the reward fire where R predicts a large delta (paper 4.4, table 6)"
+VALIDATION_CLAIM = ("the features labelled related to the reward fire where R predicts a large delta (paper 4.4, "
+                    "table 6)")
 
 
 def validation_row(val: dict) -> Row:
     """Table 6 from validation.json: the related features' enrichment over their own base rate (P(active | R >
-    threshold) / P(active), per feature) against the other explained features', by a label permutation of Welch's t
-    (`irm.validate.compare_groups`), one-sided like the claim. Labels from the offline lexicon rule make the test
-    circular: the numbers are shown and the verdict is "not tested"."""
+    threshold) / P(active), per feature, as a z-score) against the other explained features', by a label permutation
+    of the difference of means (`irm.validate.enrichment_comparison`), one-sided like the claim. Labels from the
+    offline lexicon rule make the test circular: the numbers are shown and the verdict is "not tested"."""
     from irm.validate import ENRICHMENT
 
     if val.get("n_related") == 0:
@@ -541,14 +542,17 @@ def validation_row(val: dict) -> Row:
     p_greater, p_less = vs["p_value"], vs.get("p_value_less")
     return finding(
         claim=VALIDATION_CLAIM + (" [circular labels]" if circular else ""),
-        number=f"enrichment over base rate {num(vs['related_frequency'], 2)} (mean over {vs['n_related']} related "
-               f"features); raw activation frequency {num(raw.get('related_frequency'))}",
+        number=f"enrichment over base rate {num(vs.get('related_enrichment'), 2)} (z {num(vs['related_frequency'], 2)};"
+               f" mean over {vs['n_related']} related features); raw activation frequency "
+               f"{num(raw.get('related_frequency'))}",
         control=f"the {vs['n_other']} other explained features of the same layers: enrichment "
-                f"{num(vs['other_frequency'], 2)}, raw frequency {num(raw.get('other_frequency'))}",
+                f"{num(vs.get('other_enrichment'), 2)} (z {num(vs['other_frequency'], 2)}), raw frequency "
+                f"{num(raw.get('other_frequency'))}",
         # one-sided, like the claim (a significantly lower enrichment is its reverse, in the detail)
         verdict=NOT_TESTED if circular else verdict_from_p(p_greater, None),
         detail=(f"{circular}; " if circular else "")
-               + f"label permutation of Welch's t: {p_text(p_greater)} (related more enriched), {p_text(p_less)} "
+               + f"label permutation of the enrichment z-scores: {p_text(p_greater)} (related more enriched), "
+               f"{p_text(p_less)} "
                f"(less{': the claim reversed' if verdict_from_p(None, p_less) == CONTRADICTED else ''}); "
                f"{vs.get('n_undefined', 0)} explained features never fired (no base rate); "
                f"{val.get('n_inputs_above')} of {val.get('n_inputs')} positions above R > {val.get('threshold')}",

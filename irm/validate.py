@@ -10,9 +10,11 @@ The paper compares the related features with "the average feature", dead ones in
 (the explainer only sees features that fire) beats that. The control here is the *other explained* features of the
 same layers (explained and labelled 0). A feature that fires on most tokens fires often where R is high too, so raw
 frequencies favour busy features; the verdict's statistic is each feature's *enrichment* over its own base rate,
-P(active | R > threshold) / P(active), 1 for a feature that ignores R whatever its rate (issue 22). The two groups'
-enrichments are compared by a label permutation test of Welch's t (studentised, so a group of rare, noisy features
-does not pass for a difference); raw frequencies are kept beside it.
+P(active | R > threshold) / P(active), 1 for a feature that ignores R whatever its rate (issue 22), taken as a
+z-score under "the feature ignores R" (hypergeometric: the ratio of a rare feature swings far more than a busy
+one's, and a group of rare features would pass for enriched). The groups' z-scores, on one scale whatever the
+feature, are compared by a label permutation test of their difference of means; mean enrichment ratios and raw
+frequencies (compared by Welch's t) are kept beside it.
 
 Circularity: the offline explainer (explain.backend offline) labels a feature related when reward-lexicon tokens
 carry most of its activation, and R's targets are that lexicon's values, so related features fire on the words R
@@ -83,9 +85,20 @@ class Frequencies:
         }
 
     def enrichment(self, layers: list[int], features: dict[int, list[int]]) -> np.ndarray:
-        """Each of `features`' P(active | R above) / P(active) (`enrichment`), NaN for one that never fires."""
-        return enrichment(self.per_feature(layers, features, above=True),
-                          self.per_feature(layers, features, above=False))
+        """Each of `features`' P(active | R above) / P(active) (`enrichment`), NaN for one that never fires (and for
+        every one when R selects no input)."""
+        total = self.per_feature(layers, features, above=False)
+        if self.n_above == 0:
+            return np.full(total.shape, np.nan)
+        return enrichment(self.per_feature(layers, features, above=True), total)
+
+    def enrichment_z(self, layers: list[int], features: dict[int, list[int]]) -> np.ndarray:
+        """Each of `features`' enrichment as a z-score (`enrichment_z`), NaN where it is undefined."""
+        counts = [(self.active_above[li, i], self.active_all[li, i]) for li, layer in enumerate(layers)
+                  for i in features.get(layer, [])]
+        above, total = (np.array(c, dtype=np.float64).reshape(-1) for c in zip(*counts)) if counts else (
+            np.zeros(0), np.zeros(0))
+        return enrichment_z(above, total, self.n_above, self.n_all)
 
     def per_feature(self, layers: list[int], features: dict[int, list[int]], above: bool = True) -> np.ndarray:
         """Activation frequency of each of `features` (layer -> indices, in `layers` order), over the inputs R
@@ -107,6 +120,34 @@ def enrichment(above_F: np.ndarray, all_F: np.ndarray) -> np.ndarray:
     return out
 
 
+def enrichment_z(active_above_F: np.ndarray, active_all_F: np.ndarray, n_above: int, n_all: int) -> np.ndarray:
+    """Per feature, its count of active inputs among those R selects as a z-score under "the feature ignores R":
+    given that it fired on a of the n inputs, the count among the k selected ones is hypergeometric; the z-score is
+    the normal quantile of its upper-tail mid-p (P(X > x) + P(X = x) / 2), about N(0, 1) whatever the base rate,
+    also for a rare feature's few, lopsided counts, where (x - mean) / sd is skewed. Enrichment over the base rate on
+    one scale for every base rate (a rare feature's raw ratio swings wildly, a busy one's hardly moves). NaN where it
+    is undefined (a feature that never fires, or always does; no input selected, or every one)."""
+    from scipy.special import ndtri_exp
+    from scipy.stats import hypergeom
+
+    a = np.asarray(active_all_F, dtype=np.int64)
+    x = np.asarray(active_above_F, dtype=np.int64)
+    out = np.full(a.shape, np.nan)
+    defined = (a > 0) & (a < n_all) & (0 < n_above < n_all)
+    if defined.any():
+        law, xd = hypergeom(n_all, a[defined], n_above), x[defined]
+        # In log space and from the smaller tail, so a count far out in either tail keeps a finite z-score.
+        half_pmf = np.log(0.5) + law.logpmf(xd)
+        log_upper = np.logaddexp(law.logsf(xd), half_pmf)  # P(X > x) + P(X = x) / 2
+        log_lower = np.logaddexp(law.logcdf(xd - 1), half_pmf)  # P(X < x) + P(X = x) / 2
+        out[defined] = np.where(log_upper < np.log(0.5), -ndtri_exp(log_upper), ndtri_exp(log_lower))
+    return out
+
+
+def _difference(a, b, axis=-1):
+    return a.mean(axis=axis) - b.mean(axis=axis)
+
+
 def welch_t(a, b, axis=-1):
     """Welch's t of mean(a) - mean(b) along `axis` (vectorised for scipy's permutation_test); a difference over a
     zero spread is +-inf, no difference 0."""
@@ -117,11 +158,12 @@ def welch_t(a, b, axis=-1):
 
 
 def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0,
-                   what: str = "activation frequency") -> dict:
+                   what: str = "activation frequency", n_resamples: int = N_PERMUTATIONS, welch: bool = True) -> dict:
     """Related vs other explained features' values of `what` (one per feature; NaN ones, features that never fired,
     are left out and counted in `n_undefined`): means, lift (ratio of means), difference, and the one-sided
-    label-permutation p-values (H1: related features score higher; `p_value_less`: lower) of Welch's t with scipy
-    (exact enumeration when the partitions number at most N_PERMUTATIONS). With one feature in a group the
+    label-permutation p-values (H1: related features score higher; `p_value_less`: lower) of Welch's t (`welch`;
+    else the difference of means, for values on one scale whatever the feature) with scipy
+    (exact enumeration when the partitions number at most `n_resamples`). With one feature in a group the
     partitions are enumerated on the difference of means. None where a group is empty. The keys keep the
     frequency names (`related_frequency`: the related group's mean of `what`) for the report's table."""
     from scipy.stats import permutation_test
@@ -135,7 +177,8 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0,
            "other_frequency": float(other_F.mean()) if len(other_F) else None,
            "lift": None, "difference": None, "p_value": None, "p_value_less": None,
            "test": "label permutation among the explained features, one-sided (p_value: related higher; "
-                   "p_value_less: lower), statistic = Welch's t of the two groups' means"}
+                   "p_value_less: lower), statistic = " + ("Welch's t of the two groups' means" if welch else
+                                                          "difference of the groups' means")}
     if not len(related_F) or not len(other_F):
         return out
     out["difference"] = out["related_frequency"] - out["other_frequency"]
@@ -143,8 +186,9 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0,
         out["lift"] = out["related_frequency"] / out["other_frequency"]
     if min(len(related_F), len(other_F)) >= 2:
         for key, alternative in (("p_value", "greater"), ("p_value_less", "less")):
-            res = permutation_test((related_F, other_F), welch_t, permutation_type="independent",
-                                   alternative=alternative, vectorized=True, n_resamples=N_PERMUTATIONS,
+            res = permutation_test((related_F, other_F), welch_t if welch else _difference,
+                                   permutation_type="independent", alternative=alternative, vectorized=True,
+                                   n_resamples=n_resamples,
                                    rng=np.random.default_rng(seed))
             out[key] = float(res.pvalue)
     else:
@@ -166,7 +210,21 @@ def compare_groups(related_F: np.ndarray, other_F: np.ndarray, seed: int = 0,
 
 
 ENRICHMENT = "enrichment over base rate"  # the vs_other_explained entry that carries the verdict
-ENRICHMENT_TEXT = "per-feature enrichment P(active | R > threshold) / P(active)"
+WELCH_ON_Z = False  # z-scores share one scale: the plain difference (Welch's t let rare related features through)
+ENRICHMENT_TEXT = ("per-feature enrichment over its base rate as a z-score (enrichment_z); related_enrichment and "
+                   "other_enrichment: the groups' mean P(active | R > threshold) / P(active)")
+
+
+def enrichment_comparison(freqs: Frequencies, layers: list[int], related: dict[int, list[int]],
+                          other: dict[int, list[int]], seed: int = 0, n_resamples: int = N_PERMUTATIONS) -> dict:
+    """The verdict's comparison: related vs other explained features by their enrichment z-scores
+    (`compare_groups`), with each group's mean enrichment ratio beside it."""
+    out = compare_groups(freqs.enrichment_z(layers, related), freqs.enrichment_z(layers, other), seed,
+                         what=ENRICHMENT_TEXT, n_resamples=n_resamples, welch=WELCH_ON_Z)
+    for key, group in (("related_enrichment", related), ("other_enrichment", other)):
+        ratios = freqs.enrichment(layers, group)
+        out[key] = float(np.nanmean(ratios)) if np.isfinite(ratios).any() else None
+    return out
 
 
 def label_methods(root: Path) -> list[str]:
@@ -238,9 +296,10 @@ def _print_result(result: dict, threshold: float, n_texts: int, n_related: int) 
         print(f"  vs the {vs['n_other']} other explained features: {pct(vs['other_frequency'])}, lift "
               f"{vs['lift']:.2f}, permutation p = {vs['p_value']:.3g}")
     e = result["vs_other_explained"][ENRICHMENT]
-    if e["lift"] is not None:
-        print(f"  enrichment over each feature's base rate: related {e['related_frequency']:.2f}, other "
-              f"{e['other_frequency']:.2f}, permutation p = {e['p_value']:.3g}")
+    if e["p_value"] is not None:
+        print(f"  enrichment over each feature's base rate: related {e['related_enrichment']:.2f}, other "
+              f"{e['other_enrichment']:.2f} (z {e['related_frequency']:.2f} vs {e['other_frequency']:.2f}), "
+              f"permutation p = {e['p_value']:.3g}")
     if result.get("circular"):
         print(f"  {result['circular']}")
     if "note" in result:
@@ -291,8 +350,7 @@ def run(cfg: RunConfig) -> dict:
         **freqs.summary(layers, related),
         "label_methods": label_methods(root),
         "vs_other_explained": {
-            ENRICHMENT: compare_groups(freqs.enrichment(layers, related), freqs.enrichment(layers, other), cfg.seed,
-                                       what=ENRICHMENT_TEXT),
+            ENRICHMENT: enrichment_comparison(freqs, layers, related, other, cfg.seed),
             "inputs above threshold": compare_groups(freqs.per_feature(layers, related),
                                                      freqs.per_feature(layers, other), cfg.seed),
             "all inputs": compare_groups(freqs.per_feature(layers, related, above=False),

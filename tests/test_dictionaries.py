@@ -354,15 +354,19 @@ def numpy_max_mmcs(a, b):
 def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import chance_mmcs, random_unit_dictionary
+    from irm.dictionaries import chance_mmcs
 
     n, m, d, draws = 24, 48, 16, 4
     chance = chance_mmcs(n, m, d, draws=draws, seed=7)
-    # The same draws (same generator, same order), scored by numpy / scipy alone.
+    # The same draws (same generator, same order: the batch's small dictionaries, then its large ones), normalised
+    # and scored by numpy / scipy alone.
     g = torch.Generator().manual_seed(7)
+    z_small = torch.randn(draws, n, d, generator=g, dtype=torch.float64).numpy()
+    z_large = torch.randn(draws, m, d, generator=g, dtype=torch.float64).numpy()
     expected_max, expected_h = [], []
-    for _ in range(draws):
-        a, b = random_unit_dictionary(n, d, g).numpy(), random_unit_dictionary(m, d, g).numpy()
+    for i in range(draws):
+        a = z_small[i] / np.linalg.norm(z_small[i], axis=1, keepdims=True)
+        b = z_large[i] / np.linalg.norm(z_large[i], axis=1, keepdims=True)
         assert np.allclose(np.linalg.norm(a, axis=1), 1) and np.allclose(np.linalg.norm(b, axis=1), 1)
         expected_max.append(numpy_max_mmcs(a, b))
         cos = a @ b.T
@@ -372,8 +376,8 @@ def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
     assert chance["hungarian"]["draws"] == pytest.approx(expected_h, abs=1e-12)
     assert chance["max"]["mean"] == pytest.approx(np.mean(expected_max), abs=1e-12)
     assert chance["max"]["std"] == pytest.approx(np.std(expected_max, ddof=1), abs=1e-12)
-    two = chance_mmcs(n, m, d, draws=2, seed=7)  # the same first two draws: a sample std of two values
-    assert two["max"]["std"] == pytest.approx(abs(expected_max[0] - expected_max[1]) / np.sqrt(2), abs=1e-12)
+    two = chance_mmcs(n, m, d, draws=2, seed=7)["max"]  # a sample std of two values
+    assert two["std"] == pytest.approx(abs(two["draws"][0] - two["draws"][1]) / np.sqrt(2), abs=1e-12)
     # Independently drawn numpy dictionaries (Gaussian rows, normalised) land at the same level: the chance level is
     # a property of the shapes, not of one generator.
     rng = np.random.default_rng(0)

@@ -41,7 +41,10 @@ def made(tmp_path):
           "difference": 0.25, "p_value": 0.0123, "test": "label permutation"}
     (root / "validation.json").write_text(json.dumps({
         "n_inputs": 40, "threshold": 3.0, "n_inputs_above": 12, "related": {"2": [18]}, "other": {"2": [7]},
-        "related_frequency": 0.5, "average_frequency": 0.3, "vs_other_explained": {"inputs above threshold": vs}}))
+        "related_frequency": 0.5, "average_frequency": 0.3, "vs_other_explained": {
+            "inputs above threshold": vs,
+            "enrichment over base rate": {**vs, "related_frequency": 1.8, "other_frequency": 0.1,
+                                          "related_enrichment": 2.5, "other_enrichment": 1.25}}}))
     cond = {"mean": 0.5, "ci95": [0.25, 0.75], "diff_vs_before": {"mean": 0.0, "ci95": [-0.1, 0.1]}}
     (root / "ablation.json").write_text(json.dumps({
         "n_prompts": 16, "features": {"2": [18]}, "n_features": 1, "random_draws": 3,
@@ -94,11 +97,12 @@ def test_validation_lift_and_ablation_paired_differences_are_shown(made):
 
 
 def test_findings_rows_for_validation_and_ablation(made):
-    from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, SUPPORTED, build_findings
+    from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, build_findings
 
     rows = {r["claim"]: r for r in build_findings(made)}
     val = next(r for c, r in rows.items() if c.startswith("the features labelled related"))
-    assert val["verdict"] == SUPPORTED and "lift 2.00" in val["number"] and "0.250" in val["control"]
+    assert val["verdict"] == SUPPORTED and "enrichment over base rate 2.50 (z 1.80" in val["number"]
+    assert "enrichment 1.25 (z 0.10), raw frequency 0.250" in val["control"]
     abl = [r for r in build_findings(made) if r["claim"].startswith("ablating")]
     assert [r["verdict"] for r in abl] == [SUPPORTED, SUPPORTED]
     assert "splice with nothing ablated" in abl[0]["control"] and "firing frequency" in abl[1]["control"]
@@ -109,8 +113,10 @@ def test_findings_rows_for_validation_and_ablation(made):
     error["ablated_minus_splice"]["ci95"] = [-0.5, 0.1]
     error["ablated_minus_random"]["ci95"] = [0.1, 0.3]
     path.write_text(json.dumps(data))
-    verdicts = [r["verdict"] for r in build_findings(made) if r["claim"].startswith("ablating")]
-    assert verdicts == [NOT_DISTINGUISHABLE, CONTRADICTED]
+    rows = [r for r in build_findings(made) if r["claim"].startswith("ablating")]
+    # one-sided like the claim: a rise is not a verdict on "lowers", the detail says so
+    assert [r["verdict"] for r in rows] == [NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE]
+    assert "the claim's reverse" in rows[1]["detail"] and "reverse" not in rows[0]["detail"]
 
 
 def test_summary_carries_the_lift_and_the_paired_differences(made):

@@ -63,6 +63,34 @@ def exact_one_sided_p(related, other, statistic=None):
     return hits / total
 
 
+def exact_mid_p_z(x, active, selected, total):
+    """The normal score of the upper-tail mid-p of x active among `selected` of `total` inputs, `active` of which
+    are active (hypergeometric), with the probabilities as exact fractions of binomial coefficients."""
+    from fractions import Fraction
+    from math import comb
+
+    from scipy.stats import norm
+
+    def pmf(k):
+        return Fraction(comb(active, k) * comb(total - active, selected - k), comb(total, selected))
+
+    upper = sum((pmf(k) for k in range(x + 1, min(active, selected) + 1)), Fraction(0)) + pmf(x) / 2
+    return float(norm.isf(float(upper))) if upper < Fraction(1, 2) else float(norm.ppf(float(1 - upper)))
+
+
+def test_enrichment_z_against_exact_fractions_in_both_tails():
+    from irm.validate import enrichment_z
+
+    cases = [(3, 4, 15, 40), (0, 7, 15, 40), (12, 20, 15, 40), (0, 300, 100, 1000), (95, 300, 100, 1000),
+             (5, 395, 5, 400), (0, 395, 5, 400)]
+    got = enrichment_z(*(np.array(c) for c in zip(*[(x, a) for x, a, _, _ in cases[:3]])), 15, 40)
+    for (x, a, k, n), z in zip(cases[:3], got):
+        assert z == pytest.approx(exact_mid_p_z(x, a, k, n), rel=1e-9)
+    for x, a, k, n in cases[3:]:  # far out in a tail: finite and exact
+        z = enrichment_z(np.array([x]), np.array([a]), k, n)[0]
+        assert np.isfinite(z) and z == pytest.approx(exact_mid_p_z(x, a, k, n), rel=1e-6), (x, a, z)
+
+
 def test_lift_and_permutation_p_against_an_exact_enumeration():
     related = np.array([0.30, 0.45, 0.25])
     other = np.array([0.10, 0.05, 0.20, 0.15, 0.12, 0.33, 0.08])
@@ -275,9 +303,18 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     lifted = np.where(base > 0, active[chosen].mean(axis=0) / np.where(base > 0, base, 1), np.nan)
     other_columns = [c for c in range(2 * 64) if c not in related_columns]
     e = val_split["vs_other_explained"]["enrichment over base rate"]
-    assert e["related_frequency"] == pytest.approx(np.nanmean(lifted[related_columns]), abs=1e-9)
-    assert e["other_frequency"] == pytest.approx(np.nanmean(lifted[other_columns]), abs=1e-9)
-    assert e["n_undefined"] == int(np.isnan(lifted).sum())
+    assert e["related_enrichment"] == pytest.approx(np.nanmean(lifted[related_columns]), abs=1e-9)
+    assert e["other_enrichment"] == pytest.approx(np.nanmean(lifted[other_columns]), abs=1e-9)
+    # the verdict's z-scores: each feature's hypergeometric mid-p among the selected inputs, in exact fractions
+    n_all, n_sel = len(scaled), int(chosen.sum())
+    z = np.full(active.shape[1], np.nan)
+    for c in range(active.shape[1]):
+        a, x = int(active[:, c].sum()), int(active[chosen, c].sum())
+        if 0 < a < n_all:
+            z[c] = exact_mid_p_z(x, a, n_sel, n_all)
+    assert e["related_frequency"] == pytest.approx(np.nanmean(z[related_columns]), abs=1e-9)
+    assert e["other_frequency"] == pytest.approx(np.nanmean(z[other_columns]), abs=1e-9)
+    assert e["n_undefined"] == int(np.isnan(z).sum())
     assert val_split["label_methods"] == [] and val_split["circular"] is None  # labels written without a method
     main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS])
     val = json.loads((root / "validation.json").read_text())

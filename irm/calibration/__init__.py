@@ -11,7 +11,7 @@ import importlib
 
 from irm.calibration.core import Family, failures, minimal_detectable_effect, run, run_family
 
-GROUPS: tuple[str, ...] = ("planted", "chain", "run_level")  # modules under irm.calibration with FAMILIES
+GROUPS: tuple[str, ...] = ("planted", "chain", "run_level", "features")  # modules under irm.calibration with FAMILIES
 
 
 def families(cost: str | None = None) -> list[Family]:
