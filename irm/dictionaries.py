@@ -375,11 +375,13 @@ def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int,
     rec["chance_rows"] = moments.rows
     rec["chance_isotropic"] = chance_mmcs(**draw, draws=HUNGARIAN_DRAWS, methods=("max",))
     rec["init"] = _init_mmcs(root, layer, large_e)
+    rec["seed_pair"] = seed_pair_mmcs(cfg, root, layer, small_e, small, device) if cfg.dictionaries.seed_pair else None
     ch = rec["chance"]
     print(f"dictionaries layer {layer}: MMCS max {rec['max']:.3f} (random dictionaries of the activations' "
           f"distribution {ch['max']['mean']:.3f} +- {ch['max']['std']:.4f}, isotropic "
           f"{rec['chance_isotropic']['max']['mean']:.3f}"
           + (f", SAEs at initialisation {rec['init']['max']:.3f}" if rec["init"] else "")
+          + (f", x{small_e} of another seed {rec['seed_pair']['max']:.3f}" if rec["seed_pair"] else "")
           + f"), hungarian {rec['hungarian']:.3f} (random {ch['hungarian']['mean']:.3f} +- "
           f"{ch['hungarian']['std']:.3f}); firing features {rec['firing']['small']}/{small.shape[0]}, "
           f"{rec['firing']['large']}/{large.shape[0]}")
@@ -387,6 +389,34 @@ def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int,
         log.warning("layer %d: %d/%d zero rows in x%d/x%d (cosine 0 with anything)", layer,
                     rec["zero_rows"]["small"], rec["zero_rows"]["large"], small_e, large_e)
     return rec
+
+
+SEED_PAIR_DIR = "dictionaries/seed-pair"  # the second small SAEs (dictionaries.seed_pair), a run directory of their own
+
+
+def seed_pair_mmcs(cfg, root: Path, layer: int, small_e: int, small, device=None) -> dict:
+    """MMCS of the layer's small dictionary with a second SAE of the same width trained on the same cache with
+    another seed (cfg.seed + 1): what two dictionaries score when they learned the same features, the reference at
+    the other end from chance. Trained by the sae stage's own `train_layer` in `<run_dir>/SEED_PAIR_DIR` (the
+    layer's cache linked in, checkpoints resumed like the sae stage's): one more SAE fit per layer."""
+    import dataclasses
+    import os
+
+    from irm.activations.store import cache_layer_dir
+    from irm.artifacts import fingerprint
+    from irm.sae.stage import train_layer
+    from irm.stages import stage_fingerprint
+
+    twin_root = Path(root) / SEED_PAIR_DIR
+    link = cache_layer_dir(twin_root, layer)
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(cache_layer_dir(root, layer).resolve(), link, target_is_directory=True)
+    twin_cfg = dataclasses.replace(cfg, run_dir=str(twin_root), seed=cfg.seed + 1,
+                                   sae=dataclasses.replace(cfg.sae, expansions=[small_e]))
+    train_layer(twin_cfg, layer, fingerprint(stage_fingerprint(cfg, "sae"), "seed pair", twin_cfg.seed))
+    twin = _load_dictionary(twin_root, layer, small_e)
+    return {"seed": twin_cfg.seed, **{m: mmcs(small, twin, m, device=device)[0] for m in METHODS}}
 
 
 def _log_scores(cfg, layers, records: dict) -> None:
@@ -438,6 +468,8 @@ def run(cfg) -> None:
                       f"(hungarian: the first {HUNGARIAN_DRAWS}). The findings verdict ranks max among the max draws",
             "chance_isotropic": "the same with rows uniform on the unit sphere (the easiest null, for reference)",
             "init": "MMCS of the layer's two SAEs as initialised, before training",
+            "seed_pair": "MMCS of the small dictionary with a second one of its width trained with another seed on "
+                         "the same cache (the reference for 'the same features'; dictionaries.seed_pair, else null)",
             "zero_rows": "rows with zero norm; their cosine with anything counts as 0",
         },
         "top_k": cfg.dictionaries.top_k,

@@ -495,7 +495,10 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
         verdict=verdict_from_p(p, None),
         detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; rank among the chance draws "
                f"{p_text(p)} (one-sided; the smallest possible is {num(1 / (len(draws) + 1), 3)}); SAEs at "
-               f"initialisation {num(init.get('max'))}; firing features "
+               f"initialisation {num(init.get('max'))}; "
+               + (f"the same features' reference (a second {small} of another seed): MMCS "
+                  f"{num(rec['seed_pair']['max'])}; " if rec.get("seed_pair") else "")
+               + "firing features "
                f"{(rec.get('firing') or {}).get('small', 'n/a')} / {(rec.get('firing') or {}).get('large', 'n/a')}"
                + (f"; SAE quality on held-out data: {sae_text}" if sae_text else ""),
         calibration="mmcs",

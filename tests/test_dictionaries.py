@@ -660,3 +660,28 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
     assert rec["firing"] == {"small": 11, "large": 24, "measured": False}
     assert len(rec["pairs"]) == 1 and rec["pairs"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert rec["pairs"][0]["large"] == positions[rec["pairs"][0]["small"]]
+
+
+def test_seed_pair_trains_a_second_small_sae_and_reports_its_mmcs(tmp_path, capsys):
+    """dictionaries.seed_pair: a second x1 SAE of the layer, trained by the sae stage's fit with seed + 1 on the same
+    cache (linked into dictionaries/seed-pair), and its MMCS with the first, recomputed here in numpy."""
+    import json
+
+    from irm.dictionaries import SEED_PAIR_DIR, run
+    from irm.findings import dictionaries_share_features
+    from irm.sae import load_sae, sae_dir
+
+    cfg = stage_cfg(tmp_path, layers=(2,), top_k=2)
+    cfg.dictionaries.seed_pair = True
+    cfg.sae.epochs = 1
+    small, _, _ = export_pair(cfg, 2)
+    write_cache(cfg, 2, rows=400)
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    twin_dir = sae_dir(tmp_path / "run" / SEED_PAIR_DIR, 2, 1)
+    twin = load_sae(twin_dir).dictionary.numpy()
+    assert twin.shape == small.shape and rec["seed_pair"]["seed"] == cfg.seed + 1
+    assert rec["seed_pair"]["max"] == pytest.approx(brute_max(small, twin), abs=1e-6)
+    assert "of another seed" in capsys.readouterr().out
+    row = dictionaries_share_features(tmp_path / "run")[0]
+    assert f"a second x1 of another seed): MMCS {rec['seed_pair']['max']:.3f}" in row["detail"]
