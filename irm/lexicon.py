@@ -200,9 +200,9 @@ def unseen_contexts(info: dict, k: int, seed: int) -> list[str]:
 
 def lexicon_words(tokenizer, lexicon: dict[str, float], max_words: Optional[int], seed: int) -> tuple[list[str], dict]:
     """The lexicon words read by the stage: those one token long mid-sentence, a seeded sample of `max_words` of
-    them when set (the words whose sign differs from VADER's, `irm.reward.planted_words`, always among them: a
-    planted reward's words are what the run is about); and their counts (single-token words, multi-token words
-    skipped)."""
+    them when set (the words whose sign differs from VADER's, `irm.reward.planted_words`, fill up to half the sample,
+    the rest is drawn from the other words: a planted reward's words are what the run is about, the others what
+    they are compared with); and their counts (single-token words, multi-token words skipped)."""
     from irm.reward import planted_words
     from irm.triples import token_counts
 
@@ -210,8 +210,11 @@ def lexicon_words(tokenizer, lexicon: dict[str, float], max_words: Optional[int]
     words = sorted(w for w, n in counts.items() if n == 1)
     n_single = len(words)
     if max_words is not None and max_words < len(words):
-        planted = sorted(set(planted_words(lexicon)) & set(words))[:max_words]
-        rest = sorted(set(words) - set(planted))
+        every_planted = set(planted_words(lexicon)) & set(words)
+        planted = sorted(every_planted)
+        if len(planted) > max_words // 2:
+            planted = sorted(random.Random(f"irm-lexicon-planted:{seed}").sample(planted, max_words // 2))
+        rest = sorted(set(words) - every_planted)
         words = sorted(planted + random.Random(f"irm-lexicon-words:{seed}").sample(rest, max_words - len(planted)))
     return words, {"single_token_words": n_single, "multi_token_words_skipped": len(counts) - n_single}
 

@@ -43,7 +43,8 @@ VALIDATION_LABELS = {
     "average_frequency_all_inputs": "activation frequency of all features, all inputs",
 }
 KENDALL_LABELS = {"all": "all", "negative": "negative (true value < 0)", "heldout": "held out (R never saw them)",
-                  "seen": "seen (in R's training triples)"}
+                  "seen": "seen (in R's training triples)",
+                  "vs_vader": "all, against VADER (a second reference, not the training reward)"}
 ABLATION_CONDITIONS = {"splice": "SAE spliced in, nothing ablated", "ablated": "reward-related features ablated",
                        "random": "as many random features ablated"}
 ABLATION_COLOURS = {"splice": "tab:blue", "ablated": "tab:red", "random": "tab:orange"}
@@ -826,6 +827,8 @@ def kendall_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -> None
     kendall = _load(root, "kendall")
     doc.heading("Kendall tau, reconstructed vs true lexicon (paper tables 4, 11)")
     if kendall:
+        if kendall.get("reference"):
+            doc.para(f"Reference (the true values): {kendall['reference']}.")
         doc.table(["words", "n", "tau", "p-value", "bootstrap 95% CI"],
                   [[KENDALL_LABELS[k], kendall[k].get("n"), _fmt(kendall[k].get("tau")), _p(kendall[k].get("p")),
                     _ci(kendall[k])] for k in KENDALL_LABELS if k in kendall])

@@ -251,6 +251,27 @@ def test_only_single_token_lexicon_words_are_read():
     assert len(sample) == 2 and set(sample) <= {"bad", "good", "great"}
 
 
+def test_a_word_sample_keeps_the_planted_words_up_to_half_and_is_unchanged_for_vader():
+    """Words whose sign differs from VADER's are always sampled (up to half the sample, the rest compares them);
+    a VADER lexicon draws the same seeded sample as a plain random.sample of its single-token words."""
+    import random
+
+    from irm.lexicon import lexicon_words
+    from irm.models import tiny_tokenizer
+    from irm.reward import vader_lexicon
+
+    vader = {w: v for w, v in vader_lexicon().items() if w.isalpha() and w == w.lower()}
+    everything, _ = lexicon_words(tiny_tokenizer(), vader, None, 0)
+    sample, _ = lexicon_words(tiny_tokenizer(), vader, 50, 3)
+    assert sample == sorted(random.Random("irm-lexicon-words:3").sample(everything, 50))
+    flipped = {**vader, "good": -3.0, "bad": 3.0, "awful": 2.0}
+    sample, _ = lexicon_words(tiny_tokenizer(), flipped, 50, 3)
+    assert {"good", "bad", "awful"} <= set(sample) and len(sample) == 50
+    many = {w: (-v if i % 2 else v) for i, (w, v) in enumerate(vader.items())}
+    sample, _ = lexicon_words(tiny_tokenizer(), many, 50, 3)
+    assert sum(many[w] != vader[w] for w in sample) == 25
+
+
 def test_a_word_that_is_not_one_token_in_a_context_is_not_read_there():
     """By hand, with the tiny word-level tokenizer: ':)' is two tokens after any context, so it is never read;
     'great' after 'it is ' is one token at position 2 (ids of 'it', 'is', 'great'); after 'it is' without the space it

@@ -128,3 +128,100 @@ def test_the_calibration_families_are_registered_and_separate_null_from_planted(
     assert run_family(strongest, 20, sizes)["rate"] == 1.0
     for null in (f for f in planted if f.null):
         assert run_family(null, 20, sizes)["verdicts"].get(NOT_DISTINGUISHABLE, 0) >= 17
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A planted world end to end on the tiny model: every consumer reads the configured lexicon, not VADER
+
+
+def planted_world_lexicon() -> dict:
+    """VADER with the sign of about half its words turned (chosen by a hash of the word) and values given to five
+    neutral words of the generated corpus: a reward that disagrees with VADER almost everywhere."""
+    import zlib
+
+    lexicon = {w: (-v if zlib.crc32(w.encode()) % 2 == 0 else v) for w, v in vader_lexicon().items() if w == w.lower()}
+    lexicon.update({"actor": 2.0, "cast": 2.0, "story": 1.5, "scene": -2.0, "performance": -1.5})
+    return lexicon
+
+
+SMALL = ["--threads", "1", "--corpus.n_documents", "200", "--rlhf.steps", "1", "--rlhf.ppo_epochs", "1",
+         "--evaluate.n", "16", "--cache.n_documents", "60", "--sae.epochs", "1", "--triples.n", "60",
+         "--regression.epochs", "5", "--lexicon.bootstrap", "20", "--lexicon.max_words", "200",
+         "--control.max_words", "100", "--control.permutations", "10", "--control.bootstrap", "20",
+         "--control.base_saes", "tuned", "--explain.max_features", "2", "--dictionaries.top_k", "2"]
+CONSUMERS = ("rlhf", "evaluate-reward", "divergence", "cache", "sae", "dictionaries", "explain", "triples", "deltas",
+             "regression", "lexicon", "control")
+
+
+def test_a_planted_world_end_to_end_reads_the_configured_lexicon_everywhere(in_tmp):
+    """The tiny model trained and analysed against a planted lexicon (a JSON file): PPO's and the evaluation's reward,
+    the triples, the lexicon stage's true values and reference, the control's, the offline labeller and the findings
+    all follow the file. Each check also shows that VADER would have given another answer, so a consumer that read
+    VADER fails it."""
+    import csv
+    import json
+
+    from irm.artifacts import read_jsonl
+    from irm.cli import main
+    from irm.explain.backends import LEXICON_SHARE, _named_shares
+    from irm.findings import build_findings
+    from irm.reward import LexiconReward
+
+    lexicon = planted_world_lexicon()
+    path = in_tmp / "planted.json"
+    path.write_text(json.dumps(lexicon), encoding="utf-8")
+    run = in_tmp / "run"
+    for stage in CONSUMERS:
+        main([stage, "--config", str(ROOT / "configs" / "tiny.yaml"), "--run_dir", str(run), "--log_dir",
+              str(in_tmp / "tb"), "--reward.lexicon", str(path), *SMALL])
+    vader = vader_lexicon()
+
+    # The reward PPO and the evaluation used: the planted one, recomputed on the evaluation's own completions.
+    examples = json.loads((run / "reward_eval.json").read_text())["examples"]
+    texts = [" ".join(p for p in (ex["prefix"], ex[label]) if p) for ex in examples for label in ("base", "tuned")]
+    stored = [ex[f"{label}_reward"] for ex in examples for label in ("base", "tuned")]
+    assert stored == pytest.approx(LexiconReward(lexicon=lexicon)(texts), abs=1e-9)
+    assert stored != pytest.approx(LexiconReward()(texts), abs=1e-9)
+
+    # Triples: cut at the first planted-positive word, a planted-negative substitute.
+    triples = read_jsonl(run / "triples.jsonl")
+    assert triples
+    for t in triples:
+        assert t["values"]["positive"] == lexicon[t["words"]["positive"].lower()] > 0
+        assert t["values"]["negative"] == lexicon[t["words"]["negative"].lower()] < 0
+    assert any(vader.get(t["words"]["positive"].lower(), 0) < 0 for t in triples)
+
+    # The lexicon stage and the control: true values are the planted ones, the reference is named, VADER second.
+    for name in ("lexicon.csv", "control_words.csv"):
+        with open(run / name, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(float(r["true"]) == lexicon[r["word"]] for r in rows)
+        assert any(float(r["true"]) != vader.get(r["word"], 0.0) for r in rows)
+    kendall = json.loads((run / "kendall.json").read_text())
+    assert str(path) in kendall["reference"] and kendall["vs_vader"]["n"] > 0
+
+    # The offline labeller: labels follow the planted lexicon's words.
+    for line in read_jsonl(run / "explanations.jsonl"):
+        if line.get("label") is not None:
+            shares = _named_shares(line["explanation"])
+            on = sum(s for w, s in shares.items() if w in lexicon)
+            assert line["label"] == int(bool(shares) and on >= LEXICON_SHARE * sum(shares.values()))
+
+    # The findings: the planted-words test ran on planted and other words; tau against VADER is a second row.
+    rows = {r["claim"]: r for r in build_findings(run)}
+    planted = next(r for c, r in rows.items() if c.startswith("the planted words"))
+    assert planted["calibration"] == "planted" and planted["verdict"] != "not tested"
+    assert any("second reference" in c for c in rows)
+
+
+def test_the_offline_labeller_labels_by_the_configured_lexicon(tmp_path):
+    from irm.config import RewardConfig
+    from irm.explain import prompts
+    from irm.explain.backends import OfflineBackend
+
+    path = tmp_path / "lex.tsv"
+    path.write_text("actor\t2\ncast\t-1\n", encoding="utf-8")
+    msgs = prompts.label_messages("any", 'top-activating tokens "actor" (70%), "the" (30%)')
+    assert OfflineBackend(RewardConfig(lexicon=str(path))).chat(msgs).startswith("Answer: 1")
+    assert OfflineBackend().chat(msgs).startswith("Answer: 0")  # VADER does not list "actor"
+    assert OfflineBackend(RewardConfig(lexicon=str(path))).params != OfflineBackend().params  # answers cached apart
