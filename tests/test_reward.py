@@ -296,3 +296,40 @@ def test_a_probe_of_the_lexicon_reward_gives_its_lexicon_values():
     values, fillers = probe_values(LexiconReward(scale=5.0), words)
     assert fillers == [0.0] * len(fillers)
     assert values == pytest.approx([vader.get(w, 0.0) / 5.0 for w in words], abs=1e-12)
+
+
+def test_a_classifiers_reference_is_its_probed_word_values(tmp_path, monkeypatch):
+    """reward.kind classifier: the reference lexicon is PROBE_RULE applied to the classifier, recomputed here one
+    text at a time from its logits (unknown words read as [UNK], like the fillers, so they score exactly 0 and are
+    left out); the largest |value| is 4; the result is cached on disk and read back the same."""
+    from transformers import AutoModelForSequenceClassification
+
+    from irm.reward import PROBE_CONTEXTS, PROBE_FILLERS, classifier_lexicon
+
+    monkeypatch.setenv("IRM_CACHE_DIR", str(tmp_path / "cache"))
+    path = _save_tiny_classifier(tmp_path, "bert")
+    cfg = RewardConfig(kind="classifier", classifier=str(path), positive_label=1)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    vocab = ClassifierReward(str(path), device="cpu").tokenizer.get_vocab()
+
+    def logit(text: str) -> float:
+        ids = [vocab.get(w, vocab["[UNK]"]) for w in text.replace(".", " .").split()]
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0, 1].item()
+
+    def mean_over_contexts(word: str) -> float:
+        return sum(logit(c.format(word)) for c in PROBE_CONTEXTS) / len(PROBE_CONTEXTS)
+
+    baseline = sum(mean_over_contexts(f) for f in PROBE_FILLERS) / len(PROBE_FILLERS)
+    noise = max(abs(mean_over_contexts(f) - baseline) for f in PROBE_FILLERS)
+    known = [w for w in vader_lexicon() if w.isalpha() and w in vocab]
+    values = {w: mean_over_contexts(w) - baseline for w in known}
+    kept = {w: v for w, v in values.items() if abs(v) > noise + 1e-6}
+    top = max(abs(v) for v in kept.values())
+    expected = {w: 4.0 * v / top for w, v in kept.items()}
+
+    got = classifier_lexicon(cfg)
+    assert got.keys() == expected.keys() and len(got) >= 2
+    assert [got[w] for w in sorted(got)] == pytest.approx([expected[w] for w in sorted(got)], abs=1e-4)
+    assert reference_lexicon(cfg) == got  # the one function every consumer reads
+    assert list((tmp_path / "cache" / "probes").glob("*.json"))
