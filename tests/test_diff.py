@@ -99,7 +99,7 @@ def test_crosscoder_inference_threshold_replaces_the_batch():
     cc.update_threshold(torch.tensor(1.5))
     assert float(cc.threshold) == pytest.approx(0.99 * 0.5 + 0.01 * 1.5)
     pre = cc.pre_activations(x)
-    score = pre * cc.W_dec.norm(dim=-1).sum(dim=-1)
+    score = pre * torch.linalg.vector_norm(cc.W_dec, dim=2).sum(dim=1)  # f_j (||d_j^base|| + ||d_j^tuned||)
     expected = torch.where(score > float(cc.threshold), pre, torch.zeros_like(pre))
     assert torch.equal(cc.encode(x), expected)
     assert not torch.equal(expected, torch.where(pre > float(cc.threshold), pre, torch.zeros_like(pre)))

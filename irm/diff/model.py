@@ -67,24 +67,33 @@ class Crosscoder(nn.Module):
 
     def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
         """ReLU(sum_m (x^m - b_dec^m) W_enc^m + b_enc) of normalised inputs [B, M, D] -> [B, F], every latent."""
-        return F.relu(torch.einsum("bmd,mdf->bf", x_n - self.b_dec, self.W_enc) + self.b_enc)
+        # One [B, M*D] x [M*D, F] product (an einsum over m runs M smaller ones: 1.7x slower at 576 x 1152).
+        return F.relu(torch.addmm(self.b_enc, (x_n - self.b_dec).flatten(-2), self.W_enc.flatten(0, 1)))
+
+    def scores(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        """What BatchTopK ranks: f_j * sum_m ||d_j^m||, a latent's code times its decoder norms."""
+        return pre_BF * self.W_dec.norm(dim=-1).sum(dim=-1)
+
+    def batch_codes(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, smallest kept score) by the training rule: relu keeps every code, batchtopk the k * rows
+        best-scored of the batch (`batch_topk`)."""
+        if self.activation == "relu":
+            return pre_BF, pre_BF.new_zeros(())
+        return batch_topk(pre_BF, self.scores(pre_BF), self.k)
 
     def codes_from_pre(self, pre_BF: torch.Tensor, batch: bool) -> torch.Tensor:
-        """The codes given `pre_activations`: all of them (relu); for batchtopk the k * rows largest weighted values
-        of the batch (`batch`, training) or those above the learnt threshold (inference; the batch rule until a
-        threshold exists)."""
-        if self.activation == "relu":
-            return pre_BF
-        scored_BF = pre_BF * self.W_dec.norm(dim=-1).sum(dim=-1)
-        if batch or float(self.threshold) < 0:
-            return batch_topk(pre_BF, scored_BF, self.k)[0]
-        return pre_BF * (scored_BF > self.threshold)
+        """The codes given `pre_activations`: all of them (relu); for batchtopk the batch rule (`batch`, training)
+        or, per token, those whose score is above the learnt threshold (inference; the batch rule until training
+        has set a threshold)."""
+        if self.activation == "relu" or batch or float(self.threshold) < 0:
+            return self.batch_codes(pre_BF)[0]
+        return pre_BF * (self.scores(pre_BF) > self.threshold)
 
     def encode_normalized(self, x_n: torch.Tensor, batch: bool = False) -> torch.Tensor:
         return self.codes_from_pre(self.pre_activations(x_n), batch)
 
     def decode_normalized(self, codes_BF: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bf,fmd->bmd", codes_BF, self.W_dec) + self.b_dec
+        return (codes_BF @ self.W_dec.flatten(1)).unflatten(-1, self.b_dec.shape) + self.b_dec
 
     def normalize(self, x_BMD: torch.Tensor) -> torch.Tensor:
         return x_BMD * self.input_scale.to(x_BMD.dtype)[:, None]
@@ -104,10 +113,9 @@ class Crosscoder(nn.Module):
     @torch.no_grad()
     def update_threshold(self, smallest_kept: torch.Tensor) -> None:
         """Fold one training batch's smallest kept weighted value into the inference threshold."""
-        if float(self.threshold) < 0:
-            self.threshold.copy_(smallest_kept)
-        else:
-            self.threshold.mul_(THRESHOLD_MOMENTUM).add_((1.0 - THRESHOLD_MOMENTUM) * smallest_kept)
+        # No read back to Python: a device-to-host sync on every step of a GPU fit.
+        average = THRESHOLD_MOMENTUM * self.threshold + (1.0 - THRESHOLD_MOMENTUM) * smallest_kept
+        self.threshold.copy_(torch.where(self.threshold < 0, smallest_kept, average))
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.activation == "batchtopk" else ""
@@ -116,13 +124,12 @@ class Crosscoder(nn.Module):
 
 def batch_topk(pre_BF: torch.Tensor, scored_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, smallest kept score): `pre_BF` where `scored_BF` is among the k * rows largest of the whole batch
-    (positive ones only: a zero code is not a kept latent)."""
-    flat = scored_BF.reshape(-1)
-    n = min(k * pre_BF.shape[0], flat.numel())
-    values, indices = flat.topk(n, sorted=False)
-    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, indices, values > 0).reshape(pre_BF.shape)
-    kept = values[values > 0]
-    smallest = kept.min().detach() if kept.numel() else flat.new_zeros(())
+    and positive (a zero code is not a kept latent; with fewer positive scores than k * rows, all of them and a
+    smallest kept score of 0). A comparison with the k*rows-th largest score rather than a scatter of the top
+    indices: the same set up to exact ties, at a fraction of the cost."""
+    n = min(k * pre_BF.shape[0], scored_BF.numel())
+    smallest = scored_BF.detach().reshape(-1).topk(n, sorted=False).values.min().clamp_min(0)
+    keep = (scored_BF >= smallest) & (scored_BF > 0)
     return pre_BF * keep, smallest
 
 

@@ -102,13 +102,14 @@ class CrosscoderModule(L.LightningModule):
         return self.crosscoder(x_BMD)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        # Fused: each tensor updated in one pass (as the SAE module; CPU fused Adam needs float parameters, always here).
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=True)
 
     def training_step(self, x_BMD: torch.Tensor, batch_idx: int) -> torch.Tensor:
         hp, cc = self.hparams, self.crosscoder
         x_n = cc.normalize(x_BMD)
         pre_BF = cc.pre_activations(x_n)
-        codes_BF = cc.codes_from_pre(pre_BF, batch=True)
+        codes_BF, smallest = cc.batch_codes(pre_BF)
         x_hat_n = cc.decode_normalized(codes_BF)
         loss, sq_err, penalty = crosscoder_loss(cc, x_n, x_hat_n, codes_BF, self._l1)
         if hp.activation == "batchtopk":
@@ -117,11 +118,7 @@ class CrosscoderModule(L.LightningModule):
                 # AuxK's scale: the residual's variance summed over both models, as the squared error is.
                 loss = loss + hp.aux_coefficient * crosscoder_auxk(cc, x_n, x_hat_n, pre_BF, dead_F,
                                                                    max(1, cc.d_in // 2))
-            with torch.no_grad():
-                kept = codes_BF > 0
-                scored = (pre_BF * cc.W_dec.norm(dim=-1).sum(dim=-1))[kept]
-                if scored.numel():
-                    cc.update_threshold(scored.min())
+            cc.update_threshold(smallest)
         self.activity.observe(codes_BF)
         if self._logging_step():
             self._log_train(x_n, x_hat_n, codes_BF, sq_err, penalty)
