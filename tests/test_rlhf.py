@@ -463,3 +463,31 @@ def test_lora_config_targets_every_linear_layer_of_the_body_and_refuses_others()
         "q_proj", "v_proj"}
     with pytest.raises(UserError, match="lm_head"):
         lora_config(RLHFConfig(lora_rank=2, lora_targets=["lm_head"]), policy)
+
+
+@pytest.mark.slow
+def test_a_runs_own_policy_given_as_model_tuned_reproduces_its_taus(in_tmp):
+    """model.tuned (issue 23.3): the tiny run's PPO-tuned policy, passed back as model.tuned into a new run directory,
+    gives the same Kendall taus (lexicon stage, every subset) and the same control taus and delta_tau as the run that
+    trained it; the new run's manifest records the policy's checksum, and no PPO ran."""
+    from test_planted import CONSUMERS, SMALL
+
+    from irm.cli import main
+    from irm.models import dir_checksum
+
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    first, second = in_tmp / "first", in_tmp / "second"
+    for run_dir, extra in ((first, []), (second, ["--model.tuned", str(first / "rlhf" / "policy")])):
+        for stage in CONSUMERS:
+            main([stage, "--config", tiny, "--run_dir", str(run_dir), "--log_dir", str(in_tmp / "tb"), *SMALL,
+                  *extra])
+    read = lambda run_dir, name: json.loads((run_dir / name).read_text())  # noqa: E731
+    for subset in ("all", "negative", "heldout", "seen"):
+        assert read(second, "kendall.json")[subset]["tau"] == read(first, "kendall.json")[subset]["tau"]
+    c1, c2 = read(first, "control.json"), read(second, "control.json")
+    for label in ("tuned", "base"):
+        assert c2[label]["tau"]["all"]["tau"] == c1[label]["tau"]["all"]["tau"]
+    assert c2["delta_tau"]["all"]["delta"] == c1["delta_tau"]["all"]["delta"]
+    record = read(second, "manifest.json")["stages"]["rlhf"]
+    assert record["tuned"]["sha256"] == dir_checksum(first / "rlhf" / "policy")
+    assert not (second / "rlhf" / "metrics.jsonl").exists()
