@@ -116,7 +116,8 @@ def _pair_dirs(tmp_path, rows=300, width=5, shard_rows=64):
 def test_paired_datamodule_keeps_base_and_tuned_rows_together_through_the_shuffle(tmp_path):
     from irm.diff.data import PairedDataModule
 
-    base_dir, tuned_dir = _pair_dirs(tmp_path)
+    base_dir, _ = _pair_dirs(tmp_path / "a", shard_rows=50)  # base sharded differently from the tuned
+    _, tuned_dir = _pair_dirs(tmp_path / "b")
     data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=32, val_fraction=0.2, seed=3)
     data.setup("fit")
     train = torch.cat(list(data.train_dataloader()))
@@ -147,8 +148,11 @@ def test_paired_cache_refuses_caches_of_different_tokens(tmp_path):
     with pytest.raises(UserError, match="different tokens"):
         PairedCache(base_dir, tmp_path / "other")
     short = write_pair(tmp_path / "short", np.zeros((30, 3)), np.zeros((30, 3)), shard_rows=16)[0]
-    with pytest.raises(UserError, match="sharded differently"):
+    with pytest.raises(UserError, match="holds 30 rows"):
         PairedCache(short, tuned_dir)
+    # shards of other sizes (another number of writing processes) pair by rows all the same
+    resharded = write_pair(tmp_path / "resharded", np.zeros((40, 3)), np.zeros((40, 3)), shard_rows=7)[0]
+    assert PairedCache(resharded, tuned_dir).rows == 40
 
 
 # Crosscoders trained on planted worlds (irm.calibration.diff): 32 wide, 48 shared latents, 4096 tokens, 600 steps.

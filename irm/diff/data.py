@@ -1,6 +1,6 @@
 """Paired activations for model diffing: the base and the tuned model's activations of one layer at the same tokens,
 as two activation caches read in lockstep (the tuned cache the `cache` stage writes, a base cache written the same
-way over the same documents: equal shards, equal token ids, document ids and positions, checked when opened). Two
+way over the same documents: equal rows, token ids, document ids and positions, checked when opened). Two
 caches rather than one stacked store: the tuned cache is already there and serves the SAEs unchanged, and either
 side reads as an ordinary `ActivationCache`.
 
@@ -35,14 +35,12 @@ class PairedCache:
         if self.base.width != self.tuned.width:
             raise UserError(f"base activations {self.base.dir} are {self.base.width} wide, tuned {self.tuned.dir} "
                             f"{self.tuned.width}: not the same layer and site; {fix}")
-        if [s["rows"] for s in self.base.shards] != [s["rows"] for s in self.tuned.shards]:
-            raise UserError(f"base cache {self.base.dir} and tuned cache {self.tuned.dir} are sharded differently "
-                            f"({self.base.rows} and {self.tuned.rows} rows); {fix}")
-        for shard in range(len(self.tuned.shards)):
-            b, t = self.base.read_shard(shard, ALIGNMENT_KEYS), self.tuned.read_shard(shard, ALIGNMENT_KEYS)
-            if any(not torch.equal(b[k], t[k]) for k in ALIGNMENT_KEYS):
-                raise UserError(f"base cache {self.base.dir} and tuned cache {self.tuned.dir} hold different tokens "
-                                f"in shard {shard}; {fix}")
+        if self.base.rows != self.tuned.rows:
+            raise UserError(f"base cache {self.base.dir} holds {self.base.rows} rows, tuned cache {self.tuned.dir} "
+                            f"{self.tuned.rows}; {fix}")
+        b, t = self.base.read_all(ALIGNMENT_KEYS), self.tuned.read_all(ALIGNMENT_KEYS)
+        if any(not torch.equal(b[k], t[k]) for k in ALIGNMENT_KEYS):
+            raise UserError(f"base cache {self.base.dir} and tuned cache {self.tuned.dir} hold different tokens; {fix}")
         self.width, self.rows, self.layer = self.tuned.width, self.tuned.rows, self.tuned.layer
         self.dir = self.tuned.dir
 
@@ -74,18 +72,20 @@ class DifferenceView:
 
 
 class PairedBatches(ShardBatches):
-    """ShardBatches over the tuned cache whose every shard comes with the base cache's same shard: items are
-    [rows, 2, width], or tuned - base [rows, width] (`difference`). The same sampler plans both, so rows stay
-    paired through every shuffle."""
+    """ShardBatches over the tuned cache whose every shard comes with the base cache's rows of that shard (read as a
+    row range, so the two caches may be sharded differently, e.g. written by different numbers of processes):
+    items are [rows, 2, width], or tuned - base [rows, width] (`difference`). One sampler plans the reading, so rows
+    stay paired through every shuffle."""
 
     def __init__(self, paired: PairedCache, sampler: RowSampler, batch_size: int, difference: bool = False):
         super().__init__(paired.tuned, sampler, batch_size)
-        self.base_batches = ShardBatches(paired.base, sampler, batch_size)
-        self.difference = difference
+        self.paired, self.difference = paired, difference
 
     def _load(self, shard: int) -> torch.Tensor:
-        base, tuned = self.base_batches._load(shard), super()._load(shard)  # each checked for NaN/inf
-        return tuned.float() - base.float() if self.difference else torch.stack([base, tuned], dim=1)
+        tuned = super()._load(shard).float()  # checked for NaN/inf; the base cache was checked as it was written
+        offsets = self.cache.offsets
+        base = self.paired.base.read_range(offsets[shard], offsets[shard + 1], ("acts",))["acts"]
+        return tuned - base if self.difference else torch.stack([base, tuned], dim=1)
 
 
 class PairedDataModule(L.LightningDataModule):
