@@ -222,3 +222,57 @@ def test_diff_sae_on_tuned_minus_base_finds_the_tuned_only_direction(tmp_path):
     d = module.saes["x2"].W_dec.detach().double()
     cos = ((d / d.norm(dim=1, keepdim=True)) @ torch.as_tensor(w.planted)).abs()
     assert float(cos.max()) > 0.9
+
+
+# The diff stage's parts (irm.diff.stage); the stage itself runs once it is declared in irm.stages.
+
+def test_base_cache_holds_the_base_model_at_the_tuned_cache_tokens(tiny_cfg):
+    from irm.activations import ShardWriter, cache_layer_dir
+    from irm.activations.cache import cache_activations
+    from irm.data import corpus_fingerprint, load_texts
+    from irm.diff.data import PairedCache
+    from irm.diff.stage import base_cache
+    from irm.models import capture, load_model
+
+    tiny_cfg.corpus.n_documents = 40
+    split, n = tiny_cfg.corpus.split, 12
+    texts = load_texts(tiny_cfg.corpus, split, tiny_cfg.seed, n=n)
+    tuned_model, tok = load_model(tiny_cfg.model, seed=1)  # another initialisation stands in for the tuned model
+    writer = ShardWriter(cache_layer_dir(tiny_cfg.run_dir, 2), 64, shard_rows=50)
+    cache_activations(tuned_model, tok, texts, {2: writer}, batch_size=5, max_length=16)
+    writer.close(layer=2, site="mlp_out", split=split, documents=n, max_length=16,
+                 corpus_fingerprint=corpus_fingerprint(tiny_cfg.corpus, split, tiny_cfg.seed))
+    base_model, tok = load_model(tiny_cfg.model, seed=tiny_cfg.seed)
+    out = base_cache(tiny_cfg, base_model, tok, [2], tmp_root := (cache_layer_dir(tiny_cfg.run_dir, 2).parent.parent
+                                                                  / "diff" / "base-cache"))
+    paired = PairedCache(out[2], cache_layer_dir(tiny_cfg.run_dir, 2))  # same tokens, row by row
+    assert paired.base.manifest["activations_from"] == "base" and out[2].parent == tmp_root
+    # the first document's rows are the base model's activations, read directly through a hook
+    enc = tok(texts[0], return_tensors="pt", truncation=True, max_length=16)
+    with torch.no_grad(), capture(base_model, [2]) as acts:
+        base_model(**enc)
+    rows = paired.read_range(0, enc["input_ids"].shape[1])
+    np.testing.assert_allclose(rows["acts"][:, BASE].numpy(), acts[2][0].numpy(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(rows["acts"][:, BASE], rows["acts"][:, TUNED])
+
+
+def test_train_layer_writes_a_record_and_weights_that_agree(tmp_path):
+    from safetensors.torch import load_file
+
+    from irm.calibration.diff import paired_world, write_pair
+    from irm.diff.config import DiffConfig
+    from irm.diff.scaling import CLASSES
+    from irm.diff.stage import CLASS_INDEX_KEY, train_layer
+
+    w = paired_world(np.random.default_rng(0), {"rows": 1024}, effect=1.0)
+    base_dir, tuned_dir = write_pair(tmp_path, w.base, w.tuned)
+    d = DiffConfig(k=4, epochs=2, diff_sae_k=4, learning_rate=1e-2, trainer={"enable_progress_bar": False})
+    assert d.check() == [] and DiffConfig(k=0, val_fraction=0).check()[0].startswith("diff.k")
+    record = train_layer(d, base_dir, tuned_dir, 0, (False, False), tmp_path / "layer-00")
+    weights = load_file(str(tmp_path / "layer-00" / "crosscoder.safetensors"))
+    assert weights["W_dec"].shape == (64, 2, 32) and record["latents"] == 64
+    counts = np.bincount(weights[CLASS_INDEX_KEY].numpy(), minlength=len(CLASSES)) / 64
+    assert dict(zip(CLASSES, counts)) == pytest.approx(record["fractions"])
+    # held out: the last 10% (from row 921), moved back to the start of its 16-token document (912)
+    assert record["held_out_rows"] == 1024 - 912 and record["steps"] == 2 * 4  # 4 batches of 256 a epoch
+    assert 0 < record["diff_sae"]["explained_variance"] <= 1 and record["diff_sae"]["latents"] == 64
