@@ -328,6 +328,7 @@ def build_summary(root: Path) -> dict:
                 "ci95": kendall.get(k, {}).get("ci95"), "n": kendall.get(k, {}).get("n")}
             for k in ("all", "negative", "heldout")
         },
+        "reference": kendall.get("reference"),  # what the true values are: the training reward's (irm.reward)
         "mmcs": {layer: {"max": v.get("max"), "hungarian": v.get("hungarian"), "max_firing": v.get("max_firing"),
                          "chance": {m: {k: c.get(k) for k in ("mean", "std")} for m, c in (v.get("chance") or {}).items()},
                          "init": v.get("init")}
