@@ -57,12 +57,12 @@ def read_lexicon(path: str | Path) -> dict[str, float]:
         raise UserError(f"reward.lexicon {path} cannot be read ({type(e).__name__}); {fix} in UTF-8") from None
     if suffix == ".json":
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=lambda pairs: pairs)  # every pair: a repeated key is seen
         except json.JSONDecodeError as e:
             raise UserError(f"reward.lexicon {path} is not valid JSON ({e.msg}, line {e.lineno}); {fix}") from None
-        if not isinstance(obj, dict):
+        if not (isinstance(obj, list) and text.lstrip().startswith("{")):
             raise UserError(f"reward.lexicon {path} holds a JSON {type(obj).__name__}, not an object; {fix}")
-        entries = [(str(k), v, f"key {k!r}") for k, v in obj.items()]
+        entries = [(str(k), v, f"key {k!r}") for k, v in obj]
     else:
         rows = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         entries = [(row[0], row[1] if len(row) > 1 else None, f"line {i}")

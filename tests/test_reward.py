@@ -261,6 +261,7 @@ def test_lexicon_files_in_every_format_read_the_same(tmp_path, name, text):
     ("lex.csv", "great,1\nbad,nan\n", "not a finite number"),
     ("lex.tsv", "great\t1\nGREAT\t2\n", "'great' is listed twice with different values (1 and 2)"),
     ("lex.json", "[1, 2]", "not an object"),
+    ("lex.json", '{"great": 1, "great": 2}', "'great' is listed twice with different values (1 and 2)"),
     ("lex.json", "{great: 1", "not valid JSON"),
 ])
 def test_bad_lexicon_files_are_one_line_with_the_fix(tmp_path, name, text, problem):
