@@ -39,17 +39,31 @@ def main(argv=None) -> int:
     p.add_argument("--cheap-worlds", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="findings to run (default: all)")
+    p.add_argument("--null-worlds", type=int, default=None, help="worlds per null family (default: --worlds)")
+    p.add_argument("--nulls-only", action="store_true", help="run only the null families")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="a JSON of an earlier run whose families this run's replace (the rest are kept)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     a = p.parse_args(argv)
     from irm.calibration import failures, families, run
     from irm.calibration.stage import summarise
 
-    fams = [f for f in families() if a.only is None or f.finding in a.only]
+    fams = [f for f in families() if (a.only is None or f.finding in a.only) and (f.null or not a.nulls_only)]
     start = time.time()
-    results = run(fams, lambda f: a.cheap_worlds if f.finding in CHEAP else a.worlds, {}, a.seed,
+
+    def worlds(f):
+        return a.cheap_worlds if f.finding in CHEAP else (a.null_worlds or a.worlds) if f.null else a.worlds
+
+    results = run(fams, worlds, {}, a.seed,
                   progress=lambda f: print(f"{time.time() - start:7.1f}s {f.finding}: {f.name} ({f.effect:g})",
                                            file=sys.stderr, flush=True))
+    if a.merge:
+        earlier = json.loads(a.merge.read_text())
+        ran = {(r["finding"], r["family"], r["effect"]) for r in results}
+        results = [r for r in earlier["families"] if (r["finding"], r["family"], r["effect"]) not in ran] + results
+        order = {(f.finding, f.name, f.effect): i for i, f in enumerate(families())}
+        results.sort(key=lambda r: order.get((r["finding"], r["family"], r["effect"]), len(order)))
     out = {"command": "python benchmarks/calibration.py " + " ".join(argv or sys.argv[1:]), "families": results,
            "findings": summarise(results), "seconds": time.time() - start}
     text = table(results)

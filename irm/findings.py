@@ -37,9 +37,20 @@ CONTRADICTED = "contradicted"
 NOT_TESTED = "not tested"
 VERDICTS = (SUPPORTED, NOT_DISTINGUISHABLE, CONTRADICTED, NOT_TESTED)
 ALPHA = 0.05  # two-sided level of every verdict: 95% intervals, one-sided p-values against ALPHA / 2
-FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration", "p_value")
+FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration", "p_value", "interval_mde")
 # What build_findings adds to every row: the Holm-corrected p and the calibration harness's numbers.
-ADDED = ("p_holm", "false_positive_rate", "false_positive_ci95", "minimal_detectable_effect", "effect_unit")
+ADDED = ("p_holm", "false_positive_rate", "false_positive_ci95", "minimal_detectable_effect", "effect_unit",
+         "mde_source")
+Z_POWER = 1.959964 + 0.841621  # two-sided 5% plus 80% power, in standard errors
+
+
+def interval_mde(ci: Optional[Sequence[float]]) -> Optional[float]:
+    """The smallest effect a 95% interval of this width detects with 80% power (two-sided 5%): (z_0.975 + z_0.8)
+    standard errors, the standard error read off the interval as its width over 2 x 1.96. None without an
+    interval."""
+    if not ci or any(v is None or not np.isfinite(v) for v in ci):
+        return None
+    return Z_POWER * (float(ci[1]) - float(ci[0])) / (2 * 1.959964)
 
 Row = dict[str, str]
 RowBuilder = Callable[[Path], Union[Row, list, None]]
@@ -123,14 +134,16 @@ def permutation_p(observed: float, null: Sequence[float], alternative: str = "gr
 
 
 def finding(claim: str, number: str, control: str, verdict: str, detail: str, calibration: Optional[str] = None,
-            p_value: Optional[float] = None) -> Row:
+            p_value: Optional[float] = None, ci: Optional[Sequence[float]] = None) -> Row:
     """One row. `calibration` names the finding's families in the calibration harness (`irm.calibration`), whose
     measured false-positive rate and power the row carries; `p_value` is the row's two-sided p-value (the Holm
-    correction across the table reads it; None: the row stays outside the correction)."""
+    correction across the table reads it; None: the row stays outside the correction); `ci`, the 95% interval
+    of an interval verdict, gives the minimal detectable effect at this run's own noise (`interval_mde`)."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     return {"claim": claim, "number": number, "control": control, "verdict": verdict, "detail": detail,
-            "calibration": calibration, "p_value": None if p_value is None else float(p_value)}
+            "calibration": calibration, "p_value": None if p_value is None else float(p_value),
+            "interval_mde": interval_mde(ci)}
 
 
 def ce_gaps(m: dict) -> Optional[tuple[float, float]]:
@@ -194,18 +207,26 @@ def correct(rows: list[Row], alpha: float = ALPHA) -> list[Row]:
 
 def calibrated(rows: list[Row], calibration: Optional[dict]) -> list[Row]:
     """The rows with their finding's measured false-positive rate (the largest over its null families, with its
-    95% interval) and, when not distinguishable, the minimal detectable effect at 80% power, from a calibration
-    record (calibration.json: {"findings": {key: {false_positive_rate, false_positive_ci95,
-    minimal_detectable_effect, effect_unit}}}); None where the harness has no such finding or did not run."""
+    95% interval, from a calibration record: calibration.json {"findings": {key: {false_positive_rate,
+    false_positive_ci95, minimal_detectable_effect, effect_unit}}}) and, when not distinguishable, the minimal
+    detectable effect at 80% power: from the row's own interval when it has one (this run's noise, `interval_mde`),
+    else from the harness's planted worlds at this run's sizes (`mde_source` says which). None where neither
+    exists."""
     per_finding = (calibration or {}).get("findings") or {}
     out = []
     for r in rows:
         cal = per_finding.get(r.get("calibration") or "") or {}
+        mde, source = None, None
+        if r["verdict"] == NOT_DISTINGUISHABLE:
+            if r.get("interval_mde") is not None:
+                mde, source = r["interval_mde"], "this run's 95% interval: 2.8 standard errors"
+            elif cal.get("minimal_detectable_effect") is not None:
+                mde = cal["minimal_detectable_effect"]
+                source = "calibration harness, planted worlds at this run's sizes"
         out.append({**r, "false_positive_rate": cal.get("false_positive_rate"),
-                    "false_positive_ci95": cal.get("false_positive_ci95"),
-                    "minimal_detectable_effect": (cal.get("minimal_detectable_effect")
-                                                  if r["verdict"] == NOT_DISTINGUISHABLE else None),
-                    "effect_unit": cal.get("effect_unit")})
+                    "false_positive_ci95": cal.get("false_positive_ci95"), "minimal_detectable_effect": mde,
+                    "effect_unit": cal.get("effect_unit") if source and source.startswith("calibration") else None,
+                    "mde_source": source})
     return out
 
 
@@ -259,7 +280,7 @@ def reward_row(d: dict) -> Row:
         control="the base model on the same held-out prefixes and sampling seeds (paired)",
         verdict=verdict_from_interval(d.get("ci95")),
         detail=f"n = {d.get('n')} paired completions; verdict from the 95% t-interval of the paired difference",
-        calibration="reward", p_value=p,
+        calibration="reward", p_value=p, ci=d.get("ci95"),
     )
 
 
@@ -351,7 +372,7 @@ def tau_against_null(claim: str, what: str, k: dict, perm: dict, note: str, cali
 def delta_row(claim: str, number: str, control: str, d: dict, detail: str, calibration: str) -> Row:
     """A claim read from one of control.json's bootstrap comparisons ({delta, ci95, p_value, ...})."""
     return finding(claim=claim, number=number, control=control, verdict=verdict_from_interval(d.get("ci95")),
-                   detail=detail, calibration=calibration, p_value=d.get("p_value"))
+                   detail=detail, calibration=calibration, p_value=d.get("p_value"), ci=d.get("ci95"))
 
 
 RESAMPLED = "bootstrap of triples (R refitted), contexts and words"

@@ -409,11 +409,14 @@ def _verdict_text(r: dict) -> str:
     mde = r.get("minimal_detectable_effect")
     if mde is None:
         return r["verdict"]
-    return f"{r['verdict']} (detectable at 80% power: {mde:+.3g}, {r.get('effect_unit') or 'effect'})"
+    unit = f" {r['effect_unit']}" if r.get("effect_unit") else ""
+    return f"{r['verdict']} (detectable with 80% power: {mde:.3g}{unit}; from {r.get('mde_source')})"
 
 
 def _fp_text(r: dict) -> str:
     fp, ci = r.get("false_positive_rate"), r.get("false_positive_ci95")
+    if r["verdict"] == "not tested":
+        return "n/a"
     if fp is None:
         return "not calibrated"
     return f"{100 * fp:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")

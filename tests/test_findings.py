@@ -102,7 +102,8 @@ def test_layer_outlier_test_is_scale_free_finds_planted_layers_and_its_null_is_u
     flat = layer_outlier_test(values, 3, n_sim=1000)
     assert flat["p"] > 0.05
     scaled = layer_outlier_test(values * 7.0, 3, n_sim=1000)  # the statistic ignores the scale
-    assert scaled["statistic"] == pytest.approx(flat["statistic"]) and scaled["p"] == pytest.approx(flat["p"], abs=0.002)
+    assert scaled["statistic"] == pytest.approx(flat["statistic"])
+    assert scaled["p"] == pytest.approx(flat["p"], abs=0.002)
     planted = values.copy()
     planted[[4, 9, 20]] *= 1.3
     strong = layer_outlier_test(planted, 3, n_sim=1000)
@@ -135,8 +136,14 @@ def test_rows_carry_the_calibrated_false_positive_rate_and_the_mde_only_when_not
             finding("b", "1", "c", SUPPORTED, "d", calibration="layers"), finding("c", "1", "c", SUPPORTED, "d")]
     out = calibrated(rows, cal)
     assert out[0]["false_positive_rate"] == 0.02 and out[0]["minimal_detectable_effect"] == 1.1
+    assert out[0]["mde_source"].startswith("calibration harness")
     assert out[1]["false_positive_rate"] == 0.02 and out[1]["minimal_detectable_effect"] is None
     assert out[2]["false_positive_rate"] is None
+    # an interval row: the effect its own interval resolves, 2.8 standard errors (SE 0.1)
+    row = finding("d", "1", "c", NOT_DISTINGUISHABLE, "d", calibration="layers", ci=[-0.1959964, 0.1959964])
+    own = calibrated([row], cal)[0]
+    assert own["minimal_detectable_effect"] == pytest.approx(0.1 * (1.959964 + 0.841621))
+    assert own["mde_source"].startswith("this run's")
 
 
 def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
@@ -149,8 +156,8 @@ def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
     rows = build_findings(tmp_path, [lambda root: [finding("a", "1", "c", SUPPORTED, "d"), None][:1]])
     assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED,
                      "detail": "d; outside the Holm correction (no p-value)", "calibration": None, "p_value": None,
-                     "p_holm": None, "false_positive_rate": None, "false_positive_ci95": None,
-                     "minimal_detectable_effect": None, "effect_unit": None}]
+                     "interval_mde": None, "p_holm": None, "false_positive_rate": None, "false_positive_ci95": None,
+                     "minimal_detectable_effect": None, "effect_unit": None, "mde_source": None}]
 
 
 def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
