@@ -204,13 +204,15 @@ def parse_label(answer: str) -> Optional[int]:
     return 1 if re.search(r"\bis\s+(?:\w+\s+)?related\b", low) else None
 
 
-def _detection_request(explanation: str, texts: list[str]) -> str:
+def _examples_request(explanation: str, texts: list[str], header: str = EXAMPLES_HEADER,
+                      question: str = "does the feature activate on it?") -> str:
+    """A numbered list of texts under `header` and one 0/1 `question` per text (detection; fuzzing's own header and
+    question)."""
     n = len(texts)
-    lines = [f"{FEATURE_LINE}{_one_line(explanation)}", "", EXAMPLES_HEADER]
+    lines = [f"{FEATURE_LINE}{_one_line(explanation)}", "", header]
     lines.extend(f"Example {i}: {_one_line(t)}" for i, t in enumerate(texts, 1))
     lines.append("")
-    lines.append(f"For each of the {n} examples, does the feature activate on it? Reply with a list of {n} digits, "
-                 "1 for yes and 0 for no.")
+    lines.append(f"For each of the {n} examples, {question} Reply with a list of {n} digits, 1 for yes and 0 for no.")
     return "\n".join(lines)
 
 
@@ -221,19 +223,14 @@ _DETECT_EXAMPLE = (_EXAMPLE_ANSWER, ["it was released in 1994 to great acclaim",
 def detection_messages(explanation: str, texts: list[str]) -> list[dict]:
     example, example_texts, answer = _DETECT_EXAMPLE
     return [{"role": "system", "content": DETECT_SYSTEM},
-            {"role": "user", "content": _detection_request(example, example_texts)},
+            {"role": "user", "content": _examples_request(example, example_texts)},
             {"role": "assistant", "content": answer},
-            {"role": "user", "content": _detection_request(explanation, texts)}]
+            {"role": "user", "content": _examples_request(explanation, texts)}]
 
 
 def _fuzz_request(explanation: str, texts: list[str]) -> str:
-    n = len(texts)
-    lines = [f"{FEATURE_LINE}{_one_line(explanation)}", "", FUZZ_HEADER]
-    lines.extend(f"Example {i}: {_one_line(t)}" for i, t in enumerate(texts, 1))
-    lines.append("")
-    lines.append(f"For each of the {n} examples, are the highlighted tokens the ones the explanation describes? Reply "
-                 f"with a list of {n} digits, 1 for yes and 0 for no.")
-    return "\n".join(lines)
+    return _examples_request(explanation, texts, FUZZ_HEADER, "are the highlighted tokens the ones the explanation "
+                                                              "describes?")
 
 
 _FUZZ_EXAMPLE = (_EXAMPLE_ANSWER, ["it was released in <<1994>> to great acclaim", "the <<cast>> is superb",
