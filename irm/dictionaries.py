@@ -20,8 +20,10 @@ the data: activations are anisotropic (a few directions carry most of the varian
 rows drawn with that covariance and mean score far above isotropic ones (1/k spectrum in 512 dimensions: 0.43
 against 0.14; with a shared mean up to 0.99). So the chance level is MMCS between random dictionaries whose rows are
 drawn from the cached activations' own distribution (`cache_moments`, `chance_mmcs(moments=...)`), `draws` pairs of
-them; the findings verdict is the rank of the real MMCS among them (a one-sided permutation p-value). Isotropic
-chance is kept beside it for reference.
+them; the findings verdict is the rank of the real MMCS among them (a one-sided permutation p-value). An SAE's rows
+reconstruct the activations minus its decoder bias (x_hat = f W_dec + b_dec), so each random dictionary's rows are
+centred on the activations' mean minus its SAE's b_dec (`decoder_offset`): the mean where the SAE has no bias, none
+where the bias is the mean. Isotropic chance is kept beside it for reference.
 """
 
 from __future__ import annotations
@@ -219,12 +221,14 @@ def cache_moments(run_dir, layer: int, batch_rows: int = 16384) -> Moments:
 
 def chance_mmcs(n_small: int, n_large: int, width: int, draws: int = 5, seed: int = 0,
                 methods: tuple[str, ...] = METHODS, device=None, moments: Moments | None = None,
-                hungarian_draws: int | None = None) -> dict:
+                hungarian_draws: int | None = None, offsets=(None, None)) -> dict:
     """MMCS of two independent random dictionaries of these shapes (`random_unit_dictionary`: isotropic without
-    `moments`, drawn from the activations' distribution with them): what MMCS reads when the dictionaries share
-    nothing. {method: {"mean", "std", "draws": [...]}} over `draws` seeded pairs (std: sample standard deviation
-    between draws; 0 for a single draw). `hungarian` is scored on the first `hungarian_draws` pairs only (default
-    all): its assignment costs about 4x the `max` search, and only `max` carries the verdict."""
+    `moments`, drawn from the activations' distribution with them, each dictionary's rows around the activations'
+    mean minus its `offsets` entry when given: the SAE's decoder bias, which the rows need not carry): what MMCS
+    reads when the dictionaries share nothing. {method: {"mean", "std", "draws": [...]}} over `draws` seeded pairs
+    (std: sample standard deviation between draws; 0 for a single draw). `hungarian` is scored on the first
+    `hungarian_draws` pairs only (default all): its assignment costs about 4x the `max` search, and only `max`
+    carries the verdict."""
     import numpy as np
     import torch
 
@@ -232,8 +236,10 @@ def chance_mmcs(n_small: int, n_large: int, width: int, draws: int = 5, seed: in
         raise ValueError(f"chance MMCS needs at least one draw, got {draws}")
     g = torch.Generator().manual_seed(seed)
     on = device if device is not None else "cpu"
+    laws = [None, None]
     if moments is not None:
-        moments = Moments(moments.mean.to(on), moments.factor.to(on), moments.rows)
+        laws = [Moments((moments.mean - (0 if off is None else torch.as_tensor(off, dtype=torch.float64))).to(on),
+                        moments.factor.to(on), moments.rows) for off in offsets]
     scores = {m: [] for m in methods}
     # Pairs are drawn `batch` at a time (as many as CHUNK_ELEMENTS cosines hold): the small dictionaries of the
     # batch, then its large ones, from one seeded generator.
@@ -241,8 +247,8 @@ def chance_mmcs(n_small: int, n_large: int, width: int, draws: int = 5, seed: in
     done = 0
     while done < draws:
         b = min(batch, draws - done)
-        small_BNW = random_unit_dictionary((b, n_small), width, g, moments, on)
-        large_BMW = random_unit_dictionary((b, n_large), width, g, moments, on)
+        small_BNW = random_unit_dictionary((b, n_small), width, g, laws[0], on)
+        large_BMW = random_unit_dictionary((b, n_large), width, g, laws[1], on)
         for m in methods:
             if m == "max":
                 if b == 1:  # one pair may be too large for one matrix: the chunked search
@@ -321,11 +327,19 @@ def _expansion_pair(cfg) -> tuple[int, int]:
     return cfg.sae.dictionary_pair()
 
 
-def _load_dictionary(run_dir: Path, layer: int, expansion: int):
+def _load_sae(run_dir: Path, layer: int, expansion: int):
     from irm.sae import load_sae, sae_dir
 
     # load_sae raises a UserError naming a missing or damaged SAE and the stage that makes it.
-    return load_sae(sae_dir(run_dir, layer, expansion)).dictionary.cpu()
+    return load_sae(sae_dir(run_dir, layer, expansion))
+
+
+def decoder_offset(sae):
+    """The SAE's decoder bias in the raw activation space (b_dec / input_scale, float64): x_hat = f W_dec + b_dec in
+    the normalised space, so the rows W_dec reconstruct the activations minus it."""
+    import torch
+
+    return (sae.b_dec.detach().double() / sae.input_scale.double()).cpu().to(torch.float64)
 
 
 def _firing(run_dir: Path, layer: int, expansion: int, n: int):
@@ -354,8 +368,8 @@ def _init_mmcs(run_dir: Path, layer: int, expansion: int):
 
 def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int, device) -> dict:
     """One layer's record for mmcs.json: the two dictionaries compared, against chance and initialisation."""
-    small = _load_dictionary(root, layer, small_e)
-    large = _load_dictionary(root, layer, large_e)
+    small_sae, large_sae = _load_sae(root, layer, small_e), _load_sae(root, layer, large_e)
+    small, large = small_sae.dictionary.cpu(), large_sae.dictionary.cpu()
     if small.shape[1] != large.shape[1]:
         raise UserError(
             f"layer {layer}: the x{small_e} and x{large_e} SAEs have different input widths "
@@ -370,9 +384,15 @@ def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int,
     moments = cache_moments(root, layer)
     draw = dict(n_small=small.shape[0], n_large=large.shape[0], width=small.shape[1], seed=cfg.seed * 1000 + layer,
                 device=device)
+    offsets = (decoder_offset(small_sae), decoder_offset(large_sae))
     rec["chance"] = chance_mmcs(**draw, draws=cfg.dictionaries.chance_draws, moments=moments,
-                                hungarian_draws=HUNGARIAN_DRAWS)
+                                hungarian_draws=HUNGARIAN_DRAWS, offsets=offsets)
     rec["chance_rows"] = moments.rows
+    # how far each dictionary's rows sit from the activations' mean: |mean - b_dec| / |mean| (0: the decoder bias is
+    # the mean, the rows centred; 1: no bias, the rows around the mean)
+    norm = float(moments.mean.norm()) or 1.0
+    rec["chance_offsets"] = {name: float((moments.mean - off).norm()) / norm
+                             for name, off in zip(("small", "large"), offsets)}
     rec["chance_isotropic"] = chance_mmcs(**draw, draws=HUNGARIAN_DRAWS, methods=("max",))
     rec["init"] = _init_mmcs(root, layer, large_e)
     rec["seed_pair"] = seed_pair_mmcs(cfg, root, layer, small_e, small, device) if cfg.dictionaries.seed_pair else None
@@ -415,7 +435,7 @@ def seed_pair_mmcs(cfg, root: Path, layer: int, small_e: int, small, device=None
     twin_cfg = dataclasses.replace(cfg, run_dir=str(twin_root), seed=cfg.seed + 1,
                                    sae=dataclasses.replace(cfg.sae, expansions=[small_e]))
     train_layer(twin_cfg, layer, fingerprint(stage_fingerprint(cfg, "sae"), "seed pair", twin_cfg.seed))
-    twin = _load_dictionary(twin_root, layer, small_e)
+    twin = _load_sae(twin_root, layer, small_e).dictionary.cpu()
     return {"seed": twin_cfg.seed, **{m: mmcs(small, twin, m, device=device)[0] for m in METHODS}}
 
 
@@ -463,9 +483,12 @@ def run(cfg) -> None:
             "hungarian_pairs": "top-k pairs of the one-to-one matching whose features both fire, for comparison",
             "max_ci95": "95% bootstrap interval of max over the small dictionary's features",
             "chance": "MMCS of two random dictionaries of the same shapes whose rows are drawn from the activations' "
-                      "own distribution (a Gaussian with the cached activations' mean and covariance, rows normalised; "
+                      "own distribution as each SAE reconstructs it (a Gaussian with the cached activations' "
+                      "covariance and their mean minus the SAE's decoder bias, rows normalised; "
                       f"{CHANCE_ROWS}; chance_rows of them): mean, sample std and every one of `draws` seeded pairs "
                       f"(hungarian: the first {HUNGARIAN_DRAWS}). The findings verdict ranks max among the max draws",
+            "chance_offsets": "|activations' mean - decoder bias| / |activations' mean| per dictionary: where the "
+                              "chance rows are centred (0: on the mean removed, 1: on the activations' mean)",
             "chance_isotropic": "the same with rows uniform on the unit sphere (the easiest null, for reference)",
             "init": "MMCS of the layer's two SAEs as initialised, before training",
             "seed_pair": "MMCS of the small dictionary with a second one of its width trained with another seed on "

@@ -121,7 +121,7 @@ def test_circular_labels_are_not_a_finding(monkeypatch):
 # --- ablation --------------------------------------------------------------------------------------------------
 
 
-def two_level_bootstrap(ablated_P, draws_DP, resamples=2000, seed=0):
+def two_level_bootstrap(ablated_P, draws_DP, resamples=1000, seed=0):
     """The replaced interval: prompts and draws resampled independently (percentile)."""
     diff = np.asarray(ablated_P)[None, :] - np.asarray(draws_DP)
     n_d, n_p = diff.shape
@@ -137,7 +137,7 @@ def two_level_bootstrap(ablated_P, draws_DP, resamples=2000, seed=0):
 def test_ablation_prediction_interval_holds_where_the_two_level_bootstrap_did_not(monkeypatch):
     fam = family("ablation_vs_random", "labelled set like a random draw")
     sizes = {"random_draws": 3}  # the quickstart's count before issue 22
-    n = 400
+    n = 300
     today, _ = rate(fam, n, sizes)
     monkeypatch.setattr(irm.ablation, "difference_vs_draws", two_level_bootstrap)
     before, _ = rate(fam, n, sizes)
@@ -168,7 +168,7 @@ def test_runner_on_the_fast_families_of_this_group():
     no limit by more than chance allows, and the largest planted effects are found."""
     sizes = {**SMALL_MMCS, **SMALL_VALIDATION}
     fast = [f for f in FAMILIES if f.cost == "fast"]
-    results = core.run(fast, lambda f: 60 if f.finding == "mmcs" else 100, sizes, seed=2)
+    results = core.run(fast, lambda f: 100 if f.finding.startswith("ablation") else 40, sizes, seed=2)
     for r in results:
         if r["null"]:
             assert at_most_5_percent(round(r["rate"] * r["n"]), r["n"]), r

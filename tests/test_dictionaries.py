@@ -265,7 +265,7 @@ def write_cache(cfg, layer, d=16, rows=600, seed=0):
     return acts.astype(np.float32).astype(np.float64)[position > 0]
 
 
-def export_pair(cfg, layer, d=16, shared=5, seed=0, n=None):
+def export_pair(cfg, layer, d=16, shared=5, seed=0, n=None, b_dec=None):
     """Export an x1 and an x2 SAE of one layer: n (default d) and 2n features of width d; x2 holds x1's first
     `shared` rows (rescaled) at shuffled positions that never equal the x1 index. Returns (small, large, positions).
     x1's last row is zero (a dead feature)."""
@@ -282,6 +282,10 @@ def export_pair(cfg, layer, d=16, shared=5, seed=0, n=None):
     with torch.no_grad():
         small.W_dec.copy_(torch.tensor(w_small))
         large.W_dec.copy_(torch.tensor(w_large))
+        if b_dec is not None:  # both SAEs' decoder bias (normalised space) and input scale
+            for sae in (small, large):
+                sae.b_dec.copy_(torch.as_tensor(b_dec[0], dtype=torch.float32))
+                sae.input_scale.fill_(b_dec[1])
     save_sae(small, sae_dir(cfg.run_dir, layer, 1), layer=layer)
     save_sae(large, sae_dir(cfg.run_dir, layer, 2), layer=layer)
     return w_small.astype(np.float32), w_large.astype(np.float32), positions
@@ -685,3 +689,32 @@ def test_seed_pair_trains_a_second_small_sae_and_reports_its_mmcs(tmp_path, caps
     assert "of another seed" in capsys.readouterr().out
     row = dictionaries_share_features(tmp_path / "run")[0]
     assert f"a second x1 of another seed): MMCS {rec['seed_pair']['max']:.3f}" in row["detail"]
+
+
+def test_chance_rows_follow_the_activations_as_each_sae_reconstructs_them(tmp_path):
+    """SAEs whose decoder bias is the activations' mean (in their normalised space: mean x input_scale) have rows
+    that need not carry the mean: the chance level is then that of centred draws with the activations' covariance
+    (numpy multivariate normals here), far below the level with the mean, and chance_offsets says where it sat."""
+    import json
+
+    from irm.dictionaries import run
+
+    cfg = stage_cfg(tmp_path, layers=(2,), top_k=2)
+    acts = write_cache(cfg, 2, rows=2000)
+    scale = 3.0
+    export_pair(cfg, 2, b_dec=(acts.mean(axis=0) * scale, scale))
+    run(cfg)
+    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    assert rec["chance_offsets"]["small"] == pytest.approx(0.0, abs=1e-5)
+    rng = np.random.default_rng(0)
+    cov = np.cov(acts.T)
+    centred = [numpy_max_mmcs(rng.multivariate_normal(np.zeros(16), cov, 16),
+                              rng.multivariate_normal(np.zeros(16), cov, 32)) for _ in range(300)]
+    ours = rec["chance"]["max"]
+    print(f"centred chance: ours {ours['mean']:.3f}, numpy {np.mean(centred):.3f} +- {np.std(centred):.3f}")
+    assert abs(ours["mean"] - np.mean(centred)) < 4 * np.std(centred) * np.sqrt(1 / 99 + 1 / 300)
+    export_pair(cfg, 2)  # no decoder bias: the rows are drawn around the mean
+    run(cfg)
+    with_mean = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
+    assert with_mean["chance_offsets"]["small"] == pytest.approx(1.0, abs=1e-6)
+    assert with_mean["chance"]["max"]["mean"] > ours["mean"] + 0.1

@@ -8,9 +8,10 @@ matched random features (`ablation_vs_splice`, `ablation_vs_random`). Every worl
 MMCS worlds: activations in `mmcs_width` dimensions (isotropic, or a 1/k variance spectrum along random axes, with or
 without a mean along the leading axis); the chance level comes from `mmcs_rows` sampled activations, as the stage
 reads them from the cache. Null: the two dictionaries are unrelated, each row an independent draw of the
-activations' distribution (a dictionary that follows the data and nothing else), or (conservative) drawn without
-the mean. Planted: the large dictionary holds noisy copies (cosine about 0.94) of a fraction `effect` of the small
-one's rows.
+activations' distribution as its SAE reconstructs it (the mean minus the SAE's decoder bias: none, half or all of
+the mean), a dictionary that follows the data and nothing else; or (conservative) rows without the mean while the
+SAEs report no bias. Planted: the large dictionary holds noisy copies (cosine about 0.94) of a fraction `effect` of
+the small one's rows.
 
 Validation worlds: `features` explained features, `related` of them labelled related, `inputs` positions of which a
 fraction QUANTILE_ABOVE has R above the threshold. Null: activity independent of R, with the related features far
@@ -68,16 +69,19 @@ def _draw(rng: np.random.Generator, n: int, law, with_mean: bool = True) -> np.n
 
 
 def mmcs_world(rng: np.random.Generator, sizes: Sizes, *, spectrum: str = "1/k", mean_shift: float = MEAN_SHIFT,
-               dictionary_mean: bool = True, shared: float = 0.0) -> str:
+               bias: float = 0.0, dictionary_mean: bool = True, shared: float = 0.0) -> str:
     """One MMCS world's verdict: two dictionaries (d and 2d rows of width d) compared by `compare_layer`, chance from
-    `mmcs_rows` activations through `activation_moments` and `chance_mmcs`, the verdict by `mmcs_row`."""
+    `mmcs_rows` activations through `activation_moments` and `chance_mmcs` (each dictionary's decoder bias `bias`
+    times the activations' mean, which its rows then do not carry), the verdict by `mmcs_row`.
+    `dictionary_mean` False: the rows leave out the mean although the SAEs report no bias (a conservative world)."""
     from irm.dictionaries import activation_moments, chance_mmcs, compare_layer
     from irm.findings import mmcs_row
 
     d, draws = _size(sizes, "mmcs_width"), _size(sizes, "chance_draws")
     law = _activation_law(rng, d, spectrum, mean_shift)
-    small = _draw(rng, d, law, dictionary_mean)
-    large = _draw(rng, 2 * d, law, dictionary_mean)
+    rows_law = ((1.0 - bias) * law[0], law[1])  # the rows reconstruct the activations minus the decoder bias
+    small = _draw(rng, d, rows_law, dictionary_mean)
+    large = _draw(rng, 2 * d, rows_law, dictionary_mean)
     k = int(round(shared * d))
     if k:
         unit = small[:k] / np.linalg.norm(small[:k], axis=1, keepdims=True)
@@ -85,7 +89,7 @@ def mmcs_world(rng: np.random.Generator, sizes: Sizes, *, spectrum: str = "1/k",
     moments = activation_moments([_draw(rng, _size(sizes, "mmcs_rows"), law)])
     rec = compare_layer(small, large, top_k=1)
     rec["chance"] = chance_mmcs(d, 2 * d, d, draws, seed=int(rng.integers(2 ** 31)), methods=("max",),
-                                moments=moments)
+                                moments=moments, offsets=(bias * law[0], bias * law[0]))
     rec["chance_rows"] = moments.rows
     return mmcs_row("0", rec)["verdict"]
 
@@ -213,6 +217,10 @@ def _families() -> list[Family]:
         Family("mmcs", "1/k spectrum, unrelated dictionaries", 0.0, partial(mmcs_world, mean_shift=0.0),
                MMCS_UNIT, "slow"),
         Family("mmcs", "1/k spectrum and a mean, unrelated dictionaries", 0.0, mmcs_world, MMCS_UNIT),
+        Family("mmcs", "1/k spectrum and a mean, unrelated dictionaries centred by their decoder bias", 0.0,
+               partial(mmcs_world, bias=1.0), MMCS_UNIT),
+        Family("mmcs", "1/k spectrum and a mean, unrelated dictionaries, decoder bias half the mean", 0.0,
+               partial(mmcs_world, bias=0.5), MMCS_UNIT, "slow"),
         Family("mmcs", "1/k spectrum and a mean, dictionaries without the mean", 0.0,
                partial(mmcs_world, dictionary_mean=False), MMCS_UNIT, "slow"),
     ]
@@ -220,6 +228,8 @@ def _families() -> list[Family]:
                    MMCS_UNIT) for f in (0.1, 0.2, 0.4, 0.8)]
     out += [Family("mmcs", "shared features (1/k spectrum)", f, partial(mmcs_world, shared=f, mean_shift=0.0),
                    MMCS_UNIT, "slow") for f in (0.05, 0.1, 0.2)]
+    out += [Family("mmcs", "shared features (1/k spectrum and a mean, centred by the decoder bias)", f,
+                   partial(mmcs_world, shared=f, bias=1.0), MMCS_UNIT) for f in (0.05, 0.1, 0.2)]
     out += [
         Family("validation", "related features fire often everywhere", 0.0, validation_world, VALIDATION_UNIT),
         Family("validation", "related features rare, others busy", 0.0,
