@@ -185,3 +185,17 @@ def n_train_batches(deltas_dir):
     dm = DeltaDataModule(str(deltas_dir), batch_size=64, val_fraction=0.1, seed=0)  # as in configs/regression.yaml
     dm.setup("fit")
     return len(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("n_features", [5, 60])  # primal (features < rows) and dual (rows < features)
+def test_ridge_refits_on_a_bootstrap_draw_equal_numpys_fit_on_the_drawn_rows(n_features):
+    from irm.regression import RidgeRefits
+
+    rng = np.random.default_rng(n_features)
+    x, y, points = rng.normal(size=(30, n_features)), rng.normal(size=30), rng.normal(size=(7, n_features))
+    rows = rng.integers(0, 30, 30)  # repeats: a bootstrap draw
+    xr, yr = x[rows], y[rows]
+    xc = xr - xr.mean(0)
+    w = np.linalg.solve(xc.T @ xc + 0.7 * np.eye(n_features), xc.T @ (yr - yr.mean()))
+    expected = points @ w + yr.mean() - xr.mean(0) @ w
+    np.testing.assert_allclose(RidgeRefits(x, y, 0.7, points).predict(rows), expected, atol=1e-10)
