@@ -286,8 +286,8 @@ def test_report_pages_for_features_beyond_the_cap_and_at_chance_marks(ran):
 
 @pytest.mark.slow
 def test_report_html_renders_in_headless_chromium(ran, tmp_path):
-    """The report's pages as a browser draws them: a screenshot under the test's tmp dir (kept for a reader to look
-    at), not blank, and the page's text as Chromium parsed it holds every page."""
+    """The report's pages as a browser draws them: a screenshot (folded groups unfolded) under the test's tmp dir, kept
+    for a reader to look at, not blank, and the page as Chromium parsed it holds every feature page."""
     import subprocess
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -302,7 +302,9 @@ def test_report_html_renders_in_headless_chromium(ran, tmp_path):
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,4000", html.as_uri()],
+    opened = tmp_path / "report_open.html"  # the folded groups of pages unfolded, so the screenshot shows them
+    opened.write_text(html.read_text(encoding="utf-8").replace("<details>", "<details open>"), encoding="utf-8")
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,4000", opened.as_uri()],
                    check=True, capture_output=True, timeout=120)
     dom = subprocess.run([chromium, *flags, "--dump-dom", html.as_uri()], check=True, capture_output=True,
                          timeout=120, text=True).stdout
