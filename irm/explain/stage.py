@@ -250,8 +250,9 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
         return torch.cat([sae.encode(acts_BD)[:, idx] for sae, idx in saes.values()], dim=1)
 
     wins, maxima, active = window_maxima(cache, encode, cfg.explain.window, desc=f"explain: layer {layer} maxima")
-    sels = [select_windows(maxima[:, c], cfg.explain.n_top, cfg.explain.n_quantile, cfg.explain.n_score,
-                           _rng(cfg, t)) for c, t in enumerate(order)]
+    # a feature with a page only (beyond explain.max_features) needs no scoring windows
+    sels = [select_windows(maxima[:, c], cfg.explain.n_top, cfg.explain.n_quantile,
+                           cfg.explain.n_score if t.explain else 0, _rng(cfg, t)) for c, t in enumerate(order)]
     windows = read_windows(cache, encode, wins, [w for s in sels for w in s.top + s.quantile + s.active + s.inactive])
     decode_token = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     text = lambda w: tokenizer.decode(windows[w][0].tolist())  # noqa: E731
