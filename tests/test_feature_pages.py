@@ -154,22 +154,31 @@ BATCH = {"type": "object", "additionalProperties": False, "required": ["model_id
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("template")
-    return root, build_run(root, n_docs=150)
-
-
-@pytest.fixture
-def ran(tiny_cfg, template):
+def ran(tmp_path_factory):
+    """The explain stage run once on the tiny config over the test run directory (tests/explain_rundir.py); tests
+    that change its files work on a copy."""
+    from conftest import TINY_YAML
+    from irm.cli import parse_config
     from irm.explain.stage import run
     from irm.sae import sae_dir
     from irm.sae.export import write_sparsity
 
-    shutil.copytree(template[0], tiny_cfg.run_dir)
+    root = tmp_path_factory.mktemp("pages")
+    cfg = parse_config("pipeline", ["--config", str(TINY_YAML), "--run_dir", str(root / "run"),
+                                    "--log_dir", str(root / "logs")])
+    data = build_run(root / "run", n_docs=150)
     held_out = np.linspace(0.01, 0.08, 8)  # the sae stage's held-out frequencies, for layer 1's x1 only
-    write_sparsity(sae_dir(tiny_cfg.run_dir, 1, 1), held_out)
-    run(tiny_cfg)
-    return tiny_cfg, template[1], held_out
+    write_sparsity(sae_dir(cfg.run_dir, 1, 1), held_out)
+    run(cfg)
+    return cfg, data, held_out
+
+
+def copy_of(ran, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(ran[0], run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "logs"))
+    shutil.copytree(ran[0].run_dir, cfg.run_dir)
+    return cfg
 
 
 def test_every_shared_feature_has_its_density_from_the_cache_and_the_sparsity_file(ran):
@@ -261,12 +270,12 @@ def test_logit_effect_goes_to_pos_and_neg_fields():
                                                                                             (0.2, 0.6, 0.4)]
 
 
-def test_report_pages_for_features_beyond_the_cap_and_at_chance_marks(ran):
+def test_report_pages_for_features_beyond_the_cap_and_at_chance_marks(ran, tmp_path):
     import re
 
-    from irm.report import features_section, Doc
+    from irm.report import Doc, features_section
 
-    cfg = ran[0]
+    cfg = copy_of(ran, tmp_path)
     path = Path(cfg.run_dir) / "explanations.jsonl"
     lines = read_jsonl(path)
     ok = next(ln for ln in lines if ln["status"] == "ok")
@@ -295,7 +304,7 @@ def test_report_html_renders_in_headless_chromium(ran, tmp_path):
         pytest.skip("no chromium (apt-get install -y chromium)")
     from irm.report import run as report
 
-    cfg = ran[0]
+    cfg = copy_of(ran, tmp_path)
     report(cfg)
     html = Path(cfg.run_dir) / "report.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
