@@ -1,5 +1,6 @@
 """Feature explanations and reward labels (paper 4.4, E.1): top-activating records (records), prompts, the explainer
-backends (backends), the detection score (scoring) and `python -m irm explain` (stage)."""
+backends (backends), detection and fuzzing scores (scoring), the SAEDashboard/Neuronpedia export (neuronpedia) and
+`python -m irm explain` (stage)."""
 
 from __future__ import annotations
 
