@@ -72,7 +72,7 @@ def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_share
         top = ln["records"][0]
         assert top["tokens"][top["discrete"].index(10)] == word
         for s in (ln["score"], ln["fuzz"]):
-            assert s["accuracy"] == np.mean(np.array(s["predictions"]) == np.array(s["truth"]))
+            assert s["accuracy"] == pytest.approx(np.mean(np.array(s["predictions"]) == np.array(s["truth"])))
             assert s["n_active"] > 0 and s["n_inactive"] > 0
         assert ln["fuzz"]["n_active"] == ln["fuzz"]["n_inactive"]  # each window twice: fired / random highlight
     scores = json.loads((Path(cfg.run_dir) / "explain" / "scores.json").read_text())

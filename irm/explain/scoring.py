@@ -57,13 +57,13 @@ def fuzz_set(windows: list[tuple[list[str], np.ndarray]], rng: np.random.Generat
 
 def metrics(pred: list[int], truth: list[int]) -> dict:
     """Binary classification scores (torchmetrics); a ratio with nothing to count (e.g. precision with no positive
-    guess) is 0."""
+    guess) is 0. torchmetrics returns float32: rounded to 6 decimals, so 9 of 10 reads 0.9."""
     import torch
     from torchmetrics.functional.classification import (binary_accuracy, binary_f1_score, binary_precision,
                                                         binary_recall)
 
     p, t = torch.tensor(pred), torch.tensor(truth)
-    return {name: float(fn(p, t)) for name, fn in (("accuracy", binary_accuracy), ("precision", binary_precision),
+    return {name: round(float(fn(p, t)), 6) for name, fn in (("accuracy", binary_accuracy), ("precision", binary_precision),
                                                    ("recall", binary_recall), ("f1", binary_f1_score))}
 
 
