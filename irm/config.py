@@ -164,8 +164,8 @@ class SAEConfig:
 @dataclass
 class DictionariesConfig:
     top_k: int = 10  # shared feature pairs per layer (paper E.1)
-    # Pairs of random dictionaries drawn from the activations' distribution for MMCS's chance level; the verdict
-    # ranks the real MMCS among them, so the smallest p-value is 1 / (draws + 1): 99 gives 0.01, 49 0.02 (both
+    # Pairs of random dictionaries (rows with the two dictionaries' own mean and covariance) for MMCS's chance; the
+    # verdict ranks the real MMCS among them, so the smallest p is 1 / (draws + 1): 99 gives 0.01, 49 0.02 (both
     # below the verdict's 2.5%). 99 pairs of 576 x 1152 rows took 11 s on one loaded CPU thread (measured).
     chance_draws: int = 99
     # Train a second small SAE per layer with another seed (the sae stage's fit, in <run_dir>/dictionaries/seed-pair)

@@ -488,9 +488,9 @@ def _sae_quality_text(saes: dict) -> str:
 
 def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
     """One layer's MMCS row from its mmcs.json record (and its SAEs' sae/metrics.json entry): the max MMCS ranked
-    among the MMCS of random dictionaries drawn from the activations' own distribution (mean and covariance of the
-    cached activations, `irm.dictionaries.chance_mmcs`), a one-sided permutation p-value. Isotropic chance is too
-    easy a null (issue 22) and an mmcs.json that has only it is "not tested"."""
+    among the MMCS of random dictionaries with the two dictionaries' own row mean and covariance
+    (`irm.dictionaries.chance_levels`), a one-sided permutation p-value. Isotropic chance is too easy a null (issue
+    22) and an mmcs.json that has only it is "not tested"."""
     small, large = (rec.get("dictionaries") or {}).get("small", "small"), (rec.get("dictionaries") or {}).get(
         "large", "large")
     claim = f"layer {layer}: the {small} and {large} dictionaries share features (MMCS, eq. 2)"
@@ -498,21 +498,22 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
     if not chance or not chance.get("draws"):
         return _not_tested(claim, "mmcs.json has no chance level for this layer; rerun `python -m irm dictionaries`",
                            "mmcs")
-    if rec.get("chance_rows") is None:
+    if rec.get("chance_source") != "dictionary rows":
         return _not_tested(claim, f"MMCS {num(rec['max'])} was compared with isotropic random dictionaries only, a "
-                                  "null far easier than the activations' own distribution; rerun `python -m irm "
-                                  "dictionaries`", "mmcs")
+                                  "null far easier than rows with the dictionaries' own mean and anisotropy; rerun "
+                                  "`python -m irm dictionaries`", "mmcs")
     draws = chance["draws"]
     p = permutation_p(rec["max"], draws, "greater")
     iso = ((rec.get("chance_isotropic") or {}).get("max") or {}).get("mean")
+    acts = ((rec.get("chance_activations") or {}).get("max") or {}).get("mean")
     init = rec.get("init") or {}
     sae_text = _sae_quality_text(saes or {})
     return finding(
         claim=claim,
         number=f"MMCS {num(rec['max'])} {interval(rec.get('max_ci95'))}",
-        control=f"random dictionaries of the same shapes drawn from the activations' distribution (mean and "
-                f"covariance of {rec['chance_rows']} cached rows): {num(chance['mean'])} ± {num(chance['std'])} "
-                f"({len(draws)} draws; isotropic ones {num(iso)})",
+        control=f"random dictionaries of the same shapes with these dictionaries' own row mean and covariance: "
+                f"{num(chance['mean'])} ± {num(chance['std'])} ({len(draws)} draws; rows drawn like the "
+                f"activations {num(acts)}, isotropic {num(iso)})",
         verdict=verdict_from_p(p, None),
         detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; rank among the chance draws "
                f"{p_text(p)} (one-sided; the smallest possible is {num(1 / (len(draws) + 1), 3)}); SAEs at "

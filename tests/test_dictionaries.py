@@ -459,7 +459,7 @@ def test_a_feature_that_never_fires_is_never_a_shared_feature():
 def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys):
     import json
 
-    from irm.dictionaries import activation_moments, chance_mmcs, run
+    from irm.dictionaries import activation_moments, chance_mmcs, dictionary_moments, run
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=16)
@@ -471,23 +471,31 @@ def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys)
     (sae_dir(cfg.run_dir, 2, 2) / "metrics.json").write_text(json.dumps({"feature_frequency": [0.2] * 32}))
     run(cfg)
     rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
-    # the chance level's moments are numpy's mean and covariance of the rows past each document's first
-    moments = activation_moments([acts])
-    expected = chance_mmcs(16, 32, 16, cfg.dictionaries.chance_draws, seed=cfg.seed * 1000 + 2, moments=moments,
+    # the verdict's chance level: rows with the two dictionaries' own mean and covariance (numpy's, checked below);
+    # the reference: rows with the mean and covariance of the cached rows past each document's first
+    own = dictionary_moments(small, large)
+    unit = [w[np.linalg.norm(w, axis=1) > 0] / np.linalg.norm(w[np.linalg.norm(w, axis=1) > 0], axis=1,
+                                                                keepdims=True) for w in (small, large)]
+    np.testing.assert_allclose(own.mean.numpy(), np.concatenate(unit).mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose((own.factor @ own.factor.T).numpy(), np.cov(np.concatenate(unit).T), atol=1e-6)
+    expected = chance_mmcs(16, 32, 16, cfg.dictionaries.chance_draws, seed=cfg.seed * 1000 + 2, moments=own,
                            hungarian_draws=5)
     for method in ("max", "hungarian"):
-        assert rec["chance"][method]["draws"] == pytest.approx(expected[method]["draws"], abs=1e-9)
+        assert rec["chance"][method]["draws"] == pytest.approx(expected[method]["draws"], abs=1e-6)
+    reference = chance_mmcs(16, 32, 16, 5, seed=cfg.seed * 1000 + 3, methods=("max",),
+                            moments=activation_moments([acts]))
+    assert rec["chance_activations"]["max"]["draws"] == pytest.approx(reference["max"]["draws"], abs=1e-9)
     assert len(rec["chance"]["max"]["draws"]) == cfg.dictionaries.chance_draws == 99
     assert len(rec["chance"]["hungarian"]["draws"]) == 5 and len(rec["chance_isotropic"]["max"]["draws"]) == 5
     assert rec["chance_rows"] == len(acts) == 570
-    assert rec["chance"]["max"]["std"] > 0
+    assert rec["chance"]["max"]["std"] > 0 and rec["chance_source"] == "dictionary rows"
     # activations with a mean and a steep spectrum: random rows drawn like them agree far more than isotropic ones
-    assert rec["chance"]["max"]["mean"] > rec["chance_isotropic"]["max"]["mean"] + 0.2
+    assert rec["chance_activations"]["max"]["mean"] > rec["chance_isotropic"]["max"]["mean"] + 0.2
     assert rec["init"] is None  # exported by hand, not by a fit
     assert rec["firing"] == {"small": 15, "large": 32, "measured": True}
     assert 0 not in {p["small"] for p in rec["pairs"]}
     out = capsys.readouterr().out
-    assert f"distribution {expected['max']['mean']:.3f}" in out
+    assert f"mean and covariance {expected['max']['mean']:.3f}" in out
 
 
 def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_sae_quality(tmp_path):
@@ -500,7 +508,8 @@ def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_
 
     draws = list(np.linspace(0.40, 0.60, 99))  # 99 chance draws
     chance = {"max": {"mean": float(np.mean(draws)), "std": float(np.std(draws, ddof=1)), "draws": draws}}
-    base = {"chance": chance, "chance_rows": 5000, "chance_isotropic": {"max": {"mean": 0.14}},
+    base = {"chance": chance, "chance_source": "dictionary rows", "chance_rows": 5000,
+            "chance_isotropic": {"max": {"mean": 0.14}}, "chance_activations": {"max": {"mean": 0.93}},
             "dictionaries": {"small": "x1", "large": "x2"}}
     mmcs_json = {"layers": {
         "3": {**base, "max": 0.62, "max_ci95": [0.58, 0.66], "init": {"max": 0.139},
@@ -522,8 +531,9 @@ def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_
     (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"layers": {"3": {"x1": {
         "l0": 31.5, "width": 576, "explained_variance": 0.81, "dead_fraction": 0.02, "ce_loss_recovered": 0.9}}}}))
     row = dictionaries_share_features(tmp_path)[0]
-    assert "0.620 [0.580, 0.660]" in row["number"] and "5000 cached rows" in row["control"]
-    assert f"{np.mean(draws):.3f} ± {np.std(draws, ddof=1):.3f} (99 draws; isotropic ones 0.140)" in row["control"]
+    assert "0.620 [0.580, 0.660]" in row["number"]
+    assert f"{np.mean(draws):.3f} ± {np.std(draws, ddof=1):.3f} (99 draws; rows drawn like the activations 0.930, " \
+           "isotropic 0.140)" in row["control"]
     assert "x1: L0 31.5 of 576, explained variance 0.810 (n/a without first tokens), dead 2.0%, CE loss recovered " \
            "0.900" in row["detail"]
     assert dictionaries_share_features(tmp_path / "missing") is None
@@ -614,13 +624,13 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
 
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import activation_moments, run
+    from irm.dictionaries import dictionary_moments, run
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=4)
     cfg.seed, cfg.dictionaries.chance_draws = 3, 1
     small, large, positions = export_pair(cfg, 2, d=8, n=12, seed=4)
-    acts = write_cache(cfg, 2, d=8, rows=300, seed=4)
+    write_cache(cfg, 2, d=8, rows=300, seed=4)
     freq_small = [0.1] * 12
     freq_small[1] = 0.0
     freq_large = [0.3] * 24
@@ -640,10 +650,10 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
     assert rec["max_firing"] == pytest.approx(cos[alive_s][:, alive_l].max(axis=1).mean(), abs=1e-6)
     # planted pairs 2, 3, 4 are exact matches between firing features; pair 0's large feature never fires
     assert {(p["small"], p["large"]) for p in rec["pairs"][:3]} == {(i, int(positions[i])) for i in (2, 3, 4)}
-    # the one chance pair: standard normals from the seeded generator, mapped through the activations' mean and
-    # covariance factor (activation_moments, checked against numpy elsewhere), normalised here in numpy
-    moments = activation_moments([acts])
-    mean, factor = moments.mean.numpy(), moments.factor.numpy()
+    # the one chance pair: standard normals from the seeded generator, mapped through the dictionaries' own row
+    # mean and covariance factor (dictionary_moments, checked against numpy elsewhere), normalised here in numpy
+    own = dictionary_moments(small, large)
+    mean, factor = own.mean.numpy(), own.factor.numpy()
     g = torch.Generator().manual_seed(3 * 1000 + 2)
     z_small = torch.randn(12, 8, generator=g, dtype=torch.float64).numpy()
     z_large = torch.randn(24, 8, generator=g, dtype=torch.float64).numpy()
@@ -691,30 +701,25 @@ def test_seed_pair_trains_a_second_small_sae_and_reports_its_mmcs(tmp_path, caps
     assert f"a second x1 of another seed): MMCS {rec['seed_pair']['max']:.3f}" in row["detail"]
 
 
-def test_chance_rows_follow_the_activations_as_each_sae_reconstructs_them(tmp_path):
-    """SAEs whose decoder bias is the activations' mean (in their normalised space: mean x input_scale) have rows
-    that need not carry the mean: the chance level is then that of centred draws with the activations' covariance
-    (numpy multivariate normals here), far below the level with the mean, and chance_offsets says where it sat."""
-    import json
+def test_chance_levels_from_the_dictionaries_own_rows_with_the_activations_as_a_reference():
+    """`chance`: rows with the dictionaries' own mean and covariance, equal in level to numpy's multivariate normals
+    of the rows' law, and high when the rows share a mean; `chance_activations`: rows drawn like the activations."""
+    from irm.dictionaries import activation_moments, chance_levels
 
-    from irm.dictionaries import run
-
-    cfg = stage_cfg(tmp_path, layers=(2,), top_k=2)
-    acts = write_cache(cfg, 2, rows=2000)
-    scale = 3.0
-    export_pair(cfg, 2, b_dec=(acts.mean(axis=0) * scale, scale))
-    run(cfg)
-    rec = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
-    assert rec["chance_offsets"]["small"] == pytest.approx(0.0, abs=1e-5)
-    rng = np.random.default_rng(0)
-    cov = np.cov(acts.T)
-    centred = [numpy_max_mmcs(rng.multivariate_normal(np.zeros(16), cov, 16),
-                              rng.multivariate_normal(np.zeros(16), cov, 32)) for _ in range(300)]
-    ours = rec["chance"]["max"]
-    print(f"centred chance: ours {ours['mean']:.3f}, numpy {np.mean(centred):.3f} +- {np.std(centred):.3f}")
-    assert abs(ours["mean"] - np.mean(centred)) < 4 * np.std(centred) * np.sqrt(1 / 99 + 1 / 300)
-    export_pair(cfg, 2)  # no decoder bias: the rows are drawn around the mean
-    run(cfg)
-    with_mean = json.loads((tmp_path / "run" / "mmcs.json").read_text())["layers"]["2"]
-    assert with_mean["chance_offsets"]["small"] == pytest.approx(1.0, abs=1e-6)
-    assert with_mean["chance"]["max"]["mean"] > ours["mean"] + 0.1
+    rng = np.random.default_rng(4)
+    n, m, d = 16, 32, 16
+    acts = anisotropic_rows(rng, 3000, d, mean_scale=3.0)
+    for shift in (0.0, 2.0):
+        small, large = anisotropic_rows(rng, n, d, shift), anisotropic_rows(rng, m, d, shift)
+        got = chance_levels(small, large, activation_moments([acts]), draws=99, seed=0)
+        unit = np.concatenate([w / np.linalg.norm(w, axis=1, keepdims=True) for w in (small, large)])
+        expected = [numpy_max_mmcs(rng.multivariate_normal(unit.mean(0), np.cov(unit.T), n),
+                                   rng.multivariate_normal(unit.mean(0), np.cov(unit.T), m)) for _ in range(300)]
+        ours = got["chance"]["max"]
+        print(f"rows shifted {shift}: ours {ours['mean']:.3f}, numpy {np.mean(expected):.3f} +- "
+              f"{np.std(expected):.3f}; like the activations {got['chance_activations']['max']['mean']:.3f}")
+        assert abs(ours["mean"] - np.mean(expected)) < 4 * np.std(expected) * np.sqrt(1 / 99 + 1 / 300)
+        if shift:
+            assert ours["mean"] > got["chance_isotropic"]["max"]["mean"] + 0.2  # the rows' shared mean
+    assert got["chance_activations"]["max"]["mean"] > got["chance_isotropic"]["max"]["mean"] + 0.2
+    assert got["chance_rows"] == 3000 and len(got["chance"]["hungarian"]["draws"]) == 5

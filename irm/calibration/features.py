@@ -1,17 +1,16 @@
 """Calibration of the feature-level findings: the dictionaries' MMCS against chance (`mmcs`), validation of the
 related features against the other explained ones (`validation`), and ablation against the splice and against
 matched random features (`ablation_vs_splice`, `ablation_vs_random`). Every world runs the functions a real run uses:
-`irm.dictionaries.compare_layer`, `activation_moments` and `chance_mmcs`; `irm.validate.Frequencies` and
+`irm.dictionaries.compare_layer`, `activation_moments` and `chance_levels`; `irm.validate.Frequencies` and
 `enrichment_comparison`; `irm.ablation.paired_difference` and `difference_vs_draws`; and the findings rows' verdicts
 (`irm.findings.mmcs_row`, `validation_row`, `ablation_row`).
 
 MMCS worlds: activations in `mmcs_width` dimensions (isotropic, or a 1/k variance spectrum along random axes, with or
-without a mean along the leading axis); the chance level comes from `mmcs_rows` sampled activations, as the stage
-reads them from the cache. Null: the two dictionaries are unrelated, each row an independent draw of the
-activations' distribution as its SAE reconstructs it (the mean minus the SAE's decoder bias: none, half or all of
-the mean), a dictionary that follows the data and nothing else; or (conservative) rows without the mean while the
-SAEs report no bias. Planted: the large dictionary holds noisy copies (cosine about 0.94) of a fraction `effect` of
-the small one's rows.
+without a mean along the leading axis); the chance levels come from `mmcs_rows` sampled activations, as the stage
+reads them from the cache, and from the dictionaries' own rows. Null: the two dictionaries are unrelated, each row
+an independent draw of the activations' distribution minus a decoder bias that takes none, half or all of their
+mean (a dictionary that follows the data and nothing else). Planted: the large dictionary holds noisy copies (cosine
+about 0.94) of a fraction `effect` of the small one's rows.
 
 Validation worlds: `features` explained features, `related` of them labelled related, `inputs` positions of which a
 fraction QUANTILE_ABOVE has R above the threshold. Null: activity independent of R, with the related features far
@@ -63,34 +62,32 @@ def _activation_law(rng: np.random.Generator, d: int, spectrum: str, mean_shift:
     return mean_shift * np.sqrt((sd ** 2).sum()) * basis[:, 0], basis * sd
 
 
-def _draw(rng: np.random.Generator, n: int, law, with_mean: bool = True) -> np.ndarray:
+def _draw(rng: np.random.Generator, n: int, law) -> np.ndarray:
     mean, factor = law
-    return (mean if with_mean else 0.0) + rng.normal(size=(n, len(mean))) @ factor.T
+    return mean + rng.normal(size=(n, len(mean))) @ factor.T
 
 
 def mmcs_world(rng: np.random.Generator, sizes: Sizes, *, spectrum: str = "1/k", mean_shift: float = MEAN_SHIFT,
-               bias: float = 0.0, dictionary_mean: bool = True, shared: float = 0.0) -> str:
-    """One MMCS world's verdict: two dictionaries (d and 2d rows of width d) compared by `compare_layer`, chance from
-    `mmcs_rows` activations through `activation_moments` and `chance_mmcs` (each dictionary's decoder bias `bias`
-    times the activations' mean, which its rows then do not carry), the verdict by `mmcs_row`.
-    `dictionary_mean` False: the rows leave out the mean although the SAEs report no bias (a conservative world)."""
-    from irm.dictionaries import activation_moments, chance_mmcs, compare_layer
+               bias: float = 0.0, shared: float = 0.0) -> str:
+    """One MMCS world's verdict: two dictionaries (d and 2d rows of width d) compared by `compare_layer`, chance
+    levels from `mmcs_rows` activations and the dictionaries' rows through `activation_moments` and `chance_levels`,
+    the verdict by `mmcs_row`. The rows follow the activations minus a decoder bias of `bias` times their mean (0:
+    the rows carry the whole mean; 1: none of it)."""
+    from irm.dictionaries import activation_moments, chance_levels, compare_layer
     from irm.findings import mmcs_row
 
     d, draws = _size(sizes, "mmcs_width"), _size(sizes, "chance_draws")
     law = _activation_law(rng, d, spectrum, mean_shift)
-    rows_law = ((1.0 - bias) * law[0], law[1])  # the rows reconstruct the activations minus the decoder bias
-    small = _draw(rng, d, rows_law, dictionary_mean)
-    large = _draw(rng, 2 * d, rows_law, dictionary_mean)
+    rows_law = ((1.0 - bias) * law[0], law[1])
+    small = _draw(rng, d, rows_law)
+    large = _draw(rng, 2 * d, rows_law)
     k = int(round(shared * d))
     if k:
         unit = small[:k] / np.linalg.norm(small[:k], axis=1, keepdims=True)
         large[:k] = unit + COPY_NOISE * rng.normal(size=(k, d))
-    moments = activation_moments([_draw(rng, _size(sizes, "mmcs_rows"), law)])
     rec = compare_layer(small, large, top_k=1)
-    rec["chance"] = chance_mmcs(d, 2 * d, d, draws, seed=int(rng.integers(2 ** 31)), methods=("max",),
-                                moments=moments, offsets=(bias * law[0], bias * law[0]))
-    rec["chance_rows"] = moments.rows
+    rec.update(chance_levels(small, large, activation_moments([_draw(rng, _size(sizes, "mmcs_rows"), law)]), draws,
+                             seed=int(rng.integers(2 ** 31)), hungarian_draws=0))
     return mmcs_row("0", rec)["verdict"]
 
 
@@ -221,8 +218,6 @@ def _families() -> list[Family]:
                partial(mmcs_world, bias=1.0), MMCS_UNIT),
         Family("mmcs", "1/k spectrum and a mean, unrelated dictionaries, decoder bias half the mean", 0.0,
                partial(mmcs_world, bias=0.5), MMCS_UNIT, "slow"),
-        Family("mmcs", "1/k spectrum and a mean, dictionaries without the mean", 0.0,
-               partial(mmcs_world, dictionary_mean=False), MMCS_UNIT, "slow"),
     ]
     out += [Family("mmcs", "shared features (1/k spectrum and a mean)", f, partial(mmcs_world, shared=f),
                    MMCS_UNIT) for f in (0.1, 0.2, 0.4, 0.8)]
