@@ -184,3 +184,14 @@ def test_ce_gaps_are_the_two_loss_differences_behind_ce_loss_recovered():
     gaps = ce_gaps({"ce_clean": 5.0, "ce_zero_ablated": 5.04, "ce_spliced": 4.99})
     assert gaps == pytest.approx((-0.01, 0.04))  # recovered = (5.04 - 4.99) / 0.04 = 1.25: a ratio above 1
     assert ce_gaps({"ce_clean": 5.0, "ce_spliced": 4.99}) is None
+
+
+def test_two_sided_permutation_p_uses_the_null_normal_tail_only_beyond_every_draw():
+    from scipy.stats import norm
+
+    from irm.findings import permutation_two_sided
+
+    beyond = {"p_greater": 1 / 201, "p_less": 1.0, "n": 200, "mean": 0.01, "sd": 0.04}
+    assert permutation_two_sided(0.21, beyond) == pytest.approx(2 * norm.sf(5.0))
+    inside = {"p_greater": 0.2, "p_less": 0.8, "n": 200, "mean": 0.0, "sd": 0.04}
+    assert permutation_two_sided(0.05, inside) == pytest.approx(0.4)
