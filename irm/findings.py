@@ -732,7 +732,7 @@ def planted_row(result: dict, planted_words: Sequence[str]) -> Row:
         detail=f"{p_text(result['p'])}; {num(result['shift_sd'], 2)} sds of a word's move; "
                f"{result['n_planted']} planted words ({', '.join(sorted(planted_words))}), "
                f"{result['n_other']} others; {result['rule']}",
-        calibration="planted")
+        calibration="planted", p_value=result["p"])
 
 
 @row_builder
@@ -769,4 +769,5 @@ def tau_against_vader(root: Path) -> Optional[Row]:
         control="tau 0 (no agreement with VADER)",
         verdict=verdict_from_interval(v.get("ci95"), control=0.0),
         detail=f"{v.get('n')} words VADER lists; {p_text(v.get('p'))}; the training reward's reference: "
-               f"{k.get('reference')}")
+               f"{k.get('reference')}",
+        p_value=v.get("p"), ci=v.get("ci95"))
