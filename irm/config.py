@@ -165,8 +165,8 @@ class SAEConfig:
 class DictionariesConfig:
     top_k: int = 10  # shared feature pairs per layer (paper E.1)
     # Pairs of random dictionaries (rows with the two dictionaries' own mean and covariance) for MMCS's chance; the
-    # verdict ranks the real MMCS among them, so the smallest p is 1 / (draws + 1): 99 gives 0.01, 49 0.02 (both
-    # below the verdict's 2.5%). 99 pairs of 576 x 1152 rows took 11 s on one loaded CPU thread (measured).
+    # verdict is a t of the real MMCS against their spread. 49 pairs of 576 x 1152 rows: about 3 s a layer
+    # (quickstart-sized run, measured), 99 about twice that.
     chance_draws: int = 99
     # Train a second small SAE per layer with another seed (the sae stage's fit, in <run_dir>/dictionaries/seed-pair)
     # and report its MMCS with the first: what "the same features" score. Off by default: one more SAE fit per layer
@@ -453,9 +453,8 @@ def _check_sae(ch: "_Checks", cfg: RunConfig) -> None:
     ch.fraction(s, "val_fraction")
     ch.at_least(s, "ce_documents", 0)  # 0 skips CE loss recovered
     ch.at_least(cfg.dictionaries, "top_k", 1)
-    # MMCS's verdict ranks the real MMCS among the chance draws, one-sided at 2.5%: 1 / (draws + 1) must be below it
-    ch.at_least(cfg.dictionaries, "chance_draws", 40,
-                rule="must be >= 40 (the verdict ranks MMCS among the chance draws; 99 is the default)")
+    # MMCS's verdict: a t against the chance draws' spread, which needs a few of them to be estimated
+    ch.at_least(cfg.dictionaries, "chance_draws", 10)
 
 
 def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:

@@ -499,11 +499,27 @@ def _sae_quality_text(saes: dict) -> str:
         for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
 
 
+def chance_p(observed: float, draws: Sequence[float]) -> Optional[float]:
+    """One-sided p of `observed` above the distribution the chance draws come from: Student's t of a new value
+    against their mean and sample sd, (observed - mean) / (sd sqrt(1 + 1/n)) on n - 1 degrees of freedom (exact for
+    normal draws). Unlike a rank among the draws it is not floored at 1 / (n + 1), which the table's Holm correction
+    would need thousands of draws to get past. None with fewer than two draws."""
+    from scipy.stats import t
+
+    d = np.asarray(draws, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    scale = d.std(ddof=1) * np.sqrt(1.0 + 1.0 / len(d))
+    if scale == 0:
+        return 0.0 if observed > d.mean() else 1.0
+    return float(t.sf((observed - d.mean()) / scale, len(d) - 1))
+
+
 def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
     """One layer's MMCS row from its mmcs.json record (and its SAEs' sae/metrics.json entry): the max MMCS ranked
-    among the MMCS of random dictionaries with the two dictionaries' own row mean and covariance
-    (`irm.dictionaries.chance_levels`), a one-sided permutation p-value. Isotropic chance is too easy a null (issue
-    22) and an mmcs.json that has only it is "not tested"."""
+    against the MMCS of random dictionaries with the two dictionaries' own row mean and covariance
+    (`irm.dictionaries.chance_levels`), a one-sided t p-value (`chance_p`). Isotropic chance is too easy a null
+    (issue 22) and an mmcs.json that has only it is "not tested"."""
     small, large = (rec.get("dictionaries") or {}).get("small", "small"), (rec.get("dictionaries") or {}).get(
         "large", "large")
     claim = f"layer {layer}: the {small} and {large} dictionaries share features (MMCS, eq. 2)"
@@ -516,7 +532,7 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
                                   "null far easier than rows with the dictionaries' own mean and anisotropy; rerun "
                                   "`python -m irm dictionaries`", "mmcs")
     draws = chance["draws"]
-    p = permutation_p(rec["max"], draws, "greater")
+    p = chance_p(rec["max"], draws)
     iso = ((rec.get("chance_isotropic") or {}).get("max") or {}).get("mean")
     acts = ((rec.get("chance_activations") or {}).get("max") or {}).get("mean")
     init = rec.get("init") or {}
@@ -528,8 +544,9 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
                 f"{num(chance['mean'])} ± {num(chance['std'])} ({len(draws)} draws; rows drawn like the "
                 f"activations {num(acts)}, isotropic {num(iso)})",
         verdict=verdict_from_p(p, None),
-        detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; rank among the chance draws "
-               f"{p_text(p)} (one-sided; the smallest possible is {num(1 / (len(draws) + 1), 3)}); SAEs at "
+        detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; t against the chance draws' "
+               f"spread {p_text(p)} (one-sided; above {sum(d < rec['max'] for d in draws)} of {len(draws)} draws); "
+               "SAEs at "
                f"initialisation {num(init.get('max'))}; "
                + (f"the same features' reference (a second {small} of another seed): MMCS "
                   f"{num(rec['seed_pair']['max'])}; " if rec.get("seed_pair") else "")

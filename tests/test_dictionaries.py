@@ -499,31 +499,35 @@ def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys)
 
 
 def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_sae_quality(tmp_path):
-    """The verdict is the rank of the real MMCS among the chance draws (permutation p with the observed value
-    counted, computed here by hand), one-sided at the table's level (2.5% a tail); a record with isotropic chance
-    only, or none, is a "not tested" row that says why, never a missing row."""
+    """The verdict is the real MMCS against the chance draws' distribution (a new value's t, scipy), one-sided at the
+    table's level (2.5% a tail); a record with isotropic chance only, or none, is a "not tested" row that says why,
+    never a missing row."""
     import json
 
     from irm.findings import ALPHA, NOT_DISTINGUISHABLE, NOT_TESTED, SUPPORTED, dictionaries_share_features
 
-    draws = list(np.linspace(0.40, 0.60, 99))  # 99 chance draws
+    draws = list(np.random.default_rng(0).normal(0.50, 0.05, 99))  # 99 chance draws
     chance = {"max": {"mean": float(np.mean(draws)), "std": float(np.std(draws, ddof=1)), "draws": draws}}
     base = {"chance": chance, "chance_source": "dictionary rows", "chance_rows": 5000,
             "chance_isotropic": {"max": {"mean": 0.14}}, "chance_activations": {"max": {"mean": 0.93}},
             "dictionaries": {"small": "x1", "large": "x2"}}
     mmcs_json = {"layers": {
-        "3": {**base, "max": 0.62, "max_ci95": [0.58, 0.66], "init": {"max": 0.139},
+        "3": {**base, "max": 0.75, "max_ci95": [0.58, 0.66], "init": {"max": 0.139},
               "firing": {"small": 570, "large": 1100}},
-        "4": {**base, "max": 0.599, "max_ci95": [0.58, 0.62]},  # above 98 of 99 draws: p = 2/100, < 0.025
-        "5": {**base, "max": 0.597, "max_ci95": [0.55, 0.65]},  # above 97: p = 3/100, not below 0.025
+        "4": {**base, "max": 0.62, "max_ci95": [0.58, 0.62]},  # t about 2.3: p about 0.01, below 0.025
+        "5": {**base, "max": 0.58, "max_ci95": [0.55, 0.65]},  # t about 1.5: p about 0.07
         "6": {"max": 0.62, "max_ci95": [0.58, 0.66], "chance": {"max": {"mean": 0.14, "std": 0.01, "draws": [0.14]}},
               "dictionaries": {}},  # isotropic chance only (mmcs.json from before issue 22)
         "7": {"max": 0.10, "max_ci95": [0.09, 0.11], "dictionaries": {}}}}
     (tmp_path / "mmcs.json").write_text(json.dumps(mmcs_json))
     rows = dictionaries_share_features(tmp_path)
     assert [r["verdict"] for r in rows] == [SUPPORTED, SUPPORTED, NOT_DISTINGUISHABLE, NOT_TESTED, NOT_TESTED]
-    for row, observed in zip(rows[:3], (0.62, 0.599, 0.597)):
-        p = (1 + sum(d >= observed for d in draws)) / (1 + len(draws))
+    from scipy import stats
+
+    for row, observed in zip(rows[:3], (0.75, 0.62, 0.58)):
+        # a new value against the draws' distribution: scipy's t, scale sd sqrt(1 + 1/n), n - 1 df
+        t = (observed - np.mean(draws)) / (np.std(draws, ddof=1) * np.sqrt(1 + 1 / 99))
+        p = stats.t.sf(t, 98)
         assert row["p_value"] == pytest.approx(min(1.0, 2 * p)) and (p < ALPHA / 2) == (row["verdict"] == SUPPORTED)
         assert row["calibration"] == "mmcs"
     assert "isotropic random dictionaries only" in rows[3]["detail"] and "no chance level" in rows[4]["detail"]
@@ -531,7 +535,7 @@ def test_findings_row_ranks_mmcs_among_the_activations_chance_draws_and_carries_
     (tmp_path / "sae" / "metrics.json").write_text(json.dumps({"layers": {"3": {"x1": {
         "l0": 31.5, "width": 576, "explained_variance": 0.81, "dead_fraction": 0.02, "ce_loss_recovered": 0.9}}}}))
     row = dictionaries_share_features(tmp_path)[0]
-    assert "0.620 [0.580, 0.660]" in row["number"]
+    assert "0.750 [0.580, 0.660]" in row["number"]
     assert f"{np.mean(draws):.3f} ± {np.std(draws, ddof=1):.3f} (99 draws; rows drawn like the activations 0.930, " \
            "isotropic 0.140)" in row["control"]
     assert "x1: L0 31.5 of 576, explained variance 0.810 (n/a without first tokens), dead 2.0%, CE loss recovered " \
