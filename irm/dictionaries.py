@@ -20,8 +20,8 @@ are anisotropic or share a mean, as rows that follow the activations would (1/k 
 against 0.14 isotropic; with a shared mean up to 0.99). The chance level (`chance_levels`) is MMCS between `draws`
 pairs of random dictionaries of the same shapes whose rows are drawn from a Gaussian with the mean and covariance
 of the two dictionaries' own unit rows (`dictionary_moments`): whatever mean and anisotropy the rows carry, from
-the data or not, the random ones carry too. The findings verdict ranks the real MMCS among them (a one-sided
-permutation p-value). Random rows with the cached activations' own mean and covariance (`cache_moments`) and
+the data or not, the random ones carry too. The findings verdict is a one-sided t of the real MMCS against their
+spread (`irm.findings.chance_p`). Random rows with the cached activations' own mean and covariance (`cache_moments`) and
 isotropic ones are kept as references. They are not the verdict's null because trained dictionaries' rows do not
 follow the activations: on the tiny pipeline rows drawn like the activations score 0.89-0.99 (centred or not)
 against MMCS 0.34-0.40 between the SAEs, whose rows' own moments give 0.36-0.40: a null built from the activations
@@ -490,7 +490,7 @@ def run(cfg) -> None:
             "chance": "MMCS of two random dictionaries of the same shapes whose rows are drawn from a Gaussian with "
                       "the mean and covariance of the two dictionaries' own unit rows (random rows normalised): mean, "
                       "sample std and every one of `draws` seeded pairs (hungarian: the first "
-                      f"{HUNGARIAN_DRAWS}). The findings verdict ranks max among these draws",
+                      f"{HUNGARIAN_DRAWS}). The findings verdict: a t of max against these draws",
             "chance_source": "what the chance rows are drawn like (dictionary rows)",
             "chance_activations": f"reference: {HUNGARIAN_DRAWS} pairs whose rows are drawn with the cached "
                                   f"activations' mean and covariance ({CHANCE_ROWS}; chance_rows of them)",
