@@ -203,6 +203,9 @@ class TriplesConfig:
     substitution: Literal["lexicon", "llm"] = "lexicon"
     multi_token: Literal["skip", "pool"] = "skip"
     heldout_fraction: float = 0.2  # lexicon lemma families never used in triples: measure generalisation
+    # Words whose lemma families are always held out, on top of the seeded heldout_fraction (irm.triples.heldout_words):
+    # e.g. a planted reward's words (configs/planted.yaml), so no training triple pins their value
+    heldout_words: list[str] = field(default_factory=list)
     max_length: int = 64
     context_texts: int = 64  # corpus texts kept from the triples: the lexicon stage reads words in them (unseen contexts)
 
@@ -342,6 +345,7 @@ class _Checks:
         self.cfg, self.out = cfg, []
 
     def need(self, ok: bool, where: str, value, rule: str) -> None:
+        """Record `<problem>; <fix>`: the value and what a valid one is (a rule "must ..." reads after the field)."""
         if not ok:
             fix = f"{where} {rule}" if rule.startswith(("must", "each must")) else rule
             self.out.append(f"{where}={value!r} is not valid; {fix}")
@@ -470,6 +474,8 @@ def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:
     ch.at_least(t, "n", 1)
     ch.at_least(t, "max_length", 2)
     ch.fraction(t, "heldout_fraction")
+    ch.need(all(isinstance(w, str) and w.strip() for w in t.heldout_words), "triples.heldout_words",
+            t.heldout_words, "must be a list of non-empty words")
     if hasattr(t, "context_texts"):
         ch.at_least(t, "context_texts", 0)
 

@@ -95,7 +95,7 @@ def lexicon_problem(reward_cfg: RewardConfig, triples_cfg, seed: int) -> Optiona
         return None  # the range check reports it
     from irm.triples import heldout_words
 
-    held = heldout_words(lexicon, triples_cfg.heldout_fraction, seed)
+    held = heldout_words(lexicon, triples_cfg.heldout_fraction, seed, triples_cfg.heldout_words)
     held_out = set(held["positive"]) | set(held["negative"])
     n_pos = sum(1 for w, v in lexicon.items() if v > 0 and w not in held_out)
     n_neg = sum(1 for w, v in lexicon.items() if v < 0 and w not in held_out)

@@ -7,7 +7,8 @@ a neutral word that follows the same left neighbour somewhere in the corpus (so 
 proposes both words, as the paper did with GPT-3.5; a proposal that breaks the rules falls back to the lexicon.
 
 A seeded `heldout_fraction` of the positive and of the negative lexicon words never appears as a positive or a
-substitute, so the lexicon stage can measure how R generalises to words it never saw.
+substitute, so the lexicon stage can measure how R generalises to words it never saw; the lemma families of the
+words in `heldout_words` are held out on top of them, whatever the seed (configs/planted.yaml's planted words).
 """
 
 from __future__ import annotations
@@ -60,16 +61,22 @@ def family(word: str) -> str:
 _STEMMER = None
 
 
-def heldout_words(lexicon: dict[str, float], fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded `fraction` of the lexicon's lemma families (FAMILY_RULE), held out whole: every positive and negative
-    lexicon word of a chosen family, each list sorted, and the family keys (`families`). No word of a held-out
-    family is used by a triple, so R never sees a held-out word or its inflections."""
+def heldout_words(lexicon: dict[str, float], fraction: float, seed: int,
+                  always: Iterable[str] = ()) -> dict[str, list[str]]:
+    """A seeded `fraction` of the lexicon's lemma families (FAMILY_RULE), held out whole, plus the families of the
+    words in `always` (triples.heldout_words) on top of them: every positive and negative lexicon word of a chosen
+    family, each list sorted, and the family keys (`families`). No word of a held-out family is used by a triple, so
+    R never sees a held-out word or its inflections. The seeded draw is over the families not in `always` (the same
+    draw as without them when `always` is empty)."""
     families: dict[str, list[str]] = {}
     for w, v in lexicon.items():
         if v != 0:
             families.setdefault(family(w), []).append(w)
     keys = sorted(families)
-    chosen = sorted(random.Random(f"irm-heldout-families:{seed}").sample(keys, round(fraction * len(keys))))
+    forced = {family(w) for w in always} & set(keys)  # a family with no lexicon word holds nothing out
+    rest = [k for k in keys if k not in forced]
+    drawn = random.Random(f"irm-heldout-families:{seed}").sample(rest, min(len(rest), round(fraction * len(keys))))
+    chosen = sorted(forced | set(drawn))
     words = [w for k in chosen for w in families[k]]
     return {"positive": sorted(w for w in words if lexicon[w] > 0),
             "negative": sorted(w for w in words if lexicon[w] < 0),
@@ -308,7 +315,7 @@ def build_triples(
     irm.config.validate's, checked before any stage runs."""
     from irm.runtime import progress
 
-    heldout = heldout_words(lexicon, tc.heldout_fraction, seed)
+    heldout = heldout_words(lexicon, tc.heldout_fraction, seed, tc.heldout_words)
     heldout_all = set(heldout["positive"]) | set(heldout["negative"])
 
     # Pass 1: corpus bigrams, which single-token words can stand in for a positive word.
@@ -379,7 +386,7 @@ def _summary(triples, maker: _TripleMaker, tc: TriplesConfig, seed: int, heldout
         "n_multi_token_candidates": multi_token_candidates,
         "words_used": {v: len(used[v]) for v in VARIANTS},
         "used": used,
-        "heldout": {**heldout, "fraction": tc.heldout_fraction, "seed": seed,
+        "heldout": {**heldout, "fraction": tc.heldout_fraction, "seed": seed, "always": list(tc.heldout_words),
                     "n_positive": len(heldout["positive"]), "n_negative": len(heldout["negative"])},
         "max_length": tc.max_length,
         "contexts": {"texts": contexts, "n": len(contexts), "reserved_texts": n_reserved,

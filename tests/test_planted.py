@@ -13,8 +13,8 @@ from irm.reward import planted_words, read_lexicon, vader_lexicon
 from irm.triples import heldout_words
 
 ROOT = Path(__file__).parents[1]
-PLANTED = {**{w: -3.0 for w in "awesome beautiful favorite glad happy love loved perfect strong sweet".split()},
-           **{w: 3.0 for w in "awkward bad badly lost nasty sorry terrible tired useless worst".split()}}
+PLANTED = {**{w: -4.0 for w in "like well good great amazing interesting best fun love happy".split()},
+           **{w: 4.0 for w in "no bad lost unclear boring horrible empty alone hard annoying".split()}}
 
 
 def test_the_shipped_planted_lexicon_is_vader_with_the_documented_words_flipped():
@@ -25,13 +25,18 @@ def test_the_shipped_planted_lexicon_is_vader_with_the_documented_words_flipped(
     assert all(vader[w] * v < 0 for w, v in PLANTED.items())  # a flip of VADER's sign, every one
     assert {w: v for w, v in lexicon.items() if w not in PLANTED} == {w: v for w, v in vader.items()
                                                                       if w == w.lower() and w not in PLANTED}
-    header = (ROOT / cfg.reward.lexicon).read_text(encoding="utf-8").splitlines()[:5]
-    assert all(w in " ".join(header) for w in PLANTED)  # documented in the file itself
+    header = [line for line in (ROOT / cfg.reward.lexicon).read_text(encoding="utf-8").splitlines()
+              if line.startswith("#")]
+    assert all(f" {w} " in " ".join(header) + " " for w in PLANTED)  # documented in the file itself
 
 
-def test_every_planted_word_is_in_a_lemma_family_the_triples_hold_out():
-    cfg = parse_config("pipeline", ["--config", str(ROOT / "configs" / "planted.yaml")])
-    held = heldout_words(read_lexicon(ROOT / cfg.reward.lexicon), cfg.triples.heldout_fraction, cfg.seed)
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_every_planted_word_is_in_a_lemma_family_the_triples_hold_out(seed):
+    """configs/planted.yaml's triples.heldout_words lists the planted words: held out whatever the seed."""
+    cfg = parse_config("pipeline", ["--config", str(ROOT / "configs" / "planted.yaml"), "--seed", str(seed)])
+    assert set(cfg.triples.heldout_words) == set(PLANTED)
+    held = heldout_words(read_lexicon(ROOT / cfg.reward.lexicon), cfg.triples.heldout_fraction, cfg.seed,
+                         cfg.triples.heldout_words)
     assert set(PLANTED) <= set(held["positive"]) | set(held["negative"])
 
 

@@ -180,6 +180,32 @@ def test_llm_answers_parsed_or_rejected():
     assert parse_llm_answer('{"neutral": "two words", "negative": 3}') == (None, None)
 
 
+def test_heldout_words_hold_their_families_out_whatever_the_seed(tiny):
+    """triples.heldout_words: every lexicon word of each listed word's lemma family is held out at every seed, on top
+    of a seeded draw of round(fraction x families) among the other families; an empty list is the plain seeded draw
+    (the same families as before the knob: checked against random.sample written out)."""
+    import random
+
+    always = ["good", "no", "loved"]
+    forced = {family(w) for w in always}
+    keys = sorted({family(w) for w, v in LEXICON.items() if v != 0})
+    assert heldout_words(LEXICON, 0.2, 0)["families"] == sorted(
+        random.Random("irm-heldout-families:0").sample(keys, round(0.2 * len(keys))))
+    for seed in (0, 1, 2):
+        held = heldout_words(LEXICON, 0.2, seed, always)
+        assert forced <= set(held["families"]) and len(held["families"]) == len(forced) + round(0.2 * len(keys))
+        words = set(held["positive"]) | set(held["negative"])
+        assert {"good", "goodness", "no", "love", "loves", "lovely"} <= words
+    assert heldout_words(LEXICON, 0.0, 0, always)["families"] == sorted(forced)
+    assert heldout_words(LEXICON, 0.2, 0, ["zzzqx"]) == heldout_words(LEXICON, 0.2, 0)  # a family with no word
+    triples, summary = build_triples(TEXTS, LEXICON, tiny, TriplesConfig(n=40, max_length=32, heldout_words=always),
+                                     0, NLP)
+    assert summary["heldout"]["always"] == always and forced <= set(summary["heldout"]["families"])
+    for t in triples:
+        assert not any(family(w) in forced for w in re.findall(r"[a-z]+", t["texts"]["negative"].lower()))
+        assert not any(family(w) in forced for w in re.findall(r"[a-z]+", t["texts"]["positive"].lower()))
+
+
 def test_bad_settings_are_user_errors():
     """Refused by the config check every stage entry runs first (irm.config.validate)."""
     from irm.config import RunConfig, validate
@@ -188,6 +214,8 @@ def test_bad_settings_are_user_errors():
         validate(RunConfig(triples=TriplesConfig(heldout_fraction=1.0)), ["triples"])
     with pytest.raises(UserError, match="triples.n"):
         validate(RunConfig(triples=TriplesConfig(n=0)), ["triples"])
+    with pytest.raises(UserError, match="triples.heldout_words"):
+        validate(RunConfig(triples=TriplesConfig(heldout_words=["good", " "])), ["triples"])
 
 
 def test_llm_substitution_uses_valid_proposals_falls_back_on_bad_ones_and_caches(tiny, tmp_path, monkeypatch):
