@@ -324,3 +324,24 @@ def test_report_html_renders_in_headless_chromium(ran, tmp_path):
     n = len(read_jsonl(Path(cfg.run_dir) / "explanations.jsonl"))
     assert dom.count('class="fd"') == n and "Feature dashboards" in dom
     print(f"screenshot: {shot}")
+
+
+def test_logit_lenses_in_chunks_equal_numpy_per_direction(monkeypatch):
+    import torch
+
+    from irm.explain import stage
+
+    monkeypatch.setattr(stage, "LENS_CHUNK", 2)  # 5 directions: chunks of 2, 2 and 1
+    rng = np.random.default_rng(3)
+    w_VD, d_FD = rng.normal(size=(40, 6)), rng.normal(size=(5, 6))
+    lenses = stage._logit_lenses(torch.tensor(d_FD), torch.tensor(w_VD, dtype=torch.float32), "how", str)
+    for d, lens in zip(d_FD, lenses):
+        logits = w_VD @ (d / np.linalg.norm(d))
+        order = np.argsort(-logits)
+        assert [int(t) for t, _ in lens["promoted"]] == order[:stage.LOGIT_LENS_TOKENS].tolist()
+        assert [int(t) for t, _ in lens["suppressed"]] == order[::-1][:stage.LOGIT_LENS_TOKENS].tolist()
+        np.testing.assert_allclose([v for _, v in lens["promoted"]], logits[order[:stage.LOGIT_LENS_TOKENS]],
+                                   rtol=1e-5)
+        counts, edges = np.histogram(logits, bins=stage.HISTOGRAM_BINS)
+        assert lens["histogram"]["counts"] == counts.tolist()
+        np.testing.assert_allclose(lens["histogram"]["edges"], edges, rtol=1e-5, atol=1e-6)

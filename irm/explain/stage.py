@@ -168,22 +168,39 @@ def _unembedding(root: Path, device) -> tuple[Optional[torch.Tensor], str]:
     return w_VD, "W_U @ unit decoder row"
 
 
-def _logit_lens(direction_D: torch.Tensor, w_VD: Optional[torch.Tensor], how: str, decode_token) -> dict:
-    """The tokens a feature's decoder direction promotes and suppresses directly through the unembedding."""
+LENS_CHUNK = 256  # decoder rows per product with the unembedding: [vocab, 256] float32 is 50 MB at vocab 49k
+
+
+def _logit_lenses(directions_FD: torch.Tensor, w_VD: Optional[torch.Tensor], how: str, decode_token) -> list[dict]:
+    """For each decoder direction, the tokens it promotes and suppresses directly through the unembedding and the
+    histogram of its effect on every logit. One product per chunk of directions: W_U is read once per chunk, not once
+    per feature (a [vocab, d] matrix-vector product per feature took 25 ms at vocab 49k)."""
+    n, width = directions_FD.shape
     if w_VD is None:
-        return {"method": None, "note": how}
-    if direction_D.shape[0] != w_VD.shape[1]:
-        return {"method": None, "note": f"the decoder rows live in a {direction_D.shape[0]}-wide site (not the "
-                                        f"residual stream's {w_VD.shape[1]}): no direct path to the unembedding"}
-    logits_V = w_VD @ (direction_D.float() / direction_D.float().norm().clamp_min(1e-12)).to(w_VD.device)
-    top = torch.topk(logits_V, LOGIT_LENS_TOKENS)
-    bottom = torch.topk(-logits_V, LOGIT_LENS_TOKENS)
-    counts, edges = np.histogram(logits_V.cpu().numpy(), bins=HISTOGRAM_BINS)
-    return {"method": how,
-            "promoted": [[decode_token(int(i)), float(v)] for v, i in zip(top.values, top.indices)],
-            "suppressed": [[decode_token(int(i)), float(-v)] for v, i in zip(bottom.values, bottom.indices)],
-            "histogram": {"of": "the effect on every token's logit", "edges": edges.tolist(),
-                          "counts": counts.tolist()}}
+        return [{"method": None, "note": how} for _ in range(n)]
+    if width != w_VD.shape[1]:
+        return [{"method": None, "note": f"the decoder rows live in a {width}-wide site (not the residual stream's "
+                                         f"{w_VD.shape[1]}): no direct path to the unembedding"} for _ in range(n)]
+    out = []
+    for lo in range(0, n, LENS_CHUNK):
+        d_FD = directions_FD[lo:lo + LENS_CHUNK].float().to(w_VD.device)
+        logits_VF = w_VD @ (d_FD / d_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+        top, bottom = torch.topk(logits_VF, LOGIT_LENS_TOKENS, dim=0), torch.topk(-logits_VF, LOGIT_LENS_TOKENS, dim=0)
+        for f, logits_V in enumerate(logits_VF.T.cpu().numpy()):
+            counts, edges = np.histogram(logits_V, bins=HISTOGRAM_BINS)
+            out.append({"method": how,
+                        "promoted": [[decode_token(int(i)), float(v)]
+                                     for v, i in zip(top.values[:, f], top.indices[:, f])],
+                        "suppressed": [[decode_token(int(i)), float(-v)]
+                                       for v, i in zip(bottom.values[:, f], bottom.indices[:, f])],
+                        "histogram": {"of": "the effect on every token's logit", "edges": edges.tolist(),
+                                      "counts": counts.tolist()}})
+    return out
+
+
+def _logit_lens(direction_D: torch.Tensor, w_VD: Optional[torch.Tensor], how: str, decode_token) -> dict:
+    """The tokens one decoder direction promotes and suppresses directly through the unembedding."""
+    return _logit_lenses(direction_D[None, :], w_VD, how, decode_token)[0]
 
 
 def _histogram(maxima_W: np.ndarray, window: int) -> dict:
@@ -256,6 +273,8 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
     windows = read_windows(cache, encode, wins, [w for s in sels for w in s.top + s.quantile + s.active + s.inactive])
     decode_token = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     text = lambda w: tokenizer.decode(windows[w][0].tolist())  # noqa: E731
+    lenses = _logit_lenses(torch.stack([saes[t.role][0].dictionary[t.index].detach() for t in order]), *unembed,
+                           decode_token)
     jobs = []
     for c, (t, sel) in enumerate(zip(order, sels)):
         texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
@@ -263,7 +282,6 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
         records = feature_records(sel, c, wins, windows, decode_token)
         fuzz = [([decode_token(int(i)) for i in windows[w][0]], windows[w][1][:, c]) for w in sel.active]
         fuzz_texts, fuzz_truth = scoring.fuzz_set(fuzz, _rng(cfg, t, 1), token_gap(r["tokens"] for r in records))
-        sae = saes[t.role][0]
         hist = _histogram(maxima[:, c], cfg.explain.window)
         dens = held_out[t.role]
         jobs.append({"target": t, "records": records,
@@ -272,7 +290,7 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
                      "histogram": hist,
                      "density": _density(int(active[c]), cache.rows, hist,
                                          None if dens is None else float(dens[t.index])),
-                     "logit_lens": _logit_lens(sae.dictionary[t.index], *unembed, decode_token)})
+                     "logit_lens": lenses[c]})
     return jobs
 
 
