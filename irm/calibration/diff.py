@@ -165,6 +165,8 @@ def found_cosine(cc, direction_D: np.ndarray, among_F: Optional[np.ndarray] = No
     return float(cos_F.max()) if cos_F.size else float("nan")
 
 
+# Measured (20 worlds each, seed 0, 2 cores, ~2 s a world): nulls 0/20 and 0/20 called a latent tuned-specific
+# (Clopper-Pearson upper end 0.17: too few worlds to certify the 5% limit); planted 0.5: 5/20, 1.0: 18/20.
 UNIT = "planted tuned-only latent's magnitude, in shared latents' mean magnitudes"
 FAMILIES: list[Family] = [
     Family("diff_specific", "tuned holds the same latents, turned and rescaled", 0.0,
