@@ -97,3 +97,26 @@ def test_holm_matches_a_hand_worked_example_and_demotes_a_row():
     out = correct(rows)
     assert [r["verdict"] for r in out] == [SUPPORTED, NOT_DISTINGUISHABLE, NOT_DISTINGUISHABLE]
     assert [r["p_holm"] for r in out] == pytest.approx([0.03, 0.06, 0.06]) and "Holm" in out[1]["detail"]
+
+
+def test_calibrate_reads_this_runs_sizes_from_its_artifacts(tmp_path):
+    """Every size the worlds take, read from the artifact that records it (hand-written artifacts, hand-counted
+    sizes): control's words/triples/contexts, the paired prompts, layers and top k, validation's groups and inputs,
+    ablation's prompts/draws/features, and the fewest chance draws of any layer."""
+    from irm.artifacts import write_json
+    from irm.calibration.stage import run_sizes
+    from irm.stages import artifact
+
+    root = tmp_path / "run"
+    write_json(artifact(root, "control"), {"n_words": 800, "n_triples": 600, "n_contexts": 2})
+    write_json(artifact(root, "reward_eval"), {"paired": {"n": 128}})
+    write_json(artifact(root, "divergence"), {"values": [1.0] * 30, "top_k": [3, 7, 9]})
+    write_json(artifact(root, "validation"), {"n_inputs": 8454, "vs_other_explained": {
+        "enrichment over base rate": {"n_related": 18, "n_other": 162}}})
+    write_json(artifact(root, "ablation"), {"n_prompts": 64, "random_draws": 8, "n_features": 18})
+    write_json(artifact(root, "mmcs"), {"layers": {"3": {"chance": {"max": {"draws": [0.2] * 49}}},
+                                                   "7": {"chance": {"max": {"draws": [0.2] * 99}}}}})
+    assert run_sizes(root) == {"words": 800, "triples": 600, "contexts": 2, "prompts": 128, "layers": 30, "top_k": 3,
+                               "validation_related": 18, "validation_features": 180, "validation_inputs": 8454,
+                               "ablation_prompts": 64, "random_draws": 8, "ablated_features": 18, "chance_draws": 49}
+    assert run_sizes(tmp_path / "empty") == {}

@@ -1,7 +1,8 @@
 """`python -m irm calibrate`: the calibration harness at this run's sizes (SPEC "Controls: calibration").
 
 Reads the sizes that set each finding's power from the run's artifacts (words, triples and contexts of the control;
-paired prompts of evaluate-reward; layers and top k of divergence), runs every "fast" family of `irm.calibration`
+paired prompts of evaluate-reward; layers and top k of divergence; validation's feature groups and inputs; ablation's
+prompts, random draws and ablated features; MMCS's chance draws), runs every "fast" family of `irm.calibration`
 (the main null family of each finding and its planted families) with `calibrate.worlds` worlds each, and writes
 calibration.json: every family's verdict counts, false-positive rate or power with its Clopper-Pearson interval,
 and per finding the largest false-positive rate over its null families and the minimal detectable effect at 80%
@@ -34,6 +35,25 @@ def run_sizes(root: Path) -> dict:
     div = read_artifact(root, "divergence", missing_ok=True) or {}
     if div.get("values") and div.get("top_k"):
         sizes["layers"], sizes["top_k"] = len(div["values"]), len(div["top_k"])
+    # the feature-level findings (irm.calibration.features): validation's groups and inputs, ablation's prompts, draws
+    # and ablated features, MMCS's chance draws (MMCS worlds stay at their fixed width: a full-width world costs more)
+    val = read_artifact(root, "validation", missing_ok=True) or {}
+    groups = (val.get("vs_other_explained") or {}).get("enrichment over base rate") or {}
+    if groups.get("n_related") and groups.get("n_other") is not None:
+        sizes["validation_related"] = int(groups["n_related"])
+        sizes["validation_features"] = int(groups["n_related"]) + int(groups["n_other"])
+    if val.get("n_inputs"):
+        sizes["validation_inputs"] = int(val["n_inputs"])
+    abl = read_artifact(root, "ablation", missing_ok=True) or {}
+    for key, name in (("n_prompts", "ablation_prompts"), ("random_draws", "random_draws"),
+                      ("n_features", "ablated_features")):
+        if abl.get(key):
+            sizes[name] = int(abl[key])
+    mmcs = read_artifact(root, "mmcs", missing_ok=True) or {}
+    draws = [len(((rec.get("chance") or {}).get("max") or {}).get("draws") or [])
+             for rec in (mmcs.get("layers") or {}).values()]
+    if draws and min(draws) > 1:
+        sizes["chance_draws"] = min(draws)
     return sizes
 
 
