@@ -66,7 +66,7 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "corpus", "cache", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),), outputs=(("sae", "sae"), ("sae_metrics", "sae/metrics.json"))),
     Stage("dictionaries", "irm.dictionaries",
           "5. MMCS between each layer's two dictionaries, shared features (eq. 2)",
-          ("seed", "sae", "dictionaries"), ("sae",), outputs=(("mmcs", "mmcs.json"),)),
+          ("seed", "sae", "dictionaries"), ("cache", "sae"), outputs=(("mmcs", "mmcs.json"),)),
     Stage("explain", "irm.explain.stage", "6. LLM explanations of features and 'related to the reward' labels (4.4)",
           ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
           bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"),

@@ -29,7 +29,7 @@ READS: dict[str, set[str]] = {
     "divergence": {"rlhf"},                                   # parameter distance base vs tuned
     "cache": {"rlhf", "divergence"},                          # tuned activations of the chosen layers
     "sae": {"cache"},
-    "dictionaries": {"sae"},                                  # MMCS of each layer's two dictionaries
+    "dictionaries": {"cache", "sae"},                         # MMCS of each layer's two dictionaries, chance levels
     "explain": {"cache", "sae", "dictionaries"},              # shared features, their top windows
     "triples": {"rlhf"},                                      # tokenizer of the tuned policy
     "deltas": {"rlhf", "triples", "sae"},                     # codes through the spliced SAEs
