@@ -50,9 +50,10 @@ def _print_help() -> None:
     print("Training (Lightning CLI):")
     for name, text in LIGHTNING.items():
         print(f"  {name:<18} {text}")
-    print("\nStages (one YAML config for all; `python -m irm <stage> --help` lists its options):")
-    for name, (_, text) in STAGES.items():
-        print(f"  {name:<18} {text}")
+    print("\nStages, in pipeline order (one YAML config for all; `irm <stage> --help` lists its options):")
+    for i, (name, (_, text)) in enumerate(STAGES.items(), 1):
+        number = f"{i:>2}." if name != "pipeline" else "   "
+        print(f"  {number} {name:<18} {text}")
     print("\nSharing SAEs (Hugging Face Hub layout, loadable by SAELens):")
     for name, text in SHARING.items():
         print(f"  {name:<18} {text}")

@@ -20,8 +20,13 @@ def test_help_lists_every_subcommand():
     out = irm("--help")
     assert out.returncode == 0
     for name in [*LIGHTNING, *RESERVED]:
-        assert f"  {name} " in out.stdout, name
+        assert f" {name} " in out.stdout, name
     assert set(RESERVED) <= set(STAGES)
+    # stages numbered once each, 1..n in pipeline order (the pipeline command itself unnumbered)
+    from irm.stages import ORDER
+
+    for i, name in enumerate(ORDER, 1):
+        assert f"{i:>2}. {name} " in out.stdout, (i, name)
 
 
 def test_help_does_not_import_torch():
