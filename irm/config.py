@@ -190,7 +190,7 @@ class ExplainConfig:
     window: int = 32  # tokens per example window
     n_top: int = 10  # top-activating windows shown
     n_quantile: int = 5  # windows sampled from lower quantiles
-    score: bool = True  # detection scoring of each explanation
+    score: bool = True  # score each explanation by detection and by fuzzing (delphi-style; irm.explain.scoring)
     n_score: int = 5  # activating windows (not among those shown) and as many inactive ones per detection test
     max_new_tokens: int = 64
 
