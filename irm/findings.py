@@ -663,6 +663,7 @@ def ablation_row(abl: dict, mode: str, key: str) -> Optional[Row]:
             else None) if part),
         calibration=calibration,
         p_value=d.get("p_value"),
+        ci=ci,
     )
 
 

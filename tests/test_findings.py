@@ -195,3 +195,18 @@ def test_two_sided_permutation_p_uses_the_null_normal_tail_only_beyond_every_dra
     assert permutation_two_sided(0.21, beyond) == pytest.approx(2 * norm.sf(5.0))
     inside = {"p_greater": 0.2, "p_less": 0.8, "n": 200, "mean": 0.0, "sd": 0.04}
     assert permutation_two_sided(0.05, inside) == pytest.approx(0.4)
+
+
+def test_a_not_distinguishable_ablation_row_states_the_smallest_effect_it_could_have_seen():
+    """Every "not distinguishable" row says what it could have detected: for an ablation difference, from its own
+    95% interval, (z_0.975 + z_0.8) standard errors with the standard error the interval's half-width / 1.96."""
+    from scipy.stats import norm
+
+    from irm.findings import NOT_DISTINGUISHABLE, ablation_row
+
+    abl = {"n_features": 10, "n_prompts": 64, "random_draws": 8, "modes": {"reconstruction": {
+        "ablated_minus_splice": {"mean": -0.072, "ci95": [-0.262, 0.118], "p_value": 0.45, "interval": "paired t"}}}}
+    row = ablation_row(abl, "reconstruction", "ablated_minus_splice")
+    assert row["verdict"] == NOT_DISTINGUISHABLE
+    se = (0.118 + 0.262) / 2 / norm.ppf(0.975)
+    assert row["interval_mde"] == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * se, rel=1e-3)
