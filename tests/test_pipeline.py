@@ -38,7 +38,8 @@ READS: dict[str, set[str]] = {
     "control": {"rlhf", "divergence", "triples", "sae", "lexicon"},
     "validate-features": {"rlhf", "regression", "lexicon", "explain", "sae"},
     "ablate": {"rlhf", "sae", "explain"},                     # labelled features zeroed in the tuned policy
-    "calibrate": {"evaluate-reward", "divergence", "control"},  # the sizes its simulated worlds take
+    "calibrate": {"evaluate-reward", "divergence", "dictionaries", "control", "validate-features",
+                  "ablate"},                                  # the sizes its simulated worlds take
     "report": {"evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
                "validate-features", "ablate", "calibrate"},
 }
