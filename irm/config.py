@@ -183,8 +183,8 @@ class ExplainConfig:
     base_url: Optional[str] = None
     api_key_env: str = "OPENAI_API_KEY"  # the key itself is never in a config
     concurrency: int = 4
-    max_retries: int = 5
-    retry_backoff: float = 1.0  # seconds before the first retry; doubles with each further retry
+    max_retries: int = 5  # per request: the openai client's own retries of 429/5xx/timeouts (Retry-After honoured)
+    retry_backoff: float = 1.0  # seconds before asking again after a malformed reply; doubles each further time
     timeout: float = 60.0
     max_features: Optional[int] = None  # per layer and dictionary; None: every shared feature
     window: int = 32  # tokens per example window

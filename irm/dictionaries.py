@@ -310,7 +310,7 @@ def alive_pairs(small, large, alive_small, alive_large, device=None) -> tuple[fl
     return score, [Pair(int(small_idx[p.small]), int(large_idx[p.large]), p.cosine) for p in pairs]
 
 
-def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive_large=None) -> dict:
+def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive_large=None, seed: int = 0) -> dict:
     """The mmcs.json record of one layer: both scores, the top-k shared pairs (max matching among the features that
     fire, `alive_*` boolean masks; every feature when they are None) and a summary of the per-feature max cosines."""
     import numpy as np
@@ -323,13 +323,15 @@ def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive
     alive_large = np.ones(n_large, bool) if alive_large is None else np.asarray(alive_large, bool)
     score_alive, pairs_alive = alive_pairs(small, large, alive_small, alive_large, device=device)
     hungarian_alive = [p for p in pairs_hungarian if alive_small[p.small] and alive_large[p.large]]
-    # 95% bootstrap interval of the max MMCS over the small dictionary's features (which features a dictionary of
-    # this size happens to hold): what the chance level is compared against.
-    rng = np.random.default_rng(0)
-    boot = best[rng.integers(0, best.size, size=(BOOTSTRAP, best.size))].mean(axis=1)
+    # 95% percentile bootstrap interval of the max MMCS over the small dictionary's features (which features a
+    # dictionary of this size happens to hold), seeded by the run's seed.
+    from scipy import stats
+
+    boot = stats.bootstrap((best,), np.mean, n_resamples=BOOTSTRAP, confidence_level=0.95, method="percentile",
+                           vectorized=True, random_state=np.random.default_rng(seed))
     return {
         "max": score_max,
-        "max_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+        "max_ci95": [float(boot.confidence_interval.low), float(boot.confidence_interval.high)],
         "hungarian": score_hungarian,
         "max_firing": score_alive if score_alive == score_alive else None,
         "firing": {"small": int(alive_small.sum()), "large": int(alive_large.sum())},
@@ -393,12 +395,13 @@ def _compare_layer_pair(cfg, root: Path, layer: int, small_e: int, large_e: int,
         )
     alive_small, measured_small = _firing(root, layer, small_e, small.shape[0])
     alive_large, measured_large = _firing(root, layer, large_e, large.shape[0])
+    seed = cfg.seed * 1000 + layer  # this layer's: the interval's resamples and the chance draws
     rec = compare_layer(small, large, cfg.dictionaries.top_k, device=device, alive_small=alive_small,
-                        alive_large=alive_large)
+                        alive_large=alive_large, seed=seed)
     rec["firing"]["measured"] = measured_small and measured_large
     rec["dictionaries"] = {"small": f"x{small_e}", "large": f"x{large_e}"}
     rec.update(chance_levels(small, large, cache_moments(root, layer), cfg.dictionaries.chance_draws,
-                             seed=cfg.seed * 1000 + layer, device=device))
+                             seed=seed, device=device))
     rec["init"] = _init_mmcs(root, layer, large_e)
     rec["seed_pair"] = seed_pair_mmcs(cfg, root, layer, small_e, small, device) if cfg.dictionaries.seed_pair else None
     ch = rec["chance"]

@@ -4,7 +4,8 @@ the selection is what it says, and 0-10 activations are scaled by the feature's 
 import numpy as np
 import pytest
 from explain_rundir import build_run, codes
-from irm.explain.records import discretise, feature_records, read_windows, select_windows, window_maxima
+from irm.explain.records import (discretise, feature_records, read_windows, select_windows, token_strings,
+                                 window_maxima)
 
 WINDOW = 8
 
@@ -90,7 +91,7 @@ def test_records_are_scaled_by_the_feature_max_over_all_records_not_per_record(b
     sel = select_windows(maxima[:, feature], n_top=3, n_quantile=3, n_score=2, rng=np.random.default_rng(0))
     windows = read_windows(_cache(root), sae.encode, wins, sel.top + sel.quantile)
     tok = tiny_tokenizer()
-    recs = feature_records(sel, feature, wins, windows, lambda i: tok.decode([i]))
+    recs = feature_records(sel, feature, wins, windows, lambda w: token_strings(tok, windows[w][0].tolist()))
     assert [r["kind"] for r in recs] == ["top"] * len(sel.top) + ["quantile"] * len(sel.quantile)
     c = codes(acts, "x1")[:, feature]
     global_max = c.max()  # the feature's maximum over the whole cache is in its top window
@@ -98,9 +99,31 @@ def test_records_are_scaled_by_the_feature_max_over_all_records_not_per_record(b
         rows = np.arange(wins.row[w], wins.row[w] + wins.length[w])
         np.testing.assert_allclose(r["activations"], c[rows], rtol=1e-6)
         assert r["token_ids"] == token_ids[rows].tolist()
-        assert r["tokens"] == [tok.decode([i]) for i in token_ids[rows]]
+        assert "".join(r["tokens"]) == tok.decode(token_ids[rows].tolist()) and len(r["tokens"]) == len(rows)
         assert r["discrete"] == np.floor(10 * np.maximum(c[rows], 0) / global_max + 0.5).astype(int).tolist()
     # per-record scaling would give every record a 10; a weaker one must not have one
     assert max(recs[0]["discrete"]) == 10
     weakest = min(recs, key=lambda r: max(r["activations"]))
     assert max(weakest["activations"]) < 0.9 * global_max and max(weakest["discrete"]) < 10
+
+
+def test_token_strings_keep_a_character_split_over_byte_level_tokens_whole():
+    """A byte-level BPE (GPT-2/SmolLM2 style) spells "é" and "😀" in two or more byte tokens: decoding each token
+    alone shows U+FFFD parts; the streaming decode gives the character to the token that completes it, and the
+    tokens joined spell the text back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["a fine day", "fine words"] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    text = " café 😀 fine"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    alone = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in t for t in alone)  # the case this guards
+    strings = token_strings(tok, ids)
+    assert len(strings) == len(ids) and "".join(strings) == tok.decode(ids) == text
+    assert not any("\ufffd" in t for t in strings)

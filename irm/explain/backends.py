@@ -18,7 +18,7 @@ from typing import Optional, Protocol
 from irm.errors import UserError
 from irm.explain import prompts
 
-RETRY_CAP_S = 60.0  # longest wait between two attempts, whatever the backoff or a Retry-After header says
+RETRY_CAP_S = 60.0  # longest wait before asking again after a malformed reply, whatever the backoff says
 
 
 class ExplainerBackend(Protocol):
@@ -44,7 +44,7 @@ class BackendError(Exception):
 class OpenAIBackend:
     """Chat completions through the `openai` client: OpenAI itself or any compatible server (vLLM, Ollama,
     llama.cpp server) via `base_url`. Retries rate limits, 5xx, timeouts, dropped connections and malformed
-    replies with exponential backoff; the client's own retries are off so the count and waits are ours."""
+    replies: HTTP faults through the client's own retries (which honour Retry-After), malformed replies here."""
 
     name = "openai"
 
@@ -66,7 +66,8 @@ class OpenAIBackend:
         self._backoff = cfg.retry_backoff
         self._secret = key
         self._jitter = random.Random()  # its own stream: waiting must not shift the run's seeded randomness
-        self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout, max_retries=0)
+        self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout,
+                                     max_retries=cfg.max_retries)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self._base_url!r}, key from ${self._env})"
@@ -77,12 +78,12 @@ class OpenAIBackend:
     def chat(self, messages: list[dict]) -> str:
         import openai
 
-        # APIConnectionError covers timeouts; a body that is not JSON surfaces as json's ValueError.
-        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
-                     openai.APIResponseValidationError, _Malformed, ValueError)
+        # HTTP-level faults (429 with its Retry-After, 408/409, 5xx, timeouts, dropped connections) are retried by
+        # the openai client itself, `max_retries` times with its own backoff; what reaches this loop has outlasted
+        # them. A 200 whose body is not a chat completion (truncated JSON, no choices) is asked again here.
+        malformed = (openai.APIResponseValidationError, _Malformed, ValueError)
         last = ""
         for attempt in range(self._retries + 1):
-            retry_after = None
             try:
                 resp = self._client.chat.completions.create(model=self.model, messages=messages, **self.params)
                 return self.redact(_content(resp))
@@ -93,16 +94,16 @@ class OpenAIBackend:
                 raise UserError(f"model {self.model!r} or its endpoint was not found at "
                                 f"{self._base_url or 'api.openai.com'}; check explain.model and explain.base_url") \
                     from None
-            except retryable as e:
+            except malformed as e:
                 last = f"{type(e).__name__}: {e}"
-                retry_after = _retry_after(e)
             except openai.APIStatusError as e:
-                if e.status_code not in (408, 409):  # other 4xx: this request is wrong, asking again will not help
-                    raise BackendError(self.redact(f"HTTP {e.status_code}: {e.message}")) from None
-                last = f"HTTP {e.status_code}: {e.message}"
+                raise BackendError(self.redact(f"HTTP {e.status_code} after {self._retries + 1} attempts at most: "
+                                               f"{e.message}")) from None
+            except openai.APIConnectionError as e:  # timeouts included
+                raise BackendError(self.redact(f"{type(e).__name__} after {self._retries + 1} attempts: {e}")) \
+                    from None
             if attempt < self._retries:
-                delay = self._backoff * 2**attempt * self._jitter.uniform(1.0, 1.25)
-                time.sleep(min(RETRY_CAP_S, max(delay, retry_after or 0.0)))
+                time.sleep(min(RETRY_CAP_S, self._backoff * 2**attempt * self._jitter.uniform(1.0, 1.25)))
         raise BackendError(self.redact(f"no answer after {self._retries + 1} attempts; last: {last}")) from None
 
 
@@ -116,15 +117,6 @@ def _content(resp) -> str:
     if message is None:
         raise _Malformed(f"reply without choices[0].message: {str(resp)[:200]!r}")
     return message.content or ""
-
-
-def _retry_after(e: Exception) -> Optional[float]:
-    response = getattr(e, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
 
 
 class LocalBackend:

@@ -138,7 +138,21 @@ def read_windows(cache, encode: Callable[[torch.Tensor], torch.Tensor], wins: Wi
     return out
 
 
-def feature_records(sel: Selection, column: int, wins: Windows, windows: dict, decode_token) -> list[dict]:
+def token_strings(tokenizer, ids) -> list[str]:
+    """Each token's text in a window, decoded in order by the fast tokenizer's streaming decoder
+    (`tokenizers.decoders.DecodeStream`): a character split over several byte-level tokens belongs whole to the token
+    that completes it, the others show "" (decoding `[id]` alone would show each part as U+FFFD). A slow tokenizer
+    falls back to one `decode([id])` per token."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return [tokenizer.decode([int(i)]) for i in ids]
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=False)
+    return [stream.step(backend, int(i)) or "" for i in ids]
+
+
+def feature_records(sel: Selection, column: int, wins: Windows, windows: dict, window_tokens) -> list[dict]:
     """The records shown for one feature (column `column` of the codes): tokens, raw and 0-10 activations; a
     quantile record also carries its bin (`bin`: lowest and highest window maximum, share of activating windows)."""
     shown = [(w, "top") for w in sel.top] + [(w, "quantile") for w in sel.quantile]
@@ -153,7 +167,7 @@ def feature_records(sel: Selection, column: int, wins: Windows, windows: dict, d
             "doc": int(wins.doc[w]),
             "start": int(wins.start[w]),
             "token_ids": windows[w][0].tolist(),
-            "tokens": [decode_token(int(t)) for t in windows[w][0]],
+            "tokens": list(window_tokens(w)),
             "activations": [float(x) for x in a],
             "discrete": d,
             **({"bin": bins[i]} if bins[i] is not None else {}),

@@ -30,7 +30,8 @@ from irm.artifacts import RunDir, append_jsonl, fingerprint, read_json, read_jso
 from irm.errors import UserError
 from irm.explain import EXPLANATIONS, neuronpedia, prompts, scoring
 from irm.explain.backends import BackendError, make_backend
-from irm.explain.records import feature_records, read_windows, select_windows, token_gap, window_maxima
+from irm.explain.records import (feature_records, read_windows, select_windows, token_gap, token_strings,
+                                 window_maxima)
 from irm.runtime import progress, start
 from irm.stages import EXPLAIN_OPERATIONAL  # how answers are fetched, not what is asked
 from irm.stages import artifact, relpath
@@ -273,14 +274,15 @@ def _layer_jobs(cfg, layer: int, targets: list[Target], tokenizer, device, unemb
     windows = read_windows(cache, encode, wins, [w for s in sels for w in s.top + s.quantile + s.active + s.inactive])
     decode_token = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     text = lambda w: tokenizer.decode(windows[w][0].tolist())  # noqa: E731
+    window_tokens = functools.lru_cache(maxsize=None)(lambda w: tuple(token_strings(tokenizer, windows[w][0].tolist())))
     lenses = _logit_lenses(torch.stack([saes[t.role][0].dictionary[t.index].detach() for t in order]), *unembed,
                            decode_token)
     jobs = []
     for c, (t, sel) in enumerate(zip(order, sels)):
         texts, truth = scoring.detection_set([text(w) for w in sel.active], [text(w) for w in sel.inactive],
                                              _rng(cfg, t))
-        records = feature_records(sel, c, wins, windows, decode_token)
-        fuzz = [([decode_token(int(i)) for i in windows[w][0]], windows[w][1][:, c]) for w in sel.active]
+        records = feature_records(sel, c, wins, windows, window_tokens)
+        fuzz = [(list(window_tokens(w)), windows[w][1][:, c]) for w in sel.active]
         fuzz_texts, fuzz_truth = scoring.fuzz_set(fuzz, _rng(cfg, t, 1), token_gap(r["tokens"] for r in records))
         hist = _histogram(maxima[:, c], cfg.explain.window)
         dens = held_out[t.role]
