@@ -228,7 +228,8 @@ def _whole_words(record: list[tuple[str, int]]) -> list[tuple[str, int]]:
     sub-word token (one that starts with a letter or digit and follows one that ends in a letter or digit, with no
     space between) continues the word before it, so " l" + "ame" is "lame" and " odd" + "ly" is "oddly". Only for a
     tokenizer whose tokens carry their spaces (a record with a space-led token): a word-level tokenizer's tokens are
-    words already and carry none."""
+    words already and carry none. The joining reads the tokens' text because this backend, like an LLM, sees only the
+    prompt: the tokenizer's `word_ids()` are not in it."""
     words: list[list] = []
     spaced = any(tok[:1].isspace() for tok, _ in record)
     for tok, act in record:
