@@ -332,6 +332,7 @@ def compare_layer(small, large, top_k: int, device=None, alive_small=None, alive
     return {
         "max": score_max,
         "max_ci95": [float(boot.confidence_interval.low), float(boot.confidence_interval.high)],
+        "max_se": float(best.std(ddof=1) / np.sqrt(best.size)) if best.size > 1 else 0.0,
         "hungarian": score_hungarian,
         "max_firing": score_alive if score_alive == score_alive else None,
         "firing": {"small": int(alive_small.sum()), "large": int(alive_large.sum())},
@@ -490,10 +491,12 @@ def run(cfg) -> None:
                      "the shared features; a feature that never fires is never one",
             "hungarian_pairs": "top-k pairs of the one-to-one matching whose features both fire, for comparison",
             "max_ci95": "95% bootstrap interval of max over the small dictionary's features",
+            "max_se": "standard error of max over the small dictionary's features (sd of their max cosines / sqrt n)",
             "chance": "MMCS of two random dictionaries of the same shapes whose rows are drawn from a Gaussian with "
                       "the mean and covariance of the two dictionaries' own unit rows (random rows normalised): mean, "
                       "sample std and every one of `draws` seeded pairs (hungarian: the first "
-                      f"{HUNGARIAN_DRAWS}). The findings verdict: a t of max against these draws",
+                      f"{HUNGARIAN_DRAWS}). The findings verdict: a t of max against these draws, their spread and max_se added "
+                      "in quadrature",
             "chance_source": "what the chance rows are drawn like (dictionary rows)",
             "chance_activations": f"reference: {HUNGARIAN_DRAWS} pairs whose rows are drawn with the cached "
                                   f"activations' mean and covariance ({CHANCE_ROWS}; chance_rows of them)",

@@ -499,17 +499,19 @@ def _sae_quality_text(saes: dict) -> str:
         for name, m in sorted(saes.items(), key=lambda kv: int(kv[0][1:])))
 
 
-def chance_p(observed: float, draws: Sequence[float]) -> Optional[float]:
+def chance_p(observed: float, draws: Sequence[float], se: float = 0.0) -> Optional[float]:
     """One-sided p of `observed` above the distribution the chance draws come from: Student's t of a new value
-    against their mean and sample sd, (observed - mean) / (sd sqrt(1 + 1/n)) on n - 1 degrees of freedom (exact for
-    normal draws). Unlike a rank among the draws it is not floored at 1 / (n + 1), which the table's Holm correction
-    would need thousands of draws to get past. None with fewer than two draws."""
+    against their mean and sample sd, (observed - mean) / sqrt(sd^2 (1 + 1/n) + se^2) on n - 1 degrees of freedom
+    (exact for normal draws and se 0). `se`: the observed value's own standard error, added to the spread when the
+    law the draws come from was fitted to the same data and can understate it. Unlike a rank among the draws it is not
+    floored at 1 / (n + 1), which the table's Holm correction would need thousands of draws to get past. None with
+    fewer than two draws."""
     from scipy.stats import t
 
     d = np.asarray(draws, dtype=np.float64)
     if len(d) < 2:
         return None
-    scale = d.std(ddof=1) * np.sqrt(1.0 + 1.0 / len(d))
+    scale = float(np.hypot(d.std(ddof=1) * np.sqrt(1.0 + 1.0 / len(d)), se))
     if scale == 0:
         return 0.0 if observed > d.mean() else 1.0
     return float(t.sf((observed - d.mean()) / scale, len(d) - 1))
@@ -531,8 +533,15 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
         return _not_tested(claim, f"MMCS {num(rec['max'])} was compared with isotropic random dictionaries only, a "
                                   "null far easier than rows with the dictionaries' own mean and anisotropy; rerun "
                                   "`python -m irm dictionaries`", "mmcs")
+    if rec.get("max_se") is None:
+        return _not_tested(claim, "mmcs.json predates the MMCS standard error the verdict needs (max_se); rerun "
+                                  "`python -m irm dictionaries --force`", "mmcs")
     draws = chance["draws"]
-    p = chance_p(rec["max"], draws)
+    # The chance law is fitted to these dictionaries' own rows, and its draws can vary less than the MMCS of rows
+    # really drawn from the law behind them (0.46-0.6x at width 48 with a strong shared mean, measured in
+    # irm.calibration.features' worlds, 11-12% false positives): the MMCS's own standard error over the small
+    # dictionary's features is added to the spread.
+    p = chance_p(rec["max"], draws, rec["max_se"])
     iso = ((rec.get("chance_isotropic") or {}).get("max") or {}).get("mean")
     acts = ((rec.get("chance_activations") or {}).get("max") or {}).get("mean")
     init = rec.get("init") or {}
@@ -545,7 +554,8 @@ def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
                 f"activations {num(acts)}, isotropic {num(iso)})",
         verdict=verdict_from_p(p, None),
         detail=f"MMCS - chance = {num(rec['max'] - chance['mean'], signed=True)}; t against the chance draws' "
-               f"spread {p_text(p)} (one-sided; above {sum(d < rec['max'] for d in draws)} of {len(draws)} draws); "
+               f"spread and the MMCS's own standard error ({num(rec['max_se'])}) {p_text(p)} (one-sided; above "
+               f"{sum(d < rec['max'] for d in draws)} of {len(draws)} draws); "
                "SAEs at "
                f"initialisation {num(init.get('max'))}; "
                + (f"the same features' reference (a second {small} of another seed): MMCS "
@@ -646,6 +656,12 @@ def ablation_row(abl: dict, mode: str, key: str) -> Optional[Row]:
     if ci is None and key == "ablated_minus_random":
         return _not_tested(claim + " vs random features", f"{d.get('interval')}; set ablate.random_draws >= 2",
                            calibration)
+    if ci is not None and ci[0] == ci[1]:
+        return _not_tested(claim + ("" if key == "ablated_minus_splice" else " vs random features"),
+                           f"the paired differences have no spread (reward difference {num(d['mean'], signed=True)} "
+                           f"on every one of {abl.get('n_prompts')} prompts): the rewards do not vary between the "
+                           "conditions (a reward at its clip, or a policy that answers every prompt alike), so no "
+                           "effect of ablating can show", calibration)
     # One-sided, like the claim: a rise is the claim's reverse, reported in the detail, not a verdict on it (in a
     # world without an effect the two tails together would err at the table's whole 5%).
     verdict = verdict_from_interval(None if ci is None else [-ci[1], -ci[0]], control=0.0)
