@@ -44,6 +44,7 @@ def _installed_libs() -> list[str]:
     return ["irm", "plain", *(lib for lib, mod in peers.items() if importlib.util.find_spec(mod))]
 
 
+@pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
 def test_sae_throughput_writes_one_positive_rate_per_library_batch_and_width(tmp_path):
     libs = _installed_libs()
     record, stdout = run_script("sae_throughput", tmp_path, "--threads", "1", "--libs", *libs)
@@ -59,6 +60,7 @@ def test_sae_throughput_writes_one_positive_rate_per_library_batch_and_width(tmp
     assert_table_last(stdout, n_rows=2)
 
 
+@pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
 def test_cache_throughput_counts_every_token_and_the_bytes_on_disk(tmp_path):
     record, stdout = run_script("cache_throughput", tmp_path, "--threads", "1")
     (r,) = record["results"]
@@ -72,6 +74,7 @@ def test_cache_throughput_counts_every_token_and_the_bytes_on_disk(tmp_path):
     assert_table_last(stdout, n_rows=1)
 
 
+@pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
 def test_ppo_overhead_times_irm_and_bare_trl_on_the_same_settings(tmp_path):
     record, stdout = run_script("ppo_overhead", tmp_path, "--threads", "1", "--workdir", str(tmp_path / "work"))
     (r,) = record["results"]
@@ -85,6 +88,7 @@ def test_ppo_overhead_times_irm_and_bare_trl_on_the_same_settings(tmp_path):
     assert_table_last(stdout, n_rows=1)
 
 
+@pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
 def test_pipeline_profile_reports_the_first_stage_of_the_tiny_run(tmp_path):
     record, stdout = run_script("pipeline_profile", tmp_path, "--threads", "1", "--workdir", str(tmp_path / "work"))
     (c,) = record["configs"]

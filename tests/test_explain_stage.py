@@ -70,7 +70,7 @@ def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_share
         assert f'"{word}"' in ln["explanation"]
         assert ln["label"] == int(word in lexicon)
         top = ln["records"][0]
-        assert top["tokens"][top["discrete"].index(10)] == word
+        assert top["tokens"][top["discrete"].index(10)].strip() == word  # tokens carry their spaces
         for s in (ln["score"], ln["fuzz"]):
             assert s["accuracy"] == pytest.approx(np.mean(np.array(s["predictions"]) == np.array(s["truth"])))
             assert s["n_active"] > 0 and s["n_inactive"] > 0

@@ -186,6 +186,7 @@ def test_mlp_hidden_site_and_empty_inputs():
     assert codes_at(model, saes, [], tokenizer.pad_token_id, 3, progress_bar=False).shape == (0, 2, d)
 
 
+@pytest.mark.slow  # the benchmark script end to end (11 s); the equalities above stay in the default suite
 def test_benchmark_script_quick_run_reports_equal_codes(tmp_path):
     """benchmarks/lexicon_prefix.py end to end at tiny size: both paths ran on both workloads and agreed."""
     import json
