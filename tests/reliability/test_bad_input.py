@@ -134,6 +134,7 @@ def test_model_name_not_resolvable_offline(tmp_path):
     refused(out, "rlhf", "nobody-here/no-such-model-xyz")
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model (5-7 s): the default suite keeps the cheaper rows
 def test_unknown_architecture(tmp_path):
     model_dir = tmp_path / "bert"
     model_dir.mkdir()
@@ -146,7 +147,8 @@ def test_unknown_architecture(tmp_path):
 
 # The three kinds share one code path: the default run checks one, `-m slow` the other two.
 @pytest.mark.parametrize("kind", [pytest.param("empty", marks=pytest.mark.slow),
-                                  pytest.param("no-text-column", marks=pytest.mark.slow), "not-utf8"])
+                                  pytest.param("no-text-column", marks=pytest.mark.slow),
+                                  pytest.param("not-utf8", marks=pytest.mark.slow)])
 def test_bad_corpus(run_dir, kind):
     path = run_dir.parent / "corpus.jsonl"
     if kind == "empty":
@@ -162,6 +164,7 @@ def test_bad_corpus(run_dir, kind):
     refused(out, "cache", needle)
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model (5-7 s): the default suite keeps the cheaper rows
 def test_sae_checkpoint_of_the_wrong_width(run_dir):
     import torch
 
@@ -199,6 +202,7 @@ def test_damaged_shard(run_dir, damage):
     assert "checksum" in line or "cannot read" in line, line
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model (5-7 s): the default suite keeps the cheaper rows
 def test_nan_activations(run_dir):
     from safetensors.torch import load_file, save_file
 
@@ -240,6 +244,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model (5-7 s): the default suite keeps the cheaper rows
 def test_disk_full_while_writing(run_dir):
     # A different cache size makes the cache stage redo its work; the old cache must survive the failed write.
     out = irm("cache", args_for(run_dir, "--cache.n_documents", "30"), cwd=run_dir.parent, code=DISK_FULL)
