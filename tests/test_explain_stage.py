@@ -280,7 +280,7 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     import torch
 
     from irm.config import ModelConfig
-    from irm.explain.stage import LOGIT_LENS_TOKENS, _logit_lens, _unembedding
+    from irm.explain.stage import LOGIT_LENS_TOKENS, _logit_lenses, _unembedding
     from irm.models import load_model
 
     model, tokenizer = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=2, tiny_d_model=32), seed=0)
@@ -290,7 +290,7 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     w, how = _unembedding(tmp_path, "cpu")
     assert "final_layer_norm" in how
     d = np.random.default_rng(0).normal(size=32)
-    lens = _logit_lens(torch.tensor(d), w, how, lambda i: f"t{i}")
+    lens = _logit_lenses(torch.tensor(d)[None, :], w, how, lambda i: f"t{i}")[0]
     w_u = model.get_output_embeddings().weight.detach().double().numpy()
     gain = model.gpt_neox.final_layer_norm.weight.detach().double().numpy()
     ref = (w_u * gain) @ (d / np.linalg.norm(d))
@@ -300,7 +300,7 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     np.testing.assert_allclose([v for _, v in lens["promoted"]], ref[order[:LOGIT_LENS_TOKENS]], rtol=1e-4)
     # Without weights, or with decoder rows of another width, the dashboard says why instead.
     assert _unembedding(tmp_path / "nothing", "cpu")[0] is None
-    assert _logit_lens(torch.zeros(64), w, how, str)["method"] is None
+    assert _logit_lenses(torch.zeros(1, 64), w, how, str)[0]["method"] is None
 
 
 def test_histogram_counts_the_windows_where_the_feature_fires():

@@ -199,11 +199,6 @@ def _logit_lenses(directions_FD: torch.Tensor, w_VD: Optional[torch.Tensor], how
     return out
 
 
-def _logit_lens(direction_D: torch.Tensor, w_VD: Optional[torch.Tensor], how: str, decode_token) -> dict:
-    """The tokens one decoder direction promotes and suppresses directly through the unembedding."""
-    return _logit_lenses(direction_D[None, :], w_VD, how, decode_token)[0]
-
-
 def _histogram(maxima_W: np.ndarray, window: int) -> dict:
     """Distribution of a feature's largest activation per window, over the windows where it fires."""
     active = maxima_W[maxima_W > 0]
