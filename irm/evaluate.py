@@ -27,7 +27,7 @@ from irm.parallel import Ranks
 from irm.runtime import start
 from irm.sampling import SamplingRule, journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
-from irm.stats import mean_ci
+from irm.stats import mean_ci, sign_flip_p
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
 from irm.stages import relpath
 
@@ -65,7 +65,9 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
 def paired_difference(tuned, base) -> dict:
     """tuned - base over the same prompts: mean, 95% t-interval and two-sided p-value of the paired t-test
     (scipy.stats.ttest_rel), a 95% BCa bootstrap interval of the mean difference (scipy.stats.bootstrap, 9,999
-    resamples of the pairs, seeded), and the number of pairs."""
+    resamples of the pairs, seeded), the two-sided p of the exact sign-flip test (`irm.stats.sign_flip_p`, the
+    verdict's: a lexicon reward is a clipped, skewed sum, on which the t-test only approaches its level), and the
+    number of pairs."""
     import numpy as np
     from scipy import stats
 
@@ -74,13 +76,14 @@ def paired_difference(tuned, base) -> dict:
     if np.ptp(diff) == 0:  # one and the same difference everywhere: no spread to test (scipy would give nan)
         m = float(diff[0])
         return {"mean_diff": m, "ci": [m, m], "bootstrap_ci": [m, m], "p_value": 1.0 if m == 0 else 0.0,
-                "n": len(diff)}
+                "p_signflip": 1.0 if m == 0 else sign_flip_p(diff), "n": len(diff)}
     test = stats.ttest_rel(tuned, base)
     ci = test.confidence_interval(0.95)
     boot = stats.bootstrap((diff,), np.mean, n_resamples=9999, confidence_level=0.95, method="BCa",
                            random_state=np.random.default_rng(0)).confidence_interval
     return {"mean_diff": float(diff.mean()), "ci": [float(ci.low), float(ci.high)],
-            "bootstrap_ci": [float(boot.low), float(boot.high)], "p_value": float(test.pvalue), "n": len(diff)}
+            "bootstrap_ci": [float(boot.low), float(boot.high)], "p_value": float(test.pvalue),
+            "p_signflip": sign_flip_p(diff), "n": len(diff)}
 
 
 def run(cfg: RunConfig) -> None:

@@ -40,7 +40,7 @@ ALPHA = 0.05  # two-sided level of every verdict: 95% intervals, one-sided p-val
 FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration", "p_value", "interval_mde")
 # What build_findings adds to every row: the Holm-corrected p and the calibration harness's numbers.
 ADDED = ("p_holm", "false_positive_rate", "false_positive_ci95", "minimal_detectable_effect", "effect_unit",
-         "mde_source")
+         "mde_source", "certified_false_positive_rate", "certified_false_positive_ci95", "certified_worlds")
 Z_POWER = 1.959964 + 0.841621  # two-sided 5% plus 80% power, in standard errors
 
 
@@ -168,10 +168,11 @@ def row_builder(fn: RowBuilder) -> RowBuilder:
 
 
 def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilder]] = None,
-                   calibration: Optional[dict] = None) -> list[Row]:
+                   calibration: Optional[dict] = None, certified: Optional[dict] = None) -> list[Row]:
     """Every registered claim whose artifacts are in `root`, as rows (FIELDS, then ADDED): Holm-corrected across
     the table (`correct`) and with the calibration harness's numbers (`calibrated`; from `calibration`, else the
-    run's calibration.json when the calibrate stage ran)."""
+    run's calibration.json when the calibrate stage ran; `certified`, else the full harness's committed table,
+    `irm.calibration.certified`)."""
     root = Path(root)
     rows: list[Row] = []
     for build in ROW_BUILDERS if builders is None else builders:
@@ -184,7 +185,11 @@ def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilde
             rows.append(r)
     if calibration is None:
         calibration = _load(root, "calibration")
-    return calibrated(correct(rows), calibration)
+    if certified is None:
+        from irm.calibration import certified as committed
+
+        certified = committed()
+    return calibrated(correct(rows), calibration, certified)
 
 
 def correct(rows: list[Row], alpha: float = ALPHA) -> list[Row]:
@@ -205,16 +210,19 @@ def correct(rows: list[Row], alpha: float = ALPHA) -> list[Row]:
     return out
 
 
-def calibrated(rows: list[Row], calibration: Optional[dict]) -> list[Row]:
+def calibrated(rows: list[Row], calibration: Optional[dict], certified: Optional[dict] = None) -> list[Row]:
     """The rows with their finding's measured false-positive rate (the largest over its null families, with its
     95% interval, from a calibration record: calibration.json {"findings": {key: {false_positive_rate,
-    false_positive_ci95, minimal_detectable_effect, effect_unit}}}) and, when not distinguishable, the minimal
-    detectable effect at 80% power: from the row's own interval when it has one (this run's noise, `interval_mde`),
-    else from the harness's planted worlds at this run's sizes (`mde_source` says which). None where neither
-    exists."""
+    false_positive_ci95, minimal_detectable_effect, effect_unit}}}), the full harness's certified rate beside it
+    (`certified`: {key: {false_positive_rate, false_positive_ci95, worlds}}, hundreds of worlds or more at the
+    harness's sizes, where the run's own calibrate stage runs a few at the run's sizes) and, when not
+    distinguishable, the minimal detectable effect at 80% power: from the row's own interval when it has one (this
+    run's noise, `interval_mde`), else from the harness's planted worlds at this run's sizes (`mde_source` says
+    which). None where neither exists."""
     per_finding = (calibration or {}).get("findings") or {}
     out = []
     for r in rows:
+        cert = (certified or {}).get(r.get("calibration") or "") or {}
         cal = per_finding.get(r.get("calibration") or "") or {}
         mde, source = None, None
         if r["verdict"] == NOT_DISTINGUISHABLE:
@@ -226,7 +234,9 @@ def calibrated(rows: list[Row], calibration: Optional[dict]) -> list[Row]:
         out.append({**r, "false_positive_rate": cal.get("false_positive_rate"),
                     "false_positive_ci95": cal.get("false_positive_ci95"), "minimal_detectable_effect": mde,
                     "effect_unit": cal.get("effect_unit") if source and source.startswith("calibration") else None,
-                    "mde_source": source})
+                    "mde_source": source, "certified_false_positive_rate": cert.get("false_positive_rate"),
+                    "certified_false_positive_ci95": cert.get("false_positive_ci95"),
+                    "certified_worlds": cert.get("worlds")})
     return out
 
 
@@ -261,25 +271,38 @@ def p_text(p: Optional[float]) -> str:
 
 
 def paired_reward(ev: Optional[dict]) -> Optional[dict]:
-    """evaluate-reward's paired tuned - base difference as {mean, ci95, p_value, n}, from its `paired` entry (mean_diff,
-    ci, p_value) or the older `difference` entry (mean, ci95, p_value); None when there is neither."""
+    """evaluate-reward's paired tuned - base difference as {mean, ci95, p_value, p_signflip, n}, from its `paired`
+    entry (mean_diff, ci, p_value, p_signflip) or the older `difference` entry (mean, ci95, p_value); None when
+    there is neither. `p_signflip` is None in a run from before the sign-flip test."""
     d = (ev or {}).get("paired") or (ev or {}).get("difference")
     if not d:
         return None
     return {"mean": d.get("mean_diff", d.get("mean")), "ci95": d.get("ci95", d.get("ci")),
-            "p_value": d.get("p_value", d.get("p")), "n": d.get("n")}
+            "p_value": d.get("p_value", d.get("p")), "p_signflip": d.get("p_signflip"), "n": d.get("n")}
 
 
 def reward_row(d: dict) -> Row:
-    """The reward row from the paired tuned - base difference ({mean, ci95, p_value, n}: `paired_reward`)."""
-    p = d["p_value"]
+    """The reward row from the paired tuned - base difference ({mean, ci95, p_value, p_signflip, n}:
+    `paired_reward`). Its verdict is the exact sign-flip test's (two-sided 5%, the sign of the mean); an older
+    run without it is judged by the t-interval, and the detail says which."""
+    flip = d.get("p_signflip")
+    if flip is None:
+        verdict, p, how = (verdict_from_interval(d.get("ci95")), d["p_value"],
+                           "verdict from the 95% t-interval of the paired difference (a run from before the "
+                           "sign-flip test: `evaluate-reward --force` adds it)")
+    else:
+        from irm.stats import SIGN_FLIPS
+
+        verdict, p = verdict_from_two_sided(flip, d.get("mean")), flip
+        floor = f" (its floor: {SIGN_FLIPS:,} random flips)" if flip <= 1 / (1 + SIGN_FLIPS) else ""
+        how = f"verdict from the exact sign-flip test, p = {flip:.2g}{floor}; interval and t-test p beside it"
     return finding(
         claim="RLHF raised the reward (paper table 7)",
         number=f"tuned - base mean reward {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
-               f"{p_text(p)}",
+               f"t-test {p_text(d['p_value'])}",
         control="the base model on the same held-out prefixes and sampling seeds (paired)",
-        verdict=verdict_from_interval(d.get("ci95")),
-        detail=f"n = {d.get('n')} paired completions; verdict from the 95% t-interval of the paired difference",
+        verdict=verdict,
+        detail=f"n = {d.get('n')} paired completions; {how}",
         calibration="reward", p_value=p, ci=d.get("ci95"),
     )
 

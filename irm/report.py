@@ -398,8 +398,10 @@ def findings_section(doc: "Doc", root: Path, summary: dict) -> None:
                           "not distinguishable, with the smallest effect this run could have detected with 80% "
                           "power; not tested when the stage ran but had nothing to measure (the detail says why). "
                           "False positives: the rate at which this verdict said supported or contradicted in "
-                          "simulated worlds where the claim is false (the worst of its null families, calibrate "
-                          "stage, at this run's sizes).")
+                          "simulated worlds where the claim is false, in the worst of its null families: first the "
+                          "full calibration harness (hundreds of worlds or more per family at its default sizes; "
+                          "benchmarks/RESULTS.md section 10), then this run's calibrate stage (a few worlds at this "
+                          "run's sizes, hence its wide interval).")
     else:
         doc.para("No claim could be checked: the stages that measure them have not run.")
 
@@ -414,12 +416,20 @@ def _verdict_text(r: dict) -> str:
 
 
 def _fp_text(r: dict) -> str:
-    fp, ci = r.get("false_positive_rate"), r.get("false_positive_ci95")
+    """The certified rate of the full harness, then this run's calibrate stage's, each with its interval."""
     if r["verdict"] == "not tested":
         return "n/a"
-    if fp is None:
-        return "not calibrated"
-    return f"{100 * fp:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+    def rate(fp, ci, worlds=None):
+        if fp is None:
+            return "not calibrated"
+        return (f"{100 * fp:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+                + (f" over {worlds:,} worlds" if worlds else ""))
+
+    certified = rate(r.get("certified_false_positive_rate"), r.get("certified_false_positive_ci95"),
+                     r.get("certified_worlds"))
+    own = rate(r.get("false_positive_rate"), r.get("false_positive_ci95"))
+    return f"harness {certified}; this run's sizes {own}"
 
 
 def control_section(doc: "Doc", root: Path, plots: Path) -> None:

@@ -120,3 +120,17 @@ def test_calibrate_reads_this_runs_sizes_from_its_artifacts(tmp_path):
                                "validation_related": 18, "validation_features": 180, "validation_inputs": 8454,
                                "ablation_prompts": 64, "random_draws": 8, "ablated_features": 18, "chance_draws": 49}
     assert run_sizes(tmp_path / "empty") == {}
+
+
+@pytest.mark.parametrize("hits, worlds, fails", [
+    (1001, 20000, False),  # an exact 5% test's reading a hair above 5%: within its Monte Carlo error
+    (300, 5000, True),     # 6.0%: above 5% beyond the Monte Carlo error (lower end 5.4%)
+    (29, 500, True),       # 5.8% [3.9, 8.2]: could be above 7%
+    (106, 2000, False),    # 5.3% [4.4, 6.4]
+    (0, 20, True),         # no worlds to speak of: [0, 16.8]
+    (20, 1000, False),
+])
+def test_a_null_family_fails_when_its_rate_is_above_5_percent_beyond_chance_or_could_be_above_7(hits, worlds, fails):
+    row = {"null": True, "rate": hits / worlds, "ci95": core.clopper_pearson(hits, worlds)}
+    assert bool(core.failures([row])) is fails
+    assert core.failures([{**row, "null": False}]) == []  # power rows are never failures

@@ -64,7 +64,7 @@ def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsy
     assert [r["completions"] for r in base] == [r["completions"] for r in tuned]
     assert result["difference"]["mean"] == 0 and result["difference"]["ci95"] == [0, 0]
     assert result["paired"] == {"mean_diff": 0, "ci": [0, 0], "bootstrap_ci": [0, 0], "p_value": 1.0,
-                                "n": cfg.evaluate.n}
+                                "p_signflip": 1.0, "n": cfg.evaluate.n}
     assert result["sampling"] == {"max_new_tokens": cfg.evaluate.new_tokens, "stop_at_eos": True,
                                   "temperature": cfg.rlhf.temperature, "top_k": 0, "top_p": 1.0}
 
@@ -160,4 +160,38 @@ def test_a_constant_difference_has_a_point_interval():
     from irm.evaluate import paired_difference
 
     got = paired_difference([1.5, 2.5, 3.5], [1.0, 2.0, 3.0])
+    # every sign pattern but the two constant ones has a smaller |mean|: p = (1 + hits) / 10,000 with hits the
+    # draws that were all + or all - (1/4 of the draws for n = 3)
+    assert got["p_signflip"] == pytest.approx(0.25, abs=0.02)
+    got.pop("p_signflip")
     assert got == {"mean_diff": 0.5, "ci": [0.5, 0.5], "bootstrap_ci": [0.5, 0.5], "p_value": 0.0, "n": 3}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sign_flip_p_is_the_exact_enumeration_of_sign_patterns(seed):
+    """For 10 differences all 1,024 sign patterns can be listed: the random-flip p (9,999 draws) estimates the
+    share of patterns whose |mean| reaches the observed one, within the Monte Carlo error of 9,999 draws."""
+    import itertools
+
+    from irm.stats import sign_flip_p
+
+    d = np.random.default_rng(seed).exponential(1.0, 10) - 0.6
+    patterns = np.array(list(itertools.product([-1.0, 1.0], repeat=10)))
+    exact = float((np.abs(patterns @ d) >= abs(d.sum()) - 1e-12).mean())
+    got = sign_flip_p(d)
+    assert got == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 9999) + 2e-4)
+    assert sign_flip_p(d) == got  # seeded
+
+
+def test_sign_flip_p_holds_its_level_on_heavy_tailed_differences():
+    """Small n, heavy-tailed differences of exchangeable pairs: over 2,000 null worlds the sign-flip test's
+    rejections at 5% stay at 5% up to two Monte Carlo errors (it is exact); a shifted world is found."""
+    from irm.stats import sign_flip_p
+
+    rng = np.random.default_rng(0)
+    rejections = 0
+    for _ in range(2000):
+        a, b = rng.lognormal(0, 1.5, 12), rng.lognormal(0, 1.5, 12)
+        rejections += sign_flip_p(a - b, n_resamples=999, seed=int(rng.integers(2**31))) < 0.05
+    assert rejections / 2000 <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 2000)
+    assert sign_flip_p(rng.normal(1.0, 1.0, 40)) < 1e-3

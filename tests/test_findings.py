@@ -96,6 +96,24 @@ def test_reward_row_reads_the_paired_difference(tmp_path, ci, p, expected):
     assert row["verdict"] == expected and f"{ci[0]:.3f}" in row["number"] and "n = 256" in row["detail"]
 
 
+def test_reward_verdict_is_the_sign_flip_tests_when_the_run_has_it(tmp_path):
+    """The t-interval excludes 0 but the exact sign-flip p does not reach 5%: the verdict follows the sign-flip test
+    (and Holm reads its p); a run from before the test keeps the interval's verdict and says how to refresh it."""
+    paired = {"mean_diff": 0.2, "ci": [0.01, 0.39], "p_value": 0.04, "n": 128}
+    write(tmp_path, "reward_eval.json", {"paired": {**paired, "p_signflip": 0.07}})
+    row = reward_raised(tmp_path)
+    assert row["verdict"] == NOT_DISTINGUISHABLE and row["p_value"] == 0.07 and "sign-flip" in row["detail"]
+    write(tmp_path, "reward_eval.json", {"paired": {**paired, "p_signflip": 0.03}})
+    assert reward_raised(tmp_path)["verdict"] == SUPPORTED
+    write(tmp_path, "reward_eval.json", {"paired": {**paired, "mean_diff": -0.2, "ci": [-0.39, -0.01],
+                                                    "p_signflip": 0.0001}})
+    row = reward_raised(tmp_path)
+    assert row["verdict"] == CONTRADICTED and "its floor" in row["detail"]
+    write(tmp_path, "reward_eval.json", {"paired": paired})
+    row = reward_raised(tmp_path)
+    assert row["verdict"] == SUPPORTED and row["p_value"] == 0.04 and "--force" in row["detail"]
+
+
 def test_layer_outlier_test_is_scale_free_finds_planted_layers_and_its_null_is_uniform():
     rng = np.random.default_rng(0)
     values = np.exp(0.03 * rng.normal(size=30))
@@ -144,6 +162,29 @@ def test_rows_carry_the_calibrated_false_positive_rate_and_the_mde_only_when_not
     own = calibrated([row], cal)[0]
     assert own["minimal_detectable_effect"] == pytest.approx(0.1 * (1.959964 + 0.841621))
     assert own["mde_source"].startswith("this run's")
+    # the full harness's certified rate rides beside the run's own
+    cert = {"layers": {"false_positive_rate": 0.032, "false_positive_ci95": [0.018, 0.051], "worlds": 500}}
+    out = calibrated(rows, cal, cert)
+    assert out[0]["certified_false_positive_rate"] == 0.032 and out[0]["certified_worlds"] == 500
+    assert out[0]["false_positive_rate"] == 0.02 and out[2]["certified_false_positive_rate"] is None
+
+
+def test_the_committed_harness_table_certifies_every_finding_and_rows_quote_it(tmp_path):
+    """irm/calibration/certified.json (benchmarks/calibration.py's output) has every declared finding, each null
+    family within the limits (rate <= 5%, upper end <= 7%), and the findings table quotes it by default."""
+    import irm.calibration as calibration
+
+    data = json.loads(calibration.CERTIFIED.read_text())
+    declared = {f.finding for f in calibration.families()} - {"diff"}  # model diffing: not wired into runs yet
+    assert declared <= set(calibration.certified())
+    nulls = [r for r in data["families"] if r["null"] and r["finding"] in declared]
+    assert {r["finding"] for r in nulls} == declared
+    assert calibration.failures(nulls) == []
+    write(tmp_path, "reward_eval.json", {"paired": {"mean_diff": 0.2, "ci": [0.1, 0.3], "p_value": 0.001,
+                                                    "p_signflip": 0.001, "n": 128}})
+    row = build_findings(tmp_path)[0]
+    assert row["certified_false_positive_rate"] == calibration.certified()["reward"]["false_positive_rate"]
+    assert row["certified_worlds"] >= 500
 
 
 def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
@@ -157,7 +198,9 @@ def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
     assert rows == [{"claim": "a", "number": "1", "control": "c", "verdict": SUPPORTED,
                      "detail": "d; outside the Holm correction (no p-value)", "calibration": None, "p_value": None,
                      "interval_mde": None, "p_holm": None, "false_positive_rate": None, "false_positive_ci95": None,
-                     "minimal_detectable_effect": None, "effect_unit": None, "mde_source": None}]
+                     "minimal_detectable_effect": None, "effect_unit": None, "mde_source": None,
+                     "certified_false_positive_rate": None, "certified_false_positive_ci95": None,
+                     "certified_worlds": None}]
 
 
 def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):

@@ -100,8 +100,12 @@ def run(families: Iterable[Family], n_worlds: int | Callable[[Family], int], siz
 
 
 def failures(results: Sequence[dict]) -> list[dict]:
-    """The null families whose false-positive rate breaks the limits (rate > 5% or upper interval end > 7%)."""
-    return [r for r in results if r["null"] and (r["rate"] > FP_LIMIT or r["ci95"][1] > FP_UPPER_LIMIT)]
+    """The null families that break the limits: a false-positive rate above FP_LIMIT beyond its Monte Carlo error
+    (the lower end of its 95% interval above 5%), or one that could be above FP_UPPER_LIMIT (the upper end above
+    7%). An exact 5% test reads above 5% in about half of all harness runs (the reward row's sign-flip test: 1,001
+    of 20,000 worlds where exactness allows 998 expected), so the point estimate alone cannot be the limit; the
+    upper end's 7% is what bounds how far above 5% a family could be."""
+    return [r for r in results if r["null"] and (r["ci95"][0] > FP_LIMIT or r["ci95"][1] > FP_UPPER_LIMIT)]
 
 
 def minimal_detectable_effect(results: Sequence[dict], finding: str, power: float = TARGET_POWER,

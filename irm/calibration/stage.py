@@ -72,6 +72,7 @@ def summarise(results: list[dict]) -> dict:
             "false_positive_rate": worst["rate"] if worst else None,
             "false_positive_ci95": worst["ci95"] if worst else None,
             "worst_null_family": worst["family"] if worst else None,
+            "worlds": worst["n"] if worst else None,  # the worst null family's
             "minimal_detectable_effect": minimal_detectable_effect(results, finding, TARGET_POWER, measured),
             "effect_unit": planted[0]["unit"] if planted else None,
             "effect_measured": measured,  # the effect is the finding's own number in the planted worlds
