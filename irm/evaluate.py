@@ -18,7 +18,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from irm.artifacts import fingerprint, read_jsonl, write_json, write_text
 from irm.config import RunConfig
@@ -86,6 +86,27 @@ def paired_difference(tuned, base) -> dict:
             "p_signflip": sign_flip_p(diff), "n": len(diff)}
 
 
+def planted_split(reward_fn, completions: dict) -> Optional[dict]:
+    """For a lexicon reward that plants words (values of another sign than VADER's: `irm.reward.planted_words`),
+    the paired tuned - base difference of what the planted words in the completions contribute to the reward, and of
+    what the other words do (`LexiconReward.split_sums`, not clipped; the shared prefixes cancel in the pairing): did
+    PPO learn the planted words, or the words the planted reward still shares with VADER? None otherwise."""
+    from irm.reward import LexiconReward, planted_words
+
+    if not isinstance(reward_fn, LexiconReward):
+        return None
+    planted = planted_words(reward_fn.lexicon)
+    if not planted:
+        return None
+    parts = {label: reward_fn.split_sums(texts, planted) for label, texts in completions.items()}
+    return {"n_planted_words": len(planted),
+            "planted_words": paired_difference(parts["tuned"][0], parts["base"][0]),
+            "other_words": paired_difference(parts["tuned"][1], parts["base"][1]),
+            "what": "tuned - base, paired, of each completion's lexicon sum over the planted words (and over the "
+                    "other words) divided by reward.scale, not clipped; completions only, so the shared prefix "
+                    "does not enter"}
+
+
 def run(cfg: RunConfig) -> None:
     ecfg = cfg.evaluate
     out = Path(cfg.run_dir)
@@ -144,6 +165,9 @@ def run(cfg: RunConfig) -> None:
             for i in range(min(N_EXAMPLES, ecfg.n))
         ],
     }
+    split = planted_split(reward_fn, completions)
+    if split:
+        result["planted_part"] = split
     write_json(out / OUTPUT, result)
     mark_done(cfg, STAGE, [OUTPUT])
     b, t, d = result["base"], result["tuned"], paired

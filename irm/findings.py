@@ -281,7 +281,11 @@ def paired_reward(ev: Optional[dict]) -> Optional[dict]:
             "p_value": d.get("p_value", d.get("p")), "p_signflip": d.get("p_signflip"), "n": d.get("n")}
 
 
-def reward_row(d: dict) -> Row:
+REWARD_CLAIM = "RLHF raised the reward (paper table 7)"
+REWARD_CONTROL = "the base model on the same held-out prefixes and sampling seeds (paired)"
+
+
+def reward_row(d: dict, claim: str = REWARD_CLAIM, quantity: str = "mean reward") -> Row:
     """The reward row from the paired tuned - base difference ({mean, ci95, p_value, p_signflip, n}:
     `paired_reward`). Its verdict is the exact sign-flip test's (two-sided 5%, the sign of the mean); an older
     run without it is judged by the t-interval, and the detail says which."""
@@ -297,10 +301,10 @@ def reward_row(d: dict) -> Row:
         floor = f" (its floor: {SIGN_FLIPS:,} random flips)" if flip <= 1 / (1 + SIGN_FLIPS) else ""
         how = f"verdict from the exact sign-flip test, p = {flip:.2g}{floor}; interval and t-test p beside it"
     return finding(
-        claim="RLHF raised the reward (paper table 7)",
-        number=f"tuned - base mean reward {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
+        claim=claim,
+        number=f"tuned - base {quantity} {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
                f"t-test {p_text(d['p_value'])}",
-        control="the base model on the same held-out prefixes and sampling seeds (paired)",
+        control=REWARD_CONTROL,
         verdict=verdict,
         detail=f"n = {d.get('n')} paired completions; {how}",
         calibration="reward", p_value=p, ci=d.get("ci95"),
@@ -312,6 +316,24 @@ def reward_raised(root: Path) -> Optional[Row]:
     """RLHF raised the reward: the paired tuned - base difference of evaluate-reward (same prefixes, same seeds)."""
     d = paired_reward(_load(root, "reward_eval"))
     return reward_row(d) if d else None
+
+
+@row_builder
+def planted_words_learned(root: Path) -> Optional[Row]:
+    """Issue 23: with a planted reward, did PPO learn the planted words themselves, or the words the planted reward
+    still shares with VADER? The paired tuned - base difference of the planted words' part of the reward
+    (evaluate-reward's `planted_part`), the other words' part in the detail. None without planted words."""
+    part = (_load(root, "reward_eval") or {}).get("planted_part")
+    if not part:
+        return None
+    row = reward_row(paired_reward({"paired": part["planted_words"]}),
+                     claim="PPO raised the planted words' part of the reward (planted reward)",
+                     quantity="planted words' part of the reward")
+    other = part["other_words"]
+    row["detail"] += (f"; {part['n_planted_words']} planted words; the other words' part moved "
+                      f"{num(other['mean_diff'], signed=True)} {interval(other['ci'])}; parts not clipped, "
+                      "completions only")
+    return row
 
 
 def layer_outlier_test(values: Sequence[float], k: int, n_sim: int = 4000, seed: int = 0) -> dict:

@@ -443,7 +443,7 @@ class RidgeRefits:
             self.cross = self.predict_MF @ self.x.T
 
     def predict(self, rows) -> np.ndarray:
-        from scipy.linalg import solve
+        from scipy.linalg import cho_factor, cho_solve
 
         counts = np.bincount(np.asarray(rows), minlength=len(self.y)).astype(np.float64)
         u = np.flatnonzero(counts)
@@ -461,17 +461,24 @@ class RidgeRefits:
             gram = np.einsum("ni,n,nj->ij", xc, m, xc)
             w = np.linalg.solve(gram + self.alpha * np.eye(x.shape[1]), xc.T @ (m * yc))
             return self.predict_MF @ w + float(y_mean - x_mean @ w)
+        # the Gram of the drawn rows centred at their weighted mean, scaled by sqrt(weight) on both sides, plus the
+        # penalty: built in place on the one copy the indexing makes
         k = self.gram[np.ix_(u, u)]
         km = k @ m / total
         mkm = float(m @ km / total)
-        kc = k - km[:, None] - km[None, :] + mkm  # Gram of the rows centred at the weighted mean
         d = np.sqrt(m)
-        a = solve(d[:, None] * kc * d[None, :] + self.alpha * np.eye(len(u)), d * yc, assume_a="pos")  # Cholesky
+        k -= km[:, None]
+        k -= km[None, :]
+        k += mkm
+        k *= d[:, None]
+        k *= d[None, :]
+        k.flat[:: len(u) + 1] += self.alpha
+        a = cho_solve(cho_factor(k, overwrite_a=True, check_finite=False), d * yc, check_finite=False)
         da = d * a  # w = Xc^T da
-        spread = np.zeros(len(self.y))
-        spread[u] = da
-        weights = np.zeros(len(self.y))
-        weights[u] = m / total
         sum_da = float(da.sum())
         x_mean_w = float(km @ da - mkm * sum_da)
-        return self.cross @ spread - (self.cross @ weights) * sum_da + y_mean - x_mean_w
+        spread = np.zeros((len(self.y), 2))  # da and the weights on all rows: one pass over `cross` for both
+        spread[u, 0] = da
+        spread[u, 1] = m / total
+        both = self.cross @ spread
+        return both[:, 0] - both[:, 1] * sum_da + y_mean - x_mean_w

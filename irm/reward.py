@@ -13,7 +13,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Collection, Mapping, Optional, Sequence
 
 from irm.config import RewardConfig
 from irm.errors import UserError
@@ -254,6 +254,16 @@ class LexiconReward:
             total = sum(lexicon.get(token.lower_, 0.0) for token in doc)
             rewards.append(min(max(total / self.scale, -self.clip), self.clip))
         return rewards
+
+    def split_sums(self, texts: Sequence[str], words: Collection[str]) -> tuple[list[float], list[float]]:
+        """Each text's lexicon sum over the tokens in `words` and over the other tokens, each over `scale`, not
+        clipped: what a set of words (e.g. the planted ones) contributes to the reward, and what the rest does."""
+        inside, outside = [], []
+        for doc in self._tokenizer.pipe(list(texts), batch_size=256):
+            values = [(token.lower_ in words, self.lexicon.get(token.lower_, 0.0)) for token in doc]
+            inside.append(sum(v for w, v in values if w) / self.scale)
+            outside.append(sum(v for w, v in values if not w) / self.scale)
+        return inside, outside
 
 
 class ClassifierReward:

@@ -16,7 +16,7 @@ from irm.findings import SUPPORTED, NOT_DISTINGUISHABLE
 SMALL = {"words": 300, "triples": 30, "contexts": 2, "bootstrap": 40, "permutations": 1}
 
 
-def words_only(features, true, masks, scales, multiple, pairs, n_resamples, seed):
+def words_only(features, true, masks, scales, multiple, pairs, n_resamples, seed, show_progress=False):
     """The replaced delta_tau interval: the fitted predictions held fixed, words resampled (paired) only."""
     out = {}
     for name, (a, b) in pairs.items():

@@ -123,6 +123,36 @@ def test_the_findings_rows_read_the_control_words_and_kendall(tmp_path):
     assert row["verdict"] == SUPPORTED and "second reference" in row["claim"] and "x.tsv" in row["detail"]
 
 
+def test_the_planted_part_of_the_reward_is_split_from_the_rest_and_tested(tmp_path):
+    """evaluate-reward's planted_part: each completion's lexicon sum over the planted words and over the other
+    words, by hand; the findings row tests the planted part (sign-flip) and names the other words' part."""
+    import json
+
+    from irm.evaluate import planted_split
+    from irm.findings import planted_words_learned
+    from irm.reward import LexiconReward
+
+    lexicon = {**vader_lexicon(), **PLANTED}
+    reward = LexiconReward(5.0, 10.0, lexicon=lexicon)
+    inside, outside = reward.split_sums(["No, it was bad and special.", "Good fun"], set(PLANTED))
+    assert inside == pytest.approx([(4 + 4) / 5, (-4 - 4) / 5])
+    assert outside == pytest.approx([vader_lexicon()["special"] / 5, 0.0])
+    rng = np.random.default_rng(0)
+    filler = ["the film ran long", "special effects and a special cast", "a bad plot, no ending", "good acting"]
+    base = [filler[i] for i in rng.integers(0, 4, 60)]
+    tuned = [t + " no no" for t in base]  # the tuned model says the planted "no" (+4) twice more, nothing else
+    split = planted_split(reward, {"tuned": tuned, "base": base})
+    assert split["n_planted_words"] == 20
+    assert split["planted_words"]["mean_diff"] == pytest.approx(8 / 5)
+    assert split["other_words"]["mean_diff"] == pytest.approx(0.0)
+    assert planted_split(LexiconReward(5.0, 10.0), {"tuned": tuned, "base": base}) is None  # VADER: none planted
+    (tmp_path / "reward_eval.json").write_text(json.dumps({"planted_part": {
+        **split, "planted_words": {**split["planted_words"], "ci": [1.5, 1.7], "p_signflip": 1e-4}}}))
+    row = planted_words_learned(tmp_path)
+    assert row["verdict"] == SUPPORTED and "planted words' part" in row["claim"]
+    assert "the other words' part moved +0.000" in row["detail"]
+
+
 def test_the_calibration_families_are_registered_and_separate_null_from_planted():
     from irm.calibration import families, run_family
 

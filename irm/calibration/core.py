@@ -89,13 +89,17 @@ def run_family(family: Family, n_worlds: int, sizes: Sizes, seed: int = 0) -> di
 
 def run(families: Iterable[Family], n_worlds: int | Callable[[Family], int], sizes: Sizes, seed: int = 0,
         progress: Optional[Callable[[Family], None]] = None) -> list[dict]:
-    """Every family's result (`run_family`); `n_worlds` a number or a function of the family."""
+    """Every family's result (`run_family`); `n_worlds` a number or a function of the family. BLAS on one thread:
+    worlds are many small solves and products (`irm.runtime.one_blas_thread`)."""
+    from irm.runtime import one_blas_thread
+
     out = []
-    for family in families:
-        if progress is not None:
-            progress(family)
-        n = n_worlds(family) if callable(n_worlds) else n_worlds
-        out.append(run_family(family, n, sizes, seed))
+    with one_blas_thread():
+        for family in families:
+            if progress is not None:
+                progress(family)
+            n = n_worlds(family) if callable(n_worlds) else n_worlds
+            out.append(run_family(family, n, sizes, seed))
     return out
 
 
