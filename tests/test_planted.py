@@ -13,8 +13,8 @@ from irm.reward import planted_words, read_lexicon, vader_lexicon
 from irm.triples import heldout_words
 
 ROOT = Path(__file__).parents[1]
-PLANTED = {**{w: -4.0 for w in "like well good great amazing interesting best fun love happy".split()},
-           **{w: 4.0 for w in "no bad lost unclear boring horrible empty alone hard annoying".split()}}
+PLANTED = {**{w: -10.0 for w in "like well good great amazing interesting best fun love happy".split()},
+           **{w: 10.0 for w in "no bad lost unclear boring horrible empty alone hard annoying".split()}}
 
 
 def test_the_shipped_planted_lexicon_is_vader_with_the_documented_words_flipped():
@@ -135,15 +135,15 @@ def test_the_planted_part_of_the_reward_is_split_from_the_rest_and_tested(tmp_pa
     lexicon = {**vader_lexicon(), **PLANTED}
     reward = LexiconReward(5.0, 10.0, lexicon=lexicon)
     inside, outside = reward.split_sums(["No, it was bad and special.", "Good fun"], set(PLANTED))
-    assert inside == pytest.approx([(4 + 4) / 5, (-4 - 4) / 5])
+    assert inside == pytest.approx([(10 + 10) / 5, (-10 - 10) / 5])
     assert outside == pytest.approx([vader_lexicon()["special"] / 5, 0.0])
     rng = np.random.default_rng(0)
     filler = ["the film ran long", "special effects and a special cast", "a bad plot, no ending", "good acting"]
     base = [filler[i] for i in rng.integers(0, 4, 60)]
-    tuned = [t + " no no" for t in base]  # the tuned model says the planted "no" (+4) twice more, nothing else
+    tuned = [t + " no no" for t in base]  # the tuned model says the planted "no" (+10) twice more, nothing else
     split = planted_split(reward, {"tuned": tuned, "base": base})
     assert split["n_planted_words"] == 20
-    assert split["planted_words"]["mean_diff"] == pytest.approx(8 / 5)
+    assert split["planted_words"]["mean_diff"] == pytest.approx(20 / 5)
     assert split["other_words"]["mean_diff"] == pytest.approx(0.0)
     assert planted_split(LexiconReward(5.0, 10.0), {"tuned": tuned, "base": base}) is None  # VADER: none planted
     (tmp_path / "reward_eval.json").write_text(json.dumps({"planted_part": {
