@@ -134,3 +134,16 @@ def test_a_null_family_fails_when_its_rate_is_above_5_percent_beyond_chance_or_c
     row = {"null": True, "rate": hits / worlds, "ci95": core.clopper_pearson(hits, worlds)}
     assert bool(core.failures([row])) is fails
     assert core.failures([{**row, "null": False}]) == []  # power rows are never failures
+
+
+def test_tau_worlds_skip_the_bootstrap_without_changing_a_verdict_or_a_number():
+    """lexicon_tau / heldout_tau worlds run analyse with no bootstrap (irm.calibration.chain.NO_BOOTSTRAP): their
+    taus, permutation nulls and verdicts equal those of the full analysis of the same world."""
+    from irm.calibration import chain
+
+    sizes = {**SMALL, "bootstrap": 30, "permutations": 19}
+    for seed, (kind, world) in enumerate((("lexicon_tau", {"signal": 1.0}), ("heldout_tau", {"signal": 0.0}))):
+        fast = chain.world_of(kind, **world)(np.random.default_rng(seed), sizes)
+        full_c = chain.analysed(np.random.default_rng(seed), sizes, **world)
+        assert fast == (chain._row(kind, full_c)["verdict"], chain._number(kind, full_c))
+        assert full_c["delta_tau"]["all"]["ci95"] is not None  # the full analysis did run its bootstrap
