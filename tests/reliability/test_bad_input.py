@@ -127,6 +127,7 @@ def test_missing_corpus_file(run_dir):
     refused(out, "cache", str(missing))
 
 
+@pytest.mark.slow  # a subprocess that loads torch and a model (5-7 s): the default suite keeps the cheaper rows
 def test_model_name_not_resolvable_offline(tmp_path):
     # A different model makes a different run: it gets its own run dir (the base one would refuse it first).
     run = tmp_path / "other"
