@@ -175,7 +175,6 @@ def permutation_null(path, multiple: float, y: np.ndarray, triple: np.ndarray, w
     null taus, their mean and sd, and the one-sided permutation p-values of the observed tau (upper: `p_greater`,
     lower: `p_less`)."""
     from irm.findings import permutation_p
-
     from irm.runtime import one_blas_thread
 
     rng = np.random.default_rng(seed)
@@ -242,7 +241,8 @@ def resampled_deltas(features: dict, true: np.ndarray, masks: dict, scales: dict
     for label, key in chains:
         f = features[label]
         items[(label, key)] = _items(f, key)
-        refits[(label, key)] = RidgeRefits(f[key], f["y"], multiple * scales[(label, key)], items[(label, key)][0])
+        if n_resamples:  # (no draws, e.g. the calibration's tau worlds: no Gram products to build)
+            refits[(label, key)] = RidgeRefits(f[key], f["y"], multiple * scales[(label, key)], items[(label, key)][0])
         by_triple[(label, key)] = _rows_by_triple(np.asarray(f["triple"]), ids)
     n_contexts = int(max(it[2].max() for it in items.values())) + 1
     subsets = {name: np.flatnonzero(m) for name, m in masks.items()}

@@ -282,7 +282,6 @@ def paired_reward(ev: Optional[dict]) -> Optional[dict]:
 
 
 REWARD_CLAIM = "RLHF raised the reward (paper table 7)"
-REWARD_CONTROL = "the base model on the same held-out prefixes and sampling seeds (paired)"
 
 
 def reward_row(d: dict, claim: str = REWARD_CLAIM, quantity: str = "mean reward") -> Row:
@@ -304,7 +303,7 @@ def reward_row(d: dict, claim: str = REWARD_CLAIM, quantity: str = "mean reward"
         claim=claim,
         number=f"tuned - base {quantity} {num(d.get('mean'), signed=True)}, 95% CI {interval(d.get('ci95'))}, "
                f"t-test {p_text(d['p_value'])}",
-        control=REWARD_CONTROL,
+        control="the base model on the same held-out prefixes and sampling seeds (paired)",
         verdict=verdict,
         detail=f"n = {d.get('n')} paired completions; {how}",
         calibration="reward", p_value=p, ci=d.get("ci95"),

@@ -40,4 +40,5 @@ def families(cost: str | None = None) -> list[Family]:
     return [f for f in out if cost is None or f.cost == cost]
 
 
-__all__ = ["CERTIFIED", "Family", "certified", "families", "failures", "minimal_detectable_effect", "run", "run_family", "GROUPS"]
+__all__ = ["CERTIFIED", "Family", "certified", "families", "failures", "minimal_detectable_effect", "run", "run_family",
+           "GROUPS"]
