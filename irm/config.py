@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from irm.diff.config import DiffConfig
+
 
 @dataclass
 class ModelConfig:
@@ -315,6 +317,7 @@ class RunConfig:
     lexicon: LexiconConfig = field(default_factory=LexiconConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    diff: DiffConfig = field(default_factory=DiffConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
@@ -520,6 +523,10 @@ def _check_calibrate(ch: "_Checks", cfg: RunConfig) -> None:
     ch.at_least(c, "max_triples", 20)
 
 
+def _check_diff(ch: "_Checks", cfg: RunConfig) -> None:
+    ch.out.extend(cfg.diff.check())  # DiffConfig keeps its own ranges beside its fields
+
+
 def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of validation and ablation."""
     v = cfg.validate
@@ -537,7 +544,7 @@ def _problems(cfg: RunConfig) -> list[str]:
     """Every range problem in `cfg`, each as `section.field=value is not valid; what a valid value is`."""
     ch = _Checks(cfg)
     for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
-                  _check_explain_and_triples, _check_regression_and_lexicon, _check_control, _check_calibrate,
+                  _check_explain_and_triples, _check_regression_and_lexicon, _check_control, _check_calibrate, _check_diff,
                   _check_validate_and_ablate):
         check(ch, cfg)
     return ch.out

@@ -849,3 +849,60 @@ def tau_against_vader(root: Path) -> Optional[Row]:
         detail=f"{v.get('n')} words VADER lists; {p_text(v.get('p'))}; the training reward's reference: "
                f"{k.get('reference')}",
         p_value=v.get("p"), ci=v.get("ci95"))
+
+
+DIFF_SPECIFIC_CLAIM = ("the tuned model holds latents the base model lacks (crosscoder with Latent Scaling; model "
+                       "diffing, beyond the paper)")
+
+
+@row_builder
+def diff_tuned_specific(root: Path) -> Optional[Row]:
+    """Issue 27: how many crosscoder latents the diff stage called tuned-specific (diff.json), against the harness's
+    null worlds, where none should be. A count rule, not a test: outside the Holm correction; its false-positive
+    rate is the harness's."""
+    d = _load(root, "diff_summary")
+    if not d:
+        return None
+    layers = d["layers"]
+    n = sum(len(r["tuned_specific"]) for r in layers.values())
+    live = sum(round(r["latents"] * (1 - r["fractions"]["dead"])) for r in layers.values())
+    by_norm = sum(round(r["latents"] * r["fractions_by_norm"]["tuned-specific"]) for r in layers.values())
+    per_layer = "; ".join(
+        f"layer {layer}: {len(r['tuned_specific'])} specific, {100 * r['fractions']['shared']:.0f}% shared, "
+        f"{100 * r['fractions']['tuned-only artifact']:.1f}% tuned-only artifacts, explained variance base "
+        f"{num(r['quality']['base']['explained_variance'], 2)} tuned {num(r['quality']['tuned']['explained_variance'], 2)}"
+        + (f", diff-SAE {num(r['diff_sae']['explained_variance'], 2)}" if r.get("diff_sae") else "")
+        for layer, r in layers.items())
+    return finding(
+        claim=DIFF_SPECIFIC_CLAIM,
+        number=f"{n} tuned-specific of {live} live latents ({by_norm} by decoder norms alone)",
+        control="0 (the harness's null worlds: shared latents turned and rescaled by fine-tuning)",
+        verdict=SUPPORTED if n else NOT_DISTINGUISHABLE,
+        detail=f"{per_layer}. A count rule (at least one latent whose base decoder is at most 1/5 of its tuned one "
+               "and that Latent Scaling confirms), outside the Holm correction",
+        calibration="diff_specific")
+
+
+@row_builder
+def diff_latents_about_reward(root: Path) -> Optional[Row]:
+    """Issue 27: do the tuned-specific latents fire on the reward's words (the planted words of a planted reward)
+    more than the shared latents do (diff.json `enrichment`, irm.diff.enrichment)?"""
+    d = _load(root, "diff_summary")
+    if not d or "enrichment" not in d:
+        return None
+    e, what = d["enrichment"], d["marked_words"]["what"]
+    claim = f"the tuned-specific latents fire on the {what} more than shared latents do (model diffing)"
+    if e["difference"] is None:
+        return _not_tested(claim, f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents: nothing to "
+                                  "compare (see the row above)", calibration="diff_enrichment")
+    p = two_sided(e["p_greater"], e["p_less"])
+    return finding(
+        claim=claim,
+        number=f"share on the {what} {num(e['specific_share'])} vs {num(e['shared_share'])} "
+               f"(difference {num(e['difference'], signed=True)})",
+        control="the shared latents' share (labels permuted within each layer)",
+        verdict=verdict_from_p(e["p_greater"], e["p_less"]),
+        detail=f"{p_text(p)} ({e['permutations']} permutations); {e['tuned_specific']} tuned-specific and "
+               f"{e['shared']} shared latents; a latent's share is its code mass on held-out tokens that spell one of "
+               f"the {d['marked_words']['n']} {what}",
+        calibration="diff_enrichment", p_value=p)

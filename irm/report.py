@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
+from irm.diff.report import diff_section, diff_summary
 from irm.stages import CONFIG_YAML, artifact, mark_done, read_artifact, relpath
 
 PLOTS = relpath("plots")
@@ -352,6 +353,7 @@ def build_summary(root: Path) -> dict:
                                               for k, v in (validation.get("vs_other_explained") or {}).items()}},
         "explain": {k: (_load(root, "explain_scores") or {}).get(k)
                     for k in ("backend", "model", "explanations", "n_scored", "n_unparsed", "n_retried")},
+        **({"diff": diff} if (diff := diff_summary(root)) else {}),
     }
 
 
@@ -939,7 +941,8 @@ def configuration_section(doc: "Doc", cfg: RunConfig, root: Path, plots: Path) -
 
 # The report's sections after the findings, in order: one function per paper table or figure.
 SECTIONS = (reward_section, divergence_section, dictionaries_section, features_section, lexicon_section,
-            kendall_section, base_control_section, validation_section, ablation_section, configuration_section)
+            kendall_section, base_control_section, validation_section, ablation_section, diff_section,
+            configuration_section)
 
 
 def run(cfg: RunConfig) -> dict:

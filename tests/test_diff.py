@@ -268,7 +268,8 @@ def test_train_layer_writes_a_record_and_weights_that_agree(tmp_path):
     base_dir, tuned_dir = write_pair(tmp_path, w.base, w.tuned)
     d = DiffConfig(k=4, epochs=2, diff_sae_k=4, learning_rate=1e-2, trainer={"enable_progress_bar": False})
     assert d.check() == [] and DiffConfig(k=0, val_fraction=0).check()[0].startswith("diff.k")
-    record = train_layer(d, base_dir, tuned_dir, 0, (False, False), tmp_path / "layer-00")
+    record = train_layer(d, base_dir, tuned_dir, 0, (False, False), tmp_path / "layer-00",
+                         words=(_EverySeventh(), ["good"]))
     weights = load_file(str(tmp_path / "layer-00" / "crosscoder.safetensors"))
     assert weights["W_dec"].shape == (64, 2, 32) and record["latents"] == 64
     counts = np.bincount(weights[CLASS_INDEX_KEY].numpy(), minlength=len(CLASSES)) / 64
@@ -276,3 +277,27 @@ def test_train_layer_writes_a_record_and_weights_that_agree(tmp_path):
     # held out: the last 10% (from row 921), moved back to the start of its 16-token document (912)
     assert record["held_out_rows"] == 1024 - 912 and record["steps"] == 2 * 4  # 4 batches of 256 a epoch
     assert 0 < record["diff_sae"]["explained_variance"] <= 1 and record["diff_sae"]["latents"] == 64
+    # every latent's share of activation on the marked tokens (ids divisible by 7), against one pass over the
+    # held-out rows with the saved crosscoder
+    from irm.diff.model import Crosscoder
+
+    cc = Crosscoder(32, 64, activation="batchtopk", k=4)
+    cc.load_state_dict({k: v for k, v in weights.items() if k in cc.state_dict()})
+    rows = 1024 - 912
+    x = torch.stack([torch.as_tensor(w.base[-rows:]), torch.as_tensor(w.tuned[-rows:])], dim=1).float()
+    with torch.no_grad():
+        codes = cc.encode(x).double().numpy()
+    marked = (np.arange(912, 1024) % 7) == 0
+    mass = codes.sum(axis=0)
+    expected = np.where(mass > 0, codes[marked].sum(axis=0) / np.where(mass > 0, mass, 1), np.nan)
+    got = np.array([np.nan if v is None else v for v in record["word_share"]])
+    assert np.allclose(got, expected, equal_nan=True, atol=1e-6)
+    assert record["marked_rows"] == pytest.approx(marked.mean())
+    assert set(record["tuned_specific_words"]) == {str(j) for j in record["tuned_specific"]}
+
+
+class _EverySeventh:
+    """A vocabulary whose every seventh token spells "good"."""
+
+    def decode(self, ids):
+        return " good" if ids[0] % 7 == 0 else " other"

@@ -17,7 +17,7 @@ CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 ARTIFACTS = [
     "config.yaml", "manifest.json", "rlhf/policy/config.json", "reward_eval.json", "divergence.json",
     "divergence.png", "mmcs.json", "explanations.jsonl", "triples.jsonl", "triples.json", "lexicon.csv",
-    "kendall.json", "validation.json", "ablation.json", "report.md", "report.html", "summary.json",
+    "kendall.json", "validation.json", "ablation.json", "diff.json", "report.md", "report.html", "summary.json",
 ]
 
 
@@ -38,10 +38,11 @@ READS: dict[str, set[str]] = {
     "control": {"rlhf", "divergence", "triples", "sae", "lexicon"},
     "validate-features": {"rlhf", "regression", "lexicon", "explain", "sae"},
     "ablate": {"rlhf", "sae", "explain"},                     # labelled features zeroed in the tuned policy
+    "diff": {"rlhf", "divergence", "cache"},                  # base and tuned activations at the cached tokens
     "calibrate": {"evaluate-reward", "divergence", "dictionaries", "control", "validate-features",
                   "ablate"},                                  # the sizes its simulated worlds take
     "report": {"evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
-               "validate-features", "ablate", "calibrate"},
+               "validate-features", "ablate", "diff", "calibrate"},
 }
 
 

@@ -698,3 +698,53 @@ def test_exported_model_name_is_loadable_by_other_tools():
     assert loadable_model_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert loadable_model_name("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
 
+
+
+# Tensor methods that copy a value from the device to the host (a synchronisation on a GPU).
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("settings", [
+    {"activation": "topk", "k": 4, "center_input": True, "tied": False, "aux_coefficient": 0.25},  # the quickstart's
+    # the paper's; its resampling (every dead_window steps) reads one count, the number of dead features to draw
+    # rows for: a window longer than the fit leaves the per-step path alone to be counted
+    {"activation": "relu", "l1_coefficient": 1e-3, "dead_window": 1000},
+])
+def test_an_sae_optimizer_step_reads_nothing_back_from_the_device_between_logging_steps(tmp_path, monkeypatch,
+                                                                                      settings):
+    """Issue 25: no per-step host synchronisation. Every device-to-host read made inside training_step is counted
+    (the Tensor methods that copy to the host, wrapped); between Lightning's logging steps there must be none, so
+    metrics are accumulated on the device and read only when they are logged."""
+    layer_dir = tmp_path / "cache" / "layer-00"
+    planted_cache(layer_dir, n=4000)
+    module = SAEModule(d_in=32, expansions=[1, 2], learning_rate=1e-3, **{"dead_window": 5, **settings})
+    reads: list[str] = []
+    inside = [False]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = module.training_step
+    per_step: list[int] = []
+
+    def watched(batch, batch_idx):
+        inside[0], before = True, len(reads)
+        try:
+            return step(batch, batch_idx)
+        finally:
+            inside[0] = False
+            per_step.append(len(reads) - before)
+
+    monkeypatch.setattr(module, "training_step", watched)
+    t = trainer(tmp_path, max_epochs=1, log_every_n_steps=10, limit_val_batches=0)
+    t.fit(module, ActivationDataModule(str(layer_dir), batch_size=64))
+    assert len(per_step) >= 20
+    logging = {i for i in range(len(per_step)) if (i + 1) % 10 == 0}
+    quiet = [n for i, n in enumerate(per_step) if i not in logging]
+    assert sum(quiet) == 0, (f"{sum(quiet)} device-to-host reads on {len(quiet)} non-logging steps: "
+                             f"{sorted(set(reads))}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from irm.calibration.core import Family, failures, minimal_detectable_effect, run, run_family
 
-GROUPS: tuple[str, ...] = ("planted", "chain", "run_level", "features")  # modules under irm.calibration with FAMILIES
+GROUPS: tuple[str, ...] = ("planted", "chain", "run_level", "features", "diff")  # modules under irm.calibration with FAMILIES
 
 
 CERTIFIED = Path(__file__).with_name("certified.json")

@@ -165,6 +165,53 @@ def found_cosine(cc, direction_D: np.ndarray, among_F: Optional[np.ndarray] = No
     return float(cos_F.max()) if cos_F.size else float("nan")
 
 
+MARK_RATE = 0.1  # share of tokens that spell one of the reward's words
+ENRICH_MAGNITUDE = 2.0  # the tuned-only latent's magnitude in the enrichment worlds: found in nearly every world
+ENRICH_EFFECTS = (0.25, 0.5, 1.0)
+ENRICH_PERMUTATIONS = 999
+# Wider than the specificity worlds: with one tuned-specific latent among n shared ones a permutation p is at least
+# 1 / (n + 1), so 48 shared latents (64 in all) could hardly reach 0.025; 96 in 128 latents can.
+ENRICH_SIZES = {"shared": 96, "expansion": 4}
+
+
+def judge_enrichment(rng: np.random.Generator, sizes: Sizes, on_marks: float = 0.0) -> str:
+    """One world of the finding "the tuned-specific latents fire on the reward's words more than shared latents",
+    judged by the real path (irm.diff.enrichment on a crosscoder trained through Lightning). Every world holds one
+    tuned-only direction (ENRICH_MAGNITUDE) and marks MARK_RATE of its tokens as reward words, independently of
+    every shared latent; `on_marks` of the tuned-only direction's firings are moved onto marked tokens (0: it fires
+    on them at their base rate, the null). A world where no latent is called tuned-specific is "not tested"."""
+    from irm.diff.enrichment import enrichment_test, marked_mass, shares
+    from irm.diff.scaling import read_crosscoder
+    from irm.findings import NOT_TESTED, verdict_from_p
+
+    sizes = {**ENRICH_SIZES, **sizes}
+    w = paired_world(rng, sizes, turn=0.2, rescale=0.2)
+    rows, width = w.tuned.shape
+    marks = rng.random(rows) < MARK_RATE
+    fires = (rng.random(rows) < FIRE) & ~marks
+    moved = fires & (rng.random(rows) < on_marks)
+    marked_rows = np.flatnonzero(marks)
+    fires[moved] = False
+    fires[rng.choice(marked_rows, size=int(moved.sum()), replace=False)] = True  # moved firings, on marked tokens
+    firing_marked = (rng.random(rows) < FIRE) & marks & (rng.random(rows) >= on_marks)  # base-rate firings on marks
+    fires |= firing_marked
+    tuned = w.tuned + ENRICH_MAGNITUDE * (fires * rng.exponential(1.0, rows))[:, None] * w.planted
+    hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
+               "learning_rate": LEARNING_RATE}
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data = fit(*write_pair(tmp, w.base, tuned), steps=int(sizes.get("steps", STEPS)),
+                           seed=int(rng.integers(2**31)), **hparams)
+        val = held_out(data)
+        result = read_crosscoder(module.crosscoder, val)
+        token_ids = torch.arange(data.split, rows)
+        m = marked_mass(module.crosscoder, val, token_ids, torch.as_tensor(marks[data.split:]))
+    e = enrichment_test([(shares(m["marked"], m["mass"]), result["classes"])], ENRICH_PERMUTATIONS,
+                        int(rng.integers(2**31)))
+    if e["difference"] is None:
+        return NOT_TESTED
+    return verdict_from_p(e["p_greater"], e["p_less"])
+
+
 # Measured (20 worlds each, seed 0, 2 cores, ~2 s a world): nulls 0/20 and 0/20 called a latent tuned-specific
 # (Clopper-Pearson upper end 0.17: too few worlds to certify the 5% limit); planted 0.5: 5/20, 1.0: 18/20.
 UNIT = "planted tuned-only latent's magnitude, in shared latents' mean magnitudes"
@@ -175,4 +222,12 @@ FAMILIES: list[Family] = [
            lambda rng, s: judge(rng, s, turn=0.2, rescale=0.2, weak_in_base=WEAK_NULL), UNIT, cost="slow"),
     *(Family("diff_specific", "one direction fires in the tuned model only", e,
              lambda rng, s, e=e: judge(rng, s, effect=e, turn=0.2, rescale=0.2), UNIT, cost="slow") for e in EFFECTS),
+]
+ENRICH_UNIT = "share of the tuned-only latent's firings moved onto the reward's words (base rate 0.1)"
+FAMILIES += [
+    Family("diff_enrichment", "a tuned-only latent blind to the reward's words", 0.0,
+           lambda rng, s: judge_enrichment(rng, s), ENRICH_UNIT, cost="slow"),
+    *(Family("diff_enrichment", "a tuned-only latent on the reward's words", e,
+             lambda rng, s, e=e: judge_enrichment(rng, s, on_marks=e), ENRICH_UNIT, cost="slow")
+      for e in ENRICH_EFFECTS),
 ]

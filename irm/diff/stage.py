@@ -13,7 +13,9 @@ import contextlib
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
 from irm.errors import UserError
@@ -49,10 +51,12 @@ def base_cache(cfg, model, tokenizer, layers: list[int], root: Path) -> dict[int
     return out
 
 
-def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, out_dir: Path) -> dict:
+def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, out_dir: Path,
+                words: Optional[tuple] = None) -> dict:
     """One layer's crosscoder (and diff-SAE) under config section `d` (DiffConfig); its diff.json record. Writes
     `out_dir/crosscoder.safetensors`. `loggers`: the crosscoder's and the diff-SAE's Lightning loggers (False:
-    none)."""
+    none). `words`: (tokenizer, the marked words) for every latent's share of activation on those words
+    (irm.diff.enrichment) and the top words of the tuned-specific latents; None: neither."""
     from safetensors.torch import save_file
 
     from irm.artifacts import atomic_path
@@ -90,10 +94,26 @@ def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, o
                               "reconstruction": [float(result["nu_tuned"]["nu_reconstruction"][j]) for j in specific]},
         "steps": int(module.global_step),
     }
+    if words is not None:
+        record.update(_word_shares(cc, data, result["classes"], specific, *words))
     if d.diff_sae:
         record["diff_sae"] = _diff_sae(d, base_dir, tuned_dir, seed, loggers[1])
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def _word_shares(cc, data, classes, specific: list[int], tokenizer, words) -> dict:
+    """Every latent's share of activation on the marked words over the held-out rows, and the top words of the
+    tuned-specific latents."""
+    from irm.diff.enrichment import marked_mass, shares, top_words, word_marks
+
+    token_ids = data.paired.tuned.read_range(data.split, data.paired.rows, ("token_ids",))["token_ids"]
+    marks = word_marks(token_ids, tokenizer, words)
+    m = marked_mass(cc, data.val_dataloader(), token_ids, marks, track=specific)
+    share = shares(m["marked"], m["mass"])
+    return {"word_share": [None if not math.isfinite(v) else float(v) for v in share],
+            "marked_rows": float(marks.double().mean()),
+            "tuned_specific_words": {str(j): top_words(tokenizer, m["tokens"][j]) for j in specific}}
 
 
 def _fit(d, module, data, logger) -> None:
@@ -137,6 +157,15 @@ def _diff_sae(d, base_dir: Path, tuned_dir: Path, seed: int, logger) -> dict:
             "l0": float(stats["l0"]), "steps": int(module.global_step)}
 
 
+def _classes(layer_dir: Path) -> np.ndarray:
+    """The per-latent classes a layer's crosscoder.safetensors holds."""
+    from safetensors.torch import load_file
+
+    from irm.diff.scaling import CLASSES
+
+    return np.array(CLASSES, dtype=object)[load_file(str(layer_dir / "crosscoder.safetensors"))[CLASS_INDEX_KEY].numpy()]
+
+
 def run(cfg) -> None:
     """Base cache, crosscoder and diff-SAE of every chosen layer; diff.json; the stage recorded."""
     from irm.activations import cache_layer_dir
@@ -156,14 +185,21 @@ def run(cfg) -> None:
     base_dirs = base_cache(cfg, model, tokenizer, layers, root / "base-cache")
     cache_seconds = time.perf_counter() - t0
     del model
+    from irm.diff.enrichment import PERMUTATIONS, enrichment_test, marked_words
+
+    what, words = marked_words(cfg.reward)
     records = {}
     for layer in layers:
         name = f"layer-{layer:02d}"
         loggers = tuple(stage_loggers(cfg.log_dir, cfg.run_dir, f"diff/{name}/{part}", cfg.loggers) or False
                         for part in ("crosscoder", "diff-sae"))
         records[str(layer)] = train_layer(cfg.diff, base_dirs[layer], cache_layer_dir(cfg.run_dir, layer), cfg.seed,
-                                          loggers, root / name)
-    summary = {"layers": records, "base_cache_seconds": cache_seconds, "seconds": time.perf_counter() - begin}
+                                          loggers, root / name, words=(tokenizer, words))
+    enrichment = enrichment_test([(np.array([np.nan if v is None else v for v in r["word_share"]]),
+                                   _classes(root / f"layer-{int(layer):02d}")) for layer, r in records.items()],
+                                 PERMUTATIONS, cfg.seed)
+    summary = {"layers": records, "marked_words": {"what": what, "n": len(words)}, "enrichment": enrichment,
+               "base_cache_seconds": cache_seconds, "seconds": time.perf_counter() - begin}
     write_json(artifact(cfg.run_dir, "diff_summary"), summary)
     mark_done(cfg, "diff", [artifact(cfg.run_dir, "diff_summary")]
               + [root / f"layer-{layer:02d}" / "crosscoder.safetensors" for layer in layers])

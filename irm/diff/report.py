@@ -1,0 +1,115 @@
+"""The report's model-diffing section and its part of summary.json (issue 27): what the crosscoder says RLHF added,
+per layer, the tuned-specific latents and their words, and its answer beside the paper's instruments (delta_tau,
+the per-word moves of the planted words, MMCS). Reads diff.json and the findings rows; writes nothing itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+SHOWN_LATENTS = 20  # tuned-specific latents listed with their words
+
+
+def _diff(root: Path) -> Optional[dict]:
+    from irm.stages import read_artifact
+
+    return read_artifact(root, "diff_summary", missing_ok=True)
+
+
+def diff_summary(root: Path) -> Optional[dict]:
+    """summary.json's `diff`: per layer the class counts and reconstruction quality, and the enrichment test; None
+    when the diff stage has not run."""
+    d = _diff(root)
+    if not d:
+        return None
+    layers = {}
+    for layer, r in d["layers"].items():
+        layers[layer] = {"latents": r["latents"], "tuned_specific": len(r["tuned_specific"]),
+                         "fractions": r["fractions"], "fractions_by_norm": r["fractions_by_norm"],
+                         "explained_variance": {m: r["quality"][m]["explained_variance"] for m in ("base", "tuned")},
+                         "diff_sae_explained_variance": (r.get("diff_sae") or {}).get("explained_variance")}
+    return {"layers": layers, "enrichment": d.get("enrichment"), "marked_words": d.get("marked_words"),
+            "seconds": d.get("seconds")}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _verdict(row: Optional[dict]) -> str:
+    return "not measured" if row is None else row["verdict"]
+
+
+def diff_section(doc, cfg, root: Path, plots: Path) -> None:
+    """Model diffing (beyond the paper): the crosscoder's classes per layer, the tuned-specific latents, and its
+    answer next to the paper's."""
+    from irm import findings
+
+    d = _diff(root)
+    doc.heading("Model diffing: what the crosscoder says RLHF added (beyond the paper)")
+    if not d:
+        doc.para("Not run (`python -m irm diff`).")
+        return
+    doc.para("One BatchTopK crosscoder per layer on the base and the tuned model's activations at the same tokens "
+             "(Minder, Dumas et al. 2025). A latent is tuned-specific when its base decoder is at most a fifth of its "
+             "tuned one and Latent Scaling confirms that the base activations do not hold it; latents that pass "
+             "the norm rule only are artifacts of the sparsity penalty. The diff-SAE (an SAE on tuned - base "
+             "activations) is the simpler baseline.")
+    rows = []
+    for layer, r in d["layers"].items():
+        f, fn = r["fractions"], r["fractions_by_norm"]
+        q = r["quality"]
+        rows.append([layer, r["latents"], len(r["tuned_specific"]), _pct(fn["tuned-specific"]),
+                     _pct(f["tuned-only artifact"]), _pct(f["base-specific"]), _pct(f["shared"]), _pct(f["dead"]),
+                     f"{q['base']['explained_variance']:.3f} / {q['tuned']['explained_variance']:.3f}",
+                     "" if not r.get("diff_sae") else f"{r['diff_sae']['explained_variance']:.3f}",
+                     f"{r['seconds']:.0f}"])
+    doc.table(["layer", "latents", "tuned-specific", "tuned-only by norms alone", "tuned-only artifacts",
+               "base-specific", "shared", "dead", "explained variance base / tuned", "diff-SAE explained variance",
+               "seconds"], rows,
+              caption=f"Held-out rows of the paired cache; the stage took {d['seconds']:.0f} s, "
+                      f"{d['base_cache_seconds']:.0f} s of it caching the base model's activations.")
+    named = [(layer, j, words) for layer, r in d["layers"].items()
+             for j, words in (r.get("tuned_specific_words") or {}).items()]
+    if named:
+        doc.table(["layer", "latent", "top words (share of its activation)"],
+                  [[layer, j, ", ".join(f"{w} ({100 * s:.0f}%)" for w, s in words)]
+                   for layer, j, words in named[:SHOWN_LATENTS]],
+                  caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
+                          "the words carrying most of their held-out activation")
+    specific = findings.diff_tuned_specific(root)
+    enrich = findings.diff_latents_about_reward(root)
+    delta = findings.differs_from_base(root)
+    moved = findings.planted_words_moved(root)
+    mmcs = findings.dictionaries_share_features(root) or []
+    doc.table(["instrument", "question", "answer"],
+              [["crosscoder (this section)", "does the tuned model hold latents the base lacks?",
+                f"{specific['number']}: {specific['verdict']}"],
+               ["crosscoder", "are they about the reward's words?",
+                _verdict(enrich) if enrich is None or enrich["verdict"] == findings.NOT_TESTED
+                else f"{enrich['number']}: {enrich['verdict']}"],
+               ["delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the "
+                "base's?", "not measured" if delta is None else f"{delta['number']}: {delta['verdict']}"],
+               ["per-word moves (planted words)", "did the planted words' implicit values move?",
+                "no planted words" if moved is None else f"{moved['number']}: {moved['verdict']}"],
+               ["MMCS (two SAEs of the tuned model)", "do the tuned model's dictionaries share features?",
+                "; ".join(f"{r['number']}: {r['verdict']}" for r in mmcs) or "not measured"]],
+              caption=agreement(specific, delta, moved))
+
+
+def agreement(specific: dict, delta: Optional[dict], moved: Optional[dict]) -> str:
+    """One sentence: do the crosscoder and the paper's base-vs-tuned instruments agree that something changed?"""
+    from irm.findings import SUPPORTED, CONTRADICTED
+
+    cc = specific["verdict"] == SUPPORTED
+    paper = [r for r in (delta, moved) if r is not None]
+    if not paper:
+        return "The paper's base-vs-tuned instruments did not run: nothing to compare."
+    changed = any(r["verdict"] in (SUPPORTED, CONTRADICTED) for r in paper)
+    if cc == changed:
+        return ("They agree: " + ("both find a change RLHF made." if cc else
+                                  "neither finds a change distinguishable from its control."))
+    return ("They disagree: " + ("the crosscoder finds latents only the tuned model holds, while the paper's "
+                                 "instruments see no change in the implicit reward." if cc else
+                                 "the paper's instruments see the implicit reward change, while the crosscoder finds "
+                                 "no latent only the tuned model holds."))

@@ -1,0 +1,143 @@
+"""Model diffing's findings (issue 27): the enrichment test of the tuned-specific latents against an exhaustive
+permutation count, the streamed word shares against one pass in numpy, the word marks, the findings rows and the
+report's comparison with the paper's instruments."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from irm.diff.enrichment import enrichment_test, marked_mass, shares, top_words, word_marks
+from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, NOT_TESTED, SUPPORTED
+
+
+def _exact_p(groups, observed):
+    """Exhaustive stratified permutation p (greater) of mean(specific) - mean(shared): every way to give each layer
+    its number of specific labels."""
+    hits = total = 0
+    layer_choices = [itertools.combinations(range(len(v)), int(s.sum())) for v, s in groups]
+    values = np.concatenate([v for v, _ in groups])
+    for combo in itertools.product(*layer_choices):
+        flags = np.concatenate([np.isin(np.arange(len(v)), c) for (v, _), c in zip(groups, combo)])
+        total += 1
+        hits += values[flags].mean() - values[~flags].mean() >= observed - 1e-12
+    return hits / total
+
+
+def test_enrichment_test_matches_an_exhaustive_stratified_permutation_count():
+    a_share = np.array([0.9, 0.1, 0.2, 0.15, 0.12, 0.3])
+    a_class = np.array(["tuned-specific"] + ["shared"] * 5, dtype=object)
+    b_share = np.array([0.5, 0.4, 0.05, 0.1, np.nan, 0.8])
+    b_class = np.array(["tuned-specific", "shared", "shared", "partial", "shared", "tuned-only artifact"],
+                       dtype=object)
+    e = enrichment_test([(a_share, a_class), (b_share, b_class)], permutations=20000, seed=1)
+    # only live tuned-specific and shared latents count: the partial, the dead (NaN) and the artifact are left out
+    spec, shared = [0.9, 0.5], [0.1, 0.2, 0.15, 0.12, 0.3, 0.4, 0.05]
+    assert (e["tuned_specific"], e["shared"]) == (2, 7)
+    assert e["difference"] == pytest.approx(np.mean(spec) - np.mean(shared))
+    groups = [(np.array([0.9, 0.1, 0.2, 0.15, 0.12, 0.3]), np.array([1, 0, 0, 0, 0, 0], bool)),
+              (np.array([0.5, 0.4, 0.05]), np.array([1, 0, 0], bool))]
+    exact = _exact_p(groups, e["difference"])
+    assert exact == pytest.approx(1 / 18)  # the observed labelling is the most extreme of the 6 x 3
+    assert e["p_greater"] == pytest.approx(exact, abs=0.01)
+    assert e["p_less"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_enrichment_test_has_nothing_to_compare_without_a_tuned_specific_latent():
+    e = enrichment_test([(np.array([0.1, 0.2]), np.array(["shared", "partial"], dtype=object))])
+    assert e["tuned_specific"] == 0 and e["difference"] is None and e["p_greater"] is None
+
+
+def test_marked_mass_streamed_over_batches_equals_one_pass_in_numpy():
+    from irm.diff.model import Crosscoder
+
+    torch.manual_seed(0)
+    cc = Crosscoder(8, 16, activation="batchtopk", k=3)
+    cc.threshold.fill_(0.05)  # the per-token inference rule: codes do not depend on the batching
+    x = torch.randn(100, 2, 8)
+    token_ids = torch.randint(0, 7, (100,))
+    marks = token_ids < 3
+    m = marked_mass(cc, [x[i:i + 32] for i in range(0, 100, 32)], token_ids, marks, track=[2, 5])
+    with torch.no_grad():
+        codes = cc.encode(x).double().numpy()
+    assert m["marked"] == pytest.approx(codes[marks.numpy()].sum(axis=0))
+    assert m["mass"] == pytest.approx(codes.sum(axis=0))
+    for j in (2, 5):
+        expected = {t: codes[token_ids.numpy() == t, j].sum() for t in range(7)}
+        assert m["tokens"][j] == pytest.approx({t: v for t, v in expected.items() if v > 0})
+    s = shares(m["marked"], m["mass"])
+    fired = codes.sum(axis=0) > 0
+    assert s[fired] == pytest.approx(codes[marks.numpy()].sum(axis=0)[fired] / codes.sum(axis=0)[fired])
+    assert np.isnan(s[~fired]).all()
+    with pytest.raises(ValueError, match="rows"):
+        marked_mass(cc, [x], token_ids[:50], marks[:50])
+
+
+class _Vocab:
+    """A tokenizer's decode over a fixed vocabulary (what word_marks reads of a tokenizer)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_word_marks_match_whole_tokens_case_and_space_insensitively():
+    vocab = _Vocab([" Good", "good", " bad", "ly", " table", " No", "no"])
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 4])
+    marks = word_marks(ids, vocab, ["good", "no"])
+    assert marks.tolist() == [True, True, False, False, False, True, True, False]
+    words = top_words(vocab, {0: 3.0, 1: 1.0, 4: 4.0})
+    assert sorted(words) == [("good", 0.5), ("table", 0.5)]  # " Good" and "good" are one word
+
+
+def _diff_json(tmp_path, specific, enrichment):
+    from irm.stages import relpath
+
+    layer = {"latents": 100, "tuned_specific": specific, "held_out_rows": 500,
+             "fractions": {"tuned-specific": len(specific) / 100, "shared": 0.9, "tuned-only artifact": 0.01,
+                           "base-specific": 0.0, "partial": 0.0, "base-only artifact": 0.0, "dead": 0.1 - len(specific) / 100},
+             "fractions_by_norm": {"tuned-specific": 0.02},
+             "quality": {"base": {"explained_variance": 0.8}, "tuned": {"explained_variance": 0.81}},
+             "diff_sae": {"explained_variance": 0.5}, "seconds": 3.0,
+             "tuned_specific_words": {str(j): [["good", 0.6]] for j in specific}}
+    d = {"layers": {"3": layer}, "marked_words": {"what": "planted words", "n": 20}, "enrichment": enrichment,
+         "base_cache_seconds": 1.0, "seconds": 10.0}
+    (tmp_path / relpath("diff_summary")).write_text(json.dumps(d))
+
+
+def test_diff_findings_rows_count_specific_latents_and_test_their_words(tmp_path):
+    from irm.findings import diff_latents_about_reward, diff_tuned_specific
+
+    none = {"tuned_specific": 0, "shared": 90, "specific_share": None, "shared_share": None, "difference": None,
+            "p_greater": None, "p_less": None, "permutations": 9999}
+    _diff_json(tmp_path, [], none)
+    row = diff_tuned_specific(tmp_path)
+    assert row["verdict"] == NOT_DISTINGUISHABLE and row["number"].startswith("0 tuned-specific of 90 live")
+    assert row["p_value"] is None and row["calibration"] == "diff_specific"
+    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_TESTED
+    found = {**none, "tuned_specific": 2, "specific_share": 0.6, "shared_share": 0.1, "difference": 0.5,
+             "p_greater": 0.001, "p_less": 1.0}
+    _diff_json(tmp_path, [4, 7], found)
+    assert diff_tuned_specific(tmp_path)["verdict"] == SUPPORTED
+    row = diff_latents_about_reward(tmp_path)
+    assert row["verdict"] == SUPPORTED and row["p_value"] == pytest.approx(0.002)
+    assert "planted words" in row["claim"]
+    _diff_json(tmp_path, [4, 7], {**found, "difference": -0.05, "p_greater": 0.9, "p_less": 0.2})
+    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_DISTINGUISHABLE
+    assert diff_tuned_specific(tmp_path / "missing") is None
+
+
+def test_report_says_whether_the_crosscoder_and_the_papers_instruments_agree():
+    from irm.diff.report import agreement
+
+    spec = {"verdict": SUPPORTED}
+    quiet = {"verdict": NOT_DISTINGUISHABLE}
+    assert agreement(quiet, quiet, None).startswith("They agree: neither")
+    assert agreement(spec, {"verdict": CONTRADICTED}, quiet).startswith("They agree: both")
+    assert "crosscoder finds latents" in agreement(spec, quiet, quiet)
+    assert "crosscoder finds no latent" in agreement(quiet, quiet, {"verdict": SUPPORTED})
+    assert "nothing to compare" in agreement(spec, None, None)
