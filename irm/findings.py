@@ -884,25 +884,40 @@ def diff_tuned_specific(root: Path) -> Optional[Row]:
 
 
 @row_builder
-def diff_latents_about_reward(root: Path) -> Optional[Row]:
-    """Issue 27: do the tuned-specific latents fire on the reward's words (the planted words of a planted reward)
-    more than the shared latents do (diff.json `enrichment`, irm.diff.enrichment)?"""
+def diff_latents_about_reward(root: Path) -> Optional[list]:
+    """Issue 27: are the latents RLHF added or strengthened about the reward's words (the planted words of a planted
+    reward; irm.diff.enrichment)? Two rows from diff.json: the tuned-specific latents against the shared ones
+    (`enrichment`), and, graded, the latents' lean toward the tuned model against their share on the words (`lean`:
+    needs no tuned-specific latent, since RLHF may strengthen the reward's features without creating new ones)."""
     d = _load(root, "diff_summary")
     if not d or "enrichment" not in d:
         return None
-    e, what = d["enrichment"], d["marked_words"]["what"]
+    e, t, what = d["enrichment"], d.get("lean"), d["marked_words"]["what"]
+    on_words = f"held-out tokens that spell one of the {d['marked_words']['n']} {what}"
     claim = f"the tuned-specific latents fire on the {what} more than shared latents do (model diffing)"
     if e["difference"] is None:
-        return _not_tested(claim, f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents: nothing to "
-                                  "compare (see the row above)", calibration="diff_enrichment")
-    p = two_sided(e["p_greater"], e["p_less"])
-    return finding(
-        claim=claim,
-        number=f"share on the {what} {num(e['specific_share'])} vs {num(e['shared_share'])} "
-               f"(difference {num(e['difference'], signed=True)})",
-        control="the shared latents' share (labels permuted within each layer)",
-        verdict=verdict_from_p(e["p_greater"], e["p_less"]),
-        detail=f"{p_text(p)} ({e['permutations']} permutations); {e['tuned_specific']} tuned-specific and "
-               f"{e['shared']} shared latents; a latent's share is its code mass on held-out tokens that spell one of "
-               f"the {d['marked_words']['n']} {what}",
-        calibration="diff_enrichment", p_value=p)
+        rows = [_not_tested(claim, f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents: nothing "
+                                   "to compare (see the row above)", calibration="diff_enrichment")]
+    else:
+        rows = [permutation_row(
+            claim, e, f"share on the {what} {num(e['specific_share'])} vs {num(e['shared_share'])} "
+                      f"(difference {num(e['difference'], signed=True)})",
+            "the shared latents' share (labels permuted within each layer)",
+            f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents; a latent's share is its code mass "
+            f"on {on_words}", "diff_enrichment")]
+    if t is not None and t["rho"] is not None:
+        rows.append(permutation_row(
+            f"the latents leaning toward the tuned model fire more on the {what} (model diffing)", t,
+            f"Spearman rho {num(t['rho'], signed=True)} over {t['latents']} latents",
+            "rho 0 (shares permuted within each layer)",
+            f"per latent its relative decoder-norm difference (tuned - base) against its share of activation on "
+            f"{on_words}; layers weighted by their latents", "diff_lean"))
+    return rows
+
+
+def permutation_row(claim: str, test: dict, number: str, control: str, detail: str, calibration: str) -> Row:
+    """The row of a one-sided pair of permutation p-values (`test`: p_greater, p_less, permutations)."""
+    p = two_sided(test["p_greater"], test["p_less"])
+    return finding(claim=claim, number=number, control=control, verdict=verdict_from_p(test["p_greater"], test["p_less"]),
+                   detail=f"{p_text(p)} ({test['permutations']} permutations); {detail}", calibration=calibration,
+                   p_value=p)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.diff.enrichment import enrichment_test, marked_mass, shares, top_words, word_marks
+from irm.diff.enrichment import enrichment_test, lean_test, marked_mass, shares, top_words, word_marks
 from irm.findings import CONTRADICTED, NOT_DISTINGUISHABLE, NOT_TESTED, SUPPORTED
 
 
@@ -48,6 +48,28 @@ def test_enrichment_test_matches_an_exhaustive_stratified_permutation_count():
 def test_enrichment_test_has_nothing_to_compare_without_a_tuned_specific_latent():
     e = enrichment_test([(np.array([0.1, 0.2]), np.array(["shared", "partial"], dtype=object))])
     assert e["tuned_specific"] == 0 and e["difference"] is None and e["p_greater"] is None
+
+
+def test_lean_test_is_the_weighted_spearman_rho_with_an_exhaustive_permutation_p():
+    from scipy.stats import spearmanr
+
+    delta_a, share_a = np.array([0.3, -0.1, 0.5, 0.0, 0.2, -0.4]), np.array([0.4, 0.1, 0.9, 0.2, 0.3, 0.25])
+    delta_b = np.array([0.1, 0.2, -0.3, 0.0, 0.9])
+    share_b = np.array([0.2, np.nan, 0.1, 0.5, 0.3])  # the NaN: a dead latent, left out
+    t = lean_test([(delta_a, share_a), (delta_b, share_b)], permutations=20000, seed=2)
+    rho_a = spearmanr(delta_a, share_a).statistic
+    live = np.isfinite(share_b)
+    rho_b = spearmanr(delta_b[live], share_b[live]).statistic
+    assert t["latents"] == 10 and t["rho"] == pytest.approx((6 * rho_a + 4 * rho_b) / 10)
+    hits = total = 0  # every permutation of the shares within each layer: 720 x 24
+    for pa in itertools.permutations(range(6)):
+        ra = spearmanr(delta_a, share_a[list(pa)]).statistic
+        for pb in itertools.permutations(range(4)):
+            rb = spearmanr(delta_b[live], share_b[live][list(pb)]).statistic
+            total += 1
+            hits += (6 * ra + 4 * rb) / 10 >= t["rho"] - 1e-12
+    assert t["p_greater"] == pytest.approx(hits / total, abs=0.01)
+    assert lean_test([(np.zeros(2), np.full(2, np.nan))])["rho"] is None
 
 
 def test_marked_mass_streamed_over_batches_equals_one_pass_in_numpy():
@@ -104,7 +126,9 @@ def _diff_json(tmp_path, specific, enrichment):
              "quality": {"base": {"explained_variance": 0.8}, "tuned": {"explained_variance": 0.81}},
              "diff_sae": {"explained_variance": 0.5}, "seconds": 3.0,
              "tuned_specific_words": {str(j): [["good", 0.6]] for j in specific}}
+    lean = {"rho": 0.12, "latents": 90, "p_greater": 0.004, "p_less": 0.99, "permutations": 9999}
     d = {"layers": {"3": layer}, "marked_words": {"what": "planted words", "n": 20}, "enrichment": enrichment,
+         "lean": lean,
          "base_cache_seconds": 1.0, "seconds": 10.0}
     (tmp_path / relpath("diff_summary")).write_text(json.dumps(d))
 
@@ -118,17 +142,18 @@ def test_diff_findings_rows_count_specific_latents_and_test_their_words(tmp_path
     row = diff_tuned_specific(tmp_path)
     assert row["verdict"] == NOT_DISTINGUISHABLE and row["number"].startswith("0 tuned-specific of 90 live")
     assert row["p_value"] is None and row["calibration"] == "diff_specific"
-    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_TESTED
+    assert diff_latents_about_reward(tmp_path)[0]["verdict"] == NOT_TESTED
     found = {**none, "tuned_specific": 2, "specific_share": 0.6, "shared_share": 0.1, "difference": 0.5,
              "p_greater": 0.001, "p_less": 1.0}
     _diff_json(tmp_path, [4, 7], found)
     assert diff_tuned_specific(tmp_path)["verdict"] == SUPPORTED
-    row = diff_latents_about_reward(tmp_path)
+    row, lean = diff_latents_about_reward(tmp_path)
     assert row["verdict"] == SUPPORTED and row["p_value"] == pytest.approx(0.002)
     assert "planted words" in row["claim"]
     _diff_json(tmp_path, [4, 7], {**found, "difference": -0.05, "p_greater": 0.9, "p_less": 0.2})
-    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_DISTINGUISHABLE
+    assert diff_latents_about_reward(tmp_path)[0]["verdict"] == NOT_DISTINGUISHABLE
     assert diff_tuned_specific(tmp_path / "missing") is None
+    assert lean["verdict"] == SUPPORTED and lean["p_value"] == pytest.approx(0.008) and "+0.120" in lean["number"]
 
 
 def test_report_says_whether_the_crosscoder_and_the_papers_instruments_agree():

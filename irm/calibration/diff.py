@@ -212,6 +212,45 @@ def judge_enrichment(rng: np.random.Generator, sizes: Sizes, on_marks: float = 0
     return verdict_from_p(e["p_greater"], e["p_less"])
 
 
+REWARD_LATENTS = 10  # shared latents that fire only on the reward's words in the lean worlds
+LEAN_EFFECTS = (0.25, 0.5, 1.0)
+
+
+def judge_lean(rng: np.random.Generator, sizes: Sizes, stronger: float = 0.0, on_marks_fire: float = 0.5) -> str:
+    """One world of the finding "the latents that lean toward the tuned model fire more on the reward's words"
+    (irm.diff.enrichment.lean_test on a crosscoder trained through Lightning). Every latent is in both models, turned
+    and rescaled at random by fine-tuning (as `paired_world`); REWARD_LATENTS of them fire only on the marked tokens
+    (MARK_RATE of all), with probability `on_marks_fire` there (0.5: as often overall as the others). Planted:
+    those latents' tuned magnitude times 1 + `stronger` on top of the random rescaling (RLHF strengthened the
+    reward's features without creating new ones)."""
+    from irm.diff.enrichment import lean_test, marked_mass, shares
+    from irm.diff.scaling import read_crosscoder
+    from irm.findings import verdict_from_p
+
+    sizes = {**ENRICH_SIZES, **sizes}
+    width, n_shared, rows = int(sizes.get("width", 32)), int(sizes["shared"]), int(sizes.get("rows", 4096))
+    u_KD = _unit(rng.normal(size=(n_shared, width)))
+    u_tuned_KD = _unit(u_KD + 0.2 * _unit(rng.normal(size=u_KD.shape)))
+    factor_K = np.exp(0.2 * rng.normal(size=n_shared))
+    factor_K[:REWARD_LATENTS] *= 1.0 + stronger
+    marks = rng.random(rows) < MARK_RATE
+    fire_RK = rng.random((rows, n_shared)) < FIRE
+    fire_RK[:, :REWARD_LATENTS] = marks[:, None] & (rng.random((rows, REWARD_LATENTS)) < on_marks_fire)
+    a_RK = fire_RK * rng.exponential(1.0, (rows, n_shared))
+    base = a_RK @ u_KD + NOISE * rng.normal(size=(rows, width))
+    tuned = (a_RK * factor_K) @ u_tuned_KD + NOISE * rng.normal(size=(rows, width))
+    hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
+               "learning_rate": LEARNING_RATE}
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data = fit(*write_pair(tmp, base, tuned), steps=int(sizes.get("steps", STEPS)),
+                           seed=int(rng.integers(2**31)), **hparams)
+        val = held_out(data)
+        result = read_crosscoder(module.crosscoder, val)
+        m = marked_mass(module.crosscoder, val, torch.arange(data.split, rows), torch.as_tensor(marks[data.split:]))
+    t = lean_test([(result["delta"], shares(m["marked"], m["mass"]))], ENRICH_PERMUTATIONS, int(rng.integers(2**31)))
+    return verdict_from_p(t["p_greater"], t["p_less"])
+
+
 # Measured (20 worlds each, seed 0, 2 cores, ~2 s a world): nulls 0/20 and 0/20 called a latent tuned-specific
 # (Clopper-Pearson upper end 0.17: too few worlds to certify the 5% limit); planted 0.5: 5/20, 1.0: 18/20.
 UNIT = "planted tuned-only latent's magnitude, in shared latents' mean magnitudes"
@@ -230,4 +269,13 @@ FAMILIES += [
     *(Family("diff_enrichment", "a tuned-only latent on the reward's words", e,
              lambda rng, s, e=e: judge_enrichment(rng, s, on_marks=e), ENRICH_UNIT, cost="slow")
       for e in ENRICH_EFFECTS),
+]
+LEAN_UNIT = "extra tuned magnitude of the latents on the reward's words (0.5: 1.5x)"
+FAMILIES += [
+    Family("diff_lean", "latents on the reward's words rescaled at random like the others", 0.0,
+           lambda rng, s: judge_lean(rng, s), LEAN_UNIT, cost="slow"),
+    Family("diff_lean", "latents on the reward's words, twice as frequent, rescaled at random", 0.0,
+           lambda rng, s: judge_lean(rng, s, on_marks_fire=1.0), LEAN_UNIT, cost="slow"),
+    *(Family("diff_lean", "latents on the reward's words strengthened in the tuned model", e,
+             lambda rng, s, e=e: judge_lean(rng, s, stronger=e), LEAN_UNIT, cost="slow") for e in LEAN_EFFECTS),
 ]

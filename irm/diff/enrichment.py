@@ -133,3 +133,40 @@ def marked_words(reward_cfg) -> tuple[str, list[str]]:
         return "planted words", sorted(planted)
     return "reward lexicon", sorted(w for w, v in lexicon.items() if v)
 
+
+
+def lean_test(layers: Sequence[tuple[np.ndarray, np.ndarray]], permutations: int = PERMUTATIONS,
+              seed: int = 0) -> dict:
+    """A graded reading that needs no tuned-specific latent: do the latents that lean toward the tuned model (their
+    relative decoder-norm difference delta, irm.diff.scaling) fire more on the marked words? Per layer (delta_F,
+    share_F) over its live latents (finite share), Spearman's rho of delta and share; the statistic is the mean of
+    the layers' rhos weighted by their latents, its null permutes the shares within each layer. Returns rho, the
+    latents counted and the one-sided permutation p-values (`p_greater`: leaning latents fire more on the words)."""
+    from scipy.stats import rankdata
+
+    ranks = []
+    for delta_F, share_F in layers:
+        delta_F, share_F = np.asarray(delta_F, dtype=np.float64), np.asarray(share_F, dtype=np.float64)
+        live = np.isfinite(share_F) & np.isfinite(delta_F)
+        if live.sum() >= 3:
+            a, b = rankdata(delta_F[live]), rankdata(share_F[live])
+            a, b = a - a.mean(), b - b.mean()
+            norm = np.sqrt((a @ a) * (b @ b))
+            if norm > 0:
+                ranks.append((a / np.sqrt(a @ a), b / np.sqrt(b @ b)))
+    n = sum(len(a) for a, _ in ranks)
+    out = {"rho": None, "latents": n, "p_greater": None, "p_less": None, "permutations": permutations}
+    if not ranks:
+        return out
+    weights = np.array([len(a) for a, _ in ranks], dtype=np.float64) / n
+    observed = float(sum(w * (a @ b) for w, (a, b) in zip(weights, ranks)))
+    rng = np.random.default_rng(seed)
+    null = np.zeros(permutations)
+    for w, (a, b) in zip(weights, ranks):
+        for start in range(0, permutations, 500):  # [chunk, latents] index arrays, a few MB at a time
+            stop = min(permutations, start + 500)
+            idx = np.argsort(rng.random((stop - start, len(b))), axis=1)
+            null[start:stop] += w * (b[idx] @ a)
+    out.update(rho=observed, p_greater=float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)),
+               p_less=float((1 + (null <= observed + 1e-12).sum()) / (1 + permutations)))
+    return out

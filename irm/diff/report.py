@@ -28,7 +28,8 @@ def diff_summary(root: Path) -> Optional[dict]:
                          "fractions": r["fractions"], "fractions_by_norm": r["fractions_by_norm"],
                          "explained_variance": {m: r["quality"][m]["explained_variance"] for m in ("base", "tuned")},
                          "diff_sae_explained_variance": (r.get("diff_sae") or {}).get("explained_variance")}
-    return {"layers": layers, "enrichment": d.get("enrichment"), "marked_words": d.get("marked_words"),
+    return {"layers": layers, "enrichment": d.get("enrichment"), "lean": d.get("lean"),
+            "marked_words": d.get("marked_words"),
             "seconds": d.get("seconds")}
 
 
@@ -78,7 +79,9 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
                   caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
                           "the words carrying most of their held-out activation")
     specific = findings.diff_tuned_specific(root)
-    enrich = findings.diff_latents_about_reward(root)
+    about = findings.diff_latents_about_reward(root) or []
+    enrich = about[0] if about else None
+    lean = about[1] if len(about) > 1 else None
     delta = findings.differs_from_base(root)
     moved = findings.planted_words_moved(root)
     mmcs = findings.dictionaries_share_features(root) or []
@@ -86,8 +89,10 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
               [["crosscoder (this section)", "does the tuned model hold latents the base lacks?",
                 f"{specific['number']}: {specific['verdict']}"],
                ["crosscoder", "are they about the reward's words?",
-                _verdict(enrich) if enrich is None or enrich["verdict"] == findings.NOT_TESTED
-                else f"{enrich['number']}: {enrich['verdict']}"],
+                _verdict(enrich) if enrich is None else f"{enrich['verdict']}: {enrich['detail']}"
+                if enrich["verdict"] == findings.NOT_TESTED else f"{enrich['number']}: {enrich['verdict']}"],
+               ["crosscoder", "do latents leaning toward the tuned model fire more on the reward's words?",
+                "not measured" if lean is None else f"{lean['number']}: {lean['verdict']}"],
                ["delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the "
                 "base's?", "not measured" if delta is None else f"{delta['number']}: {delta['verdict']}"],
                ["per-word moves (planted words)", "did the planted words' implicit values move?",

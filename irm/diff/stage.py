@@ -157,13 +157,14 @@ def _diff_sae(d, base_dir: Path, tuned_dir: Path, seed: int, logger) -> dict:
             "l0": float(stats["l0"]), "steps": int(module.global_step)}
 
 
-def _classes(layer_dir: Path) -> np.ndarray:
-    """The per-latent classes a layer's crosscoder.safetensors holds."""
+def _latents(layer_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(class, delta) per latent, as a layer's crosscoder.safetensors holds them."""
     from safetensors.torch import load_file
 
     from irm.diff.scaling import CLASSES
 
-    return np.array(CLASSES, dtype=object)[load_file(str(layer_dir / "crosscoder.safetensors"))[CLASS_INDEX_KEY].numpy()]
+    t = load_file(str(layer_dir / "crosscoder.safetensors"))
+    return np.array(CLASSES, dtype=object)[t[CLASS_INDEX_KEY].numpy()], t["delta"].double().numpy()
 
 
 def run(cfg) -> None:
@@ -185,7 +186,7 @@ def run(cfg) -> None:
     base_dirs = base_cache(cfg, model, tokenizer, layers, root / "base-cache")
     cache_seconds = time.perf_counter() - t0
     del model
-    from irm.diff.enrichment import PERMUTATIONS, enrichment_test, marked_words
+    from irm.diff.enrichment import PERMUTATIONS, enrichment_test, lean_test, marked_words
 
     what, words = marked_words(cfg.reward)
     records = {}
@@ -195,11 +196,23 @@ def run(cfg) -> None:
                         for part in ("crosscoder", "diff-sae"))
         records[str(layer)] = train_layer(cfg.diff, base_dirs[layer], cache_layer_dir(cfg.run_dir, layer), cfg.seed,
                                           loggers, root / name, words=(tokenizer, words))
-    enrichment = enrichment_test([(np.array([np.nan if v is None else v for v in r["word_share"]]),
-                                   _classes(root / f"layer-{int(layer):02d}")) for layer, r in records.items()],
-                                 PERMUTATIONS, cfg.seed)
+    latents = {layer: _latents(root / f"layer-{int(layer):02d}") for layer in records}
+    share = {layer: np.array([np.nan if v is None else v for v in r["word_share"]]) for layer, r in records.items()}
+    enrichment = enrichment_test([(share[layer], latents[layer][0]) for layer in records], PERMUTATIONS, cfg.seed)
+    lean = lean_test([(latents[layer][1], share[layer]) for layer in records], PERMUTATIONS, cfg.seed)
     summary = {"layers": records, "marked_words": {"what": what, "n": len(words)}, "enrichment": enrichment,
-               "base_cache_seconds": cache_seconds, "seconds": time.perf_counter() - begin}
+               "lean": lean, "base_cache_seconds": cache_seconds, "seconds": time.perf_counter() - begin}
     write_json(artifact(cfg.run_dir, "diff_summary"), summary)
+    for layer, r in records.items():
+        print(f"diff: layer {layer}: {len(r['tuned_specific'])} tuned-specific of {r['latents']} latents, "
+              f"{100 * r['fractions']['shared']:.0f}% shared, {100 * r['fractions']['tuned-only artifact']:.1f}% "
+              f"tuned-only artifacts; explained variance base {r['quality']['base']['explained_variance']:.3f}, "
+              f"tuned {r['quality']['tuned']['explained_variance']:.3f}", flush=True)
+    if lean["rho"] is not None:
+        print(f"diff: latents leaning toward the tuned model vs their share on the {what}: Spearman rho "
+              f"{lean['rho']:+.3f} over {lean['latents']} latents (p {lean['p_greater']:.4f} one-sided)", flush=True)
+    if enrichment["difference"] is not None:
+        print(f"diff: share on the {what}: tuned-specific {enrichment['specific_share']:.3f}, shared "
+              f"{enrichment['shared_share']:.3f} (p {enrichment['p_greater']:.4f} one-sided)", flush=True)
     mark_done(cfg, "diff", [artifact(cfg.run_dir, "diff_summary")]
               + [root / f"layer-{layer:02d}" / "crosscoder.safetensors" for layer in layers])
