@@ -680,22 +680,21 @@ def related_features_fire_where_r_is_high(root: Path) -> Optional[Row]:
 ABLATION_CLAIM = "ablating the {n} labelled feature{s} lowers the reward ({mode} splice; paper 5.2, table 5)"
 
 
-def ablation_row(abl: dict, mode: str, key: str) -> Optional[Row]:
+def ablation_row(abl: dict, mode: str, key: str, claim: Optional[str] = None,
+                 control: Optional[str] = None) -> Optional[Row]:
     """One paired difference of ablation.json (`key`: ablated_minus_splice, paired t over prompts; or
     ablated_minus_random, the t prediction interval over random draws), or None when it was not measured. The
     claim is a drop, so the verdict reads the negated interval against 0, one-sided: "supported" or "not
-    distinguishable"."""
+    distinguishable". `claim` and `control` replace table 5's wording (model diffing's ablation reads the same)."""
     d = (abl.get("modes") or {}).get(mode, {}).get(key)
     if not d:
         return None
     n = abl.get("n_features", 0)
-    claim = ABLATION_CLAIM.format(n=n, s="s" if n != 1 else "", mode=mode)
+    claim = claim or ABLATION_CLAIM.format(n=n, s="s" if n != 1 else "", mode=mode)
     calibration = "ablation_vs_splice" if key == "ablated_minus_splice" else "ablation_vs_random"
-    if key == "ablated_minus_splice":
-        control = "the SAE splice with nothing ablated"
-    else:
-        control = (f"{abl.get('random_draws')} draws of as many random features matched on firing frequency and "
-                   "mean contribution (mean code x decoder norm)")
+    control = control or ("the SAE splice with nothing ablated" if key == "ablated_minus_splice" else
+                          f"{abl.get('random_draws')} draws of as many random features matched on firing frequency "
+                          "and mean contribution (mean code x decoder norm)")
     ci = d.get("ci95")
     if ci is None and key == "ablated_minus_random":
         return _not_tested(claim + " vs random features", f"{d.get('interval')}; set ablate.random_draws >= 2",
@@ -921,3 +920,24 @@ def permutation_row(claim: str, test: dict, number: str, control: str, detail: s
     return finding(claim=claim, number=number, control=control, verdict=verdict_from_p(test["p_greater"], test["p_less"]),
                    detail=f"{p_text(p)} ({test['permutations']} permutations); {detail}", calibration=calibration,
                    p_value=p)
+
+
+DIFF_ABLATION_CLAIM = "ablating the tuned-specific latents' directions lowers the reward (model diffing)"
+
+
+@row_builder
+def diff_ablation_lowers_reward(root: Path) -> Optional[Row]:
+    """Issue 27: the tuned-specific latents' directions ablated in the tuned model against as many shared latents
+    matched on firing count (diff.json `ablation`, irm.diff.ablate), read by `ablation_row` as table 5's random
+    control is."""
+    d = _load(root, "diff_summary")
+    abl = (d or {}).get("ablation")
+    if abl is None:
+        return None
+    if "not_tested" in abl:
+        return _not_tested(DIFF_ABLATION_CLAIM, abl["not_tested"], "ablation_vs_random")
+    n = sum(len(ix) for ix in abl["latents"].values())
+    return ablation_row({"modes": {"directional": {"ablated_minus_random": abl["ablated_minus_matched"]}},
+                         "n_prompts": abl["n_prompts"], "n_features": n}, "directional", "ablated_minus_random",
+                        claim=DIFF_ABLATION_CLAIM,
+                        control=f"{len(abl['matched_sets'])} draws of {n} shared latents matched on firing count")

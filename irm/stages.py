@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "corpus", "reward", "rlhf", "cache", "sae", "ablate"), ("rlhf", "sae", "explain"), outputs=(("ablation", "ablation.json"),)),
     Stage("diff", "irm.diff.stage",
           "model diffing: a crosscoder with Latent Scaling and a diff-SAE on base vs tuned activations (beyond the paper)",
-          ("seed", "model", "corpus", "reward", "cache", "diff"), ("divergence", "cache"),
+          ("seed", "model", "corpus", "reward", "rlhf", "cache", "ablate", "diff"), ("rlhf", "divergence", "cache"),
           outputs=(("diff", "diff"), ("diff_summary", "diff.json"))),
     Stage("calibrate", "irm.calibration.stage",
           "the findings' false-positive rates and minimal detectable effects, simulated at this run's sizes",

@@ -166,3 +166,71 @@ def test_report_says_whether_the_crosscoder_and_the_papers_instruments_agree():
     assert "crosscoder finds latents" in agreement(spec, quiet, quiet)
     assert "crosscoder finds no latent" in agreement(quiet, quiet, {"verdict": SUPPORTED})
     assert "nothing to compare" in agreement(spec, None, None)
+
+
+def test_projection_out_removes_exactly_the_span_of_the_directions():
+    from irm.diff.ablate import projection_out
+
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(3, 10, generator=g)
+    x = torch.randn(2, 5, 10, generator=g)
+    out = projection_out(dirs)(x).double().numpy()
+    a = dirs.double().numpy().T  # [10, 3]
+    coef, *_ = np.linalg.lstsq(a, x.double().numpy().reshape(-1, 10).T, rcond=None)
+    expected = x.double().numpy().reshape(-1, 10) - (a @ coef).T  # the least-squares residual on the span
+    assert out.reshape(-1, 10) == pytest.approx(expected, abs=1e-5)
+    assert np.abs(out.reshape(-1, 10) @ a).max() < 1e-5
+
+
+def test_matched_draws_take_shared_latents_nearest_in_firing_count():
+    from irm.diff.ablate import matched_draws
+
+    fired = {3: np.array([100, 5, 98, 97, 300, 101, 0, 99])}
+    shared = {3: np.array([False, False, True, True, True, True, True, False])}  # 0 and 1 are the specific ones
+    sets = matched_draws({3: [0, 1]}, fired, shared, draws=20, pool=2, seed=0)
+    assert len(sets) == 20
+    for s in sets:
+        first, second = s[3]
+        assert first in (2, 5)            # the two shared latents nearest 100 firings (98 and 101; 7 is not shared)
+        assert second in (6, 3)           # nearest 5 firings among those left: 6 (0 firings), then 3 (97)
+        assert first != second and shared[3][[first, second]].all()
+
+
+def test_diff_ablation_runs_the_tuned_model_with_and_without_the_directions(tiny_cfg):
+    from irm.config import AblateConfig
+    from irm.data import load_texts, prefixes
+    from irm.diff.ablate import ablate_specific
+    from irm.findings import diff_ablation_lowers_reward
+    from irm.models import load_model
+    from irm.reward import build_reward
+    from irm.sampling import rule, sample_prompts
+    from irm.stages import artifact
+
+    model, tok = load_model(tiny_cfg.model, seed=1)
+    model.save_pretrained(artifact(tiny_cfg.run_dir, "policy"))
+    tok.save_pretrained(artifact(tiny_cfg.run_dir, "policy"))
+    a = AblateConfig(n_prompts=6, new_tokens=4, prefix_tokens=6, batch_size=3, random_draws=2, match_pool=3)
+    sampling = rule(tiny_cfg.rlhf, a.new_tokens)
+    width = 64
+    g = torch.Generator().manual_seed(0)
+    directions = {1: torch.randn(16, width, generator=g)}
+    fired = {1: np.arange(16)}
+    shared = {1: np.arange(16) >= 4}
+    out = ablate_specific(tiny_cfg, "cpu", a, sampling, directions, {1: [0, 2]}, fired, shared)
+    # the unablated condition is the tuned model's own completions, scored by the reward
+    prompts = prefixes(load_texts(tiny_cfg.corpus, tiny_cfg.corpus.eval_split, seed=tiny_cfg.seed), tok, 6)[:6]
+    texts = sample_prompts(model, tok, prompts, list(range(6)), sampling, tiny_cfg.seed).texts
+    assert out["before"]["mean"] == pytest.approx(np.mean(build_reward(tiny_cfg.reward, "cpu")(texts)))
+    assert out["n_prompts"] == 6 and len(out["matched_sets"]) == 2
+    assert all(len(s["1"]) == 2 and all(j >= 4 for j in s["1"]) for s in out["matched_sets"])
+    assert out["ablated_minus_matched"]["draws"] == 2
+    import json
+
+    from irm.stages import relpath
+
+    (tiny_cfg_root := artifact(tiny_cfg.run_dir, "diff_summary").parent).mkdir(parents=True, exist_ok=True)
+    (tiny_cfg_root / relpath("diff_summary")).write_text(json.dumps({"layers": {}, "ablation": out}))
+    row = diff_ablation_lowers_reward(tiny_cfg_root)
+    assert row["calibration"] == "ablation_vs_random" and "tuned-specific" in row["claim"]
+    (tiny_cfg_root / relpath("diff_summary")).write_text(json.dumps({"ablation": {"not_tested": "none"}}))
+    assert diff_ablation_lowers_reward(tiny_cfg_root)["verdict"] == NOT_TESTED

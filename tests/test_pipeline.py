@@ -38,7 +38,8 @@ READS: dict[str, set[str]] = {
     "control": {"rlhf", "divergence", "triples", "sae", "lexicon"},
     "validate-features": {"rlhf", "regression", "lexicon", "explain", "sae"},
     "ablate": {"rlhf", "sae", "explain"},                     # labelled features zeroed in the tuned policy
-    "diff": {"rlhf", "divergence", "cache"},                  # base and tuned activations at the cached tokens
+    "diff": {"rlhf", "divergence", "cache"},                  # base and tuned activations at the cached tokens,
+                                                              # the tuned policy's completions (ablation)
     "calibrate": {"evaluate-reward", "divergence", "dictionaries", "control", "validate-features",
                   "ablate"},                                  # the sizes its simulated worlds take
     "report": {"evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",

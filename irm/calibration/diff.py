@@ -203,8 +203,7 @@ def judge_enrichment(rng: np.random.Generator, sizes: Sizes, on_marks: float = 0
                            seed=int(rng.integers(2**31)), **hparams)
         val = held_out(data)
         result = read_crosscoder(module.crosscoder, val)
-        token_ids = torch.arange(data.split, rows)
-        m = marked_mass(module.crosscoder, val, token_ids, torch.as_tensor(marks[data.split:]))
+        m = marked_mass(module.crosscoder, data.every_row(), torch.arange(rows), torch.as_tensor(marks))
     e = enrichment_test([(shares(m["marked"], m["mass"]), result["classes"])], ENRICH_PERMUTATIONS,
                         int(rng.integers(2**31)))
     if e["difference"] is None:
@@ -246,7 +245,7 @@ def judge_lean(rng: np.random.Generator, sizes: Sizes, stronger: float = 0.0, on
                            seed=int(rng.integers(2**31)), **hparams)
         val = held_out(data)
         result = read_crosscoder(module.crosscoder, val)
-        m = marked_mass(module.crosscoder, val, torch.arange(data.split, rows), torch.as_tensor(marks[data.split:]))
+        m = marked_mass(module.crosscoder, data.every_row(), torch.arange(rows), torch.as_tensor(marks))
     t = lean_test([(result["delta"], shares(m["marked"], m["mass"]))], ENRICH_PERMUTATIONS, int(rng.integers(2**31)))
     return verdict_from_p(t["p_greater"], t["p_less"])
 

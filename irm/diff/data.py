@@ -125,6 +125,12 @@ class PairedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> PairedBatches:
         return self._train
 
+    def every_row(self) -> PairedBatches:
+        """Every row of the pair in cache order, unshuffled, in this module's batch size (on one process): what a
+        latent fires on is read over all of them (irm.diff.enrichment)."""
+        return PairedBatches(self.paired, RowSampler(self.paired.tuned, 0, self.paired.rows, shuffle=False),
+                             self.hparams.batch_size, self.hparams.difference)
+
     def val_dataloader(self):
         return self._val if self._val is not None and len(self._val) else []
 

@@ -1,8 +1,10 @@
 """Are the latents RLHF added about the reward? (SPEC "Model diffing", issue 27.) Each crosscoder latent's share of
-its activation that falls on the reward's words, on the held-out rows, and the test that the tuned-specific latents'
-shares exceed the shared latents'.
+its activation that falls on the reward's words, over every cached row (the diff stage's choice: a share says what
+a latent fires on, and a reward's words can be rare), and the tests that the tuned-specific latents' shares exceed
+the shared latents' (`enrichment_test`) and that latents leaning toward the tuned model have larger shares
+(`lean_test`).
 
-A latent's share: s_j = sum_i f_ij m_i / sum_i f_ij over held-out rows i, with f_ij its code (the inference rule)
+A latent's share: s_j = sum_i f_ij m_i / sum_i f_ij over rows i, with f_ij its code (the inference rule)
 and m_i = 1 when row i's token is one of the marked words (`word_marks`: the planted words of a planted lexicon,
 else every word of the reward's lexicon), so s_j in [0, 1] and a latent blind to the words has about the words' base
 rate. The test statistic is the mean share of the tuned-specific latents minus that of the live shared latents,

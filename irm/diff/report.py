@@ -28,7 +28,10 @@ def diff_summary(root: Path) -> Optional[dict]:
                          "fractions": r["fractions"], "fractions_by_norm": r["fractions_by_norm"],
                          "explained_variance": {m: r["quality"][m]["explained_variance"] for m in ("base", "tuned")},
                          "diff_sae_explained_variance": (r.get("diff_sae") or {}).get("explained_variance")}
+    ablation = d.get("ablation") or {}
     return {"layers": layers, "enrichment": d.get("enrichment"), "lean": d.get("lean"),
+            "ablation": ablation.get("not_tested") or {k: ablation.get(k) for k in (
+                "ablated_minus_matched", "ablated_minus_before", "n_prompts")},
             "marked_words": d.get("marked_words"),
             "seconds": d.get("seconds")}
 
@@ -37,8 +40,15 @@ def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def _verdict(row: Optional[dict]) -> str:
-    return "not measured" if row is None else row["verdict"]
+def _answer(row: Optional[dict], absent: str = "not measured") -> str:
+    """A findings row as an answer: its number and verdict, why it was not tested, or `absent` without a row."""
+    from irm.findings import NOT_TESTED
+
+    if row is None:
+        return absent
+    if row["verdict"] == NOT_TESTED:
+        return f"not tested: {row['detail']}"
+    return f"{row['number']}: {row['verdict']}"
 
 
 def diff_section(doc, cfg, root: Path, plots: Path) -> None:
@@ -78,27 +88,28 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
                    for layer, j, words in named[:SHOWN_LATENTS]],
                   caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
                           "the words carrying most of their held-out activation")
-    specific = findings.diff_tuned_specific(root)
-    about = findings.diff_latents_about_reward(root) or []
-    enrich = about[0] if about else None
-    lean = about[1] if len(about) > 1 else None
-    delta = findings.differs_from_base(root)
-    moved = findings.planted_words_moved(root)
-    mmcs = findings.dictionaries_share_features(root) or []
+    # The findings table's own rows (Holm-corrected across the table), so the two places read alike.
+    rows = findings.build_findings(root)
+
+    def row(key: str, claim: Optional[str] = None) -> Optional[dict]:
+        return next((r for r in rows if r["calibration"] == key and claim in (None, r["claim"])), None)
+
+    specific, enrich, lean = row("diff_specific"), row("diff_enrichment"), row("diff_lean")
+    ablation = row("ablation_vs_random", findings.DIFF_ABLATION_CLAIM)
+    delta, moved = row("delta_tau"), row("planted")
+    mmcs = [r for r in rows if r["calibration"] == "mmcs"]
+    questions = [
+        ("crosscoder (this section)", "does the tuned model hold latents the base lacks?", specific),
+        ("crosscoder", "are they about the reward's words?", enrich),
+        ("crosscoder", "does ablating the tuned-specific latents' directions lower the reward?", ablation),
+        ("crosscoder", "do latents leaning toward the tuned model fire more on the reward's words?", lean),
+        ("delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the base's?",
+         delta),
+        ("per-word moves (planted words)", "did the planted words' implicit values move?", moved),
+    ] + [("MMCS (two SAEs of the tuned model)", "do the tuned model's dictionaries share features?", r) for r in mmcs]
+    absent = {"per-word moves (planted words)": "no planted words in this reward"}
     doc.table(["instrument", "question", "answer"],
-              [["crosscoder (this section)", "does the tuned model hold latents the base lacks?",
-                f"{specific['number']}: {specific['verdict']}"],
-               ["crosscoder", "are they about the reward's words?",
-                _verdict(enrich) if enrich is None else f"{enrich['verdict']}: {enrich['detail']}"
-                if enrich["verdict"] == findings.NOT_TESTED else f"{enrich['number']}: {enrich['verdict']}"],
-               ["crosscoder", "do latents leaning toward the tuned model fire more on the reward's words?",
-                "not measured" if lean is None else f"{lean['number']}: {lean['verdict']}"],
-               ["delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the "
-                "base's?", "not measured" if delta is None else f"{delta['number']}: {delta['verdict']}"],
-               ["per-word moves (planted words)", "did the planted words' implicit values move?",
-                "no planted words" if moved is None else f"{moved['number']}: {moved['verdict']}"],
-               ["MMCS (two SAEs of the tuned model)", "do the tuned model's dictionaries share features?",
-                "; ".join(f"{r['number']}: {r['verdict']}" for r in mmcs) or "not measured"]],
+              [[who, what, _answer(row, absent.get(who, "not measured"))] for who, what, row in questions],
               caption=agreement(specific, delta, moved))
 
 

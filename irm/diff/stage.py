@@ -80,6 +80,7 @@ def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, o
     tensors.update({"delta": torch.as_tensor(result["delta"]).float(),
                     "nu_error": torch.as_tensor(result["nu_tuned"]["nu_error"]).float(),
                     "nu_reconstruction": torch.as_tensor(result["nu_tuned"]["nu_reconstruction"]).float(),
+                    "fired": torch.as_tensor(result["fired"]).long(),
                     CLASS_INDEX_KEY: torch.tensor([index[c] for c in result["classes"]], dtype=torch.int64)})
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "crosscoder.safetensors") as tmp:
@@ -103,13 +104,14 @@ def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, o
 
 
 def _word_shares(cc, data, classes, specific: list[int], tokenizer, words) -> dict:
-    """Every latent's share of activation on the marked words over the held-out rows, and the top words of the
-    tuned-specific latents."""
+    """Every latent's share of activation on the marked words over every cached row, and the top words of the
+    tuned-specific latents. Every row, not the held-out tail alone: a share says what a latent fires on, not how
+    well it reconstructs, and a reward's words can be rare (the planted words are 0.3% of the quickstart's tokens)."""
     from irm.diff.enrichment import marked_mass, shares, top_words, word_marks
 
-    token_ids = data.paired.tuned.read_range(data.split, data.paired.rows, ("token_ids",))["token_ids"]
+    token_ids = data.paired.tuned.read_range(0, data.paired.rows, ("token_ids",))["token_ids"]
     marks = word_marks(token_ids, tokenizer, words)
-    m = marked_mass(cc, data.val_dataloader(), token_ids, marks, track=specific)
+    m = marked_mass(cc, data.every_row(), token_ids, marks, track=specific)
     share = shares(m["marked"], m["mass"])
     return {"word_share": [None if not math.isfinite(v) else float(v) for v in share],
             "marked_rows": float(marks.double().mean()),
@@ -157,14 +159,31 @@ def _diff_sae(d, base_dir: Path, tuned_dir: Path, seed: int, logger) -> dict:
             "l0": float(stats["l0"]), "steps": int(module.global_step)}
 
 
-def _latents(layer_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(class, delta) per latent, as a layer's crosscoder.safetensors holds them."""
+def _latents(layer_dir: Path) -> dict:
+    """Per latent its class, delta, held-out firing count and tuned decoder row, as a layer's crosscoder.safetensors
+    holds them."""
     from safetensors.torch import load_file
 
+    from irm.diff.model import TUNED
     from irm.diff.scaling import CLASSES
 
     t = load_file(str(layer_dir / "crosscoder.safetensors"))
-    return np.array(CLASSES, dtype=object)[t[CLASS_INDEX_KEY].numpy()], t["delta"].double().numpy()
+    return {"classes": np.array(CLASSES, dtype=object)[t[CLASS_INDEX_KEY].numpy()], "delta": t["delta"].double().numpy(),
+            "fired": t["fired"].numpy(), "tuned_decoder": t["W_dec"][:, TUNED]}
+
+
+def _ablation(cfg, device, latents: dict) -> dict:
+    """irm.diff.ablate over the tuned-specific latents of every layer, or why it was not run."""
+    specific = {layer: [int(j) for j in np.flatnonzero(v["classes"] == "tuned-specific")] for layer, v in latents.items()}
+    specific = {layer: ix for layer, ix in specific.items() if ix}
+    if not specific:
+        return {"not_tested": "no tuned-specific latent to ablate"}
+    from irm.diff.ablate import ablate_specific
+    from irm.sampling import rule
+
+    return ablate_specific(cfg, device, cfg.ablate, rule(cfg.rlhf, cfg.ablate.new_tokens), {layer: latents[layer]["tuned_decoder"] for layer in specific}, specific,
+                           {layer: latents[layer]["fired"] for layer in specific},
+                           {layer: latents[layer]["classes"] == "shared" for layer in specific})
 
 
 def run(cfg) -> None:
@@ -196,12 +215,15 @@ def run(cfg) -> None:
                         for part in ("crosscoder", "diff-sae"))
         records[str(layer)] = train_layer(cfg.diff, base_dirs[layer], cache_layer_dir(cfg.run_dir, layer), cfg.seed,
                                           loggers, root / name, words=(tokenizer, words))
-    latents = {layer: _latents(root / f"layer-{int(layer):02d}") for layer in records}
-    share = {layer: np.array([np.nan if v is None else v for v in r["word_share"]]) for layer, r in records.items()}
-    enrichment = enrichment_test([(share[layer], latents[layer][0]) for layer in records], PERMUTATIONS, cfg.seed)
-    lean = lean_test([(latents[layer][1], share[layer]) for layer in records], PERMUTATIONS, cfg.seed)
+    latents = {int(layer): _latents(root / f"layer-{int(layer):02d}") for layer in records}
+    share = {layer: np.array([np.nan if v is None else v for v in records[str(layer)]["word_share"]])
+             for layer in latents}
+    enrichment = enrichment_test([(share[layer], v["classes"]) for layer, v in latents.items()], PERMUTATIONS,
+                                 cfg.seed)
+    lean = lean_test([(v["delta"], share[layer]) for layer, v in latents.items()], PERMUTATIONS, cfg.seed)
     summary = {"layers": records, "marked_words": {"what": what, "n": len(words)}, "enrichment": enrichment,
-               "lean": lean, "base_cache_seconds": cache_seconds, "seconds": time.perf_counter() - begin}
+               "lean": lean, "ablation": _ablation(cfg, device, latents), "base_cache_seconds": cache_seconds,
+               "seconds": time.perf_counter() - begin}
     write_json(artifact(cfg.run_dir, "diff_summary"), summary)
     for layer, r in records.items():
         print(f"diff: layer {layer}: {len(r['tuned_specific'])} tuned-specific of {r['latents']} latents, "
