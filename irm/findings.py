@@ -217,8 +217,9 @@ def calibrated(rows: list[Row], calibration: Optional[dict], certified: Optional
     (`certified`: {key: {false_positive_rate, false_positive_ci95, worlds}}, hundreds of worlds or more at the
     harness's sizes, where the run's own calibrate stage runs a few at the run's sizes) and, when not
     distinguishable, the minimal detectable effect at 80% power: from the row's own interval when it has one (this
-    run's noise, `interval_mde`), else from the harness's planted worlds at this run's sizes (`mde_source` says
-    which). None where neither exists."""
+    run's noise, `interval_mde`), else from the harness's planted worlds at this run's sizes, else (a finding whose
+    worlds only the full harness runs, such as model diffing's) from its planted worlds at the harness's sizes
+    (`mde_source` says which). None where none exists."""
     per_finding = (calibration or {}).get("findings") or {}
     out = []
     for r in rows:
@@ -231,6 +232,9 @@ def calibrated(rows: list[Row], calibration: Optional[dict], certified: Optional
             elif cal.get("minimal_detectable_effect") is not None:
                 mde = cal["minimal_detectable_effect"]
                 source = "calibration harness, planted worlds at this run's sizes"
+            elif cert.get("minimal_detectable_effect") is not None:  # a finding only the full harness simulates
+                mde, cal = cert["minimal_detectable_effect"], {**cal, "effect_unit": cert.get("effect_unit")}
+                source = "calibration harness, planted worlds at the harness's sizes"
         out.append({**r, "false_positive_rate": cal.get("false_positive_rate"),
                     "false_positive_ci95": cal.get("false_positive_ci95"), "minimal_detectable_effect": mde,
                     "effect_unit": cal.get("effect_unit") if source and source.startswith("calibration") else None,
@@ -883,35 +887,23 @@ def diff_tuned_specific(root: Path) -> Optional[Row]:
 
 
 @row_builder
-def diff_latents_about_reward(root: Path) -> Optional[list]:
-    """Issue 27: are the latents RLHF added or strengthened about the reward's words (the planted words of a planted
-    reward; irm.diff.enrichment)? Two rows from diff.json: the tuned-specific latents against the shared ones
-    (`enrichment`), and, graded, the latents' lean toward the tuned model against their share on the words (`lean`:
-    needs no tuned-specific latent, since RLHF may strengthen the reward's features without creating new ones)."""
+def diff_latents_about_reward(root: Path) -> Optional[Row]:
+    """Issue 27: do the tuned-specific latents fire on the reward's words (the planted words of a planted reward)
+    more than the shared latents do (diff.json `enrichment`, irm.diff.enrichment)?"""
     d = _load(root, "diff_summary")
     if not d or "enrichment" not in d:
         return None
-    e, t, what = d["enrichment"], d.get("lean"), d["marked_words"]["what"]
-    on_words = f"held-out tokens that spell one of the {d['marked_words']['n']} {what}"
+    e, what = d["enrichment"], d["marked_words"]["what"]
     claim = f"the tuned-specific latents fire on the {what} more than shared latents do (model diffing)"
     if e["difference"] is None:
-        rows = [_not_tested(claim, f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents: nothing "
-                                   "to compare (see the row above)", calibration="diff_enrichment")]
-    else:
-        rows = [permutation_row(
-            claim, e, f"share on the {what} {num(e['specific_share'])} vs {num(e['shared_share'])} "
-                      f"(difference {num(e['difference'], signed=True)})",
-            "the shared latents' share (labels permuted within each layer)",
-            f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents; a latent's share is its code mass "
-            f"on {on_words}", "diff_enrichment")]
-    if t is not None and t["rho"] is not None:
-        rows.append(permutation_row(
-            f"the latents leaning toward the tuned model fire more on the {what} (model diffing)", t,
-            f"Spearman rho {num(t['rho'], signed=True)} over {t['latents']} latents",
-            "rho 0 (shares permuted within each layer)",
-            f"per latent its relative decoder-norm difference (tuned - base) against its share of activation on "
-            f"{on_words}; layers weighted by their latents", "diff_lean"))
-    return rows
+        return _not_tested(claim, f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents: nothing "
+                                  "to compare (see the row above)", calibration="diff_enrichment")
+    return permutation_row(
+        claim, e, f"share on the {what} {num(e['specific_share'])} vs {num(e['shared_share'])} "
+                  f"(difference {num(e['difference'], signed=True)})",
+        "the shared latents' share (labels permuted within each layer)",
+        f"{e['tuned_specific']} tuned-specific and {e['shared']} shared latents; a latent's share is its code mass on "
+        f"the tokens that spell one of the {d['marked_words']['n']} {what}", "diff_enrichment")
 
 
 def permutation_row(claim: str, test: dict, number: str, control: str, detail: str, calibration: str) -> Row:

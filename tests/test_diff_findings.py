@@ -142,18 +142,21 @@ def test_diff_findings_rows_count_specific_latents_and_test_their_words(tmp_path
     row = diff_tuned_specific(tmp_path)
     assert row["verdict"] == NOT_DISTINGUISHABLE and row["number"].startswith("0 tuned-specific of 90 live")
     assert row["p_value"] is None and row["calibration"] == "diff_specific"
-    assert diff_latents_about_reward(tmp_path)[0]["verdict"] == NOT_TESTED
+    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_TESTED
     found = {**none, "tuned_specific": 2, "specific_share": 0.6, "shared_share": 0.1, "difference": 0.5,
              "p_greater": 0.001, "p_less": 1.0}
     _diff_json(tmp_path, [4, 7], found)
     assert diff_tuned_specific(tmp_path)["verdict"] == SUPPORTED
-    row, lean = diff_latents_about_reward(tmp_path)
+    row = diff_latents_about_reward(tmp_path)
     assert row["verdict"] == SUPPORTED and row["p_value"] == pytest.approx(0.002)
     assert "planted words" in row["claim"]
     _diff_json(tmp_path, [4, 7], {**found, "difference": -0.05, "p_greater": 0.9, "p_less": 0.2})
-    assert diff_latents_about_reward(tmp_path)[0]["verdict"] == NOT_DISTINGUISHABLE
+    assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_DISTINGUISHABLE
     assert diff_tuned_specific(tmp_path / "missing") is None
-    assert lean["verdict"] == SUPPORTED and lean["p_value"] == pytest.approx(0.008) and "+0.120" in lean["number"]
+    from irm.diff.report import lean_text
+
+    text = lean_text(json.loads((tmp_path / "diff.json").read_text()))
+    assert text.startswith("Spearman rho +0.120 over 90 latents") and "not a verdict" in text
 
 
 def test_report_says_whether_the_crosscoder_and_the_papers_instruments_agree():

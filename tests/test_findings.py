@@ -167,6 +167,13 @@ def test_rows_carry_the_calibrated_false_positive_rate_and_the_mde_only_when_not
     out = calibrated(rows, cal, cert)
     assert out[0]["certified_false_positive_rate"] == 0.032 and out[0]["certified_worlds"] == 500
     assert out[0]["false_positive_rate"] == 0.02 and out[2]["certified_false_positive_rate"] is None
+    # a finding the run's calibrate stage does not simulate takes the full harness's minimal detectable effect
+    cert = {"diff_specific": {"false_positive_rate": 0.0, "worlds": 200, "minimal_detectable_effect": 1.3,
+                              "effect_unit": "magnitude"}}
+    only = calibrated([finding("e", "0", "c", NOT_DISTINGUISHABLE, "d", calibration="diff_specific")], cal, cert)[0]
+    assert only["minimal_detectable_effect"] == 1.3 and only["effect_unit"] == "magnitude"
+    assert only["mde_source"] == "calibration harness, planted worlds at the harness's sizes"
+    assert only["false_positive_rate"] is None and only["certified_false_positive_rate"] == 0.0
 
 
 def test_the_committed_harness_table_certifies_every_finding_and_rows_quote_it(tmp_path):
@@ -175,11 +182,20 @@ def test_the_committed_harness_table_certifies_every_finding_and_rows_quote_it(t
     import irm.calibration as calibration
 
     data = json.loads(calibration.CERTIFIED.read_text())
-    declared = {f.finding for f in calibration.families()} - {"diff"}  # model diffing: not wired into runs yet
+    declared = {f.finding for f in calibration.families()}
     assert declared <= set(calibration.certified())
     nulls = [r for r in data["families"] if r["null"] and r["finding"] in declared]
     assert {r["finding"] for r in nulls} == declared
-    assert calibration.failures(nulls) == []
+    # the statistics kept as descriptions are the ones the harness failed, and no findings row cites them
+    verdicts = [r for r in nulls if r["finding"] not in calibration.DESCRIPTIVE]
+    assert calibration.failures(verdicts) == []
+    for name in calibration.DESCRIPTIVE:
+        assert calibration.failures([r for r in nulls if r["finding"] == name])
+    import inspect
+
+    import irm.findings
+
+    assert not any(f'"{name}"' in inspect.getsource(irm.findings) for name in calibration.DESCRIPTIVE)
     write(tmp_path, "reward_eval.json", {"paired": {"mean_diff": 0.2, "ci": [0.1, 0.3], "p_value": 0.001,
                                                     "p_signflip": 0.001, "n": 128}})
     row = build_findings(tmp_path)[0]

@@ -48,7 +48,9 @@ def _answer(row: Optional[dict], absent: str = "not measured") -> str:
         return absent
     if row["verdict"] == NOT_TESTED:
         return f"not tested: {row['detail']}"
-    return f"{row['number']}: {row['verdict']}"
+    mde = row.get("minimal_detectable_effect")
+    power = "" if mde is None else f" (detectable with 80% power: {mde:.3g}{' ' + row['effect_unit'] if row.get('effect_unit') else ''})"
+    return f"{row['number']}: {row['verdict']}{power}"
 
 
 def diff_section(doc, cfg, root: Path, plots: Path) -> None:
@@ -94,7 +96,7 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
     def row(key: str, claim: Optional[str] = None) -> Optional[dict]:
         return next((r for r in rows if r["calibration"] == key and claim in (None, r["claim"])), None)
 
-    specific, enrich, lean = row("diff_specific"), row("diff_enrichment"), row("diff_lean")
+    specific, enrich = row("diff_specific"), row("diff_enrichment")
     ablation = row("ablation_vs_random", findings.DIFF_ABLATION_CLAIM)
     delta, moved = row("delta_tau"), row("planted")
     mmcs = [r for r in rows if r["calibration"] == "mmcs"]
@@ -102,15 +104,32 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
         ("crosscoder (this section)", "does the tuned model hold latents the base lacks?", specific),
         ("crosscoder", "are they about the reward's words?", enrich),
         ("crosscoder", "does ablating the tuned-specific latents' directions lower the reward?", ablation),
-        ("crosscoder", "do latents leaning toward the tuned model fire more on the reward's words?", lean),
         ("delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the base's?",
          delta),
         ("per-word moves (planted words)", "did the planted words' implicit values move?", moved),
-    ] + [("MMCS (two SAEs of the tuned model)", "do the tuned model's dictionaries share features?", r) for r in mmcs]
+    ] + [("MMCS (two SAEs of the tuned model)", r["claim"], r) for r in mmcs]
     absent = {"per-word moves (planted words)": "no planted words in this reward"}
     doc.table(["instrument", "question", "answer"],
-              [[who, what, _answer(row, absent.get(who, "not measured"))] for who, what, row in questions],
+              [[who, what, _answer(row, absent.get(who, "not measured"))] for who, what, row in questions]
+              + [["crosscoder, descriptive", "do latents leaning toward the tuned model fire more on the reward's "
+                  "words?", lean_text(d)]],
               caption=agreement(specific, delta, moved))
+
+
+def lean_text(d: dict) -> str:
+    """diff.json's `lean` (irm.diff.enrichment.lean_test) as a description, with the harness's measured false-positive
+    rate that keeps it out of the findings table (irm.calibration.DESCRIPTIVE)."""
+    from irm.calibration import DESCRIPTIVE, certified
+
+    t = d.get("lean")
+    if not t or t.get("rho") is None:
+        return "not measured"
+    c = certified().get("diff_lean") or {}
+    fp = c.get("false_positive_rate")
+    rate = "" if fp is None else (f" In the harness's null worlds it gave a verdict (either direction) in "
+                                  f"{100 * fp:.0f}% of {c.get('worlds')}, where a 5% test may in 5%:")
+    return (f"Spearman rho {t['rho']:+.3f} over {t['latents']} latents, one-sided permutation p "
+            f"{t['p_greater']:.4f}: a description, not a verdict.{rate} {DESCRIPTIVE['diff_lean']}")
 
 
 def agreement(specific: dict, delta: Optional[dict], moved: Optional[dict]) -> str:
