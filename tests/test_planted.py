@@ -188,6 +188,7 @@ CONSUMERS = ("rlhf", "evaluate-reward", "divergence", "cache", "sae", "dictionar
              "regression", "lexicon", "control")
 
 
+@pytest.mark.slow  # 14 s: the default suite stays under 5 minutes on 2 cores
 def test_a_planted_world_end_to_end_reads_the_configured_lexicon_everywhere(in_tmp):
     """The tiny model trained and analysed against a planted lexicon (a JSON file): PPO's and the evaluation's reward,
     the triples, the lexicon stage's true values and reference, the control's, the offline labeller and the findings
