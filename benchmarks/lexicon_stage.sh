@@ -2,7 +2,7 @@
 # Stage-level lexicon timing on a quickstart-config run: hard-linked copy of a run directory that has rlhf,
 # divergence, cache and sae done ($1, default runs/sae-dev), then
 # triples, deltas, regression, and lexicon twice: the shared-prefix reader (HEAD) and the full-forward reader
-# (irm.readout.codes_at patched to irm.deltas.full_forward_codes_at), each as its own process, wall time.
+# (irm.sae.splice.codes_at patched to irm.sae.splice.full_forward_codes_at), each as its own process, wall time.
 set -e
 cd "$(dirname "$0")/.."
 R=runs/prefix-bench
@@ -15,8 +15,8 @@ done
 /usr/bin/time -f "lexicon (shared prefix) %e s" python -m irm lexicon $A --force 2>&1 | grep -v -i "warn\|it/s\|%|" | tail -10
 cp $R/kendall.json /tmp/kendall_new.json
 /usr/bin/time -f "lexicon (full forward) %e s" python -c "
-import sys, irm.readout, irm.deltas
-irm.readout.codes_at = irm.deltas.full_forward_codes_at
+import sys, irm.sae.splice as splice
+splice.codes_at = splice.full_forward_codes_at  # the lexicon stage imports codes_at from irm.sae.splice when it runs
 sys.argv = ['irm', 'lexicon'] + sys.argv[1:]
 from irm.cli import main
 main()

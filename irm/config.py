@@ -426,10 +426,9 @@ def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:
     for name in ("learning_rate", "max_grad_norm", "temperature"):
         ch.positive(h, name)
     ch.at_least(h, "kl_coef", 0)
-    if hasattr(h, "lora_rank"):
-        ch.at_least(h, "lora_rank", 0)
-        ch.positive(h, "lora_alpha")
-        ch.fraction(h, "lora_dropout")
+    ch.at_least(h, "lora_rank", 0)
+    ch.positive(h, "lora_alpha")
+    ch.fraction(h, "lora_dropout")
     e = cfg.evaluate
     ch.at_least(e, "n", 2)  # an interval needs two completions
     for name in ("prefix_tokens", "new_tokens", "batch_size"):
@@ -479,8 +478,7 @@ def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:
     ch.fraction(t, "heldout_fraction")
     ch.need(all(isinstance(w, str) and w.strip() for w in t.heldout_words), "triples.heldout_words",
             t.heldout_words, "must be a list of non-empty words")
-    if hasattr(t, "context_texts"):
-        ch.at_least(t, "context_texts", 0)
+    ch.at_least(t, "context_texts", 0)
 
 
 def _check_regression_and_lexicon(ch: "_Checks", cfg: RunConfig) -> None:

@@ -16,8 +16,7 @@ from irm.activations.store import shard_name, verify_shards, write_store_manifes
 from irm.artifacts import RunDir, append_jsonl, read_json, read_jsonl
 from irm.config import RunConfig
 from irm.stages import relpath
-from irm.sae.splice import codes_at, full_forward_codes_at, iter_codes, load_saes, n_codes  # noqa: F401
-# (the spliced-SAE reader lives in irm.sae.splice; these names stay importable from irm.deltas)
+from irm.sae.splice import load_saes, n_codes
 
 DELTAS_DIR = relpath("deltas")
 KEYS = ("x", "y", "triple", "sign")  # the tensors of a deltas shard, a row each

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from irm.errors import UserError
+from irm.loggers import tensorboard_dir
 from irm.stages import relpath
 
 log = logging.getLogger(__name__)
@@ -452,7 +453,7 @@ def _log_scores(cfg, layers, records: dict) -> None:
     """TensorBoard scalars per layer, under `<log_dir>/<run name>/dictionaries`."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / "dictionaries"))
+    writer = SummaryWriter(log_dir=str(tensorboard_dir(cfg.log_dir, cfg.run_dir, "dictionaries")))
     try:
         for layer in layers:
             rec = records[str(layer)]

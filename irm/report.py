@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
 from irm.diff.report import diff_section, diff_summary
+from irm.loggers import tensorboard_dir
 from irm.stages import CONFIG_YAML, artifact, mark_done, read_artifact, relpath
 
 PLOTS = relpath("plots")
@@ -185,7 +186,7 @@ def _sae_curves(cfg: RunConfig) -> dict[str, dict[str, list[tuple[int, float]]]]
     {logger version (`layer-NN`): {tag (`train/x1/mse`): [(step, value)]}}, for the metrics of SAE_METRICS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    root = Path(cfg.log_dir) / Path(cfg.run_dir).name / "sae"
+    root = tensorboard_dir(cfg.log_dir, cfg.run_dir, "sae")
     wanted = {m for m, _, _ in SAE_METRICS}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     # One accumulator per logger directory: it reads every event file there (a resumed fit adds one).

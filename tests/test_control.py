@@ -247,7 +247,8 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     # The tuned chain took its triple rows from the deltas stage's shards (the base chain read its own, and the
     # equalities above say the two agree); they equal a fresh read through the same model and SAEs.
     from irm.control import tuned_rows
-    from irm.deltas import load_saes, triple_rows
+    from irm.deltas import triple_rows
+    from irm.sae.splice import load_saes
     from irm.models import load_tuned
     from irm.triples import read_triples
 

@@ -1,6 +1,6 @@
 """Shared-prefix reads (irm.sae.splice) against the full-forward path (irm.sae.splice.full_forward_codes_at) and against an
 independent reference: each item run alone, unpadded, through the model with hand-written MLP hooks doing the SAE
-splice. irm.deltas.codes_at, which the deltas, lexicon and control stages call, is the shared-prefix path."""
+splice. irm.sae.splice.codes_at, which the deltas, lexicon and control stages call, is the shared-prefix path."""
 
 import random
 
@@ -145,10 +145,6 @@ def test_equal_to_full_forward_and_to_unpadded_reference(name):
     expected = torch.stack([reference(model, saes, ids, pos) for ids, pos in items])
     old = full_forward(model, saes, items, tokenizer.pad_token_id, 4, progress_bar=False)
     torch.testing.assert_close(old, expected, rtol=1e-4, atol=1e-5)
-    from irm.deltas import codes_at as stage_codes_at
-
-    torch.testing.assert_close(stage_codes_at(model, saes, items, tokenizer.pad_token_id, 4, progress_bar=False),
-                               expected, rtol=1e-4, atol=1e-5)
     for batch_size in (1, 2, 64):
         new = codes_at(model, saes, items, tokenizer.pad_token_id, batch_size, progress_bar=False)
         torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-5)

@@ -89,7 +89,7 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
                   [[layer, j, ", ".join(f"{w} ({100 * s:.0f}%)" for w, s in words)]
                    for layer, j, words in named[:SHOWN_LATENTS]],
                   caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
-                          "the words carrying most of their held-out activation")
+                          "the words carrying most of their activation over the cached tokens")
     # The findings table's own rows (Holm-corrected across the table), so the two places read alike.
     rows = findings.build_findings(root)
 

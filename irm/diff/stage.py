@@ -96,17 +96,17 @@ def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, o
         "steps": int(module.global_step),
     }
     if words is not None:
-        record.update(_word_shares(cc, data, result["classes"], specific, *words))
+        record.update(_word_shares(cc, data, specific, *words))
     if d.diff_sae:
         record["diff_sae"] = _diff_sae(d, base_dir, tuned_dir, seed, loggers[1])
     record["seconds"] = time.perf_counter() - start
     return record
 
 
-def _word_shares(cc, data, classes, specific: list[int], tokenizer, words) -> dict:
+def _word_shares(cc, data, specific: list[int], tokenizer, words) -> dict:
     """Every latent's share of activation on the marked words over every cached row, and the top words of the
     tuned-specific latents. Every row, not the held-out tail alone: a share says what a latent fires on, not how
-    well it reconstructs, and a reward's words can be rare (the planted words are 0.3% of the quickstart's tokens)."""
+    well it reconstructs, and a reward's words can be rare (the planted words are 0.25% of the quickstart's cached tokens)."""
     from irm.diff.enrichment import marked_mass, shares, top_words, word_marks
 
     token_ids = data.paired.tuned.read_range(0, data.paired.rows, ("token_ids",))["token_ids"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from irm.artifacts import atomic_dir, fingerprint, read_jsonl
 from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
+from irm.loggers import tensorboard_dir
 from irm.rlhf.checkpoint import FullStateCheckpoints, TrainingInterrupted
 from irm.runtime import start
 from irm.stages import artifact, is_done, mark_done, open_run_dir
@@ -207,7 +208,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
     ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
                                 final=cfg.rlhf.keep_final_checkpoint)
-    scalars = ScalarLogger(Path(cfg.log_dir) / Path(cfg.run_dir).resolve().name / STAGE, artifact(cfg.run_dir, "rlhf_metrics"),
+    scalars = ScalarLogger(tensorboard_dir(cfg.log_dir, cfg.run_dir, STAGE), artifact(cfg.run_dir, "rlhf_metrics"),
                            cfg)
     bar = ProgressBar()
     # TRL averages the logged metrics over ranks: rank 0 alone writes them and draws the bar.
