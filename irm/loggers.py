@@ -25,17 +25,22 @@ from irm.config import LOGGERS as BACKENDS  # the names config.validate accepts
 Spec = Union[str, dict, Sequence[Union[str, dict]], None]
 
 
+def run_name(run_dir: str | os.PathLike) -> str:
+    """The name a run's logs go under: its run directory's own name."""
+    return Path(run_dir).resolve().name
+
+
 def tensorboard_dir(log_dir: str | os.PathLike, run_dir: str | os.PathLike, stage: str) -> Path:
-    """`<log_dir>/<run name>/<stage>`: where a stage's TensorBoard event files go (the run name is the run
-    directory's own name)."""
-    return Path(log_dir) / Path(run_dir).resolve().name / stage
+    """`<log_dir>/<run name>/<stage>`: where a stage's TensorBoard event files go (`stage` may hold a slash, e.g.
+    `sae/layer-17`)."""
+    return Path(log_dir) / run_name(run_dir) / stage
 
 
 def stage_loggers(log_dir: str | os.PathLike, run_dir: str | os.PathLike, stage: str, spec: Spec) -> list:
     """The Lightning loggers of one stage (`stage`: its folder under the run's name, e.g. "sae/layer-03") from
     `spec`: a backend name, a `{class_path, init_args}` dict, or a list of them."""
     items = [spec] if isinstance(spec, (str, dict)) else list(spec or [])
-    return [_make(item, Path(log_dir), tensorboard_dir(log_dir, run_dir, stage).parent.name, stage) for item in items]
+    return [_make(item, Path(log_dir), run_name(run_dir), stage) for item in items]
 
 
 def _make(item: str | dict, log_dir: Path, run: str, stage: str) -> Any:

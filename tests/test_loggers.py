@@ -85,3 +85,14 @@ def test_unknown_logger_and_missing_class_are_one_line():
         stage_loggers("logs", "run", "sae", [{"class_path": "no.such.Logger"}])
     with pytest.raises(UserError, match="unknown logger"):
         stage_loggers("logs", "run", "sae", "tensorbord")
+
+
+def test_a_stages_tensorboard_logger_writes_where_tensorboard_dir_says(tmp_path):
+    """One place names a stage's TensorBoard folder (`<log_dir>/<run name>/<stage>`, the stage may hold a slash):
+    the Lightning logger of the sae, regression and diff stages and the scalars of rlhf and dictionaries agree."""
+    from irm.loggers import stage_loggers, tensorboard_dir
+
+    run_dir, log_dir = tmp_path / "runs" / "myrun", tmp_path / "tb"
+    (logger,) = stage_loggers(log_dir, run_dir, "sae/layer-17", ["tensorboard"])
+    expected = log_dir / "myrun" / "sae" / "layer-17"
+    assert Path(logger.log_dir) == tensorboard_dir(log_dir, run_dir, "sae/layer-17") == expected
