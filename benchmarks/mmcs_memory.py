@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from irm.dictionaries import mmcs
+from irm.sae.mmcs import mmcs
 
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)

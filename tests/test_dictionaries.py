@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from irm.dictionaries import Pair, mmcs
+from irm.sae.mmcs import Pair, mmcs
 
 torch.set_num_threads(1)
 
@@ -621,7 +621,8 @@ def test_compare_layer_of_unequal_sizes_and_width_against_numpy():
 def test_no_firing_feature_on_one_side_leaves_max_firing_empty_and_zero_rows_include_the_threshold():
     """When no small (or no large) feature fires there is nothing to share: max_firing is None and there are no
     pairs, while the scores over every feature stand. A row of norm exactly ZERO_NORM (1e-12) counts as a zero row."""
-    from irm.dictionaries import ZERO_NORM, compare_layer, zero_rows
+    from irm.dictionaries import compare_layer, zero_rows
+    from irm.sae.mmcs import ZERO_NORM
 
     rng = np.random.default_rng(12)
     small, large = rng.standard_normal((4, 5)), rng.standard_normal((7, 5))

@@ -252,7 +252,7 @@ class SAEModule(L.LightningModule):
     def _record_init_mmcs(self) -> None:
         if len(self.saes) < 2:
             return
-        from irm.dictionaries import mmcs
+        from irm.sae.mmcs import mmcs
 
         ordered = sorted(self.saes.values(), key=lambda s: s.d_hidden)
         small, large = ordered[0].dictionary.cpu(), ordered[-1].dictionary.cpu()
