@@ -126,17 +126,34 @@ def held_out(data) -> list[torch.Tensor]:
     return list(data.val_dataloader())
 
 
-def crosscode(w: PairedWorld, sizes: Sizes, seed: int, **hparams):
-    """(trained CrosscoderModule, `read_crosscoder` of its held-out rows) of one world: BatchTopK with sizes' k
-    (default 4) and expansion (2) for STEPS steps at LEARNING_RATE unless `hparams` say otherwise."""
-    from irm.diff.scaling import read_crosscoder
-
+def _fit_world(tmp: str, w: PairedWorld, sizes: Sizes, seed: int, **hparams):
+    """`fit` on the world's pair written under `tmp`: BatchTopK with sizes' k (default 4) and expansion (2) for STEPS
+    steps at LEARNING_RATE unless `hparams` say otherwise; (module, datamodule)."""
     hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
                "learning_rate": LEARNING_RATE, **hparams}
+    return fit(*write_pair(tmp, w.base, w.tuned), steps=int(sizes.get("steps", STEPS)), seed=seed, **hparams)
+
+
+def crosscode(w: PairedWorld, sizes: Sizes, seed: int, **hparams):
+    """(trained CrosscoderModule, `read_crosscoder` of its held-out rows) of one world (`_fit_world`)."""
+    from irm.diff.scaling import read_crosscoder
+
     with tempfile.TemporaryDirectory() as tmp:
-        module, data = fit(*write_pair(tmp, w.base, w.tuned), steps=int(sizes.get("steps", STEPS)), seed=seed,
-                           **hparams)
+        module, data = _fit_world(tmp, w, sizes, seed, **hparams)
         return module, read_crosscoder(module.crosscoder, held_out(data))
+
+
+def crosscode_shares(w: PairedWorld, sizes: Sizes, seed: int, marks: np.ndarray):
+    """(`read_crosscoder` of the held-out rows, every latent's share of activation on the rows `marks` flags over
+    every row) of one world's crosscoder (`_fit_world`): what the diff stage reads for its enrichment tests."""
+    from irm.diff.enrichment import marked_mass, shares
+    from irm.diff.scaling import read_crosscoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data = _fit_world(tmp, w, sizes, seed)
+        result = read_crosscoder(module.crosscoder, held_out(data))
+        m = marked_mass(module.crosscoder, data.every_row(), torch.arange(len(marks)), torch.as_tensor(marks))
+    return result, shares(m["marked"], m["mass"])
 
 
 def judge(rng: np.random.Generator, sizes: Sizes, effect: float = 0.0, **world) -> str:
@@ -180,13 +197,12 @@ def judge_enrichment(rng: np.random.Generator, sizes: Sizes, on_marks: float = 0
     tuned-only direction (ENRICH_MAGNITUDE) and marks MARK_RATE of its tokens as reward words, independently of
     every shared latent; `on_marks` of the tuned-only direction's firings are moved onto marked tokens (0: it fires
     on them at their base rate, the null). A world where no latent is called tuned-specific is "not tested"."""
-    from irm.diff.enrichment import enrichment_test, marked_mass, shares
-    from irm.diff.scaling import read_crosscoder
+    from irm.diff.enrichment import enrichment_test
     from irm.findings import NOT_TESTED, verdict_from_p
 
     sizes = {**ENRICH_SIZES, **sizes}
     w = paired_world(rng, sizes, turn=0.2, rescale=0.2)
-    rows, width = w.tuned.shape
+    rows = w.tuned.shape[0]
     marks = rng.random(rows) < MARK_RATE
     fires = (rng.random(rows) < FIRE) & ~marks
     moved = fires & (rng.random(rows) < on_marks)
@@ -196,16 +212,8 @@ def judge_enrichment(rng: np.random.Generator, sizes: Sizes, on_marks: float = 0
     firing_marked = (rng.random(rows) < FIRE) & marks & (rng.random(rows) >= on_marks)  # base-rate firings on marks
     fires |= firing_marked
     tuned = w.tuned + ENRICH_MAGNITUDE * (fires * rng.exponential(1.0, rows))[:, None] * w.planted
-    hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
-               "learning_rate": LEARNING_RATE}
-    with tempfile.TemporaryDirectory() as tmp:
-        module, data = fit(*write_pair(tmp, w.base, tuned), steps=int(sizes.get("steps", STEPS)),
-                           seed=int(rng.integers(2**31)), **hparams)
-        val = held_out(data)
-        result = read_crosscoder(module.crosscoder, val)
-        m = marked_mass(module.crosscoder, data.every_row(), torch.arange(rows), torch.as_tensor(marks))
-    e = enrichment_test([(shares(m["marked"], m["mass"]), result["classes"])], ENRICH_PERMUTATIONS,
-                        int(rng.integers(2**31)))
+    result, share = crosscode_shares(w._replace(tuned=tuned), sizes, int(rng.integers(2**31)), marks)
+    e = enrichment_test([(share, result["classes"])], ENRICH_PERMUTATIONS, int(rng.integers(2**31)))
     if e["difference"] is None:
         return NOT_TESTED
     return verdict_from_p(e["p_greater"], e["p_less"])
@@ -222,8 +230,7 @@ def judge_lean(rng: np.random.Generator, sizes: Sizes, stronger: float = 0.0, on
     (MARK_RATE of all), with probability `on_marks_fire` there (0.5: as often overall as the others). Planted:
     those latents' tuned magnitude times 1 + `stronger` on top of the random rescaling (RLHF strengthened the
     reward's features without creating new ones)."""
-    from irm.diff.enrichment import lean_test, marked_mass, shares
-    from irm.diff.scaling import read_crosscoder
+    from irm.diff.enrichment import lean_test
     from irm.findings import verdict_from_p
 
     sizes = {**ENRICH_SIZES, **sizes}
@@ -238,15 +245,8 @@ def judge_lean(rng: np.random.Generator, sizes: Sizes, stronger: float = 0.0, on
     a_RK = fire_RK * rng.exponential(1.0, (rows, n_shared))
     base = a_RK @ u_KD + NOISE * rng.normal(size=(rows, width))
     tuned = (a_RK * factor_K) @ u_tuned_KD + NOISE * rng.normal(size=(rows, width))
-    hparams = {"activation": "batchtopk", "k": int(sizes.get("k", 4)), "expansion": int(sizes.get("expansion", 2)),
-               "learning_rate": LEARNING_RATE}
-    with tempfile.TemporaryDirectory() as tmp:
-        module, data = fit(*write_pair(tmp, base, tuned), steps=int(sizes.get("steps", STEPS)),
-                           seed=int(rng.integers(2**31)), **hparams)
-        val = held_out(data)
-        result = read_crosscoder(module.crosscoder, val)
-        m = marked_mass(module.crosscoder, data.every_row(), torch.arange(rows), torch.as_tensor(marks))
-    t = lean_test([(result["delta"], shares(m["marked"], m["mass"]))], ENRICH_PERMUTATIONS, int(rng.integers(2**31)))
+    result, share = crosscode_shares(PairedWorld(base, tuned, None, u_KD), sizes, int(rng.integers(2**31)), marks)
+    t = lean_test([(result["delta"], share)], ENRICH_PERMUTATIONS, int(rng.integers(2**31)))
     return verdict_from_p(t["p_greater"], t["p_less"])
 
 

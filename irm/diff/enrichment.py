@@ -80,20 +80,26 @@ def enrichment_test(layers: Sequence[tuple[np.ndarray, np.ndarray]], permutation
     if n_spec == 0 or n_shared == 0:
         return out
 
-    def stat(labels: list[np.ndarray]) -> float:
-        values = np.concatenate([v for v, _ in groups])
-        flags = np.concatenate(labels)
+    values = np.concatenate([v for v, _ in groups])
+
+    def stat(flags: np.ndarray) -> float:
         return float(values[flags].mean() - values[~flags].mean())
 
-    observed = stat([s for _, s in groups])
-    rng = np.random.default_rng(seed)
-    null = np.array([stat([rng.permutation(s) for _, s in groups]) for _ in range(permutations)])
-    values = np.concatenate([v for v, _ in groups])
     flags = np.concatenate([s for _, s in groups])
+    observed = stat(flags)
+    rng = np.random.default_rng(seed)
+    null = np.array([stat(np.concatenate([rng.permutation(s) for _, s in groups])) for _ in range(permutations)])
     out.update(specific_share=float(values[flags].mean()), shared_share=float(values[~flags].mean()),
-               difference=observed, p_greater=float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)),
-               p_less=float((1 + (null <= observed + 1e-12).sum()) / (1 + permutations)))
+               difference=observed, **_one_sided(observed, null))
     return out
+
+
+def _one_sided(observed: float, null: np.ndarray) -> dict:
+    """Both one-sided permutation p-values, the observed statistic counted among the draws; draws within 1e-12 of it
+    count as ties (sums of equal shares in another order differ by rounding)."""
+    n = len(null)
+    return {"p_greater": float((1 + (null >= observed - 1e-12).sum()) / (1 + n)),
+            "p_less": float((1 + (null <= observed + 1e-12).sum()) / (1 + n))}
 
 
 def word_marks(token_ids_R: torch.Tensor, tokenizer, words: Iterable[str]) -> torch.Tensor:
@@ -153,8 +159,7 @@ def lean_test(layers: Sequence[tuple[np.ndarray, np.ndarray]], permutations: int
         if live.sum() >= 3:
             a, b = rankdata(delta_F[live]), rankdata(share_F[live])
             a, b = a - a.mean(), b - b.mean()
-            norm = np.sqrt((a @ a) * (b @ b))
-            if norm > 0:
+            if a @ a > 0 and b @ b > 0:  # a layer whose deltas or shares are all tied has no rank correlation
                 ranks.append((a / np.sqrt(a @ a), b / np.sqrt(b @ b)))
     n = sum(len(a) for a, _ in ranks)
     out = {"rho": None, "latents": n, "p_greater": None, "p_less": None, "permutations": permutations}
@@ -169,6 +174,5 @@ def lean_test(layers: Sequence[tuple[np.ndarray, np.ndarray]], permutations: int
             stop = min(permutations, start + 500)
             idx = np.argsort(rng.random((stop - start, len(b))), axis=1)
             null[start:stop] += w * (b[idx] @ a)
-    out.update(rho=observed, p_greater=float((1 + (null >= observed - 1e-12).sum()) / (1 + permutations)),
-               p_less=float((1 + (null <= observed + 1e-12).sum()) / (1 + permutations)))
+    out.update(rho=observed, **_one_sided(observed, null))
     return out

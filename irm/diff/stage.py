@@ -181,7 +181,8 @@ def _ablation(cfg, device, latents: dict) -> dict:
     from irm.diff.ablate import ablate_specific
     from irm.sampling import rule
 
-    return ablate_specific(cfg, device, cfg.ablate, rule(cfg.rlhf, cfg.ablate.new_tokens), {layer: latents[layer]["tuned_decoder"] for layer in specific}, specific,
+    return ablate_specific(cfg, device, cfg.ablate, rule(cfg.rlhf, cfg.ablate.new_tokens),
+                           {layer: latents[layer]["tuned_decoder"] for layer in specific}, specific,
                            {layer: latents[layer]["fired"] for layer in specific},
                            {layer: latents[layer]["classes"] == "shared" for layer in specific})
 
@@ -190,6 +191,7 @@ def run(cfg) -> None:
     """Base cache, crosscoder and diff-SAE of every chosen layer; diff.json; the stage recorded."""
     from irm.activations import cache_layer_dir
     from irm.artifacts import write_json
+    from irm.diff.enrichment import PERMUTATIONS, enrichment_test, lean_test, marked_words
     from irm.divergence import chosen_layers
     from irm.loggers import stage_loggers
     from irm.models import load_model, n_layers
@@ -205,8 +207,6 @@ def run(cfg) -> None:
     base_dirs = base_cache(cfg, model, tokenizer, layers, root / "base-cache")
     cache_seconds = time.perf_counter() - t0
     del model
-    from irm.diff.enrichment import PERMUTATIONS, enrichment_test, lean_test, marked_words
-
     what, words = marked_words(cfg.reward)
     records = {}
     for layer in layers:
