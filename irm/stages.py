@@ -241,7 +241,10 @@ def dump_config(cfg: RunConfig) -> str:
             float(data)
             ambiguous = True
         except ValueError:
-            ambiguous = not isinstance(yaml.safe_load(data), str) if data else False
+            try:
+                ambiguous = not isinstance(yaml.safe_load(data), str) if data else False
+            except yaml.YAMLError:  # text such as ":" or "a: b" that YAML cannot read as one plain scalar
+                ambiguous = True
         return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'" if ambiguous else None)
 
     Dumper.add_representer(str, text)
