@@ -208,7 +208,7 @@ class _LLM:
 
     def __init__(self, cfg: RunConfig, path: Path):
         from irm.explain import make_backend
-        from irm.explain.stage import AnswerCache
+        from irm.explain.features import AnswerCache
 
         self.cache = AnswerCache(path, make_backend(cfg.explain))
         self.workers = cfg.explain.concurrency if cfg.explain.backend == "openai" else 1

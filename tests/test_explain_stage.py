@@ -280,17 +280,17 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     import torch
 
     from irm.config import ModelConfig
-    from irm.explain.stage import LOGIT_LENS_TOKENS, _logit_lenses, _unembedding
+    from irm.explain.features import LOGIT_LENS_TOKENS, logit_lenses, unembedding
     from irm.models import load_model
 
     model, tokenizer = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=2, tiny_d_model=32), seed=0)
     with torch.no_grad():
         model.gpt_neox.final_layer_norm.weight.uniform_(0.5, 2.0)
     model.save_pretrained(tmp_path / "rlhf" / "policy")
-    w, how = _unembedding(tmp_path, "cpu")
+    w, how = unembedding(tmp_path, "cpu")
     assert "final_layer_norm" in how
     d = np.random.default_rng(0).normal(size=32)
-    lens = _logit_lenses(torch.tensor(d)[None, :], w, how, lambda i: f"t{i}")[0]
+    lens = logit_lenses(torch.tensor(d)[None, :], w, how, lambda i: f"t{i}")[0]
     w_u = model.get_output_embeddings().weight.detach().double().numpy()
     gain = model.gpt_neox.final_layer_norm.weight.detach().double().numpy()
     ref = (w_u * gain) @ (d / np.linalg.norm(d))
@@ -299,15 +299,15 @@ def test_logit_lens_is_the_unembedding_times_the_unit_decoder_row(tmp_path):
     assert [t for t, _ in lens["suppressed"]] == [f"t{i}" for i in order[::-1][:LOGIT_LENS_TOKENS]]
     np.testing.assert_allclose([v for _, v in lens["promoted"]], ref[order[:LOGIT_LENS_TOKENS]], rtol=1e-4)
     # Without weights, or with decoder rows of another width, the dashboard says why instead.
-    assert _unembedding(tmp_path / "nothing", "cpu")[0] is None
-    assert _logit_lenses(torch.zeros(1, 64), w, how, str)[0]["method"] is None
+    assert unembedding(tmp_path / "nothing", "cpu")[0] is None
+    assert logit_lenses(torch.zeros(1, 64), w, how, str)[0]["method"] is None
 
 
 def test_histogram_counts_the_windows_where_the_feature_fires():
-    from irm.explain.stage import _histogram
+    from irm.explain.features import histogram
 
     maxima = np.array([0.0, 0.0, 0.5, 1.0, 2.0, 4.0])
-    h = _histogram(maxima, 24)
+    h = histogram(maxima, 24)
     counts, edges = np.histogram([0.5, 1.0, 2.0, 4.0], bins=len(h["counts"]), range=(0, 4.0))
     assert h["counts"] == counts.tolist() and h["edges"] == pytest.approx(edges.tolist())
     assert h["windows_active"] == 4 and h["windows"] == 6

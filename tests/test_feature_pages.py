@@ -329,19 +329,19 @@ def test_report_html_renders_in_headless_chromium(ran, tmp_path):
 def test_logit_lenses_in_chunks_equal_numpy_per_direction(monkeypatch):
     import torch
 
-    from irm.explain import stage
+    from irm.explain import features
 
-    monkeypatch.setattr(stage, "LENS_CHUNK", 2)  # 5 directions: chunks of 2, 2 and 1
+    monkeypatch.setattr(features, "LENS_CHUNK", 2)  # 5 directions: chunks of 2, 2 and 1
     rng = np.random.default_rng(3)
     w_VD, d_FD = rng.normal(size=(40, 6)), rng.normal(size=(5, 6))
-    lenses = stage._logit_lenses(torch.tensor(d_FD), torch.tensor(w_VD, dtype=torch.float32), "how", str)
+    lenses = features.logit_lenses(torch.tensor(d_FD), torch.tensor(w_VD, dtype=torch.float32), "how", str)
     for d, lens in zip(d_FD, lenses):
         logits = w_VD @ (d / np.linalg.norm(d))
         order = np.argsort(-logits)
-        assert [int(t) for t, _ in lens["promoted"]] == order[:stage.LOGIT_LENS_TOKENS].tolist()
-        assert [int(t) for t, _ in lens["suppressed"]] == order[::-1][:stage.LOGIT_LENS_TOKENS].tolist()
-        np.testing.assert_allclose([v for _, v in lens["promoted"]], logits[order[:stage.LOGIT_LENS_TOKENS]],
+        assert [int(t) for t, _ in lens["promoted"]] == order[:features.LOGIT_LENS_TOKENS].tolist()
+        assert [int(t) for t, _ in lens["suppressed"]] == order[::-1][:features.LOGIT_LENS_TOKENS].tolist()
+        np.testing.assert_allclose([v for _, v in lens["promoted"]], logits[order[:features.LOGIT_LENS_TOKENS]],
                                    rtol=1e-5)
-        counts, edges = np.histogram(logits, bins=stage.HISTOGRAM_BINS)
+        counts, edges = np.histogram(logits, bins=features.HISTOGRAM_BINS)
         assert lens["histogram"]["counts"] == counts.tolist()
         np.testing.assert_allclose(lens["histogram"]["edges"], edges, rtol=1e-5, atol=1e-6)

@@ -75,7 +75,7 @@ def test_explainer_connection_settings_redo_nothing(tmp_path):
 
 
 def test_llm_substitution_answers_are_keyed_by_the_explainer_model(tmp_path):
-    from irm.explain.stage import AnswerCache
+    from irm.explain.features import AnswerCache
 
     class Backend:
         name, params = "openai", {"temperature": 0}

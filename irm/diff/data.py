@@ -56,6 +56,20 @@ class PairedCache:
             tuned["acts"] = torch.stack([base, tuned["acts"]], dim=1)
         return tuned
 
+    def iter_batches(self, batch_rows: int, keys: tuple[str, ...] = TENSORS):
+        """Every row of both in order, `batch_rows` at a time, as `read_range` gives them."""
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be >= 1")
+        for start in range(0, self.rows, batch_rows):
+            yield self.read_range(start, min(start + batch_rows, self.rows), keys)
+
+    def read_rows(self, indices, keys: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Rows at global `indices` of both (any order), `acts` [rows, 2, width] as `read_range`."""
+        tuned = self.tuned.read_rows(indices, keys)
+        if "acts" in keys:
+            tuned["acts"] = torch.stack([self.base.read_rows(indices, ("acts",))["acts"], tuned["acts"]], dim=1)
+        return tuned
+
 
 class DifferenceView:
     """A paired cache read as one cache of tuned - base activations (what an SAE module reads to normalise)."""
