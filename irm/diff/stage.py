@@ -187,6 +187,29 @@ def _ablation(cfg, device, latents: dict) -> dict:
                            {layer: latents[layer]["classes"] == "shared" for layer in specific})
 
 
+def _explanations(cfg, device, tokenizer, latents: dict, records: dict, base_dirs: dict, root: Path) -> dict:
+    """irm.diff.explain over the tuned-specific latents of every layer, or why it was not run."""
+    from irm.activations import cache_layer_dir
+    from irm.diff.data import PairedCache
+    from irm.diff.explain import LayerLatents, explain_latents, load_crosscoder
+    from irm.explain.backends import make_backend
+    from irm.explain.features import unembedding
+    from irm.reward import reward_description
+    from irm.stages import artifact
+
+    layers = [LayerLatents(layer, PairedCache(base_dirs[layer], cache_layer_dir(cfg.run_dir, layer)),
+                           load_crosscoder(root / f"layer-{layer:02d}" / "crosscoder.safetensors", cfg.diff, device),
+                           cfg.diff.expansion, [int(j) for j in np.flatnonzero(v["classes"] == "tuned-specific")],
+                           v["fired"], int(records[str(layer)]["held_out_rows"]))
+              for layer, v in latents.items()]
+    layers = [one for one in layers if one.latents]
+    if not layers:
+        return {"not_tested": "no tuned-specific latent to explain"}
+    backend = make_backend(cfg.explain, device=device, reward_cfg=cfg.reward)
+    return explain_latents(cfg.explain, cfg.seed, layers, tokenizer, device, unembedding(cfg.run_dir, device),
+                           backend, reward_description(cfg.reward), artifact(cfg.run_dir, "diff_explanations"))
+
+
 def run(cfg) -> None:
     """Base cache, crosscoder and diff-SAE of every chosen layer; diff.json; the stage recorded."""
     from irm.activations import cache_layer_dir
@@ -222,7 +245,9 @@ def run(cfg) -> None:
                                  cfg.seed)
     lean = lean_test([(v["delta"], share[layer]) for layer, v in latents.items()], PERMUTATIONS, cfg.seed)
     summary = {"layers": records, "marked_words": {"what": what, "n": len(words)}, "enrichment": enrichment,
-               "lean": lean, "ablation": _ablation(cfg, device, latents), "base_cache_seconds": cache_seconds,
+               "lean": lean, "ablation": _ablation(cfg, device, latents),
+               "explanations": _explanations(cfg, device, tokenizer, latents, records, base_dirs, root),
+               "base_cache_seconds": cache_seconds,
                "seconds": time.perf_counter() - begin}
     write_json(artifact(cfg.run_dir, "diff_summary"), summary)
     for layer, r in records.items():
@@ -236,5 +261,12 @@ def run(cfg) -> None:
     if enrichment["difference"] is not None:
         print(f"diff: share on the {what}: tuned-specific {enrichment['specific_share']:.3f}, shared "
               f"{enrichment['shared_share']:.3f} (p {enrichment['p_greater']:.4f} one-sided)", flush=True)
+    explained = summary["explanations"]
+    if "not_tested" not in explained:
+        print(f"diff: {explained['explained']} tuned-specific latents explained by {explained['backend']}/"
+              f"{explained['model']}, {explained['related']} labelled related to the reward "
+              f"({explained['latents'] - explained['explained']} more with a page only, beyond explain.max_features); "
+              f"{artifact(cfg.run_dir, 'diff_explanations')}", flush=True)
     mark_done(cfg, "diff", [artifact(cfg.run_dir, "diff_summary")]
-              + [root / f"layer-{layer:02d}" / "crosscoder.safetensors" for layer in layers])
+              + [root / f"layer-{layer:02d}" / "crosscoder.safetensors" for layer in layers]
+              + ([] if "not_tested" in explained else [artifact(cfg.run_dir, "diff_explanations")]))

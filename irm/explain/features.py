@@ -175,21 +175,25 @@ def _rng(seed: int, t: Target, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *t.stream, *stream])
 
 
-def density(active: int, rows: int, hist: dict, held_out: Optional[float]) -> dict:
+SAE_HELD_OUT = "the sae stage's held-out tokens (sparsity.safetensors)"
+
+
+def density(active: int, rows: int, hist: dict, held_out: Optional[float], held_out_of: str = SAE_HELD_OUT) -> dict:
     return {"tokens": active / rows if rows else 0.0, "tokens_active": int(active), "tokens_total": int(rows),
             "windows": hist["windows_active"] / hist["windows"] if hist["windows"] else 0.0,
             "held_out": held_out,
-            "of": "fraction of cached tokens (and of windows) where the feature is above zero; held_out: the sae "
-                  "stage's held-out tokens (sparsity.safetensors)"}
+            "of": "fraction of cached tokens (and of windows) where the feature is above zero; held_out: "
+                  + held_out_of}
 
 
 def feature_jobs(ex, seed: int, cache, encode, order: list[Target], directions_FD: torch.Tensor,
-                 held_out: list[Optional[float]], tokenizer, unembed=(None, ""), desc: str = "feature maxima"
-                 ) -> list[dict]:
-    """What `_explain` needs for each feature of `order` under explain section `ex`: records, detection and fuzzing
-    texts and the feature page data (activation density, `held_out` its density elsewhere, histogram, the logit lens
-    of its decoder direction `directions_FD` through `unembed`), from one pass of `encode(acts) -> codes` (column c:
-    order[c]) over `cache` (anything with `rows`, `iter_batches` and `read_rows`, as an activation cache)."""
+                 held_out: list[Optional[float]], tokenizer, unembed=(None, ""), desc: str = "feature maxima",
+                 held_out_of: str = SAE_HELD_OUT) -> list[dict]:
+    """What `explain_feature` needs for each feature of `order` under explain section `ex`: records, detection and
+    fuzzing texts and the feature page data (activation density, `held_out` its density on `held_out_of`, histogram,
+    the logit lens of its decoder direction `directions_FD` through `unembed`), from one pass of `encode(acts) ->
+    codes` (column c: order[c]) over `cache` (anything with `rows`, `iter_batches` and `read_rows`, as an activation
+    cache)."""
     wins, maxima, active = window_maxima(cache, encode, ex.window, desc=desc)
     # a feature with a page only (beyond explain.max_features) needs no scoring windows
     sels = [select_windows(maxima[:, c], ex.n_top, ex.n_quantile, ex.n_score if t.explain else 0, _rng(seed, t))
@@ -211,7 +215,7 @@ def feature_jobs(ex, seed: int, cache, encode, order: list[Target], directions_F
                      "max_activation": float(maxima[:, c].max()),
                      "detect": (texts, truth), "fuzz": (fuzz_texts, fuzz_truth),
                      "histogram": hist,
-                     "density": density(int(active[c]), cache.rows, hist, held_out[c]),
+                     "density": density(int(active[c]), cache.rows, hist, held_out[c], held_out_of),
                      "logit_lens": lenses[c]})
     return jobs
 

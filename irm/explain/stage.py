@@ -133,22 +133,15 @@ def _finished(path: Path, made_from: str) -> dict[tuple, dict]:
     return keep
 
 
-def _reward_description(cfg) -> str:
-    if cfg.reward.description:
-        return cfg.reward.description
-    from irm.reward import reward_description
-
-    return reward_description(cfg.reward)
-
-
 def run(cfg) -> None:
+    from irm.reward import reward_description
     from irm.stages import mark_done
 
     device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     targets = shared_features(cfg)
     backend = make_backend(cfg.explain, device=device, reward_cfg=cfg.reward)
-    description = _reward_description(cfg)
+    description = reward_description(cfg.reward)
     made_from = _made_from(cfg, backend, description)
     done = _finished(root / EXPLANATIONS, made_from)
     todo = {layer: [t for t in ts if t.id not in done] for layer, ts in targets.items()}
