@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from irm.config import RunConfig
-from irm.report import _sae_curves, run
+from irm.report import run
+from irm.report.plots import sae_curves
 
 FEATURES = {"2": [18], "3": [422, 7]}
 
@@ -125,7 +126,7 @@ def test_divergence_table_marks_the_chosen_layers(made):
 
 
 def test_sae_curves_hold_every_logged_point_of_the_plotted_metrics(made, tmp_path):
-    curves = _sae_curves(RunConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "tb")))
+    curves = sae_curves(RunConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "tb")))
     assert sorted(curves) == ["layer-02", "layer-03"]
     tags = curves["layer-02"]
     assert set(tags) == {f"train/{d}/{m}" for d in ("x1", "x2") for m in ("mse", "nmse", "l0")} | {"val/x1/mse"}

@@ -22,15 +22,17 @@ def sections_read(module: str) -> set[str]:
     """Config sections a module's source reads as `cfg.<section>`, found by parsing it (independent of the
     declaration under test)."""
     spec = importlib.util.find_spec(module)
-    path = Path(spec.origin)
-    if path.name == "__init__.py":  # a package stage: its `run` lives in the module the package re-exports
-        tree = ast.parse(path.read_text())
+    paths = [Path(spec.origin)]
+    if paths[0].name == "__init__.py":  # a package stage: its `run` lives in the module the package re-exports, or
+        # in the package itself, whose modules (the report's sections) are then all the stage's code
+        tree = ast.parse(paths[0].read_text())
+        paths = sorted(paths[0].parent.glob("*.py"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "run" for a in node.names):
-                path = Path(importlib.util.find_spec(node.module if node.level == 0 else
-                                                     f"{module}.{node.module}").origin)
+                paths = [Path(importlib.util.find_spec(node.module if node.level == 0 else
+                                                       f"{module}.{node.module}").origin)]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in (n for path in paths for n in ast.walk(ast.parse(path.read_text()))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
             found.add(node.attr)
     return found & SECTIONS
