@@ -110,3 +110,21 @@ def test_explanations_are_capped_by_explain_max_features_most_often_firing_first
     from irm.explain.features import Target
 
     assert Target(3, "large", 2, 1).stream != targets(layer, None)[0].stream
+
+
+def test_the_report_lists_the_explained_latents_and_renders_their_pages(world):
+    from irm.report.diffing import explained_section
+    from irm.report.doc import Doc
+
+    ex = ExplainConfig(backend="offline", n_top=4, n_quantile=2, n_score=5)
+    _, layer, out, lines = _explain(world, ex)
+    doc = Doc()
+    explained_section(doc, {"explanations": out}, lines)
+    md, html = doc.markdown(), doc.page("t")
+    j = layer.latents[0]
+    assert f'id="feature-0-crosscoder-{j}"' in html and "tuned-specific latent" in html
+    assert "related to the reward" in html and lines[0]["explanation"].split(" (")[0] in md
+    assert "1 tuned-specific latents explained by offline" in md
+    none = Doc()
+    explained_section(none, {"explanations": {"not_tested": "no tuned-specific latent to explain"}}, [])
+    assert "no tuned-specific latent to explain" in none.markdown() and "feature-0" not in none.page("t")

@@ -153,14 +153,14 @@ def test_diff_findings_rows_count_specific_latents_and_test_their_words(tmp_path
     _diff_json(tmp_path, [4, 7], {**found, "difference": -0.05, "p_greater": 0.9, "p_less": 0.2})
     assert diff_latents_about_reward(tmp_path)["verdict"] == NOT_DISTINGUISHABLE
     assert diff_tuned_specific(tmp_path / "missing") is None
-    from irm.diff.report import lean_text
+    from irm.report.diffing import lean_text
 
     text = lean_text(json.loads((tmp_path / "diff.json").read_text()))
     assert text.startswith("Spearman rho +0.120 over 90 latents") and "not a verdict" in text
 
 
 def test_report_says_whether_the_crosscoder_and_the_papers_instruments_agree():
-    from irm.diff.report import agreement
+    from irm.report.diffing import agreement
 
     spec = {"verdict": SUPPORTED}
     quiet = {"verdict": NOT_DISTINGUISHABLE}

@@ -1,7 +1,7 @@
 """`python -m irm report`: every table and plot of the paper, filled from one run directory, as report.md, a
 self-contained report.html (plots inlined), and summary.json (the headline numbers, machine-readable).
 
-The sections (sections.py, claims.py, features.py, and irm.diff.report's) add blocks to a Doc (doc.py); the
+The sections (sections.py, claims.py, features.py, diffing.py) add blocks to a Doc (doc.py); the
 Jinja2 templates in irm/templates/report*.j2 render them; the figures are plots.py's, summary.json summary.py's."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
-from irm.diff.report import diff_section
+from irm.report.diffing import diff_section
 from irm.report.claims import control_section, findings_section
 from irm.report.doc import Doc
 from irm.report.features import dashboard_section, features_section

@@ -142,6 +142,7 @@ def _dashboard(f: dict) -> dict:
             "rejected": f.get("rejected_explanation") or (f.get("note") if f.get("explanation") is None else None),
             "max_activation": fmt(f.get("max_activation")), "density": _density(f.get("density")),
             "pair": f"{pair.get('dictionary')} #{pair.get('index')}, cosine {fmt(pair.get('cosine'))}" if pair else "",
+            "kind": f"{f.get('role')} latent",
             "windows": [_window(r, peak, gap) for r in records if r.get("kind") == "top"],
             "quantiles": [_window(r, peak, gap) for r in records if r.get("kind") == "quantile"],
             "hist": _histogram_svg(f.get("histogram")),
@@ -152,21 +153,24 @@ def _dashboard(f: dict) -> dict:
             "lens_rows": [((p[0], f"{p[1]:+.2f}"), (s[0], f"{s[1]:+.2f}")) for p, s in zip(promoted, suppressed)]}
 
 
-def dashboard_section(doc: Doc, feats: list[dict]) -> None:
-    """A page per shared feature (Neuronpedia / SAEDashboard style), rendered from a Jinja2 template into the HTML;
-    the Markdown points there."""
-    from irm.explain.stage import NOT_EXPLAINED
+SHARED_INTRO = ("Per feature of the shared pairs: its activation density, its top-activating windows and one window "
+                "from each lower quantile bin with each token shaded by its activation (hover for the value), the "
+                "histogram of its largest activation per window, the tokens its decoder direction promotes and "
+                "suppresses directly through the unembedding (logit effect), and its explanation with its label and "
+                "its detection and fuzzing scores (95% interval over the feature's texts; 'at chance' when it holds "
+                "0.5, what guessing gets on these balanced sets). The same pages in SAEDashboard's Neuronpedia "
+                "format: explain/neuronpedia/.")
 
-    intro = ("Per feature of the shared pairs: its activation density, its top-activating windows and one window from "
-             "each lower quantile bin with each token shaded by its activation (hover for the value), the histogram "
-             "of its largest activation per window, the tokens its decoder direction promotes and suppresses directly "
-             "through the unembedding (logit effect), and its explanation with its label and its detection and "
-             "fuzzing scores (95% interval over the feature's texts; 'at chance' when it holds 0.5, what guessing "
-             "gets on these balanced sets). The same pages in SAEDashboard's Neuronpedia format: "
-             "explain/neuronpedia/.")
+
+def dashboard_section(doc: Doc, feats: list[dict], heading: str = "Feature dashboards", intro: str = SHARED_INTRO,
+                      where: str = "; SAEDashboard/Neuronpedia JSON in explain/neuronpedia/") -> None:
+    """A page per feature (Neuronpedia / SAEDashboard style), rendered from a Jinja2 template into the HTML; the
+    Markdown points there (and `where` else the pages' data lives)."""
+    from irm.explain.features import NOT_EXPLAINED
+
     boards = [_dashboard(f) for f in feats]
-    doc.heading("Feature dashboards", 3)
+    doc.heading(heading, 3)
     doc.raw(templates().get_template("feature_dashboard.html.j2").render(intro=intro, features=boards,
-                                                                 not_explained=NOT_EXPLAINED),
+                                                                         not_explained=NOT_EXPLAINED),
             f"{len(feats)} feature dashboards (density, top and quantile windows, histogram, logit effect, "
-            f"explanation and scores): see report.html; SAEDashboard/Neuronpedia JSON in explain/neuronpedia/.")
+            f"explanation and scores): see report.html{where}.")

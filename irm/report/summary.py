@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irm.diff.report import diff_summary
+from irm.report.diffing import diff_summary
 from irm.report.text import load
 
 

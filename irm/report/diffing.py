@@ -1,6 +1,7 @@
 """The report's model-diffing section and its part of summary.json (issue 27): what the crosscoder says RLHF added,
-per layer, the tuned-specific latents and their words, and its answer beside the paper's instruments (delta_tau,
-the per-word moves of the planted words, MMCS). Reads diff.json and the findings rows; writes nothing itself."""
+per layer, the tuned-specific latents with their words, explanations and feature pages, and its answer beside the
+paper's instruments (delta_tau, the per-word moves of the planted words, MMCS). Reads diff.json, the diff stage's
+explanations and the findings rows; writes nothing itself."""
 
 from __future__ import annotations
 
@@ -33,7 +34,26 @@ def diff_summary(root: Path) -> Optional[dict]:
             "ablation": ablation.get("not_tested") or {k: ablation.get(k) for k in (
                 "ablated_minus_matched", "ablated_minus_before", "n_prompts")},
             "marked_words": d.get("marked_words"),
+            "explanations": _explained(d),
             "seconds": d.get("seconds")}
+
+
+def _explained(d: dict) -> Optional[dict | str]:
+    """diff.json's `explanations` for summary.json: counts and mean detection accuracy, or why there are none."""
+    e = d.get("explanations")
+    if not e or "not_tested" in e:
+        return (e or {}).get("not_tested")
+    mean = (e.get("scores") or {}).get("mean") or {}
+    return {k: e.get(k) for k in ("latents", "explained", "related", "backend", "model")} | {
+        "mean_detection_accuracy": mean.get("accuracy")}
+
+
+def explanation_lines(root: Path) -> list[dict]:
+    """The tuned-specific latents' explanation lines (irm.diff.explain), [] when none were written."""
+    from irm.artifacts import read_jsonl
+    from irm.stages import artifact
+
+    return read_jsonl(artifact(root, "diff_explanations"))
 
 
 def _pct(x: Optional[float]) -> str:
@@ -90,6 +110,7 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
                    for layer, j, words in named[:SHOWN_LATENTS]],
                   caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
                           "the words carrying most of their activation over the cached tokens")
+    explained_section(doc, d, explanation_lines(root))
     # The findings table's own rows (Holm-corrected across the table), so the two places read alike.
     rows = findings.build_findings(root)
 
@@ -114,6 +135,37 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
               + [["crosscoder, descriptive", "do latents leaning toward the tuned model fire more on the reward's "
                   "words?", lean_text(d)]],
               caption=agreement(specific, delta, moved))
+
+
+def explained_section(doc, d: dict, lines: list[dict]) -> None:
+    """The tuned-specific latents' explanations, labels and scores, then their feature pages."""
+    e = d.get("explanations") or {}
+    if "not_tested" in e or not lines:
+        doc.para(f"Explanations of tuned-specific latents: {e.get('not_tested', 'not run')}.")
+        return
+
+    def score(ln: dict) -> str:
+        s = ln.get("score") or {}
+        return "" if s.get("accuracy") is None else f"{s['accuracy']:.2f}" + (" (at chance)" if s.get("at_chance")
+                                                                                else "")
+
+    label = {1: "yes", 0: "no", None: ""}
+    doc.table(["layer", "latent", "explanation", "related to the reward?", "detection accuracy"],
+              [[ln["layer"], ln["index"], ln.get("explanation") or ln.get("status", ""), label.get(ln.get("label"), ""),
+                score(ln)] for ln in lines[:SHOWN_LATENTS]],
+              caption=f"{e['explained']} tuned-specific latents explained by {e['backend']}/{e['model']}, "
+                      f"{e['related']} labelled related to the reward ({e['latents'] - e['explained']} more beyond "
+                      f"explain.max_features have a page only; the first {SHOWN_LATENTS} listed). The labels and "
+                      "scores are the explain stage's, read the same way.")
+    from irm.report.features import dashboard_section
+
+    dashboard_section(doc, lines, heading="Tuned-specific latents: feature pages",
+                      intro="Per tuned-specific latent, as for the SAE features above: its activation density over "
+                            "the paired cache, its top-activating windows and one window from each lower quantile "
+                            "bin (each token shaded by the latent's crosscoder code, which reads both models), the "
+                            "histogram of its largest code per window, the tokens its tuned decoder direction "
+                            "promotes and suppresses through the tuned model's unembedding, and its explanation, "
+                            "label and scores.", where="; the lines in diff/explanations.jsonl")
 
 
 def lean_text(d: dict) -> str:
