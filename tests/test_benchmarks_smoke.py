@@ -178,3 +178,13 @@ def test_stage_rates_divides_stage_times_by_steps_and_tokens(tmp_path):
     (tmp_path / "c.yaml").write_text("rlhf:\n  steps: 8\n")
     r = stage_rates(run, tmp_path / "c.yaml")
     assert r["ppo_seconds_per_step"] == 1.5 and r["cache_tokens_per_second"] == 400.0 and r["cache_layers"] == 2
+
+
+def test_side_by_side_totals_charge_a_stage_only_one_commit_has_to_that_commit():
+    import side_by_side
+
+    result = {"stages": {"rlhf": {"old": [10.0, 12.0, 11.0], "new": [5.0, 6.0, 7.0]},
+                         "diff": {"old": [], "new": [3.0, 3.0, 3.0]}}}
+    rows, totals = side_by_side.summarise(result)
+    assert rows[0] == ["rlhf", 11.0, 6.0, 6.0 / 11.0] and rows[1] == ["diff", "-", 3.0, "-"]
+    assert totals == {"old": 11.0, "new": 9.0} and rows[-1] == ["total", 11.0, 9.0, 9.0 / 11.0]
