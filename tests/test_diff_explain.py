@@ -89,6 +89,7 @@ def test_the_tuned_only_latent_is_explained_from_its_own_windows_and_labelled_re
                                rtol=1e-5, atol=1e-6)
     assert line["density"]["tokens_active"] == int((codes > 0).sum())
     assert line["density"]["held_out"] == pytest.approx(layer.fired[j] / layer.held_out_rows)
+    assert "crosscoder" in line["density"]["held_out_of"]
     # the logit effect is the tuned decoder direction through the unembedding
     d = cc.W_dec.detach()[j, TUNED].double().numpy()
     logits = w_VD.double().numpy() @ (d / np.linalg.norm(d))
@@ -123,6 +124,7 @@ def test_the_report_lists_the_explained_latents_and_renders_their_pages(world):
     md, html = doc.markdown(), doc.page("t")
     j = layer.latents[0]
     assert f'id="feature-0-crosscoder-{j}"' in html and "tuned-specific latent" in html
+    assert "held-out rows (where Latent Scaling read it)" in html
     assert "related to the reward" in html and lines[0]["explanation"].split(" (")[0] in md
     assert "1 tuned-specific latents explained by offline" in md
     none = Doc()

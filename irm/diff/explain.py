@@ -81,7 +81,7 @@ def layer_jobs(ex, seed: int, layer: LayerLatents, tokenizer, device, unembed) -
     held_out = [int(layer.fired[t.index]) / layer.held_out_rows if layer.held_out_rows else None for t in order]
     return feature_jobs(ex, seed, layer.paired, encode, order, directions, held_out, tokenizer, unembed,
                         desc=f"diff: layer {layer.layer} latent maxima",
-                        held_out_of="the crosscoder's held-out rows, where Latent Scaling read it")
+                        held_out_of="the crosscoder's held-out rows (where Latent Scaling read it)")
 
 
 def explain_latents(ex, seed: int, layers: list[LayerLatents], tokenizer, device, unembed, backend,

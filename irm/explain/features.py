@@ -179,9 +179,12 @@ SAE_HELD_OUT = "the sae stage's held-out tokens (sparsity.safetensors)"
 
 
 def density(active: int, rows: int, hist: dict, held_out: Optional[float], held_out_of: str = SAE_HELD_OUT) -> dict:
+    """A feature's activation density; `held_out_of` says where `held_out` was counted (kept as its own field, for
+    the feature page, when it is not the SAE's held-out tokens)."""
+    other = {} if held_out_of == SAE_HELD_OUT else {"held_out_of": held_out_of}
     return {"tokens": active / rows if rows else 0.0, "tokens_active": int(active), "tokens_total": int(rows),
             "windows": hist["windows_active"] / hist["windows"] if hist["windows"] else 0.0,
-            "held_out": held_out,
+            "held_out": held_out, **other,
             "of": "fraction of cached tokens (and of windows) where the feature is above zero; held_out: "
                   + held_out_of}
 

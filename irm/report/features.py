@@ -16,7 +16,7 @@ HIST_W, HIST_H = 260, 90  # px: the dashboard's activation histogram
 def features_section(doc: Doc, cfg: RunConfig, root: Path, plots: Path) -> None:
     """Tables 2, 8, 9: the shared features' explanations, labels, detection and fuzzing scores; a page per shared
     feature."""
-    from irm.explain.stage import NOT_EXPLAINED
+    from irm.explain.features import NOT_EXPLAINED
 
     pages = load(root, "explanations") or []
     # Related features first, then by layer, dictionary and how well the feature is matched in the other dictionary.
@@ -109,8 +109,8 @@ def _density(d: Optional[dict]) -> Optional[str]:
         return None
     text = (f"fires on {percent(d.get('tokens'))} of tokens ({d.get('tokens_active')} of {d.get('tokens_total')} "
             f"cached) and {percent(d.get('windows'))} of windows")
-    return text + (f"; {percent(d['held_out'])} of the SAE's held-out tokens" if d.get("held_out") is not None
-                   else "")
+    where = d.get("held_out_of", "the SAE's held-out tokens")
+    return text + (f"; {percent(d['held_out'])} of {where}" if d.get("held_out") is not None else "")
 
 
 def _window(r: dict, peak: float, gap: str) -> dict:
