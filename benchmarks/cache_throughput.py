@@ -1,4 +1,4 @@
-"""Activation cache throughput: tokens/s of the cache stage's loop (`irm.activations.cache.cache_activations`:
+"""Activation cache throughput: tokens/s of the cache stage's loop (`irm.activations.collect.cache_activations`:
 tokenise, forward with capture hooks, drop padding, check values, write shards, then the manifest with checksums)
 against the same model's bare forward over the same batches (the same tokenizer call, then `model(...)` with no
 hooks and nothing kept), interleaved; plus the cache's bytes on disk against rows x width x element size.
@@ -41,7 +41,7 @@ def bare_forward(model, tokenizer, texts: list[str], batch_size: int, max_length
 def write_cache(model, tokenizer, texts: list[str], layers: list[int], out: Path, c) -> dict[int, dict]:
     """The cache stage's loop into fresh shard writers under `out`; returns each layer's manifest."""
     from irm.activations import ShardWriter
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.models import site_width
 
     shutil.rmtree(out, ignore_errors=True)

@@ -30,7 +30,7 @@ def lexicon_items(tokenizer, triples: list[dict], contexts_per_word: int, seed: 
     """The lexicon stage's (ids, positions) items: single-token lexicon words in the chosen contexts."""
     from irm.lexicon import choose_contexts
     from irm.reward import LexiconReward
-    from irm.triples import locate, token_counts
+    from irm.words import locate, token_counts
 
     lexicon = LexiconReward().lexicon
     counts = token_counts(tokenizer, [w for w in lexicon if not any(c.isspace() for c in w)])
@@ -49,7 +49,7 @@ def lexicon_items(tokenizer, triples: list[dict], contexts_per_word: int, seed: 
 
 def deltas_items(triples: list[dict]):
     """The deltas stage's items: every triple's three variants."""
-    from irm.triples import VARIANTS
+    from irm.readers import VARIANTS
 
     return [(t["ids"][v], t["positions"][v]) for t in triples for v in VARIANTS]
 

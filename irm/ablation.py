@@ -34,7 +34,7 @@ from irm.errors import UserError
 from irm.parallel import Ranks, launch
 from irm.sampling import journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
-from irm.stats import mean_ci
+from irm.stats import difference_vs_draws, mean_ci, paired_difference
 from irm.stages import relpath
 
 def intervention(sae, features: list[int], mode: str) -> Callable:
@@ -202,43 +202,6 @@ def _random_summary(draw_rewards: np.ndarray, draws: list[dict], before: np.ndar
         "diff_vs_before": mean_ci(draw_rewards.mean(axis=0) - before),
         "draws": [{"features": _json_features(f), **freqs(f), **mean_ci(r)} for f, r in zip(draws, draw_rewards)],
     }
-
-
-def paired_difference(ablated: np.ndarray, control: np.ndarray) -> dict:
-    """Ablated minus a control on the same prompts: mean, paired t interval (95%), the paired t-test's two-sided p."""
-    from scipy.stats import ttest_1samp
-
-    diff = np.asarray(ablated, dtype=np.float64) - np.asarray(control, dtype=np.float64)
-    out = {**mean_ci(diff), "interval": "paired t, 95%", "p_value": None}
-    if diff.size >= 2 and diff.std() > 0:
-        out["p_value"] = float(ttest_1samp(diff, 0.0).pvalue)
-    return out
-
-
-def difference_vs_draws(ablated_P: np.ndarray, draws_DP: np.ndarray) -> dict:
-    """Ablated minus the random control, paired on prompts: per draw d the mean over prompts of
-    ablated[p] - draw[d, p] (m_d), their mean, and a 95% t prediction interval over draws, mean(m) +- t(D-1) s_m
-    sqrt(1 + 1/D): the labelled set compared with the distribution of random sets, its own place in that
-    distribution counted (the 1) beside the uncertainty of the random sets' mean (the 1/D). `p_value` is the
-    matching two-sided t test. With one draw there is no spread to compare with: no interval, and it says so."""
-    from scipy import stats
-
-    diff_DP = np.asarray(ablated_P, dtype=np.float64)[None, :] - np.asarray(draws_DP, dtype=np.float64)
-    n_d, n_p = diff_DP.shape
-    per_draw = diff_DP.mean(axis=1)
-    out = {"mean": float(per_draw.mean()), "ci95": None, "p_value": None, "n": int(n_p), "draws": int(n_d),
-           "per_draw_means": [float(x) for x in per_draw], "between_draw_std": None,
-           "interval": "one random draw: no spread between draws to compare the labelled set with, no interval"}
-    if n_d < 2:
-        return out
-    sd = float(per_draw.std(ddof=1))
-    scale = sd * np.sqrt(1.0 + 1.0 / n_d)
-    half = float(stats.t.ppf(0.975, n_d - 1) * scale)
-    out.update(ci95=[out["mean"] - half, out["mean"] + half], between_draw_std=sd,
-               interval=f"t prediction interval over {n_d} random draws (df {n_d - 1}), 95%")
-    if scale > 0:
-        out["p_value"] = float(2 * stats.t.sf(abs(out["mean"]) / scale, n_d - 1))
-    return out
 
 
 def _json_features(features: dict[int, list[int]]) -> dict[str, list[int]]:

@@ -27,7 +27,7 @@ from irm.parallel import Ranks
 from irm.runtime import start
 from irm.sampling import SamplingRule, journalled_batches, sample_prompts
 from irm.sampling import rule as sampling_rule
-from irm.stats import mean_ci, sign_flip_p
+from irm.stats import mean_ci, tuned_minus_base
 from irm.stages import is_done, mark_done, open_run_dir, stage_fingerprint
 from irm.stages import relpath
 
@@ -62,30 +62,6 @@ def sample_rewards(model, tokenizer, prompts: list[list[int]], reward_fn: Callab
     return [done[b] for b in range(n_batches)]
 
 
-def paired_difference(tuned, base) -> dict:
-    """tuned - base over the same prompts: mean, 95% t-interval and two-sided p-value of the paired t-test
-    (scipy.stats.ttest_rel), a 95% BCa bootstrap interval of the mean difference (scipy.stats.bootstrap, 9,999
-    resamples of the pairs, seeded), the two-sided p of the exact sign-flip test (`irm.stats.sign_flip_p`, the
-    verdict's: a lexicon reward is a clipped, skewed sum, on which the t-test only approaches its level), and the
-    number of pairs."""
-    import numpy as np
-    from scipy import stats
-
-    tuned, base = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
-    diff = tuned - base
-    if np.ptp(diff) == 0:  # one and the same difference everywhere: no spread to test (scipy would give nan)
-        m = float(diff[0])
-        return {"mean_diff": m, "ci": [m, m], "bootstrap_ci": [m, m], "p_value": 1.0 if m == 0 else 0.0,
-                "p_signflip": 1.0 if m == 0 else sign_flip_p(diff), "n": len(diff)}
-    test = stats.ttest_rel(tuned, base)
-    ci = test.confidence_interval(0.95)
-    boot = stats.bootstrap((diff,), np.mean, n_resamples=9999, confidence_level=0.95, method="BCa",
-                           random_state=np.random.default_rng(0)).confidence_interval
-    return {"mean_diff": float(diff.mean()), "ci": [float(ci.low), float(ci.high)],
-            "bootstrap_ci": [float(boot.low), float(boot.high)], "p_value": float(test.pvalue),
-            "p_signflip": sign_flip_p(diff), "n": len(diff)}
-
-
 def planted_split(reward_fn, completions: dict) -> Optional[dict]:
     """For a lexicon reward that plants words (values of another sign than VADER's: `irm.reward.planted_words`),
     the paired tuned - base difference of what the planted words in the completions contribute to the reward, and of
@@ -100,8 +76,8 @@ def planted_split(reward_fn, completions: dict) -> Optional[dict]:
         return None
     parts = {label: reward_fn.split_sums(texts, planted) for label, texts in completions.items()}
     return {"n_planted_words": len(planted),
-            "planted_words": paired_difference(parts["tuned"][0], parts["base"][0]),
-            "other_words": paired_difference(parts["tuned"][1], parts["base"][1]),
+            "planted_words": tuned_minus_base(parts["tuned"][0], parts["base"][0]),
+            "other_words": tuned_minus_base(parts["tuned"][1], parts["base"][1]),
             "what": "tuned - base, paired, of each completion's lexicon sum over the planted words (and over the "
                     "other words) divided by reward.scale, not clipped; completions only, so the shared prefix "
                     "does not enter"}
@@ -144,7 +120,7 @@ def run(cfg: RunConfig) -> None:
     records["base"] = draw(load_model(cfg.model, seed=cfg.seed, device=device)[0], "base")
     rewards = {label: np.concatenate([r["rewards"] for r in recs]) for label, recs in records.items()}
     completions = {label: [c for r in recs for c in r["completions"]] for label, recs in records.items()}
-    paired = paired_difference(rewards["tuned"], rewards["base"])
+    paired = tuned_minus_base(rewards["tuned"], rewards["base"])
     result = {
         "base": mean_ci(rewards["base"]),
         "tuned": mean_ci(rewards["tuned"]),

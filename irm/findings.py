@@ -26,6 +26,7 @@ smallest effect this run could have detected with 80% power, from the run's cali
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -42,6 +43,18 @@ FIELDS = ("claim", "number", "control", "verdict", "detail", "calibration", "p_v
 ADDED = ("p_holm", "false_positive_rate", "false_positive_ci95", "minimal_detectable_effect", "effect_unit",
          "mde_source", "certified_false_positive_rate", "certified_false_positive_ci95", "certified_worlds")
 Z_POWER = 1.959964 + 0.841621  # two-sided 5% plus 80% power, in standard errors
+CERTIFIED = Path(__file__).parent / "calibration" / "certified.json"  # the full harness's results (irm.calibration)
+
+
+@lru_cache(maxsize=1)
+def read_certified() -> dict:
+    """Per finding, the full harness's summary (`irm.calibration.stage.summarise`: the worst null family's
+    false-positive rate, its 95% interval, name and number of worlds); {} when the file is absent."""
+    import json
+
+    if not CERTIFIED.exists():
+        return {}
+    return json.loads(CERTIFIED.read_text()).get("findings") or {}
 
 
 def interval_mde(ci: Optional[Sequence[float]]) -> Optional[float]:
@@ -172,7 +185,7 @@ def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilde
     """Every registered claim whose artifacts are in `root`, as rows (FIELDS, then ADDED): Holm-corrected across
     the table (`correct`) and with the calibration harness's numbers (`calibrated`; from `calibration`, else the
     run's calibration.json when the calibrate stage ran; `certified`, else the full harness's committed table,
-    `irm.calibration.certified`)."""
+    `read_certified`)."""
     root = Path(root)
     rows: list[Row] = []
     for build in ROW_BUILDERS if builders is None else builders:
@@ -186,9 +199,7 @@ def build_findings(root: Union[str, Path], builders: Optional[Sequence[RowBuilde
     if calibration is None:
         calibration = _load(root, "calibration")
     if certified is None:
-        from irm.calibration import certified as committed
-
-        certified = committed()
+        certified = read_certified()
     return calibrated(correct(rows), calibration, certified)
 
 
@@ -568,7 +579,7 @@ def chance_p(observed: float, draws: Sequence[float], se: float = 0.0) -> Option
 def mmcs_row(layer: str, rec: dict, saes: Optional[dict] = None) -> Row:
     """One layer's MMCS row from its mmcs.json record (and its SAEs' sae/metrics.json entry): the max MMCS ranked
     against the MMCS of random dictionaries with the two dictionaries' own row mean and covariance
-    (`irm.dictionaries.chance_levels`), a one-sided t p-value (`chance_p`). Isotropic chance is too easy a null
+    (`irm.sae.comparison.chance_levels`), a one-sided t p-value (`chance_p`). Isotropic chance is too easy a null
     (issue 22) and an mmcs.json that has only it is "not tested"."""
     small, large = (rec.get("dictionaries") or {}).get("small", "small"), (rec.get("dictionaries") or {}).get(
         "large", "large")
@@ -635,9 +646,9 @@ VALIDATION_CLAIM = ("the features labelled related to the reward fire where R pr
 def validation_row(val: dict) -> Row:
     """Table 6 from validation.json: the related features' enrichment over their own base rate (P(active | R >
     threshold) / P(active), per feature, as a z-score) against the other explained features', by a label permutation
-    of the difference of means (`irm.validate.enrichment_comparison`), one-sided like the claim. Labels from the
+    of the difference of means (`irm.enrichment.enrichment_comparison`), one-sided like the claim. Labels from the
     offline lexicon rule make the test circular: the numbers are shown and the verdict is "not tested"."""
-    from irm.validate import ENRICHMENT
+    from irm.enrichment import ENRICHMENT
 
     if val.get("n_related") == 0:
         return _not_tested(VALIDATION_CLAIM, "no explained feature was labelled related to the reward "

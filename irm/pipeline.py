@@ -3,7 +3,6 @@ unchanged since they completed (irm.stages), so a rerun after a crash or an edit
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from irm.artifacts import write_json
 from irm.config import RunConfig
-from irm.stages import ORDER, artifact, is_done, stage as declared
+from irm.stages import ORDER, artifact, is_done, run_stage
 
 
 def _say(msg: str) -> None:
@@ -38,7 +37,7 @@ def run(cfg: RunConfig) -> dict[str, str]:
             continue
         _say(f"[{i:>2}/{n}] {stage:<18} running ...")
         t0 = time.perf_counter()
-        importlib.import_module(declared(stage).module).run(cfg)
+        run_stage(cfg, stage)
         timings[stage] = time.perf_counter() - t0
         if not is_done(cfg, stage):
             raise RuntimeError(f"stage {stage} returned without recording its completion in {root}/manifest.json")

@@ -93,7 +93,7 @@ def lexicon_problem(reward_cfg: RewardConfig, triples_cfg, seed: int) -> Optiona
         return str(e)
     if not 0.0 <= triples_cfg.heldout_fraction < 1.0:
         return None  # the range check reports it
-    from irm.triples import heldout_words
+    from irm.words import heldout_words
 
     held = heldout_words(lexicon, triples_cfg.heldout_fraction, seed, triples_cfg.heldout_words)
     held_out = set(held["positive"]) | set(held["negative"])

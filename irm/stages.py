@@ -170,6 +170,14 @@ def stage(name: str) -> Stage:
         raise UserError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}") from None
 
 
+def run_stage(cfg: RunConfig, name: str) -> Any:
+    """Run stage `name` through its declared module: the pipeline, and a stage that runs others on a sub-run
+    directory (the control's base run), reach a stage this way, never by importing its module."""
+    import importlib
+
+    return importlib.import_module(stage(name).module).run(cfg)
+
+
 def sections_of(cfg: RunConfig, name: str) -> tuple[str, ...]:
     """The config sections `name` depends on under this config (its fixed ones plus the conditional ones that apply)."""
     st = stage(name)

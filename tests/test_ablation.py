@@ -11,14 +11,12 @@ import torch
 from scipy import stats
 from scipy.linalg import hadamard
 
-from irm.stats import mean_ci
+from irm.stats import difference_vs_draws, mean_ci, paired_difference
 from irm.ablation import (
     _random_summary,
     condition_rewards,
-    difference_vs_draws,
     draw_matched_features,
     feature_statistics,
-    paired_difference,
     intervention,
     result_files,
     run,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, bootstrap, kendalltau
 
-import irm.control
+import irm.chains
 from irm.calibration import core
 from irm.calibration.chain import NULL_DELTA, world_of
 from irm.calibration.run_level import layer_world
@@ -45,7 +45,7 @@ def test_delta_tau_holds_its_false_positives_where_the_words_only_bootstrap_did_
     family = core.Family("delta_tau", name, 0.0, world_of("delta_tau", **NULL_DELTA[name]))
     n = 20  # measured: 1 of 20 today, 5 of 20 with the words-only interval (separate dictionaries: 1 and 6)
     today = false_positives(family, n, SMALL)
-    monkeypatch.setattr(irm.control, "resampled_deltas", words_only)
+    monkeypatch.setattr(irm.chains, "resampled_deltas", words_only)
     before = false_positives(family, n, SMALL)
     # today: consistent with at most 5% (binomial test); the old interval: far above it
     assert binomtest(today, n, 0.05, alternative="greater").pvalue > 0.05, today

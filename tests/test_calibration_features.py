@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import binomtest, hypergeom, norm
 
-import irm.ablation
-import irm.dictionaries
-import irm.validate
+import irm.enrichment
+import irm.sae.comparison
+import irm.stats
 from irm.calibration import core, features
 from irm.calibration.features import FAMILIES
 from irm.findings import NOT_DISTINGUISHABLE, NOT_TESTED, SUPPORTED
@@ -44,12 +44,12 @@ def test_mmcs_chance_of_the_activations_holds_where_isotropic_chance_did_not(mon
     fam = family("mmcs", "1/k spectrum and a mean, unrelated dictionaries")
     n = 100
     today, _ = rate(fam, n, SMALL_MMCS)
-    old = irm.dictionaries.chance_mmcs
+    old = irm.sae.comparison.chance_mmcs
 
     def isotropic(*args, moments=None, **kwargs):  # the replaced chance level: rows uniform on the sphere
         return old(*args, **kwargs)
 
-    monkeypatch.setattr(irm.dictionaries, "chance_mmcs", isotropic)
+    monkeypatch.setattr(irm.sae.comparison, "chance_mmcs", isotropic)
     before, _ = rate(fam, 40, SMALL_MMCS)
     print(f"MMCS, 1/k spectrum and a mean: {today}/{n} false positives today, {before}/40 with isotropic chance")
     assert at_most_5_percent(today, n) and before >= 36
@@ -68,7 +68,7 @@ def test_mmcs_sees_shared_features_where_the_dictionaries_follow_the_data():
 
 def test_enrichment_z_is_the_normal_score_of_scipys_hypergeometric_mid_p():
     above, total = np.array([3, 0, 12, 5, 40]), np.array([4, 7, 20, 0, 40])
-    z = irm.validate.enrichment_z(above, total, n_above=15, n_all=40)
+    z = irm.enrichment.enrichment_z(above, total, n_above=15, n_all=40)
     for i in range(4):
         if total[i] == 0:
             assert np.isnan(z[i])
@@ -76,7 +76,7 @@ def test_enrichment_z_is_the_normal_score_of_scipys_hypergeometric_mid_p():
         law = hypergeom(40, total[i], 15)
         assert z[i] == pytest.approx(norm.isf(law.sf(above[i]) + 0.5 * law.pmf(above[i])), rel=1e-10)
     assert np.isnan(z[4])  # fires on every input: no base rate to beat
-    ratio = irm.validate.enrichment(above / 15, total / 40)
+    ratio = irm.enrichment.enrichment(above / 15, total / 40)
     assert ratio[0] == pytest.approx((3 / 15) / (4 / 40)) and np.isnan(ratio[3])
 
 
@@ -86,10 +86,10 @@ def test_validation_by_enrichment_holds_where_raw_frequencies_did_not(monkeypatc
     today, _ = rate(fam, n, SMALL_VALIDATION)
 
     def raw_frequencies(freqs, layers, related, other, seed=0, n_resamples=999):  # the replaced statistic
-        return irm.validate.compare_groups(freqs.per_feature(layers, related), freqs.per_feature(layers, other),
+        return irm.enrichment.compare_groups(freqs.per_feature(layers, related), freqs.per_feature(layers, other),
                                            seed, n_resamples=n_resamples, welch=False)
 
-    monkeypatch.setattr(irm.validate, "enrichment_comparison", raw_frequencies)
+    monkeypatch.setattr(irm.enrichment, "enrichment_comparison", raw_frequencies)
     before, _ = rate(fam, 30, SMALL_VALIDATION)
     print(f"validation, busy related features: {today}/{n} false positives today, {before}/30 by raw frequency")
     assert at_most_5_percent(today, n) and before >= 27
@@ -102,19 +102,19 @@ def test_circular_labels_are_not_a_finding(monkeypatch):
     from irm.explain.backends import OfflineBackend
     from irm.findings import validation_row
 
-    assert irm.validate.circularity(["LLM judgement of the explanation"]) is None
+    assert irm.enrichment.circularity(["LLM judgement of the explanation"]) is None
     k, r = rate(family("validation", "circular labels (offline lexicon rule)"), 20, SMALL_VALIDATION)
     assert k == 0 and r["verdicts"] == {NOT_TESTED: 20}
     row = validation_row({"n_related": 3, "n_inputs": 100, "n_inputs_above": 10, "threshold": 3.0,
-                          "circular": irm.validate.circularity([OfflineBackend.label_method]),
-                          "vs_other_explained": {irm.validate.ENRICHMENT: {
+                          "circular": irm.enrichment.circularity([OfflineBackend.label_method]),
+                          "vs_other_explained": {irm.enrichment.ENRICHMENT: {
                               "n_related": 3, "n_other": 9, "related_frequency": 2.0, "other_frequency": 0.1,
                               "related_enrichment": 3.0, "other_enrichment": 1.0, "p_value": 0.001,
                               "p_value_less": 0.999}}})
     assert row["verdict"] == NOT_TESTED and "circular" in row["detail"] and row["p_value"] is None
     assert "enrichment over base rate 3.00" in row["number"]
     # the same worlds judged as if the labels were an independent judgement: supported far above 5% of the time
-    monkeypatch.setattr(irm.validate, "circularity", lambda methods: None)
+    monkeypatch.setattr(irm.enrichment, "circularity", lambda methods: None)
     uncircled = sum(features.circular_world(np.random.default_rng(seed), {}) == SUPPORTED for seed in range(20))
     assert uncircled >= 5, uncircled  # 10 of 20 measured
 
@@ -140,7 +140,7 @@ def test_ablation_prediction_interval_holds_where_the_two_level_bootstrap_did_no
     sizes = {"random_draws": 3}  # the quickstart's count before issue 22
     n = 300
     today, _ = rate(fam, n, sizes)
-    monkeypatch.setattr(irm.ablation, "difference_vs_draws", two_level_bootstrap)
+    monkeypatch.setattr(irm.stats, "difference_vs_draws", two_level_bootstrap)
     before, _ = rate(fam, n, sizes)
     print(f"ablation vs 3 random draws: {today}/{n} false positives today, {before}/{n} with the two-level bootstrap")
     assert at_most_5_percent(today, n) and binomtest(before, n, 0.05, alternative="greater").pvalue < 1e-3
@@ -151,7 +151,7 @@ def test_ablation_rows_one_sided_and_not_tested_without_a_spread():
 
     abl = {"n_features": 2, "n_prompts": 10, "random_draws": 1, "modes": {"error": {
         "ablated_minus_splice": {"mean": 0.3, "ci95": [0.1, 0.5], "p_value": 0.01, "interval": "paired t, 95%"},
-        "ablated_minus_random": irm.ablation.difference_vs_draws(np.zeros(10), np.ones((1, 10)))}}}
+        "ablated_minus_random": irm.stats.difference_vs_draws(np.zeros(10), np.ones((1, 10)))}}}
     rise = ablation_row(abl, "error", "ablated_minus_splice")
     assert rise["verdict"] == NOT_DISTINGUISHABLE and "reverse" in rise["detail"]
     assert rise["calibration"] == "ablation_vs_splice" and rise["p_value"] == 0.01
@@ -162,10 +162,10 @@ def test_ablation_rows_one_sided_and_not_tested_without_a_spread():
     # A saturated reward (the planted run at 48 PPO steps: every completion at the clip, 10): the same reward under
     # every condition, a zero-width interval; "not tested" with the reason, never "not distinguishable" with a
     # minimal detectable effect of 0.
-    flat = irm.ablation.paired_difference(np.full(12, 10.0), np.full(12, 10.0))
+    flat = irm.stats.paired_difference(np.full(12, 10.0), np.full(12, 10.0))
     saturated = {"n_features": 2, "n_prompts": 12, "random_draws": 2, "modes": {"error": {
         "ablated_minus_splice": flat,
-        "ablated_minus_random": irm.ablation.difference_vs_draws(np.full(12, 10.0), np.full((2, 12), 10.0))}}}
+        "ablated_minus_random": irm.stats.difference_vs_draws(np.full(12, 10.0), np.full((2, 12), 10.0))}}}
     for key in ("ablated_minus_splice", "ablated_minus_random"):
         row = ablation_row(saturated, "error", key)
         assert row["verdict"] == NOT_TESTED and "no spread" in row["detail"], (key, row)

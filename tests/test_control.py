@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from irm.config import ControlConfig
-from irm.control import analyse, flipped_signs, resampled_deltas, word_moves
+from irm.chains import analyse, flipped_signs, resampled_deltas, word_moves
 from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, build_findings, differs_from_base, verdict_from_interval
 from irm.regression import RidgePath
 
@@ -247,10 +247,10 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     # The tuned chain took its triple rows from the deltas stage's shards (the base chain read its own, and the
     # equalities above say the two agree); they equal a fresh read through the same model and SAEs.
     from irm.control import tuned_rows
-    from irm.deltas import triple_rows
+    from irm.delta_rows import triple_rows
     from irm.sae.splice import load_saes
     from irm.models import load_tuned
-    from irm.triples import read_triples
+    from irm.readers import read_triples
 
     shard = load_file(str(root / "deltas" / "shard-00000.safetensors"))
     assert shard["x"].shape[0] == 80 and shard["x_raw"].shape == (80, 2 * 64)

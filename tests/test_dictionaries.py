@@ -358,7 +358,7 @@ def numpy_max_mmcs(a, b):
 def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import chance_mmcs
+    from irm.sae.comparison import chance_mmcs
 
     n, m, d, draws = 24, 48, 16, 4
     chance = chance_mmcs(n, m, d, draws=draws, seed=7)
@@ -393,7 +393,7 @@ def test_chance_mmcs_equals_numpy_on_the_same_draws_and_its_distribution():
 
 
 def test_activation_moments_equal_numpys_mean_and_covariance_and_factor_reproduces_it():
-    from irm.dictionaries import activation_moments
+    from irm.sae.comparison import activation_moments
 
     rng = np.random.default_rng(8)
     x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 1e4  # a large mean: summed around a shift
@@ -416,7 +416,7 @@ def test_chance_from_moments_matches_numpy_draws_of_the_activations_distribution
     """Independent check: dictionaries whose rows are numpy's multivariate normals with the activations' mean and
     covariance score what chance_mmcs(moments=...) reads, and both sit far above the isotropic level (issue 22: 1/k
     spectrum, a shared mean)."""
-    from irm.dictionaries import activation_moments, chance_mmcs
+    from irm.sae.comparison import activation_moments, chance_mmcs
 
     rng = np.random.default_rng(9)
     n, m, d = 32, 64, 32
@@ -434,7 +434,7 @@ def test_chance_from_moments_matches_numpy_draws_of_the_activations_distribution
 
 
 def test_a_feature_that_never_fires_is_never_a_shared_feature():
-    from irm.dictionaries import compare_layer
+    from irm.sae.comparison import compare_layer
 
     rng = np.random.default_rng(3)
     small, large = rng.standard_normal((6, 8)), rng.standard_normal((10, 8))
@@ -459,7 +459,8 @@ def test_a_feature_that_never_fires_is_never_a_shared_feature():
 def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys):
     import json
 
-    from irm.dictionaries import activation_moments, chance_mmcs, dictionary_moments, run
+    from irm.dictionaries import run
+    from irm.sae.comparison import activation_moments, chance_mmcs, dictionary_moments
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=16)
@@ -600,7 +601,7 @@ def close_to_bootstrap(ci, best):
 def test_compare_layer_of_unequal_sizes_and_width_against_numpy():
     """6 small features and 10 large ones of width 8 (no size equals another, so a swapped axis shows): sizes, width,
     firing counts without masks, the max-cosine summary and the bootstrap interval, each recomputed in numpy."""
-    from irm.dictionaries import compare_layer
+    from irm.sae.comparison import compare_layer
 
     rng = np.random.default_rng(11)
     small, large = rng.standard_normal((6, 8)), rng.standard_normal((10, 8))
@@ -621,7 +622,7 @@ def test_compare_layer_of_unequal_sizes_and_width_against_numpy():
 def test_no_firing_feature_on_one_side_leaves_max_firing_empty_and_zero_rows_include_the_threshold():
     """When no small (or no large) feature fires there is nothing to share: max_firing is None and there are no
     pairs, while the scores over every feature stand. A row of norm exactly ZERO_NORM (1e-12) counts as a zero row."""
-    from irm.dictionaries import compare_layer, zero_rows
+    from irm.sae.comparison import compare_layer, zero_rows
     from irm.sae.mmcs import ZERO_NORM
 
     rng = np.random.default_rng(12)
@@ -643,7 +644,8 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
 
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import dictionary_moments, run
+    from irm.dictionaries import run
+    from irm.sae.comparison import dictionary_moments
     from irm.sae import sae_dir
 
     cfg = stage_cfg(tmp_path, layers=(2,), top_k=4)
@@ -723,7 +725,7 @@ def test_seed_pair_trains_a_second_small_sae_and_reports_its_mmcs(tmp_path, caps
 def test_chance_levels_from_the_dictionaries_own_rows_with_the_activations_as_a_reference():
     """`chance`: rows with the dictionaries' own mean and covariance, equal in level to numpy's multivariate normals
     of the rows' law, and high when the rows share a mean; `chance_activations`: rows drawn like the activations."""
-    from irm.dictionaries import activation_moments, chance_levels
+    from irm.sae.comparison import activation_moments, chance_levels
 
     rng = np.random.default_rng(4)
     n, m, d = 16, 32, 16

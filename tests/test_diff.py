@@ -228,7 +228,7 @@ def test_diff_sae_on_tuned_minus_base_finds_the_tuned_only_direction(tmp_path):
 
 def test_base_cache_holds_the_base_model_at_the_tuned_cache_tokens(tiny_cfg):
     from irm.activations import ShardWriter, cache_layer_dir
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.data import corpus_fingerprint, load_texts
     from irm.diff.data import PairedCache
     from irm.diff.stage import base_cache

@@ -180,10 +180,11 @@ def test_the_committed_harness_table_certifies_every_finding_and_rows_quote_it(t
     """irm/calibration/certified.json (benchmarks/calibration.py's output) has every declared finding, each null
     family within the limits (rate <= 5%, upper end <= 7%), and the findings table quotes it by default."""
     import irm.calibration as calibration
+    import irm.findings
 
-    data = json.loads(calibration.CERTIFIED.read_text())
+    data = json.loads(irm.findings.CERTIFIED.read_text())
     declared = {f.finding for f in calibration.families()}
-    assert declared <= set(calibration.certified())
+    assert declared <= set(irm.findings.read_certified())
     nulls = [r for r in data["families"] if r["null"] and r["finding"] in declared]
     assert {r["finding"] for r in nulls} == declared
     # the statistics kept as descriptions are the ones the harness failed, and no findings row cites them
@@ -193,13 +194,11 @@ def test_the_committed_harness_table_certifies_every_finding_and_rows_quote_it(t
         assert calibration.failures([r for r in nulls if r["finding"] == name])
     import inspect
 
-    import irm.findings
-
     assert not any(f'"{name}"' in inspect.getsource(irm.findings) for name in calibration.DESCRIPTIVE)
     write(tmp_path, "reward_eval.json", {"paired": {"mean_diff": 0.2, "ci": [0.1, 0.3], "p_value": 0.001,
                                                     "p_signflip": 0.001, "n": 128}})
     row = build_findings(tmp_path)[0]
-    assert row["certified_false_positive_rate"] == calibration.certified()["reward"]["false_positive_rate"]
+    assert row["certified_false_positive_rate"] == irm.findings.read_certified()["reward"]["false_positive_rate"]
     assert row["certified_worlds"] >= 500
 
 

@@ -10,7 +10,7 @@ import pytest
 from irm.cli import parse_config
 from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, planted_shift, planted_words_moved, tau_against_vader
 from irm.reward import planted_words, read_lexicon, vader_lexicon
-from irm.triples import heldout_words
+from irm.words import heldout_words
 
 ROOT = Path(__file__).parents[1]
 PLANTED = {**{w: -10.0 for w in "like well good great amazing interesting best fun love happy".split()},

@@ -10,8 +10,8 @@ from irm.data.generated import generate_reviews
 from irm.errors import UserError
 from irm.models import tiny_tokenizer
 from irm.reward import spacy_tokenizer, vader_lexicon
-from irm.triples import (build_triples, family, fit_prefix, heldout_words, locate, parse_llm_answer,
-                         token_counts)
+from irm.triples import build_triples, fit_prefix, parse_llm_answer
+from irm.words import family, heldout_words, locate, token_counts
 
 LEXICON = vader_lexicon()
 NLP = spacy_tokenizer("blank:en")

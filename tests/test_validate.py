@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from irm.validate import Frequencies, compare_groups
+from irm.enrichment import Frequencies, compare_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
@@ -79,7 +79,7 @@ def exact_mid_p_z(x, active, selected, total):
 
 
 def test_enrichment_z_against_exact_fractions_in_both_tails():
-    from irm.validate import enrichment_z
+    from irm.enrichment import enrichment_z
 
     cases = [(3, 4, 15, 40), (0, 7, 15, 40), (12, 20, 15, 40), (0, 300, 100, 1000), (95, 300, 100, 1000),
              (5, 395, 5, 400), (0, 395, 5, 400)]

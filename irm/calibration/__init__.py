@@ -2,25 +2,19 @@
 worlds where its claim is false and its power where it is true, through the functions a real run uses.
 
 `irm.calibration.core` runs families of worlds; each module in `GROUPS` declares the families of some findings in
-its `FAMILIES` list. `families()` gathers them all. `certified()` reads the full harness's committed results
-(certified.json, written by `python benchmarks/calibration.py --json irm/calibration/certified.json`: hundreds to
-thousands of worlds per family at the harness's default sizes), which every report quotes beside the few worlds its
-own `calibrate` stage runs at the run's sizes.
+its `FAMILIES` list. `families()` gathers them all. The full harness's committed results (certified.json, written by
+`python benchmarks/calibration.py --json irm/calibration/certified.json`: hundreds to thousands of worlds per family
+at the harness's default sizes) are read by `irm.findings.read_certified`, and every report quotes them beside the few
+worlds its own `calibrate` stage runs at the run's sizes.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-from functools import lru_cache
-from pathlib import Path
 
 from irm.calibration.core import Family, failures, minimal_detectable_effect, run, run_family
 
 GROUPS: tuple[str, ...] = ("planted", "chain", "run_level", "features", "diff")  # modules under irm.calibration with FAMILIES
-
-
-CERTIFIED = Path(__file__).with_name("certified.json")
 
 # Statistics the harness measured and found too easy to carry a verdict: reports show them as descriptions with their
 # measured false-positive rate, never in the findings table.
@@ -28,15 +22,6 @@ DESCRIPTIVE: dict[str, str] = {
     "diff_lean": "crosscoder latents mix the same true features, so their leans are correlated, and a permutation "
                  "of latents, which treats them as independent, is too easy",
 }
-
-
-@lru_cache(maxsize=1)
-def certified() -> dict:
-    """Per finding, the full harness's summary (`irm.calibration.stage.summarise`: the worst null family's
-    false-positive rate, its 95% interval, name and number of worlds); {} when the file is absent."""
-    if not CERTIFIED.exists():
-        return {}
-    return json.loads(CERTIFIED.read_text()).get("findings") or {}
 
 
 def families(cost: str | None = None) -> list[Family]:
@@ -47,5 +32,5 @@ def families(cost: str | None = None) -> list[Family]:
     return [f for f in out if cost is None or f.cost == cost]
 
 
-__all__ = ["CERTIFIED", "DESCRIPTIVE", "Family", "certified", "families", "failures", "minimal_detectable_effect", "run", "run_family",
+__all__ = ["DESCRIPTIVE", "Family", "families", "failures", "minimal_detectable_effect", "run", "run_family",
            "GROUPS"]

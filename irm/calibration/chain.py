@@ -1,12 +1,12 @@
 """Calibration of the control's findings (irm.control -> irm.findings): delta_tau, the lexicon tau against its
-permutation null, held-out generalisation and SAE vs raw, in simulated worlds pushed through `irm.control.analyse`
+permutation null, held-out generalisation and SAE vs raw, in simulated worlds pushed through `irm.chains.analyse`
 and the findings' own row functions (`delta_tau_row`, `lexicon_rows`, `heldout_row`).
 
 A world: lexicon words with true values; each model "knows" a word's sentiment as a value along one direction of a
 small activation space (the base model's knowledge is the lexicon plus noise; the tuned model's moves a planted
 fraction `effect` of the way to the lexicon), plus a word identity vector; a word read in a context adds the
 context's vector and noise. An SAE-like dictionary (ReLU of a random encoder) gives the codes. Triples (a positive,
-a neutral and a negative word in one context) give the regression rows through `irm.deltas.rows_of`, the function the
+a neutral and a negative word in one context) give the regression rows through `irm.delta_rows.rows_of`, the function the
 deltas stage uses; the words in their contexts give the items. Some words are held out of every triple.
 
 Null families, where the claim is false:
@@ -57,7 +57,7 @@ def simulate(rng: np.random.Generator, sizes: Sizes, *, effect: float = 0.0, sig
     views of the activations with independent noise of sizes `view_noise` = (codes, raw))."""
     import torch
 
-    from irm.deltas import rows_of
+    from irm.delta_rows import rows_of
 
     n_words, n_triples, n_contexts = _size(sizes, "words"), _size(sizes, "triples"), _size(sizes, "contexts")
     true = np.round(rng.uniform(0.5, 4.0, n_words) * rng.choice([-1.0, 1.0], n_words), 1)
@@ -130,7 +130,7 @@ def simulate(rng: np.random.Generator, sizes: Sizes, *, effect: float = 0.0, sig
             raw = acts
         rows = rows_of(np.arange(n_triples), *(torch.from_numpy(codes[k][:, None]) for k in ("pos", "neu", "neg")))
         raw_rows = rows_of(np.arange(n_triples), *(torch.from_numpy(raw[k][:, None]) for k in ("pos", "neu", "neg")))
-        from irm.lexicon import per_word
+        from irm.readout import per_word
 
         features[label] = {
             "x": rows["x"].numpy(), "x_raw": raw_rows["x"].numpy(), "y": rows["y"].numpy(),
@@ -144,9 +144,9 @@ def simulate(rng: np.random.Generator, sizes: Sizes, *, effect: float = 0.0, sig
 
 
 def analysed(rng: np.random.Generator, sizes: Sizes, **world) -> dict:
-    """control.json's analysis of one simulated world, by `irm.control.analyse` itself."""
+    """control.json's analysis of one simulated world, by `irm.chains.analyse` itself."""
     from irm.config import ControlConfig
-    from irm.control import analyse
+    from irm.chains import analyse
 
     cc = ControlConfig(permutations=_size(sizes, "permutations"), bootstrap=_size(sizes, "bootstrap"))
     features, words, true, heldout, seen = simulate(rng, sizes, **world)

@@ -1,8 +1,8 @@
 """Calibration of the feature-level findings: the dictionaries' MMCS against chance (`mmcs`), validation of the
 related features against the other explained ones (`validation`), and ablation against the splice and against
 matched random features (`ablation_vs_splice`, `ablation_vs_random`). Every world runs the functions a real run uses:
-`irm.dictionaries.compare_layer`, `activation_moments` and `chance_levels`; `irm.validate.Frequencies` and
-`enrichment_comparison`; `irm.ablation.paired_difference` and `difference_vs_draws`; and the findings rows' verdicts
+`irm.sae.comparison.compare_layer`, `activation_moments` and `chance_levels`; `irm.enrichment.Frequencies` and
+`enrichment_comparison`; `irm.stats.paired_difference` and `difference_vs_draws`; and the findings rows' verdicts
 (`irm.findings.mmcs_row`, `validation_row`, `ablation_row`).
 
 MMCS worlds: activations in `mmcs_width` dimensions (isotropic, or a 1/k variance spectrum along random axes, with or
@@ -73,7 +73,7 @@ def mmcs_world(rng: np.random.Generator, sizes: Sizes, *, spectrum: str = "1/k",
     levels from `mmcs_rows` activations and the dictionaries' rows through `activation_moments` and `chance_levels`,
     the verdict by `mmcs_row`. The rows follow the activations minus a decoder bias of `bias` times their mean (0:
     the rows carry the whole mean; 1: none of it)."""
-    from irm.dictionaries import activation_moments, chance_levels, compare_layer
+    from irm.sae.comparison import activation_moments, chance_levels, compare_layer
     from irm.findings import mmcs_row
 
     d, draws = _size(sizes, "mmcs_width"), _size(sizes, "chance_draws")
@@ -100,7 +100,7 @@ def _validation_verdict(codes_NF: np.ndarray, above_N: np.ndarray, n_related: in
     """Count the features' activity with `Frequencies`, compare the first `n_related` (labelled related) with the
     rest by their enrichment (`compare_groups`), and judge with `validation_row`."""
     from irm.findings import validation_row
-    from irm.validate import ENRICHMENT, Frequencies, enrichment_comparison
+    from irm.enrichment import ENRICHMENT, Frequencies, enrichment_comparison
 
     n_features = codes_NF.shape[1]
     freqs = Frequencies(1, n_features)
@@ -133,7 +133,7 @@ def circular_world(rng: np.random.Generator, sizes: Sizes) -> str:
     least half of the feature's activation) picks the related features, as explain.backend offline does. Related
     features then fire where R is high by construction; the row must say so, not call it a finding."""
     from irm.explain.backends import LEXICON_SHARE, OfflineBackend
-    from irm.validate import circularity
+    from irm.enrichment import circularity
 
     n_f, n = _size(sizes, "validation_features"), _size(sizes, "validation_inputs")
     vocab = 100
@@ -158,8 +158,8 @@ def circular_world(rng: np.random.Generator, sizes: Sizes) -> str:
 
 def _ablation_verdict(key: str, ablated: np.ndarray, control) -> str:
     """The row `ablation_row` builds from the paired difference the stage computes for `key`."""
-    from irm.ablation import difference_vs_draws, paired_difference
     from irm.findings import ablation_row
+    from irm.stats import difference_vs_draws, paired_difference
 
     d = paired_difference(ablated, control) if key == "ablated_minus_splice" else difference_vs_draws(ablated, control)
     abl = {"n_features": 4, "n_prompts": len(ablated), "random_draws": None if np.ndim(control) == 1 else len(control),

@@ -1,4 +1,4 @@
-"""Calibration of the run-level findings: RLHF raised the reward (`irm.evaluate.paired_difference` ->
+"""Calibration of the run-level findings: RLHF raised the reward (`irm.stats.tuned_minus_base` ->
 `irm.findings.reward_row`) and the chosen layers stand out (`irm.findings.layer_row`, `layer_outlier_test`).
 
 Reward worlds: per-prompt rewards of the base model and the tuned model on the same prompts, with a prompt effect
@@ -26,8 +26,8 @@ def _size(sizes: Sizes, key: str) -> int:
 
 def reward_world(effect: float, noise: str):
     def draw(rng: np.random.Generator, sizes: Sizes):
-        from irm.evaluate import paired_difference
         from irm.findings import paired_reward, reward_row
+        from irm.stats import tuned_minus_base
 
         n = _size(sizes, "prompts")
         prompt = rng.normal(size=n)
@@ -38,7 +38,7 @@ def reward_world(effect: float, noise: str):
             def sample():
                 return rng.standard_t(3, n)
         base, tuned = prompt + sample(), prompt + sample() + effect
-        d = paired_reward({"paired": paired_difference(tuned, base)})
+        d = paired_reward({"paired": tuned_minus_base(tuned, base)})
         return reward_row(d)["verdict"], d["mean"]
 
     return draw

@@ -7,7 +7,7 @@ tuned decoder rows (in raw activation units), x - Q Q^T x with Q an orthonormal 
 codes need the base model's activations too, which generation does not have; a tuned-specific latent is one whose
 direction the base model lacks, so removing the direction removes the latent (and anything else along it, which
 the matched shared latents' directions remove as much of in the control). The statistic and interval are
-`irm.ablation.difference_vs_draws` (t prediction interval over draws), calibrated as "ablation_vs_random"."""
+`irm.stats.difference_vs_draws` (t prediction interval over draws), calibrated as "ablation_vs_random"."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def ablate_specific(cfg, device, a, sampling, directions: dict[int, torch.Tensor
     a.new_tokens) with the tuned-specific latents' directions ablated, against matched shared latents'
     (`difference_vs_draws`) and against the unablated model (`paired_difference`). `directions`: per layer the
     crosscoder's tuned decoder rows [F, D] (normalised units: only their directions count)."""
-    from irm.ablation import difference_vs_draws, paired_difference
+    from irm.stats import difference_vs_draws, paired_difference
     from irm.data import load_texts, prefixes
     from irm.models import load_tuned, splice
     from irm.reward import build_reward

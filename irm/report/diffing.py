@@ -171,12 +171,13 @@ def explained_section(doc, d: dict, lines: list[dict]) -> None:
 def lean_text(d: dict) -> str:
     """diff.json's `lean` (irm.diff.enrichment.lean_test) as a description, with the harness's measured false-positive
     rate that keeps it out of the findings table (irm.calibration.DESCRIPTIVE)."""
-    from irm.calibration import DESCRIPTIVE, certified
+    from irm.calibration import DESCRIPTIVE
+    from irm.findings import read_certified
 
     t = d.get("lean")
     if not t or t.get("rho") is None:
         return "not measured"
-    c = certified().get("diff_lean") or {}
+    c = read_certified().get("diff_lean") or {}
     fp = c.get("false_positive_rate")
     rate = "" if fp is None else (f" In the harness's null worlds it gave a verdict (either direction) in "
                                   f"{100 * fp:.0f}% of {c.get('worlds')}, where a 5% test may in 5%:")
