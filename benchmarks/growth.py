@@ -82,6 +82,7 @@ def child(kind: str, size: int, work: Path) -> dict:
         import lightning as L
 
         from irm.activations import ActivationDataModule, ShardWriter
+        from irm.config import SAEConfig
         from irm.sae import SAEModule
 
         layer_dir = work / "layer-00"
@@ -104,8 +105,8 @@ def child(kind: str, size: int, work: Path) -> dict:
         resident = _resident_mb(shards)  # what of the cache is still in the page cache (fincore), ~0 after the drop
         rss_before = peak_rss_mb()
         torch.manual_seed(0)
-        data = ActivationDataModule(str(layer_dir), batch_size=4096, val_fraction=0.0, seed=0)
-        module = SAEModule(d_in=SAE_D_IN, expansions=[2], l1_coefficient=1e-3, learning_rate=1e-3, tied=True)
+        data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=4096, val_fraction=0.0), seed=0)
+        module = SAEModule(SAEConfig(expansions=[2], l1_coefficient=1e-3, learning_rate=1e-3, tied=True), d_in=SAE_D_IN)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             default_root_dir=str(work))

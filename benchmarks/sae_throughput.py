@@ -156,15 +156,14 @@ def run_irm(layer_dir: Path, batch: int, d_in: int, warmup: int, steps: int, wor
                 self.t0, self.s0 = now, step
             self.t1, self.s1 = now, step
 
-    defaults = SAEConfig()
+    sae = SAEConfig(expansions=[EXPANSION], l1_coefficient=L1_COEFFICIENT, learning_rate=LEARNING_RATE, tied=True,
+                    batch_size=batch, val_fraction=0.0, batches_per_item=batches_per_item)
     shutil.rmtree(work, ignore_errors=True)  # the previous repetition's checkpoints and logs
     torch.manual_seed(0)
     clock = Clock()
-    data = ActivationDataModule(str(layer_dir), batch_size=batch, val_fraction=0.0, seed=0,
-                                batches_per_item=batches_per_item)
-    module = SAEModule(d_in=d_in, expansions=[EXPANSION], l1_coefficient=L1_COEFFICIENT, learning_rate=LEARNING_RATE,
-                       tied=True, dead_window=defaults.dead_window)
-    every = math.ceil(defaults.checkpoint_every / batches_per_item) * batches_per_item  # as the stage rounds it
+    data = ActivationDataModule(str(layer_dir), sae, seed=0)
+    module = SAEModule(sae, d_in=d_in)
+    every = math.ceil(sae.checkpoint_every / batches_per_item) * batches_per_item  # as the stage rounds it
     checkpoints = ModelCheckpoint(dirpath=str(work / "checkpoints"), save_last=True, every_n_train_steps=every)
     profiler = SimpleProfiler() if profile else None
     trainer = L.Trainer(accelerator="gpu" if DEVICE.startswith("cuda") else "cpu", devices=1, max_steps=warmup + steps,

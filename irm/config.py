@@ -127,16 +127,22 @@ class CacheConfig:
 class SAEConfig:
     """Sparse autoencoders (paper 4.2, appendix D)."""
 
-    expansions: list[int] = field(default_factory=lambda: [1, 2])  # dictionary sizes as multiples of d_model
-    activation: Literal["relu", "topk"] = "relu"  # relu: the paper's ReLU + L1; topk: sparsify's k largest codes
-    k: Optional[int] = None  # codes kept per token by topk
-    l1_coefficient: float = 1.0e-3  # on activations normalised to mean norm sqrt(d_model) (when normalize)
-    learning_rate: float = 1.0e-3
+    # dictionary sizes as multiples of d_model (paper table 1: 1x and 2x)
+    expansions: list[int] = field(default_factory=lambda: [1, 2])
+    activation: Literal["relu", "topk"] = "relu"  # relu: the paper's ReLU + L1; topk: sparsify's k largest codes, no L1
+    k: Optional[int] = None  # codes kept per token by topk (required by topk)
+    # alpha of the L1 term (paper 4.2: 1e-3; 1.5e-3 for GPT-Neo-125m) on activations normalised to mean norm
+    # sqrt(d_model) (when normalize); unused by topk
+    l1_coefficient: float = 1.0e-3
+    learning_rate: float = 1.0e-3  # Adam step size (paper 4.2)
     batch_size: int = 32
     epochs: int = 3
-    tied: bool = True
+    tied: bool = True  # decoder = transposed encoder (paper 4.2, appendix J); decoder rows kept at unit norm either way
     normalize: bool = True  # scale activations to mean norm sqrt(d_model); the factor goes into cfg.json
-    revive: Literal["auto", "resample", "auxk", "none"] = "auto"  # dead features; auto: auxk (topk), resample (relu)
+    # dead features: resample (every dead_window steps, towards badly reconstructed inputs, during the first
+    # resample_until of training: Anthropic's resampling), auxk (sparsify's auxiliary loss, weight aux_coefficient,
+    # k_aux = d_model / 2), none; auto: auxk for topk, resample for relu
+    revive: Literal["auto", "resample", "auxk", "none"] = "auto"
     aux_coefficient: float = 0.03125  # AuxK weight (sparsify, OpenAI: 1/32)
     resample_until: float = 0.5  # resampling happens during this fraction of the training steps
     center_input: bool = False  # encoder reads x - b_dec (sparsify's TopK; SAELens apply_b_dec_to_input)
@@ -148,6 +154,33 @@ class SAEConfig:
     batches_per_item: int = 1
     checkpoint_every: int = 500  # optimizer steps between checkpoints (last.ckpt), what an interrupted run resumes from
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
+
+    def check(self) -> list[str]:
+        """Every range problem of this section, one line each (the section's one place for them: irm.config.validate
+        and `python -m irm fit` call it before any work)."""
+        ch = _Checks(prefix="sae.")
+        ch.need(bool(self.expansions) and all(isinstance(x, int) and x >= 1 for x in self.expansions)
+                and len(set(self.expansions)) == len(self.expansions), "sae.expansions", self.expansions,
+                "must be distinct whole numbers >= 1 (e.g. [1, 2])")
+        ch.need(self.activation in ("relu", "topk"), "sae.activation", self.activation, "must be relu or topk")
+        ch.need(self.activation != "topk" or self.k is not None, "sae.k", self.k,
+                "activation topk keeps the k largest codes per token: set sae.k (e.g. 32)")
+        ch.at_least(self, "k", 1, optional=True)
+        ch.at_least(self, "l1_coefficient", 0)
+        ch.positive(self, "learning_rate")
+        for name in ("batch_size", "epochs", "dead_window", "batches_per_item", "checkpoint_every"):
+            ch.at_least(self, name, 1)
+        ch.fraction(self, "val_fraction")
+        ch.at_least(self, "ce_documents", 0)  # 0 skips CE loss recovered
+        ch.need(self.revive in ("auto", "resample", "auxk", "none"), "sae.revive", self.revive,
+                "must be one of auto, resample, auxk, none")
+        ch.at_least(self, "aux_coefficient", 0)
+        ch.need(0.0 <= self.resample_until <= 1.0, "sae.resample_until", self.resample_until, "must be in [0, 1]")
+        clash = sorted(set(self.trainer) & {"max_epochs", "callbacks", "default_root_dir"})
+        ch.need(not clash, "sae.trainer", clash,
+                "must not set max_epochs, callbacks or default_root_dir (the sae stage sets them; sae.epochs gives "
+                "the epochs)")
+        return ch.out
 
     def dictionary_pair(self) -> tuple[int, int]:
         """(small, large) expansions: MMCS compares the two; the small one is the dictionary that is explained,
@@ -223,6 +256,18 @@ class RegressionConfig:
     epochs: int = 50
     val_fraction: float = 0.1
     trainer: dict = field(default_factory=dict)
+
+    def check(self) -> list[str]:
+        """Every range problem of this section, one line each (irm.config.validate and `python -m irm fit`)."""
+        ch = _Checks(prefix="regression.")
+        ch.at_least(self, "batch_size", 1)
+        ch.at_least(self, "epochs", 1)
+        ch.positive(self, "learning_rate")
+        ch.at_least(self, "weight_decay", 0)
+        ch.need(self.optimizer in ("adam", "sgd", "adamw"), "regression.optimizer", self.optimizer,
+                "must be adam, sgd or adamw")
+        ch.fraction(self, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
+        return ch.out
 
 
 @dataclass
@@ -344,8 +389,9 @@ LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # irm.loggers.BACKENDS
 class _Checks:
     """Collects range problems, each as `section.field=value is not valid; what a valid value is`."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.out = cfg, []
+    def __init__(self, cfg: Optional[RunConfig] = None, prefix: str = ""):
+        """Fields are named by where they sit in `cfg`, or with `prefix` (a section checking itself)."""
+        self.cfg, self.prefix, self.out = cfg, prefix, []
 
     def need(self, ok: bool, where: str, value, rule: str) -> None:
         """Record `<problem>; <fix>`: the value and what a valid one is (a rule "must ..." reads after the field)."""
@@ -356,7 +402,7 @@ class _Checks:
     def at_least(self, section, name: str, low, optional: bool = False, rule: str | None = None) -> None:
         """`section.name` >= `low` (or None when `optional`); `rule` replaces the default `must be >= low` text."""
         v = getattr(section, name, None) if section is not None else None
-        where = f"{_name_of(self.cfg, section)}{name}"
+        where = f"{self._name_of(section)}{name}"
         if v is None and optional:
             return
         self.need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, where, v,
@@ -366,14 +412,18 @@ class _Checks:
         import math
 
         v = getattr(section, name)
-        self.need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{_name_of(self.cfg, section)}{name}",
+        self.need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{self._name_of(section)}{name}",
                   v, "must be a positive finite number")
 
     def fraction(self, section, name: str, low_open: bool = False) -> None:
         v = getattr(section, name)
         ok = (0.0 < v < 1.0) if low_open else (0.0 <= v < 1.0)
-        self.need(ok, f"{_name_of(self.cfg, section)}{name}", v,
+        self.need(ok, f"{self._name_of(section)}{name}", v,
                   "must be in (0, 1)" if low_open else "must be in [0, 1)")
+
+
+    def _name_of(self, section) -> str:
+        return self.prefix if self.cfg is None else _name_of(self.cfg, section)
 
 
 def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
@@ -441,6 +491,10 @@ def _check_cache(ch: "_Checks", cfg: RunConfig) -> None:
     c = cfg.cache
     ch.need(c.layers is None or all(isinstance(x, int) and x >= 0 for x in c.layers), "cache.layers", c.layers,
             "must be null (the divergence stage's top-k) or layer indices >= 0")
+    ch.need(c.layers is None or len(c.layers) > 0, "cache.layers", c.layers,
+            "list layer indices or remove it to use the divergence top-k")
+    ch.need(c.layers is None or len(set(c.layers)) == len(c.layers), "cache.layers", c.layers,
+            "repeats a layer; list each layer once")
     for name in ("max_length", "batch_size", "shard_rows"):
         ch.at_least(c, name, 1)
     ch.at_least(c, "n_documents", 1, optional=True)
@@ -448,16 +502,7 @@ def _check_cache(ch: "_Checks", cfg: RunConfig) -> None:
 
 def _check_sae(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of the SAEs and their comparison."""
-    s = cfg.sae
-    ch.need(bool(s.expansions) and all(isinstance(x, int) and x >= 1 for x in s.expansions)
-            and len(set(s.expansions)) == len(s.expansions), "sae.expansions", s.expansions,
-            "must be distinct whole numbers >= 1 (e.g. [1, 2])")
-    ch.at_least(s, "l1_coefficient", 0)
-    ch.positive(s, "learning_rate")
-    for name in ("batch_size", "epochs", "dead_window", "batches_per_item", "checkpoint_every"):
-        ch.at_least(s, name, 1)
-    ch.fraction(s, "val_fraction")
-    ch.at_least(s, "ce_documents", 0)  # 0 skips CE loss recovered
+    ch.out.extend(cfg.sae.check())
     ch.at_least(cfg.dictionaries, "top_k", 1)
     # MMCS's verdict: a t against the chance draws' spread, which needs a few of them to be estimated
     ch.at_least(cfg.dictionaries, "chance_draws", 10)
@@ -483,12 +528,7 @@ def _check_explain_and_triples(ch: "_Checks", cfg: RunConfig) -> None:
 
 def _check_regression_and_lexicon(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of the IRM regression and the lexicon reconstruction."""
-    g = cfg.regression
-    ch.at_least(g, "batch_size", 1)
-    ch.at_least(g, "epochs", 1)
-    ch.positive(g, "learning_rate")
-    ch.at_least(g, "weight_decay", 0)
-    ch.fraction(g, "val_fraction", low_open=True)  # R^2 is measured on held-out rows
+    ch.out.extend(cfg.regression.check())
     lx = cfg.lexicon
     words = "lexicon.contexts_per_word must be >= 1, lexicon.bootstrap >= 0 and lexicon.max_words >= 2 (or null)"
     ch.at_least(lx, "contexts_per_word", 1, rule=words)
@@ -578,9 +618,13 @@ def _environment_problems(cfg: RunConfig, stages) -> list[str]:
 def validate(cfg: RunConfig, stages=()) -> None:
     """Refuse a config with a bad value in any section, or missing what one of `stages` (the stages about to run)
     needs from the environment, in one line (UserError) before anything runs or is written."""
+    refuse(_problems(cfg) + _environment_problems(cfg, set(stages)))
+
+
+def refuse(problems: list[str]) -> None:
+    """One UserError line for `problems` (the first, and how many more), or nothing when there are none."""
     from irm.errors import UserError
 
-    problems = _problems(cfg) + _environment_problems(cfg, set(stages))
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
         raise UserError(f"bad configuration: {problems[0]}{more}")

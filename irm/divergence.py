@@ -118,10 +118,6 @@ def chosen_layers(cfg, n_layers: int | None = None) -> list[int]:
     if cfg.cache.layers is not None:
         layers = list(cfg.cache.layers)
         source = "cache.layers"
-        if not layers:
-            raise UserError("cache.layers is empty; list layer indices or remove it to use the divergence top-k")
-        if len(set(layers)) != len(layers):
-            raise UserError(f"cache.layers={layers} repeats a layer; list each layer once")
     elif saved is not None:
         if saved.get("k") != cfg.divergence.top_k:
             raise UserError(

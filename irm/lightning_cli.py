@@ -8,13 +8,42 @@ from __future__ import annotations
 from irm.errors import UserError
 
 
+def section_of(spec):
+    """The run-config section (irm.config's SAEConfig, RegressionConfig, ...) that the model or data class named by
+    the parsed `spec` (class_path + init_args) takes as `cfg`, built from its parsed values; None when it takes none."""
+    import importlib
+    import typing
+
+    init = spec.get("init_args") if spec is not None else None
+    values = init.get("cfg") if init is not None else None
+    if values is None:
+        return None
+    module, _, name = spec.class_path.rpartition(".")
+    section = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)["cfg"]
+    return section(**values.as_dict())
+
+
 def _cli_class():
-    """LightningCLI whose Trainer construction turns a refused --trainer.* setting into one line: any error
-    Lightning raises while building the Trainer from the user's trainer settings (e.g. FSDP on a CPU, an unknown
-    accelerator) is a setting the user chose, worth a UserError, not a traceback. Errors elsewhere are left alone."""
+    """LightningCLI that checks the config sections it is given before building anything, and whose Trainer
+    construction turns a refused --trainer.* setting into one line: any error Lightning raises while building the
+    Trainer from the user's trainer settings (e.g. FSDP on a CPU, an unknown accelerator) is a setting the user
+    chose, worth a UserError, not a traceback. Errors elsewhere are left alone."""
     from lightning.pytorch.cli import LightningCLI
 
+    from irm.config import refuse
+
     class CLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            """The model's and the data's `cfg` (one section, given to both: the YAML's anchor) through the
+            section's own range checks (`check`, what irm.config.validate runs for the stages)."""
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            sections = [s for s in (section_of(config.get("model")), section_of(config.get("data"))) if s is not None]
+            problems = list(dict.fromkeys(p for s in sections for p in s.check()))
+            if len(sections) == 2 and sections[0] != sections[1]:
+                problems.append("model.init_args.cfg and data.init_args.cfg differ; they are one config section: "
+                                "set both to the same values (configs/*.yaml give both one YAML anchor)")
+            refuse(problems)
+
         def instantiate_trainer(self, **kwargs):
             try:
                 return super().instantiate_trainer(**kwargs)
@@ -31,6 +60,10 @@ def cli_main(argv: list[str]) -> None:
 
     import lightning as L
 
+    from irm.config import RunConfig
+    from irm.config_docs import document
+
+    document(RunConfig)  # every section's field comments, shown by --help (e.g. --model.help irm.sae.SAEModule)
     # The CLI reads sys.argv itself: DDP's launcher restarts this very command line in each worker process, so
     # sys.argv must be the command being run (`python -m irm fit ...`), whoever called cli_main.
     sys.argv = [sys.argv[0], *argv]

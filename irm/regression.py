@@ -7,9 +7,10 @@ validation and report stages (`load_irm`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from irm.artifacts import atomic_path, write_json
-from irm.config import RunConfig
+from irm.config import RegressionConfig, RunConfig
 from irm.deltas import open_deltas, read_manifest
 from irm.errors import UserError
 from irm.stages import relpath
@@ -98,21 +99,15 @@ class ShardBatchSampler(DistributedSampler):
 
 
 class DeltaDataModule(L.LightningDataModule):
-    """Rows (x = SAE codes at the sentiment token, y = delta) of `<run_dir>/deltas`. A seeded `val_fraction` of the
-    triples (both rows of each) is held out for validation metrics. Under DDP (or several nodes) each process reads
-    its share of the rows (ShardBatchSampler), by global rank and world size."""
+    """Rows (x = SAE codes at the sentiment token, y = delta) of `<run_dir>/deltas`, in batches of
+    `cfg.batch_size` (`cfg`: the `regression` section, RegressionConfig). A seeded `cfg.val_fraction` of the triples
+    (both rows of each) is held out for validation metrics. Under DDP (or several nodes) each process reads its share
+    of the rows (ShardBatchSampler), by global rank and world size."""
 
-    def __init__(self, deltas_dir: str, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0):
+    def __init__(self, deltas_dir: str, cfg: RegressionConfig, seed: int = 0, num_workers: int = 0):
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"regression batch_size must be at least 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"regression val_fraction must be in (0, 1) (R^2 is measured on held-out rows), "
-                            f"got {val_fraction}")
         self.deltas_dir = Path(deltas_dir)
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
+        self.cfg = cfg
         self.seed = seed
         self.num_workers = num_workers
         self.manifest: Optional[dict] = None
@@ -127,10 +122,10 @@ class DeltaDataModule(L.LightningDataModule):
         self.store = open_deltas(self.deltas_dir)
         self.manifest = self.store.manifest
         n_triples = int(self.manifest["n_triples"])
-        n_val = max(1, round(self.val_fraction * n_triples))
+        n_val = max(1, round(self.cfg.val_fraction * n_triples))
         if n_val >= n_triples:
-            raise UserError(f"only {n_triples} triples: too few to hold out {self.val_fraction:.0%} for validation; "
-                            "make more triples (triples.n) or lower regression.val_fraction")
+            raise UserError(f"only {n_triples} triples: too few to hold out {self.cfg.val_fraction:.0%} for "
+                            "validation; make more triples (triples.n) or lower regression.val_fraction")
         val_ids = np.random.default_rng(self.seed).permutation(n_triples)[:n_val]
         self.train_rows, self.val_rows = [], []
         for shard in range(len(self.store.shards)):
@@ -150,7 +145,7 @@ class DeltaDataModule(L.LightningDataModule):
 
     def _loader(self, rows: list[np.ndarray], shuffle: bool) -> DataLoader:
         rank, world = self._world()
-        sampler = ShardBatchSampler(rows, self.batch_size, shuffle, self.seed, rank, world, even=shuffle)
+        sampler = ShardBatchSampler(rows, self.cfg.batch_size, shuffle, self.seed, rank, world, even=shuffle)
         return DataLoader(DeltaShards(self.store), sampler=sampler, batch_size=None,
                           num_workers=self.num_workers)
 
@@ -170,20 +165,19 @@ class DeltaDataModule(L.LightningDataModule):
 
 
 class IRMRegression(L.LightningModule):
-    """R(x) = w.x + b, trained on mean squared error. `weight_decay` penalises w only (not the intercept). With
-    `adam` or `sgd` the decay is added to the gradient (coupled), so the fixed point is exactly the ridge solution
-    argmin MSE + weight_decay/2 ||w||^2; `adamw` decouples it (a different, scale-dependent shrinkage).
+    """R(x) = w.x + b, trained on mean squared error, configured by `cfg` (the `regression` section,
+    RegressionConfig: learning_rate, weight_decay, optimizer). `weight_decay` penalises w only (not the intercept).
+    With `adam` or `sgd` the decay is added to the gradient (coupled), so the fixed point is exactly the ridge
+    solution argmin MSE + weight_decay/2 ||w||^2; `adamw` decouples it (a different, scale-dependent shrinkage).
     `n_features` may be left out when a DeltaDataModule provides it."""
 
-    def __init__(self, n_features: Optional[int] = None, learning_rate: float = 1e-2, weight_decay: float = 1e-4,
-                 optimizer: Literal["adam", "sgd", "adamw"] = "adam"):
+    def __init__(self, cfg: RegressionConfig, n_features: Optional[int] = None):
         super().__init__()
-        if learning_rate <= 0 or weight_decay < 0:
-            raise UserError(f"regression learning_rate must be > 0 and weight_decay >= 0, got {learning_rate}, "
-                            f"{weight_decay}")
-        if optimizer not in ("adam", "sgd", "adamw"):
-            raise UserError(f"regression optimizer must be adam, sgd or adamw, got {optimizer!r}")
+        self.cfg = cfg if isinstance(cfg, RegressionConfig) else RegressionConfig(**cfg)  # a dict: from a checkpoint
         self.save_hyperparameters()
+        # Checkpoints hold the section as a plain dict (they load with weights_only), which load_from_checkpoint and
+        # the Lightning CLI's --ckpt_path pass back as `cfg`.
+        self.hparams.cfg = dataclasses.asdict(self.cfg)
         self.linear: Optional[nn.Linear] = None
         if n_features is not None:
             self._build(n_features)
@@ -201,7 +195,7 @@ class IRMRegression(L.LightningModule):
     def configure_model(self) -> None:
         # Called before checkpoint restore and optimizer set-up: the width comes from the data when not given.
         if self.linear is None:
-            dm = self.trainer.datamodule if self._trainer is not None else None
+            dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "n_features"):
                 raise UserError("IRMRegression needs n_features, or a DeltaDataModule to read it from")
             self.hparams["n_features"] = dm.n_features
@@ -230,11 +224,11 @@ class IRMRegression(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = [{"params": [self.linear.weight], "weight_decay": hp.weight_decay},
+        cfg = self.cfg
+        groups = [{"params": [self.linear.weight], "weight_decay": cfg.weight_decay},
                   {"params": [self.linear.bias], "weight_decay": 0.0}]  # ridge leaves the intercept free
-        cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[hp.optimizer]
-        return cls(groups, lr=hp.learning_rate)
+        cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[cfg.optimizer]
+        return cls(groups, lr=cfg.learning_rate)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,8 +308,8 @@ def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     out = root / REGRESSION_DIR
     fp = stage_fingerprint(cfg, "regression")
-    dm = DeltaDataModule(str(root / relpath("deltas")), rc.batch_size, rc.val_fraction, cfg.seed)
-    model = IRMRegression(dm.n_features, rc.learning_rate, rc.weight_decay, rc.optimizer)
+    dm = DeltaDataModule(str(root / relpath("deltas")), rc, cfg.seed)
+    model = IRMRegression(rc, dm.n_features)
 
     # Checkpoints made from other deltas or settings are removed, never resumed.
     last = resume_from(out / "checkpoints", out / FINGERPRINT, fp)

@@ -67,8 +67,6 @@ def set_threads(threads: Optional[int]) -> None:
     on a few cores run far slower with a pool each the size of the machine (oversubscription)."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"threads must be >= 1 (or null for torch's default), not {threads}")
     import torch
 
     torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import torch
 
 from irm.activations import ActivationCache, ShardWriter
 from irm.activations.datamodule import ActivationDataModule, RowSampler, ShardBatches, validation_start
+from irm.config import SAEConfig
 from irm.errors import UserError
 
 
@@ -94,7 +95,7 @@ def test_damaged_shard_fails_its_checksum(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(UserError, match="shard-00003.safetensors fails its checksum"):
         cache.verify()
-    dm = ActivationDataModule(str(tmp_path / "layer-00"), batch_size=8)
+    dm = ActivationDataModule(str(tmp_path / "layer-00"), SAEConfig(batch_size=8))
     with pytest.raises(UserError, match="fails its checksum"):
         dm.setup("fit")
 
@@ -113,7 +114,7 @@ def test_nan_in_cached_activations_is_reported_with_its_document_and_position(tm
     acts = torch.randn(203, 4)
     acts[127, 2] = float("nan")  # row 127 = document 2 (rows 103..202), position 24
     write_cache(tmp_path / "layer-00", acts, [100, 3, 100])
-    dm = ActivationDataModule(str(tmp_path / "layer-00"), batch_size=8, val_fraction=0.0, shuffle=False)
+    dm = ActivationDataModule(str(tmp_path / "layer-00"), SAEConfig(batch_size=8, val_fraction=0.0), shuffle=False)
     dm.setup("fit")
     with pytest.raises(UserError, match=r"row 27 \(document 2, token position 24\) holds NaN or inf"):
         list(dm.train_dataloader())
@@ -123,7 +124,7 @@ def test_infinities_of_both_signs_are_reported_and_huge_finite_values_are_not(tm
     acts = torch.randn(203, 4)
     acts[127, 2], acts[150, 0] = float("inf"), float("-inf")  # their sum is NaN: still caught
     write_cache(tmp_path / "bad", acts, [100, 3, 100])
-    dm = ActivationDataModule(str(tmp_path / "bad"), batch_size=8, val_fraction=0.0, shuffle=False)
+    dm = ActivationDataModule(str(tmp_path / "bad"), SAEConfig(batch_size=8, val_fraction=0.0), shuffle=False)
     dm.setup("fit")
     with pytest.raises(UserError, match=r"row 27 \(document 2, token position 24\) holds NaN or inf"):
         list(dm.train_dataloader())
@@ -132,7 +133,7 @@ def test_infinities_of_both_signs_are_reported_and_huge_finite_values_are_not(tm
         acts = torch.randn(203, 4)
         acts[60:70] = huge
         write_cache(tmp_path / dtype, acts, [203], dtype=dtype)
-        dm = ActivationDataModule(str(tmp_path / dtype), batch_size=8, val_fraction=0.0, shuffle=False)
+        dm = ActivationDataModule(str(tmp_path / dtype), SAEConfig(batch_size=8, val_fraction=0.0), shuffle=False)
         dm.setup("fit")
         stored = acts.to(getattr(torch, dtype)).float()
         assert torch.equal(torch.cat(list(dm.train_dataloader())), stored)
@@ -143,7 +144,7 @@ def test_infinities_of_both_signs_are_reported_and_huge_finite_values_are_not(tm
 
 def test_each_epoch_yields_every_training_row_once_in_a_new_order(tmp_path):
     rows, _ = row_id_cache(tmp_path / "layer-00")
-    dm = ActivationDataModule(str(tmp_path / "layer-00"), batch_size=16, val_fraction=0.2, seed=3)
+    dm = ActivationDataModule(str(tmp_path / "layer-00"), SAEConfig(batch_size=16, val_fraction=0.2), seed=3)
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
     epochs = []
@@ -228,11 +229,9 @@ def test_grouped_items_hold_the_same_batches_in_the_same_order(tmp_path):
     assert len(flat) == len(single) and all(torch.equal(a, b) for a, b in zip(flat, single))
 
 
-def test_datamodule_knows_the_width_before_setup_and_rejects_bad_settings(tmp_path):
+def test_datamodule_knows_the_width_before_setup(tmp_path):
     row_id_cache(tmp_path / "layer-00", width=7)
-    assert ActivationDataModule(str(tmp_path / "layer-00")).width == 7
-    with pytest.raises(UserError, match="batch_size"):
-        ActivationDataModule(str(tmp_path / "layer-00"), batch_size=0)
+    assert ActivationDataModule(str(tmp_path / "layer-00"), SAEConfig()).width == 7
 
 
 # ---------------------------------------------------------------------------------------------- the model forward

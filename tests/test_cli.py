@@ -159,7 +159,7 @@ def test_a_trainer_setting_lightning_refuses_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_threads_knob_caps_torch_threads_and_refuses_nonsense():
+def test_threads_knob_caps_torch_threads():
     import torch
 
     from irm.cli import parse_config
@@ -183,5 +183,3 @@ def test_threads_knob_caps_torch_threads_and_refuses_nonsense():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    with pytest.raises(UserError, match="threads must be >= 1"):
-        set_threads(0)

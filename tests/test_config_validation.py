@@ -32,10 +32,15 @@ BAD = [
     (["--evaluate.n", "1"], "evaluate.n"),
     (["--divergence.top_k", "0"], "divergence.top_k"),
     (["--cache.layers", "[-1]"], "cache.layers"),
+    (["--cache.layers", "[1, 1]"], "cache.layers"),
+    (["--cache.layers", "[]"], "cache.layers"),
     (["--cache.shard_rows", "0"], "cache.shard_rows"),
     (["--sae.expansions", "[1, 1]"], "sae.expansions"),
     (["--sae.val_fraction", "1.0"], "sae.val_fraction"),
     (["--sae.ce_documents", "-1"], "sae.ce_documents"),
+    (["--sae.activation", "topk"], "sae.k"),  # a TopK SAE keeps k codes: no default
+    (["--sae.resample_until", "1.5"], "sae.resample_until"),
+    (["--sae.trainer", '{"max_epochs": 3}'], "sae.trainer"),
     (["--dictionaries.top_k", "0"], "dictionaries.top_k"),
     (["--dictionaries.chance_draws", "0"], "dictionaries.chance_draws"),
     (["--explain.concurrency", "0"], "explain.concurrency"),
@@ -105,14 +110,16 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["bad-lexicon", "openai-no-model", "openai-no-key", "missing-reward-lexicon"])
+@pytest.mark.parametrize("case", ["bad-lexicon", "openai-no-model", "openai-no-key", "missing-reward-lexicon",
+                                  "topk-without-k"])
 def test_the_pipeline_refuses_before_the_first_stage_and_writes_nothing(tmp_path, case):
     run_dir = tmp_path / "run"
     extra = {"bad-lexicon": ["--lexicon.bootstrap", "-5"],
              "openai-no-model": ["--explain.backend", "openai"],
              "openai-no-key": ["--explain.backend", "openai", "--explain.model", "gpt-4o-mini",
                                "--explain.api_key_env", "IRM_TEST_UNSET_KEY"],
-             "missing-reward-lexicon": ["--reward.lexicon", str(tmp_path / "mine.tsv")]}[case]
+             "missing-reward-lexicon": ["--reward.lexicon", str(tmp_path / "mine.tsv")],
+             "topk-without-k": ["--sae.activation", "topk"]}[case]
     env = {k: v for k, v in os.environ.items() if k != "IRM_TEST_UNSET_KEY"}
     out = proc.run([sys.executable, "-c", PROBE, "pipeline", "--config", str(TINY), "--run_dir", str(run_dir),
                     "--log_dir", str(tmp_path / "tb"), *extra], timeout=120, cwd=tmp_path, env=env)
@@ -121,7 +128,8 @@ def test_the_pipeline_refuses_before_the_first_stage_and_writes_nothing(tmp_path
     assert len(lines) == 1 and lines[0].startswith("irm pipeline: error: bad configuration: ")
     assert {"bad-lexicon": "lexicon.bootstrap=-5", "openai-no-model": "explain.model is empty",
             "openai-no-key": "IRM_TEST_UNSET_KEY",
-            "missing-reward-lexicon": f"reward.lexicon {tmp_path / 'mine.tsv'} does not exist; give"}[case] in lines[0]
+            "missing-reward-lexicon": f"reward.lexicon {tmp_path / 'mine.tsv'} does not exist; give",
+            "topk-without-k": "sae.k=None is not valid; activation topk"}[case] in lines[0]
     assert not run_dir.exists() and not (tmp_path / "tb").exists()
 
 

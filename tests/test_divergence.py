@@ -148,8 +148,6 @@ def test_chosen_layers_errors(tmp_path):
         chosen_layers(cfg_for(tmp_path, layers=[-1]))
     with pytest.raises(UserError, match="out of range"):
         chosen_layers(cfg_for(tmp_path, layers=[1, 7]), n_layers=4)
-    with pytest.raises(UserError, match="repeats"):
-        chosen_layers(cfg_for(tmp_path, layers=[1, 1]))
     assert chosen_layers(cfg_for(tmp_path, layers=[3, 1]), n_layers=4) == [1, 3]
     cfg = cfg_for(tmp_path, k=3)
     write_json(tmp_path / "run" / "divergence.json", {"values": [1, 2, 3, 4], "order": [3, 2, 1, 0],

@@ -66,12 +66,6 @@ def test_a_refused_key_stops_with_a_user_error(server, key):
     assert key not in str(info.value) and len(server.log) == 1
 
 
-def test_a_missing_key_is_a_user_error_naming_the_variable(server, monkeypatch):
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    with pytest.raises(UserError, match=KEY_ENV):
-        make_backend(explain_cfg(server))
-
-
 # The stage over HTTP: the server answers as the offline backend would, so labels are known.
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from scipy.stats import kendalltau
 
 from irm.lexicon import (apply_mapping, kendall, lexicon_csv, per_word, raw_threshold, rescale, sign_agreement,
                          summarise)
+from irm.config import RegressionConfig
 from irm.regression import DeltaDataModule, IRMRegression
 
 torch.set_num_threads(1)
@@ -43,10 +44,10 @@ def fit_r(directory: Path, x, y, epochs=15):
     write_json(directory / MANIFEST, {"layers": [0], "width": x.shape[1], "site": "mlp_out", "n_features": x.shape[1],
                                       "n_triples": n // 2, "shards": [shard], "rows": n, "complete": True})
     L.seed_everything(0)
-    model = IRMRegression(x.shape[1], learning_rate=0.05, weight_decay=1e-4)
+    model = IRMRegression(RegressionConfig(learning_rate=0.05, weight_decay=1e-4), x.shape[1])
     L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(
-        model, datamodule=DeltaDataModule(str(directory), batch_size=64, val_fraction=0.1))
+        model, datamodule=DeltaDataModule(str(directory), RegressionConfig(batch_size=64, val_fraction=0.1)))
     return model.linear.weight.detach().double().numpy().ravel(), float(model.linear.bias.detach())
 
 

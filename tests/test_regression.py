@@ -12,6 +12,7 @@ import torch
 from irm.artifacts import write_json
 from irm.deltas import MANIFEST, rows_of, sentiment_deltas, write_shard
 from irm.errors import UserError
+from irm.config import RegressionConfig
 from irm.regression import DeltaDataModule, IRMRegression, load_irm
 
 torch.set_num_threads(1)
@@ -48,9 +49,9 @@ def trainer(epochs, **kw):
 def test_coupled_weight_decay_fit_is_the_ridge_solution(in_tmp, optimizer, lr, epochs):
     x, y, triple = linear_data()
     write_deltas(in_tmp / "deltas", x, y, triple)
-    dm = DeltaDataModule(str(in_tmp / "deltas"), batch_size=10_000, val_fraction=0.1, seed=0)
+    dm = DeltaDataModule(str(in_tmp / "deltas"), RegressionConfig(batch_size=10_000, val_fraction=0.1), seed=0)
     wd = 0.05
-    model = IRMRegression(None, learning_rate=lr, weight_decay=wd, optimizer=optimizer)
+    model = IRMRegression(RegressionConfig(learning_rate=lr, weight_decay=wd, optimizer=optimizer))
     trainer(epochs).fit(model, datamodule=dm)
     rows = np.concatenate(dm.train_rows)
     xt, yt = x[rows].double().numpy(), y[rows].double().numpy()
@@ -69,7 +70,7 @@ def test_streaming_covers_every_row_once_with_triple_level_split(in_tmp):
     x, y, triple = linear_data(n=250, f=4)
     x[:, 0] = torch.arange(250, dtype=torch.float32)  # row id carried in feature 0
     write_deltas(in_tmp / "deltas", x, y, triple, shard_rows=64)
-    dm = DeltaDataModule(str(in_tmp / "deltas"), batch_size=20, val_fraction=0.2, seed=3)
+    dm = DeltaDataModule(str(in_tmp / "deltas"), RegressionConfig(batch_size=20, val_fraction=0.2), seed=3)
     dm.setup("fit")
     loader = dm.train_dataloader()
 
@@ -95,9 +96,8 @@ def test_corrupt_shard_is_refused(in_tmp):
     shard = next((in_tmp / "deltas").glob("shard-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-8] + b"00000000")
     with pytest.raises(UserError, match="checksum"):
-        DeltaDataModule(str(in_tmp / "deltas")).setup("fit")
-    with pytest.raises(UserError, match="val_fraction"):
-        DeltaDataModule(str(in_tmp / "deltas"), val_fraction=0.0)
+        DeltaDataModule(str(in_tmp / "deltas"), RegressionConfig()).setup("fit")
+    assert any("regression.val_fraction=0.0" in p for p in RegressionConfig(val_fraction=0.0).check())
 
 
 def test_resume_from_last_checkpoint_continues_exactly(in_tmp):
@@ -108,8 +108,8 @@ def test_resume_from_last_checkpoint_continues_exactly(in_tmp):
 
     def fit(epochs, ckpt_dir, ckpt_path=None):
         L.seed_everything(0)
-        dm = DeltaDataModule(str(in_tmp / "deltas"), batch_size=16, val_fraction=0.1, seed=0)
-        model = IRMRegression(8, learning_rate=0.01, weight_decay=1e-3)
+        dm = DeltaDataModule(str(in_tmp / "deltas"), RegressionConfig(batch_size=16, val_fraction=0.1), seed=0)
+        model = IRMRegression(RegressionConfig(learning_rate=0.01, weight_decay=1e-3), 8)
         t = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
         t.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -182,7 +182,8 @@ def test_lightning_cli_fit_with_the_config_file_and_resume(in_tmp):
 
 
 def n_train_batches(deltas_dir):
-    dm = DeltaDataModule(str(deltas_dir), batch_size=64, val_fraction=0.1, seed=0)  # as in configs/regression.yaml
+    # as in configs/regression.yaml
+    dm = DeltaDataModule(str(deltas_dir), RegressionConfig(batch_size=64, val_fraction=0.1), seed=0)
     dm.setup("fit")
     return len(dm.train_dataloader())
 

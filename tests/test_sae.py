@@ -19,6 +19,7 @@ import yaml
 
 from irm.activations import ShardWriter
 from irm.activations.datamodule import ActivationDataModule
+from irm.config import SAEConfig
 from irm.errors import UserError
 from irm.sae import ExportSAEs, SAEModule, SparseAutoencoder, load_sae, sae_dir, save_sae
 from irm.sae.model import moment_metrics, row_moments, sae_loss
@@ -216,8 +217,8 @@ def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path, settings
     layer_dir = tmp_path / "run" / "cache" / "layer-03"
     truth = planted_cache(layer_dir, scale=40.0)  # raw activations far from unit scale: normalisation must cope
     torch.manual_seed(0)
-    module = SAEModule(expansions=[1, 2], learning_rate=3e-3, dead_window=50, **settings)
-    data = ActivationDataModule(str(layer_dir), batch_size=64, val_fraction=0.05)
+    module = SAEModule(SAEConfig(expansions=[1, 2], learning_rate=3e-3, dead_window=50, **settings))
+    data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=64, val_fraction=0.05))
     trainer(tmp_path, max_epochs=4, callbacks=[ExportSAEs()]).fit(module, data)
     for e in (1, 2):
         sae = load_sae(sae_dir(tmp_path / "run", 3, e), d_in=32)  # ExportSAEs found <run_dir>/sae/layer-03 itself
@@ -240,14 +241,14 @@ def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path, settings
 def test_fit_normalises_by_the_training_rows_mean_norm_and_keeps_decoder_rows_unit(tmp_path):
     layer_dir = tmp_path / "cache" / "layer-00"
     planted_cache(layer_dir, n=2000, scale=7.0, first_scale=100.0)
-    data = ActivationDataModule(str(layer_dir), batch_size=32, val_fraction=0.1)
+    data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=32, val_fraction=0.1))
     rows = data.cache.read_range(0, data.split)  # the training rows only
     x = rows["acts"].double().numpy()
     # first tokens 100x larger (an attention sink, planted_cache's first_scale): left out of the estimate
     later = rows["positions"].numpy() > 0
     expected = np.sqrt(32) / np.linalg.norm(x[later], axis=1).mean()
     for tied in (True, False):
-        module = SAEModule(expansions=[1, 2], tied=tied, l1_coefficient=1e-2)
+        module = SAEModule(SAEConfig(expansions=[1, 2], tied=tied, l1_coefficient=1e-2))
         trainer(tmp_path).fit(module, data)
         for sae in module.saes.values():
             assert sae.input_scale.item() == pytest.approx(expected, rel=1e-6)
@@ -257,7 +258,7 @@ def test_fit_normalises_by_the_training_rows_mean_norm_and_keeps_decoder_rows_un
         loaded = load_sae(tmp_path / f"export-{tied}")
         raw = torch.as_tensor(x[:50], dtype=torch.float32)
         torch.testing.assert_close(loaded(raw)[0], module.saes["x2"](raw)[0].detach(), rtol=1e-4, atol=1e-4)
-    off = SAEModule(expansions=[1], normalize=False)
+    off = SAEModule(SAEConfig(expansions=[1], normalize=False))
     trainer(tmp_path).fit(off, data)
     assert off.saes["x1"].input_scale.item() == 1.0
 
@@ -268,12 +269,12 @@ def test_resampling_revives_dead_features(tmp_path):
     dead_fractions = {}
     for revive in ("none", "resample"):
         torch.manual_seed(0)
-        module = SAEModule(d_in=32, expansions=[2], l1_coefficient=1e-2, learning_rate=1e-3, dead_window=20,
-                           revive=revive, resample_until=0.6)
+        module = SAEModule(SAEConfig(expansions=[2], l1_coefficient=1e-2, learning_rate=1e-3, dead_window=20,
+                                     revive=revive, resample_until=0.6), d_in=32)
         with torch.no_grad():  # half the features start dead: they never fire on anything
             module.saes["x2"].b_enc[:32] = -1e3
         t = trainer(tmp_path, max_epochs=2)
-        t.fit(module, ActivationDataModule(str(layer_dir), batch_size=64))
+        t.fit(module, ActivationDataModule(str(layer_dir), SAEConfig(batch_size=64)))
         codes = module.saes["x2"].encode(t.datamodule.cache.read_range(5700, 6000)["acts"])
         dead_fractions[revive] = (codes[:, :32] > 0).any(dim=0).logical_not().float().mean().item()
     assert dead_fractions["none"] == 1.0  # nothing brings them back by itself
@@ -286,8 +287,8 @@ def test_training_statistics_land_in_tensorboard(tmp_path):
 
     layer_dir = tmp_path / "cache" / "layer-00"
     planted_cache(layer_dir, n=2000)
-    module = SAEModule(expansions=[1, 2], dead_window=5)
-    data = ActivationDataModule(str(layer_dir), batch_size=32)
+    module = SAEModule(SAEConfig(expansions=[1, 2], dead_window=5))
+    data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=32))
     logger = TensorBoardLogger(str(tmp_path / "logs"), name="run", version="sae/layer-00")
     trainer(tmp_path, logger=logger, log_every_n_steps=10).fit(module, data)
     acc = EventAccumulator(str(tmp_path / "logs" / "run" / "sae" / "layer-00"))
@@ -304,8 +305,8 @@ def test_training_statistics_land_in_tensorboard(tmp_path):
 def test_bf16_mixed_precision_trains(tmp_path):
     layer_dir = tmp_path / "cache" / "layer-00"
     planted_cache(layer_dir, n=3000)
-    module = SAEModule(d_in=32, expansions=[1])
-    data = ActivationDataModule(str(layer_dir), batch_size=64)
+    module = SAEModule(SAEConfig(expansions=[1]), d_in=32)
+    data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=64))
     x = data.cache.read_range(0, 500)["acts"]
     before = sae_loss(x, *module.saes["x1"](x), 1e-3)[1].item()
     trainer(tmp_path, precision="bf16-mixed", max_epochs=2).fit(module, data)
@@ -332,8 +333,8 @@ def test_fit_interrupted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
 
     def fit(name, ckpt_path=None, crash=None):
         torch.manual_seed(0)
-        module = SAEModule(d_in=32, expansions=[1, 2], dead_window=7)
-        data = ActivationDataModule(str(layer_dir), batch_size=32, seed=4)
+        module = SAEModule(SAEConfig(expansions=[1, 2], dead_window=7), d_in=32)
+        data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=32), seed=4)
         ckpt = ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True, every_n_train_steps=10)
         t = trainer(tmp_path, max_epochs=3, callbacks=[ckpt] + ([Crash(crash)] if crash else []),
                     enable_checkpointing=True, log_every_n_steps=4)
@@ -360,9 +361,10 @@ def test_grouped_batches_give_the_same_training_as_single_batches(tmp_path):
     results = []
     for per_item in (1, 5):
         torch.manual_seed(0)
-        module = SAEModule(d_in=32, expansions=[1, 2], dead_window=3)
+        sae = SAEConfig(expansions=[1, 2], dead_window=3, batch_size=16, batches_per_item=per_item)
+        module = SAEModule(sae, d_in=32)
         t = trainer(tmp_path, max_epochs=2, log_every_n_steps=2)
-        t.fit(module, ActivationDataModule(str(layer_dir), batch_size=16, batches_per_item=per_item))
+        t.fit(module, ActivationDataModule(str(layer_dir), sae))
         results.append((t.global_step, module.state_dict()))
     (steps, single), (grouped_steps, grouped) = results
     assert steps == grouped_steps == 2 * int(np.ceil(1140 / 16))  # optimizer steps, whatever the grouping
@@ -378,12 +380,14 @@ def test_checkpoint_of_another_width_is_refused(tmp_path):
     planted_cache(tmp_path / "cache" / "layer-01", d=16, k=12, n=600)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True).fit(
-        SAEModule(), ActivationDataModule(str(tmp_path / "cache" / "layer-00"), batch_size=64))
+        SAEModule(SAEConfig()), ActivationDataModule(str(tmp_path / "cache" / "layer-00"), SAEConfig(batch_size=64)))
     with pytest.raises(UserError, match="is 32 wide but this layer's activations are 16 wide"):
-        trainer(tmp_path).fit(SAEModule(), ActivationDataModule(str(tmp_path / "cache" / "layer-01"), batch_size=64),
+        trainer(tmp_path).fit(SAEModule(SAEConfig()),
+                              ActivationDataModule(str(tmp_path / "cache" / "layer-01"), SAEConfig(batch_size=64)),
                               ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     with pytest.raises(UserError, match="SAEs are 8 wide"):
-        trainer(tmp_path).fit(SAEModule(d_in=8), ActivationDataModule(str(tmp_path / "cache" / "layer-01")))
+        trainer(tmp_path).fit(SAEModule(SAEConfig(), d_in=8),
+                              ActivationDataModule(str(tmp_path / "cache" / "layer-01"), SAEConfig()))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -491,15 +495,13 @@ def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(
     run(cfg)  # finished checkpoints of the same config: nothing is retrained
     assert json.loads((sae_dir(cfg.run_dir, 2, 1) / "cfg.json").read_text())["irm"]["global_step"] == steps
     assert torch.equal(load_sae(sae_dir(cfg.run_dir, 2, 2)).dictionary, before)
-    cfg.sae.trainer = {"max_epochs": 4}
-    with pytest.raises(UserError, match="use sae.epochs"):
-        run(cfg)
 
 
 def fit_config(tmp_path: Path, layer_dir: Path, **trainer) -> Path:
     """configs/sae.yaml with its paths moved under tmp_path and small settings."""
     cfg = yaml.safe_load((ROOT / "configs" / "sae.yaml").read_text())
-    cfg["data"]["init_args"].update(layer_dir=str(layer_dir), batch_size=16)
+    cfg["data"]["init_args"]["layer_dir"] = str(layer_dir)
+    cfg["data"]["init_args"]["cfg"]["batch_size"] = 16  # the model's too: one section (a YAML anchor)
     cfg["trainer"].update(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=5, **trainer)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
@@ -514,6 +516,30 @@ def irm_cli(*args, cwd, check=True, **kw):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.run([sys.executable, "-m", "irm", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           check=check, **kw)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"activation": "topk"}, "sae.k=None is not valid; activation topk"),
+    ({"learning_rate": 0}, "sae.learning_rate=0.0 is not valid"),
+])
+def test_fit_cli_checks_the_sae_section_before_building_anything(tmp_path, change, message):
+    """configs/sae.yaml's `cfg` is the run config's sae section, refused by the section's own checks (the stages'
+    irm.config.validate) before the cache, the module or the Trainer is touched: no cache exists here."""
+    config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["init_args"]["cfg"].update(change)  # the data's too: one YAML anchor
+    config.write_text(yaml.safe_dump(cfg))
+    out = irm_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("irm fit: error: bad configuration: ") and message in last, last
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+def test_fit_cli_refuses_a_model_and_data_given_different_sae_sections(tmp_path):
+    config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
+    out = irm_cli("fit", "--config", str(config), "--model.init_args.cfg.batch_size", "8", cwd=tmp_path, check=False)
+    assert out.returncode == 2 and "model.init_args.cfg and data.init_args.cfg differ" in out.stderr, out.stderr
 
 
 def test_fit_cli_with_a_missing_cache_exits_2(tmp_path):
@@ -580,7 +606,7 @@ def test_ddp_with_two_cpu_processes_trains_on_disjoint_rows(tmp_path):
     config = fit_config(tmp_path, layer_dir, max_epochs=1, strategy="ddp", devices=2)
     cfg = yaml.safe_load(config.read_text())
     # Grouped batches too: several backward passes per training_step under DDP's gradient sync.
-    cfg["data"]["init_args"].update(val_fraction=0.1, batches_per_item=2)
+    cfg["data"]["init_args"]["cfg"].update(val_fraction=0.1, batches_per_item=2)
     cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 20
     cfg["trainer"]["callbacks"].append({"class_path": "test_sae.RecordRows",
                                         "init_args": {"path": str(tmp_path / "rows")}})

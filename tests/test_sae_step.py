@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from irm.config import SAEConfig
 from irm.sae import SAEModule, SparseAutoencoder
 from irm.sae.module import _ReluSAEStep
 
@@ -64,7 +65,7 @@ def test_a_module_step_equals_the_autograd_step(tied, monkeypatch):
     states, backward_calls = [], []
     for written_out, direct in ((True, True), (True, False), (False, False)):
         torch.manual_seed(0)
-        module = SAEModule(d_in=16, expansions=[1, 2], tied=tied, revive="none")
+        module = SAEModule(SAEConfig(expansions=[1, 2], tied=tied, revive="none"), d_in=16)
         opt = torch.optim.Adam(module.parameters(), lr=1e-2)
         monkeypatch.setattr(SAEModule, "_written_out", staticmethod(lambda *a, w=written_out: w))
         monkeypatch.setattr(SAEModule, "_direct_gradients", lambda self, d=direct: d)
@@ -82,14 +83,16 @@ def test_a_module_step_equals_the_autograd_step(tied, monkeypatch):
 
 
 def test_gradients_skip_autograd_on_one_process_only():
-    module = SAEModule(d_in=4)
+    module = SAEModule(SAEConfig(), d_in=4)
     assert module._direct_gradients()  # no trainer: one process
 
     class Trainer:
-        world_size = 2
-    module._trainer = Trainer()
+        world_size, strategy, datamodule = 2, None, None
+    module.trainer = Trainer()
+    module.setup("validate")
     assert not module._direct_gradients()
     Trainer.world_size = 1
+    module.setup("validate")
     assert module._direct_gradients()
 
 
@@ -116,13 +119,13 @@ def test_a_checkpoint_interval_must_be_a_multiple_of_batches_per_item(tmp_path, 
     from irm.errors import UserError
 
     planted_cache(tmp_path / "cache" / "layer-00", n=400, shard_rows=200)
-    data = ActivationDataModule(str(tmp_path / "cache" / "layer-00"), batch_size=16, batches_per_item=4)
+    data = ActivationDataModule(str(tmp_path / "cache" / "layer-00"), SAEConfig(batch_size=16, batches_per_item=4))
     trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=every)])
     if refused:
         with pytest.raises(UserError, match="every_n_train_steps=10 is not a multiple of batches_per_item=4"):
-            trainer.fit(SAEModule(d_in=32, expansions=[1]), data)
+            trainer.fit(SAEModule(SAEConfig(expansions=[1]), d_in=32), data)
     else:
-        trainer.fit(SAEModule(d_in=32, expansions=[1]), data)
+        trainer.fit(SAEModule(SAEConfig(expansions=[1]), d_in=32), data)
         assert trainer.global_step == 8

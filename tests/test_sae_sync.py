@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 from test_sae import planted_cache, trainer
 
 from irm.activations import ActivationDataModule
+from irm.config import SAEConfig
 from irm.sae.module import SAEModule
 
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__format__"}
@@ -51,8 +52,8 @@ def test_sae_step_reads_nothing_back_except_on_logging_steps(tmp_path, settings)
     planted_cache(layer_dir, n=3000)
     torch.manual_seed(0)
     # dead_window 1000: resampling is due only at step 1000, beyond this fit, so every step here is an ordinary one
-    module = Counted(expansions=[1, 2], learning_rate=1e-3, dead_window=1000, **settings)
-    data = ActivationDataModule(str(layer_dir), batch_size=32, val_fraction=0.05)
+    module = Counted(SAEConfig(expansions=[1, 2], learning_rate=1e-3, dead_window=1000, **settings))
+    data = ActivationDataModule(str(layer_dir), SAEConfig(batch_size=32, val_fraction=0.05))
     trainer(tmp_path, max_steps=60, log_every_n_steps=25, limit_val_batches=0).fit(module, data)
     quiet = [reads for logging, reads in module.counts if not logging]
     loud = [reads for logging, reads in module.counts if logging]

@@ -16,6 +16,7 @@ from test_activations import save_policy
 from irm.activations import ActivationCache, ShardWriter
 from irm.activations.cache import _cache_worker, run
 from irm.activations.datamodule import ActivationDataModule, RowSampler, ShardBatches
+from irm.config import SAEConfig
 from irm.parallel import Ranks, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_a_cache_written_by_two_ranks_reads_with_one_reader_and_splits_between_t
     cache = ActivationCache(path)
     everything = cache.read_range(0, cache.rows)["acts"]
 
-    dm = ActivationDataModule(str(path), batch_size=16, val_fraction=0.1, shuffle=False)
+    dm = ActivationDataModule(str(path), SAEConfig(batch_size=16, val_fraction=0.1), shuffle=False)
     dm.setup("fit")
     train, val = list(dm.train_dataloader()), list(dm.val_dataloader())
     assert torch.equal(torch.cat(train), everything[:dm.split])

@@ -13,6 +13,7 @@ import yaml
 from test_regression import linear_data, write_deltas
 from test_sae import ROOT, irm_cli
 
+from irm.config import RegressionConfig
 from irm.regression import DeltaDataModule, ShardBatchSampler
 
 
@@ -64,8 +65,8 @@ class RecordRows(L.Callback):
 def fit_config(tmp_path: Path, name: str, deltas: Path, epochs: int, **trainer) -> Path:
     """configs/regression.yaml with its paths under tmp_path/name: full-shard batches, plain gradient descent."""
     cfg = yaml.safe_load((ROOT / "configs" / "regression.yaml").read_text())
-    cfg["model"]["init_args"].update(optimizer="sgd", learning_rate=0.1, weight_decay=0.05)
-    cfg["data"]["init_args"].update(deltas_dir=str(deltas), batch_size=10_000)
+    cfg["model"]["init_args"]["cfg"].update(optimizer="sgd", learning_rate=0.1, weight_decay=0.05, batch_size=10_000)
+    cfg["data"]["init_args"]["deltas_dir"] = str(deltas)
     cfg["trainer"].update(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
                           check_val_every_n_epoch=epochs, num_sanity_val_steps=0, **trainer)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / name / "logs")
@@ -95,7 +96,8 @@ def test_two_rank_fit_equals_single_process_fit_with_global_metrics(tmp_path):
     torch.testing.assert_close(fits["ddp"]["weight"], fits["single"]["weight"], rtol=0, atol=1e-5)
     torch.testing.assert_close(fits["ddp"]["bias"], fits["single"]["bias"], rtol=0, atol=1e-5)
 
-    dm = DeltaDataModule(str(deltas), batch_size=10_000, val_fraction=0.1, seed=0)  # configs/regression.yaml's split
+    # configs/regression.yaml's split
+    dm = DeltaDataModule(str(deltas), RegressionConfig(batch_size=10_000, val_fraction=0.1), seed=0)
     dm.setup("fit")
     train = np.concatenate([100 * s + r for s, r in enumerate(dm.train_rows)])
     val = np.concatenate([100 * s + r for s, r in enumerate(dm.val_rows)])
@@ -134,7 +136,8 @@ def test_stage_under_ddp_is_recorded_once_with_global_metrics(tmp_path):
     metrics = json.loads((run_dir / "regression" / "metrics.json").read_text())
     assert metrics["train_rows"] + metrics["val_rows"] == 300  # the whole data set's counts, not a rank's
     weight, bias, _ = load_irm(run_dir)
-    dm = DeltaDataModule(str(run_dir / "deltas"), val_fraction=0.1, seed=parse_config("regression", args).seed)
+    dm = DeltaDataModule(str(run_dir / "deltas"), RegressionConfig(val_fraction=0.1),
+                         seed=parse_config("regression", args).seed)
     dm.setup("fit")
     val = np.concatenate([60 * s + r for s, r in enumerate(dm.val_rows)])
     target = y[val].double().numpy()

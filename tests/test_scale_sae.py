@@ -70,11 +70,12 @@ def test_fsdp_is_refused_in_one_line():
     from lightning.pytorch.strategies import FSDPStrategy
 
     from irm.errors import UserError
+    from irm.config import SAEConfig
     from irm.sae.module import SAEModule
 
     # Lightning refuses FSDP on CPU before any module hook runs, so the strategy is handed over directly.
-    module = SAEModule(d_in=4)
-    module._trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    module = SAEModule(SAEConfig(), d_in=4)
+    module.trainer = types.SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(UserError, match="use --trainer.strategy ddp"):
         module.setup("fit")
 
@@ -107,7 +108,7 @@ def test_two_rank_validation_metrics_equal_single_process_and_numpy(tmp_path):
     planted_cache(layer_dir, d=16, k=12, n=4000, shard_rows=700)
     config = fit_config(tmp_path, layer_dir, max_epochs=1)
     cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["init_args"]["val_fraction"] = 0.2
+    cfg["data"]["init_args"]["cfg"]["val_fraction"] = 0.2
     config.write_text(yaml.safe_dump(cfg))
     irm_cli("fit", "--config", str(config), cwd=tmp_path, timeout=300)
     ckpt = tmp_path / "ckpt" / "last.ckpt"
@@ -158,10 +159,10 @@ def test_two_rank_training_metrics_describe_both_ranks_batches(tmp_path):
     planted_cache(layer_dir, d=8, k=6, n=2400, shard_rows=600)
     config = fit_config(tmp_path, layer_dir, max_epochs=1, strategy="ddp", devices=2)  # batch 16, logs every 5
     cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["init_args"]["val_fraction"] = 0.0
+    cfg["data"]["init_args"]["cfg"]["val_fraction"] = 0.0
     # dead_window 1: a feature is dead at a logging step when it fired on no rank in that step (no revival, which
     # would reset it); a strong L1 term keeps some features rare, so the dead fraction is neither 0 nor 1.
-    cfg["model"]["init_args"].update(dead_window=1, l1_coefficient=0.05, revive="none")
+    cfg["model"]["init_args"]["cfg"].update(dead_window=1, l1_coefficient=0.05, revive="none")
     cfg["trainer"]["callbacks"].append({"class_path": "test_scale_sae.RecordSteps",
                                         "init_args": {"path": str(tmp_path / "steps")}})
     config.write_text(yaml.safe_dump(cfg))

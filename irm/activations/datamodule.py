@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from irm.activations.store import ActivationCache
+from irm.config import SAEConfig
 from irm.errors import UserError
 
 
@@ -181,45 +182,46 @@ def validation_start(cache: ActivationCache, val_fraction: float) -> int:
 
 
 class ActivationDataModule(L.LightningDataModule):
-    """Batches of one layer's cached activations for SAE training (`layer_dir` = `<run_dir>/cache/layer-NN`).
+    """Batches of one layer's cached activations for SAE training (`layer_dir` = `<run_dir>/cache/layer-NN`), as the
+    `sae` section `cfg` (SAEConfig) sizes them: `batch_size` rows, `batches_per_item` batches per loader item, the
+    last `val_fraction` held out; `seed` orders the rows.
 
     `width` (the activations' width) is known as soon as this is constructed, from the manifest alone."""
 
-    def __init__(self, layer_dir: str, batch_size: int = 32, val_fraction: float = 0.05, seed: int = 0,
-                 shuffle: bool = True, verify: bool = True, batches_per_item: int = 1):
+    def __init__(self, layer_dir: str, cfg: SAEConfig, seed: int = 0, shuffle: bool = True, verify: bool = True):
         super().__init__()
-        if batch_size < 1 or batches_per_item < 1:
-            raise UserError(f"batch_size ({batch_size}) and batches_per_item ({batches_per_item}) must be >= 1")
-        self.save_hyperparameters()
+        self.cfg = cfg
+        self.seed, self.shuffle, self.verify = seed, shuffle, verify
         self.cache = ActivationCache(layer_dir)
         self.width = self.cache.width
         self.manifest = self.cache.manifest
-        self.split = validation_start(self.cache, val_fraction)
+        self.split = validation_start(self.cache, cfg.val_fraction)
         self._verified = False
         self._train: Optional[ShardBatches] = None
         self._val: Optional[ShardBatches] = None
 
     def setup(self, stage: str) -> None:
-        if self.hparams.verify and not self._verified:
+        if self.verify and not self._verified:
             self.cache.verify()  # once per process: a damaged shard stops the run before any step
             self._verified = True
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        hp = self.hparams
-        if self.trainer and hp.batches_per_item > 1:
+        cfg = self.cfg
+        if self.trainer and cfg.batches_per_item > 1:
             # The optimizer-step count advances by batches_per_item per item: a checkpoint interval that is not a
             # multiple of it is never hit, and an interrupted run would have nothing recent to resume from.
             for cb in self.trainer.checkpoint_callbacks:
                 every = checkpoint_interval(cb)
-                if every and every % hp.batches_per_item:
+                if every and every % cfg.batches_per_item:
                     raise UserError(f"ModelCheckpoint every_n_train_steps={every} is not a multiple of "
-                                    f"batches_per_item={hp.batches_per_item}; make it one")
-        train = RowSampler(self.cache, 0, self.split, rank=rank, world_size=world, shuffle=hp.shuffle, seed=hp.seed)
+                                    f"batches_per_item={cfg.batches_per_item}; make it one")
+        train = RowSampler(self.cache, 0, self.split, rank=rank, world_size=world, shuffle=self.shuffle,
+                           seed=self.seed)
         if train.rows_per_rank() == 0:
             raise UserError(f"activation cache {self.cache.dir} leaves no training rows for each of {world} "
                             "process(es); cache more documents")
         val = RowSampler(self.cache, self.split, self.cache.rows, rank=rank, world_size=world, shuffle=False)
-        self._train = ShardBatches(self.cache, train, hp.batch_size, hp.batches_per_item)
-        self._val = ShardBatches(self.cache, val, hp.batch_size)
+        self._train = ShardBatches(self.cache, train, cfg.batch_size, cfg.batches_per_item)
+        self._val = ShardBatches(self.cache, val, cfg.batch_size)
 
     def train_dataloader(self) -> ShardBatches:
         return self._train

@@ -90,8 +90,8 @@ def write_pair(root: str | os.PathLike, base: np.ndarray, tuned: np.ndarray, sha
 
 def fit(base_dir: Path, tuned_dir: Path, *, steps: int, seed: int = 0, difference: bool = False,
         batch_size: int = 256, **hparams):
-    """A crosscoder (or with `difference` an SAE module on tuned - base) trained `steps` optimizer steps on the
-    pair, no logger, no checkpoints; (module, datamodule)."""
+    """A crosscoder (or with `difference` an SAE module on tuned - base, `hparams` then SAEConfig's fields) trained
+    `steps` optimizer steps on the pair, no logger, no checkpoints; (module, datamodule)."""
     import lightning as L
 
     from irm.diff.data import PairedDataModule
@@ -101,9 +101,10 @@ def fit(base_dir: Path, tuned_dir: Path, *, steps: int, seed: int = 0, differenc
     data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=batch_size, val_fraction=0.25, seed=seed,
                             difference=difference)
     if difference:
+        from irm.config import SAEConfig
         from irm.sae.module import SAEModule
 
-        module = SAEModule(**hparams)
+        module = SAEModule(SAEConfig(**hparams))
     else:
         from irm.diff.module import CrosscoderModule
 

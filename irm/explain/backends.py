@@ -51,13 +51,8 @@ class OpenAIBackend:
     def __init__(self, cfg):
         import openai
 
-        if not cfg.model:
-            raise UserError("explain.model is empty: name the chat model for the openai backend (e.g. gpt-4o-mini, "
-                            "or the model your vLLM/Ollama/llama.cpp server serves)")
-        key = os.environ.get(cfg.api_key_env)
-        if not key:
-            raise UserError(f"environment variable {cfg.api_key_env} is not set: put the API key for explain.backend "
-                            f"openai in it (any non-empty value for a server that needs no key)")
+        # irm.config.validate refused an empty explain.model or an unset key before any stage ran.
+        key = os.environ[cfg.api_key_env]
         self.model = cfg.model
         self.params = {"max_tokens": cfg.max_new_tokens, "temperature": 0}
         self._env = cfg.api_key_env
@@ -279,8 +274,7 @@ def _content_words(explanation: str) -> set[str]:
 
 
 def make_backend(explain_cfg, device=None, reward_cfg=None) -> ExplainerBackend:
-    """The backend `explain_cfg.backend` names (the offline one labels by `reward_cfg`'s lexicon, VADER when None).
-    Fails early (UserError) on a missing model name or API key."""
+    """The backend `explain_cfg.backend` names (the offline one labels by `reward_cfg`'s lexicon, VADER when None)."""
     if explain_cfg.backend == "openai":
         return OpenAIBackend(explain_cfg)
     if explain_cfg.backend == "local":

@@ -4,16 +4,18 @@ exports them for the later stages when a fit ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning as L
 import torch
 from torch import nn
 
+from irm.config import SAEConfig
 from irm.errors import UserError
-from irm.sae.model import (ACTIVATIONS, SparseAutoencoder, auxk_loss, empty_moments, merge_moments, moment_metrics,
+from irm.sae.model import (SparseAutoencoder, auxk_loss, empty_moments, merge_moments, moment_metrics,
                            row_moments, sae_loss)
 
 # ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
@@ -50,7 +52,8 @@ class FeatureActivity(nn.Module):
         return self.dead(window, reduce).float().mean()
 
 
-REVIVE = ("auto", "resample", "auxk", "none")
+# Rows of the training cache the normalisation factor is estimated from: enough for a stable mean norm.
+NORMALIZE_ROWS = 32768
 
 
 class _ReluSAEStep(torch.autograd.Function):
@@ -114,22 +117,14 @@ class SAEModule(L.LightningModule):
     """Sparse autoencoders of sizes `expansions` x `d_in` over one layer's activations.
 
     Args:
+        cfg: the `sae` section of the run config (irm.config.SAEConfig: each field's meaning is documented there,
+            and `python -m irm fit --help` shows it); its ranges are checked by `SAEConfig.check` before any work.
+            The module reads the dictionaries' settings; the data and Trainer settings (batch size, epochs, held-out
+            fraction, ...) are read by the stage or the fit config that builds those.
         d_in: activation width; None takes it from the datamodule's `width` when the fit starts.
-        expansions: dictionary sizes as multiples of d_in (paper table 1: 1x and 2x d_model).
-        l1_coefficient: alpha of the L1 term (paper 4.2: 1e-3; 1.5e-3 for GPT-Neo-125m), on activations normalised
-            to mean norm sqrt(d_in); unused by TopK.
-        learning_rate: Adam step size (paper 4.2: 1e-3).
-        tied: decoder = transposed encoder (paper appendix J's choice).
-        dead_window: optimizer steps without firing after which a feature counts as dead.
-        activation: `relu` (the paper's ReLU + L1) or `topk` (sparsify's: the k largest codes, no L1).
-        k: codes kept per input by `topk`.
-        normalize: scale activations to mean norm sqrt(d_in) before the SAE (the factor is estimated from up to
-            `normalize_rows` training rows, kept in each SAE as `input_scale` and exported in cfg.json).
-        revive: what to do about dead features: `resample` (re-initialise them every `dead_window` steps towards
-            badly reconstructed inputs, during the first `resample_until` of training, Anthropic's resampling),
-            `auxk` (sparsify's auxiliary loss, weight `aux_coefficient`, k_aux = d_in / 2), `none`, or `auto`
-            (auxk for topk, resample for relu).
-        center_input: the encoder reads x - b_dec (sparsify's TopK, SAELens's apply_b_dec_to_input).
+
+    The normalisation factor (`cfg.normalize`) is estimated from up to `NORMALIZE_ROWS` training rows, kept in each
+    SAE as `input_scale` and exported in cfg.json.
 
     Decoder rows are rescaled to unit norm after every step (tied or not): the L1 term cannot be bought by
     shrinking codes against growing rows.
@@ -145,26 +140,13 @@ class SAEModule(L.LightningModule):
     rows of every rank: each rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
     """
 
-    def __init__(self, d_in: Optional[int] = None, expansions: Sequence[int] = (1, 2), l1_coefficient: float = 1.0e-3,
-                 learning_rate: float = 1.0e-3, tied: bool = True, dead_window: int = 1000, activation: str = "relu",
-                 k: Optional[int] = None, normalize: bool = True, normalize_rows: int = 32768, revive: str = "auto",
-                 aux_coefficient: float = 1.0 / 32, resample_until: float = 0.5, center_input: bool = False):
+    def __init__(self, cfg: SAEConfig, d_in: Optional[int] = None):
         super().__init__()
-        expansions = list(expansions)
-        if not expansions or any(int(e) != e or e < 1 for e in expansions) or len(set(expansions)) != len(expansions):
-            raise UserError(f"expansions must be distinct whole numbers >= 1 (e.g. [1, 2]), not {expansions}")
-        if l1_coefficient < 0 or learning_rate <= 0 or dead_window < 1:
-            raise UserError("l1_coefficient must be >= 0, learning_rate > 0 and dead_window >= 1")
-        if activation not in ACTIVATIONS:
-            raise UserError(f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}")
-        if activation == "topk" and (k is None or int(k) < 1):
-            raise UserError(f"activation topk needs k >= 1 (codes kept per input), not {k}")
-        if revive not in REVIVE:
-            raise UserError(f"revive must be one of {list(REVIVE)}, not {revive!r}")
-        if normalize_rows < 1 or aux_coefficient < 0 or not 0.0 <= resample_until <= 1.0:
-            raise UserError("normalize_rows must be >= 1, aux_coefficient >= 0 and resample_until in [0, 1]")
+        self.cfg = cfg if isinstance(cfg, SAEConfig) else SAEConfig(**cfg)  # a dict: from a checkpoint
         self.save_hyperparameters()
-        self.hparams.expansions = expansions
+        # Checkpoints hold the section as a plain dict (they load with weights_only), which load_from_checkpoint and
+        # the Lightning CLI's --ckpt_path pass back as `cfg`.
+        self.hparams.cfg = dataclasses.asdict(self.cfg)
         # Manual optimisation: one backward for all dictionaries and no closure machinery per step.
         self.automatic_optimization = False
         self.saes = nn.ModuleDict()
@@ -174,22 +156,23 @@ class SAEModule(L.LightningModule):
         self._val_fired: dict[str, torch.Tensor] = {}
         self._val_moments: Optional[torch.Tensor] = None  # [dictionary, statistics] of the held-out rows seen so far
         self._items = 0  # loader items trained on in this fit (a resumed fit counts on from its checkpoint's)
+        self._n_processes = 1  # the Trainer's world size, recorded in `setup`
         if d_in is not None:
             self._build(int(d_in))
 
     @property
     def revive(self) -> str:
-        r = self.hparams.revive
-        return ("auxk" if self.hparams.activation == "topk" else "resample") if r == "auto" else r
+        r = self.cfg.revive
+        return ("auxk" if self.cfg.activation == "topk" else "resample") if r == "auto" else r
 
     def _build(self, d_in: int) -> None:
         self.hparams.d_in = d_in  # recorded in checkpoints, so load_from_checkpoint rebuilds the same shapes
-        hp = self.hparams
-        for e in hp.expansions:
+        cfg = self.cfg
+        for e in cfg.expansions:
             name = f"x{e}"
-            k = min(int(hp.k), e * d_in) if hp.activation == "topk" else None
-            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=hp.tied, activation=hp.activation, k=k,
-                                                center_input=hp.center_input)
+            k = min(int(cfg.k), e * d_in) if cfg.activation == "topk" else None
+            self.saes[name] = SparseAutoencoder(d_in, e * d_in, tied=cfg.tied, activation=cfg.activation, k=k,
+                                                center_input=cfg.center_input)
             self.activity[name] = FeatureActivity(e * d_in)
 
     @property
@@ -204,6 +187,7 @@ class SAEModule(L.LightningModule):
             # #19626), which manual optimisation does by design.
             raise UserError("SAEModule trains with manual optimisation, which Lightning's FSDP strategy does not "
                             "support; use --trainer.strategy ddp (an SAE pair is small enough to replicate per device)")
+        self._n_processes = self.trainer.world_size
         width = getattr(self.trainer.datamodule, "width", None) if self.trainer.datamodule is not None else None
         if not self.saes:
             if width is None:
@@ -227,11 +211,11 @@ class SAEModule(L.LightningModule):
         everywhere), and b_dec at their normalised mean."""
         cache = getattr(self.trainer.datamodule, "cache", None)
         if cache is None:
-            if self.hparams.normalize:
+            if self.cfg.normalize:
                 raise UserError("normalize: true estimates the activations' scale from an ActivationDataModule's "
                                 "cache; use one, or set normalize: false")
             return
-        stop = min(int(getattr(self.trainer.datamodule, "split", cache.rows)), self.hparams.normalize_rows)
+        stop = min(int(getattr(self.trainer.datamodule, "split", cache.rows)), NORMALIZE_ROWS)
         if stop < 1:
             return
         rows = cache.read_range(0, stop, ("acts", "positions"))
@@ -242,7 +226,7 @@ class SAEModule(L.LightningModule):
         later = rows["positions"] > 0
         typical_RD = x_RD[later] if bool(later.any()) else x_RD
         scale = float(self.d_in) ** 0.5 / float(typical_RD.norm(dim=1).mean().clamp_min(1e-12)) \
-            if self.hparams.normalize else 1.0
+            if self.cfg.normalize else 1.0
         mean_D = (typical_RD.mean(dim=0) * scale).float()
         for sae in self.saes.values():
             sae.input_scale.fill_(scale)
@@ -284,7 +268,7 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self):
         # The fused kernel updates each tensor in one pass: the same Adam, at a fraction of the per-step cost that
         # dominates small batches (paper: 32 rows). CPU fused Adam needs a float parameter dtype (always here).
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=True)
+        return torch.optim.Adam(self.parameters(), lr=self.cfg.learning_rate, fused=True)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """One optimizer step per batch: `batch` is a tensor [rows, width], or a list of them when the datamodule
@@ -297,15 +281,15 @@ class SAEModule(L.LightningModule):
 
     @property
     def _l1(self) -> float:
-        return self.hparams.l1_coefficient if self.hparams.activation == "relu" else 0.0
+        return self.cfg.l1_coefficient if self.cfg.activation == "relu" else 0.0
 
     def _step(self, x_BD: torch.Tensor):
         """One optimizer step on `x_BD`; (normalised x, {dictionary name: (normalised reconstruction, codes)}) from
         before the update."""
-        hp = self.hparams
+        cfg = self.cfg
         total = 0.0
         parts, x_n = {}, None
-        auxk = self.revive == "auxk" and hp.aux_coefficient > 0
+        auxk = self.revive == "auxk" and cfg.aux_coefficient > 0
         direct = {}  # {dictionary name: its gradients}, when they skip autograd (_direct_gradients)
         set_directly = self._direct_gradients()
         for name, sae in self.saes.items():
@@ -329,8 +313,9 @@ class SAEModule(L.LightningModule):
             x_hat_n = sae.decode_normalized(codes_BF)
             total = total + sae_loss(x_n, x_hat_n, codes_BF, self._l1)[0]
             if auxk:
-                dead_F = activity.dead(hp.dead_window)
-                total = total + hp.aux_coefficient * auxk_loss(sae, x_n, x_hat_n, pre_BF, dead_F, max(1, sae.d_in // 2))
+                dead_F = activity.dead(cfg.dead_window)
+                k_aux = max(1, sae.d_in // 2)
+                total = total + cfg.aux_coefficient * auxk_loss(sae, x_n, x_hat_n, pre_BF, dead_F, k_aux)
             activity.observe(codes_BF)
             parts[name] = (x_hat_n, codes_BF)
         opt = self.optimizers()
@@ -365,17 +350,15 @@ class SAEModule(L.LightningModule):
         the autograd engine and Lightning's backward hooks (`on_before_backward`/`on_after_backward`); the optimizer
         step and its hooks (`on_before_optimizer_step`) run as always. At the paper's batch 32 that is ~7% of a
         step on a CPU core (benchmarks/RESULTS.md)."""
-        return self._trainer is None or self.trainer.world_size == 1
+        return self._n_processes == 1
 
     def _resample_due(self) -> bool:
-        step, window = self.global_step, self.hparams.dead_window
+        step, window = self.global_step, self.cfg.dead_window
         if step == 0 or step % window:
             return False  # (estimated_stepping_batches below is not free: not on every step)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         # Lightning counts loader items; an item of grouped batches is several optimizer steps.
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        total *= getattr(getattr(dm, "hparams", None), "batches_per_item", 1) or 1
-        return step <= self.hparams.resample_until * total
+        total = self.trainer.estimated_stepping_batches * self.cfg.batches_per_item
+        return step <= self.cfg.resample_until * total
 
     @torch.no_grad()
     def _resample(self, name: str, sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor) -> int:
@@ -384,7 +367,7 @@ class SAEModule(L.LightningModule):
         (scaled to 0.2 x the live features' mean encoder norm) encoder column, b_enc 0, and fresh Adam moments.
         Under DDP the dead set is agreed across ranks and rank 0's rows are used everywhere. Returns the count."""
         activity = self.activity[name]
-        dead_F = activity.dead(self.hparams.dead_window, self._min_rank)
+        dead_F = activity.dead(self.cfg.dead_window, self._min_rank)
         n = int(dead_F.sum())
         if n == 0:
             return 0
@@ -435,7 +418,7 @@ class SAEModule(L.LightningModule):
 
     def _min_rank(self, since_F: torch.Tensor) -> torch.Tensor:
         """Minimum over ranks: steps since a feature fired on any rank."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._n_processes == 1:
             return since_F
         return self.trainer.strategy.all_gather(since_F).amin(dim=0)
 
@@ -454,7 +437,7 @@ class SAEModule(L.LightningModule):
                                   for x_hat_n, codes_BF in parts.values()])
         metrics = self._metrics("train", self._global(moments_NS))
         for name, activity in self.activity.items():
-            metrics[f"train/{name}/dead_fraction"] = activity.dead_fraction(self.hparams.dead_window, self._min_rank)
+            metrics[f"train/{name}/dead_fraction"] = activity.dead_fraction(self.cfg.dead_window, self._min_rank)
         # The same global values on every rank: nothing left for Lightning to sync.
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=x_n.shape[0])
 
@@ -526,7 +509,7 @@ class ExportSAEs(L.Callback):
 
         manifest = getattr(trainer.datamodule, "manifest", None) or {}
         root = self.target(trainer)
-        hp = pl_module.hparams
+        cfg = pl_module.cfg
         mm = pl_module.init_mmcs.tolist()
         init_mmcs = None if mm[0] != mm[0] else {"max": mm[0], "hungarian": mm[1]}  # NaN: one dictionary only
         for name, sae in pl_module.saes.items():
@@ -536,8 +519,8 @@ class ExportSAEs(L.Callback):
                      # other tools load), the checkpoint whose activations they encode is named here.
                      irm={"activations_from": "tuned" if manifest.get("policy") else "model_name",
                           "tuned_checkpoint": manifest.get("policy"), "base_model": manifest.get("model"),
-                          "expansion": int(name[1:]), "l1_coefficient": hp.l1_coefficient,
-                          "learning_rate": hp.learning_rate, "global_step": trainer.global_step,
-                          "normalize": hp.normalize, "revive": pl_module.revive, "dead_window": hp.dead_window,
+                          "expansion": int(name[1:]), "l1_coefficient": cfg.l1_coefficient,
+                          "learning_rate": cfg.learning_rate, "global_step": trainer.global_step,
+                          "normalize": cfg.normalize, "revive": pl_module.revive, "dead_window": cfg.dead_window,
                           "init_mmcs": init_mmcs, "cache_rows": manifest.get("rows"),
                           "corpus_fingerprint": manifest.get("corpus_fingerprint")})

@@ -10,10 +10,6 @@ from pathlib import Path
 
 from irm.errors import UserError
 
-# Trainer arguments the stage sets from the config itself.
-OWN_TRAINER_ARGS = ("max_epochs", "callbacks", "default_root_dir")
-
-
 def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     """Fit (or resume) one layer's SAEs and export them; returns (exported directories, is rank zero)."""
     import lightning as L
@@ -30,23 +26,15 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     # Resume only checkpoints made from this config and this cache; anything else is stale and removed.
     last = resume_from(checkpoints, root / "train.json", fingerprint)
     seed_all(cfg.seed)  # each layer's initialisation is independent of which layers were trained before it
-    data = ActivationDataModule(str(cache_layer_dir(cfg.run_dir, layer)), batch_size=s.batch_size,
-                                val_fraction=s.val_fraction, seed=cfg.seed, batches_per_item=s.batches_per_item)
+    data = ActivationDataModule(str(cache_layer_dir(cfg.run_dir, layer)), s, seed=cfg.seed)
     # The step count advances by batches_per_item per loader item: checkpoint on a multiple of it.
     every = math.ceil(s.checkpoint_every / s.batches_per_item) * s.batches_per_item
-    module = SAEModule(expansions=s.expansions, l1_coefficient=s.l1_coefficient, learning_rate=s.learning_rate,
-                       tied=s.tied, dead_window=s.dead_window, activation=s.activation, k=s.k, normalize=s.normalize,
-                       revive=s.revive, aux_coefficient=s.aux_coefficient, resample_until=s.resample_until,
-                       center_input=s.center_input)
+    module = SAEModule(s)
     # Lightning's default (every 50 loader items) leaves a short fit with a point or two of training curve; log
     # about 50 times per fit instead, never more often than every item nor less often than the default. Items per
     # epoch as ShardBatches counts them in one process (fewer per rank under DDP, so it then logs a little less).
     items = math.ceil(math.ceil(data.split / s.batch_size) / s.batches_per_item) * s.epochs
     log_every = max(1, min(50, items // 50))
-    clash = sorted(set(s.trainer) & set(OWN_TRAINER_ARGS))
-    if clash:
-        raise UserError(f"sae.trainer sets {clash}, which the sae stage sets itself; use sae.epochs for the epochs "
-                        "and remove the others")
     try:
         trainer = L.Trainer(
             max_epochs=s.epochs,
