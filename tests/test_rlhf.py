@@ -202,6 +202,30 @@ def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm_and_logs
         assert trainer._grad_norms == pytest.approx([5.0])
 
 
+def test_the_trl_internals_irm_replaces_are_those_of_the_trl_it_was_checked_against():
+    """TRL gives no public hook for PPO's prompt loader and rollout sampler (irm.rlhf.trl_internals): another TRL,
+    or either internal changed, must fail here, naming what moved, not train silently through TRL's own ones."""
+    from irm.rlhf.trl_internals import changed_internals
+
+    assert changed_internals() == []
+
+
+def test_a_moved_trl_internal_is_named(monkeypatch):
+    import trl
+    from trl.experimental.ppo import ppo_trainer
+
+    from irm.rlhf.trl_internals import changed_internals, rollouts_sampled_by
+
+    monkeypatch.setattr(trl, "__version__", "1.13.0")
+    monkeypatch.setattr(ppo_trainer, "batch_generation", lambda model, queries: None)
+    problems = changed_internals()
+    assert len(problems) == 2 and "trl is 1.13.0" in problems[0] and "takes other parameters" in problems[1]
+    before = ppo_trainer.batch_generation
+    with rollouts_sampled_by(print):
+        assert ppo_trainer.batch_generation is print
+    assert ppo_trainer.batch_generation is before
+
+
 def test_run_writes_policy_and_tensorboard_reward_and_kl_for_every_step(runs):
     from irm.artifacts import read_jsonl
     from irm.models import load_tuned

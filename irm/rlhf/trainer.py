@@ -1,5 +1,6 @@
-"""TRL 1.12's PPOTrainer, configured from `RLHFConfig` (paper 4.1), with the two changes that resuming and the
-paper's settings need and that leave TRL's training loop untouched."""
+"""TRL 1.12's PPOTrainer, configured from `RLHFConfig` (paper 4.1), with the changes that resuming and the paper's
+settings need and that leave TRL's training loop untouched (the two without a public TRL hook go through
+irm.rlhf.trl_internals)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 from irm.config import RLHFConfig  # noqa: E402
 from irm.errors import UserError  # noqa: E402
+from irm.rlhf.trl_internals import replace_prompt_loader, rollouts_sampled_by  # noqa: E402
 from irm.sampling import SamplingRule, generate, rule  # noqa: E402
 
 
@@ -83,26 +85,16 @@ class ResumablePPOTrainer(PPOTrainer):
         self.remove_callback(PrinterCallback)
         # Own generator: starting the loader's iterator must not draw from the global RNG, which a resumed run
         # restores exactly and then needs for sampling completions.
-        self.dataloader = DataLoader(
-            self.train_dataset,
-            batch_size=self.local_dataloader_batch_size,
-            sampler=prompt_order,
-            collate_fn=self.data_collator,
-            generator=torch.Generator(),
-        )
+        replace_prompt_loader(self, DataLoader(self.train_dataset, batch_size=self.local_dataloader_batch_size,
+                                               sampler=prompt_order, collate_fn=self.data_collator,
+                                               generator=torch.Generator()))
 
     def train(self):
         """TRL's loop, its rollouts sampled by `irm.sampling.generate` under `self.rule` (the one sampling rule of
         tables 5 and 7) instead of TRL's own GenerationConfig (which holds the same values: TRL's temperature, top_k
         0, top_p 1, response_length; stop at `stop_token` eos)."""
-        from trl.experimental.ppo import ppo_trainer
-
-        original = ppo_trainer.batch_generation
-        ppo_trainer.batch_generation = self._batch_generation
-        try:
+        with rollouts_sampled_by(self._batch_generation):
             return super().train()
-        finally:
-            ppo_trainer.batch_generation = original
 
     @torch.no_grad()
     def _batch_generation(self, model, queries, local_rollout_forward_batch_size, pad_token_id, _trl_config):
