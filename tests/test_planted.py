@@ -9,7 +9,8 @@ import pytest
 
 from irm.cli import parse_config
 from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, planted_shift, planted_words_moved, tau_against_vader
-from irm.reward import planted_words, read_lexicon, vader_lexicon
+from irm.reward import planted_words, vader_lexicon
+from irm.reward_lexicon import read_lexicon
 from irm.words import heldout_words
 
 ROOT = Path(__file__).parents[1]

@@ -238,7 +238,8 @@ def test_build_reward_classifier_and_its_label_name(tmp_path):
 # reward.lexicon: the user's own lexicon file, read by every consumer through reference_lexicon
 
 
-from irm.reward import (probe_values, read_lexicon, reference_lexicon, planted_words,  # noqa: E402
+from irm.reward_lexicon import read_lexicon  # noqa: E402
+from irm.reward import (probe_values, reference_lexicon, planted_words,  # noqa: E402
                         vader_lexicon)
 
 
