@@ -136,6 +136,7 @@ def _fit(d, module, data, logger) -> None:
 def _diff_sae(d, base_dir: Path, tuned_dir: Path, seed: int, logger) -> dict:
     """The baseline: irm.sae's SAE (TopK, untied, centred input: the quickstart's SAE) on tuned - base; its held-out
     explained variance of the difference and L0."""
+    from irm.config import SAEConfig
     from irm.diff.data import PairedDataModule
     from irm.runtime import seed_all
     from irm.sae.model import empty_moments, merge_moments, moment_metrics, row_moments
@@ -144,8 +145,9 @@ def _diff_sae(d, base_dir: Path, tuned_dir: Path, seed: int, logger) -> dict:
     seed_all(seed)
     data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=d.batch_size, val_fraction=d.val_fraction,
                             seed=seed, difference=True)
-    module = SAEModule(expansions=[d.expansion], activation="topk", k=d.diff_sae_k, tied=False, center_input=True,
-                       learning_rate=d.learning_rate, dead_window=d.dead_window, aux_coefficient=d.aux_coefficient)
+    module = SAEModule(SAEConfig(expansions=[d.expansion], activation="topk", k=d.diff_sae_k, tied=False,
+                                 center_input=True, learning_rate=d.learning_rate, dead_window=d.dead_window,
+                                 aux_coefficient=d.aux_coefficient))
     _fit(d, module, data, logger)
     sae = next(iter(module.saes.values()))
     moments = empty_moments(sae.d_in)
