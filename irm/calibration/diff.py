@@ -106,9 +106,10 @@ def fit(base_dir: Path, tuned_dir: Path, *, steps: int, seed: int = 0, differenc
 
         module = SAEModule(SAEConfig(**hparams))
     else:
+        from irm.diff.config import DiffConfig
         from irm.diff.module import CrosscoderModule
 
-        module = CrosscoderModule(**hparams)
+        module = CrosscoderModule(DiffConfig(**hparams))
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)

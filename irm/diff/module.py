@@ -4,43 +4,36 @@ per-model reconstruction quality logged on the training batches and the held-out
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import lightning as L
 import torch
 
-from irm.diff.model import ACTIVATIONS, Crosscoder, crosscoder_auxk, crosscoder_loss
+from irm.diff.config import DiffConfig
+from irm.diff.model import Crosscoder, crosscoder_auxk, crosscoder_loss
 from irm.errors import UserError
-from irm.sae.model import empty_moments, merge_moments, moment_metrics, row_moments
+from irm.sae.model import NORMALIZE_ROWS, empty_moments, merge_moments, moment_metrics, normalisation, row_moments
 from irm.sae.module import FeatureActivity
 
 MODEL_NAMES = ("base", "tuned")  # in the order of the M axis (irm.diff.model.BASE, TUNED)
 
 
 class CrosscoderModule(L.LightningModule):
-    """`expansion` x width latents over two models' activations of width `d_in` (read from the datamodule's `width`
-    when not given).
+    """One crosscoder of `cfg.expansion` x width latents over two models' activations of width `d_in` (read from the
+    datamodule's `width` when not given), under the run config's `diff` section (irm.diff.config.DiffConfig: each
+    field's meaning is documented there; its ranges are checked by `DiffConfig.check` before any work).
 
-    activation: "batchtopk" (k latents per row on average over a batch) or "relu" (every code, with Anthropic's
-    penalty l1_coefficient * sum_j f_j sum_m ||d_j^m||); dead_window: optimizer steps without firing after which a
-    latent is dead (AuxK, weight aux_coefficient, revives dead BatchTopK latents); normalize: scale each model's
-    activations to mean norm sqrt(d_in), estimated on up to normalize_rows training rows."""
+    activation "batchtopk": k latents per row on average over a batch, AuxK (weight aux_coefficient) reviving
+    latents dead for dead_window steps; "relu": every code, with Anthropic's penalty l1_coefficient * sum_j f_j
+    sum_m ||d_j^m||. Each model's activations are scaled to mean norm sqrt(d_in), estimated on up to NORMALIZE_ROWS
+    training rows."""
 
-    def __init__(self, expansion: int = 2, activation: str = "batchtopk", k: Optional[int] = 32,
-                 l1_coefficient: float = 0.0, learning_rate: float = 1e-3, dead_window: int = 200,
-                 aux_coefficient: float = 1.0 / 32, normalize: bool = True, normalize_rows: int = 32768,
-                 d_in: Optional[int] = None):
+    def __init__(self, cfg: DiffConfig, d_in: Optional[int] = None):
         super().__init__()
-        if int(expansion) != expansion or expansion < 1:
-            raise UserError(f"expansion must be a whole number >= 1, not {expansion}")
-        if activation not in ACTIVATIONS:
-            raise UserError(f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}")
-        if activation == "batchtopk" and (k is None or int(k) < 1):
-            raise UserError(f"activation batchtopk needs k >= 1 (latents per row on average), not {k}")
-        if l1_coefficient < 0 or learning_rate <= 0 or dead_window < 1 or aux_coefficient < 0 or normalize_rows < 1:
-            raise UserError("l1_coefficient and aux_coefficient must be >= 0, learning_rate > 0, dead_window and "
-                            "normalize_rows >= 1")
+        self.cfg = cfg if isinstance(cfg, DiffConfig) else DiffConfig(**cfg)  # a dict: from a checkpoint
         self.save_hyperparameters()
+        self.hparams.cfg = dataclasses.asdict(self.cfg)  # checkpoints hold the section as a plain dict
         self.crosscoder: Optional[Crosscoder] = None
         self.activity: Optional[FeatureActivity] = None
         self._val_fired: Optional[torch.Tensor] = None
@@ -50,15 +43,15 @@ class CrosscoderModule(L.LightningModule):
 
     def _build(self, d_in: int) -> None:
         self.hparams.d_in = d_in  # recorded in checkpoints, so load_from_checkpoint rebuilds the same shapes
-        hp = self.hparams
-        d_hidden = int(hp.expansion) * d_in
-        k = min(int(hp.k), d_hidden) if hp.activation == "batchtopk" else None
-        self.crosscoder = Crosscoder(d_in, d_hidden, len(MODEL_NAMES), hp.activation, k)
+        cfg = self.cfg
+        d_hidden = int(cfg.expansion) * d_in
+        k = min(int(cfg.k), d_hidden) if cfg.activation == "batchtopk" else None
+        self.crosscoder = Crosscoder(d_in, d_hidden, len(MODEL_NAMES), cfg.activation, k)
         self.activity = FeatureActivity(d_hidden)
 
     @property
     def _l1(self) -> float:
-        return self.hparams.l1_coefficient if self.hparams.activation == "relu" else 0.0
+        return self.cfg.l1_coefficient if self.cfg.activation == "relu" else 0.0
 
     def setup(self, stage: str) -> None:
         width = getattr(self.trainer.datamodule, "width", None) if self.trainer.datamodule is not None else None
@@ -75,27 +68,18 @@ class CrosscoderModule(L.LightningModule):
 
     @torch.no_grad()
     def _initialise_from_data(self) -> None:
-        """Per model: the factor sqrt(d_in) / mean ||x^m|| over up to `normalize_rows` training rows (each
-        document's first token left out, an attention sink in many LMs, as for the SAE) and b_dec^m at the
-        normalised mean."""
-        cache = getattr(self.trainer.datamodule, "paired", None)
-        if cache is None:
-            if self.hparams.normalize:
-                raise UserError("normalize: true estimates the activations' scale from a PairedDataModule's caches; "
-                                "use one, or set normalize: false")
+        """Per model: the factor sqrt(d_in) / mean ||x^m|| over up to NORMALIZE_ROWS training rows (each document's
+        first token left out, as for the SAE: irm.sae.model.normalisation) and b_dec^m at the normalised mean."""
+        paired = getattr(self.trainer.datamodule, "paired", None)
+        if paired is None:
+            raise UserError("the crosscoder estimates each model's activation scale from a PairedDataModule's caches; "
+                            "train it with irm.diff.data.PairedDataModule")
+        found = normalisation(paired, min(int(self.trainer.datamodule.split), NORMALIZE_ROWS))
+        if found is None:
             return
-        stop = min(int(self.trainer.datamodule.split), self.hparams.normalize_rows)
-        if stop < 1:
-            return
-        rows = cache.read_range(0, stop, ("acts", "positions"))
-        later = rows["positions"] > 0
-        x_RMD = rows["acts"][later] if bool(later.any()) else rows["acts"]
-        x_RMD = x_RMD.double()
-        cc = self.crosscoder
-        scale_M = (cc.d_in ** 0.5 / x_RMD.norm(dim=-1).mean(dim=0).clamp_min(1e-12) if self.hparams.normalize
-                   else torch.ones(cc.n_models, dtype=torch.float64))
-        cc.input_scale.copy_(scale_M.float())
-        cc.b_dec.copy_((x_RMD.mean(dim=0) * scale_M[:, None]).float())
+        scale_M, mean_MD = found
+        self.crosscoder.input_scale.copy_(scale_M.float())
+        self.crosscoder.b_dec.copy_(mean_MD.float())
 
     def forward(self, x_BMD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstructions [B, M, D], codes [B, F]) of raw paired activations, by the inference rule."""
@@ -103,10 +87,10 @@ class CrosscoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Fused: each tensor updated in one pass (as the SAE module; CPU fused Adam needs float parameters, always here).
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=True)
+        return torch.optim.Adam(self.parameters(), lr=self.cfg.learning_rate, fused=True)
 
     def training_step(self, x_BMD: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        hp, cc = self.hparams, self.crosscoder
+        hp, cc = self.cfg, self.crosscoder
         x_n = cc.normalize(x_BMD)
         pre_BF = cc.pre_activations(x_n)
         codes_BF, smallest = cc.batch_codes(pre_BF)
@@ -131,7 +115,7 @@ class CrosscoderModule(L.LightningModule):
     @torch.no_grad()
     def _log_train(self, x_n, x_hat_n, codes_BF, sq_err, penalty) -> None:
         metrics = {"train/squared_error": sq_err.detach(), "train/penalty": penalty.detach(),
-                   "train/dead_fraction": self.activity.dead_fraction(self.hparams.dead_window)}
+                   "train/dead_fraction": self.activity.dead_fraction(self.cfg.dead_window)}
         for m, name in enumerate(MODEL_NAMES):
             stats = moment_metrics(row_moments(x_n[:, m], x_hat_n[:, m], codes_BF))
             metrics.update({f"train/{name}/{k}": v.float() for k, v in stats.items()})

@@ -69,9 +69,7 @@ def train_layer(d, base_dir: Path, tuned_dir: Path, seed: int, loggers: tuple, o
     seed_all(seed)
     data = PairedDataModule(str(base_dir), str(tuned_dir), batch_size=d.batch_size, val_fraction=d.val_fraction,
                             seed=seed)
-    module = CrosscoderModule(expansion=d.expansion, activation=d.activation, k=d.k, l1_coefficient=d.l1_coefficient,
-                              learning_rate=d.learning_rate, dead_window=d.dead_window,
-                              aux_coefficient=d.aux_coefficient)
+    module = CrosscoderModule(d)
     _fit(d, module, data, loggers[0])
     result = read_crosscoder(module.crosscoder, data.val_dataloader())
     cc = module.crosscoder

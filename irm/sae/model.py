@@ -110,6 +110,27 @@ class SparseAutoencoder(nn.Module):
                 f"center_input={self.center_input}")
 
 
+NORMALIZE_ROWS = 32768  # training rows read to estimate an input's normalisation
+
+
+def normalisation(cache, stop: int, normalize: bool = True) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, normalised mean) of the activations in rows [0, stop) of `cache` (anything with `read_range`; acts
+    [rows, ..., width]): scale = sqrt(width) / mean ||x|| per leading axis after the rows (1 when not `normalize`),
+    float64. Each document's first token is left out: in many LMs its activations are an attention sink hundreds of
+    times larger than any other token's (SmolLM2's last layers: mean norm 14460 vs 188), and would set the scale of
+    every other token (SAELens likewise leaves BOS tokens out). None when there is no row."""
+    if stop < 1:
+        return None
+    rows = cache.read_range(0, stop, ("acts", "positions"))
+    x = rows["acts"].double()
+    later = rows["positions"] > 0
+    typical = x[later] if bool(later.any()) else x
+    width = typical.shape[-1]
+    scale = (width ** 0.5 / typical.norm(dim=-1).mean(dim=0).clamp_min(1e-12) if normalize
+             else torch.ones(typical.shape[1:-1], dtype=torch.float64))
+    return scale, typical.mean(dim=0) * scale[..., None]
+
+
 def sae_loss(
     x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor, l1_coefficient: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

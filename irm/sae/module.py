@@ -15,8 +15,8 @@ from torch import nn
 
 from irm.config import SAEConfig
 from irm.errors import UserError
-from irm.sae.model import (SparseAutoencoder, auxk_loss, empty_moments, merge_moments, moment_metrics,
-                           row_moments, sae_loss)
+from irm.sae.model import (NORMALIZE_ROWS, SparseAutoencoder, auxk_loss, empty_moments, merge_moments,
+                           moment_metrics, normalisation, row_moments, sae_loss)
 
 # ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
 # the state its step count and optimizer state describe, so resuming from it reproduces an uninterrupted run.
@@ -50,10 +50,6 @@ class FeatureActivity(nn.Module):
     @torch.no_grad()
     def dead_fraction(self, window: int, reduce=None) -> torch.Tensor:
         return self.dead(window, reduce).float().mean()
-
-
-# Rows of the training cache the normalisation factor is estimated from: enough for a stable mean norm.
-NORMALIZE_ROWS = 32768
 
 
 class _ReluSAEStep(torch.autograd.Function):
@@ -207,30 +203,22 @@ class SAEModule(L.LightningModule):
     @torch.no_grad()
     def _initialise_from_data(self) -> None:
         """Normalisation factor sqrt(d_in) / mean ||x|| over the tokens after each document's first among up to
-        `normalize_rows` rows of the training part of the cache (every rank reads the same rows: the same factor
-        everywhere), and b_dec at their normalised mean."""
+        NORMALIZE_ROWS rows of the training part of the cache (every rank reads the same rows: the same factor
+        everywhere), and b_dec at their normalised mean (irm.sae.model.normalisation)."""
         cache = getattr(self.trainer.datamodule, "cache", None)
         if cache is None:
             if self.cfg.normalize:
                 raise UserError("normalize: true estimates the activations' scale from an ActivationDataModule's "
                                 "cache; use one, or set normalize: false")
             return
-        stop = min(int(getattr(self.trainer.datamodule, "split", cache.rows)), NORMALIZE_ROWS)
-        if stop < 1:
+        found = normalisation(cache, min(int(getattr(self.trainer.datamodule, "split", cache.rows)), NORMALIZE_ROWS),
+                              self.cfg.normalize)
+        if found is None:
             return
-        rows = cache.read_range(0, stop, ("acts", "positions"))
-        x_RD = rows["acts"].double()
-        # Each document's first token is left out of the estimate: in many LMs its activations are an attention
-        # sink hundreds of times larger than any other token's (SmolLM2's last layers: mean norm 14460 vs 188), and
-        # would set the scale of every other token (SAELens likewise leaves BOS tokens out).
-        later = rows["positions"] > 0
-        typical_RD = x_RD[later] if bool(later.any()) else x_RD
-        scale = float(self.d_in) ** 0.5 / float(typical_RD.norm(dim=1).mean().clamp_min(1e-12)) \
-            if self.cfg.normalize else 1.0
-        mean_D = (typical_RD.mean(dim=0) * scale).float()
+        scale, mean_D = found
         for sae in self.saes.values():
-            sae.input_scale.fill_(scale)
-            sae.b_dec.copy_(mean_D)
+            sae.input_scale.fill_(float(scale))
+            sae.b_dec.copy_(mean_D.float())
 
     @torch.no_grad()
     def _record_init_mmcs(self) -> None:
