@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from irm.sae.model import auxk_loss
+from irm.sae.model import auxk_loss, check_dictionary
 
 ACTIVATIONS = ("batchtopk", "relu")
 BASE, TUNED = 0, 1  # model index along the M axis: activations [rows, 2, width] hold base then tuned
@@ -41,13 +41,8 @@ class Crosscoder(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, n_models: int = 2, activation: str = "batchtopk",
                  k: Optional[int] = None):
         super().__init__()
-        if d_in < 1 or d_hidden < 1 or n_models < 1:
-            raise ValueError(f"crosscoder sizes must be positive, got d_in={d_in}, d_hidden={d_hidden}, "
-                             f"n_models={n_models}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if activation == "batchtopk" and (k is None or not 1 <= int(k) <= d_hidden):
-            raise ValueError(f"a batchtopk crosscoder needs 1 <= k <= d_hidden={d_hidden}, got k={k}")
+        check_dictionary("crosscoder", {"d_in": d_in, "d_hidden": d_hidden, "n_models": n_models}, activation,
+                         ACTIVATIONS, "batchtopk", k)
         self.d_in, self.d_hidden, self.n_models = int(d_in), int(d_hidden), int(n_models)
         self.activation, self.k = activation, (int(k) if activation == "batchtopk" else None)
         # Each (latent, model) decoder a random direction of norm 1 / M: every latent starts with the same summed norm

@@ -19,6 +19,18 @@ from torch import nn
 ACTIVATIONS = ("relu", "topk")
 
 
+def check_dictionary(what: str, sizes: dict[str, int], activation: str, activations: tuple, k_rule: str,
+                     k: Optional[int]) -> None:
+    """ValueError unless every size is positive, `activation` is one of `activations`, and under the k-sparse rule
+    `k_rule` 1 <= k <= sizes["d_hidden"] (an SAE's or a crosscoder's shape, checked where it is built)."""
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError(f"{what} sizes must be positive, got " + ", ".join(f"{n}={v}" for n, v in sizes.items()))
+    if activation not in activations:
+        raise ValueError(f"activation must be one of {activations}, got {activation!r}")
+    if activation == k_rule and (k is None or not 1 <= int(k) <= sizes["d_hidden"]):
+        raise ValueError(f"a {k_rule} {what} needs 1 <= k <= d_hidden={sizes['d_hidden']}, got k={k}")
+
+
 class SparseAutoencoder(nn.Module):
     """One dictionary of `d_hidden` features over `d_in`-wide activations.
 
@@ -30,12 +42,7 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, tied: bool = True, activation: str = "relu",
                  k: Optional[int] = None, center_input: bool = False):
         super().__init__()
-        if d_in < 1 or d_hidden < 1:
-            raise ValueError(f"SAE sizes must be positive, got d_in={d_in}, d_hidden={d_hidden}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if activation == "topk" and (k is None or not 1 <= int(k) <= d_hidden):
-            raise ValueError(f"a topk SAE needs 1 <= k <= d_hidden={d_hidden}, got k={k}")
+        check_dictionary("SAE", {"d_in": d_in, "d_hidden": d_hidden}, activation, ACTIVATIONS, "topk", k)
         self.d_in, self.d_hidden, self.tied = int(d_in), int(d_hidden), bool(tied)
         self.activation, self.k = activation, (int(k) if activation == "topk" else None)
         # sparsify's / SAELens's apply_b_dec_to_input: the encoder reads x - b_dec. The same family of maps as
