@@ -34,7 +34,18 @@ def step_scalars(logs: dict) -> dict[str, float]:
     return {ours: float(logs[theirs]) for theirs, ours in SCALARS.items() if theirs in logs}
 
 
-class ScalarLogger(TrainerCallback):
+class ClosingCallback(TrainerCallback):
+    """A callback holding something to close (a writer, a bar): closed when training ends, and by `close()` when it
+    stops early (the rlhf stage closes its callbacks in a `finally`)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ScalarLogger(ClosingCallback):
     """TensorBoard scalars under `log_dir` and the same numbers as JSON lines in `jsonl`, one record per PPO step,
     and to the run's other loggers (`cfg.loggers`: csv, mlflow, wandb through irm.loggers; TRL's own `report_to`
     integrations read environment variables, a second configuration, so PPO logs through the same logger objects as
@@ -76,9 +87,6 @@ class ScalarLogger(TrainerCallback):
             log_metrics(self.loggers, scalars, state.global_step)
         append_jsonl(self.jsonl, {"step": state.global_step, **scalars})
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -90,7 +98,7 @@ class ScalarLogger(TrainerCallback):
             self.loggers = []
 
 
-class ProgressBar(TrainerCallback):
+class ProgressBar(ClosingCallback):
     """One bar over PPO steps showing the batch's mean reward and its KL to the reference model."""
 
     def __init__(self):
@@ -107,9 +115,6 @@ class ProgressBar(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
 
     def close(self) -> None:
         if self.bar is not None:
