@@ -52,7 +52,7 @@ def child(kind: str, size: int, work: Path) -> dict:
 
     if kind == "corpus":
         from irm.activations import ShardWriter
-        from irm.activations.cache import cache_activations
+        from irm.activations.collect import cache_activations
         from irm.cli import parse_config
         from irm.data import load_texts
         from irm.models import load_model, n_layers, site_width

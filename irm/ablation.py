@@ -234,7 +234,7 @@ class _Setup:
 def _setup(cfg: RunConfig, device) -> _Setup:
     """Load the tuned model, the SAEs, the prompts and the reward on `device`; UserError for inconsistent inputs."""
     from irm.data import load_texts, prefixes
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.explain import related_features
     from irm.models import load_tuned, n_layers, site_width
     from irm.reward import build_reward

@@ -117,7 +117,7 @@ def resampled_deltas(features: dict, true: np.ndarray, masks: dict, scales: dict
     progress bar (the stage's; the calibration worlds call this thousands of times without one)."""
     from scipy.stats import kendalltau
 
-    from irm.regression import RidgeRefits
+    from irm.ridge import RidgeRefits
     from irm.runtime import one_blas_thread, progress
 
     true = np.asarray(true, dtype=np.float64)
@@ -206,8 +206,8 @@ def word_moves(words: Sequence[str], true, tuned, base, heldout: set[str], z: fl
 
 def penalty(features: dict, cc) -> tuple[dict, float]:
     """Every chain's RidgePath (rows grouped by triple for leave-one-out) and the one penalty multiple all chains
-    use: the grid value with the least summed leave-one-triple-out error (`irm.regression.shared_multiple`)."""
-    from irm.regression import RidgePath, shared_multiple
+    use: the grid value with the least summed leave-one-triple-out error (`irm.ridge.shared_multiple`)."""
+    from irm.ridge import RidgePath, shared_multiple
 
     keys = ("x", "x_raw") if cc.raw else ("x",)
     paths = {(label, key): RidgePath(f[key], cc.ridge_alphas, f["triple"])

@@ -238,7 +238,7 @@ class TriplesConfig:
     substitution: Literal["lexicon", "llm"] = "lexicon"
     multi_token: Literal["skip", "pool"] = "skip"
     heldout_fraction: float = 0.2  # lexicon lemma families never used in triples: measure generalisation
-    # Words whose lemma families are always held out, on top of the seeded heldout_fraction (irm.triples.heldout_words):
+    # Words whose lemma families are always held out, on top of the seeded heldout_fraction (irm.words.heldout_words):
     # e.g. a planted reward's words (configs/planted.yaml), so no training triple pins their value
     heldout_words: list[str] = field(default_factory=list)
     max_length: int = 64
@@ -373,7 +373,7 @@ def fingerprint_data(section: str, data: dict) -> dict:
     reruns nothing); `reward.lexicon` and `model.tuned` left out when unset, so run directories made before these
     fields existed keep their fingerprints."""
     if section == "reward" and data.get("lexicon") is not None:
-        from irm.reward import lexicon_checksum
+        from irm.reward_lexicon import lexicon_checksum
 
         return {**data, "lexicon": {"sha256": lexicon_checksum(RewardConfig(**data))}}
     optional = {"reward": "lexicon", "model": "tuned"}.get(section)
@@ -456,7 +456,7 @@ def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
     ch.need(r.lexicon is None or r.kind == "lexicon", "reward.lexicon", r.lexicon,
             "is read only by reward.kind lexicon; remove it or set reward.kind: lexicon")
     if r.lexicon is not None and r.kind == "lexicon":
-        from irm.reward import lexicon_problem
+        from irm.reward_lexicon import lexicon_problem
 
         problem = lexicon_problem(cfg.reward, cfg.triples, cfg.seed)
         if problem:

@@ -19,7 +19,7 @@ directory `control/base-run` whose policy is M_base) and reads the base chain th
 config, whose PPO at lr 1e-2 on a random model inflates the chosen layers' activations 160x, the tuned SAEs'
 NMSE is 0.22 on M_RLHF and 26,000 on M_base: there the premise fails and `base` is the control to use.
 
-R is refitted here for both models by the same closed-form ridge (irm.regression.RidgePath), at one penalty for every
+R is refitted here for both models by the same closed-form ridge (irm.ridge.RidgePath), at one penalty for every
 chain (chosen by exact leave-one-triple-out error summed over the chains), not by the regression stage's Adam
 loop, so that both chains use one estimator and so that
 the nulls can refit it hundreds of times in seconds:
@@ -173,7 +173,7 @@ def base_run_saes(cfg: RunConfig, model, tokenizer, layers: list[int], expansion
 
 def run(cfg: RunConfig) -> dict:
     from irm.sae.splice import load_saes
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.readers import read_triples
     from irm.readout import heldout_and_seen, lexicon_words, unseen_contexts, word_items
     from irm.models import load_model, load_tuned, n_layers

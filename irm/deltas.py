@@ -15,7 +15,6 @@ from irm.activations.store import MANIFEST, intact, save_shard, shard_name, writ
 from irm.artifacts import RunDir, append_jsonl, read_json, read_jsonl
 from irm.config import RunConfig
 from irm.delta_rows import RAW, triple_rows
-from irm.delta_rows import open_deltas, read_manifest, rows_of, sentiment_deltas  # noqa: F401  TRANSITIONAL (h9): until irm/regression.py, tests/test_regression.py import irm.delta_rows
 from irm.stages import relpath
 from irm.sae.splice import load_saes, n_codes
 
@@ -70,7 +69,7 @@ def _deltas(ranks, cfg: RunConfig, shard_triples: int) -> Optional[dict]:
     """One process's part of the stage: the chunks of `shard_triples` triples not done yet are split among the
     processes, each writes its shards (named by chunk, so the manifest lists them in triple order whoever wrote
     them) and records each in its own journal; rank 0 writes the manifest once all have finished."""
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.models import load_tuned, n_layers
     from irm.parallel import split_list
     from irm.runtime import start

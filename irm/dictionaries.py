@@ -36,7 +36,6 @@ from pathlib import Path
 from irm.errors import UserError
 from irm.loggers import tensorboard_dir
 from irm.sae.comparison import HUNGARIAN_DRAWS, Moments, activation_moments, chance_levels, compare_layer
-from irm.sae.comparison import chance_mmcs  # noqa: F401  TRANSITIONAL (h9): until tests/test_sae.py imports irm.sae.comparison
 from irm.sae.mmcs import METHODS, mmcs
 from irm.stages import relpath
 
@@ -131,14 +130,15 @@ SEED_PAIR_DIR = "dictionaries/seed-pair"  # the second small SAEs (dictionaries.
 def seed_pair_mmcs(cfg, root: Path, layer: int, small_e: int, small, device=None) -> dict:
     """MMCS of the layer's small dictionary with a second SAE of the same width trained on the same cache with
     another seed (cfg.seed + 1): what two dictionaries score when they learned the same features, the reference at
-    the other end from chance. Trained by the sae stage's own `train_layer` in `<run_dir>/SEED_PAIR_DIR` (the
-    layer's cache linked in, checkpoints resumed like the sae stage's): one more SAE fit per layer."""
+    the other end from chance. Trained as the sae stage trains (`irm.sae.train.train_layer`) in
+    `<run_dir>/SEED_PAIR_DIR` (the layer's cache linked in, checkpoints resumed like the sae stage's): one more SAE
+    fit per layer."""
     import dataclasses
     import os
 
     from irm.activations.store import cache_layer_dir
     from irm.artifacts import fingerprint
-    from irm.sae.stage import train_layer
+    from irm.sae.train import train_layer
     from irm.stages import stage_fingerprint
 
     twin_root = Path(root) / SEED_PAIR_DIR
@@ -173,7 +173,7 @@ def run(cfg) -> None:
     """Compare the small and large dictionary of every chosen layer; write `<run_dir>/mmcs.json` and log the
     scores to TensorBoard under `<log_dir>/<run name>/dictionaries`."""
     from irm.artifacts import RunDir, write_json
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.runtime import progress, start
     from irm.stages import mark_done
 

@@ -22,7 +22,6 @@ from irm.errors import UserError
 from irm.readout import (SUBSETS, floats, heldout_and_seen, kendall, lexicon_words, per_word, rescale,
                          subset_masks, unseen_contexts, word_items)
 from irm.stages import artifact, relpath
-from irm.readout import apply_mapping, raw_threshold  # noqa: F401  TRANSITIONAL (h9): until tests/test_lexicon.py imports irm.readout
 
 LEXICON_CSV = relpath("lexicon")
 KENDALL_JSON = relpath("kendall")
@@ -111,7 +110,7 @@ def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
     from irm.models import load_tuned
     from irm.parallel import split_list
     from irm.sae.splice import codes_at  # every context run once, the words against its key/value cache
-    from irm.regression import load_irm
+    from irm.readers import load_irm
     from irm.reward import is_vader, reference_lexicon, reference_name
     from irm.runtime import start
     from irm.stages import mark_done

@@ -18,7 +18,6 @@ from typing import Callable, Collection, Mapping, Optional, Sequence
 from irm.config import RewardConfig
 from irm.errors import UserError
 from irm.reward_lexicon import read_lexicon
-from irm.reward_lexicon import lexicon_checksum, lexicon_problem  # noqa: F401  TRANSITIONAL (h9): until irm/config.py, irm/explain/backends.py import irm.reward_lexicon
 
 Reward = Callable[[list[str]], list[float]]
 

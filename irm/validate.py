@@ -108,7 +108,7 @@ def run(cfg: RunConfig) -> dict:
     from irm.explain import explained_features
     from irm.readout import raw_threshold
     from irm.models import load_tuned
-    from irm.regression import load_irm
+    from irm.readers import load_irm
     from irm.runtime import start
     from irm.stages import mark_done
 

@@ -247,7 +247,7 @@ def tiny_gpt2():
 
 
 def test_cached_rows_equal_each_document_run_alone(tmp_path, tiny_gpt2):
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.data import load_texts
     from irm.config import CorpusConfig
     from irm.models import capture
@@ -279,7 +279,7 @@ def test_cached_rows_equal_each_document_run_alone(tmp_path, tiny_gpt2):
 
 
 def test_non_finite_model_activations_are_reported_not_cached(tmp_path, tiny_gpt2):
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.models import splice
 
     model, tokenizer = tiny_gpt2
@@ -297,7 +297,7 @@ def test_non_finite_model_activations_are_reported_not_cached(tmp_path, tiny_gpt
 
 
 def test_float16_storage_refuses_values_it_cannot_hold(tmp_path, tiny_gpt2):
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.models import splice
 
     model, tokenizer = tiny_gpt2

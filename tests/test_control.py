@@ -15,7 +15,7 @@ from scipy.stats import kendalltau
 from irm.config import ControlConfig
 from irm.chains import analyse, flipped_signs, resampled_deltas, word_moves
 from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, build_findings, differs_from_base, verdict_from_interval
-from irm.regression import RidgePath
+from irm.ridge import RidgePath
 
 N_WORDS, N_FEATURES, N_TRIPLES = 300, 24, 200
 CC = ControlConfig(permutations=200, bootstrap=400)
@@ -193,7 +193,7 @@ def test_ridge_path_equals_numpys_solve_and_chooses_the_loo_best_penalty():
 
 
 def test_ridge_leave_one_triple_out_equals_refits_without_each_triple_and_one_penalty_serves_both_chains():
-    from irm.regression import shared_multiple
+    from irm.ridge import shared_multiple
 
     rng = np.random.default_rng(1)
     x, groups = rng.normal(size=(40, 8)), np.repeat(np.arange(20), 2)

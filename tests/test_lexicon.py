@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from irm.lexicon import (apply_mapping, kendall, lexicon_csv, per_word, raw_threshold, rescale, sign_agreement,
-                         summarise)
+from irm.lexicon import lexicon_csv, sign_agreement, summarise
+from irm.readout import apply_mapping, kendall, per_word, raw_threshold, rescale
 from irm.config import RegressionConfig
 from irm.regression import DeltaDataModule, IRMRegression
 
@@ -218,7 +218,7 @@ def test_per_word_of_feature_rows_is_the_mean_of_each_words_rows():
 
 def test_words_are_read_only_in_the_unseen_contexts_the_triples_stage_kept():
     from irm.errors import UserError
-    from irm.lexicon import unseen_contexts, word_items
+    from irm.readout import unseen_contexts, word_items
     from irm.models import tiny_tokenizer
 
     phrases = ["the film was ", "the plot is ", "the actors were ", "i think it is ", "the ending was ",
@@ -241,7 +241,7 @@ def test_words_are_read_only_in_the_unseen_contexts_the_triples_stage_kept():
 def test_only_single_token_lexicon_words_are_read():
     """By hand, with the tiny word-level tokenizer: good, bad, great are one token each; ':)' is two (':' and ')')
     and is skipped; 'well done' holds a space and is not a word. A sample of 2 is drawn from the three."""
-    from irm.lexicon import lexicon_words
+    from irm.readout import lexicon_words
     from irm.models import tiny_tokenizer
 
     lexicon = {"good": 1.9, "bad": -2.5, ":)": 2.0, "great": 3.1, "well done": 1.0}
@@ -257,7 +257,7 @@ def test_a_word_sample_keeps_the_planted_words_up_to_half_and_is_unchanged_for_v
     a VADER lexicon draws the same seeded sample as a plain random.sample of its single-token words."""
     import random
 
-    from irm.lexicon import lexicon_words
+    from irm.readout import lexicon_words
     from irm.models import tiny_tokenizer
     from irm.reward import vader_lexicon
 
@@ -277,7 +277,7 @@ def test_a_word_that_is_not_one_token_in_a_context_is_not_read_there():
     """By hand, with the tiny word-level tokenizer: ':)' is two tokens after any context, so it is never read;
     'great' after 'it is ' is one token at position 2 (ids of 'it', 'is', 'great'); after 'it is' without the space it
     merges into one unknown token that covers the context's last characters too, still one token."""
-    from irm.lexicon import word_items
+    from irm.readout import word_items
     from irm.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -302,9 +302,10 @@ def lexicon_run(cfg, contexts):
 
     from irm.artifacts import write_json
     from irm.models import load_model, site_width
-    from irm.regression import EXPORT, REGRESSION_DIR
+    from irm.readers import IRM_EXPORT
+    from irm.regression import REGRESSION_DIR
     from irm.sae import SparseAutoencoder, sae_dir, save_sae
-    from irm.triples import TRIPLES_JSON
+    from irm.stages import artifact
 
     root = Path(cfg.run_dir)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
@@ -320,10 +321,10 @@ def lexicon_run(cfg, contexts):
     weight = torch.randn(len(LAYERS) * width, generator=torch.Generator().manual_seed(1))
     (root / REGRESSION_DIR).mkdir(parents=True)
     save_file({"weight": weight, "bias": torch.tensor([BIAS]), "layers": torch.tensor(LAYERS)},
-              str(root / REGRESSION_DIR / EXPORT))
-    write_json(root / TRIPLES_JSON, {"heldout": {"positive": ["good", "great"], "negative": ["bad"]},
-                                     "used": {"positive": ["love"], "negative": ["hate"]},
-                                     "contexts": {"texts": contexts}})
+              str(root / REGRESSION_DIR / IRM_EXPORT))
+    write_json(artifact(root, "triples_summary"), {"heldout": {"positive": ["good", "great"], "negative": ["bad"]},
+                                                   "used": {"positive": ["love"], "negative": ["hate"]},
+                                                   "contexts": {"texts": contexts}})
     return weight.double().numpy()
 
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from irm.artifacts import write_json
-from irm.deltas import MANIFEST, rows_of, sentiment_deltas, write_shard
+from irm.delta_rows import rows_of, sentiment_deltas
+from irm.deltas import MANIFEST, write_shard
 from irm.errors import UserError
 from irm.config import RegressionConfig
-from irm.regression import DeltaDataModule, IRMRegression, load_irm
+from irm.readers import load_irm
+from irm.regression import DeltaDataModule, IRMRegression
 
 torch.set_num_threads(1)
 
@@ -190,7 +192,7 @@ def n_train_batches(deltas_dir):
 
 @pytest.mark.parametrize("n_features", [5, 60])  # primal (features < rows) and dual (rows < features)
 def test_ridge_refits_on_a_bootstrap_draw_equal_numpys_fit_on_the_drawn_rows(n_features):
-    from irm.regression import RidgeRefits
+    from irm.ridge import RidgeRefits
 
     rng = np.random.default_rng(n_features)
     x, y, points = rng.normal(size=(30, n_features)), rng.normal(size=30), rng.normal(size=(7, n_features))

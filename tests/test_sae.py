@@ -212,7 +212,7 @@ def test_auxk_loss_reaches_only_dead_features_and_matches_numpy():
 @pytest.mark.parametrize("settings", [dict(l1_coefficient=3e-2), dict(activation="topk", k=4)],
                          ids=["relu-l1", "topk"])
 def test_fit_recovers_planted_directions_in_both_dictionaries(tmp_path, settings):
-    from irm.dictionaries import chance_mmcs
+    from irm.sae.comparison import chance_mmcs
 
     layer_dir = tmp_path / "run" / "cache" / "layer-03"
     truth = planted_cache(layer_dir, scale=40.0)  # raw activations far from unit scale: normalisation must cope

@@ -120,7 +120,7 @@ def test_two_rank_fit_equals_single_process_fit_with_global_metrics(tmp_path):
 @pytest.mark.slow
 def test_stage_under_ddp_is_recorded_once_with_global_metrics(tmp_path):
     from irm.cli import parse_config
-    from irm.regression import load_irm
+    from irm.readers import load_irm
     from irm.stages import is_done
 
     x, y, triple = linear_data(n=300, f=16, noise=0.01)

@@ -16,6 +16,11 @@ from irm.config import ExplainConfig, RunConfig, TriplesConfig
 # RunConfig fields that say where and how a run executes, not what it computes: never fingerprinted.
 RUNTIME_FIELDS = {"run_dir", "device", "devices", "threads", "log_dir", "loggers"}
 SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - RUNTIME_FIELDS
+# Sections a stage declares that its module no longer reads, kept so its fingerprint, and every finished run
+# directory's record of it, stays as it was: divergence read cache.layers only in chosen_layers, which moved to
+# irm.layers (issue 26's layering); dropping the section would redo divergence and, by its new completion time, every
+# later stage of every existing run.
+FINGERPRINT_ONLY = {"divergence": {"cache"}}
 
 
 def sections_read(module: str) -> set[str]:
@@ -41,7 +46,7 @@ def sections_read(module: str) -> set[str]:
 @pytest.mark.parametrize("st", stages.STAGES, ids=lambda s: s.name)
 def test_declared_sections_are_exactly_those_the_stage_code_reads(st):
     declared = set(st.sections) | {sec for sec, _ in st.when}
-    assert sections_read(st.module) == declared
+    assert sections_read(st.module) | FINGERPRINT_ONLY.get(st.name, set()) == declared
 
 
 def test_cli_and_pipeline_list_the_declared_stages_in_order():

@@ -190,7 +190,7 @@ def independent_selection(cfg, root):
     features [position, layer-major feature]), computed one unpadded text at a time, without the stage's code."""
     from irm.data import load_texts
     from irm.models import capture, load_pretrained, splice
-    from irm.regression import load_irm
+    from irm.readers import load_irm
     from irm.sae import load_sae, sae_dir
 
     model, tokenizer = load_pretrained(root / "rlhf" / "policy")
@@ -222,7 +222,7 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
 
     from irm import deltas as deltas_stage
     from irm.artifacts import RunDir
-    from irm.regression import load_irm
+    from irm.readers import load_irm
 
     monkeypatch.setattr(deltas_stage, "SHARD_TRIPLES", 16)  # 40 triples -> shards of 16, 16, 8
     build_upstream(tiny_cfg)

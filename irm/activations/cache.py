@@ -26,7 +26,7 @@ def _cache_worker(ranks: Ranks, cfg) -> None:
     """One process's part of `run`: its share of the documents, and on rank 0 the manifests and the record."""
     from irm.artifacts import atomic_dir
     from irm.data import corpus_fingerprint, load_texts
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.models import load_tuned, n_layers, site_width
     from irm.runtime import start
     from irm.stages import artifact, mark_done

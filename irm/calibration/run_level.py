@@ -46,7 +46,7 @@ def reward_world(effect: float, noise: str):
 
 def layer_world(effect: float, factor: str):
     def draw(rng: np.random.Generator, sizes: Sizes):
-        from irm.divergence import rank_layers
+        from irm.layers import rank_layers
         from irm.findings import layer_row
 
         n, k = _size(sizes, "layers"), _size(sizes, "top_k")

@@ -27,7 +27,7 @@ def base_cache(cfg, model, tokenizer, layers: list[int], root: Path) -> dict[int
     """Write the base model's activations of `layers` to `root/layer-NN`, over the documents of the tuned cache
     (its manifest's split, count, site and max_length; the corpus must be the one it was made from)."""
     from irm.activations import ActivationCache, ShardWriter, cache_layer_dir
-    from irm.activations.cache import cache_activations
+    from irm.activations.collect import cache_activations
     from irm.artifacts import atomic_dir
     from irm.data import corpus_fingerprint, load_texts
 
@@ -215,7 +215,7 @@ def run(cfg) -> None:
     from irm.activations import cache_layer_dir
     from irm.artifacts import write_json
     from irm.diff.enrichment import PERMUTATIONS, enrichment_test, lean_test, marked_words
-    from irm.divergence import chosen_layers
+    from irm.layers import chosen_layers
     from irm.loggers import stage_loggers
     from irm.models import load_model, n_layers
     from irm.runtime import start

@@ -178,7 +178,8 @@ class OfflineBackend:
 
     def __init__(self, reward_cfg=None):
         from irm.config import RewardConfig
-        from irm.reward import is_vader, lexicon_checksum, reference_lexicon
+        from irm.reward import is_vader, reference_lexicon
+        from irm.reward_lexicon import lexicon_checksum
 
         reward_cfg = reward_cfg or RewardConfig()
         self.lexicon = frozenset(reference_lexicon(reward_cfg))
