@@ -167,18 +167,24 @@ def _one_line(msg: str) -> str:
 
 
 def run_stage(stage: str, argv: list[str]) -> None:
-    """Start-up shared by every stage subcommand: parse, validate every section, threads, the run-directory lock,
-    then the "already done?" check: a stage whose outputs and whose upstream stages' outputs are all intact and made
+    """Start-up shared by every stage subcommand: parse, validate every section (and a given tuned model against its
+    base, which needs irm.models: config imports nothing above it), threads, the run-directory lock, then the
+    "already done?" check: a stage whose outputs and whose upstream stages' outputs are all intact and made
     from this config is a no-op (its completion stamp, which downstream fingerprints hash, is kept) unless `--force`
     is given. A forced run that fails leaves the stage's previous completion record in place: nothing is lost."""
     from irm.artifacts import RunDir
     from irm.runtime import set_threads
-    from irm.config import validate
+    from irm.config import refuse, validate
     from irm.rundir_lock import hold_run_dir
     from irm.stages import ORDER, open_run_dir, up_to_date
 
     cfg = parse_config(stage, argv)
     validate(cfg, ORDER if stage == "pipeline" else [stage])  # every section, before anything runs or is written
+    if cfg.model.tuned is not None:  # a given tuned model against model.name: their configs and tokenizers
+        from irm.models import pair_problem
+
+        problem = pair_problem(cfg.model, cfg.seed)
+        refuse([problem] if problem else [])
     set_threads(cfg.threads)
     with hold_run_dir(cfg.run_dir, [stage, *argv]):  # one run at a time on a run directory
         open_run_dir(cfg)

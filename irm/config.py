@@ -437,12 +437,6 @@ def _check_run_and_model(ch: "_Checks", cfg: RunConfig) -> None:
     ch.need(m.tiny_d_model >= 4 and m.tiny_d_model % 4 == 0, "model.tiny_d_model", m.tiny_d_model,
             "must be a positive multiple of 4 (the tiny models' attention heads)")
     ch.at_least(cfg.corpus, "n_documents", 1)
-    if m.tuned is not None:
-        from irm.models import pair_problem
-
-        problem = pair_problem(m, cfg.seed)
-        if problem:
-            ch.out.append(problem)
 
 
 def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:

@@ -501,8 +501,8 @@ def _config_and_vocab(name: str, model_cfg: "ModelConfig", seed: int, revision: 
 
 def pair_problem(model_cfg: "ModelConfig", seed: int = 0) -> Optional[str]:
     """Why `model_cfg.tuned` cannot be the tuned descendant of `model_cfg.name` (another architecture, layer count,
-    hidden size or tokenizer), in one line with the fix; None when the pair matches. irm.config.validate asks before
-    any stage runs; only the configs and tokenizers are read."""
+    hidden size or tokenizer), in one line with the fix; None when the pair matches. The CLI's start-up
+    (irm.cli.run_stage) asks before any stage runs; only the configs and tokenizers are read."""
     try:
         base, base_vocab = _config_and_vocab(model_cfg.name, model_cfg, seed, model_cfg.revision)
         tuned, tuned_vocab = _config_and_vocab(model_cfg.tuned, model_cfg, seed, None)

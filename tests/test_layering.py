@@ -15,14 +15,6 @@ from irm.stages import STAGES
 
 IRM = Path(__file__).resolve().parent.parent / "irm"
 
-# Imports that still break the layers, each with why it is left. The list only shrinks: an entry whose import is
-# gone fails too, so it is removed with the move that fixes it.
-ALLOWED: dict[tuple[str, str], str] = {
-    # The one cycle left, config -> models -> stages -> config: validate's check of a given tuned model (model.tuned)
-    # reads its configs and tokenizers through irm.models.
-    ("irm.config", "irm.models"): "pair_problem: validate runs it before any stage; it needs the model loaders",
-}
-
 
 def module_files(root: Path = IRM) -> dict[str, Path]:
     """{dotted module name: its file} for every module under `root` (irm/)."""
@@ -98,19 +90,13 @@ def violations(g: nx.DiGraph, stages: dict[str, str]) -> list[str]:
 
 
 def test_no_stage_imports_another_stage_and_no_library_imports_a_stage():
-    g = graph()
-    stale = [edge for edge in ALLOWED if not g.has_edge(*edge)]
-    assert not stale, f"ALLOWED lists imports that are gone: {stale}; remove them from the list"
-    g.remove_edges_from(ALLOWED)
-    bad = violations(g, stage_of(module_files()))
+    bad = violations(graph(), stage_of(module_files()))
     assert not bad, "imports across the layers (a stage reads upstream results through a library below it):\n" + \
         "\n".join(bad)
 
 
 def test_the_import_graph_has_no_cycle():
-    g = graph()
-    g.remove_edges_from(ALLOWED)
-    cycles = [sorted(c) for c in nx.strongly_connected_components(g) if len(c) > 1]
+    cycles = [sorted(c) for c in nx.strongly_connected_components(graph()) if len(c) > 1]
     assert not cycles, "import cycles (each: the modules that import each other in a ring):\n" + \
         "\n".join(", ".join(c) for c in cycles)
 
