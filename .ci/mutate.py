@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "irm/reward.py": ["tests/test_reward.py", "tests/test_classifier_reward.py"],
     "irm/dictionaries.py": ["tests/test_dictionaries.py"],
+    "irm/sae/comparison.py": ["tests/test_dictionaries.py"],  # the dictionaries stage's MMCS and chance levels
     "irm/divergence.py": ["tests/test_divergence.py"],
     "irm/lexicon.py": ["tests/test_lexicon.py"],
+    "irm/readout.py": ["tests/test_lexicon.py"],  # the lexicon stage's readout: per-word means, rescaling, Kendall tau
     # the SAE maths' unit tests, the fast file first (the Lightning fits in test_sae.py take minutes per mutant)
     "irm/sae/model.py": ["tests/test_sae_model.py", "tests/test_sae.py", "-k",
                          "not fit and not stage and not cli and not ddp and not pipeline and not resampling "
@@ -137,7 +139,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--modules", "--only", nargs="*", default=None, dest="modules",
-                    help="modules to mutate, e.g. irm/lexicon.py (default: all five)")
+                    help="modules to mutate, e.g. irm/lexicon.py (default: all of them)")
     ap.add_argument("--lines", nargs="*", type=int, default=None,
                     help="only the mutants on these lines (rerun a survivor against new tests)")
     ap.add_argument("--messages", action="store_true",
