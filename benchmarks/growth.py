@@ -1,6 +1,6 @@
 """Cost as the work grows (issue 17.5): each measurement in its own process, so its peak memory is its own.
 
-- corpus: the cache stage's loop (`irm.activations.cache.cache_activations`, the tiny config's model, site, layers,
+- corpus: the cache stage's loop (`irm.activations.collect.cache_activations`, the tiny config's model, site, layers,
   max_length and batch size) over 1k, 8k and 32k generated documents: seconds (should grow linearly) and the
   process's peak RSS (should stay flat: one batch and one shard in memory at a time).
 - sae: one SAE epoch (irm's SAEModule under a Lightning Trainer reading the cache through ActivationDataModule,

@@ -60,7 +60,7 @@ SAE_OWN = "each model's own SAEs at the same layers (M_base's trained on its act
 
 def tuned_rows(root: Path, n_triples: int) -> Optional[dict]:
     """The tuned model's rows as the deltas stage wrote them (the same model, SAEs, triples and reader as
-    `irm.deltas.triple_rows` would use: read once, not twice), or None when the deltas stage has not written them
+    `irm.delta_rows.triple_rows` would use: read once, not twice), or None when the deltas stage has not written them
     (not run, or shards from before they kept the raw activations): then they are read here."""
     from irm.artifacts import MANIFEST
     from irm.delta_rows import KEYS, RAW, open_deltas
