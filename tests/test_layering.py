@@ -1,8 +1,9 @@
 """The layering of irm/ (issue 26; DEVELOPING.md "Layers"): stages stand side by side above the libraries. A stage
 module never imports another stage's module, a library never imports a stage module, and the import graph has no
 cycle. Every import counts: module-level, inside functions, under TYPE_CHECKING; `from a.b import c` depends on the
-module a.b.c when there is one, else on a.b (a package's __init__ re-exporting its submodules is no cycle). A stage module is the one its `irm.stages.Stage` declares, or,
-when that is a package whose __init__ defines or re-exports `run` (report, rlhf), every module of the package."""
+module a.b.c when there is one, else on a.b (a package's __init__ re-exporting its submodules is no cycle). A stage
+module is the one its `irm.stages.Stage` declares, or, when that is a package whose __init__ defines or re-exports
+`run` (report, rlhf), every module of the package."""
 
 from __future__ import annotations
 
