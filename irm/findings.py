@@ -480,14 +480,17 @@ def lexicon_rows(c: dict) -> list:
     return rows
 
 
+def _from_control(root: Path, key: str, build: Callable[[dict], Any]) -> Any:
+    """`build(control.json)` when the control ran and wrote `key`, else None (no row: the control has not run)."""
+    c = _load(root, "control")
+    return build(c) if c and key in c else None
+
+
 @row_builder
 def lexicon_reconstructed(root: Path) -> Optional[list]:
     """The implicit reward reconstructs the lexicon: tau of the tuned model's R against R refit on sign-shuffled
     targets; and what the SAE adds over the raw activations."""
-    c = _load(root, "control")
-    if not c or "tuned" not in c:
-        return None
-    return lexicon_rows(c)
+    return _from_control(root, "tuned", lexicon_rows)
 
 
 def delta_tau_row(c: dict) -> Row:
@@ -518,10 +521,7 @@ def delta_tau_row(c: dict) -> Row:
 @row_builder
 def differs_from_base(root: Path) -> Optional[Row]:
     """RLHF moved the implicit reward toward the training reward: delta_tau = tau_tuned - tau_base."""
-    c = _load(root, "control")
-    if not c or "delta_tau" not in c:
-        return None
-    return delta_tau_row(c)
+    return _from_control(root, "delta_tau", delta_tau_row)
 
 
 def heldout_row(c: dict) -> Row:
@@ -540,10 +540,7 @@ def heldout_row(c: dict) -> Row:
 @row_builder
 def generalises(root: Path) -> Optional[Row]:
     """Held-out generalisation: tau on words of lemma families R never saw, in contexts no triple used."""
-    c = _load(root, "control")
-    if not c or "tuned" not in c:
-        return None
-    return heldout_row(c)
+    return _from_control(root, "tuned", heldout_row)
 
 
 def _sae_quality_text(saes: dict) -> str:
