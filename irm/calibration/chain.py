@@ -47,26 +47,29 @@ def _codes(enc: np.ndarray, a: np.ndarray) -> np.ndarray:
 def simulate(rng: np.random.Generator, sizes: Sizes, *, effect: float = 0.0, signal: float = 3.0,
              tuned_map: str = "same", spectrum: str = "isotropic", raw_view: str = "relu",
              view_noise: tuple[float, float] = (0.0, 0.0)):
-    """One world: (features {tuned, base} as irm.control.read_features gives them, words, true values, held-out
-    words, seen words). `effect`: the fraction of the way the tuned model's word values move from the base model's
-    to the lexicon's; `signal`: the size of the sentiment direction (0: the activations carry no sentiment);
-    `tuned_map`: "same" (one dictionary, same activations), "dictionary" (the tuned chain's own dictionary),
-    "shift" (a shift of the tuned activations orthogonal to sentiment), "linear" (a linear map that leaves the
-    sentiment direction alone); `spectrum`: "isotropic" or "1/k" identity vectors; `raw_view`: "relu" (codes =
-    the dictionary's ReLU codes of the raw activations), "linear" / "overcomplete" (codes and raw are two linear
-    views of the activations with independent noise of sizes `view_noise` = (codes, raw))."""
-    import torch
+    """One world: (features {tuned, base} as irm.chains' analysis reads them, words, true values, held-out words,
+    seen words). `effect`: the fraction of the way the tuned model's word values move from the base model's to the
+    lexicon's; `signal`: the size of the sentiment direction (0: the activations carry no sentiment); `tuned_map`:
+    "same" (one dictionary, same activations), "dictionary" (the tuned chain's own dictionary), "shift" (a shift of
+    the tuned activations orthogonal to sentiment), "linear" (a linear map that leaves the sentiment direction
+    alone); `spectrum`: "isotropic" or "1/k" identity vectors; `raw_view`: "relu" (codes = the dictionary's ReLU codes
+    of the raw activations), "linear" / "overcomplete" (codes and raw are two linear views of the activations with
+    independent noise of sizes `view_noise` = (codes, raw))."""
+    w = _draw_world(rng, sizes, effect, tuned_map, spectrum, raw_view)
+    features = {label: _model_features(rng, w, label, signal, tuned_map, view_noise) for label in ("tuned", "base")}
+    return features, w["words"], w["true"], w["heldout"], w["seen"]
 
-    from irm.delta_rows import rows_of
 
+def _draw_world(rng: np.random.Generator, sizes: Sizes, effect: float, tuned_map: str, spectrum: str,
+                raw_view: str) -> dict:
+    """Everything of one world but the models' activations: words, values, identity, context and noise vectors,
+    the triples, the dictionaries and the views (drawn in this order from `rng`)."""
     n_words, n_triples, n_contexts = _size(sizes, "words"), _size(sizes, "triples"), _size(sizes, "contexts")
     true = np.round(rng.uniform(0.5, 4.0, n_words) * rng.choice([-1.0, 1.0], n_words), 1)
     words = [f"w{i:05d}" for i in range(n_words)]
     heldout_idx = rng.permutation(n_words)[: max(3, n_words // 5)]
-    heldout = {words[i] for i in heldout_idx}
     seen_pool = np.setdiff1d(np.arange(n_words), heldout_idx)
     base_value = true + KNOWLEDGE_NOISE * rng.normal(size=n_words)
-    values = {"base": base_value, "tuned": base_value + effect * (true - base_value)}
     u = rng.normal(size=D_LATENT)
     u /= np.linalg.norm(u)
     scale = 1.0 / np.sqrt(np.arange(1, D_LATENT + 1)) * np.sqrt(D_LATENT / np.sum(1.0 / np.arange(1, D_LATENT + 1)))
@@ -76,71 +79,71 @@ def simulate(rng: np.random.Generator, sizes: Sizes, *, effect: float = 0.0, sig
     def noise(n: int, sd: float) -> np.ndarray:
         return sd * rng.normal(size=(n, D_LATENT)) @ spread
 
-    identity = noise(n_words, 0.8)
+    w = {"n_triples": n_triples, "true": true, "words": words, "heldout": {words[i] for i in heldout_idx},
+         "values": {"base": base_value, "tuned": base_value + effect * (true - base_value)}, "u": u,
+         "identity": noise(n_words, 0.8)}
     n_neutral = max(10, n_triples // 4)
-    neutral = noise(n_neutral, 0.8)
-    context = noise(n_contexts, 0.5)
-    triple_context = noise(n_triples, 0.5)
+    w.update(neutral=noise(n_neutral, 0.8), context=noise(n_contexts, 0.5), triple_context=noise(n_triples, 0.5))
     pos_pool, neg_pool = seen_pool[true[seen_pool] > 0], seen_pool[true[seen_pool] < 0]
-    pos, neg = rng.choice(pos_pool, n_triples), rng.choice(neg_pool, n_triples)
-    neu = rng.integers(0, n_neutral, n_triples)
-    eps = {k: noise(n, 0.3) for k, n in (("pos", n_triples), ("neu", n_triples), ("neg", n_triples),
-                                          ("items", n_words * n_contexts))}
-    word_of_item = np.repeat(np.arange(n_words), n_contexts)
-    context_of_item = np.tile(np.arange(n_contexts), n_words)
+    w.update(pos=rng.choice(pos_pool, n_triples), neg=rng.choice(neg_pool, n_triples),
+             neu=rng.integers(0, n_neutral, n_triples))
+    w["eps"] = {k: noise(n, 0.3) for k, n in (("pos", n_triples), ("neu", n_triples), ("neg", n_triples),
+                                               ("items", n_words * n_contexts))}
+    w.update(word_of_item=np.repeat(np.arange(n_words), n_contexts),
+             context_of_item=np.tile(np.arange(n_contexts), n_words))
     perp = np.eye(D_LATENT) - np.outer(u, u)
     shift = perp @ rng.normal(size=D_LATENT)
-    shift *= 1.0 / np.linalg.norm(shift)
-    linear = np.eye(D_LATENT) + 0.4 * perp @ (rng.normal(size=(D_LATENT, D_LATENT)) / np.sqrt(D_LATENT)) @ perp
-    encoders = {"base": _encoder(rng)}
-    encoders["tuned"] = _encoder(rng) if tuned_map == "dictionary" else encoders["base"]
-    views = {}
+    w["shift"] = shift * (1.0 / np.linalg.norm(shift))
+    w["linear"] = np.eye(D_LATENT) + 0.4 * perp @ (rng.normal(size=(D_LATENT, D_LATENT)) / np.sqrt(D_LATENT)) @ perp
+    w["encoders"] = {"base": _encoder(rng)}
+    w["encoders"]["tuned"] = _encoder(rng) if tuned_map == "dictionary" else w["encoders"]["base"]
+    w["views"] = {}
     if raw_view != "relu":
         width = N_FEATURES if raw_view == "overcomplete" else D_LATENT
-        views = {"x": rng.normal(size=(width, D_LATENT)) / np.sqrt(D_LATENT),
-                 "x_raw": np.linalg.qr(rng.normal(size=(D_LATENT, D_LATENT)))[0]}
-    seen = {words[i] for i in set(pos.tolist()) | set(neg.tolist())}
+        w["views"] = {"x": rng.normal(size=(width, D_LATENT)) / np.sqrt(D_LATENT),
+                      "x_raw": np.linalg.qr(rng.normal(size=(D_LATENT, D_LATENT)))[0]}
+    w["seen"] = {words[i] for i in set(w["pos"].tolist()) | set(w["neg"].tolist())}
+    return w
 
-    def activations(label: str, word_values: np.ndarray, ident: np.ndarray, ctx: np.ndarray, e: np.ndarray):
-        a = signal * (word_values / 4.0)[:, None] * u + ident + ctx + e
+
+def _model_features(rng: np.random.Generator, w: dict, label: str, signal: float, tuned_map: str,
+                    view_noise: tuple[float, float]) -> dict:
+    """One model's activations in world `w` (its word values along the sentiment direction, identity, context and
+    noise; the tuned model's shifted or mapped by `tuned_map`), read as the chain reads them: regression rows of
+    the triples (`irm.delta_rows.rows_of`), items and per-word means, through the codes and the raw view."""
+    import torch
+
+    from irm.delta_rows import rows_of
+    from irm.readout import per_word
+
+    def activations(word_values: np.ndarray, ident: np.ndarray, ctx: np.ndarray, e: np.ndarray) -> np.ndarray:
+        a = signal * (word_values / 4.0)[:, None] * w["u"] + ident + ctx + e
         if label == "tuned" and tuned_map == "shift":
-            a = a + shift
+            a = a + w["shift"]
         elif label == "tuned" and tuned_map == "linear":
-            a = a @ linear.T
+            a = a @ w["linear"].T
         return a
 
-    features = {}
-    for label in ("tuned", "base"):
-        v = values[label]
-        acts = {
-            "pos": activations(label, v[pos], identity[pos], triple_context, eps["pos"]),
-            "neu": activations(label, np.zeros(n_triples), neutral[neu], triple_context, eps["neu"]),
-            "neg": activations(label, v[neg], identity[neg], triple_context, eps["neg"]),
-            "items": activations(label, v[word_of_item], identity[word_of_item], context[context_of_item],
-                                 eps["items"]),
-        }
-        if views:
-            f = {}
-            for key, sd in zip(("x", "x_raw"), view_noise):
-                view = {k: (a + sd * rng.normal(size=a.shape)) @ views[key].T for k, a in acts.items()}
-                f[key] = view
-            codes, raw = f["x"], f["x_raw"]
-        else:
-            codes = {k: _codes(encoders[label], a) for k, a in acts.items()}
-            raw = acts
-        rows = rows_of(np.arange(n_triples), *(torch.from_numpy(codes[k][:, None]) for k in ("pos", "neu", "neg")))
-        raw_rows = rows_of(np.arange(n_triples), *(torch.from_numpy(raw[k][:, None]) for k in ("pos", "neu", "neg")))
-        from irm.readout import per_word
-
-        features[label] = {
-            "x": rows["x"].numpy(), "x_raw": raw_rows["x"].numpy(), "y": rows["y"].numpy(),
+    v, n_triples, eps, items = w["values"][label], w["n_triples"], w["eps"], w["word_of_item"]
+    acts = {
+        "pos": activations(v[w["pos"]], w["identity"][w["pos"]], w["triple_context"], eps["pos"]),
+        "neu": activations(np.zeros(n_triples), w["neutral"][w["neu"]], w["triple_context"], eps["neu"]),
+        "neg": activations(v[w["neg"]], w["identity"][w["neg"]], w["triple_context"], eps["neg"]),
+        "items": activations(v[items], w["identity"][items], w["context"][w["context_of_item"]], eps["items"]),
+    }
+    if w["views"]:
+        codes, raw = ({k: (a + sd * rng.normal(size=a.shape)) @ w["views"][key].T for k, a in acts.items()}
+                      for key, sd in zip(("x", "x_raw"), view_noise))
+    else:
+        codes, raw = {k: _codes(w["encoders"][label], a) for k, a in acts.items()}, acts
+    rows = rows_of(np.arange(n_triples), *(torch.from_numpy(codes[k][:, None]) for k in ("pos", "neu", "neg")))
+    raw_rows = rows_of(np.arange(n_triples), *(torch.from_numpy(raw[k][:, None]) for k in ("pos", "neu", "neg")))
+    n_words = len(w["words"])
+    return {"x": rows["x"].numpy(), "x_raw": raw_rows["x"].numpy(), "y": rows["y"].numpy(),
             "sign": rows["sign"].numpy(), "triple": rows["triple"].numpy(),
-            "items": codes["items"], "items_raw": raw["items"], "word_of_item": word_of_item,
-            "context_of_item": context_of_item,
-            "words": per_word(codes["items"], word_of_item, n_words),
-            "words_raw": per_word(raw["items"], word_of_item, n_words),
-        }
-    return features, words, true, heldout, seen
+            "items": codes["items"], "items_raw": raw["items"], "word_of_item": items,
+            "context_of_item": w["context_of_item"],
+            "words": per_word(codes["items"], items, n_words), "words_raw": per_word(raw["items"], items, n_words)}
 
 
 def analysed(rng: np.random.Generator, sizes: Sizes, **world) -> dict:
