@@ -518,31 +518,51 @@ def irm_cli(*args, cwd, check=True, **kw):
                           check=check, **kw)
 
 
+def refused_in_process(monkeypatch, capsys, *args) -> str:
+    """`python -m irm <args>` run in this process (irm.cli.main: a refusal needs no process of its own, and a
+    subprocess costs 7 s of imports); its exit code must be 2; returns its last line on stderr."""
+    import signal
+
+    from irm.cli import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the Lightning CLI sets sys.argv: restored after the test
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("change,message", [
     ({"activation": "topk"}, "sae.k=None is not valid; activation topk"),
     ({"learning_rate": 0}, "sae.learning_rate=0.0 is not valid"),
 ])
-def test_fit_cli_checks_the_sae_section_before_building_anything(tmp_path, change, message):
+def test_fit_cli_checks_the_sae_section_before_building_anything(tmp_path, monkeypatch, capsys, change, message):
     """configs/sae.yaml's `cfg` is the run config's sae section, refused by the section's own checks (the stages'
     irm.config.validate) before the cache, the module or the Trainer is touched: no cache exists here."""
+    monkeypatch.chdir(tmp_path)
     config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["init_args"]["cfg"].update(change)  # the data's too: one YAML anchor
     config.write_text(yaml.safe_dump(cfg))
-    out = irm_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
-    assert out.returncode == 2, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
+    last = refused_in_process(monkeypatch, capsys, "fit", "--config", str(config))
     assert last.startswith("irm fit: error: bad configuration: ") and message in last, last
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
 
 
-def test_fit_cli_refuses_a_model_and_data_given_different_sae_sections(tmp_path):
+def test_fit_cli_refuses_a_model_and_data_given_different_sae_sections(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
-    out = irm_cli("fit", "--config", str(config), "--model.init_args.cfg.batch_size", "8", cwd=tmp_path, check=False)
-    assert out.returncode == 2 and "model.init_args.cfg and data.init_args.cfg differ" in out.stderr, out.stderr
+    last = refused_in_process(monkeypatch, capsys, "fit", "--config", str(config), "--model.init_args.cfg.batch_size",
+                              "8")
+    assert "model.init_args.cfg and data.init_args.cfg differ" in last, last
 
 
 def test_fit_cli_with_a_missing_cache_exits_2(tmp_path):
+    """Through a process of its own, as a user runs it: the refusal's exit code and one line on stderr."""
     config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
     out = irm_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
     assert out.returncode == 2
