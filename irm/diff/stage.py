@@ -172,10 +172,14 @@ def _latents(layer_dir: Path) -> dict:
             "fired": t["fired"].numpy(), "tuned_decoder": t["W_dec"][:, TUNED]}
 
 
-def _ablation(cfg, device, latents: dict) -> dict:
+def _specific(latents: dict) -> dict[int, list[int]]:
+    """The tuned-specific latents of each layer that has any."""
+    found = {layer: [int(j) for j in np.flatnonzero(v["classes"] == "tuned-specific")] for layer, v in latents.items()}
+    return {layer: ix for layer, ix in found.items() if ix}
+
+
+def _ablation(cfg, device, latents: dict, specific: dict[int, list[int]]) -> dict:
     """irm.diff.ablate over the tuned-specific latents of every layer, or why it was not run."""
-    specific = {layer: [int(j) for j in np.flatnonzero(v["classes"] == "tuned-specific")] for layer, v in latents.items()}
-    specific = {layer: ix for layer, ix in specific.items() if ix}
     if not specific:
         return {"not_tested": "no tuned-specific latent to ablate"}
     from irm.diff.ablate import ablate_specific
@@ -187,7 +191,8 @@ def _ablation(cfg, device, latents: dict) -> dict:
                            {layer: latents[layer]["classes"] == "shared" for layer in specific})
 
 
-def _explanations(cfg, device, tokenizer, latents: dict, records: dict, base_dirs: dict, root: Path) -> dict:
+def _explanations(cfg, device, tokenizer, latents: dict, specific: dict[int, list[int]], records: dict,
+                  base_dirs: dict, root: Path) -> dict:
     """irm.diff.explain over the tuned-specific latents of every layer, or why it was not run."""
     from irm.activations import cache_layer_dir
     from irm.diff.data import PairedCache
@@ -197,14 +202,13 @@ def _explanations(cfg, device, tokenizer, latents: dict, records: dict, base_dir
     from irm.reward import reward_description
     from irm.stages import artifact
 
+    if not specific:
+        return {"not_tested": "no tuned-specific latent to explain"}
+    # the paired caches and crosscoders of the layers that have tuned-specific latents only
     layers = [LayerLatents(layer, PairedCache(base_dirs[layer], cache_layer_dir(cfg.run_dir, layer)),
                            load_crosscoder(root / f"layer-{layer:02d}" / "crosscoder.safetensors", cfg.diff, device),
-                           cfg.diff.expansion, [int(j) for j in np.flatnonzero(v["classes"] == "tuned-specific")],
-                           v["fired"], int(records[str(layer)]["held_out_rows"]))
-              for layer, v in latents.items()]
-    layers = [one for one in layers if one.latents]
-    if not layers:
-        return {"not_tested": "no tuned-specific latent to explain"}
+                           cfg.diff.expansion, ix, latents[layer]["fired"], int(records[str(layer)]["held_out_rows"]))
+              for layer, ix in specific.items()]
     backend = make_backend(cfg.explain, device=device, reward_cfg=cfg.reward)
     return explain_latents(cfg.explain, cfg.seed, layers, tokenizer, device, unembedding(cfg.run_dir, device),
                            backend, reward_description(cfg.reward), artifact(cfg.run_dir, "diff_explanations"))
@@ -239,14 +243,15 @@ def run(cfg) -> None:
         records[str(layer)] = train_layer(cfg.diff, base_dirs[layer], cache_layer_dir(cfg.run_dir, layer), cfg.seed,
                                           loggers, root / name, words=(tokenizer, words))
     latents = {int(layer): _latents(root / f"layer-{int(layer):02d}") for layer in records}
+    specific = _specific(latents)
     share = {layer: np.array([np.nan if v is None else v for v in records[str(layer)]["word_share"]])
              for layer in latents}
     enrichment = enrichment_test([(share[layer], v["classes"]) for layer, v in latents.items()], PERMUTATIONS,
                                  cfg.seed)
     lean = lean_test([(v["delta"], share[layer]) for layer, v in latents.items()], PERMUTATIONS, cfg.seed)
     summary = {"layers": records, "marked_words": {"what": what, "n": len(words)}, "enrichment": enrichment,
-               "lean": lean, "ablation": _ablation(cfg, device, latents),
-               "explanations": _explanations(cfg, device, tokenizer, latents, records, base_dirs, root),
+               "lean": lean, "ablation": _ablation(cfg, device, latents, specific),
+               "explanations": _explanations(cfg, device, tokenizer, latents, specific, records, base_dirs, root),
                "base_cache_seconds": cache_seconds,
                "seconds": time.perf_counter() - begin}
     write_json(artifact(cfg.run_dir, "diff_summary"), summary)
