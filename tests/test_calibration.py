@@ -53,7 +53,7 @@ def test_delta_tau_holds_its_false_positives_where_the_words_only_bootstrap_did_
 
 
 def test_layer_claim_holds_its_false_positives_where_the_per_tensor_null_did_not(monkeypatch):
-    import irm.findings
+    import irm.findings.layers
 
     family = core.Family("layers", "random per-layer factor", 0.0, layer_world(0.0, "log-normal 3%"))
     n = 100
@@ -74,7 +74,7 @@ def test_layer_claim_holds_its_false_positives_where_the_per_tensor_null_did_not
         return {"statistic": ratio(values), "ratio": ratio(values), "n_sim": 200, "null": "per tensor",
                 "p": irm.findings.permutation_p(ratio(values), null)}
 
-    monkeypatch.setattr(irm.findings, "layer_outlier_test", per_tensor_null)
+    monkeypatch.setattr(irm.findings.layers, "layer_outlier_test", per_tensor_null)
     before = false_positives(family, 20, {"layers": 30, "top_k": 3})
     assert binomtest(today, n, 0.05, alternative="greater").pvalue > 0.05, today
     assert before >= 15, before

@@ -218,9 +218,9 @@ def test_every_null_family_holds_5_percent_at_500_worlds_or_more():
 def test_without_the_mmcs_standard_error_rows_sharing_a_mean_break_the_limit(monkeypatch):
     """The harness can fail: with the chance draws' spread alone (the MMCS's standard error dropped from the t, as
     before), the mean-sharing families break the limit again."""
-    import irm.findings
+    import irm.findings.features
 
-    chance_p = irm.findings.chance_p
-    monkeypatch.setattr(irm.findings, "chance_p", lambda observed, draws, se=0.0: chance_p(observed, draws))
+    chance_p = irm.findings.features.chance_p
+    monkeypatch.setattr(irm.findings.features, "chance_p", lambda observed, draws, se=0.0: chance_p(observed, draws))
     results = core.run([f for f in FAMILIES if f.name in MEAN_SHIFTED_ROWS], lambda f: 300, {}, seed=0)
     assert {r["family"] for r in core.failures(results)} == set(MEAN_SHIFTED_ROWS)
