@@ -3,8 +3,8 @@ comparison, boolean, constant or min/max in one module, in a copy of the tree; t
 against it (`-x`, `-m "not slow"`); a mutant survives when they still pass.
 
     heavy python .ci/mutate.py --budget-min 18 --json /tmp/mutation.json
-    heavy python .ci/mutate.py --modules irm/lexicon.py --budget-min 5 --offset 20   # the next mutants of one module
-    heavy python .ci/mutate.py --modules irm/lexicon.py --lines 204 254             # rerun survivors after a fix
+    heavy python .ci/mutate.py --modules irm/stages/lexicon.py --budget-min 5 --offset 20   # the next mutants of one module
+    heavy python .ci/mutate.py --modules irm/stages/lexicon.py --lines 204 254             # rerun survivors after a fix
 
 Mutants are drawn in a seeded random order, an equal time share per module, and the run stops at the budget;
 the score is killed / run. Survivors are listed with their line, to be read: a surviving mutant that changes a
@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "irm/reward.py": ["tests/test_reward.py", "tests/test_classifier_reward.py"],
-    "irm/dictionaries.py": ["tests/test_dictionaries.py"],
+    "irm/stages/dictionaries.py": ["tests/test_dictionaries.py"],
     "irm/sae/comparison.py": ["tests/test_dictionaries.py"],  # the dictionaries stage's MMCS and chance levels
-    "irm/divergence.py": ["tests/test_divergence.py"],
-    "irm/lexicon.py": ["tests/test_lexicon.py"],
+    "irm/stages/divergence.py": ["tests/test_divergence.py"],
+    "irm/stages/lexicon.py": ["tests/test_lexicon.py"],
     "irm/readout.py": ["tests/test_lexicon.py"],  # the lexicon stage's readout: per-word means, rescaling, Kendall tau
     # the SAE maths' unit tests, the fast file first (the Lightning fits in test_sae.py take minutes per mutant)
     "irm/sae/model.py": ["tests/test_sae_model.py", "tests/test_sae.py", "-k",
@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--modules", "--only", nargs="*", default=None, dest="modules",
-                    help="modules to mutate, e.g. irm/lexicon.py (default: all of them)")
+                    help="modules to mutate, e.g. irm/stages/lexicon.py (default: all of them)")
     ap.add_argument("--lines", nargs="*", type=int, default=None,
                     help="only the mutants on these lines (rerun a survivor against new tests)")
     ap.add_argument("--messages", action="store_true",

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, default=None)
     a = p.parse_args(argv)
     from irm.calibration import failures, families, run
-    from irm.calibration.stage import summarise
+    from irm.stages.calibrate import summarise
 
     fams = [f for f in families() if (a.only is None or f.finding in a.only) and (f.null or not a.nulls_only)
             and (not f.null or not a.planted_only)]

@@ -2,8 +2,8 @@
 Gumbel-max noise, the path evaluate-reward and ablate take) against a bare `model.generate` loop (transformers'
 multinomial sampling, `do_sample=True`) over the same prompts, batches and lengths, interleaved repetitions.
 
-The prompts are evaluate-reward's: `evaluate.prefix_tokens`-token prefixes of the held-out corpus split, in batches of
-`evaluate.batch_size`, `evaluate.new_tokens` new tokens each. Both sides sample without the end-of-text stop here, so
+The prompts are evaluate-reward's: `evaluate_reward.prefix_tokens`-token prefixes of the held-out corpus split, in batches of
+`evaluate_reward.batch_size`, `evaluate_reward.new_tokens` new tokens each. Both sides sample without the end-of-text stop here, so
 both generate exactly batch x new_tokens tokens and a side cannot win by drawing shorter completions.
 
     python benchmarks/generation.py --threads 2 --json benchmarks/results/generation.json
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_config("evaluate-reward", ["--config", args.config] + (
         ["--model.name", "tiny-llama"] if args.quick else []))
-    e = cfg.evaluate
+    e = cfg.evaluate_reward
     n, reps = (8, 1) if args.quick else (args.prompts, args.reps)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed, device="cpu")
     model.eval()

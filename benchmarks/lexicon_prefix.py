@@ -5,7 +5,7 @@ triple), computed by `irm.sae.splice.full_forward_codes_at` (one whole forward p
 interleaved, with the largest difference between the two printed.
 
 The items are built as the stages build them, from the quickstart config: its corpus, its triples (built here with
-`irm.triples.build_triples`, as the `triples` stage does), its `lexicon.contexts_per_word` and `cache.batch_size`,
+`irm.stages.triples.build_triples`, as the `triples` stage does), its `lexicon.contexts_per_word` and `cache.batch_size`,
 the embedded SmolLM2-135M. The SAEs are random 1x dictionaries at `--layers` (default: the top three blocks, the
 most expensive choice the divergence stage's top-3 can make): the cost does not depend on what they learnt.
 
@@ -28,7 +28,7 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 def lexicon_items(tokenizer, triples: list[dict], contexts_per_word: int, seed: int, max_words=None):
     """The lexicon stage's (ids, positions) items: single-token lexicon words in the chosen contexts."""
-    from irm.lexicon import choose_contexts
+    from irm.stages.lexicon import choose_contexts
     from irm.reward import LexiconReward
     from irm.words import locate, token_counts
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     from irm.sae.splice import codes_at as shared_prefix
     from irm.sae.splice import n_shared_tokens
     from irm.reward import LexiconReward, spacy_tokenizer
-    from irm.triples import build_triples
+    from irm.stages.triples import build_triples
     from irm.data import load_texts
 
     cfg = parse_config("lexicon", ["--config", str(CONFIG), "--run_dir", "/nonexistent"])

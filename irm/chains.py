@@ -1,4 +1,4 @@
-"""The base-model control's statistics (irm.control): the paper's chain refitted by closed-form ridge for the tuned
+"""The base-model control's statistics (irm.stages.control): the paper's chain refitted by closed-form ridge for the tuned
 and the base model, its permutation null and raw-activation chain, delta_tau with its paired bootstrap interval and
 the per-word moves. The control stage and the calibration harness's simulated worlds run the same `analyse`."""
 

@@ -107,7 +107,7 @@ def parse_config(stage: str, argv: list[str]):
     """Parse argv into a RunConfig; any parse error becomes a one-line UserError."""
     parser = build_parser(stage)
     try:
-        ns = parser.parse_args([a for a in argv if a != "--force"])
+        ns = parser.parse_args(renamed_sections([a for a in argv if a != "--force"]))
     except argparse.ArgumentError as e:
         raise UserError(f"bad configuration: {explain_parse_error(_one_line(str(e)))}") from None
     cfg = parser.instantiate(ns)
@@ -115,6 +115,46 @@ def parse_config(stage: str, argv: list[str]):
     from irm.config import RunConfig
 
     return RunConfig(**ns_dict)
+
+
+def renamed_sections(argv: list[str]) -> list[str]:
+    """argv with the old names of renamed sections (irm.config.RENAMED_SECTIONS) replaced by the new ones, in
+    dotted options (`--evaluate.n 8`) and in the top level of `--config` files (given to the parser as YAML text), with
+    one warning line per old name. A file that sets a section under both names is refused."""
+    import yaml
+
+    from irm.config import RENAMED_SECTIONS
+
+    def warn(old: str, where: str) -> None:
+        print(f"irm: warning: config section `{old}` is now `{RENAMED_SECTIONS[old]}` (the stage's name); {where} "
+              "still uses the old name, read as the new one until irm 0.3: rename it", file=sys.stderr)
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        section = arg[2:].split(".", 1)[0].split("=", 1)[0] if arg.startswith("--") else ""
+        if section in RENAMED_SECTIONS and arg != f"--{section}":
+            warn(section, f"the option {arg.split('=', 1)[0]}")
+            arg = f"--{RENAMED_SECTIONS[section]}{arg[2 + len(section):]}"
+        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+            path = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+            i += arg == "--config"
+            try:
+                data = yaml.safe_load(open(path, encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                data = None  # the parser reports it (or it is YAML text, not a path)
+            old = [k for k in RENAMED_SECTIONS if isinstance(data, dict) and k in data]
+            for key in old:
+                if RENAMED_SECTIONS[key] in data:
+                    raise UserError(f"{path} sets both `{key}` and `{RENAMED_SECTIONS[key]}`; `{key}` is the old name "
+                                    f"of `{RENAMED_SECTIONS[key]}`: keep one")
+                warn(key, path)
+            renamed = {RENAMED_SECTIONS.get(k, k): v for k, v in data.items()} if old else None
+            out += ["--config", yaml.safe_dump(renamed, sort_keys=False) if old else path]
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 def explain_parse_error(msg: str) -> str:
@@ -174,12 +214,12 @@ def run_stage(stage: str, argv: list[str]) -> None:
     is given. A forced run that fails leaves the stage's previous completion record in place: nothing is lost."""
     from irm.artifacts import RunDir
     from irm.runtime import set_threads
-    from irm.config import refuse, validate
+    from irm.config import refuse, check_all
     from irm.rundir_lock import hold_run_dir
     from irm.stages import ORDER, open_run_dir, up_to_date
 
     cfg = parse_config(stage, argv)
-    validate(cfg, ORDER if stage == "pipeline" else [stage])  # every section, before anything runs or is written
+    check_all(cfg, ORDER if stage == "pipeline" else [stage])  # every section, before anything runs or is written
     if cfg.model.tuned is not None:  # a given tuned model against model.name: their configs and tokenizers
         from irm.models import pair_problem
 

@@ -96,7 +96,7 @@ class RLHFConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateRewardConfig:
     """Paper table 7: mean reward of completions to held-out prefixes, base vs tuned."""
 
     n: int = 1000
@@ -156,7 +156,7 @@ class SAEConfig:
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
 
     def check(self) -> list[str]:
-        """Every range problem of this section, one line each (the section's one place for them: irm.config.validate
+        """Every range problem of this section, one line each (the section's one place for them: irm.config.check_all
         and `python -m irm fit` call it before any work)."""
         ch = _Checks(prefix="sae.")
         ch.need(bool(self.expansions) and all(isinstance(x, int) and x >= 1 for x in self.expansions)
@@ -258,7 +258,7 @@ class RegressionConfig:
     trainer: dict = field(default_factory=dict)
 
     def check(self) -> list[str]:
-        """Every range problem of this section, one line each (irm.config.validate and `python -m irm fit`)."""
+        """Every range problem of this section, one line each (irm.config.check_all and `python -m irm fit`)."""
         ch = _Checks(prefix="regression.")
         ch.at_least(self, "batch_size", 1)
         ch.at_least(self, "epochs", 1)
@@ -284,11 +284,11 @@ class LexiconConfig:
 @dataclass
 class ControlConfig:
     """Base-model control and nulls (SPEC "Controls"): the deltas -> R -> lexicon chain on M_base as on M_RLHF, R
-    refit on sign-shuffled targets, and R on raw MLP activations (irm.control)."""
+    refit on sign-shuffled targets, and R on raw MLP activations (irm.stages.control)."""
 
     max_words: Optional[int] = 1000  # a seeded sample of the single-token lexicon words, read by both models
     # SAEs of the base chain: `tuned` splices the tuned run's SAEs into M_base (one dictionary for both: the
-    # default, see irm/control.py); `base` trains SAEs on M_base's own activations at the same layers (cache and sae
+    # default, see irm/stages/control.py); `base` trains SAEs on M_base's own activations at the same layers (cache and sae
     # stages in <run_dir>/control/base-run), for when RLHF moved the activations too far for one dictionary.
     base_saes: Literal["tuned", "base"] = "tuned"
     permutations: int = 200  # sign-shuffled refits of R per model (p-values down to 1/(n+1))
@@ -314,7 +314,7 @@ class CalibrateConfig:
 
 
 @dataclass
-class ValidateConfig:
+class ValidateFeaturesConfig:
     threshold: float = 3.0  # paper table 6: inputs where R predicts delta > 3
     n_inputs: int = 500
 
@@ -351,7 +351,7 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    evaluate_reward: EvaluateRewardConfig = field(default_factory=EvaluateRewardConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
@@ -363,8 +363,13 @@ class RunConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     diff: DiffConfig = field(default_factory=DiffConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    validate_features: ValidateFeaturesConfig = field(default_factory=ValidateFeaturesConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+
+
+# Sections renamed to their stage's name (stage = module = section), old name -> new. A config or command line
+# that uses an old name is read as the new one with a warning (irm.cli.parse_config) until irm 0.3, then refused.
+RENAMED_SECTIONS = {"evaluate": "evaluate_reward", "validate": "validate_features"}
 
 
 def fingerprint_data(section: str, data: dict) -> dict:
@@ -457,7 +462,7 @@ def _check_reward(ch: "_Checks", cfg: RunConfig) -> None:
             ch.out.append(problem)
 
 
-def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:
+def _check_rlhf_and_evaluate_reward(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of PPO, the reward evaluation, layer divergence."""
     h = cfg.rlhf
     for name in ("steps", "batch_size", "ppo_epochs", "response_length", "checkpoint_every"):
@@ -473,7 +478,7 @@ def _check_rlhf_and_evaluation(ch: "_Checks", cfg: RunConfig) -> None:
     ch.at_least(h, "lora_rank", 0)
     ch.positive(h, "lora_alpha")
     ch.fraction(h, "lora_dropout")
-    e = cfg.evaluate
+    e = cfg.evaluate_reward
     ch.at_least(e, "n", 2)  # an interval needs two completions
     for name in ("prefix_tokens", "new_tokens", "batch_size"):
         ch.at_least(e, name, 1)
@@ -559,11 +564,11 @@ def _check_diff(ch: "_Checks", cfg: RunConfig) -> None:
     ch.out.extend(cfg.diff.check())  # DiffConfig keeps its own ranges beside its fields
 
 
-def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
+def _check_validate_features_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
     """Ranges of validation and ablation."""
-    v = cfg.validate
+    v = cfg.validate_features
     ch.at_least(v, "n_inputs", 1)
-    ch.need(-4.0 < v.threshold < 4.0, "validate.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
+    ch.need(-4.0 < v.threshold < 4.0, "validate_features.threshold", v.threshold, "must be inside (-4, 4) (the lexicon scale)")
     a = cfg.ablate
     for name in ("n_prompts", "new_tokens", "prefix_tokens", "batch_size", "match_pool"):
         ch.at_least(a, name, 1)
@@ -575,9 +580,9 @@ def _check_validate_and_ablate(ch: "_Checks", cfg: RunConfig) -> None:
 def _problems(cfg: RunConfig) -> list[str]:
     """Every range problem in `cfg`, each as `section.field=value is not valid; what a valid value is`."""
     ch = _Checks(cfg)
-    for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluation, _check_cache, _check_sae,
+    for check in (_check_run_and_model, _check_reward, _check_rlhf_and_evaluate_reward, _check_cache, _check_sae,
                   _check_explain_and_triples, _check_regression_and_lexicon, _check_control, _check_calibrate, _check_diff,
-                  _check_validate_and_ablate):
+                  _check_validate_features_and_ablate):
         check(ch, cfg)
     return ch.out
 
@@ -609,7 +614,7 @@ def _environment_problems(cfg: RunConfig, stages) -> list[str]:
     return out
 
 
-def validate(cfg: RunConfig, stages=()) -> None:
+def check_all(cfg: RunConfig, stages=()) -> None:
     """Refuse a config with a bad value in any section, or missing what one of `stages` (the stages about to run)
     needs from the environment, in one line (UserError) before anything runs or is written."""
     refuse(_problems(cfg) + _environment_problems(cfg, set(stages)))

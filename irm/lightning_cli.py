@@ -35,7 +35,7 @@ def _cli_class():
     class CLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
             """The model's and the data's `cfg` (one section, given to both: the YAML's anchor) through the
-            section's own range checks (`check`, what irm.config.validate runs for the stages)."""
+            section's own range checks (`check`, what irm.config.check_all runs for the stages)."""
             config = self.config[self.subcommand] if self.subcommand else self.config
             sections = [s for s in (section_of(config.get("model")), section_of(config.get("data"))) if s is not None]
             problems = list(dict.fromkeys(p for s in sections for p in s.check()))

@@ -21,7 +21,7 @@ from typing import Any, Sequence, Union
 
 from irm.errors import UserError
 
-from irm.config import LOGGERS as BACKENDS  # the names config.validate accepts
+from irm.config import LOGGERS as BACKENDS  # the names config.check_all accepts
 Spec = Union[str, dict, Sequence[Union[str, dict]], None]
 
 

@@ -26,7 +26,7 @@ def floats(values, name: str) -> np.ndarray:
 def rescale(raw, percentiles: Sequence[float] = (10.0, 90.0)) -> tuple[np.ndarray, dict]:
     """Map the given percentiles of `raw` onto [-4, 4] (affine) and clip: the authors' normalisation."""
     raw = floats(raw, "raw values")
-    lo_p, hi_p = percentiles  # in range: irm.config.validate checks lexicon.percentiles before any stage runs
+    lo_p, hi_p = percentiles  # in range: irm.config.check_all checks lexicon.percentiles before any stage runs
     lo, hi = (float(v) for v in np.percentile(raw, [lo_p, hi_p]))
     mapping = {"kind": f"affine: percentile {lo_p:g} -> -4, percentile {hi_p:g} -> +4, then clipped to [-4, 4]",
                "percentiles": [lo_p, hi_p], "raw_at_percentiles": [lo, hi], "bound": BOUND}

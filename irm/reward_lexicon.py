@@ -65,7 +65,7 @@ def read_lexicon(path: str | Path) -> dict[str, float]:
 
 def lexicon_problem(reward_cfg, triples_cfg, seed: int) -> Optional[str]:
     """Why the `reward.lexicon` file cannot serve the run (read_lexicon's line, or too few words of a sign once the
-    triples hold out their lemma families), else None: irm.config.validate asks before any stage runs."""
+    triples hold out their lemma families), else None: irm.config.check_all asks before any stage runs."""
     try:
         lexicon = read_lexicon(reward_cfg.lexicon)
     except UserError as e:

@@ -169,7 +169,7 @@ def sample(model, tokenizer, prompts: list[list[int]], rule: SamplingRule, seeds
 
 def rule(rlhf, max_new_tokens: int) -> SamplingRule:
     """The run's sampling rule at a given length: PPO's rollouts (`rlhf.response_length` tokens), table 7
-    (`evaluate.new_tokens`) and table 5 (`ablate.new_tokens`) differ in nothing else. `rlhf`: the RLHFConfig (its
+    (`evaluate_reward.new_tokens`) and table 5 (`ablate.new_tokens`) differ in nothing else. `rlhf`: the RLHFConfig (its
     temperature is the distribution PPO trained); stop at end-of-text; no top-k / top-p cut (TRL's PPO loss assumes
     none)."""
     return SamplingRule(max_new_tokens=max_new_tokens, stop_at_eos=True, temperature=rlhf.temperature)

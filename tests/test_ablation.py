@@ -12,7 +12,7 @@ from scipy import stats
 from scipy.linalg import hadamard
 
 from irm.stats import difference_vs_draws, mean_ci, paired_difference
-from irm.ablation import (
+from irm.stages.ablate import (
     _random_summary,
     condition_rewards,
     draw_matched_features,
@@ -534,12 +534,12 @@ def test_no_labelled_feature_still_runs_the_controls(ablate_cfg):
 def test_user_errors_name_the_fix(ablate_cfg):
     from irm.errors import UserError
 
-    from irm.config import validate
+    from irm.config import check_all
 
     cfg = ablate_cfg
     modes, cfg.ablate.modes = cfg.ablate.modes, ["dimensions"]
     with pytest.raises(UserError, match="subset of"):  # refused before any stage runs
-        validate(cfg, ["ablate"])
+        check_all(cfg, ["ablate"])
     cfg.ablate.modes = modes
     build_run(cfg, {3: [1]})  # explanations from a run whose chosen layers were different
     with pytest.raises(UserError, match="rerun `python -m irm explain`"):

@@ -320,7 +320,7 @@ def save_policy(cfg) -> None:
 
 
 def test_cache_stage_writes_each_chosen_layer_and_records_completion(tiny_cfg):
-    from irm.activations.cache import run
+    from irm.stages.cache import run
     from irm.artifacts import RunDir
     from irm.data import corpus_fingerprint, load_texts
     from irm.stages import is_done
@@ -346,7 +346,7 @@ def test_cache_stage_writes_each_chosen_layer_and_records_completion(tiny_cfg):
 
 
 def test_cache_stage_refuses_a_layer_the_model_does_not_have(tiny_cfg):
-    from irm.activations.cache import run
+    from irm.stages.cache import run
 
     cfg = tiny_cfg
     cfg.cache.layers = [1, 4]

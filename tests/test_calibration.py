@@ -104,7 +104,7 @@ def test_calibrate_reads_this_runs_sizes_from_its_artifacts(tmp_path):
     sizes): control's words/triples/contexts, the paired prompts, layers and top k, validation's groups and inputs,
     ablation's prompts/draws/features, and the fewest chance draws of any layer."""
     from irm.artifacts import write_json
-    from irm.calibration.stage import run_sizes
+    from irm.stages.calibrate import run_sizes
     from irm.stages import artifact
 
     root = tmp_path / "run"

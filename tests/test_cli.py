@@ -183,3 +183,35 @@ def test_threads_knob_caps_torch_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_renamed_sections_are_read_under_their_old_names_with_a_warning(tmp_path, capsys):
+    """`evaluate` and `validate` became `evaluate_reward` and `validate_features` (stage = section): a YAML and a
+    command line with the old names give the same RunConfig as the new names, one warning per old name; a file that
+    uses both names for one section is refused in one line."""
+    import yaml
+
+    from irm.cli import parse_config
+    from irm.config import RENAMED_SECTIONS
+
+    assert RENAMED_SECTIONS == {"evaluate": "evaluate_reward", "validate": "validate_features"}
+    body = {"run_dir": str(tmp_path / "run"), "seed": 3}
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(yaml.safe_dump({**body, "evaluate": {"n": 7}, "validate": {"n_inputs": 5}}))
+    new.write_text(yaml.safe_dump({**body, "evaluate_reward": {"n": 7}, "validate_features": {"n_inputs": 5}}))
+    capsys.readouterr()
+    from_new = parse_config("report", ["--config", str(new), "--evaluate_reward.batch_size", "3"])
+    assert capsys.readouterr().err == ""
+    from_old = parse_config("report", [f"--config={old}", "--evaluate.batch_size", "3"])
+    warnings = capsys.readouterr().err.splitlines()
+    assert from_old == from_new
+    assert (from_new.evaluate_reward.n, from_new.evaluate_reward.batch_size, from_new.validate_features.n_inputs,
+            from_new.seed) == (7, 3, 5, 3)
+    assert len(warnings) == 3 and all("irm 0.3" in w for w in warnings)
+    assert "`evaluate` is now `evaluate_reward`" in warnings[0] and str(old) in warnings[0]
+    assert "`validate` is now `validate_features`" in warnings[1] and "--evaluate.batch_size" in warnings[2]
+
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({**body, "evaluate": {"n": 7}, "evaluate_reward": {"n": 8}}))
+    with pytest.raises(UserError, match="sets both `evaluate` and `evaluate_reward`"):
+        parse_config("report", ["--config", str(both)])

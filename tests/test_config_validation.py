@@ -11,7 +11,7 @@ import proc
 import pytest
 
 from irm.cli import parse_config
-from irm.config import validate
+from irm.config import check_all
 from irm.errors import UserError
 
 ROOT = Path(__file__).parents[1]
@@ -29,7 +29,7 @@ BAD = [
     (["--rlhf.mini_batch_size", "1"], "rlhf.mini_batch_size"),
     (["--rlhf.prompt_min_tokens", "9", "--rlhf.prompt_max_tokens", "3"], "rlhf.prompt_min_tokens"),
     (["--rlhf.learning_rate", "-1"], "rlhf.learning_rate"),
-    (["--evaluate.n", "1"], "evaluate.n"),
+    (["--evaluate.n", "1"], "evaluate_reward.n"),
     (["--divergence.top_k", "0"], "divergence.top_k"),
     (["--cache.layers", "[-1]"], "cache.layers"),
     (["--cache.layers", "[1, 1]"], "cache.layers"),
@@ -54,7 +54,7 @@ BAD = [
     (["--control.permutations", "0"], "control.permutations"),
     (["--control.max_words", "2"], "control.max_words"),
     (["--control.ridge_alphas", "[0.1, -1]"], "control.ridge_alphas"),
-    (["--validate.threshold", "4"], "validate.threshold"),
+    (["--validate.threshold", "4"], "validate_features.threshold"),
     (["--ablate.modes", "[zero]"], "ablate.modes"),
     (["--ablate.n_prompts", "0"], "ablate.n_prompts"),
 ]
@@ -64,7 +64,7 @@ BAD = [
 def test_a_bad_value_in_any_section_is_refused_naming_the_field(tmp_path, args, field):
     cfg = parse_config("pipeline", ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), *args])
     with pytest.raises(UserError, match=rf"^bad configuration: {field.replace('.', '[.]')}=") as e:
-        validate(cfg)
+        check_all(cfg)
     problem, sep, fix = str(e.value).partition("; ")  # `<problem>; <fix>`, as the README promises
     assert sep and "is not valid" in problem and fix.strip() and "\n" not in str(e.value)
 
@@ -74,7 +74,7 @@ def test_the_shipped_run_configs_are_valid():
     for path in sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))):
         if Path(path).name in ("sae.yaml", "regression.yaml"):  # Lightning CLI configs, not run configs
             continue
-        validate(parse_config("pipeline", ["--config", path]))
+        check_all(parse_config("pipeline", ["--config", path]))
         checked += 1
     assert checked >= 3
 
@@ -84,17 +84,17 @@ def test_the_explainers_needs_are_checked_only_for_the_stages_that_will_use_it(m
     base = ["--config", str(TINY), "--run_dir", str(tmp_path / "run"), "--explain.backend", "openai"]
     no_model = parse_config("pipeline", base + ["--explain.api_key_env", "IRM_TEST_KEY"])
     with pytest.raises(UserError, match="explain.model is empty"):
-        validate(no_model, ["rlhf", "explain"])
+        check_all(no_model, ["rlhf", "explain"])
     no_key = parse_config("pipeline", base + ["--explain.model", "m", "--explain.api_key_env", "IRM_TEST_KEY"])
     with pytest.raises(UserError, match="IRM_TEST_KEY"):
-        validate(no_key, ["explain"])
-    validate(no_key, ["rlhf"])  # PPO alone does not need the explainer
+        check_all(no_key, ["explain"])
+    check_all(no_key, ["rlhf"])  # PPO alone does not need the explainer
     llm_triples = parse_config("pipeline", base + ["--explain.model", "m", "--explain.api_key_env", "IRM_TEST_KEY",
                                                    "--triples.substitution", "llm"])
     with pytest.raises(UserError, match="IRM_TEST_KEY"):
-        validate(llm_triples, ["triples"])  # llm substitution asks the explainer too
+        check_all(llm_triples, ["triples"])  # llm substitution asks the explainer too
     monkeypatch.setenv("IRM_TEST_KEY", "k")
-    validate(no_key, ["explain"])
+    check_all(no_key, ["explain"])
 
 
 # The refusal happens before anything heavy is imported (so it takes the CLI's start-up, a few seconds) and before the
@@ -139,11 +139,11 @@ def test_a_reward_lexicon_too_small_for_the_triples_is_refused(tmp_path):
     cfg = parse_config("pipeline", ["--config", str(TINY), "--reward.lexicon", str(lexicon)])
     with pytest.raises(UserError, match=r"leaves \d positive and [01] negative words outside the held-out lemma "
                                         r"families .*; the triples need at least 2 of each: add words of both signs$"):
-        validate(cfg)
+        check_all(cfg)
     cfg = parse_config("pipeline", ["--config", str(TINY), "--reward.lexicon", str(lexicon), "--reward.kind",
                                     "classifier", "--reward.classifier", "x"])
     with pytest.raises(UserError, match="reward.lexicon=.*is read only by reward.kind lexicon"):
-        validate(cfg)
+        check_all(cfg)
 
 
 def test_the_reward_lexicon_enters_fingerprints_by_content_not_path(tmp_path):

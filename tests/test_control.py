@@ -1,4 +1,4 @@
-"""Base-model control and nulls (irm.control) in planted worlds: base and tuned differ on a known set of words ->
+"""Base-model control and nulls (irm.stages.control) in planted worlds: base and tuned differ on a known set of words ->
 delta_tau's interval is above 0 and the per-word comparison finds those words, moving toward the reward; they do not
 differ -> the interval covers 0 and the verdict is "not distinguishable from the control". The permutation null
 gives p < 0.01 on planted signal and p > 0.05 when targets carry no sign information. The closed-form ridge is
@@ -246,7 +246,7 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
     assert row["verdict"] == NOT_DISTINGUISHABLE
     # The tuned chain took its triple rows from the deltas stage's shards (the base chain read its own, and the
     # equalities above say the two agree); they equal a fresh read through the same model and SAEs.
-    from irm.control import tuned_rows
+    from irm.stages.control import tuned_rows
     from irm.delta_rows import triple_rows
     from irm.sae.splice import load_saes
     from irm.models import load_tuned
@@ -265,7 +265,7 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
 
 
 def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_path):
-    from irm.control import words_csv
+    from irm.stages.control import words_csv
     from irm.report import Doc, control_section, findings_section
 
     features, words, true, heldout, seen = world(changed=30)

@@ -296,7 +296,7 @@ def test_stage_writes_mmcs_json_tensorboard_and_manifest(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from irm.dictionaries import run
+    from irm.stages.dictionaries import run
     from irm.stages import is_done
 
     cfg = stage_cfg(tmp_path)
@@ -331,7 +331,7 @@ def test_stage_writes_mmcs_json_tensorboard_and_manifest(tmp_path):
 
 
 def test_stage_missing_sae_and_single_expansion_are_user_errors(tmp_path):
-    from irm.dictionaries import run
+    from irm.stages.dictionaries import run
     from irm.errors import UserError
 
     cfg = stage_cfg(tmp_path, layers=(0,))
@@ -459,7 +459,7 @@ def test_a_feature_that_never_fires_is_never_a_shared_feature():
 def test_stage_records_chance_init_and_firing_beside_each_mmcs(tmp_path, capsys):
     import json
 
-    from irm.dictionaries import run
+    from irm.stages.dictionaries import run
     from irm.sae.comparison import activation_moments, chance_mmcs, dictionary_moments
     from irm.sae import sae_dir
 
@@ -553,7 +553,7 @@ def test_report_and_summary_show_sae_quality_and_each_mmcs_beside_its_chance(tmp
     import json
 
     from irm.config import RunConfig
-    from irm.report import run as report
+    from irm.stages.report import run as report
 
     cfg = RunConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "tb"))
     root = tmp_path / "run"
@@ -644,7 +644,7 @@ def test_stage_on_unequal_sizes_with_one_chance_draw_and_a_seed(tmp_path):
 
     from scipy.optimize import linear_sum_assignment
 
-    from irm.dictionaries import run
+    from irm.stages.dictionaries import run
     from irm.sae.comparison import dictionary_moments
     from irm.sae import sae_dir
 
@@ -702,7 +702,7 @@ def test_seed_pair_trains_a_second_small_sae_and_reports_its_mmcs(tmp_path, caps
     cache (linked into dictionaries/seed-pair), and its MMCS with the first, recomputed here in numpy."""
     import json
 
-    from irm.dictionaries import SEED_PAIR_DIR, run
+    from irm.stages.dictionaries import SEED_PAIR_DIR, run
     from irm.findings import dictionaries_share_features
     from irm.sae import load_sae, sae_dir
 

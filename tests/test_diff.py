@@ -224,14 +224,14 @@ def test_diff_sae_on_tuned_minus_base_finds_the_tuned_only_direction(tmp_path):
     assert float(cos.max()) > 0.9
 
 
-# The diff stage's parts (irm.diff.stage); the stage itself runs once it is declared in irm.stages.
+# The diff stage's parts (irm.stages.diff); the stage itself runs once it is declared in irm.stages.
 
 def test_base_cache_holds_the_base_model_at_the_tuned_cache_tokens(tiny_cfg):
     from irm.activations import ShardWriter, cache_layer_dir
     from irm.activations.collect import cache_activations
     from irm.data import corpus_fingerprint, load_texts
     from irm.diff.data import PairedCache
-    from irm.diff.stage import base_cache
+    from irm.stages.diff import base_cache
     from irm.models import capture, load_model
 
     tiny_cfg.corpus.n_documents = 40
@@ -262,7 +262,7 @@ def test_train_layer_writes_a_record_and_weights_that_agree(tmp_path):
     from irm.calibration.diff import paired_world, write_pair
     from irm.diff.config import DiffConfig
     from irm.diff.scaling import CLASSES
-    from irm.diff.stage import CLASS_INDEX_KEY, train_layer
+    from irm.stages.diff import CLASS_INDEX_KEY, train_layer
 
     w = paired_world(np.random.default_rng(0), {"rows": 1024}, effect=1.0)
     base_dir, tuned_dir = write_pair(tmp_path, w.base, w.tuned)

@@ -29,7 +29,7 @@ class _Planted:
 def world(tmp_path_factory):
     """The world's caches and its trained crosscoder (train_layer, as the stage trains it)."""
     from irm.diff.config import DiffConfig
-    from irm.diff.stage import _latents, train_layer
+    from irm.stages.diff import _latents, train_layer
 
     tmp = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)

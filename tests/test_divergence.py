@@ -15,7 +15,7 @@ import torch
 
 from irm.artifacts import write_json
 from irm.config import CacheConfig, DivergenceConfig, ModelConfig, RunConfig
-from irm.divergence import layer_divergence, run
+from irm.stages.divergence import layer_divergence, run
 from irm.layers import chosen_layers, rank_layers
 from irm.errors import UserError
 from irm.models import load_model

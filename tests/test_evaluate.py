@@ -49,7 +49,7 @@ def test_summary_is_the_hand_worked_t_interval():
 
 def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsys):
     from irm.data import load_texts, prefixes
-    from irm.evaluate import run
+    from irm.stages.evaluate_reward import run
     from irm.models import tiny_tokenizer
     from irm.reward import LexiconReward
 
@@ -57,28 +57,28 @@ def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsy
     run(cfg)
     out = Path(cfg.run_dir)
     result = json.loads((out / "reward_eval.json").read_text())
-    assert result["new_tokens"] == cfg.evaluate.new_tokens and result["prefix_tokens"] == cfg.evaluate.prefix_tokens
+    assert result["new_tokens"] == cfg.evaluate_reward.new_tokens and result["prefix_tokens"] == cfg.evaluate_reward.prefix_tokens
     base, tuned = (read_jsonl(out / "evaluate" / f"{m}.jsonl") for m in ("base", "tuned"))
     assert [r["batch"] for r in base] == [0, 1, 2]
     # same model, same prefixes, same per-batch seeds: the same completions, a difference of exactly 0
     assert [r["completions"] for r in base] == [r["completions"] for r in tuned]
     assert result["difference"]["mean"] == 0 and result["difference"]["ci95"] == [0, 0]
     assert result["paired"] == {"mean_diff": 0, "ci": [0, 0], "bootstrap_ci": [0, 0], "p_value": 1.0,
-                                "p_signflip": 1.0, "n": cfg.evaluate.n}
-    assert result["sampling"] == {"max_new_tokens": cfg.evaluate.new_tokens, "stop_at_eos": True,
+                                "p_signflip": 1.0, "n": cfg.evaluate_reward.n}
+    assert result["sampling"] == {"max_new_tokens": cfg.evaluate_reward.new_tokens, "stop_at_eos": True,
                                   "temperature": cfg.rlhf.temperature, "top_k": 0, "top_p": 1.0}
 
     tok = tiny_tokenizer()
-    pool = prefixes(load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed), tok, cfg.evaluate.prefix_tokens)
-    prefix_texts = [tok.decode(pool[i % len(pool)]) for i in range(cfg.evaluate.n)]
+    pool = prefixes(load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed), tok, cfg.evaluate_reward.prefix_tokens)
+    prefix_texts = [tok.decode(pool[i % len(pool)]) for i in range(cfg.evaluate_reward.n)]
     completions = [c for r in base for c in r["completions"]]
-    assert len(completions) == cfg.evaluate.n and all(completions)
+    assert len(completions) == cfg.evaluate_reward.n and all(completions)
     # reward of prefix + completion (the word-level tokenizer decodes as words joined by spaces)
     rewards = LexiconReward()([f"{p} {c}" for p, c in zip(prefix_texts, completions)])
     assert [x for r in base for x in r["rewards"]] == pytest.approx(rewards)
     assert result["base"]["mean"] == pytest.approx(np.mean(rewards))
     assert result["base"]["std"] == pytest.approx(np.std(rewards, ddof=1))
-    assert result["base"]["n"] == cfg.evaluate.n
+    assert result["base"]["n"] == cfg.evaluate_reward.n
     assert result["examples"][0]["prefix"] == prefix_texts[0]
 
     before = (out / "reward_eval.json").stat().st_mtime_ns
@@ -88,7 +88,7 @@ def test_table7_json_from_journalled_completions_with_paired_sampling(cfg, capsy
 
 
 def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg, tmp_path):
-    from irm.evaluate import sample_rewards
+    from irm.stages.evaluate_reward import sample_rewards
     from irm.models import load_model
     from irm.reward import LexiconReward
 
@@ -96,7 +96,7 @@ def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg,
     prompts = [tok(f"the film was {w}")["input_ids"] for w in ("good", "bad", "long", "fine", "odd")] * 4
     lexicon = LexiconReward()
     scored = []
-    B = cfg.evaluate.batch_size
+    B = cfg.evaluate_reward.batch_size
 
     def reward(texts):
         if len(scored) == 2 and dying:
@@ -121,7 +121,7 @@ def test_killed_evaluation_redoes_no_batch_and_matches_an_uninterrupted_one(cfg,
 
 
 def test_evaluating_a_run_without_a_tuned_policy_is_a_user_error(cfg):
-    from irm.evaluate import run
+    from irm.stages.evaluate_reward import run
 
     with pytest.raises(UserError, match="irm rlhf"):
         run(cfg)

@@ -61,7 +61,7 @@ def llama_server(tmp_path_factory):
 def test_explain_stage_through_a_real_llama_cpp_server(in_tmp, llama_server, monkeypatch):
     from irm.artifacts import read_jsonl
     from irm.cli import parse_config
-    from irm.explain.stage import NOT_EXPLAINED, run
+    from irm.stages.explain import NOT_EXPLAINED, run
 
     monkeypatch.setenv("IRM_LLAMA_KEY", "no-key-needed")
     cfg = parse_config("explain", ["--config", str(TINY), "--run_dir", str(in_tmp / "run"), "--device", "cpu",

@@ -92,7 +92,7 @@ def cfg(tiny_cfg, template, offline_server, key):
 
 def explained(lines: list[dict]) -> list[dict]:
     """The lines of features within explain.max_features (the others have a feature page only)."""
-    from irm.explain.stage import NOT_EXPLAINED
+    from irm.stages.explain import NOT_EXPLAINED
 
     return [ln for ln in lines if ln["status"] != NOT_EXPLAINED]
 
@@ -104,7 +104,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
 def test_stage_survives_faults_records_a_malformed_answer_and_never_writes_the_key(cfg, offline_server, key,
                                                                                     capsys):
     from irm.explain import prompts
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     s = offline_server
     s.inject("429")
@@ -129,7 +129,7 @@ def test_stage_survives_faults_records_a_malformed_answer_and_never_writes_the_k
 
 
 def test_concurrency_is_bounded_and_used(cfg, offline_server):
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     offline_server.delay = 0.1
     cfg.explain.concurrency = 2
@@ -140,7 +140,7 @@ def test_concurrency_is_bounded_and_used(cfg, offline_server):
 def test_a_run_cut_short_resumes_without_asking_any_answered_question_again(cfg, offline_server, key, capsys):
     """The first run loses the server after a few answers (features fail after retries, the stage stops with a
     UserError); the rerun asks only what is missing. Counted at the server."""
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     s = offline_server
     answered = []
@@ -200,7 +200,7 @@ def test_a_killed_run_resumes_without_re_requesting_finished_features(cfg, offli
 
     import yaml
 
-    from irm.explain.stage import run
+    from irm.stages.explain import run
     from irm.reward import reward_description
 
     s = offline_server

@@ -12,7 +12,7 @@ import pytest
 from explain_rundir import LAYERS, PERM, TRIGGERS, build_run, codes
 from irm.artifacts import read_jsonl
 from irm.errors import UserError
-from irm.explain.stage import NOT_EXPLAINED
+from irm.stages.explain import NOT_EXPLAINED
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def lines_of(cfg):
 
 def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_shared_feature(cfg, capsys):
     from irm.explain import related_features
-    from irm.explain.stage import run
+    from irm.stages.explain import run
     from irm.stages import is_done
 
     run(cfg)
@@ -90,7 +90,7 @@ def test_offline_stage_on_the_tiny_config_explains_labels_and_scores_every_share
 
 def test_large_dictionary_features_are_read_with_large_dictionary_indices(cfg, template):
     """The authors' code indexed the large dictionary with small-dictionary indices: here that shows another word."""
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     run(cfg)
     data = template[1]
@@ -113,7 +113,7 @@ def test_large_dictionary_features_are_read_with_large_dictionary_indices(cfg, t
 
 def test_each_layer_cache_is_read_in_one_pass_for_all_its_features(cfg, monkeypatch):
     from irm.activations import ActivationCache
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     passes = []
     original = ActivationCache.iter_batches
@@ -128,7 +128,7 @@ def test_each_layer_cache_is_read_in_one_pass_for_all_its_features(cfg, monkeypa
 
 
 def test_rerun_asks_nothing_and_keeps_the_same_lines(cfg):
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     run(cfg)
     before = (Path(cfg.run_dir) / "explanations.jsonl").read_text()
@@ -139,7 +139,7 @@ def test_rerun_asks_nothing_and_keeps_the_same_lines(cfg):
 
 
 def test_changed_settings_replace_stale_lines(cfg):
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     run(cfg)
     cfg.explain.n_top = 2
@@ -150,7 +150,7 @@ def test_changed_settings_replace_stale_lines(cfg):
 
 
 def test_missing_inputs_are_user_errors_naming_the_stage_to_run(cfg):
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     shutil.rmtree(Path(cfg.run_dir) / "rlhf")
     with pytest.raises(UserError, match="irm rlhf"):
@@ -161,7 +161,7 @@ def test_missing_inputs_are_user_errors_naming_the_stage_to_run(cfg):
 
 
 def test_a_feature_index_beyond_the_dictionary_is_a_user_error(cfg):
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     path = Path(cfg.run_dir) / "mmcs.json"
     mmcs = json.loads(path.read_text())
@@ -247,7 +247,7 @@ def test_the_embedded_local_model_runs_the_stage_and_its_unusable_answers_are_fl
     sends nothing to the model."""
     from conftest import ROOT
     from irm.cli import parse_config
-    from irm.explain.stage import run
+    from irm.stages.explain import run
 
     cfg = parse_config("explain", ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--run_dir",
                                    str(in_tmp / "run"), "--device", "cpu", "--explain.backend", "local",

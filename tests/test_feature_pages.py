@@ -159,7 +159,7 @@ def ran(tmp_path_factory):
     that change its files work on a copy."""
     from conftest import TINY_YAML
     from irm.cli import parse_config
-    from irm.explain.stage import run
+    from irm.stages.explain import run
     from irm.sae import sae_dir
     from irm.sae.export import write_sparsity
 
@@ -302,7 +302,7 @@ def test_report_html_renders_in_headless_chromium(ran, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium (apt-get install -y chromium)")
-    from irm.report import run as report
+    from irm.stages.report import run as report
 
     cfg = copy_of(ran, tmp_path)
     report(cfg)

@@ -221,7 +221,7 @@ def test_missing_artifacts_skip_their_claims_and_bad_rows_are_refused(tmp_path):
 
 def test_divergence_records_per_tensor_norms_that_sum_to_each_layer(tmp_path):
     from irm.config import ModelConfig
-    from irm.divergence import layer_divergence
+    from irm.stages.divergence import layer_divergence
     from irm.models import load_model
 
     base, _ = load_model(ModelConfig(name="tiny-gpt-neox", tiny_layers=3), seed=0)

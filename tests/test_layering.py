@@ -2,8 +2,8 @@
 module never imports another stage's module, a library never imports a stage module, and the import graph has no
 cycle. Every import counts: module-level, inside functions, under TYPE_CHECKING; `from a.b import c` depends on the
 module a.b.c when there is one, else on a.b (a package's __init__ re-exporting its submodules is no cycle). A stage
-module is the one its `irm.stages.Stage` declares, or, when that is a package whose __init__ defines or re-exports
-`run` (report, rlhf), every module of the package."""
+module is the one its `irm.stages.Stage` names (irm/stages/<stage>.py); irm.stages itself (the declarations) is a
+library."""
 
 from __future__ import annotations
 
@@ -49,25 +49,8 @@ def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def stage_of(modules: dict[str, Path]) -> dict[str, str]:
-    """{module: the stage it belongs to} for every stage module."""
-    out = {}
-    for s in STAGES:
-        path = modules[s.module]
-        if path.name == "__init__.py" and "run" in _top_level_names(path):
-            out.update({m: s.name for m in modules if m == s.module or m.startswith(s.module + ".")})
-        else:
-            out[s.module] = s.name
-    return out
-
-
-def _top_level_names(path: Path) -> set[str]:
-    names = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.ImportFrom):
-            names |= {alias.asname or alias.name for alias in node.names}
-    return names
+    """{module: the stage it belongs to} for every stage module (`Stage.module`, under irm/stages/)."""
+    return {s.module: s.name for s in STAGES if s.module in modules}
 
 
 def graph() -> nx.DiGraph:
@@ -104,13 +87,33 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_layering_checks_catch_a_planted_violation_and_cycle():
     stages = stage_of(module_files())
-    assert stages["irm.lexicon"] == "lexicon" and stages["irm.report.features"] == "report"
-    assert "irm.report" in stages and "irm.readout" not in stages and "irm.sae" not in stages
-    g = nx.DiGraph([("irm.control", "irm.lexicon"), ("irm.readout", "irm.deltas"), ("irm.report.features",
-                    "irm.report.doc"), ("irm.words", "irm.readout"), ("irm.readout", "irm.words")])
-    assert violations(g, stages) == ["irm.control -> irm.lexicon (stage control imports stage lexicon)",
-                                     "irm.readout -> irm.deltas (library imports stage deltas)"]
+    assert stages["irm.stages.lexicon"] == "lexicon" and stages["irm.stages.report"] == "report"
+    assert "irm.stages" not in stages and "irm.report" not in stages and "irm.sae" not in stages
+    g = nx.DiGraph([("irm.stages.control", "irm.stages.lexicon"), ("irm.readout", "irm.stages.deltas"),
+                    ("irm.report.features", "irm.report.doc"), ("irm.words", "irm.readout"), ("irm.readout", "irm.words")])
+    assert violations(g, stages) == ["irm.readout -> irm.stages.deltas (library imports stage deltas)",
+                                     "irm.stages.control -> irm.stages.lexicon (stage control imports stage lexicon)"]
     assert [sorted(c) for c in nx.strongly_connected_components(g) if len(c) > 1] == [["irm.readout", "irm.words"]]
+
+
+def test_the_stages_folder_holds_the_stages_one_module_each_named_as_the_stage_and_its_section():
+    """irm/stages/ shows the pipeline: one module per declared stage, named as its CLI command (`-` as `_`) and as
+    its config section where it has one; nothing else there but the declarations (__init__)."""
+    import dataclasses
+
+    from irm.config import RunConfig
+
+    folder = {p.stem for p in (IRM / "stages").glob("*.py")} | {p.name for p in (IRM / "stages").iterdir()
+                                                                  if p.is_dir() and p.name != "__pycache__"}
+    assert folder == {s.section for s in STAGES} | {"__init__"}
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    without = {s.name for s in STAGES if s.section not in sections}
+    assert without == {"deltas", "report"}  # no settings of their own
+    for s in STAGES:
+        assert s.section in sections | {"deltas", "report"} and (s.section in s.sections) == (s.name not in without)
+    # every section named like a stage is that stage's (no near-miss such as a section `evaluate` for evaluate-reward)
+    stems = {s.section.split("_")[0] for s in STAGES}
+    assert {sec for sec in sections if sec.split("_")[0] in stems} <= {s.section for s in STAGES}
 
 
 def test_imports_are_read_at_every_level_and_resolved_to_modules(tmp_path):

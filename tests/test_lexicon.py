@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from irm.lexicon import lexicon_csv, sign_agreement, summarise
+from irm.stages.lexicon import lexicon_csv, sign_agreement, summarise
 from irm.readout import apply_mapping, kendall, per_word, raw_threshold, rescale
 from irm.config import RegressionConfig
 from irm.regression import DeltaDataModule, IRMRegression
@@ -36,7 +36,7 @@ def planted_world(n_words=500, n_features=64, n_contexts=4, seed=0):
 
 def fit_r(directory: Path, x, y, epochs=15):
     from irm.artifacts import write_json
-    from irm.deltas import MANIFEST, write_shard
+    from irm.stages.deltas import MANIFEST, write_shard
 
     directory.mkdir(parents=True)
     n = len(x)
@@ -154,14 +154,14 @@ def test_rescale_maps_percentiles_onto_plus_minus_four_and_clips():
     assert apply_mapping([raw_threshold(3.0, mapping)], mapping)[0] == pytest.approx(3.0)
     assert (apply_mapping(np.ones(3), {"raw_at_percentiles": [2.0, 2.0]}) == 0).all()
     assert rescale(raw)[1]["percentiles"] == [10.0, 90.0]  # the authors' default
-    from irm.config import RunConfig, validate
+    from irm.config import RunConfig, check_all
     from irm.errors import UserError
 
     for bad in ((10, 100.5), (-0.5, 90), (50, 50)):  # refused before any stage runs, so rescale never sees them
         cfg = RunConfig()
         cfg.lexicon.percentiles = list(bad)
         with pytest.raises(UserError, match="lexicon.percentiles"):
-            validate(cfg, ["lexicon"])
+            check_all(cfg, ["lexicon"])
     np.testing.assert_allclose(rescale(raw, (0, 100))[0], np.linspace(-4, 4, 11))  # the extremes are allowed
 
 
@@ -303,7 +303,7 @@ def lexicon_run(cfg, contexts):
     from irm.artifacts import write_json
     from irm.models import load_model, site_width
     from irm.readers import IRM_EXPORT
-    from irm.regression import REGRESSION_DIR
+    from irm.stages.regression import REGRESSION_DIR
     from irm.sae import SparseAutoencoder, sae_dir, save_sae
     from irm.stages import artifact
 
@@ -338,7 +338,7 @@ def test_stage_raw_column_is_r_on_the_words_codes_averaged_over_contexts(tiny_cf
     from test_validate import independent_codes
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from irm.lexicon import run
+    from irm.stages.lexicon import run
     from irm.models import load_pretrained
 
     contexts = ["the film was ", "i think it is "]
@@ -373,7 +373,7 @@ def test_stage_raw_column_is_r_on_the_words_codes_averaged_over_contexts(tiny_cf
 
 def test_choose_contexts_picks_distinct_non_blank_triple_prefixes_seeded():
     """benchmarks/lexicon_prefix.py's contexts: k of the distinct non-blank prefixes, seeded; [''] when none."""
-    from irm.lexicon import choose_contexts
+    from irm.stages.lexicon import choose_contexts
 
     triples = [{"prefix": p} for p in ("the film was ", "the film was ", "it is ", "  ", "a plot so ")]
     picked = choose_contexts(triples, 2, seed=0)

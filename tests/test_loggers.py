@@ -30,9 +30,9 @@ def test_sae_trainer_logger_from_the_command_line_writes_csv_and_mlflow(tiny_cfg
     pytest.importorskip("mlflow")
     from test_activations import save_policy
 
-    from irm.activations.cache import run as cache_run
+    from irm.stages.cache import run as cache_run
     from irm.cli import parse_config
-    from irm.sae.stage import run as sae_run
+    from irm.stages.sae import run as sae_run
 
     cfg = parse_config("sae", ["--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
                                "--run_dir", tiny_cfg.run_dir, "--log_dir", str(Path(tiny_cfg.run_dir).parent / "logs"),
@@ -73,14 +73,14 @@ def test_rlhf_scalars_reach_the_runs_other_loggers(tiny_cfg):
 
 
 def test_unknown_logger_and_missing_class_are_one_line():
-    from irm.config import validate
+    from irm.config import check_all
     from irm.config import RunConfig
     from irm.loggers import stage_loggers
 
     cfg = RunConfig()
     cfg.loggers = ["tensorbord"]
     with pytest.raises(UserError, match="loggers=.*each must be one of"):
-        validate(cfg)
+        check_all(cfg)
     with pytest.raises(UserError, match="cannot be imported"):
         stage_loggers("logs", "run", "sae", [{"class_path": "no.such.Logger"}])
     with pytest.raises(UserError, match="unknown logger"):

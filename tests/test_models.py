@@ -439,10 +439,10 @@ def test_a_given_tuned_model_is_the_runs_policy_and_layer_divergence_sees_its_ch
     base model's."""
     import dataclasses
 
-    from irm import divergence
+    from irm.stages import divergence
     from irm.artifacts import read_json
-    from irm.config import validate
-    from irm.rlhf.stage import run as rlhf_run
+    from irm.config import check_all
+    from irm.stages.rlhf import run as rlhf_run
 
     base, _ = models.load_model(tiny_cfg.model, seed=tiny_cfg.seed)
     tuned_dir = tmp_path / "tuned"
@@ -457,7 +457,7 @@ def test_a_given_tuned_model_is_the_runs_policy_and_layer_divergence_sees_its_ch
                     expected[layer] += float(delta.double().norm())
     base.save_pretrained(tuned_dir)  # weights only: no tokenizer files
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, tuned=str(tuned_dir)))
-    validate(cfg)
+    check_all(cfg)
     rlhf_run(cfg)
     record = read_json(Path(cfg.run_dir) / "manifest.json")["stages"]["rlhf"]
     assert record["tuned"] == {"name": str(tuned_dir), "sha256": models.dir_checksum(tuned_dir)}

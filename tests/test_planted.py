@@ -129,7 +129,7 @@ def test_the_planted_part_of_the_reward_is_split_from_the_rest_and_tested(tmp_pa
     words, by hand; the findings row tests the planted part (sign-flip) and names the other words' part."""
     import json
 
-    from irm.evaluate import planted_split
+    from irm.stages.evaluate_reward import planted_split
     from irm.findings import planted_words_learned
     from irm.reward import LexiconReward
 

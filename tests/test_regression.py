@@ -11,7 +11,7 @@ import torch
 
 from irm.artifacts import write_json
 from irm.delta_rows import rows_of, sentiment_deltas
-from irm.deltas import MANIFEST, write_shard
+from irm.stages.deltas import MANIFEST, write_shard
 from irm.errors import UserError
 from irm.config import RegressionConfig
 from irm.readers import load_irm
@@ -130,7 +130,7 @@ def test_resume_from_last_checkpoint_continues_exactly(in_tmp):
 def test_stage_logs_metrics_and_exports_r(tiny_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from irm.regression import run
+    from irm.stages.regression import run
 
     x, y, triple = linear_data(n=300, f=16, noise=0.01)
     root = Path(tiny_cfg.run_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from irm.config import RunConfig
-from irm.report import run
+from irm.stages.report import run
 from irm.report.plots import sae_curves
 
 FEATURES = {"2": [18], "3": [422, 7]}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from irm.config import RunConfig
-from irm.report import run
+from irm.stages.report import run
 
 
 def feature(index, label, status="ok", **extra):

@@ -68,7 +68,7 @@ class SigtermAt(TrainerCallback):
 def runs(tmp_path_factory):
     """Three tiny runs of 8 steps: uninterrupted; stopped by SIGTERM after STOP_AT steps, then resumed; and one that
     finished 4 steps and was then asked for 8."""
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("rlhf")
@@ -173,11 +173,11 @@ def test_checkpoints_of_another_configuration_or_a_longer_run_are_discarded(tmp_
 
 
 def test_batch_not_a_multiple_of_mini_batch_is_a_user_error():
-    """Refused by the config check every stage entry runs first (irm.config.validate)."""
-    from irm.config import RLHFConfig, RunConfig, validate
+    """Refused by the config check every stage entry runs first (irm.config.check_all)."""
+    from irm.config import RLHFConfig, RunConfig, check_all
 
     with pytest.raises(UserError, match="multiple of mini_batch_size"):
-        validate(RunConfig(rlhf=RLHFConfig(batch_size=10, mini_batch_size=4)), ["rlhf"])
+        check_all(RunConfig(rlhf=RLHFConfig(batch_size=10, mini_batch_size=4)), ["rlhf"])
 
 
 def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm_and_logs_the_norm_before(monkeypatch):
@@ -288,7 +288,7 @@ def test_resumed_run_logs_each_step_once_with_the_uninterrupted_values(runs):
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(runs, capsys):
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     cfg = tiny(runs["tmp"], "damaged")
     shutil.copytree(ckpt_dir(runs["full"]), ckpt_dir(cfg))
@@ -301,7 +301,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(runs, caps
 
 
 def test_rerun_with_the_same_config_is_a_no_op(runs, capsys):
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     cfg = runs["full"]
     policy = Path(cfg.run_dir) / "rlhf" / "policy" / "model.safetensors"
@@ -316,7 +316,7 @@ def test_rerun_with_the_same_config_is_a_no_op(runs, capsys):
 def test_ppo_raises_the_mean_reward_of_the_tiny_model(runs):
     """Table 7 on the tiny run: paired completions (same prefixes, same seeds) of tuned vs base."""
     from irm.artifacts import read_jsonl
-    from irm.evaluate import run as evaluate
+    from irm.stages.evaluate_reward import run as evaluate
 
     cfg = runs["full"]
     evaluate(cfg)
@@ -356,9 +356,9 @@ def test_cli_killed_after_a_checkpoint_resumes_and_logs_every_step_once(tmp_path
 def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path):
     """The embedded SmolLM2-135M-Instruct through the quickstart config, with a handful of small steps."""
     pytest.importorskip("gguf")
-    from irm.evaluate import run as evaluate
+    from irm.stages.evaluate_reward import run as evaluate
     from irm.models import embedded_gguf
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     try:
         embedded_gguf()
@@ -401,7 +401,7 @@ def test_without_a_final_checkpoint_the_run_leaves_none_and_editing_bookkeeping_
     that field nor checkpoint_every is part of the stage's fingerprint."""
     import dataclasses
 
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
     from irm.stages import is_done
 
     cfg = tiny(runs["tmp"], "no-final", "--rlhf.keep_final_checkpoint", "false")
@@ -425,7 +425,7 @@ LORA = ("--rlhf.lora_rank", "4", "--rlhf.lora_alpha", "8", "--rlhf.learning_rate
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     """Two tiny LoRA runs of 8 steps: uninterrupted; stopped by SIGTERM after STOP_AT steps, then resumed."""
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("lora")

@@ -446,11 +446,11 @@ def test_saelens_reads_the_export(tmp_path, activation, center):
 
 
 def test_sae_stage_trains_every_chosen_layer_then_resumes_instead_of_retraining(tiny_cfg):
-    from irm.sae.stage import run
+    from irm.stages.sae import run
     from irm.stages import is_done
     from test_activations import save_policy
 
-    from irm.activations.cache import run as cache_run
+    from irm.stages.cache import run as cache_run
 
     cfg = tiny_cfg
     cfg.cache.layers, cfg.cache.n_documents = [0, 2], 60
@@ -542,7 +542,7 @@ def refused_in_process(monkeypatch, capsys, *args) -> str:
 ])
 def test_fit_cli_checks_the_sae_section_before_building_anything(tmp_path, monkeypatch, capsys, change, message):
     """configs/sae.yaml's `cfg` is the run config's sae section, refused by the section's own checks (the stages'
-    irm.config.validate) before the cache, the module or the Trainer is touched: no cache exists here."""
+    irm.config.check_all) before the cache, the module or the Trainer is touched: no cache exists here."""
     monkeypatch.chdir(tmp_path)
     config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
     cfg = yaml.safe_load(config.read_text())

@@ -1,5 +1,5 @@
 """The one sampling rule (irm.sampling) and its three callers: PPO rollouts (irm.rlhf.trainer), table 7
-(irm.evaluate) and table 5 (irm.ablation). Checked against a hand-written sampling loop, a chi-square test of the
+(irm.stages.evaluate_reward) and table 5 (irm.stages.ablate). Checked against a hand-written sampling loop, a chi-square test of the
 distribution, batch independence under left padding, and the end-of-text stop in every caller (ablate ignored it)."""
 
 from pathlib import Path
@@ -130,7 +130,7 @@ def test_the_three_callers_use_one_rule_and_stop_at_end_of_text(eos_prone, tmp_p
     """PPO's rollout rule, table 7's and table 5's are the run's rule at their lengths; evaluate and ablate draw the
     same completion for the same prompt and seed, and both stop at end-of-text (ablate did not: it sampled exactly
     new_tokens tokens whatever came)."""
-    from irm.evaluate import sample_rewards
+    from irm.stages.evaluate_reward import sample_rewards
     from irm.sampling import sample_prompts  # what the ablate stage draws its completions with
     from irm.rlhf.trainer import rollout_rule
 

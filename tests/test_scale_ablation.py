@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_ablation import RELATED, ablate_cfg, build_run  # noqa: F401 (ablate_cfg is a fixture)
 
-from irm.ablation import run
+from irm.stages.ablate import run
 from irm.artifacts import read_jsonl
 from irm.errors import UserError
 

@@ -14,7 +14,7 @@ import torch
 from test_activations import save_policy
 
 from irm.activations import ActivationCache, ShardWriter
-from irm.activations.cache import _cache_worker, run
+from irm.stages.cache import _cache_worker, run
 from irm.activations.datamodule import ActivationDataModule, RowSampler, ShardBatches
 from irm.config import SAEConfig
 from irm.parallel import Ranks, launch

@@ -56,7 +56,7 @@ PROBE = textwrap.dedent("""
     import torch.distributed as dist
     from transformers import TrainerCallback
     from irm.cli import parse_config
-    from irm.rlhf import run
+    from irm.stages.rlhf import run
 
     class Digest(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_validate import ARGS, TINY_YAML, build_upstream, run_chain
 from torch.multiprocessing import ProcessRaisedException
 
-from irm import deltas as deltas_stage
+from irm.stages import deltas as deltas_stage
 from irm.delta_rows import read_manifest, verify
 
 BROKEN = 35  # a triple of the last chunk (triples 32-39)

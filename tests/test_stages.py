@@ -23,19 +23,16 @@ SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - RUNTIME_FIELDS
 FINGERPRINT_ONLY = {"divergence": {"cache"}}
 
 
+# Stages that give the whole cfg to a library's functions: the report's sections (irm.report) read it there.
+HANDS_CFG_TO = {"report": ("irm.report",)}
+
+
 def sections_read(module: str) -> set[str]:
     """Config sections a module's source reads as `cfg.<section>`, found by parsing it (independent of the
     declaration under test)."""
-    spec = importlib.util.find_spec(module)
-    paths = [Path(spec.origin)]
-    if paths[0].name == "__init__.py":  # a package stage: its `run` lives in the module the package re-exports, or
-        # in the package itself, whose modules (the report's sections) are then all the stage's code
-        tree = ast.parse(paths[0].read_text())
-        paths = sorted(paths[0].parent.glob("*.py"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "run" for a in node.names):
-                paths = [Path(importlib.util.find_spec(node.module if node.level == 0 else
-                                                       f"{module}.{node.module}").origin)]
+    paths = [Path(importlib.util.find_spec(module).origin)]
+    for package in HANDS_CFG_TO.get(module.rpartition(".")[2], ()):
+        paths += sorted(Path(importlib.util.find_spec(package).origin).parent.glob("*.py"))
     found = set()
     for node in (n for path in paths for n in ast.walk(ast.parse(path.read_text()))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
@@ -149,7 +146,7 @@ def test_every_stage_uses_the_same_small_dictionary(tmp_path):
     assert saes[1].d_hidden == 2 * d
     with pytest.raises(Exception, match="expansions"):
         SAEConfig(expansions=[2]).dictionary_pair()
-    for path in ("irm/ablation.py", "irm/deltas.py", "irm/explain/stage.py", "irm/lexicon.py", "irm/validate.py"):
+    for path in ("irm/stages/ablate.py", "irm/stages/deltas.py", "irm/stages/explain.py", "irm/stages/lexicon.py", "irm/stages/validate_features.py"):
         src = (Path(__file__).parents[1] / path).read_text()
         assert "sae_dir(cfg.run_dir, layer, 1)" not in src and "min(cfg.sae.expansions)" not in src, path
 

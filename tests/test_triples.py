@@ -10,7 +10,7 @@ from irm.data.generated import generate_reviews
 from irm.errors import UserError
 from irm.models import tiny_tokenizer
 from irm.reward import spacy_tokenizer, vader_lexicon
-from irm.triples import build_triples, fit_prefix, parse_llm_answer
+from irm.stages.triples import build_triples, fit_prefix, parse_llm_answer
 from irm.words import family, heldout_words, locate, token_counts
 
 LEXICON = vader_lexicon()
@@ -207,15 +207,15 @@ def test_heldout_words_hold_their_families_out_whatever_the_seed(tiny):
 
 
 def test_bad_settings_are_user_errors():
-    """Refused by the config check every stage entry runs first (irm.config.validate)."""
-    from irm.config import RunConfig, validate
+    """Refused by the config check every stage entry runs first (irm.config.check_all)."""
+    from irm.config import RunConfig, check_all
 
     with pytest.raises(UserError, match="heldout_fraction"):
-        validate(RunConfig(triples=TriplesConfig(heldout_fraction=1.0)), ["triples"])
+        check_all(RunConfig(triples=TriplesConfig(heldout_fraction=1.0)), ["triples"])
     with pytest.raises(UserError, match="triples.n"):
-        validate(RunConfig(triples=TriplesConfig(n=0)), ["triples"])
+        check_all(RunConfig(triples=TriplesConfig(n=0)), ["triples"])
     with pytest.raises(UserError, match="triples.heldout_words"):
-        validate(RunConfig(triples=TriplesConfig(heldout_words=["good", " "])), ["triples"])
+        check_all(RunConfig(triples=TriplesConfig(heldout_words=["good", " "])), ["triples"])
 
 
 def test_llm_substitution_uses_valid_proposals_falls_back_on_bad_ones_and_caches(tiny, tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_llm_substitution_uses_valid_proposals_falls_back_on_bad_ones_and_caches
 
     from irm.artifacts import read_jsonl
     from irm.config import RunConfig
-    from irm.triples import _LLM
+    from irm.stages.triples import _LLM
 
     held = set(heldout_words(LEXICON, 0.2, 0)["negative"])
     negative = next(w for w in ("awful", "terrible", "horrible", "dreadful") if w not in held)

@@ -220,7 +220,7 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     from safetensors.torch import load_file
     from scipy.stats import kendalltau
 
-    from irm import deltas as deltas_stage
+    from irm.stages import deltas as deltas_stage
     from irm.artifacts import RunDir
     from irm.readers import load_irm
 

@@ -1,4 +1,4 @@
-"""Activation cache of the chosen layers (paper 4.2): the writer stage (`irm.activations.cache`, `python -m irm
+"""Activation cache of the chosen layers (paper 4.2): the writer stage (`irm.stages.cache`, `python -m irm
 cache`), the reader (`ActivationCache`) and the Lightning DataModule that streams it into SAE training."""
 
 from irm.activations.store import ActivationCache, ShardWriter, cache_layer_dir

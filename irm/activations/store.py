@@ -2,7 +2,7 @@
 them) and `manifest.json` listing the shards in row order with each one's row count and sha256. One format for every
 sharded artifact: the activation cache of a layer (paper 4.2: activations are computed once, then read by every SAE
 epoch; `acts` [rows, width] and, per row, `token_ids`, `doc_ids` and `positions`) and the deltas stage's regression
-rows (`irm.deltas`). Writing keeps one shard in memory; reading goes through safetensors' memory map, one shard or
+rows (`irm.stages.deltas`). Writing keeps one shard in memory; reading goes through safetensors' memory map, one shard or
 one row range at a time, whichever process wrote the shard."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Calibration of the control's findings (irm.control -> irm.findings): delta_tau, the lexicon tau against its
+"""Calibration of the control's findings (irm.stages.control -> irm.findings): delta_tau, the lexicon tau against its
 permutation null, held-out generalisation and SAE vs raw, in simulated worlds pushed through `irm.chains.analyse`
 and the findings' own row functions (`delta_tau_row`, `lexicon_rows`, `heldout_row`).
 

@@ -5,7 +5,7 @@ Reward worlds: per-prompt rewards of the base model and the tuned model on the s
 shared by both (the pairing) and skewed, heavy-tailed noise (a lexicon reward is a clipped sum of word values).
 Null: the tuned model's rewards have the base model's distribution; planted: shifted by `effect` reward units.
 
-Layer worlds: per-layer divergences (sums of per-tensor norms, as irm.divergence computes them) where every layer
+Layer worlds: per-layer divergences (sums of per-tensor norms, as irm.stages.divergence computes them) where every layer
 differs by a random factor (3% log-normal; or uniform within +-5%; or log-normal with each tensor's own 1% noise);
 planted: the top k layers' true divergence `effect` x larger.
 """

@@ -1,5 +1,5 @@
 """The `diff` stage's config section (SPEC "Model diffing"): to be composed into irm.config.RunConfig as `diff`, with
-its range checks (`check`) called from irm.config.validate. Imports nothing heavy."""
+its range checks (`check`) called from irm.config.check_all. Imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class DiffConfig:
     trainer: dict = field(default_factory=dict)  # extra lightning.Trainer arguments (accelerator, devices, ...)
 
     def check(self) -> list[str]:
-        """Problems with these values, one line each ("field: what is wrong; fix"), for irm.config.validate."""
+        """Problems with these values, one line each ("field: what is wrong; fix"), for irm.config.check_all."""
         problems = []
         if self.expansion < 1:
             problems.append(f"diff.expansion must be >= 1, not {self.expansion}")

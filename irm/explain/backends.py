@@ -51,7 +51,7 @@ class OpenAIBackend:
     def __init__(self, cfg):
         import openai
 
-        # irm.config.validate refused an empty explain.model or an unset key before any stage ran.
+        # irm.config.check_all refused an empty explain.model or an unset key before any stage ran.
         key = os.environ[cfg.api_key_env]
         self.model = cfg.model
         self.params = {"max_tokens": cfg.max_new_tokens, "temperature": 0}

@@ -1,5 +1,5 @@
 """The report's opening findings table (irm.findings: each claim, its number, its control, a verdict) and the
-base-model control with its nulls (irm.control)."""
+base-model control with its nulls (irm.stages.control)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def control_section(doc: Doc, root: Path, plots: Path) -> None:
     if not c:
         return
     doc.para(f"The same triples, {c['n_words']} lexicon words and {c['n_contexts']} contexts through the same chain "
-             f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/control.py). R is a closed-form "
+             f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/stages/control.py). R is a closed-form "
              f"ridge refit for both; the permutation null refits it on targets whose signs were flipped for a random "
              f"half of the triples; the raw-activation R reads the MLP outputs the SAEs encode.")
     rows = []

@@ -176,7 +176,7 @@ def kendall_section(doc: Doc, cfg: RunConfig, root: Path, plots: Path) -> None:
 
 
 def base_control_section(doc: Doc, cfg: RunConfig, root: Path, plots: Path) -> None:
-    """The base-model control and its nulls (irm.control)."""
+    """The base-model control and its nulls (irm.stages.control)."""
     control_section(doc, root, plots)
 
 

@@ -138,7 +138,7 @@ def ppo_config(rlhf: RLHFConfig, output_dir: str, seed: int, use_cpu: bool, worl
     mini-batch: TRL 1.12 calls the rollout batch `per_device_train_batch_size` * `gradient_accumulation_steps`).
     `batch_size` and `mini_batch_size` stay global under data parallelism: each of `world_size` processes samples
     and trains on 1/world_size of them (TRL all-reduces the gradients), so a config means the same PPO at any scale.
-    The ranges that do not depend on the process count are irm.config.validate's, checked before any stage runs."""
+    The ranges that do not depend on the process count are irm.config.check_all's, checked before any stage runs."""
     if rlhf.mini_batch_size % world_size:
         raise UserError(
             f"rlhf.batch_size={rlhf.batch_size} and mini_batch_size={rlhf.mini_batch_size} must be multiples of the "

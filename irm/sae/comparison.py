@@ -1,6 +1,6 @@
 """Comparing two dictionaries of one layer (paper eq. 2, E.1; issue 22): MMCS both ways with the shared pairs, and
 its chance level from random dictionaries with the rows' own moments. The dictionaries stage and the calibration
-harness's simulated worlds compare with it; the module docstring of irm.dictionaries says why each choice."""
+harness's simulated worlds compare with it; the module docstring of irm.stages.dictionaries says why each choice."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def _save_policy(cfg: RunConfig, out: Path, trainer, policy, tokenizer, lora, ge
 
 
 def given_policy(cfg: RunConfig) -> None:
-    """`model.tuned`: no PPO. The given tuned model (its pairing with model.name checked by irm.config.validate) is
+    """`model.tuned`: no PPO. The given tuned model (its pairing with model.name checked by irm.config.check_all) is
     saved as the run's policy, where every later stage reads M_RLHF as it reads a PPO-trained one, and the manifest
     records what it was (name, checksum of local files or the hub commit)."""
     from irm.models import load_given_tuned, tuned_identity

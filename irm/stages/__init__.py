@@ -15,6 +15,7 @@ from irm.artifacts import RunDir, fingerprint, read_json, write_json, write_text
 from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
 
+
 class StageModule(Protocol):
     """A stage's module (`Stage.module`): `run(cfg)` reads its inputs from run_dir through `irm.artifacts`, writes its
     outputs atomically, and ends with `mark_done(cfg, name, outputs)`. The CLI has already parsed and validated the
@@ -34,10 +35,12 @@ class Stage:
     `upstream`: stages whose artifacts it reads (their completion stamps enter its fingerprint);
     `bookkeeping`: per config section it owns, fields that change how work is kept or scheduled, not what it
     produces (editing them redoes nothing anywhere); `outputs`: the artifacts it writes, each
-    a key and its path under run_dir, the one place a file name is spelled (`artifact(run_dir, key)`)."""
+    a key and its path under run_dir, the one place a file name is spelled (`artifact(run_dir, key)`).
+
+    A stage's name is also its module's (`module`, under irm/stages/) and, where it has settings, its config
+    section's (`section`), with `_` for `-`."""
 
     name: str
-    module: str
     help: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
@@ -45,69 +48,80 @@ class Stage:
     bookkeeping: tuple[tuple[str, tuple[str, ...]], ...] = ()
     outputs: tuple[tuple[str, str], ...] = ()  # (artifact key, path under run_dir): read through `artifact`
 
+    @property
+    def section(self) -> str:
+        """Its config section's name (a RunConfig field, when the stage has settings of its own)."""
+        return self.name.replace("-", "_")
+
+    @property
+    def module(self) -> str:
+        """Its module, `run(cfg)` and whatever only this stage needs."""
+        return f"irm.stages.{self.section}"
+
 
 # The explainer's connection settings: where and how fast answers are fetched, not which answers.
 EXPLAIN_OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("rlhf", "irm.rlhf", "PPO fine-tuning of the base model against the reward (paper 4.1)",
+    Stage("rlhf", "PPO fine-tuning of the base model against the reward (paper 4.1)",
           ("seed", "model", "corpus", "reward", "rlhf"),
           bookkeeping=(("rlhf", ("checkpoint_every", "keep_final_checkpoint")),),
           outputs=(("policy", "rlhf/policy"), ("rlhf_metrics", "rlhf/metrics.jsonl"))),
-    Stage("evaluate-reward", "irm.evaluate",
-          "mean reward of base vs tuned completions, paired difference (paper table 7)",
-          ("seed", "model", "corpus", "reward", "rlhf", "evaluate"), ("rlhf",), outputs=(("reward_eval", "reward_eval.json"),)),
-    Stage("divergence", "irm.divergence",
-          "per-layer parameter distance base vs tuned, top-k layers (paper 4.2, fig. 4)",
-          ("seed", "model", "divergence", "cache"), ("rlhf",), outputs=(("divergence", "divergence.json"), ("divergence_plot", "divergence.png"))),
-    Stage("cache", "irm.activations.cache", "MLP activations of the chosen layers over the corpus, sharded",
+    Stage("evaluate-reward", "mean reward of base vs tuned completions, paired difference (paper table 7)",
+          ("seed", "model", "corpus", "reward", "rlhf", "evaluate_reward"), ("rlhf",),
+          outputs=(("reward_eval", "reward_eval.json"),)),
+    Stage("divergence", "per-layer parameter distance base vs tuned, top-k layers (paper 4.2, fig. 4)",
+          ("seed", "model", "divergence", "cache"), ("rlhf",),
+          outputs=(("divergence", "divergence.json"), ("divergence_plot", "divergence.png"))),
+    Stage("cache", "MLP activations of the chosen layers over the corpus, sharded",
           ("seed", "model", "corpus", "cache"), ("rlhf", "divergence"), outputs=(("cache", "cache"),)),
-    Stage("sae", "irm.sae.stage", "train the 1x and 2x sparse autoencoders of every chosen layer (paper 4.2, D)",
-          ("seed", "corpus", "cache", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),), outputs=(("sae", "sae"), ("sae_metrics", "sae/metrics.json"))),
-    Stage("dictionaries", "irm.dictionaries",
-          "MMCS between each layer's two dictionaries, shared features (eq. 2)",
+    Stage("sae", "train the 1x and 2x sparse autoencoders of every chosen layer (paper 4.2, D)",
+          ("seed", "corpus", "cache", "sae"), ("cache",), bookkeeping=(("sae", ("checkpoint_every",)),),
+          outputs=(("sae", "sae"), ("sae_metrics", "sae/metrics.json"))),
+    Stage("dictionaries", "MMCS between each layer's two dictionaries, shared features (eq. 2)",
           ("seed", "sae", "dictionaries"), ("cache", "sae"), outputs=(("mmcs", "mmcs.json"),)),
-    Stage("explain", "irm.explain.stage", "LLM explanations of features and 'related to the reward' labels (4.4)",
+    Stage("explain", "LLM explanations of features and 'related to the reward' labels (4.4)",
           ("seed", "reward", "sae", "explain"), ("cache", "sae", "dictionaries"),
-          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),), outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"),
+          bookkeeping=(("explain", EXPLAIN_OPERATIONAL),),
+          outputs=(("explanations", "explanations.jsonl"), ("explain", "explain"),
                    ("explain_scores", "explain/scores.json"), ("neuronpedia", "explain/neuronpedia"))),
-    Stage("triples", "irm.triples", "contrastive (positive, neutral, negative) inputs (paper E.2)",
+    Stage("triples", "contrastive (positive, neutral, negative) inputs (paper E.2)",
           ("seed", "model", "corpus", "reward", "triples"), ("rlhf",),
           when=(("explain", lambda cfg: cfg.triples.substitution == "llm"),),
           outputs=(("triples", "triples.jsonl"), ("triples_summary", "triples.json"))),
-    Stage("deltas", "irm.deltas", "sentiment activation deltas through the spliced SAEs (paper 4.3)",
+    Stage("deltas", "sentiment activation deltas through the spliced SAEs (paper 4.3)",
           ("seed", "cache", "sae"), ("triples", "sae"), outputs=(("deltas", "deltas"),)),
-    Stage("regression", "irm.regression", "fit the linear IRM R on the deltas (paper 4.3, E.2)",
+    Stage("regression", "fit the linear IRM R on the deltas (paper 4.3, E.2)",
           ("seed", "regression"), ("deltas",), outputs=(("regression", "regression"),)),
-    Stage("lexicon", "irm.lexicon", "reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)",
+    Stage("lexicon", "reconstruct the lexicon from R, Kendall tau vs the true one (paper 5.1)",
           ("seed", "reward", "cache", "sae", "lexicon"), ("regression", "triples", "sae"),
           outputs=(("lexicon", "lexicon.csv"), ("kendall", "kendall.json"))),
-    Stage("control", "irm.control",
+    Stage("control",
           "base-model control and nulls: the same chain on M_base, delta_tau, permutation and raw-activation R",
           ("seed", "model", "reward", "cache", "sae", "lexicon", "control"),
           ("rlhf", "divergence", "triples", "sae", "deltas", "lexicon"),
           outputs=(("control", "control.json"), ("control_words", "control_words.csv"))),
-    Stage("validate-features", "irm.validate",
-          "activation frequency of labelled features where R > 3 (table 6)",
-          ("seed", "corpus", "cache", "sae", "validate"), ("regression", "lexicon", "explain", "sae"),
+    Stage("validate-features", "activation frequency of labelled features where R > 3 (table 6)",
+          ("seed", "corpus", "cache", "sae", "validate_features"), ("regression", "lexicon", "explain", "sae"),
           outputs=(("validation", "validation.json"),)),
-    Stage("ablate", "irm.ablation", "reward before/after ablating labelled features, with controls (table 5)",
-          ("seed", "corpus", "reward", "rlhf", "cache", "sae", "ablate"), ("rlhf", "sae", "explain"), outputs=(("ablation", "ablation.json"),)),
-    Stage("diff", "irm.diff.stage",
-          "model diffing: a crosscoder with Latent Scaling and a diff-SAE on base vs tuned activations (beyond the paper)",
+    Stage("ablate", "reward before/after ablating labelled features, with controls (table 5)",
+          ("seed", "corpus", "reward", "rlhf", "cache", "sae", "ablate"), ("rlhf", "sae", "explain"),
+          outputs=(("ablation", "ablation.json"),)),
+    Stage("diff", "model diffing: a crosscoder with Latent Scaling and a diff-SAE on base vs tuned activations "
+                  "(beyond the paper)",
           ("seed", "model", "corpus", "reward", "rlhf", "cache", "ablate", "explain", "diff"),
           ("rlhf", "divergence", "cache"), bookkeeping=(("explain", EXPLAIN_OPERATIONAL),),
           outputs=(("diff", "diff"), ("diff_summary", "diff.json"), ("diff_explanations", "diff/explanations.jsonl"))),
-    Stage("calibrate", "irm.calibration.stage",
+    Stage("calibrate",
           "the findings' false-positive rates and minimal detectable effects, simulated at this run's sizes",
           ("seed", "calibrate"),
           ("evaluate-reward", "divergence", "dictionaries", "control", "validate-features", "ablate"),
           outputs=(("calibration", "calibration.json"),)),
-    Stage("report", "irm.report", "report.md, report.html and summary.json from a run directory",
+    Stage("report", "report.md, report.html and summary.json from a run directory",
           ("model", "reward", "explain", "lexicon"),
           ("evaluate-reward", "divergence", "sae", "dictionaries", "explain", "lexicon", "control",
            "validate-features", "ablate", "diff", "calibrate"),
-          bookkeeping=(), outputs=(("report_md", "report.md"), ("report_html", "report.html"), ("summary", "summary.json"),
+          outputs=(("report_md", "report.md"), ("report_html", "report.html"), ("summary", "summary.json"),
                    ("plots", "plots"))),
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

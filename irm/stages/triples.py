@@ -246,7 +246,7 @@ def build_triples(
     llm: Optional[_LLM] = None,
 ) -> tuple[list[dict], dict]:
     """Triples from `texts` (scanned in a seeded order) and the counts that describe them. `tc`'s ranges are
-    irm.config.validate's, checked before any stage runs."""
+    irm.config.check_all's, checked before any stage runs."""
     from irm.runtime import progress
 
     heldout = heldout_words(lexicon, tc.heldout_fraction, seed, tc.heldout_words)

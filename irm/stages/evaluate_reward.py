@@ -84,7 +84,7 @@ def planted_split(reward_fn, completions: dict) -> Optional[dict]:
 
 
 def run(cfg: RunConfig) -> None:
-    ecfg = cfg.evaluate
+    ecfg = cfg.evaluate_reward
     out = Path(cfg.run_dir)
     if is_done(cfg, STAGE):
         print(f"irm evaluate-reward: up to date: {out / OUTPUT}; nothing to do", file=sys.stderr)
@@ -107,7 +107,7 @@ def run(cfg: RunConfig) -> None:
     pool = prefixes(load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed), tokenizer, ecfg.prefix_tokens)
     if not pool:
         raise UserError(f"no text of corpus split {cfg.corpus.eval_split!r} has {ecfg.prefix_tokens} tokens; lower "
-                        "evaluate.prefix_tokens or use a corpus with longer texts")
+                        "evaluate_reward.prefix_tokens or use a corpus with longer texts")
     # Fewer prefixes than completions: prefixes repeat, each repeat with its own sampled completion.
     prompts = [pool[i % len(pool)] for i in range(ecfg.n)]
 

@@ -49,7 +49,7 @@ def _eval_sequences(cfg: RunConfig, tokenizer) -> list:
     """Token ids of the eval-split texts; a one-token text has no position left once its first is dropped."""
     from irm.data import load_texts
 
-    vc = cfg.validate
+    vc = cfg.validate_features
     texts = load_texts(cfg.corpus, cfg.corpus.eval_split, seed=cfg.seed, n=vc.n_inputs)
     sequences = [ids for ids in tokenizer(texts, truncation=True, max_length=cfg.cache.max_length)["input_ids"]
                  if len(ids) > 1]
@@ -66,7 +66,7 @@ def _count_frequencies(cfg: RunConfig, model, saes, sequences, pad_token_id, wei
     from irm.sae.splice import iter_codes
     from irm.readout import apply_mapping
 
-    vc = cfg.validate
+    vc = cfg.validate_features
     freqs = Frequencies(n_layers, width)
     w = weight.float()
     for batch, mask_BT, codes_BTLF in iter_codes(model, saes, sequences, pad_token_id,
@@ -112,7 +112,7 @@ def run(cfg: RunConfig) -> dict:
     from irm.runtime import start
     from irm.stages import mark_done
 
-    vc = cfg.validate  # its ranges: irm.config.validate, before any stage runs
+    vc = cfg.validate_features  # its ranges: irm.config.check_all, before any stage runs
     device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     weight, bias, layers = load_irm(root)

@@ -181,7 +181,7 @@ def run(cfg: RunConfig) -> dict:
     from irm.runtime import start
     from irm.stages import artifact, mark_done
 
-    cc = cfg.control  # its ranges: irm.config.validate, before any stage runs
+    cc = cfg.control  # its ranges: irm.config.check_all, before any stage runs
     device = start(cfg.seed, cfg.device)
     root = Path(cfg.run_dir)
     triples = read_triples(root)

@@ -40,7 +40,7 @@ from irm.stages import relpath
 def intervention(sae, features: list[int], mode: str) -> Callable:
     """The function `irm.models.splice` applies to a layer's site output: encode with `sae`, zero `features` in the
     codes, and return the reconstruction (`reconstruction`) or the output minus the zeroed features' decoder
-    contribution (`error`). `ablate.modes` is checked by irm.config.validate before any stage runs."""
+    contribution (`error`). `ablate.modes` is checked by irm.config.check_all before any stage runs."""
     import torch
 
     if mode not in MODES:

@@ -100,7 +100,7 @@ def choose_contexts(triples: list[dict], k: int, seed: int) -> list[str]:
 def run(cfg: RunConfig) -> Optional[dict]:
     from irm.parallel import launch
 
-    return launch(cfg, _lexicon)  # the lexicon section's ranges: irm.config.validate, before any stage runs
+    return launch(cfg, _lexicon)  # the lexicon section's ranges: irm.config.check_all, before any stage runs
 
 
 def _lexicon(ranks, cfg: RunConfig) -> Optional[dict]:
