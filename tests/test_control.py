@@ -266,7 +266,7 @@ def test_stage_on_a_tiny_model_whose_tuned_policy_is_the_base_model(tiny_cfg, ca
 
 def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_path):
     from irm.stages.control import words_csv
-    from irm.report import Doc, control_section, findings_section
+    from irm.report import Doc, ReportInputs, build_summary, control_section, findings_section
 
     features, words, true, heldout, seen = world(changed=30)
     report, rows = analyse(features, words, true, heldout, seen, CC, (10, 90), 0)
@@ -276,9 +276,10 @@ def test_report_opens_with_findings_and_summary_names_the_control_numbers(tmp_pa
     (tmp_path / "control_words.csv").write_text(words_csv(rows))
     (tmp_path / "reward_eval.json").write_text(json.dumps(
         {"difference": {"mean": 0.3, "ci95": [0.2, 0.4], "p_value": 1e-5, "n": 256}}))
-    doc, summary = Doc(), {}
-    findings_section(doc, tmp_path, summary)
-    control_section(doc, tmp_path, tmp_path)
+    inputs = ReportInputs.read(None, tmp_path, tmp_path)
+    doc, summary = Doc(), build_summary(inputs)
+    findings_section(doc, inputs)
+    control_section(doc, inputs)
     assert doc.md[0].startswith("## Findings") and (tmp_path / "control.png").exists()
     verdicts = {r["claim"].split(" (")[0]: r["verdict"] for r in summary["findings"]}
     assert verdicts["RLHF raised the reward"] == SUPPORTED

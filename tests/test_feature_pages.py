@@ -273,7 +273,7 @@ def test_logit_effect_goes_to_pos_and_neg_fields():
 def test_report_pages_for_features_beyond_the_cap_and_at_chance_marks(ran, tmp_path):
     import re
 
-    from irm.report import Doc, features_section
+    from irm.report import Doc, ReportInputs, features_section
 
     cfg = copy_of(ran, tmp_path)
     path = Path(cfg.run_dir) / "explanations.jsonl"
@@ -282,7 +282,7 @@ def test_report_pages_for_features_beyond_the_cap_and_at_chance_marks(ran, tmp_p
     ok["fuzz"]["at_chance"] = True  # one fuzzing score at chance
     path.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
     doc = Doc()
-    features_section(doc, cfg, Path(cfg.run_dir), Path(cfg.run_dir))
+    features_section(doc, ReportInputs.read(cfg, Path(cfg.run_dir), Path(cfg.run_dir)))
     html, md = "\n".join(doc.html), "\n".join(doc.md)
     boards = re.findall(r'<div class="fd" id="feature-(\d+)-(x\d)-(\d+)"', html)
     assert len(boards) == len(lines)  # a page for every shared feature, explained or not

@@ -95,6 +95,31 @@ def test_tables_show_the_numbers_of_the_summary(made):
     assert f"{s['validation']['related_frequency']:.3f}" in md and f"| {s['validation']['n_inputs_above']} |" in md
 
 
+def test_summary_holds_the_artifacts_numbers_and_is_built_from_the_tables_the_report_renders(made):
+    """summary.json's numbers equal the artifacts' (read here with json, not through irm), and they come from the
+    table objects the report renders: a value changed in one table object shows in both the summary and the table."""
+    from irm.report import Doc, ReportInputs, build_summary, reward_section
+
+    root, s, _, _ = made
+    art = {name: json.loads((root / name).read_text()) for name in ("reward_eval.json", "kendall.json", "mmcs.json",
+                                                                    "validation.json", "ablation.json")}
+    assert s["reward"] | {"paired_difference_tuned_minus_base": None} == {
+        "base_mean": 0.125, "tuned_mean": 0.4375, "base_ci95": [0.1, 0.3], "tuned_ci95": [0.1, 0.3],
+        "paired_difference_tuned_minus_base": None}
+    assert s["kendall"] == {k: {f: art["kendall.json"][k].get(f) for f in ("tau", "p", "ci95", "n")}
+                            for k in ("all", "negative", "heldout")}
+    assert {layer: (v["max"], v["hungarian"]) for layer, v in s["mmcs"].items()} == {
+        layer: (v["max"], v["hungarian"]) for layer, v in art["mmcs.json"]["layers"].items()}
+    assert s["ablation"]["before"] == -0.0625 and s["ablation"]["after"] == 0.0625 and s["ablation"]["n_features"] == 3
+    assert s["validation"]["related_frequency"] == 0.4375 and s["validation"]["n_inputs_above"] == 12
+
+    inputs = ReportInputs.read(RunConfig(run_dir=str(root)), root, root / "plots")
+    inputs.tables["reward"].rows["tuned"]["mean"] = 9.8125
+    doc = Doc()
+    reward_section(doc, inputs)
+    assert build_summary(inputs)["reward"]["tuned_mean"] == 9.8125 and "| tuned | 9.812 |" in "\n".join(doc.md)
+
+
 def test_strings_and_dicts_in_tables_are_text_not_json(made):
     _, _, md, page = made
     assert "| inputs | every token position of each text |" in md

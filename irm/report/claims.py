@@ -3,27 +3,21 @@ base-model control with its nulls (irm.stages.control)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from irm.report.doc import Doc
 from irm.report.plots import WIDE, draw_control, figure
-from irm.report.summary import add_findings
-from irm.report.text import ci, fmt, load, pval
+from irm.report.tables import ReportInputs
+from irm.report.text import fmt, load, pval
 
 
-def findings_section(doc: Doc, root: Path, summary: dict) -> None:
+def findings_section(doc: Doc, r: ReportInputs) -> None:
     """The findings table at the top of the report (irm.findings: each claim, its number, its control, a verdict
-    from its interval or p-value) and the named numbers of the controls in summary.json: the paired reward
-    difference under `reward`, tau_base, delta_tau with its interval, the permutation p-values and the
-    raw-activation tau under `control`."""
-    from irm.findings import build_findings
-
-    rows = build_findings(root)
-    add_findings(summary, root, rows)
+    from its interval or p-value); summary.json carries the same rows."""
+    rows = r.findings
     doc.heading("Findings")
     if rows:
         doc.table(["claim", "number", "control", "verdict", "false positives", "detail"],
-                  [[r["claim"], r["number"], r["control"], _verdict_text(r), _fp_text(r), r["detail"]] for r in rows],
+                  [[row["claim"], row["number"], row["control"], _verdict_text(row), _fp_text(row), row["detail"]]
+                   for row in rows],
                   caption="Each claim of the paper as this run measured it. The verdict follows from the interval "
                           "or p-value at one convention (two-sided alpha 0.05: a 95% interval, or 2.5% in each "
                           "direction), Holm-corrected across the table's rows: supported when it excludes the "
@@ -65,46 +59,32 @@ def _fp_text(r: dict) -> str:
     return f"harness {certified}; this run's sizes {own}"
 
 
-def control_section(doc: Doc, root: Path, plots: Path) -> None:
+def control_section(doc: Doc, r: ReportInputs) -> None:
     """The base-model control and nulls (control.json, control_words.csv): taus of both chains, their permutation
     nulls and raw-activation fits, delta_tau, and the words that moved between the two reconstructed lexicons."""
-    c = doc.section("Base-model control and nulls", load(root, "control"))
-    if not c:
+    tables = doc.section("Base-model control and nulls", r.tables["control"])
+    if not tables:
         return
+    c = load(r.root, "control")
     doc.para(f"The same triples, {c['n_words']} lexicon words and {c['n_contexts']} contexts through the same chain "
-             f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/stages/control.py). R is a closed-form "
-             f"ridge refit for both; the permutation null refits it on targets whose signs were flipped for a random "
-             f"half of the triples; the raw-activation R reads the MLP outputs the SAEs encode.")
-    rows = []
-    for label in ("tuned", "base"):
-        m = c[label]
-        perm = m["permutation"]["all"]
-        rows.append([label, fmt(m["tau"]["all"]["tau"]), fmt(m["tau"]["heldout"]["tau"]),
-                     ci({"ci95": perm.get("q95")}), pval(perm["p_greater"]),
-                     fmt((m.get("raw_tau") or {}).get("all", {}).get("tau")),
-                     fmt(c["sae_fit"]["nmse_at_sentiment_tokens"][label])])
-    doc.table(["model", "tau (all)", "tau (held out)", "null tau, 95% range (sign-shuffled R)", "permutation p",
-               "tau, R on raw activations", "SAE NMSE at sentiment tokens"], rows,
-              caption=f"Kendall tau of R's output against the lexicon; permutation p over "
-                      f"{c['tuned']['permutation']['all']['n']} refits (one-sided)")
-    d, dh = c["delta_tau"]["all"], c["delta_tau"].get("heldout", {})
-    doc.table(["words", "delta_tau = tau_tuned - tau_base", "paired bootstrap 95% CI", "n"],
-              [["all", fmt(d["delta"]), ci(d), d["n"]]]
-              + ([["held out", fmt(dh.get("delta")), ci(dh), dh.get("n")]] if dh else []),
-              caption=d.get("method", ""))
+             f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/stages/control.py). R is a "
+             f"closed-form ridge refit for both; the permutation null refits it on targets whose signs were flipped "
+             f"for a random half of the triples; the raw-activation R reads the MLP outputs the SAEs encode.")
+    doc.add(tables["models"])
+    doc.add(tables["delta_tau"])
     pw = c["per_word"]
-    moved_rows = [r for r in pw.get("top", []) if r["moved"]]
+    moved_rows = [w for w in pw.get("top", []) if w["moved"]]
     with doc.side_by_side():
-        all_rows = load(root, "control_words")
+        all_rows = load(r.root, "control_words")
         if all_rows:
-            doc.image(figure(plots / "control.png", draw_control(c, all_rows), (WIDE, 3.8)),
+            doc.image(figure(r.plots / "control.png", draw_control(c, all_rows), (WIDE, 3.8)),
                       "Left: each word's reconstructed value on the base model (x) and the tuned model (y), coloured "
                       "by its true lexicon value; circled: words that moved. Right: Kendall tau of R refit on "
                       "sign-shuffled targets (histograms) against the observed tau (solid) and R on raw "
                       "activations (dashed), per model.")
     doc.table(["word", "true", "base", "tuned", "move", "direction", "held out"],
-              [[r["word"], r["true"], fmt(r["base"]), fmt(r["tuned"]), fmt(r["move"]), r["direction"],
-                "yes" if r["heldout"] else ""] for r in moved_rows] or [["(none)", "", "", "", "", "", ""]],
+              [[w["word"], w["true"], fmt(w["base"]), fmt(w["tuned"]), fmt(w["move"]), w["direction"],
+                "yes" if w["heldout"] else ""] for w in moved_rows] or [["(none)", "", "", "", "", "", ""]],
               caption=f"Words that moved (|move - median| > {fmt(pw['threshold'])}, {pw['z']} robust SDs): "
                       f"{pw['n_moved_toward']} toward the training reward, {pw['n_moved_away']} away. Over all "
                       f"{pw['n_words']} words, {pw['n_toward']} moved toward and {pw['n_away']} away (sign test "

@@ -11,34 +11,7 @@ from typing import Optional
 SHOWN_LATENTS = 20  # tuned-specific latents listed with their words
 
 
-def _diff(root: Path) -> Optional[dict]:
-    from irm.stages import read_artifact
-
-    return read_artifact(root, "diff_summary", missing_ok=True)
-
-
-def diff_summary(root: Path) -> Optional[dict]:
-    """summary.json's `diff`: per layer the class counts and reconstruction quality, and the enrichment test; None
-    when the diff stage has not run."""
-    d = _diff(root)
-    if not d:
-        return None
-    layers = {}
-    for layer, r in d["layers"].items():
-        layers[layer] = {"latents": r["latents"], "tuned_specific": len(r["tuned_specific"]),
-                         "fractions": r["fractions"], "fractions_by_norm": r["fractions_by_norm"],
-                         "explained_variance": {m: r["quality"][m]["explained_variance"] for m in ("base", "tuned")},
-                         "diff_sae_explained_variance": (r.get("diff_sae") or {}).get("explained_variance")}
-    ablation = d.get("ablation") or {}
-    return {"layers": layers, "enrichment": d.get("enrichment"), "lean": d.get("lean"),
-            "ablation": ablation.get("not_tested") or {k: ablation.get(k) for k in (
-                "ablated_minus_matched", "ablated_minus_before", "n_prompts")},
-            "marked_words": d.get("marked_words"),
-            "explanations": _explained(d),
-            "seconds": d.get("seconds")}
-
-
-def _explained(d: dict) -> Optional[dict | str]:
+def explained_counts(d: dict) -> Optional[dict | str]:
     """diff.json's `explanations` for summary.json: counts and mean detection accuracy, or why there are none."""
     e = d.get("explanations")
     if not e or "not_tested" in e:
@@ -56,10 +29,6 @@ def explanation_lines(root: Path) -> list[dict]:
     return read_jsonl(artifact(root, "diff_explanations"))
 
 
-def _pct(x: Optional[float]) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
-
-
 def _answer(row: Optional[dict], absent: str = "not measured") -> str:
     """A findings row as an answer: its number and verdict, why it was not tested, or `absent` without a row."""
     from irm.findings import NOT_TESTED
@@ -73,35 +42,23 @@ def _answer(row: Optional[dict], absent: str = "not measured") -> str:
     return f"{row['number']}: {row['verdict']}{power}"
 
 
-def diff_section(doc, cfg, root: Path, plots: Path) -> None:
+def diff_section(doc, r) -> None:
     """Model diffing (beyond the paper): the crosscoder's classes per layer, the tuned-specific latents, and its
-    answer next to the paper's."""
+    answer next to the paper's (`r`: irm.report.tables.ReportInputs)."""
     from irm import findings
+    from irm.report.text import load
 
-    d = _diff(root)
     doc.heading("Model diffing: what the crosscoder says RLHF added (beyond the paper)")
-    if not d:
+    if not r.tables["diff"]:
         doc.para("Not run (`python -m irm diff`).")
         return
+    d = load(r.root, "diff_summary")
     doc.para("One BatchTopK crosscoder per layer on the base and the tuned model's activations at the same tokens "
              "(Minder, Dumas et al. 2025). A latent is tuned-specific when its base decoder is at most a fifth of its "
              "tuned one and Latent Scaling confirms that the base activations do not hold it; latents that pass "
              "the norm rule only are artifacts of the sparsity penalty. The diff-SAE (an SAE on tuned - base "
              "activations) is the simpler baseline.")
-    rows = []
-    for layer, r in d["layers"].items():
-        f, fn = r["fractions"], r["fractions_by_norm"]
-        q = r["quality"]
-        rows.append([layer, r["latents"], len(r["tuned_specific"]), _pct(fn["tuned-specific"]),
-                     _pct(f["tuned-only artifact"]), _pct(f["base-specific"]), _pct(f["shared"]), _pct(f["dead"]),
-                     f"{q['base']['explained_variance']:.3f} / {q['tuned']['explained_variance']:.3f}",
-                     "" if not r.get("diff_sae") else f"{r['diff_sae']['explained_variance']:.3f}",
-                     f"{r['seconds']:.0f}"])
-    doc.table(["layer", "latents", "tuned-specific", "tuned-only by norms alone", "tuned-only artifacts",
-               "base-specific", "shared", "dead", "explained variance base / tuned", "diff-SAE explained variance",
-               "seconds"], rows,
-              caption=f"Held-out rows of the paired cache; the stage took {d['seconds']:.0f} s, "
-                      f"{d['base_cache_seconds']:.0f} s of it caching the base model's activations.")
+    doc.add(r.tables["diff"])
     named = [(layer, j, words) for layer, r in d["layers"].items()
              for j, words in (r.get("tuned_specific_words") or {}).items()]
     if named:
@@ -110,17 +67,17 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
                    for layer, j, words in named[:SHOWN_LATENTS]],
                   caption=f"The tuned-specific latents ({len(named)}; the first {SHOWN_LATENTS} shown), named by "
                           "the words carrying most of their activation over the cached tokens")
-    explained_section(doc, d, explanation_lines(root))
+    explained_section(doc, d, explanation_lines(r.root))
     # The findings table's own rows (Holm-corrected across the table), so the two places read alike.
-    rows = findings.build_findings(root)
+    rows = r.findings
 
     def row(key: str, claim: Optional[str] = None) -> Optional[dict]:
-        return next((r for r in rows if r["calibration"] == key and claim in (None, r["claim"])), None)
+        return next((x for x in rows if x["calibration"] == key and claim in (None, x["claim"])), None)
 
     specific, enrich = row("diff_specific"), row("diff_enrichment")
     ablation = row("ablation_vs_random", findings.DIFF_ABLATION_CLAIM)
     delta, moved = row("delta_tau"), row("planted")
-    mmcs = [r for r in rows if r["calibration"] == "mmcs"]
+    mmcs = [x for x in rows if x["calibration"] == "mmcs"]
     questions = [
         ("crosscoder (this section)", "does the tuned model hold latents the base lacks?", specific),
         ("crosscoder", "are they about the reward's words?", enrich),
@@ -128,7 +85,7 @@ def diff_section(doc, cfg, root: Path, plots: Path) -> None:
         ("delta_tau (paper's chain on both models)", "does the tuned model's implicit reward differ from the base's?",
          delta),
         ("per-word moves (planted words)", "did the planted words' implicit values move?", moved),
-    ] + [("MMCS (two SAEs of the tuned model)", r["claim"], r) for r in mmcs]
+    ] + [("MMCS (two SAEs of the tuned model)", x["claim"], x) for x in mmcs]
     absent = {"per-word moves (planted words)": "no planted words in this reward"}
     doc.table(["instrument", "question", "answer"],
               [[who, what, _answer(row, absent.get(who, "not measured"))] for who, what, row in questions]

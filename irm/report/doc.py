@@ -60,6 +60,10 @@ class Doc:
         """Cells are formatted by the templates (irm.report.text.cell)."""
         self.blocks.append({"kind": "table", "header": header, "rows": rows, "caption": caption})
 
+    def add(self, table: Any) -> None:
+        """A table object (irm.report.tables.Table): its shown columns, cells and caption."""
+        self.table(table.header(), table.cells(), table.caption)
+
     def image(self, png: Path, caption: str) -> None:
         """A PNG, linked from the Markdown and inlined in the HTML."""
         self.blocks.append({"kind": "image", "stem": png.stem, "link": f"{png.parent.name}/{png.name}",

@@ -1,87 +1,113 @@
-"""summary.json: the headline numbers of a run, machine-readable. The findings rows are the ones the report's
-findings table shows (irm.findings.build_findings, read once)."""
+"""summary.json: the headline numbers of a run, machine-readable, built from the report's own table objects
+(irm.report.tables) and findings rows, so the two cannot disagree. The explainer's bookkeeping (backend, counts) and
+the diff stage's tests, which the report writes in prose, are read from their artifacts."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any, Optional
 
-from irm.report.diffing import diff_summary
+from irm.report.tables import SAE_NUMBERS, VS_OTHER, ReportInputs, Table
 from irm.report.text import load
 
 
-def build_summary(root: Path) -> dict:
-    """summary.json before the findings: the headline numbers of each stage's artifact, as the artifacts hold them."""
-    reward = load(root, "reward_eval") or {}
-    kendall = load(root, "kendall") or {}
-    mmcs = load(root, "mmcs") or {}
-    ablation = load(root, "ablation") or {}
-    validation = load(root, "validation") or {}
-    return {
-        "reward": {
-            "base_mean": reward.get("base", {}).get("mean"),
-            "tuned_mean": reward.get("tuned", {}).get("mean"),
-            "base_ci95": reward.get("base", {}).get("ci95"),
-            "tuned_ci95": reward.get("tuned", {}).get("ci95"),
-        },
-        "kendall": {
-            k: {"tau": kendall.get(k, {}).get("tau"), "p": kendall.get(k, {}).get("p"),
-                "ci95": kendall.get(k, {}).get("ci95"), "n": kendall.get(k, {}).get("n")}
-            for k in ("all", "negative", "heldout")
-        },
-        "reference": kendall.get("reference"),  # what the true values are: the training reward's (irm.reward)
-        "mmcs": {layer: {"max": v.get("max"), "hungarian": v.get("hungarian"), "max_firing": v.get("max_firing"),
-                         "chance": {m: {k: c.get(k) for k in ("mean", "std")} for m, c in (v.get("chance") or {}).items()},
-                         "init": v.get("init")}
-                 for layer, v in mmcs.get("layers", {}).items()},
-        "sae": {layer: {name: {k: m.get(k) for k in ("width", "l0", "l0_fraction", "explained_variance",
-                                                     "explained_variance_after_first", "dead_fraction",
-                                                     "dead_fraction_all_tokens", "ce_loss_recovered")}
-                        for name, m in rec.items()}
-                for layer, rec in ((load(root, "sae_metrics") or {}).get("layers") or {}).items()},
+def _get(table: Optional[Table], row: Any, key: str) -> Any:
+    return None if table is None else table.get(row, key)
+
+
+def _values(table: Optional[Table], row: Any, keys: tuple[str, ...]) -> dict:
+    return {k: _get(table, row, k) for k in keys}
+
+
+def _rows(table: Optional[Table]) -> dict:
+    return {} if table is None else table.rows
+
+
+def build_summary(r: ReportInputs) -> dict:
+    """The headline numbers of each table, then the findings rows and the named numbers of the controls."""
+    t = r.tables
+    reward, kendall, abl, val = t["reward"], t["kendall"], t["ablation"] or {}, t["validation"] or {}
+    sae: dict = {}
+    for (layer, name), row in _rows(t["sae"]).items():
+        sae.setdefault(layer, {})[name] = {k: row.get(k) for k in SAE_NUMBERS}
+    conditions = abl.get("conditions")
+    summary = {
+        "reward": {"base_mean": _get(reward, "base", "mean"), "tuned_mean": _get(reward, "tuned", "mean"),
+                   "base_ci95": _get(reward, "base", "ci95"), "tuned_ci95": _get(reward, "tuned", "ci95")},
+        "kendall": {k: _values(kendall, k, ("tau", "p", "ci95", "n")) for k in ("all", "negative", "heldout")},
+        "reference": kendall.facts.get("reference") if kendall else None,  # the training reward's (irm.reward)
+        "mmcs": {layer: {"max": v["max"], "hungarian": v["hungarian"], "max_firing": v["max_firing"],
+                         "chance": {m: {k: c.get(k) for k in ("mean", "std")} for m, c in v["chance"].items()},
+                         "init": v["init"]}
+                 for layer, v in _rows(t["mmcs"]).items()},
+        "sae": sae,
         "ablation": {
-            "before": ablation.get("before", {}).get("mean"),
-            "after": ablation.get("after", {}).get("mean"),
-            "n_features": ablation.get("n_features"),
-            "paired": {mode: {key: {k: conds[key].get(k) for k in ("mean", "ci95", "p_value", "between_draw_std")}
-                              for key in ("ablated_minus_splice", "ablated_minus_random") if key in conds}
-                       for mode, conds in ablation.get("modes", {}).items()},
+            "before": _get(conditions, "before", "mean"),
+            "after": conditions.facts["after"] if conditions else None,
+            "n_features": conditions.facts["n_features"] if conditions else None,
+            "paired": {mode: {key: _values(abl["paired"], (mode, key), ("mean", "ci95", "p_value", "between_draw_std"))
+                              for key in ("ablated_minus_splice", "ablated_minus_random")
+                              if (mode, key) in abl["paired"].rows}
+                       for mode in (conditions.facts["modes"] if conditions else ())},
         },
-        "validation": {**{k: validation.get(k) for k in ("related_frequency", "average_frequency", "n_inputs_above")},
-                       "vs_other_explained": {k: {f: v.get(f) for f in ("n_related", "n_other", "related_frequency",
-                                                                         "other_frequency", "lift", "p_value")}
-                                              for k, v in (validation.get("vs_other_explained") or {}).items()}},
-        "explain": {k: (load(root, "explain_scores") or {}).get(k)
+        "validation": {**{k: _get(val.get("quantities"), k, "value")
+                          for k in ("related_frequency", "average_frequency", "n_inputs_above")},
+                       "vs_other_explained": {k: _values(val["vs_other"], k, VS_OTHER)
+                                              for k in _rows(val.get("vs_other"))}},
+        "explain": {k: (load(r.root, "explain_scores") or {}).get(k)
                     for k in ("backend", "model", "explanations", "n_scored", "n_unparsed", "n_retried")},
-        **({"diff": diff} if (diff := diff_summary(root)) else {}),
+        **({"diff": diff} if (diff := _diff(r)) else {}),
     }
+    _add_findings(summary, r)
+    return summary
 
 
-def add_findings(summary: dict, root: Path, rows: list[dict]) -> None:
+def _diff(r: ReportInputs) -> Optional[dict]:
+    """`diff`: per layer the class counts and reconstruction quality (the report's diff table), and the stage's
+    tests; None when the diff stage has not run."""
+    from irm.report.diffing import explained_counts
+
+    table = r.tables["diff"]
+    if table is None:
+        return None
+    d = load(r.root, "diff_summary")
+    ablation = d.get("ablation") or {}
+    keys = ("latents", "tuned_specific", "fractions", "fractions_by_norm", "explained_variance",
+            "diff_sae_explained_variance")
+    return {"layers": {layer: {k: row[k] for k in keys} for layer, row in table.rows.items()},
+            "enrichment": d.get("enrichment"), "lean": d.get("lean"),
+            "ablation": ablation.get("not_tested") or {k: ablation.get(k) for k in (
+                "ablated_minus_matched", "ablated_minus_before", "n_prompts")},
+            "marked_words": d.get("marked_words"),
+            "explanations": explained_counts(d),
+            "seconds": d.get("seconds")}
+
+
+def _add_findings(summary: dict, r: ReportInputs) -> None:
     """The findings rows and the named numbers of the controls: the paired reward difference under `reward`,
     tau_base, delta_tau with its interval, the permutation p-values and the raw-activation tau under `control`."""
     from irm.findings import paired_reward
 
-    summary["findings"] = rows
-    paired = paired_reward(load(root, "reward_eval"))
+    summary["findings"] = r.findings
+    paired = paired_reward(load(r.root, "reward_eval"))
     if paired:
         summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = paired
-    c = load(root, "control")
+    c = r.tables["control"]
     if c:
-        def tau(label, key="tau", subset="all"):
-            return (c.get(label, {}).get(key) or {}).get(subset, {}).get("tau")
-
+        models, delta = c["models"], c["delta_tau"]
+        per_word = models.facts["per_word"]
         summary["control"] = {
-            "sae_choice": c.get("sae_choice"),
-            "tau_tuned": tau("tuned"), "tau_base": tau("base"),
-            "tau_tuned_heldout": tau("tuned", subset="heldout"), "tau_base_heldout": tau("base", subset="heldout"),
-            "delta_tau_tuned_minus_base": {k: c["delta_tau"]["all"].get(k) for k in ("delta", "ci95", "n")},
-            "delta_tau_heldout": {k: c["delta_tau"].get("heldout", {}).get(k) for k in ("delta", "ci95", "n")},
-            "permutation_p_tuned": c["tuned"]["permutation"]["all"]["p_greater"],
-            "permutation_p_base": c["base"]["permutation"]["all"]["p_greater"],
-            "permutation_p_tuned_heldout": c["tuned"]["permutation"].get("heldout", {}).get("p_greater"),
-            "permutation_refits": c["tuned"]["permutation"]["all"]["n"],
-            "raw_activation_tau_tuned": tau("tuned", "raw_tau"), "raw_activation_tau_base": tau("base", "raw_tau"),
-            "words_moved_toward_reward": c.get("per_word", {}).get("n_moved_toward"),
-            "words_moved_away_from_reward": c.get("per_word", {}).get("n_moved_away"),
-            "sae_nmse_at_sentiment_tokens": c.get("sae_fit", {}).get("nmse_at_sentiment_tokens"),
+            "sae_choice": models.facts["sae_choice"],
+            "tau_tuned": models.get("tuned", "tau"), "tau_base": models.get("base", "tau"),
+            "tau_tuned_heldout": models.get("tuned", "tau_heldout"),
+            "tau_base_heldout": models.get("base", "tau_heldout"),
+            "delta_tau_tuned_minus_base": delta.values("all", ("delta", "ci95", "n")),
+            "delta_tau_heldout": delta.values("heldout", ("delta", "ci95", "n")),
+            "permutation_p_tuned": models.get("tuned", "p"), "permutation_p_base": models.get("base", "p"),
+            "permutation_p_tuned_heldout": models.get("tuned", "p_heldout"),
+            "permutation_refits": models.facts["refits"],
+            "raw_activation_tau_tuned": models.get("tuned", "raw_tau"),
+            "raw_activation_tau_base": models.get("base", "raw_tau"),
+            "words_moved_toward_reward": per_word.get("n_moved_toward"),
+            "words_moved_away_from_reward": per_word.get("n_moved_away"),
+            "sae_nmse_at_sentiment_tokens": models.facts["nmse"],
         }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from irm.artifacts import write_json, write_text
 from irm.config import RunConfig
-from irm.report import SECTIONS, Doc, build_summary, findings_section
+from irm.report import SECTIONS, Doc, ReportInputs, build_summary, findings_section
 from irm.stages import artifact, mark_done
 
 
@@ -16,7 +16,8 @@ def run(cfg: RunConfig) -> dict:
     root = Path(cfg.run_dir)
     plots = artifact(root, "plots")
     plots.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(root)
+    inputs = ReportInputs.read(cfg, root, plots)  # the tables and findings rows, built once for both outputs
+    summary = build_summary(inputs)
     doc = Doc()
     doc.heading(f"irm report: {cfg.model.name}", 1)
     doc.para(
@@ -24,9 +25,9 @@ def run(cfg: RunConfig) -> dict:
         + (" (offline: deterministic token summaries, not an LLM)" if cfg.explain.backend == "offline" else "")
         + f"; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
     )
-    findings_section(doc, root, summary)
+    findings_section(doc, inputs)
     for section in SECTIONS:
-        section(doc, cfg, root, plots)
+        section(doc, inputs)
     outputs = {key: artifact(root, key) for key in ("summary", "report_md", "report_html")}
     write_json(outputs["summary"], summary)
     write_text(outputs["report_md"], doc.markdown())
