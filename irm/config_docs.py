@@ -1,6 +1,6 @@
-"""What `--help` says about each config field: the comment written beside the field in `irm/config.py`, its one
-place. The comments are read from the source (the trailing comment on the field's line, or the comment lines right
-above it) and given to jsonargparse as the section's "Attributes:" docstring, which it shows next to each option.
+"""What `--help` says about each config field: the comment written beside the field in its dataclass (irm/config/),
+its one place. The comments are read from the source (the trailing comment on the field's line, or the comment lines
+right above it) and given to jsonargparse as the section's "Attributes:" docstring, which it shows next to each option.
 Also the closest valid key for a misspelled one.
 """
 
@@ -17,8 +17,18 @@ from typing import Iterable, Optional
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: its comment} for the dataclass `cls`, from its source: the comment at the end of the field's line(s),
-    after the comment lines right above it (a blank or code line ends such a block)."""
+    """{field: its comment} for the dataclass `cls`, in field order: a field it inherits from a dataclass it extends
+    (irm.config.PrefixSampling) keeps the comment written there."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" in vars(klass):
+            docs.update(_declared_field_docs(klass))
+    return {f.name: docs[f.name] for f in dataclasses.fields(cls) if f.name in docs}
+
+
+def _declared_field_docs(cls: type) -> dict[str, str]:
+    """{field: its comment} for the fields the class `cls` declares, from its source: the comment at the end of the
+    field's line(s), after the comment lines right above it (a blank or code line ends such a block)."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, str] = {}
     code_lines: set[int] = set()
@@ -47,7 +57,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def document(cls: type) -> type:
     """Add an "Attributes:" section built from `field_docs` to the docstring of `cls` and of every dataclass section
     it holds (once), so jsonargparse shows each field's comment in `--help`. Returns `cls`."""
-    if getattr(cls, "__irm_documented__", False) or not dataclasses.is_dataclass(cls):
+    if vars(cls).get("__irm_documented__", False) or not dataclasses.is_dataclass(cls):  # its own, not a base's
         return cls
     docs = field_docs(cls)
     if docs:

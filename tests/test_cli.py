@@ -101,8 +101,8 @@ def test_every_section_misspelling_gets_the_closest_key_and_wrong_type_the_valid
         assert f"(default: {default!r})" in message and "\n" not in message
 
 
-def test_help_shows_each_fields_comment_from_config_py():
-    """The comment beside a field in irm/config.py is its help text (one place for it)."""
+def test_help_shows_each_fields_comment_from_its_dataclass():
+    """The comment beside a field in its dataclass (irm/config/) is its help text (one place for it)."""
     import inspect
 
     from irm.config import CacheConfig
@@ -116,6 +116,22 @@ def test_help_shows_each_fields_comment_from_config_py():
     flat = " ".join(out.stdout.split())
     assert f"--cache.max_length MAX_LENGTH {docs['max_length']}" in flat
     assert "--force" in flat
+
+
+def test_a_shared_fields_comment_is_written_once_and_shown_for_each_section_that_extends_it():
+    """evaluate_reward and ablate both extend PrefixSampling: the comments written there document both sections'
+    keys, beside each section's own."""
+    from irm.config import AblateConfig, EvaluateRewardConfig, PrefixSampling
+    from irm.config_docs import field_docs
+
+    shared = field_docs(PrefixSampling)
+    assert set(shared) == {"prefix_tokens", "new_tokens", "batch_size"}
+    for cls, own in ((EvaluateRewardConfig, "n"), (AblateConfig, "random_draws")):
+        docs = field_docs(cls)
+        assert {k: docs.get(k) for k in shared} == shared and own in docs
+    flat = " ".join(irm("ablate", "--help").stdout.split())
+    for section in ("evaluate_reward", "ablate"):
+        assert f"--{section}.new_tokens NEW_TOKENS {shared['new_tokens']}" in flat
 
 
 def test_version_and_print_config_without_stray_keys(tmp_path):
