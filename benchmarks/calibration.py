@@ -1,5 +1,5 @@
-"""The full calibration harness (issue 22, SPEC "Controls: calibration"): every family of `irm.calibration`, null and
-planted, at the harness's default sizes, `--worlds` worlds each (`--cheap-worlds` for the findings whose worlds take
+"""The full calibration harness (issue 22, README "How far to trust a verdict"): every family of `irm.calibration`, null
+and planted, at the harness's default sizes, `--worlds` worlds each (`--cheap-worlds` for the findings whose worlds take
 milliseconds), written as JSON (`--json`; the committed one is irm/calibration/certified.json, which every run's
 findings table quotes) and as the markdown table of benchmarks/RESULTS.md (`--markdown`).
 

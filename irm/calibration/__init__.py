@@ -1,4 +1,4 @@
-"""Calibration harness (issue 22, SPEC "Controls: calibration"): every finding's false-positive rate in simulated
+"""Calibration harness (issue 22, README "How far to trust a verdict"): every finding's false-positive rate in simulated
 worlds where its claim is false and its power where it is true, through the functions a real run uses.
 
 `irm.calibration.core` runs families of worlds; each module in `GROUPS` declares the families of some findings in

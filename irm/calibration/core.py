@@ -1,4 +1,4 @@
-"""The calibration harness's runner (SPEC "Controls: calibration"): simulated worlds pushed through the same
+"""The calibration harness's runner (README "How far to trust a verdict"): simulated worlds pushed through the same
 functions that give a real run's findings their numbers and verdicts, counted into false-positive rates (worlds
 where the claim is false) and power (worlds where it is true, at several effect sizes).
 

@@ -1,4 +1,4 @@
-"""Calibration of the crosscoder's "tuned-specific latents" (SPEC "Model diffing", issue 27): paired worlds of sparse
+"""Calibration of the crosscoder's "tuned-specific latents" (README "Model diffing", issue 27): paired worlds of sparse
 activations, base and tuned, written as two activation caches and read by the real path (PairedDataModule, a
 BatchTopK crosscoder trained through Lightning, Latent Scaling and the classification of irm.diff.scaling).
 

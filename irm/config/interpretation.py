@@ -84,7 +84,7 @@ class LexiconConfig:
 
 @dataclass
 class ControlConfig:
-    """Base-model control and nulls (SPEC "Controls"): the deltas -> R -> lexicon chain on M_base as on M_RLHF, R
+    """Base-model control and nulls (README "What the numbers mean"): the deltas -> R -> lexicon chain on M_base as on M_RLHF, R
     refit on sign-shuffled targets, and R on raw MLP activations (irm.stages.control)."""
 
     max_words: Optional[int] = 1000  # a seeded sample of the single-token lexicon words, read by both models

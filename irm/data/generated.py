@@ -1,5 +1,5 @@
-"""The built-in offline review corpus (SPEC "Models and data"): movie reviews composed from templates and slot
-vocabularies, deterministic from a seed, so PPO prompts, the activation cache and the triples need no download.
+"""The built-in offline review corpus (README "The paper's configurations"): movie reviews composed from templates and
+slot vocabularies, deterministic from a seed, so PPO prompts, the activation cache and the triples need no download.
 
 Every word is written here (nothing is copied from an existing corpus). Texts are lower case with only `.` and
 `,` as punctuation, so a word-level tokenizer built from `vocabulary()` plus `PUNCTUATION` covers them exactly.

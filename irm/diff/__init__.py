@@ -1,4 +1,4 @@
-"""Model diffing (SPEC "Model diffing"): a crosscoder over the base and the tuned model's activations at the same
+"""Model diffing (README "Model diffing"): a crosscoder over the base and the tuned model's activations at the same
 tokens, Latent Scaling and the tuned-specific / base-specific / shared reading of its latents, and the diff-SAE
 baseline on tuned - base activations. Nothing is imported here: `irm.diff.config` (read by irm.config) stays free of
 torch, and the Lightning parts cost seconds to import."""

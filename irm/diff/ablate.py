@@ -1,4 +1,4 @@
-"""Do the tuned-specific latents carry the reward? (SPEC "Model diffing", issue 27.) Their directions are ablated in
+"""Do the tuned-specific latents carry the reward? (README "Model diffing", issue 27.) Their directions are ablated in
 the tuned model while it completes the ablate stage's prompts, against random sets of shared latents matched on
 firing frequency, paired on prompts, as the ablate stage compares labelled SAE features with random ones.
 

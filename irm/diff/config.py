@@ -1,4 +1,4 @@
-"""The `diff` stage's config section (SPEC "Model diffing"): to be composed into irm.config.RunConfig as `diff`, with
+"""The `diff` stage's config section (README "Model diffing"): to be composed into irm.config.RunConfig as `diff`, with
 its range checks (`check`) called from irm.config.check_all. Imports nothing heavy."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Are the latents RLHF added about the reward? (SPEC "Model diffing", issue 27.) Each crosscoder latent's share of
+"""Are the latents RLHF added about the reward? (README "Model diffing", issue 27.) Each crosscoder latent's share of
 its activation that falls on the reward's words, over every cached row (the diff stage's choice: a share says what
 a latent fires on, and a reward's words can be rare), and the tests that the tuned-specific latents' shares exceed
 the shared latents' (`enrichment_test`) and that latents leaning toward the tuned model have larger shares

@@ -1,4 +1,4 @@
-"""Explanations and feature pages of the crosscoder's tuned-specific latents (SPEC "Model diffing"): what fine-tuning
+"""Explanations and feature pages of the crosscoder's tuned-specific latents (README "Model diffing"): what fine-tuning
 added, read as the explain stage reads an SAE feature (irm.explain.features). A latent's windows are the paired
 cache's token windows scored by its crosscoder code, which reads both models' activations at once; its logit effect
 is its tuned decoder direction through the tuned model's unembedding; its held-out density is its firing count on

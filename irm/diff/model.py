@@ -1,4 +1,4 @@
-"""The crosscoder of model diffing (SPEC "Model diffing"; Anthropic 2024, Minder, Dumas et al. 2025): one sparse
+"""The crosscoder of model diffing (README "Model diffing"; Anthropic 2024, Minder, Dumas et al. 2025): one sparse
 dictionary over the base and the tuned model's activations at the same tokens, f = ReLU(sum_m W_enc^m (x^m - b_dec^m)
 + b_enc), each latent with one decoder row per model, x_hat^m = sum_j f_j d_j^m + b_dec^m.
 

@@ -1,4 +1,4 @@
-"""Reading a trained crosscoder (SPEC "Model diffing"): each latent's relative decoder norm, Latent Scaling (Minder,
+"""Reading a trained crosscoder (README "Model diffing"): each latent's relative decoder norm, Latent Scaling (Minder,
 Dumas et al. 2025) and the classification into tuned-specific, base-specific and shared latents.
 
 Latent Scaling. For latent j with direction d_j and codes f_ij over rows i, the scale beta that best explains a target

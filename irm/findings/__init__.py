@@ -1,5 +1,5 @@
-"""Findings first (SPEC "Controls"): each claim of the paper, its number, its control, and a verdict that follows
-from an interval or a p-value, never from hard-coded wording.
+"""Findings first (README "What the numbers mean"): each claim of the paper, its number, its control, and a verdict that
+follows from an interval or a p-value, never from hard-coded wording.
 
 `build_findings(run_dir)` returns `summary.json["findings"]`: rows {claim, number, control, verdict, detail}, one per
 claim whose artifacts exist, in the order of `ROW_BUILDERS`. To add a claim, write one function `(root: Path) ->

@@ -1,5 +1,6 @@
-"""The findings table's verdicts (SPEC "Controls") and the p-value arithmetic they read: a 95% interval or a p-value
-against the control's value, at one two-sided level ALPHA for the whole table; Holm's correction across it."""
+"""The findings table's verdicts (README "What the numbers mean") and the p-value arithmetic they read: a 95% interval
+or a p-value against the control's value, at one two-sided level ALPHA for the whole table; Holm's correction across
+it."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def save_sae(sae, directory: str | os.PathLike, *, layer: Optional[int] = None, 
         "d_sae": sae.d_hidden,
         "dtype": "float32",
         "device": "cpu",
-        # The paper's encoder reads x itself (SPEC: f = ReLU(W_e x + b_e)); center_input reads x - b_dec.
+        # The paper's encoder reads x itself (paper 4.2: f = ReLU(W_e x + b_e)); center_input reads x - b_dec.
         "apply_b_dec_to_input": sae.center_input,
         "normalize_activations": "none",
         "activation_fn_str": "topk" if topk else "relu",

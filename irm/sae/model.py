@@ -142,7 +142,7 @@ def sae_loss(
     x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor, l1_coefficient: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mse, l1) of appendix D eq. 8 as the authors computed it: MSE averaged over rows and dimensions, L1 the
-    per-row sum of |f| averaged over rows (the main text's "L1 on the decoder weights" is a slip, SPEC)."""
+    per-row sum of |f| averaged over rows (the main text's "L1 on the decoder weights" is a slip)."""
     mse = F.mse_loss(x_hat_BD, x_BD)
     # Codes are ReLU outputs, so |f| = f: a plain sum skips the abs pass over the [rows, features] tensor.
     l1 = codes_BF.sum() / codes_BF.shape[0]

@@ -1,4 +1,4 @@
-"""`python -m irm calibrate`: the calibration harness at this run's sizes (SPEC "Controls: calibration").
+"""`python -m irm calibrate`: the calibration harness at this run's sizes (README "How far to trust a verdict").
 
 Reads the sizes that set each finding's power from the run's artifacts (words, triples and contexts of the control;
 paired prompts of evaluate-reward; layers and top k of divergence; validation's feature groups and inputs; ablation's

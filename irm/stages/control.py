@@ -1,4 +1,5 @@
-"""`python -m irm control`: the base-model control and the nulls that say what a Kendall tau means (SPEC "Controls").
+"""`python -m irm control`: the base-model control and the nulls that say what a Kendall tau means (README "What the
+numbers mean").
 
 The chain of the paper - sentiment activation deltas of the triples -> linear R -> R applied to lexicon words in
 context -> Kendall tau against the lexicon - is run on the tuned model M_RLHF and, on the same triples, the same

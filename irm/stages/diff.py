@@ -1,4 +1,4 @@
-"""`python -m irm diff` (SPEC "Model diffing", beyond the paper): cache the base model's activations at the chosen
+"""`python -m irm diff` (README "Model diffing", beyond the paper): cache the base model's activations at the chosen
 layers over the same documents and tokens as the tuned cache, train a crosscoder on each layer's [base; tuned] pair
 and (diff.diff_sae) an SAE on tuned - base, and write diff.json: per layer the classes of the crosscoder's latents
 (tuned-specific, base-specific, shared... after Latent Scaling, and by decoder norms alone), Latent Scaling's ratios,
