@@ -1,4 +1,4 @@
-"""The SAE training step's written-out loss and gradients (irm.sae.module._ReluSAEStep) against numpy and against
+"""The SAE training step's written-out loss and gradients (irm.sae.step.ReluSAEStep) against numpy and against
 finite differences, and a fit through it against the same fit through autograd."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from irm.config import SAEConfig
 from irm.sae import SAEModule, SparseAutoencoder
-from irm.sae.module import _ReluSAEStep
+from irm.sae.step import ReluSAEStep
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def params(tied: bool, d_in: int = 5, d_hidden: int = 7, seed: int = 0):
 def test_loss_and_outputs_match_numpy(tied):
     W_dec, W_enc, b_enc, b_dec = params(tied)
     x = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    loss, x_hat, codes, sums = _ReluSAEStep.apply(x, W_dec, W_enc, b_enc, b_dec, 0.25)
+    loss, x_hat, codes, sums = ReluSAEStep.apply(x, W_dec, W_enc, b_enc, b_dec, 0.25)
     wd, be, bd, xn = (t.detach().numpy() for t in (W_dec, b_enc, b_dec, x))
     we = wd.T if tied else W_enc.detach().numpy()
     f = np.maximum(xn @ we + be, 0.0)
@@ -51,7 +51,7 @@ def test_gradients_match_finite_differences(tied):
     def loss(*ps):
         it = iter(ps)
         wd, we = next(it), (None if tied else next(it))
-        return _ReluSAEStep.apply(x, wd, we, next(it), next(it), 0.1)[0]
+        return ReluSAEStep.apply(x, wd, we, next(it), next(it), 0.1)[0]
 
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7)
 
@@ -59,7 +59,7 @@ def test_gradients_match_finite_differences(tied):
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_module_step_equals_the_autograd_step(tied, monkeypatch):
     """SAEModules from the same seed take the same steps: through the written-out gradients set directly (one
-    process), through them inside autograd (_ReluSAEStep, as under DDP), and through autograd over
+    process), through them inside autograd (ReluSAEStep, as under DDP), and through autograd over
     SparseAutoencoder and sae_loss: the same parameters, Adam state and firing history after them."""
     x = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(4)).relu()
     states, backward_calls = [], []

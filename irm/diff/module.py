@@ -14,7 +14,7 @@ from irm.diff.config import DiffConfig
 from irm.diff.model import Crosscoder, crosscoder_auxk, crosscoder_loss
 from irm.errors import UserError
 from irm.sae.model import NORMALIZE_ROWS, empty_moments, merge_moments, moment_metrics, normalisation, row_moments
-from irm.sae.module import FeatureActivity
+from irm.sae.revival import FeatureActivity
 
 MODEL_NAMES = ("base", "tuned")  # in the order of the M axis (irm.diff.model.BASE, TUNED)
 

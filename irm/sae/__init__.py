@@ -9,7 +9,7 @@ __all__ = ["ExportSAEs", "SAEModule", "SparseAutoencoder", "layer_dir", "load_sa
 def __getattr__(name: str):
     # The Lightning parts import Lightning (seconds); stages that only load exported SAEs should not pay for it.
     if name in ("SAEModule", "ExportSAEs", "FeatureActivity"):
-        from irm.sae import module
+        from irm.sae import callbacks, module, revival
 
-        return getattr(module, name)
+        return getattr({"SAEModule": module, "ExportSAEs": callbacks, "FeatureActivity": revival}[name], name)
     raise AttributeError(f"module 'irm.sae' has no attribute {name!r}")

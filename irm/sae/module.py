@@ -1,12 +1,11 @@
 """The SAE LightningModule (paper 4.2, appendix D): a layer's dictionaries of every size (1x and 2x the activation
-width) trained side by side on the same batches, so one read of the cache trains the pair; and the callback that
-exports them for the later stages when a fit ends."""
+width) trained side by side on the same batches, so one read of the cache trains the pair. The ReLU SAE's step is
+irm.sae.step, dead features and their resampling irm.sae.revival, the export when a fit ends irm.sae.callbacks."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -17,96 +16,12 @@ from irm.config import SAEConfig
 from irm.errors import UserError
 from irm.sae.model import (NORMALIZE_ROWS, SparseAutoencoder, auxk_loss, empty_moments, merge_moments,
                            moment_metrics, normalisation, row_moments, sae_loss)
+from irm.sae.revival import FeatureActivity, resample_dead_
+from irm.sae.step import ReluSAEStep, relu_step_forward, relu_step_grads
 
 # ModelCheckpoint warns that under manual optimisation a mid-epoch checkpoint holds the state after the step. That is
 # the state its step count and optimizer state describe, so resuming from it reproduces an uninterrupted run.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-
-
-class FeatureActivity(nn.Module):
-    """How many optimizer steps ago each feature last fired: a feature is dead when it has not fired for `window`
-    steps. A buffer, so a resumed fit keeps the history; updated on every step without a host sync."""
-
-    def __init__(self, d_hidden: int):
-        super().__init__()
-        self.register_buffer("steps_since_fired", torch.zeros(d_hidden, dtype=torch.long))
-
-    @torch.no_grad()
-    def observe(self, codes_BF: torch.Tensor) -> None:
-        self.record(codes_BF.detach().amax(dim=0) > 0)
-
-    @torch.no_grad()
-    def record(self, fired_F: torch.Tensor) -> None:
-        """One step in which the features of the boolean mask `fired_F` fired."""
-        self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
-
-    @torch.no_grad()
-    def dead(self, window: int, reduce=None) -> torch.Tensor:
-        """Boolean mask of features silent for >= `window` steps. `reduce` takes the minimum over DDP ranks, so a
-        feature firing on any rank is alive."""
-        since = self.steps_since_fired if reduce is None else reduce(self.steps_since_fired)
-        return since >= window
-
-    @torch.no_grad()
-    def dead_fraction(self, window: int, reduce=None) -> torch.Tensor:
-        return self.dead(window, reduce).float().mean()
-
-
-class _ReluSAEStep(torch.autograd.Function):
-    """sae_loss of a ReLU SAE whose encoder reads x unshifted (SparseAutoencoder.pre_activations, codes_from_pre,
-    decode_normalized, then sae_loss), with its gradients written out: the same maths as autograd through those
-    functions, in fewer passes over the [rows, features] codes, which at large batches cost as much as a GEMM's
-    worth and at small ones dominate what is not GEMM. The ReLU runs in place; one per-feature sum of the codes gives
-    both the L1 term and which features fired (codes are >= 0: a feature fired iff its sum is > 0); backward adds the
-    L1 gradient and applies the ReLU's mask in place on the decoder's gradient, and accumulates a tied matrix's two
-    gradient terms into one buffer (autograd would add a transposed copy of one to the other).
-
-    apply(x_n, W_dec, W_enc or None (tied), b_enc, b_dec, l1_coefficient) -> (loss, x_hat_n, codes, code sums per
-    feature); only the loss is differentiable, and x_n gets no gradient (activations are data)."""
-
-    @staticmethod
-    def forward(ctx, x_BD, W_dec, W_enc, b_enc, b_dec, l1_coefficient: float):
-        loss, x_hat_BD, codes_BF, code_sums_F, err_BD = _relu_step_forward(x_BD, W_dec, W_enc, b_enc, b_dec,
-                                                                           l1_coefficient)
-        ctx.save_for_backward(x_BD, W_dec, W_enc, codes_BF, err_BD)
-        ctx.l1_coefficient = l1_coefficient
-        ctx.mark_non_differentiable(x_hat_BD, codes_BF, code_sums_F)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the three outputs above
-        return loss, x_hat_BD, codes_BF, code_sums_F
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        if grad_loss is None:
-            return None, None, None, None, None, None
-        return (None, *_relu_step_grads(*ctx.saved_tensors, ctx.l1_coefficient, grad_loss), None)
-
-
-def _relu_step_forward(x_BD, W_dec, W_enc, b_enc, b_dec, l1_coefficient: float):
-    """_ReluSAEStep's forward: (loss, x_hat, codes, code sums per feature, reconstruction error)."""
-    codes_BF = torch.addmm(b_enc, x_BD, W_dec.t() if W_enc is None else W_enc).relu_()
-    x_hat_BD = torch.addmm(b_dec, codes_BF, W_dec)
-    err_BD = x_hat_BD - x_BD
-    code_sums_F = codes_BF.sum(dim=0)
-    flat = err_BD.view(-1)
-    loss = torch.dot(flat, flat) / flat.numel() + l1_coefficient * (code_sums_F.sum() / x_BD.shape[0])
-    return loss, x_hat_BD, codes_BF, code_sums_F, err_BD
-
-
-def _relu_step_grads(x_BD, W_dec, W_enc, codes_BF, err_BD, l1_coefficient: float, grad_loss):
-    """_ReluSAEStep's backward: the gradients of (W_dec, W_enc or None, b_enc, b_dec), `grad_loss` times those of
-    the loss; it writes in place only into buffers it allocates."""
-    rows = x_BD.shape[0]
-    grad_x_hat_BD = err_BD * (grad_loss * (2.0 / err_BD.numel()))  # of the MSE
-    # Through the decoder, plus the L1 term's l1_coefficient / rows on every code, zero where the ReLU cut.
-    grad_pre_BF = torch.mm(grad_x_hat_BD, W_dec.t()).add_(grad_loss * (l1_coefficient / rows))
-    grad_pre_BF = torch.ops.aten.threshold_backward.grad_input(grad_pre_BF, codes_BF, 0, grad_input=grad_pre_BF)
-    if W_enc is None:
-        grad_W_dec = torch.mm(grad_pre_BF.t(), x_BD).addmm_(codes_BF.t(), grad_x_hat_BD)
-        grad_W_enc = None
-    else:
-        grad_W_dec = torch.mm(codes_BF.t(), grad_x_hat_BD)
-        grad_W_enc = torch.mm(x_BD.t(), grad_pre_BF)
-    return grad_W_dec, grad_W_enc, grad_pre_BF.sum(dim=0), grad_x_hat_BD.sum(dim=0)
 
 
 class SAEModule(L.LightningModule):
@@ -126,14 +41,19 @@ class SAEModule(L.LightningModule):
     shrinking codes against growing rows.
 
     The paper's ReLU SAE (no AuxK, encoder not centred, float32/64 outside autocast) trains through written-out
-    gradients (`_ReluSAEStep`); on one process they are set without autograd, so callbacks' `on_before_backward` /
+    gradients (`ReluSAEStep`); on one process they are set without autograd, so callbacks' `on_before_backward` /
     `on_after_backward` do not run for it (`on_before_optimizer_step` does, with the gradients in place).
 
-    Training metrics (loss, MSE, normalised MSE, L1, L0, dead fraction, explained variance; in the normalised space)
-    are computed on the steps Lightning writes to the logger (`trainer.log_every_n_steps`), not on every step: the
-    statistics cost passes over the codes and their logging would otherwise sync with the host each step. Under DDP
-    they describe the global batch (every rank's batch of that step), and the validation/test metrics all held-out
-    rows of every rank: each rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
+    A training step reads no value back to the host (no `.item()`, no Python branch on a tensor; on a GPU the host
+    never waits for the device): dead features are tracked and resampled on the device, when to resample follows from
+    the step count, and the metrics are handed to `self.log_dict` as device tensors, which Lightning converts to
+    numbers only when it writes them to its loggers (tests/test_sae_sync.py counts the reads; under DDP Lightning
+    itself reads one flag per step, its SIGTERM broadcast). Training metrics (loss, MSE, normalised MSE, L1, L0, dead
+    fraction, explained variance; in the normalised space) are those of the batch of each step Lightning writes to
+    the logger (`trainer.log_every_n_steps`), not averages over the steps in between: statistics kept on every step
+    would add passes over the codes and a dozen small kernel launches to every step. Under DDP they describe the
+    global batch (every rank's batch of that step), and the validation/test metrics all held-out rows of every rank:
+    each rank's statistics (`row_moments`) are gathered and merged, once per logging step or epoch.
     """
 
     def __init__(self, cfg: SAEConfig, d_in: Optional[int] = None):
@@ -286,12 +206,12 @@ class SAEModule(L.LightningModule):
             if self._written_out(sae, x_n, auxk):
                 if set_directly:
                     with torch.no_grad():
-                        _, x_hat_n, codes_BF, code_sums_F, err_BD = _relu_step_forward(
+                        _, x_hat_n, codes_BF, code_sums_F, err_BD = relu_step_forward(
                             x_n, sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec, self._l1)
-                        direct[name] = _relu_step_grads(x_n, sae.W_dec, sae.W_enc, codes_BF, err_BD, self._l1, 1.0)
+                        direct[name] = relu_step_grads(x_n, sae.W_dec, sae.W_enc, codes_BF, err_BD, self._l1, 1.0)
                 else:
-                    loss, x_hat_n, codes_BF, code_sums_F = _ReluSAEStep.apply(x_n, sae.W_dec, sae.W_enc, sae.b_enc,
-                                                                              sae.b_dec, self._l1)
+                    loss, x_hat_n, codes_BF, code_sums_F = ReluSAEStep.apply(x_n, sae.W_dec, sae.W_enc, sae.b_enc,
+                                                                             sae.b_dec, self._l1)
                     total = total + loss
                 activity.record(code_sums_F > 0)
                 parts[name] = (x_hat_n, codes_BF)
@@ -325,7 +245,7 @@ class SAEModule(L.LightningModule):
 
     @staticmethod
     def _written_out(sae: SparseAutoencoder, x_n: torch.Tensor, auxk: bool) -> bool:
-        """Whether `_ReluSAEStep` computes this step: the paper's ReLU SAE (tied or not, encoder reading x unshifted,
+        """Whether `ReluSAEStep` computes this step: the paper's ReLU SAE (tied or not, encoder reading x unshifted,
         no auxiliary loss) on float32/float64 data in the parameters' dtype, outside autocast (mixed precision takes
         the autograd path, whose casts autocast manages)."""
         return (sae.activation == "relu" and not sae.center_input and not auxk and not x_n.requires_grad
@@ -349,40 +269,16 @@ class SAEModule(L.LightningModule):
         return step <= self.cfg.resample_until * total
 
     @torch.no_grad()
-    def _resample(self, name: str, sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor) -> int:
-        """Re-initialise the dead features of `sae` (Anthropic's resampling, simplified): each gets the direction of
-        the residual of a batch row drawn with probability proportional to its squared error, as decoder row and
-        (scaled to 0.2 x the live features' mean encoder norm) encoder column, b_enc 0, and fresh Adam moments.
-        Under DDP the dead set is agreed across ranks and rank 0's rows are used everywhere. Returns the count."""
+    def _resample(self, name: str, sae: SparseAutoencoder, x_n: torch.Tensor, x_hat_n: torch.Tensor) -> None:
+        """Resample the dead features of `sae` towards this batch's badly reconstructed rows (irm.sae.revival).
+        Under DDP the dead set is agreed across ranks and rank 0's rows are used everywhere."""
         activity = self.activity[name]
         dead_F = activity.dead(self.cfg.dead_window, self._min_rank)
-        n = int(dead_F.sum())
-        if n == 0:
-            return 0
-        idx = dead_F.nonzero().squeeze(1)
-        err_BD = (x_n - x_hat_n).float()
-        weight_B = err_BD.pow(2).sum(dim=1)
-        weight_B = weight_B if bool(weight_B.sum() > 0) else torch.ones_like(weight_B)
         # Seeded by the step: a resumed fit (whose global RNG state Lightning does not restore) draws the same rows.
-        g = torch.Generator(device=weight_B.device).manual_seed(self.global_step * 7919 + sae.d_hidden)
-        rows = torch.multinomial(weight_B, n, replacement=n > weight_B.numel(), generator=g)
-        dirs_ND = err_BD[rows] / err_BD[rows].norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.trainer.world_size > 1:
-            dirs_ND = self.trainer.strategy.broadcast(dirs_ND, src=0)
-        sae.W_dec[idx] = dirs_ND.to(sae.W_dec.dtype)
-        if sae.W_enc is not None:
-            alive = ~dead_F
-            norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.ones(())
-            sae.W_enc[:, idx] = (dirs_ND.t() * 0.2 * norm).to(sae.W_enc.dtype)
-        sae.b_enc[idx] = 0.0
-        optimizer = self.optimizers().optimizer
-        for param, cols in ((sae.W_dec, (idx,)), (sae.b_enc, (idx,)), (sae.W_enc, (slice(None), idx))):
-            state = optimizer.state.get(param) if param is not None else None
-            for key in ("exp_avg", "exp_avg_sq"):
-                if state and key in state:
-                    state[key][cols] = 0.0
-        activity.steps_since_fired[idx] = 0
-        return n
+        resample_dead_(sae, dead_F, x_n, x_hat_n, self.optimizers().optimizer.state,
+                       seed=self.global_step * 7919 + sae.d_hidden,
+                       share=self._rank_zero if self._n_processes > 1 else None)
+        activity.restart(dead_F)
 
     def _logging_step(self) -> bool:
         # The steps Lightning's logger writes on: every log_every_n_steps loader items (it counts items, not
@@ -403,6 +299,11 @@ class SAEModule(L.LightningModule):
     def _any_rank(self, fired_F: torch.Tensor) -> torch.Tensor:
         """Summed over ranks: a feature firing on any rank counts."""
         return self.trainer.strategy.reduce(fired_F, reduce_op="sum") if self.trainer.world_size > 1 else fired_F
+
+    def _rank_zero(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` on every rank, through a tensor collective (Lightning's `broadcast` pickles through the
+        host)."""
+        return self.trainer.strategy.all_gather(t)[0]
 
     def _min_rank(self, since_F: torch.Tensor) -> torch.Tensor:
         """Minimum over ranks: steps since a feature fired on any rank."""
@@ -470,45 +371,3 @@ class SAEModule(L.LightningModule):
         # Already the same on every rank; sync_dist only tells Lightning so.
         self.log_dict(metrics, on_epoch=True, sync_dist=True)
 
-
-class ExportSAEs(L.Callback):
-    """When a fit ends, write every SAE of the module as cfg.json + sae_weights.safetensors under `dirpath/x<e>`
-    (rank 0 only). Without `dirpath`, a datamodule reading `<run_dir>/cache/layer-NN` exports to
-    `<run_dir>/sae/layer-NN`, where the later stages look."""
-
-    def __init__(self, dirpath: Optional[str] = None):
-        self.dirpath = dirpath
-
-    def target(self, trainer: L.Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        cache = getattr(trainer.datamodule, "cache", None)
-        if cache is None or cache.dir.parent.name != "cache" or cache.layer is None:
-            raise UserError("ExportSAEs needs dirpath unless the data is an ActivationDataModule reading "
-                            "<run_dir>/cache/layer-NN; set trainer.callbacks' ExportSAEs dirpath")
-        from irm.sae.export import layer_dir
-
-        return layer_dir(cache.dir.parent.parent, cache.layer)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        from irm.sae.export import loadable_model_name, save_sae
-
-        manifest = getattr(trainer.datamodule, "manifest", None) or {}
-        root = self.target(trainer)
-        cfg = pl_module.cfg
-        mm = pl_module.init_mmcs.tolist()
-        init_mmcs = None if mm[0] != mm[0] else {"max": mm[0], "hungarian": mm[1]}  # NaN: one dictionary only
-        for name, sae in pl_module.saes.items():
-            save_sae(sae, root / name, layer=manifest.get("layer"), site=manifest.get("site", "mlp_out"),
-                     model_name=loadable_model_name(manifest.get("model")), context_size=manifest.get("max_length"),
-                     # SAEs are trained on the tuned policy's activations: `model_name` is the base model's id (what
-                     # other tools load), the checkpoint whose activations they encode is named here.
-                     irm={"activations_from": "tuned" if manifest.get("policy") else "model_name",
-                          "tuned_checkpoint": manifest.get("policy"), "base_model": manifest.get("model"),
-                          "expansion": int(name[1:]), "l1_coefficient": cfg.l1_coefficient,
-                          "learning_rate": cfg.learning_rate, "global_step": trainer.global_step,
-                          "normalize": cfg.normalize, "revive": pl_module.revive, "dead_window": cfg.dead_window,
-                          "init_mmcs": init_mmcs, "cache_rows": manifest.get("rows"),
-                          "corpus_fingerprint": manifest.get("corpus_fingerprint")})

@@ -18,7 +18,8 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
     from irm.loggers import stage_loggers
     from irm.runtime import resume_from, seed_all
     from irm.sae.export import layer_dir, sae_dir
-    from irm.sae.module import ExportSAEs, SAEModule
+    from irm.sae.callbacks import ExportSAEs
+    from irm.sae.module import SAEModule
 
     s = cfg.sae
     root = layer_dir(cfg.run_dir, layer)
