@@ -180,6 +180,54 @@ def test_stage_rates_divides_stage_times_by_steps_and_tokens(tmp_path):
     assert r["ppo_seconds_per_step"] == 1.5 and r["cache_tokens_per_second"] == 400.0 and r["cache_layers"] == 2
 
 
+
+def test_stage_rates_reads_the_runs_own_config_and_the_rlhf_records_step_time(tmp_path):
+    """Without a config file the PPO steps come from the run's resolved config.yaml (which holds overrides such as
+    gpu_check.sh's smoke sizes); train()'s own seconds per step from the rlhf stage's record: 10 s / 4 steps, 2.0."""
+    from stage_rates import stage_rates
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"seconds": {"rlhf": 10.0}}))
+    (run / "config.yaml").write_text("rlhf:\n  steps: 4\n")
+    (run / "manifest.json").write_text(json.dumps({"stages": {"rlhf": {"seconds_per_step": 2.0}}}))
+    r = stage_rates(run)
+    assert r["ppo_seconds_per_step"] == 2.5 and r["ppo_train_seconds_per_step"] == 2.0
+    assert r["cache_tokens_per_second"] is None
+
+
+def test_gpu_check_report_pairs_repetitions_and_lets_a_later_call_replace_a_part(tmp_path):
+    """Two gpu_check.sh output folders written by hand: the first has the SAE runs (irm 2x and 4x the plain loop
+    in two repetitions: ratio median 3; SAELens always 8x irm's rate: 0.125), a failed tiny pipeline and no
+    quickstart model; the second call ran the tiny pipeline again and the quickstart."""
+    import gpu_check_report
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+    reps = {"irm": [2.0, 8.0], "plain": [1.0, 2.0], "saelens": [16.0, 64.0]}
+    (first / "sae_b32.json").write_text(json.dumps({
+        "gemm_gflops": 50.0, "settings": {"batches_per_item": 8, "device": "cuda"},
+        "results": [{"lib": lib, "batch": 32, "d_in": 576, "acts_per_s_reps": v} for lib, v in reps.items()]}))
+    (first / "parts.tsv").write_text("sync\t0\t12\t6 passed\nsae-b32\t0\t80\t\ntiny\t1\t30\tboom\n"
+                                     "quickstart\tskipped\t0\tno model\n")
+    (second / "parts.tsv").write_text("tiny\t0\t90\tdone\nquickstart\t0\t300\tdone\n")
+    (second / "tiny_rates.json").write_text(json.dumps({"ppo_seconds_per_step": 3.0, "stage_seconds": {"rlhf": 24.0}}))
+    (second / "env.json").write_text(json.dumps({"date": "2026-12-06", "dry": False, "device": "GPU"}))
+    record = gpu_check_report.main([str(first), str(second), "--json", str(tmp_path / "r.json"),
+                                    "--md", str(tmp_path / "r.md")])
+    [row] = record["sae"]
+    assert row["acts_per_s"] == {"irm": 5.0, "plain": 1.5, "saelens": 40.0}
+    assert row["irm_over_plain"] == 3.0 and row["irm_over_saelens"] == 0.125
+    assert row["targets"] == {"irm >= plain loop": True, "irm ahead of SAELens": False}
+    tiny, quickstart = record["pipelines"]["tiny"], record["pipelines"]["quickstart"]
+    assert (tiny["exit"], tiny["ppo_seconds_per_step"], quickstart["exit"], quickstart["ran"]) == (0, 3.0, 0, True)
+    assert record["sync_test"]["note"] == "6 passed"
+    assert json.loads((tmp_path / "r.json").read_text()) == record
+    [sae_line] = [line for line in (tmp_path / "r.md").read_text().splitlines() if "irm >= plain loop" in line]
+    assert [c.strip() for c in sae_line.split("|")[1:-1]] == [
+        "32", "8", "576", "5", "2", "40", "3.00", "0.12", "irm >= plain loop: yes, irm ahead of SAELens: no"]
+
 def test_side_by_side_totals_charge_a_stage_only_one_commit_has_to_that_commit():
     import side_by_side
 
