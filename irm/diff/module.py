@@ -1,4 +1,4 @@
-"""The crosscoder LightningModule (SPEC "Model diffing"): one crosscoder of a layer trained on paired [base; tuned]
+"""The crosscoder LightningModule (README "Model diffing"): one crosscoder of a layer trained on paired [base; tuned]
 activations (irm.diff.data.PairedDataModule), BatchTopK with AuxK reviving dead latents, or Anthropic's L1 loss;
 per-model reconstruction quality logged on the training batches and the held-out tail."""
 
