@@ -29,7 +29,7 @@ BAD = [
     (["--rlhf.mini_batch_size", "1"], "rlhf.mini_batch_size"),
     (["--rlhf.prompt_min_tokens", "9", "--rlhf.prompt_max_tokens", "3"], "rlhf.prompt_min_tokens"),
     (["--rlhf.learning_rate", "-1"], "rlhf.learning_rate"),
-    (["--evaluate.n", "1"], "evaluate_reward.n"),
+    (["--evaluate_reward.n", "1"], "evaluate_reward.n"),
     (["--divergence.top_k", "0"], "divergence.top_k"),
     (["--cache.layers", "[-1]"], "cache.layers"),
     (["--cache.layers", "[1, 1]"], "cache.layers"),
@@ -54,7 +54,7 @@ BAD = [
     (["--control.permutations", "0"], "control.permutations"),
     (["--control.max_words", "2"], "control.max_words"),
     (["--control.ridge_alphas", "[0.1, -1]"], "control.ridge_alphas"),
-    (["--validate.threshold", "4"], "validate_features.threshold"),
+    (["--validate_features.threshold", "4"], "validate_features.threshold"),
     (["--ablate.modes", "[zero]"], "ablate.modes"),
     (["--ablate.n_prompts", "0"], "ablate.n_prompts"),
 ]

@@ -23,7 +23,7 @@ def cfg(tmp_path):
     torch.set_num_threads(1)
     return parse_config("evaluate-reward", [
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--run_dir", str(tmp_path / "run"),
-        "--evaluate.n", "20", "--evaluate.batch_size", "8",  # a ragged last batch
+        "--evaluate_reward.n", "20", "--evaluate_reward.batch_size", "8",  # a ragged last batch
     ])
 
 

@@ -198,7 +198,8 @@ class ScriptedBackend:
 
 
 def test_unusable_answers_are_counted_shown_and_never_labelled_related(cfg, monkeypatch, capsys):
-    from irm.explain import explained_features, prompts, related_features, stage
+    from irm.explain import explained_features, prompts, related_features
+    from irm.stages import explain as stage
 
     backend = ScriptedBackend()
     monkeypatch.setattr(stage, "make_backend", lambda *a, **k: backend)

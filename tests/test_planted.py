@@ -181,7 +181,7 @@ def planted_world_lexicon() -> dict:
 
 
 SMALL = ["--threads", "1", "--corpus.n_documents", "200", "--rlhf.steps", "1", "--rlhf.ppo_epochs", "1",
-         "--evaluate.n", "16", "--cache.n_documents", "60", "--sae.epochs", "1", "--triples.n", "60",
+         "--evaluate_reward.n", "16", "--cache.n_documents", "60", "--sae.epochs", "1", "--triples.n", "60",
          "--regression.epochs", "5", "--lexicon.bootstrap", "20", "--lexicon.max_words", "200",
          "--control.max_words", "100", "--control.permutations", "10", "--control.bootstrap", "20",
          "--control.base_saes", "tuned", "--explain.max_features", "2", "--dictionaries.top_k", "2"]

@@ -368,7 +368,7 @@ def test_quickstart_smollm2_runs_ppo_and_evaluate_reports_base_vs_tuned(tmp_path
         "--config", str(ROOT / "configs" / "quickstart.yaml"), "--run_dir", str(tmp_path / "run"),
         "--log_dir", str(tmp_path / "tb"), "--device", "cpu",
         "--rlhf.steps", "3", "--rlhf.batch_size", "4", "--rlhf.mini_batch_size", "2", "--rlhf.response_length", "8",
-        "--rlhf.checkpoint_every", "2", "--evaluate.n", "8", "--evaluate.new_tokens", "8", "--evaluate.batch_size", "8",
+        "--rlhf.checkpoint_every", "2", "--evaluate_reward.n", "8", "--evaluate_reward.new_tokens", "8", "--evaluate_reward.batch_size", "8",
     ])
     run(cfg)
     assert (Path(cfg.run_dir) / "rlhf" / "policy" / "model.safetensors").is_file()

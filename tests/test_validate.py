@@ -156,7 +156,7 @@ def build_upstream(cfg):
 
 
 ARGS = ["--cache.layers", json.dumps(LAYERS), "--triples.n", "40", "--regression.epochs", "3",
-        "--lexicon.max_words", "300", "--lexicon.bootstrap", "50", "--validate.n_inputs", "20"]
+        "--lexicon.max_words", "300", "--lexicon.bootstrap", "50", "--validate_features.n_inputs", "20"]
 
 
 def run_chain(cfg, stages):
@@ -291,7 +291,7 @@ def test_chain_from_the_cli_on_a_tiny_model(tiny_cfg, capsys, monkeypatch):
     from irm.cli import main
 
     main(["validate-features", "--force", "--config", str(TINY_YAML), "--run_dir", tiny_cfg.run_dir, *ARGS,
-          "--validate.threshold", repr(split)])
+          "--validate_features.threshold", repr(split)])
     val_split = json.loads((root / "validation.json").read_text())
     chosen = scaled > split
     assert 0 < val_split["n_inputs_above"] == int(chosen.sum()) < len(scaled)
