@@ -162,18 +162,17 @@ def test_unknown_command_exit_2():
     assert out.returncode == 2 and "frobnicate" in out.stderr
 
 
-def test_a_trainer_setting_lightning_refuses_is_one_line_exit_2(tmp_path):
-    """FSDP on a CPU: Lightning's accelerator check refuses it; irm says so in one line, not a traceback."""
-    from test_sae import fit_config, irm_cli, planted_cache
+def test_a_trainer_setting_lightning_refuses_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """FSDP on a CPU: Lightning's accelerator check refuses it; irm says so in one line, not a traceback (in this
+    process through irm.cli.main; test_sae's missing-cache refusal runs as a process of its own)."""
+    from test_sae import fit_config, planted_cache, refused_in_process
 
     layer_dir = tmp_path / "cache" / "layer-00"
     planted_cache(layer_dir, d=8, k=6, n=200, shard_rows=100)
     config = fit_config(tmp_path, layer_dir, max_epochs=1)
-    out = irm_cli("fit", "--config", str(config), "--trainer.strategy", "fsdp", cwd=tmp_path, check=False)
-    assert out.returncode == 2, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert "bad trainer setting" in last and "fsdp" in last and "GPU" in last
-    assert "Traceback" not in out.stderr
+    monkeypatch.chdir(tmp_path)
+    last = refused_in_process(monkeypatch, capsys, "fit", "--config", str(config), "--trainer.strategy", "fsdp")
+    assert "bad trainer setting" in last and "fsdp" in last and "GPU" in last and "Traceback" not in last
 
 
 def test_threads_knob_caps_torch_threads():

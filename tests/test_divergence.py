@@ -4,8 +4,6 @@ layer choice later stages read."""
 import json
 import math
 import re
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -185,11 +183,12 @@ def test_stage_writes_json_plot_and_manifest(tmp_path):
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
-def test_cli_without_tuned_policy_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "irm", "divergence", "--config", "configs/tiny.yaml", "--run_dir", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_cli_without_tuned_policy_exits_2_with_one_line(tmp_path, capsys):
+    """In this process through irm.cli.main (a subprocess costs seconds of imports): exit 2 and one line."""
+    from irm.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["divergence", "--config", "configs/tiny.yaml", "--run_dir", str(tmp_path / "r")])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "run `python -m irm rlhf` first" in lines[0]
