@@ -170,7 +170,9 @@ def test_two_rank_training_metrics_describe_both_ranks_batches(tmp_path):
     ranks = [torch.load(tmp_path / f"steps-{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 2400 // 2 // 16
 
-    acc = EventAccumulator(str(tmp_path / "logs" / "tiny" / "sae" / "layer-03"))
+    # The fit's one TensorBoard folder (configs/sae.yaml names no version: without --run_dir/--layer, Lightning's)
+    [events] = {p.parent for p in (tmp_path / "logs").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
     acc.Reload()
     logged = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
               if tag.startswith("train/")}
