@@ -13,7 +13,17 @@
   for 3 PPO steps (every run writes one full-state checkpoint at its last step): step seconds = (train time of 3 steps - train time of 1) / 2, checkpoint seconds ~ the 1-step run's train
   time minus one step, checkpoint size = bytes of that checkpoint folder.
 
+- quickstart (issue 25.4): the quickstart's own model and settings (configs/quickstart.yaml: SmolLM2-135M, its cache
+  site, max_length and batch size, its TopK SAE section) at 1x, 2x, 4x ... its `cache.n_documents` (`--multiples`):
+  the cache loop over one of its layers (the model's forward dominates; the other layers add only their rows), then
+  one epoch of the sae stage's SAEModule pair (1x and 2x) on that cache, each in the same fresh process: seconds
+  and peak RSS (should stay flat) against the documents.
+- calibration (issue 25.4): the calibrate stage's harness at a finished run's sizes (`--run`, e.g.
+  runs/quickstart) for 2, 4, 8 ... worlds (`--worlds`): seconds against worlds (should be linear).
+
     python benchmarks/growth.py --threads 2 --json benchmarks/results/growth.json [--parts corpus sae model]
+    python benchmarks/growth.py --threads 2 --parts quickstart calibration --run runs/quickstart \\
+        --json benchmarks/results/growth_quickstart.json
 """
 
 from __future__ import annotations
@@ -117,7 +127,71 @@ def child(kind: str, size: int, work: Path) -> dict:
         return {"rows": size, "cache_mb": cache_mb, "epoch_seconds": seconds, "read_mb_per_s": cache_mb / seconds,
                 "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_before_fit": rss_before,
                 "page_cache_mb_before_epoch": resident}
+    if kind == "quickstart":
+        return _quickstart_child(size, work)
     raise ValueError(kind)
+
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUICKSTART_LAYER = 17  # one of the quickstart's three chosen layers (its divergence picks 17, 18, 29)
+
+
+def _quickstart_child(multiple: int, work: Path) -> dict:
+    """`multiple` x the quickstart's documents through the cache loop (one layer) and one SAE epoch on that cache."""
+    import lightning as L
+    import torch
+
+    from irm.activations import ActivationDataModule, ShardWriter
+    from irm.activations.collect import cache_activations
+    from irm.cli import parse_config
+    from irm.data import load_texts
+    from irm.models import load_model, site_width
+    from irm.sae import SAEModule
+
+    cfg = parse_config("cache", ["--config", str(QUICKSTART), "--run_dir", str(work)])
+    c = cfg.cache
+    n = multiple * c.n_documents
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, device="cpu")
+    texts = load_texts(cfg.corpus, cfg.corpus.split, cfg.seed, n=n)
+    layer_dir = work / f"layer-{QUICKSTART_LAYER:02d}"
+    writer = ShardWriter(layer_dir, site_width(model, c.site), c.dtype, c.shard_rows)
+    t0 = time.perf_counter()
+    cache_activations(model, tokenizer, texts, {QUICKSTART_LAYER: writer}, site=c.site, batch_size=c.batch_size,
+                      max_length=c.max_length, storage_dtype=c.dtype)
+    manifest = writer.close(layer=QUICKSTART_LAYER, model=cfg.model.name, site=c.site, corpus_fingerprint="growth")
+    cache_seconds = time.perf_counter() - t0
+    rss_cache = peak_rss_mb()
+    del model
+    torch.manual_seed(cfg.seed)
+    data = ActivationDataModule(str(layer_dir), cfg.sae, seed=cfg.seed)
+    data.setup("fit")
+    module = SAEModule(cfg.sae, d_in=data.width)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=str(work))
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    sae_seconds = time.perf_counter() - t0
+    cache_mb = sum(p.stat().st_size for p in layer_dir.glob("*.safetensors")) / 1e6
+    return {"multiple": multiple, "documents": len(texts), "rows": manifest["rows"], "cache_mb": cache_mb,
+            "cache_seconds": cache_seconds, "peak_rss_mb_after_cache": rss_cache, "sae_epoch_seconds": sae_seconds,
+            "sae_steps": trainer.global_step, "peak_rss_mb": peak_rss_mb()}
+
+
+def calibration_cost(run: Path, worlds: list[int], seed: int) -> list[dict]:
+    """Seconds of the calibrate stage's harness at the sizes its stage takes for `run` (its run_sizes under its own
+    config.yaml's calibrate section), per number of worlds (in this process)."""
+    from irm.cli import parse_config
+    from irm.stages.calibrate import calibrate, run_sizes, stage_sizes
+
+    sizes = stage_sizes(parse_config("calibrate", ["--config", str(run / "config.yaml")]), run_sizes(run))
+    out = []
+    for w in worlds:
+        t0 = time.perf_counter()
+        calibrate(sizes, w, seed)
+        out.append({"worlds": w, "seconds": time.perf_counter() - t0, "sizes": sizes})
+        print(f"calibration {w} worlds: {out[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return out
 
 
 def _resident_mb(paths) -> float | None:
@@ -178,7 +252,13 @@ def main(argv=None) -> dict:
         print(json.dumps(child(kind, size, work)))
         return {}
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", choices=("corpus", "sae", "model"), default=["corpus", "sae", "model"])
+    p.add_argument("--parts", nargs="+", choices=("corpus", "sae", "model", "quickstart", "calibration"),
+                   default=["corpus", "sae", "model"])
+    p.add_argument("--multiples", nargs="+", type=int, default=[1, 4, 16],
+                   help="quickstart: multiples of its cache.n_documents")
+    p.add_argument("--run", type=Path, default=ROOT / "runs" / "quickstart",
+                   help="calibration: a finished run directory whose sizes the worlds take")
+    p.add_argument("--worlds", nargs="+", type=int, default=[2, 4, 8, 16], help="calibration: numbers of worlds")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS)[:3])
     args = parse_args(p, argv)
     corpus_sizes = (200, 400) if args.quick else CORPUS_SIZES
@@ -220,6 +300,25 @@ def main(argv=None) -> dict:
             print(table(["model", "PPO step s", "checkpoint s", "checkpoint MB"],
                         [[r["model"], r["step_seconds"], r["checkpoint_seconds"], r["checkpoint_bytes"] / 1e6]
                          for r in record["model"]]))
+        if "quickstart" in args.parts:
+            record["quickstart"] = []
+            for m in ([1, 2] if args.quick else args.multiples):
+                record["quickstart"].append(spawn("quickstart", m, tmp / f"quickstart-{m}", args.threads))
+                print(f"quickstart {m}x: {record['quickstart'][-1]}", file=sys.stderr, flush=True)
+                subprocess.run(["rm", "-rf", str(tmp / f"quickstart-{m}")], check=False)
+            base = record["quickstart"][0]
+            print(table(["documents", "x", "rows", "cache MB", "cache s", "cache s / 1x", "SAE epoch s",
+                         "SAE s / 1x", "peak RSS MB"],
+                        [[r["documents"], r["multiple"], r["rows"], r["cache_mb"], r["cache_seconds"],
+                          r["cache_seconds"] / base["cache_seconds"], r["sae_epoch_seconds"],
+                          r["sae_epoch_seconds"] / base["sae_epoch_seconds"], r["peak_rss_mb"]]
+                         for r in record["quickstart"]]))
+    if "calibration" in args.parts:
+        record["calibration"] = calibration_cost(args.run, [2, 4] if args.quick else args.worlds, 0)
+        base = record["calibration"][0]
+        print(table(["worlds", "seconds", "seconds per world", "time vs first", "worlds vs first"],
+                    [[r["worlds"], r["seconds"], r["seconds"] / r["worlds"], r["seconds"] / base["seconds"],
+                      r["worlds"] / base["worlds"]] for r in record["calibration"]]))
     write_json(args.json, record)
     return record
 

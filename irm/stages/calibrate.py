@@ -89,18 +89,24 @@ def calibrate(sizes: dict, worlds: int, seed: int, cost: Optional[str] = "fast",
     return {"sizes": sizes, "worlds": worlds, "seed": seed, "families": results, "findings": summarise(results)}
 
 
+def stage_sizes(cfg: RunConfig, measured: dict) -> dict:
+    """The sizes the stage's worlds take: the run's (`run_sizes`) with the calibrate section's bootstrap and
+    permutation counts, and its caps on words and triples."""
+    cc = cfg.calibrate
+    sizes = {**measured, "bootstrap": cc.bootstrap, "permutations": cc.permutations}
+    caps = {"words": cc.max_words, "triples": cc.max_triples}
+    sizes.update({k: min(sizes[k], cap) for k, cap in caps.items() if k in sizes})
+    return sizes
+
+
 def run(cfg: RunConfig) -> dict:
     from irm.artifacts import write_json
     from irm.stages import artifact, mark_done
 
     root = Path(cfg.run_dir)
-    cc = cfg.calibrate
     measured = run_sizes(root)
-    sizes = {**measured, "bootstrap": cc.bootstrap, "permutations": cc.permutations}
-    caps = {"words": cc.max_words, "triples": cc.max_triples}
-    sizes.update({k: min(sizes[k], cap) for k, cap in caps.items() if k in sizes})
     out = {"run_sizes": measured, **calibrate(
-        sizes, cc.worlds, cfg.seed,
+        stage_sizes(cfg, measured), cfg.calibrate.worlds, cfg.seed,
         progress=lambda f: print(f"calibrate: {f.finding}: {f.name} (effect {f.effect:g})", flush=True))}
     path = artifact(root, "calibration")
     write_json(path, out)
