@@ -561,12 +561,12 @@ def test_fit_cli_refuses_a_model_and_data_given_different_sae_sections(tmp_path,
     assert "model.init_args.cfg and data.init_args.cfg differ" in last, last
 
 
-def test_fit_cli_with_a_missing_cache_exits_2(tmp_path):
-    """Through a process of its own, as a user runs it: the refusal's exit code and one line on stderr."""
+def test_fit_cli_with_a_missing_cache_exits_2(tmp_path, monkeypatch, capsys):
+    """The refusal's exit code and its line on stderr (in this process; tests/reliability/test_bad_input.py runs
+    refusals as processes of their own, as a user does)."""
     config = fit_config(tmp_path, tmp_path / "cache" / "layer-00")
-    out = irm_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
-    assert out.returncode == 2
-    assert "run `python -m irm cache` first" in out.stderr.strip().splitlines()[-1]
+    monkeypatch.chdir(tmp_path)
+    assert "run `python -m irm cache` first" in refused_in_process(monkeypatch, capsys, "fit", "--config", str(config))
 
 
 @pytest.mark.slow
