@@ -6,7 +6,7 @@ from __future__ import annotations
 from irm.report.doc import Doc
 from irm.report.plots import WIDE, draw_control, figure
 from irm.report.tables import ReportInputs
-from irm.report.text import fmt, load, pval
+from irm.report.text import fmt, pval
 
 
 def findings_section(doc: Doc, r: ReportInputs) -> None:
@@ -65,7 +65,7 @@ def control_section(doc: Doc, r: ReportInputs) -> None:
     tables = doc.section("Base-model control and nulls", r.tables["control"])
     if not tables:
         return
-    c = load(r.root, "control")
+    c = r.load("control")
     doc.para(f"The same triples, {c['n_words']} lexicon words and {c['n_contexts']} contexts through the same chain "
              f"on the tuned and on the base model, with {c['sae_choice']} (why: irm/stages/control.py). R is a "
              f"closed-form ridge refit for both; the permutation null refits it on targets whose signs were flipped "
@@ -75,7 +75,7 @@ def control_section(doc: Doc, r: ReportInputs) -> None:
     pw = c["per_word"]
     moved_rows = [w for w in pw.get("top", []) if w["moved"]]
     with doc.side_by_side():
-        all_rows = load(r.root, "control_words")
+        all_rows = r.load("control_words")
         if all_rows:
             doc.image(figure(r.plots / "control.png", draw_control(c, all_rows), (WIDE, 3.8)),
                       "Left: each word's reconstructed value on the base model (x) and the tuned model (y), coloured "

@@ -46,13 +46,12 @@ def diff_section(doc, r) -> None:
     """Model diffing (beyond the paper): the crosscoder's classes per layer, the tuned-specific latents, and its
     answer next to the paper's (`r`: irm.report.tables.ReportInputs)."""
     from irm import findings
-    from irm.report.text import load
 
     doc.heading("Model diffing: what the crosscoder says RLHF added (beyond the paper)")
     if not r.tables["diff"]:
         doc.para("Not run (`python -m irm diff`).")
         return
-    d = load(r.root, "diff_summary")
+    d = r.load("diff_summary")
     doc.para("One BatchTopK crosscoder per layer on the base and the tuned model's activations at the same tokens "
              "(Minder, Dumas et al. 2025). A latent is tuned-specific when its base decoder is at most a fifth of its "
              "tuned one and Latent Scaling confirms that the base activations do not hold it; latents that pass "

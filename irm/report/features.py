@@ -7,7 +7,7 @@ from typing import Optional
 
 from irm.report.doc import Doc, templates
 from irm.report.tables import ReportInputs
-from irm.report.text import ci, fmt, load, percent
+from irm.report.text import ci, fmt, percent
 
 HIST_W, HIST_H = 260, 90  # px: the dashboard's activation histogram
 
@@ -17,7 +17,7 @@ def features_section(doc: Doc, r: ReportInputs) -> None:
     feature."""
     from irm.explain.features import NOT_EXPLAINED
 
-    pages = load(r.root, "explanations") or []
+    pages = r.load("explanations") or []
     # Related features first, then by layer, dictionary and how well the feature is matched in the other dictionary.
     pages = sorted(pages, key=lambda f: (f.get("label") != 1, f.get("status") == NOT_EXPLAINED, f.get("layer", 0),
                                          f.get("dictionary", ""), -((f.get("pair") or {}).get("cosine") or 0.0)))
@@ -39,7 +39,7 @@ def features_section(doc: Doc, r: ReportInputs) -> None:
                     "the firing tokens highlighted from the same windows with random tokens highlighted; 'at chance': "
                     "the 95% Clopper-Pearson interval over the feature's texts holds 0.5",
         )
-        scores = load(r.root, "explain_scores") or {}
+        scores = r.load("explain_scores") or {}
         means = [(name, s) for name, s in (("detection", scores), ("fuzzing", scores.get("fuzz") or {}))
                  if (s.get("mean") or {}).get("accuracy") is not None]
         if means:

@@ -11,7 +11,7 @@ from irm.report.doc import Doc
 from irm.report.plots import (NARROW, WIDE, draw_ablation, draw_divergence, draw_lexicon, draw_sae_curves, figure,
                               sae_curves)
 from irm.report.tables import ReportInputs
-from irm.report.text import fmt, load
+from irm.report.text import fmt
 from irm.stages import CONFIG_YAML
 
 
@@ -30,7 +30,7 @@ def reward_section(doc: Doc, r: ReportInputs) -> None:
 
 def divergence_section(doc: Doc, r: ReportInputs) -> None:
     """Figure 4: each layer's parameter distance, the chosen layers."""
-    div = load(r.root, "divergence")
+    div = r.load("divergence")
     if not doc.section("Layer divergence (paper figure 4)", div and div.get("values")):
         return
     values = div["values"]
@@ -64,10 +64,10 @@ def dictionaries_section(doc: Doc, r: ReportInputs) -> None:
 
 def lexicon_section(doc: Doc, r: ReportInputs) -> None:
     """Tables 3, 10: the reconstructed lexicon (a sample and a scatter plot)."""
-    lex_rows = doc.section("Reconstructed lexicon (paper tables 3, 10)", load(r.root, "lexicon"))
+    lex_rows = doc.section("Reconstructed lexicon (paper tables 3, 10)", r.load("lexicon"))
     if not lex_rows:
         return
-    kendall = load(r.root, "kendall")
+    kendall = r.load("kendall")
     cfg = r.cfg
     size = cfg.lexicon.sample_size
     sample = sorted(lex_rows[::max(1, len(lex_rows) // size)][:size], key=lambda row: float(row["true"]))
@@ -123,7 +123,7 @@ def ablation_section(doc: Doc, r: ReportInputs) -> None:
     if abl["paired"].rows:
         doc.add(abl["paired"])
     doc.add(abl["conditions"])
-    raw = load(r.root, "ablation")
+    raw = r.load("ablation")
     doc.image(figure(r.plots / "ablation.png", draw_ablation(raw["before"], raw.get("modes", {})), (WIDE, 3.6)),
               "Mean reward per condition with 95% intervals; the dashed line is the unspliced model's mean. "
               "The reconstruction splice replaces the layer output by the SAE's reconstruction (the paper's "

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from irm.report.tables import SAE_NUMBERS, VS_OTHER, ReportInputs, Table
-from irm.report.text import load
 
 
 def _get(table: Optional[Table], row: Any, key: str) -> Any:
@@ -53,7 +52,7 @@ def build_summary(r: ReportInputs) -> dict:
                           for k in ("related_frequency", "average_frequency", "n_inputs_above")},
                        "vs_other_explained": {k: _values(val["vs_other"], k, VS_OTHER)
                                               for k in _rows(val.get("vs_other"))}},
-        "explain": {k: (load(r.root, "explain_scores") or {}).get(k)
+        "explain": {k: (r.load("explain_scores") or {}).get(k)
                     for k in ("backend", "model", "explanations", "n_scored", "n_unparsed", "n_retried")},
         **({"diff": diff} if (diff := _diff(r)) else {}),
     }
@@ -69,7 +68,7 @@ def _diff(r: ReportInputs) -> Optional[dict]:
     table = r.tables["diff"]
     if table is None:
         return None
-    d = load(r.root, "diff_summary")
+    d = r.load("diff_summary")
     ablation = d.get("ablation") or {}
     keys = ("latents", "tuned_specific", "fractions", "fractions_by_norm", "explained_variance",
             "diff_sae_explained_variance")
@@ -88,7 +87,7 @@ def _add_findings(summary: dict, r: ReportInputs) -> None:
     from irm.findings import paired_reward
 
     summary["findings"] = r.findings
-    paired = paired_reward(load(r.root, "reward_eval"))
+    paired = paired_reward(r.load("reward_eval"))
     if paired:
         summary.setdefault("reward", {})["paired_difference_tuned_minus_base"] = paired
     c = r.tables["control"]

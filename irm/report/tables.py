@@ -4,7 +4,8 @@ The report renders `Table.header()` / `Table.cells()`; summary.json reads the sa
 is a number the summary keeps that the table does not show; `facts` are a table's numbers the report writes in its
 caption or prose.
 
-`build_tables(root)` reads each artifact once and builds every table the report's sections and the summary use."""
+`ReportInputs.read` reads each artifact once (`ReportInputs.load`) and builds every table the report's sections and
+the summary use."""
 
 from __future__ import annotations
 
@@ -318,13 +319,13 @@ def diff_table(d: Optional[dict]) -> Optional[Table]:
                 f"{d['base_cache_seconds']:.0f} s of it caching the base model's activations.")
 
 
-def build_tables(root: Path) -> dict[str, Any]:
-    """Every table of the report, from the run's artifacts, each read once (None where its stage has not run)."""
-    return {"reward": reward_table(load(root, "reward_eval")), "kendall": kendall_table(load(root, "kendall")),
-            "mmcs": mmcs_table(load(root, "mmcs")), "sae": sae_table(load(root, "sae_metrics")),
-            "ablation": ablation_tables(load(root, "ablation")),
-            "validation": validation_tables(load(root, "validation")),
-            "control": control_tables(load(root, "control")), "diff": diff_table(load(root, "diff_summary"))}
+def build_tables(load: Callable[[str], Any]) -> dict[str, Any]:
+    """Every table of the report from the run's artifacts (`load(key)`: the artifact, None where its stage has not
+    run)."""
+    return {"reward": reward_table(load("reward_eval")), "kendall": kendall_table(load("kendall")),
+            "mmcs": mmcs_table(load("mmcs")), "sae": sae_table(load("sae_metrics")),
+            "ablation": ablation_tables(load("ablation")), "validation": validation_tables(load("validation")),
+            "control": control_tables(load("control")), "diff": diff_table(load("diff_summary"))}
 
 
 @dataclass
@@ -336,11 +337,20 @@ class ReportInputs:
     cfg: Any
     root: Path
     plots: Path
-    tables: dict[str, Any]
-    findings: list[dict]
+    tables: dict[str, Any] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # read once, by `load`
+
+    def load(self, key: str) -> Any:
+        """Artifact `key` of the run (irm.report.text.load), read once for the tables, the sections and the summary."""
+        if key not in self.artifacts:
+            self.artifacts[key] = load(self.root, key)
+        return self.artifacts[key]
 
     @classmethod
     def read(cls, cfg: Any, root: Path, plots: Path) -> "ReportInputs":
         from irm.findings import build_findings
 
-        return cls(cfg, root, plots, build_tables(root), build_findings(root))
+        inputs = cls(cfg, root, plots)
+        inputs.tables, inputs.findings = build_tables(inputs.load), build_findings(root)
+        return inputs
