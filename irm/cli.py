@@ -12,6 +12,7 @@ import importlib
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from irm.errors import UserError
 from irm.stages import STAGES as DECLARED
@@ -140,7 +141,7 @@ def renamed_sections(argv: list[str]) -> list[str]:
             path = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
             i += arg == "--config"
             try:
-                data = yaml.safe_load(open(path, encoding="utf-8"))
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):
                 data = None  # the parser reports it (or it is YAML text, not a path)
             old = [k for k in RENAMED_SECTIONS if isinstance(data, dict) and k in data]
