@@ -17,6 +17,9 @@ from typing import Any, Iterator
 from irm.errors import UserError
 
 MANIFEST = "manifest.json"
+# The folder of a trained stage's resumable checkpoints inside its own folder (rlhf, sae/layer-NN, regression), where
+# the stages and `python -m irm fit --run_dir` both look.
+CHECKPOINTS = "checkpoints"
 
 
 def _fsync_dir(path: Path) -> None:

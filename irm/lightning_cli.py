@@ -51,6 +51,7 @@ def run_paths(data: type, run_dir: str, layer: Optional[int]) -> list[tuple[tupl
     from irm.regression import DeltaDataModule, ExportRegression
     from irm.sae import ExportSAEs
     from irm.sae.export import layer_dir
+    from irm.artifacts import CHECKPOINTS
     from irm.stages import artifact
 
     loggers = (TensorBoardLogger, CSVLogger)
@@ -69,7 +70,7 @@ def run_paths(data: type, run_dir: str, layer: Optional[int]) -> list[tuple[tupl
     else:
         raise UserError(f"--run_dir places the paths of an ActivationDataModule or DeltaDataModule fit, not of "
                         f"{data.__module__}.{data.__name__}; drop --run_dir/--layer and set its paths")
-    return [*paths, ((ModelCheckpoint,), {"dirpath": stage / "checkpoints"}),
+    return [*paths, ((ModelCheckpoint,), {"dirpath": stage / CHECKPOINTS}),
             (loggers, {"name": run_name(run_dir), "version": stage.relative_to(run_dir).as_posix()})]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from irm.artifacts import CHECKPOINTS
 from irm.errors import UserError
 
 
@@ -23,7 +24,7 @@ def train_layer(cfg, layer: int, fingerprint: str) -> tuple[list[Path], bool]:
 
     s = cfg.sae
     root = layer_dir(cfg.run_dir, layer)
-    checkpoints = root / "checkpoints"
+    checkpoints = root / CHECKPOINTS
     # Resume only checkpoints made from this config and this cache; anything else is stale and removed.
     last = resume_from(checkpoints, root / "train.json", fingerprint)
     seed_all(cfg.seed)  # each layer's initialisation is independent of which layers were trained before it

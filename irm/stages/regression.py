@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 
-from irm.artifacts import write_json
+from irm.artifacts import CHECKPOINTS, write_json
 from irm.config import RunConfig
 from irm.errors import UserError
 from irm.readers import IRM_EXPORT
@@ -30,7 +30,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks: tuple = ()) -> L.Trainer:
     root = Path(cfg.run_dir)
     # regression.trainer's logger (names or class_path mappings) replaces the run's loggers for this stage
     logger = stage_loggers(cfg.log_dir, cfg.run_dir, REGRESSION_DIR, cfg.regression.trainer.get("logger", cfg.loggers))
-    callbacks = [ModelCheckpoint(dirpath=str(root / REGRESSION_DIR / "checkpoints"), save_last=True),
+    callbacks = [ModelCheckpoint(dirpath=str(root / REGRESSION_DIR / CHECKPOINTS), save_last=True),
                  ExportRegression(str(root / REGRESSION_DIR / IRM_EXPORT)), *extra_callbacks]
     kwargs = {"max_epochs": cfg.regression.epochs, "logger": logger, "callbacks": callbacks,
               "default_root_dir": str(root / REGRESSION_DIR), "log_every_n_steps": 10}
@@ -54,7 +54,7 @@ def run(cfg: RunConfig) -> dict:
     model = IRMRegression(rc, dm.n_features)
 
     # Checkpoints made from other deltas or settings are removed, never resumed.
-    last = resume_from(out / "checkpoints", out / FINGERPRINT, fp)
+    last = resume_from(out / CHECKPOINTS, out / FINGERPRINT, fp)
     if last is not None:
         print(f"regression: resuming from {last}")
 

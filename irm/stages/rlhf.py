@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from irm.artifacts import atomic_dir, fingerprint, read_jsonl
+from irm.artifacts import CHECKPOINTS, atomic_dir, fingerprint, read_jsonl
 from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
 from irm.loggers import tensorboard_dir
@@ -188,7 +188,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     from irm.rlhf.trainer import PromptOrder, ResumablePPOTrainer, ppo_config, rollout_rule
 
     # TRL needs an output_dir and creates it, but writes nothing there (save_strategy "no"): our checkpoint folder.
-    args = ppo_config(cfg.rlhf, str(out / "checkpoints"), cfg.seed, use_cpu=device.type == "cpu",
+    args = ppo_config(cfg.rlhf, str(out / CHECKPOINTS), cfg.seed, use_cpu=device.type == "cpu",
                       world_size=world_size)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)  # one GPU per process, as accelerate assigns them
@@ -206,7 +206,7 @@ def run(cfg: RunConfig, callbacks: tuple = ()) -> None:
     prompts = _ppo_prompts(cfg, tokenizer)
 
     order = PromptOrder(len(prompts), cfg.seed, rank, world_size, cfg.rlhf.batch_size // world_size)
-    ckpt = FullStateCheckpoints(out / "checkpoints", cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
+    ckpt = FullStateCheckpoints(out / CHECKPOINTS, cfg.rlhf.checkpoint_every, checkpoint_key(cfg, world_size), order,
                                 final=cfg.rlhf.keep_final_checkpoint)
     scalars = ScalarLogger(tensorboard_dir(cfg.log_dir, cfg.run_dir, STAGE), artifact(cfg.run_dir, "rlhf_metrics"),
                            cfg)
