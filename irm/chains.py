@@ -21,31 +21,116 @@ def flipped_signs(triple: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(flip[inverse], -1.0, 1.0)
 
 
-PAIRWISE_MAX = 200  # above this many words, Kendall tau by scipy (n log n) is faster than by all pairs (n^2)
-
-
 def kendall_taus(true, predicted_KN) -> np.ndarray:
-    """Kendall tau-b of `true` against each row of `predicted_KN` (NaN entries left out, as scipy.stats.kendalltau's
-    nan_policy "omit" does), by all pairs at once for up to PAIRWISE_MAX words (the bootstraps and nulls take it
-    thousands of times, where scipy's per-call overhead dominated), else by scipy row by row. NaN when undefined."""
-    from scipy.stats import kendalltau
-
+    """Kendall tau-b of `true` against each row of `predicted_KN`, NaN entries left out as scipy.stats.kendalltau's
+    nan_policy "omit" does (a NaN in `true` drops that word for every row); NaN where tau-b is undefined (fewer than
+    two words, or one side constant), as scipy gives. Every row without a NaN at once (`_tau_b`): the bootstraps,
+    nulls and calibration worlds take it thousands of times, where scipy row by row spent most of its time in its
+    per-call overhead (and all pairs, used up to 200 words before, grows as n^2); a row with a NaN goes alone, on its
+    own words."""
     true = np.asarray(true, dtype=np.float64)
     pred = np.atleast_2d(np.asarray(predicted_KN, dtype=np.float64))
-    if len(true) > PAIRWISE_MAX:
-        return np.array([kendalltau(true, row, nan_policy="omit").statistic for row in pred], dtype=np.float64)
-    iu = np.triu_indices(len(true), 1)
-    sx = np.sign(true[iu[0]] - true[iu[1]])
+    if pred.ndim != 2 or pred.shape[1] != len(true):
+        raise ValueError(f"predicted_KN has shape {pred.shape}, not (rows, {len(true)})")
+    if np.isnan(true).any():
+        keep = ~np.isnan(true)
+        true, pred = true[keep], pred[:, keep]
+    gaps = np.isnan(pred).any(axis=1)
+    if not gaps.any():
+        return _tau_b(true, pred)
     out = np.empty(len(pred))
-    step = max(1, 4_000_000 // max(1, len(sx)))  # rows at a time: a few million pairs in memory
-    for start in range(0, len(pred), step):
-        sy = np.sign(pred[start:start + step, iu[0]] - pred[start:start + step, iu[1]])
-        valid = np.isfinite(sy)
-        sy = np.where(valid, sy, 0.0)
-        sxv = np.where(valid, sx, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + step] = (sxv * sy).sum(axis=1) / np.sqrt((sxv != 0).sum(axis=1) * (sy != 0).sum(axis=1))
+    out[~gaps] = _tau_b(true, pred[~gaps])
+    for k in np.flatnonzero(gaps):
+        finite = ~np.isnan(pred[k])
+        out[k] = _tau_b(true[finite], pred[k, finite][None])[0]
     return out
+
+
+def _tau_b(x: np.ndarray, y_KN: np.ndarray) -> np.ndarray:
+    """Kendall tau-b of x (n,) against each row of y_KN (K, n), neither with a NaN, in scipy.stats.kendalltau's
+    arithmetic: (n0 - n1 - n2 + n3 - 2 D) / sqrt(n0 - n1) / sqrt(n0 - n2), n0 the pairs, n1 those tied in x, n2 in y,
+    n3 in both, D the discordant pairs: the inversions of x's ranks with the words in (y, x) order (`_inversions`).
+    No loop over rows: one argsort of y, one sort of (y rank, x rank) keys, log2(n) sorts in `_inversions`."""
+    K, n = y_KN.shape
+    out = np.full(K, np.nan)
+    if K == 0 or n < 2:
+        return out
+    tot = n * (n - 1) // 2
+    ox = np.argsort(x)
+    xs = x[ox]
+    new_x = np.empty((1, n), dtype=bool)
+    new_x[0, 0] = True
+    np.not_equal(xs[1:], xs[:-1], out=new_x[0, 1:])
+    x_tie = int(_tied_pairs(new_x)[0])
+    if x_tie == tot:
+        return out
+    n_x = int(new_x.sum())
+    dt = np.int32 if (K * n + 1) * n_x < 2**31 else np.int64
+    rank_x = np.empty(n, dtype=dt)
+    rank_x[ox] = np.cumsum(new_x[0], dtype=dt) - 1
+    oy = np.argsort(y_KN, axis=1)
+    ys = y_KN.ravel()[oy + np.arange(0, K * n, n)[:, None]]
+    new_y = np.empty((K, n), dtype=bool)
+    new_y[:, 0] = True
+    np.not_equal(ys[:, 1:], ys[:, :-1], out=new_y[:, 1:])
+    y_tie = _tied_pairs(new_y)
+    run_y = np.cumsum(new_y.ravel(), dtype=dt).reshape(K, n)  # y's tie groups numbered (across rows: any order will do)
+    run_y *= n_x
+    key = run_y + rank_x[oy]
+    key.sort(axis=1)  # y's order, ties in y by x
+    seq = key - run_y  # x's ranks in that order
+    both_tie = np.zeros(K, dtype=np.int64)
+    if x_tie and y_tie.any():
+        new_y[:, 1:] |= seq[:, 1:] != seq[:, :-1]
+        both_tie = _tied_pairs(new_y)
+    con_minus_dis = tot - x_tie - y_tie + both_tie - 2 * _inversions(seq, n_x)
+    ok = y_tie < tot
+    out[ok] = np.minimum(1.0, np.maximum(-1.0, con_minus_dis[ok] / np.sqrt(tot - x_tie) / np.sqrt(tot - y_tie[ok])))
+    return out
+
+
+def _tied_pairs(new_KN: np.ndarray) -> np.ndarray:
+    """Per row, the pairs of equal entries, sum of t(t-1)/2 over runs of equal entries, from the mask of where each
+    run starts in rows sorted along axis 1 (column 0 True)."""
+    K, n = new_KN.shape
+    if new_KN.all():
+        return np.zeros(K, dtype=np.int64)
+    starts = np.flatnonzero(new_KN)
+    t = np.empty(len(starts), dtype=np.int64)
+    np.subtract(starts[1:], starts[:-1], out=t[:-1])
+    t[-1] = K * n - starts[-1]
+    return np.add.reduceat(t * (t - 1) // 2, starts.searchsorted(np.arange(0, K * n, n)))
+
+
+def _inversions(seq_KN: np.ndarray, n_values: int) -> np.ndarray:
+    """Per row of seq_KN (K, n), ints in [0, n_values): the pairs i < j with seq[i] > seq[j]. Bottom-up merge sort
+    of all rows at once: at level l each row is cut into blocks of 2s (s = 2^l) whose halves are sorted; one sort
+    per row of the keys block x span + 2 x value + (1 in the right half) merges every block, and a right-half
+    element with index j in its half that lands at place p of its block has p - j left-half elements at or below
+    it (ties: left first), so s + j - p above it. log2(n) sorts of K x n keys (numpy's quicksort measured faster
+    here than its run-merging stable sort); int32 keys where they fit."""
+    K, n = seq_KN.shape
+    levels = int(n - 1).bit_length()
+    span = 2 * n_values
+    dt = np.int32 if max(n_values, n) * (n + 2) < 2**31 else np.int64
+    pos = np.arange(n)
+    lev = np.arange(levels)[:, None]
+    place = pos & ((2 << lev) - 1)  # place in the block of 2s
+    right = (pos >> lev) & 1
+    offset = (pos >> (lev + 1)) * span
+    step = offset + right  # added to the last level's keys (their offsets, values x 2)
+    step[1:] -= offset[:-1]
+    step = step.astype(dt)
+    inv = np.full(K, int((place * right).sum()), dtype=np.int64)  # s + j over the right halves' elements
+    place = place.astype(dt)
+    keys = seq_KN.astype(dt) * 2
+    for i in range(levels):
+        keys += step[i]
+        keys.sort(axis=1)
+        odd = keys & 1
+        inv -= odd @ place[i]
+        keys -= odd
+    return inv
 
 
 def taus(true: np.ndarray, predicted: np.ndarray, masks: dict) -> dict:

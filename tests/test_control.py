@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from irm.config import ControlConfig
-from irm.chains import analyse, flipped_signs, resampled_deltas, word_moves
+from irm.chains import _inversions, analyse, flipped_signs, kendall_taus, resampled_deltas, word_moves
 from irm.findings import NOT_DISTINGUISHABLE, SUPPORTED, build_findings, differs_from_base, verdict_from_interval
 from irm.ridge import RidgePath
 
@@ -147,6 +147,58 @@ def test_resampled_deltas_point_is_scipys_tau_difference_and_one_draw_is_a_hand_
         diffs.append(taus[0] - taus[1])
     out = resampled_deltas(feats, true, masks, scales, 0.5, pairs, 40, seed=7)["d"]["all"]
     np.testing.assert_allclose(out["ci95"], np.percentile(diffs, [2.5, 97.5]), atol=1e-12)
+
+
+def scipy_taus(true, pred_KN) -> np.ndarray:
+    """scipy.stats.kendalltau row by row, NaN pairs left out (its warnings on too few values silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.array([kendalltau(true, row, nan_policy="omit").statistic for row in pred_KN])
+
+
+@pytest.mark.parametrize("n", [2, 3, 201, 257, 800, 1000])
+@pytest.mark.parametrize("k", [1, 7])
+def test_kendall_taus_equal_scipys_tau_b_with_ties_nans_and_constant_rows(n, k):
+    """kendall_taus (all rows at once, merge-sort inversions) against scipy row by row: values from 5 levels (heavy
+    ties in both), continuous rows (no ties), NaNs in `true` (dropped for every row) and in some rows (pairs left
+    out), constant and all-NaN rows (NaN, as scipy), at 1e-12."""
+    rng = np.random.default_rng(100 * n + k)
+    true = rng.integers(0, 5, n).astype(float)
+    pred = rng.integers(0, 5, (k, n)).astype(float)
+    if k > 1:
+        pred[1] = rng.normal(size=n)
+        pred[2] = 3.0
+        pred[3, : max(1, n // 10)] = np.nan
+        pred[4, rng.random(n) < 0.3] = np.nan
+        pred[5] = np.nan
+    np.testing.assert_allclose(kendall_taus(true, pred), scipy_taus(true, pred), rtol=0, atol=1e-12)
+    if n > 3:
+        true[rng.choice(n, n // 10, replace=False)] = np.nan
+        got, ref = kendall_taus(true, pred), scipy_taus(true, pred)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+        assert np.isfinite(got).sum() == (k - 2 if k > 1 else 1)  # only the constant and the all-NaN row undefined
+    np.testing.assert_allclose(kendall_taus(np.full(n, 1.5), pred), np.full(k, np.nan))  # constant true
+
+
+def test_kendall_taus_small_and_continuous_cases_and_inversions_by_all_pairs():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 4, 5, 17, 64, 150):  # sizes the all-pairs branch took before
+        true, pred = rng.normal(size=n), rng.normal(size=(4, n))
+        pred[0] = true  # tau 1
+        pred[1] = -true  # tau -1
+        np.testing.assert_allclose(kendall_taus(true, pred), scipy_taus(true, pred), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(kendall_taus(true, pred)[:2], [1.0, -1.0], rtol=0, atol=1e-12)
+    assert kendall_taus([1.0, np.nan, 2.0, 3.0], [[np.nan, 5.0, 2.0, 3.0]])[0] == 1.0  # the two complete pairs
+    assert np.isnan(kendall_taus([1.0, np.nan, 2.0], [[np.nan, 1.0, 2.0]])[0])  # one complete pair: undefined
+    assert kendall_taus([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]).shape == (1,)  # one row as a vector
+    with pytest.raises(ValueError):
+        kendall_taus([1.0, 2.0, 3.0], np.zeros((2, 4)))
+    for n in (1, 2, 7, 8, 9, 33, 100):
+        seq = rng.integers(0, 6, (3, n))
+        brute = [sum(int(r[i] > r[j]) for i in range(n) for j in range(i + 1, n)) for r in seq]
+        np.testing.assert_array_equal(_inversions(seq, 6), brute)
 
 
 def test_flipped_signs_flip_both_rows_of_half_the_triples():
