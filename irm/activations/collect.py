@@ -22,13 +22,14 @@ def cache_activations(model, tokenizer, texts: list[str], writers: dict[int, Sha
     to that layer's writer: one row per non-padding token, documents in order, positions ascending. `texts` are
     documents `first_doc`, `first_doc + 1`, ... of the corpus (one process's share): doc_ids are corpus-wide.
     `ranks` only decides which process shows the progress bar."""
-    from irm.models import capture
+    from irm.models import capture, stop_after
 
     device = next(model.parameters()).device
     layers = sorted(writers)
     starts = range(0, len(texts), batch_size)
     bar = (ranks or Ranks()).progress(starts, desc=f"cache {site} of layers {layers}", total=len(starts), unit="batch")
-    with torch.inference_mode(), capture(model, layers, site) as acts:
+    # Nothing after the deepest cached layer is needed: not its later blocks, nor the output head.
+    with torch.inference_mode(), capture(model, layers, site) as acts, stop_after(model, layers[-1]) as forward:
         for start in bar:
             enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
@@ -36,7 +37,7 @@ def cache_activations(model, tokenizer, texts: list[str], writers: dict[int, Sha
             # Left padding shifts a document right; explicit positions give it the positions it has alone, so a
             # row's activations do not depend on which documents share its batch.
             pos_BS = (mask_BS.cumsum(-1) - 1).clamp_min(0)
-            model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=pos_BS, use_cache=False)
+            forward(input_ids=ids_BS, attention_mask=mask_BS, position_ids=pos_BS, use_cache=False)
             keep_BS = mask_BS.bool()
             first = first_doc + start
             doc_BS = torch.arange(first, first + ids_BS.shape[0], device=device).unsqueeze(1).expand_as(ids_BS)

@@ -36,6 +36,7 @@ from irm.models.sites import (
     n_layers,
     site_width,
     splice,
+    stop_after,
     supported_model_types,
 )
 from irm.models.tiny import TINY_MODELS, tiny_tokenizer, tiny_vocabulary
@@ -66,6 +67,7 @@ __all__ = [
     "pair_problem",
     "site_width",
     "splice",
+    "stop_after",
     "supported_model_types",
     "tiny_tokenizer",
     "tiny_vocabulary",

@@ -148,6 +148,35 @@ def _with_first(args: tuple, first) -> Optional[tuple]:
     return None if first is None else (first, *args[1:])
 
 
+class StopForward(Exception):
+    """Raised by the hook of `stop_after` once block `layer` has run: nothing after it is needed."""
+
+
+def _raise_stop(_module, _args, _out):
+    raise StopForward
+
+
+@contextlib.contextmanager
+def stop_after(model: "nn.Module", layer: int) -> Iterator[Callable]:
+    """Within the block, forward passes end after block `layer`: the later blocks, the final norm and the output
+    head (a fifth of a small model's work: SmolLM2-135M's head is 28M of its 134M weights) are not run. Yields
+    `run(**inputs)`, which calls `model(**inputs)` for the side effects of `capture`/`splice` hooks at blocks up to
+    `layer` and returns nothing."""
+    _check_layer(model, layer)
+
+    def run(**inputs) -> None:
+        try:
+            model(**inputs)
+        except StopForward:
+            pass
+
+    handle = blocks(model)[_layer_index(layer)].register_forward_hook(_raise_stop)
+    try:
+        yield run
+    finally:
+        handle.remove()
+
+
 @contextlib.contextmanager
 def capture(model: "nn.Module", layers: Union[int, Iterable[int]], site: str = "mlp_out") -> Iterator[dict]:
     """Yield {layer: Tensor[batch, seq, width]} holding the activations at `site` of the latest forward pass

@@ -98,14 +98,6 @@ def prefix_groups(sequences: Sequence[Sequence[int]]) -> list[tuple[int, list[in
     return groups
 
 
-class _Stop(Exception):
-    """Raised by the last spliced block: nothing after it is needed."""
-
-
-def _stop(_module, _args, _out):
-    raise _Stop
-
-
 def _select_rows(cache, index):
     """A copy of a key/value cache whose batch row r is row index[r] of `cache` (the original is left as it is:
     a cache layer's update replaces its tensors, it never writes into them)."""
@@ -191,7 +183,7 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
     import torch
     from transformers import DynamicCache
 
-    from irm.models import blocks, splice
+    from irm.models import splice, stop_after
     from irm.runtime import progress
 
     if batch_size < 1:
@@ -220,44 +212,37 @@ def codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[in
     def forward(cache, **kwargs):
         kwargs[cache_kw] = cache
         recorded.clear()
-        try:
-            model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}, use_cache=True)
-        except _Stop:
-            pass
+        run(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}, use_cache=True)
         return codes_BTLF()
 
     groups = sorted(prefix_groups(cut), key=lambda g: g[0])  # similar prefix lengths share a pass: little padding
     batches = [groups[i: i + batch_size] for i in range(0, len(groups), batch_size)]
-    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
-    try:
-        splices = {layer: _through(saes[layer], layer, recorded) for layer in layers}
-        with torch.inference_mode(), splice(model, splices, site=site):
-            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
-                # Prefixes, left-padded, positions counted from each one's first real token.
-                ids_BW, mask_BW = _prefix_inputs(batch, cut, pad_id)
-                w = ids_BW.shape[1]
-                cache = DynamicCache(config=model.config)
-                codes = forward(cache, input_ids=ids_BW, attention_mask=mask_BW,
-                                position_ids=(mask_BW.cumsum(-1) - 1).clamp(min=0))
-                if sums is None:
-                    sums = torch.zeros((len(items), *codes.shape[2:]))
-                rest = _add_prefix_codes(sums, codes, batch, items, cut)
-                # Continuations against copies of their group's cache rows, right-padded (nothing reads a pad: it
-                # comes after every real token of its row).
-                rest.sort(key=lambda r: len(cut[r[1]]) - r[2])
-                rows_per_pass = max(batch_size, min(CONTINUATION_ROWS * batch_size, CACHED_TOKENS * batch_size // w))
-                for start in range(0, len(rest), rows_per_pass):
-                    chunk = rest[start: start + rows_per_pass]
-                    ids_RS, tail_RS = _continuation_inputs(chunk, cut, pad_id)
-                    s = ids_RS.shape[1]
-                    index = torch.tensor([row for row, _, _ in chunk], dtype=torch.long)
-                    start_R = torch.tensor([p for _, _, p in chunk], dtype=torch.long)
-                    codes = forward(_select_rows(cache, index.to(device)), input_ids=ids_RS,
-                                    attention_mask=torch.cat([mask_BW[index], tail_RS], dim=1),
-                                    position_ids=start_R[:, None] + torch.arange(s))
-                    _add_continuation_codes(sums, codes, chunk, items)
-    finally:
-        stopper.remove()
+    splices = {layer: _through(saes[layer], layer, recorded) for layer in layers}
+    with torch.inference_mode(), splice(model, splices, site=site), stop_after(model, max(layers)) as run:
+        for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
+            # Prefixes, left-padded, positions counted from each one's first real token.
+            ids_BW, mask_BW = _prefix_inputs(batch, cut, pad_id)
+            w = ids_BW.shape[1]
+            cache = DynamicCache(config=model.config)
+            codes = forward(cache, input_ids=ids_BW, attention_mask=mask_BW,
+                            position_ids=(mask_BW.cumsum(-1) - 1).clamp(min=0))
+            if sums is None:
+                sums = torch.zeros((len(items), *codes.shape[2:]))
+            rest = _add_prefix_codes(sums, codes, batch, items, cut)
+            # Continuations against copies of their group's cache rows, right-padded (nothing reads a pad: it
+            # comes after every real token of its row).
+            rest.sort(key=lambda r: len(cut[r[1]]) - r[2])
+            rows_per_pass = max(batch_size, min(CONTINUATION_ROWS * batch_size, CACHED_TOKENS * batch_size // w))
+            for start in range(0, len(rest), rows_per_pass):
+                chunk = rest[start: start + rows_per_pass]
+                ids_RS, tail_RS = _continuation_inputs(chunk, cut, pad_id)
+                s = ids_RS.shape[1]
+                index = torch.tensor([row for row, _, _ in chunk], dtype=torch.long)
+                start_R = torch.tensor([p for _, _, p in chunk], dtype=torch.long)
+                codes = forward(_select_rows(cache, index.to(device)), input_ids=ids_RS,
+                                attention_mask=torch.cat([mask_BW[index], tail_RS], dim=1),
+                                position_ids=start_R[:, None] + torch.arange(s))
+                _add_continuation_codes(sums, codes, chunk, items)
     return sums / counts[:, None, None]
 
 
@@ -301,7 +286,7 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
     several processes."""
     import torch
 
-    from irm.models import blocks, splice
+    from irm.models import splice, stop_after
     from irm.runtime import progress
 
     if batch_size < 1:
@@ -312,29 +297,22 @@ def iter_codes(model, saes: dict, sequences: Sequence[Sequence[int]], pad_id: in
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    stopper = blocks(model)[max(layers)].register_forward_hook(_stop)
-    try:
-        with torch.inference_mode(), splice(model, {layer: _through(saes[layer], layer, recorded) for layer in layers}, site=site):
-            for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
-                width = max(len(sequences[i]) for i in batch)
-                ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = sequences[i]
-                    ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-                    mask_BT[row, width - len(seq):] = 1
-                # Explicit positions: with left padding the model would otherwise count pads as positions.
-                pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-                recorded.clear()
-                try:
-                    model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device),
-                          position_ids=pos_BT.to(device))
-                except _Stop:
-                    pass
-                codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
-                yield batch, mask_BT, codes_BTLF
-    finally:
-        stopper.remove()
+    splices = {layer: _through(saes[layer], layer, recorded) for layer in layers}
+    with torch.inference_mode(), splice(model, splices, site=site), stop_after(model, max(layers)) as run:
+        for batch in progress(batches, desc=desc, unit="batch", disable=not progress_bar):
+            width = max(len(sequences[i]) for i in batch)
+            ids_BT = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = sequences[i]
+                ids_BT[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+                mask_BT[row, width - len(seq):] = 1
+            # Explicit positions: with left padding the model would otherwise count pads as positions.
+            pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+            recorded.clear()
+            run(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device), position_ids=pos_BT.to(device))
+            codes_BTLF = torch.stack([recorded[layer].float() for layer in layers], dim=2).cpu()
+            yield batch, mask_BT, codes_BTLF
 
 
 def full_forward_codes_at(model, saes: dict, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
