@@ -515,3 +515,78 @@ def test_a_runs_own_policy_given_as_model_tuned_reproduces_its_taus(in_tmp):
     record = read(second, "manifest.json")["stages"]["rlhf"]
     assert record["tuned"]["sha256"] == dir_checksum(first / "rlhf" / "policy")
     assert not (second / "rlhf" / "metrics.jsonl").exists()
+
+
+# --- head-only critic ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-fine-tuning"])
+def test_head_only_critic_reads_the_reference_pass_and_trains_exactly_as_a_frozen_copy_of_the_body(
+        tmp_path, monkeypatch, lora):
+    """`rlhf.value_head_only`: the critic's body is the reference model's, so the trunk answers every critic pass
+    (the rollout's values, each mini-batch of each PPO epoch) from the step's reference pass without computing
+    anything, and the run is bit for bit the run whose critic is a frozen copy of the base model's body (the
+    value model before the shared trunk, built here by hand) under the same head."""
+    from irm.rlhf import adapter
+    from irm.stages.rlhf import run
+
+    torch.set_num_threads(1)
+    steps = ("--rlhf.steps", "3", "--rlhf.value_head_only", "true", *(LORA if lora else ()))
+    lookups = []
+    lookup = adapter.ReferenceTrunk._lookup
+    monkeypatch.setattr(adapter.ReferenceTrunk, "_lookup",
+                        lambda self, ids, mask: lookups.append(lookup(self, ids, mask)) or lookups[-1])
+    shared = tiny(tmp_path, "shared", *steps)
+    run(shared)
+    assert lookups and all(h is not None for h in lookups)  # 3 rollouts + 3 steps x 4 epochs x 2 mini-batches
+    assert len(lookups) == 3 * (1 + 4 * 2)
+
+    original = adapter.value_model_from
+
+    def frozen_copy(policy, lora=None, head_only=False):
+        value = original(policy)  # the same random draws as the head-only critic's construction
+        value.requires_grad_(False)
+        value.score.requires_grad_(True)
+        return value
+
+    monkeypatch.setattr(adapter, "value_model_from", frozen_copy)
+    copied = tiny(tmp_path, "copied", *steps)
+    run(copied)
+    ours, theirs = tuned_weights(shared), tuned_weights(copied)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    metrics = [(Path(c.run_dir) / "rlhf" / "metrics.jsonl").read_text().splitlines() for c in (shared, copied)]
+    strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k} for line in m]
+             for m in metrics]
+    assert strip[0] == strip[1] and len(strip[0]) == 3
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-fine-tuning"])
+def test_output_head_on_the_response_positions_only_changes_no_number(tmp_path, monkeypatch, lora):
+    """The reference and training passes run the output head on the response positions only (HF's logits_to_keep,
+    padded back): the run is bit for bit the run whose head reads every position, and the head really was cut."""
+    from irm.rlhf import trainer
+    from irm.stages.rlhf import run
+
+    torch.set_num_threads(1)
+    steps = ("--rlhf.steps", "3", *(LORA if lora else ()))
+    kept = []
+    original = trainer.ResumablePPOTrainer._keep_response_logits
+
+    def counting(self, lm):
+        original(self, lm)
+        lm.register_forward_pre_hook(lambda _m, _a, kw: kept.append(kw.get("logits_to_keep")) and None,
+                                     with_kwargs=True)
+
+    monkeypatch.setattr(trainer.ResumablePPOTrainer, "_keep_response_logits", counting)
+    cut = tiny(tmp_path, "cut", *steps)
+    run(cut)
+    assert any(isinstance(k, int) and k > 0 for k in kept)
+    monkeypatch.setattr(trainer.ResumablePPOTrainer, "_keep_response_logits", lambda self, lm: None)
+    whole = tiny(tmp_path, "whole", *steps)
+    run(whole)
+    ours, theirs = tuned_weights(cut), tuned_weights(whole)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    metrics = [(Path(c.run_dir) / "rlhf" / "metrics.jsonl").read_text().splitlines() for c in (cut, whole)]
+    strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k} for line in m]
+             for m in metrics]
+    assert strip[0] == strip[1] and len(strip[0]) == 3
