@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from irm.errors import UserError
 
@@ -60,6 +60,27 @@ def one_blas_thread():
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def worker_threads() -> int:
+    """How many threads a loop of independent numpy/LAPACK work may run on: torch's CPU thread count, which the
+    run's `threads` sets (one per core by default)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def thread_map(fn: Callable, items: Iterable, workers: Optional[int] = None) -> Iterator:
+    """`map(fn, items)` on `workers` threads (default `worker_threads()`), results in order; in this thread when
+    one. For work that releases the GIL (numpy, LAPACK) and whose result does not depend on the order it runs in."""
+    workers = worker_threads() if workers is None else workers
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(fn, items)
 
 
 def set_threads(threads: Optional[int]) -> None:

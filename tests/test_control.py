@@ -149,6 +149,25 @@ def test_resampled_deltas_point_is_scipys_tau_difference_and_one_draw_is_a_hand_
     np.testing.assert_allclose(out["ci95"], np.percentile(diffs, [2.5, 97.5]), atol=1e-12)
 
 
+def test_resampled_deltas_on_two_threads_are_those_of_one():
+    """The bootstrap's draws run on `irm.runtime.worker_threads()` threads (torch's thread count); every draw's
+    random numbers are drawn first, in one order, so the draws and the interval do not depend on the count."""
+    import torch
+
+    feats, true = chains_world()
+    args = (feats, true, {"all": np.ones(len(true), bool)}, {("a", "x"): 1.0, ("b", "x"): 1.0}, 0.5,
+            {"d": (("a", "x"), ("b", "x"))}, 60)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = resampled_deltas(*args, seed=3)
+        torch.set_num_threads(2)
+        two = resampled_deltas(*args, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    assert one == two and one["d"]["all"]["ci95"] is not None
+
+
 def scipy_taus(true, pred_KN) -> np.ndarray:
     """scipy.stats.kendalltau row by row, NaN pairs left out (its warnings on too few values silenced)."""
     import warnings
