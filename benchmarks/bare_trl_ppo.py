@@ -1,5 +1,5 @@
 """PPO as a TRL user writes it without irm, for ppo_overhead.py: TRL 1.12's own PPOTrainer, no callbacks, on the
-same model, prompts, reward and PPOConfig as `python -m irm rlhf --config CONFIG`, and none of irm's additions
+same model, prompts, reward, PPOConfig, LoRA and critic as `python -m irm rlhf --config CONFIG`, and none of irm's additions
 (full-state checkpoints, gradient clipping, seeded prompt order, TensorBoard scalars, progress bar, frozen garbage
 collector unless --freeze-gc). Writes {"seconds": train() wall time, "steps": PPO steps} to --out.
 
@@ -41,14 +41,23 @@ def main(argv: list[str] | None = None) -> None:
     from irm.data import load_texts, make_prompts
     from irm.models import load_model
     from irm.reward import build_reward
-    from irm.rlhf.adapter import RewardAdapter, value_model_from
+    from irm.rlhf.adapter import RewardAdapter, lora_config, value_model_from
     from irm.rlhf.trainer import ppo_config
     from irm.runtime import resolve_device, seed_all
 
     seed_all(cfg.seed)
     device = resolve_device(cfg.device)
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, device=device)
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    # The config's PPO as TRL offers it: LoRA through TRL's peft_config (the reference is the policy with its
+    # adapters off), and a head-only critic as a TRL user builds one, a frozen copy of the body under a trainable head
+    lora = lora_config(r, policy)
+    reference = None if lora else copy.deepcopy(policy).requires_grad_(False).eval()
+    if r.value_head_only:
+        value = value_model_from(policy)
+        value.requires_grad_(False)
+        value.score.requires_grad_(True)
+    else:
+        value = value_model_from(policy, lora)
     texts = load_texts(cfg.corpus, cfg.corpus.split, seed=cfg.seed)
     prompts = make_prompts(texts, tokenizer, r.prompt_min_tokens, r.prompt_max_tokens, seed=cfg.seed)
     # The same PPOConfig irm builds (sampling, stop token, schedule, no gradient checkpointing, float32), so the two
@@ -61,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         ref_model=reference,
         reward_model=RewardAdapter(build_reward(cfg.reward, device=device), tokenizer),
         train_dataset=Dataset.from_dict({"input_ids": prompts}),
-        value_model=value_model_from(policy),
+        value_model=value,
+        peft_config=lora,
     )
     t0 = time.perf_counter()
     if args.freeze_gc:

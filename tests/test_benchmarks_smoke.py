@@ -89,6 +89,21 @@ def test_ppo_overhead_times_irm_and_bare_trl_on_the_same_settings(tmp_path):
 
 
 @pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
+def test_ppo_phases_count_every_phase_of_every_step(tmp_path):
+    record, stdout = run_script("ppo_phases", tmp_path, "--threads", "1")
+    assert record["config"] == "tiny" and record["steps"] == 2
+    phases = record["phases"]
+    # tiny.yaml: 4 PPO epochs of 2 mini-batches a step, one rollout batch, a critic pass and a reward pass per step
+    assert phases["generation"]["calls"] == phases["reference pass"]["calls"] == 2
+    assert phases["training forward"]["calls"] == phases["backward"]["calls"] == 2 * 4 * 2
+    assert phases["critic and reward passes"]["calls"] == 2 * 2
+    assert phases["optimizer step"]["calls"] == 2 * 4 * 2
+    assert all(p["seconds"] > 0 for p in phases.values())
+    assert sum(p["seconds"] for p in phases.values()) < record["stage_seconds"]
+    assert_table_last(stdout, n_rows=6)
+
+
+@pytest.mark.slow  # runs the benchmark script end to end (5-21 s); the default suite keeps its maths
 def test_pipeline_profile_reports_the_first_stage_of_the_tiny_run(tmp_path):
     record, stdout = run_script("pipeline_profile", tmp_path, "--threads", "1", "--workdir", str(tmp_path / "work"))
     (c,) = record["configs"]
