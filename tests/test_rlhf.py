@@ -520,7 +520,7 @@ def test_a_runs_own_policy_given_as_model_tuned_reproduces_its_taus(in_tmp):
 # --- head-only critic ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-fine-tuning"])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full-fine-tuning"])
 def test_head_only_critic_reads_the_reference_pass_and_trains_exactly_as_a_frozen_copy_of_the_body(
         tmp_path, monkeypatch, lora):
     """`rlhf.value_head_only`: the critic's body is the reference model's, so the trunk answers every critic pass
@@ -560,7 +560,7 @@ def test_head_only_critic_reads_the_reference_pass_and_trains_exactly_as_a_froze
     assert strip[0] == strip[1] and len(strip[0]) == 3
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-fine-tuning"])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full-fine-tuning"])
 def test_output_head_on_the_response_positions_only_changes_no_number(tmp_path, monkeypatch, lora):
     """The reference and training passes run the output head on the response positions only (HF's logits_to_keep,
     padded back): the run is bit for bit the run whose head reads every position, and the head really was cut."""

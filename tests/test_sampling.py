@@ -160,9 +160,13 @@ def test_ppo_rollouts_sample_through_the_rule(tiny):
     class Host:
         rule = SamplingRule(6, temperature=0.8)
         processing_class = tok
+        _trunk = None  # no head-only critic
+        _context_length = None
 
     torch.manual_seed(5)
-    seqs, logits = ResumablePPOTrainer._batch_generation(Host(), model, queries, 2, pad, None)
+    host = Host()
+    seqs, logits = ResumablePPOTrainer._batch_generation(host, model, queries, 2, pad, None)
+    assert host._context_length == queries.shape[1]  # the step's prompt width, where its response logits start
     torch.manual_seed(5)
     mask = queries[:2] != pad
     first, first_scores = generate(model, queries[:2].masked_fill(~mask, 0), mask.long(), Host.rule, tok,

@@ -86,7 +86,8 @@ class RLHFConfig:
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"
     # The value model's body frozen at the base model's weights, only its one-output head trained (no adapters): PPO's
-    # critic becomes one forward pass with no backward, at the price of a coarser baseline. False: the paper's critic.
+    # critic reads the reference pass's last hidden states (that body's) and adds no pass of its own, forward or
+    # backward, at the price of a coarser baseline. False: the paper's critic.
     value_head_only: bool = False
 
 
