@@ -517,6 +517,15 @@ def test_a_runs_own_policy_given_as_model_tuned_reproduces_its_taus(in_tmp):
     assert not (second / "rlhf" / "metrics.jsonl").exists()
 
 
+def assert_same_run(a, b, steps: int) -> None:
+    """Two rlhf runs ended bit for bit alike: the saved policy and every logged metric but the timings."""
+    ours, theirs = tuned_weights(a), tuned_weights(b)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    logged = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k}
+               for line in (Path(c.run_dir) / "rlhf" / "metrics.jsonl").read_text().splitlines()] for c in (a, b)]
+    assert logged[0] == logged[1] and len(logged[0]) == steps
+
+
 # --- head-only critic ------------------------------------------------------------------------------------------
 
 
@@ -552,12 +561,7 @@ def test_head_only_critic_reads_the_reference_pass_and_trains_exactly_as_a_froze
     monkeypatch.setattr(adapter, "value_model_from", frozen_copy)
     copied = tiny(tmp_path, "copied", *steps)
     run(copied)
-    ours, theirs = tuned_weights(shared), tuned_weights(copied)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    metrics = [(Path(c.run_dir) / "rlhf" / "metrics.jsonl").read_text().splitlines() for c in (shared, copied)]
-    strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k} for line in m]
-             for m in metrics]
-    assert strip[0] == strip[1] and len(strip[0]) == 3
+    assert_same_run(shared, copied, steps=3)
 
 
 @pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full-fine-tuning"])
@@ -584,9 +588,4 @@ def test_output_head_on_the_response_positions_only_changes_no_number(tmp_path, 
     monkeypatch.setattr(trainer.ResumablePPOTrainer, "_keep_response_logits", lambda self, lm: None)
     whole = tiny(tmp_path, "whole", *steps)
     run(whole)
-    ours, theirs = tuned_weights(cut), tuned_weights(whole)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    metrics = [(Path(c.run_dir) / "rlhf" / "metrics.jsonl").read_text().splitlines() for c in (cut, whole)]
-    strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k} for line in m]
-             for m in metrics]
-    assert strip[0] == strip[1] and len(strip[0]) == 3
+    assert_same_run(cut, whole, steps=3)
