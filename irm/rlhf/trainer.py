@@ -69,6 +69,11 @@ class PromptOrder(Sampler[int]):
             yield from [next(stream) for _ in range(self.local_batch * self.world_size)][mine]
 
 
+def _input_ids(args: tuple, kwargs: dict):
+    """The input ids of a model call as a forward hook sees it (keyword or first positional), or None."""
+    return kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+
+
 class ResumablePPOTrainer(PPOTrainer):
     """PPOTrainer whose prompts come from a `PromptOrder` (TRL shuffles from the global RNG, which a resumed run
     cannot replay without redrawing every earlier batch) and whose optimizer clips the joint policy + value gradient
@@ -95,8 +100,9 @@ class ResumablePPOTrainer(PPOTrainer):
         if isinstance(self.value_model, SharedTrunkCritic):
             self._share_reference_trunk(self.value_model.trunk)
         self._context_length: int | None = None
-        for lm in {id(m): m for m in (self._causal_lm(self.policy_model), self.ref_model) if m is not None}.values():
-            self._keep_response_logits(lm)
+        for lm in (self._causal_lm(self.policy_model), self.ref_model):  # under LoRA, no reference copy
+            if lm is not None:
+                self._keep_response_logits(lm)
 
     def _causal_lm(self, model):
         model = self.accelerator.unwrap_model(model)
@@ -113,7 +119,7 @@ class ResumablePPOTrainer(PPOTrainer):
         width: list[int] = []  # the whole pass's length while a kept pass runs
 
         def keep(_module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
+            ids = _input_ids(args, kwargs)
             if self._context_length is None or ids is None or ids.shape[1] <= self._context_length:
                 return None
             width.append(ids.shape[1])
@@ -134,8 +140,8 @@ class ResumablePPOTrainer(PPOTrainer):
         states from each reference pass (the policy with its adapters off under LoRA, else the reference copy), and
         a row it has not seen is computed by that body."""
         if self.is_peft_model:
-            peft_model = self.accelerator.unwrap_model(self.policy_model)
-            lm, reference = peft_model.get_base_model(), peft_model.disable_adapter
+            lm = self._causal_lm(self.policy_model)
+            reference = self.accelerator.unwrap_model(self.policy_model).disable_adapter
         else:
             lm, reference = self.ref_model, contextlib.nullcontext
         body = getattr(lm, lm.base_model_prefix)
@@ -147,8 +153,7 @@ class ResumablePPOTrainer(PPOTrainer):
 
         def record(_module, args, kwargs, out):
             if self._reference_pass or not self.is_peft_model:  # the policy's own passes run the same body
-                ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-                mask = kwargs.get("attention_mask")
+                ids, mask = _input_ids(args, kwargs), kwargs.get("attention_mask")
                 if ids is not None and mask is not None:
                     trunk.remember(ids, mask, out.last_hidden_state)
 
