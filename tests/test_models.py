@@ -350,6 +350,29 @@ def test_bad_tiny_sizes_are_a_user_error():
         models.load_model(ModelConfig(name="tiny-gpt2", tiny_d_model=30))
 
 
+def test_converting_a_gguf_leaves_the_callers_random_stream_as_it_was(tmp_path, monkeypatch):
+    """The conversion builds a model from the GGUF's config (random initial weights, then the GGUF's) after the run
+    has seeded: the first run on a machine, which converts, must draw the same random numbers afterwards as every
+    later run, which reads the converted directory. (It did not: the fresh machine's quickstart trained another PPO.)
+    The GGUF readers are stand-ins here (a tiny Llama marked quantized); the real file is the slow test's below."""
+    from safetensors.torch import load_file
+
+    tiny, tok = models.load_model(ModelConfig(name="tiny-llama", tiny_layers=1, tiny_d_model=16))
+    tiny.config.quantization_config = {"quant_method": "gguf"}  # what makes the converter rebuild the model
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    monkeypatch.setenv("IRM_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"read by the stand-ins only")
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    target = models.converted_gguf(gguf)
+    assert torch.equal(torch.rand(8), expected)
+    saved = load_file(target / "model.safetensors")
+    assert saved and all(torch.equal(v, tiny.state_dict()[k]) for k, v in saved.items())
+
+
 # --- the embedded SmolLM2 -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -68,7 +68,10 @@ def converted_gguf(gguf: Path) -> Path:
     config = quantized.config
     del config.quantization_config  # the marker that makes save_pretrained refuse; the weights are dequantised
     arch_for_type(config.model_type, str(gguf))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # from_config initialises weights from the global random stream, which the run has already seeded: without
+    # the fork, the first run on a machine (the one that converts) would train another PPO than every later run.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     from irm.artifacts import atomic_dir
 
