@@ -14,6 +14,7 @@ from pathlib import Path
 
 import proc
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from irm.errors import UserError
@@ -120,3 +121,78 @@ def test_two_processes_train_identical_replicas_and_resume_exactly_after_a_kill(
     resumed = [json.loads(line) for line in (split / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == list(range(1, 9))
     assert [m["rlhf/kl"] for m in resumed] == [m["rlhf/kl"] for m in metrics]
+
+
+# The same stage under two processes with LoRA and the head-only critic, run either as irm runs it (the critic
+# answered from the reference pass through `ReferenceTrunk`) or with the critic a frozen copy of the base body under
+# the same head (`IRM_PROBE_CRITIC=copy`); each rank reports its replica's digest and how many critic passes its
+# trunk served from the reference pass (None: a row it had not seen, computed).
+CRITIC_PROBE = textwrap.dedent("""
+    import hashlib, json, os, sys
+    from pathlib import Path
+    from transformers import TrainerCallback
+    from irm.cli import parse_config
+    from irm.rlhf import adapter
+    from irm.stages.rlhf import run
+
+    served = []
+    lookup = adapter.ReferenceTrunk._lookup
+    adapter.ReferenceTrunk._lookup = lambda self, ids, mask: served.append(lookup(self, ids, mask)) or served[-1]
+    if os.environ.get("IRM_PROBE_CRITIC") == "copy":
+        original = adapter.value_model_from
+
+        def frozen_copy(policy, lora=None, head_only=False):
+            value = original(policy)  # the same random draws as the head-only critic's construction
+            value.requires_grad_(False)
+            value.score.requires_grad_(True)
+            return value
+
+        adapter.value_model_from = frozen_copy
+
+    class Digest(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            h = hashlib.sha256()
+            for k, v in sorted(model.state_dict().items()):
+                h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
+            Path(sys.argv[1], f"rank-{os.environ['RANK']}.json").write_text(json.dumps(
+                {"digest": h.hexdigest(), "served": sum(x is not None for x in served), "lookups": len(served)}))
+
+    run(parse_config("rlhf", sys.argv[2:]), callbacks=(Digest(),))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_with_lora_serve_the_critic_from_each_ranks_reference_pass_and_train_as_a_frozen_copy(
+        tmp_path):
+    """The head-only critic's shared trunk under data parallelism: the hooks sit on the modules DDP wraps and each
+    rank looks up only its own rows, so every critic pass of both ranks is served from that rank's reference pass,
+    the ranks' replicas stay equal, and the run is bit for bit the 2-process run whose critic is a frozen copy of
+    the base body (the value model before the shared trunk)."""
+    script = tmp_path / "probe.py"
+    script.write_text(CRITIC_PROBE)
+    steps = 3
+    common = ["--config", str(TINY), "--log_dir", str(tmp_path / "tb"), "--rlhf.steps", str(steps),
+              "--rlhf.checkpoint_every", "100", "--rlhf.value_head_only", "true", "--rlhf.lora_rank", "4",
+              "--rlhf.lora_alpha", "8"]
+    runs = {}
+    for critic in ("shared", "copy"):
+        out = tmp_path / critic
+        out.mkdir()
+        os.environ["IRM_PROBE_CRITIC"] = critic
+        try:
+            p = _torchrun(str(script), str(out), *common, "--run_dir", str(out / "run"), cwd=tmp_path)
+        finally:
+            del os.environ["IRM_PROBE_CRITIC"]
+        _, err = proc.communicate(p, timeout=400)
+        assert p.returncode == 0, err[-3000:]
+        runs[critic] = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    shared, copied = runs["shared"], runs["copy"]
+    # tiny: 4 PPO epochs of 2 mini-batches, 8 rows of each global 16 per rank: one rollout + 8 training lookups a step
+    assert all(r["lookups"] == steps * (1 + 4 * 2) and r["served"] == r["lookups"] for r in shared)
+    assert shared[0]["digest"] == shared[1]["digest"] and copied[0]["digest"] == copied[1]["digest"]
+    a, b = _policy(tmp_path / "shared" / "run"), _policy(tmp_path / "copy" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [[{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k}
+               for line in (tmp_path / c / "run" / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+              for c in ("shared", "copy")]
+    assert logged[0] == logged[1] and len(logged[0]) == steps  # the critic's loss and values among them
