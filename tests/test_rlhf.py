@@ -15,6 +15,7 @@ from pathlib import Path
 import proc
 import pytest
 import torch
+from critics import frozen_copy
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -550,15 +551,7 @@ def test_head_only_critic_reads_the_reference_pass_and_trains_exactly_as_a_froze
     assert lookups and all(h is not None for h in lookups)  # 3 rollouts + 3 steps x 4 epochs x 2 mini-batches
     assert len(lookups) == 3 * (1 + 4 * 2)
 
-    original = adapter.value_model_from
-
-    def frozen_copy(policy, lora=None, head_only=False):
-        value = original(policy)  # the same random draws as the head-only critic's construction
-        value.requires_grad_(False)
-        value.score.requires_grad_(True)
-        return value
-
-    monkeypatch.setattr(adapter, "value_model_from", frozen_copy)
+    monkeypatch.setattr(adapter, "value_model_from", frozen_copy(adapter.value_model_from))
     copied = tiny(tmp_path, "copied", *steps)
     run(copied)
     assert_same_run(shared, copied, steps=3)

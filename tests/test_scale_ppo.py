@@ -139,15 +139,10 @@ CRITIC_PROBE = textwrap.dedent("""
     lookup = adapter.ReferenceTrunk._lookup
     adapter.ReferenceTrunk._lookup = lambda self, ids, mask: served.append(lookup(self, ids, mask)) or served[-1]
     if os.environ.get("IRM_PROBE_CRITIC") == "copy":
-        original = adapter.value_model_from
+        sys.path.insert(0, os.environ["IRM_TESTS_DIR"])
+        from critics import frozen_copy
 
-        def frozen_copy(policy, lora=None, head_only=False):
-            value = original(policy)  # the same random draws as the head-only critic's construction
-            value.requires_grad_(False)
-            value.score.requires_grad_(True)
-            return value
-
-        adapter.value_model_from = frozen_copy
+        adapter.value_model_from = frozen_copy(adapter.value_model_from)
 
     class Digest(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -178,11 +173,11 @@ def test_two_processes_with_lora_serve_the_critic_from_each_ranks_reference_pass
     for critic in ("shared", "copy"):
         out = tmp_path / critic
         out.mkdir()
-        os.environ["IRM_PROBE_CRITIC"] = critic
+        os.environ.update(IRM_PROBE_CRITIC=critic, IRM_TESTS_DIR=str(Path(__file__).parent))
         try:
             p = _torchrun(str(script), str(out), *common, "--run_dir", str(out / "run"), cwd=tmp_path)
         finally:
-            del os.environ["IRM_PROBE_CRITIC"]
+            del os.environ["IRM_PROBE_CRITIC"], os.environ["IRM_TESTS_DIR"]
         _, err = proc.communicate(p, timeout=400)
         assert p.returncode == 0, err[-3000:]
         runs[critic] = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
