@@ -378,8 +378,12 @@ def test_converting_a_gguf_leaves_the_callers_random_stream_as_it_was(tmp_path, 
 @pytest.mark.slow
 def test_embedded_smollm2_converts_once_matches_the_gguf_and_generates(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("IRM_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
     model, tok = models.load_model(ModelConfig())
     assert "converting" in capfd.readouterr().err
+    assert torch.equal(torch.rand(8), expected)  # the conversion drew nothing from the caller's stream
     converted = list((tmp_path / "cache").iterdir())
     assert len(converted) == 1 and (converted[0] / "config.json").is_file()
     stamp = (converted[0] / "config.json").stat().st_mtime_ns

@@ -60,17 +60,18 @@ def converted_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"irm: converting {gguf.name} once into {target}", file=sys.stderr)
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read GGUF file {gguf}: {first_line(e)}; give a GGUF of a supported architecture") from None
-    config = quantized.config
-    del config.quantization_config  # the marker that makes save_pretrained refuse; the weights are dequantised
-    arch_for_type(config.model_type, str(gguf))
-    # from_config initialises weights from the global random stream, which the run has already seeded: without
-    # the fork, the first run on a machine (the one that converts) would train another PPO than every later run.
+    # The run has already seeded the global random stream, and from_config initialises weights from it: without the
+    # fork, the first run on a machine (the one that converts) trained another PPO than every later run.
     with torch.random.fork_rng(devices=[]):
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read GGUF file {gguf}: {first_line(e)}; give a GGUF of a supported "
+                            "architecture") from None
+        config = quantized.config
+        del config.quantization_config  # the marker that makes save_pretrained refuse; the weights are dequantised
+        arch_for_type(config.model_type, str(gguf))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     from irm.artifacts import atomic_dir
