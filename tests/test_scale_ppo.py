@@ -50,22 +50,36 @@ def test_batch_sizes_must_split_evenly_between_processes():
         ppo_config(RLHFConfig(batch_size=16, mini_batch_size=2), "/tmp/unused", 0, use_cpu=True, world_size=2)
 
 
-# Runs the stage like `python -m irm rlhf`, plus a callback through which each rank reports a digest of its replica.
+# Runs the stage like `python -m irm rlhf`, plus a callback through which each rank reports a digest of its replica
+# and how many of its head-only critic's passes the trunk served from the reference pass (`served`, of `lookups`;
+# None: a row it had not seen, computed). `IRM_PROBE_CRITIC=copy`: the critic is instead a frozen copy of the base
+# body under the same head (the value model before the shared trunk).
 PROBE = textwrap.dedent("""
     import hashlib, json, os, sys
     from pathlib import Path
     import torch.distributed as dist
     from transformers import TrainerCallback
     from irm.cli import parse_config
+    from irm.rlhf import adapter
     from irm.stages.rlhf import run
+
+    served = []
+    lookup = adapter.ReferenceTrunk._lookup
+    adapter.ReferenceTrunk._lookup = lambda self, ids, mask: served.append(lookup(self, ids, mask)) or served[-1]
+    if os.environ.get("IRM_PROBE_CRITIC") == "copy":
+        sys.path.insert(0, os.environ["IRM_TESTS_DIR"])
+        from critics import frozen_copy
+
+        adapter.value_model_from = frozen_copy(adapter.value_model_from)
 
     class Digest(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
             h = hashlib.sha256()
             for k, v in sorted(model.state_dict().items()):
                 h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
-            Path(sys.argv[1], f"rank-{os.environ['RANK']}.json").write_text(
-                json.dumps({"digest": h.hexdigest(), "world": dist.get_world_size(), "backend": dist.get_backend()}))
+            Path(sys.argv[1], f"rank-{os.environ['RANK']}.json").write_text(json.dumps(
+                {"digest": h.hexdigest(), "world": dist.get_world_size(), "backend": dist.get_backend(),
+                 "served": sum(x is not None for x in served), "lookups": len(served)}))
 
     run(parse_config("rlhf", sys.argv[2:]), callbacks=(Digest(),))
 """)
@@ -123,48 +137,15 @@ def test_two_processes_train_identical_replicas_and_resume_exactly_after_a_kill(
     assert [m["rlhf/kl"] for m in resumed] == [m["rlhf/kl"] for m in metrics]
 
 
-# The same stage under two processes with LoRA and the head-only critic, run either as irm runs it (the critic
-# answered from the reference pass through `ReferenceTrunk`) or with the critic a frozen copy of the base body under
-# the same head (`IRM_PROBE_CRITIC=copy`); each rank reports its replica's digest and how many critic passes its
-# trunk served from the reference pass (None: a row it had not seen, computed).
-CRITIC_PROBE = textwrap.dedent("""
-    import hashlib, json, os, sys
-    from pathlib import Path
-    from transformers import TrainerCallback
-    from irm.cli import parse_config
-    from irm.rlhf import adapter
-    from irm.stages.rlhf import run
-
-    served = []
-    lookup = adapter.ReferenceTrunk._lookup
-    adapter.ReferenceTrunk._lookup = lambda self, ids, mask: served.append(lookup(self, ids, mask)) or served[-1]
-    if os.environ.get("IRM_PROBE_CRITIC") == "copy":
-        sys.path.insert(0, os.environ["IRM_TESTS_DIR"])
-        from critics import frozen_copy
-
-        adapter.value_model_from = frozen_copy(adapter.value_model_from)
-
-    class Digest(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            h = hashlib.sha256()
-            for k, v in sorted(model.state_dict().items()):
-                h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
-            Path(sys.argv[1], f"rank-{os.environ['RANK']}.json").write_text(json.dumps(
-                {"digest": h.hexdigest(), "served": sum(x is not None for x in served), "lookups": len(served)}))
-
-    run(parse_config("rlhf", sys.argv[2:]), callbacks=(Digest(),))
-""")
-
-
 @pytest.mark.slow
 def test_two_processes_with_lora_serve_the_critic_from_each_ranks_reference_pass_and_train_as_a_frozen_copy(
-        tmp_path):
+        tmp_path, monkeypatch):
     """The head-only critic's shared trunk under data parallelism: the hooks sit on the modules DDP wraps and each
     rank looks up only its own rows, so every critic pass of both ranks is served from that rank's reference pass,
     the ranks' replicas stay equal, and the run is bit for bit the 2-process run whose critic is a frozen copy of
     the base body (the value model before the shared trunk)."""
     script = tmp_path / "probe.py"
-    script.write_text(CRITIC_PROBE)
+    script.write_text(PROBE)
     steps = 3
     common = ["--config", str(TINY), "--log_dir", str(tmp_path / "tb"), "--rlhf.steps", str(steps),
               "--rlhf.checkpoint_every", "100", "--rlhf.value_head_only", "true", "--rlhf.lora_rank", "4",
@@ -173,11 +154,9 @@ def test_two_processes_with_lora_serve_the_critic_from_each_ranks_reference_pass
     for critic in ("shared", "copy"):
         out = tmp_path / critic
         out.mkdir()
-        os.environ.update(IRM_PROBE_CRITIC=critic, IRM_TESTS_DIR=str(Path(__file__).parent))
-        try:
-            p = _torchrun(str(script), str(out), *common, "--run_dir", str(out / "run"), cwd=tmp_path)
-        finally:
-            del os.environ["IRM_PROBE_CRITIC"], os.environ["IRM_TESTS_DIR"]
+        monkeypatch.setenv("IRM_PROBE_CRITIC", critic)
+        monkeypatch.setenv("IRM_TESTS_DIR", str(Path(__file__).parent))
+        p = _torchrun(str(script), str(out), *common, "--run_dir", str(out / "run"), cwd=tmp_path)
         _, err = proc.communicate(p, timeout=400)
         assert p.returncode == 0, err[-3000:]
         runs[critic] = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
