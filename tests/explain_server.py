@@ -1,6 +1,6 @@
 """A chat-completions server on loopback for the explain tests: the OpenAI protocol over real HTTP (POST
 /v1/chat/completions), answering with a responder function, and misbehaving on request: 429, 5xx, a stalled reply,
-a malformed body, a garbage answer. It logs every request, so tests count what the client sent."""
+a malformed body, a garbage answer, a hang-up (the connection closed with no reply, as a crashed server does). It logs every request, so tests count what the client sent."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
-FAULTS = ("401", "429", "500", "500-echo-key", "stall", "malformed", "garbage")
+FAULTS = ("401", "429", "500", "500-echo-key", "stall", "malformed", "garbage", "hangup")
 GARBAGE = "I would rather not say; it is complicated."
 
 
@@ -98,6 +98,9 @@ class ChatServer:
             entry["status"] = status
             self._send(h, status, json.dumps({"error": {"message": detail, "type": "server_error"}}).encode(),
                        {"Retry-After": "0"} if status == 429 else {})
+            return
+        if fault == "hangup":
+            h.close_connection = True  # nothing written: the client reads end of stream where the reply should be
             return
         if fault == "stall":
             time.sleep(self.stall_s)

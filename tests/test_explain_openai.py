@@ -59,6 +59,17 @@ def test_retries_give_up_with_a_message_that_hides_the_echoed_key(server, key):
     assert key not in repr(backend)
 
 
+def test_a_server_that_hangs_up_is_retried_and_then_named_in_the_message(server, key):
+    server.inject("hangup")
+    assert make_backend(explain_cfg(server)).chat(HI) == "an answer"  # one hang-up: the client asks again
+    server.inject("hangup", times=10)
+    with pytest.raises(BackendError) as info:
+        make_backend(explain_cfg(server, max_retries=2)).chat(HI)
+    assert [r["fault"] for r in server.log] == ["hangup", None] + ["hangup"] * 3
+    assert "APIConnectionError after 3 attempts" in str(info.value)
+    assert "disconnected without sending a response" in str(info.value)  # why, not just "Connection error."
+
+
 def test_a_refused_key_stops_with_a_user_error(server, key):
     server.inject("401")
     with pytest.raises(UserError, match=KEY_ENV) as info:

@@ -95,7 +95,9 @@ class OpenAIBackend:
                 raise BackendError(self.redact(f"HTTP {e.status_code} after {self._retries + 1} attempts at most: "
                                                f"{e.message}")) from None
             except openai.APIConnectionError as e:  # timeouts included
-                raise BackendError(self.redact(f"{type(e).__name__} after {self._retries + 1} attempts: {e}")) \
+                # the client's own words ("Connection error.") hide why; the transport's error it wraps says it
+                why = f" ({e.__cause__})" if e.__cause__ is not None and str(e.__cause__) else ""
+                raise BackendError(self.redact(f"{type(e).__name__} after {self._retries + 1} attempts: {e}{why}")) \
                     from None
             if attempt < self._retries:
                 time.sleep(min(RETRY_CAP_S, self._backoff * 2**attempt * self._jitter.uniform(1.0, 1.25)))
