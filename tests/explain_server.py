@@ -1,6 +1,7 @@
 """A chat-completions server on loopback for the explain tests: the OpenAI protocol over real HTTP (POST
 /v1/chat/completions), answering with a responder function, and misbehaving on request: 429, 5xx, a stalled reply,
-a malformed body, a garbage answer, a hang-up (the connection closed with no reply, as a crashed server does). It logs every request, so tests count what the client sent."""
+a malformed body, a garbage answer, a hang-up (the connection closed with no reply, as a crashed server does). It
+logs every request, so tests count what the client sent."""
 
 from __future__ import annotations
 

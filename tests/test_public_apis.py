@@ -1,7 +1,8 @@
 """irm/ uses only the public API of the libraries it builds on (Lightning, TRL, transformers, torch, ...): no
 attribute `x._name` that irm/ does not define itself, no `from <library> import _name`. A private attribute is an
 implementation detail its library may rename in any release; where a library has no public way, the override lives
-in one adapter module with its own test (irm.rlhf.trl_internals: TRL's PPO prompt loader and rollout sampler)."""
+in one adapter module with its own test (irm.rlhf.trl_internals: TRL's PPO prompt loader, rollout sampler and the
+policy's name under DDP)."""
 
 from __future__ import annotations
 

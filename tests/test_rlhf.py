@@ -204,8 +204,9 @@ def test_the_optimizer_steps_with_the_gradient_clipped_to_max_grad_norm_and_logs
 
 
 def test_the_trl_internals_irm_replaces_are_those_of_the_trl_it_was_checked_against():
-    """TRL gives no public hook for PPO's prompt loader and rollout sampler (irm.rlhf.trl_internals): another TRL,
-    or either internal changed, must fail here, naming what moved, not train silently through TRL's own ones."""
+    """TRL gives no public hook for PPO's prompt loader, its rollout sampler or the policy's name under DDP
+    (irm.rlhf.trl_internals): another TRL, or any of those internals changed, must fail here, naming what moved, not
+    train silently through TRL's own ones."""
     from irm.rlhf.trl_internals import changed_internals
 
     assert changed_internals() == []
@@ -221,6 +222,10 @@ def test_a_moved_trl_internal_is_named(monkeypatch):
     monkeypatch.setattr(ppo_trainer, "batch_generation", lambda model, queries: None)
     problems = changed_internals()
     assert len(problems) == 2 and "trl is 1.13.0" in problems[0] and "takes other parameters" in problems[1]
+    monkeypatch.setattr(ppo_trainer.PPOTrainer, "train", lambda self: None)  # a train() that reads none of them
+    assert changed_internals()[2:] == ["PPOTrainer.train no longer samples through batch_generation",
+                                       "PPOTrainer.train no longer iterates self.dataloader",
+                                       "PPOTrainer's reference pass no longer reads the policy as self.model.policy"]
     before = ppo_trainer.batch_generation
     with rollouts_sampled_by(print):
         assert ppo_trainer.batch_generation is print

@@ -22,7 +22,8 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from irm.config import RLHFConfig  # noqa: E402
 from irm.errors import UserError  # noqa: E402
 from irm.rlhf.adapter import ReferenceTrunk, SharedTrunkCritic  # noqa: E402
-from irm.rlhf.trl_internals import replace_prompt_loader, rollouts_sampled_by  # noqa: E402
+from irm.rlhf.trl_internals import (  # noqa: E402
+    expose_policy_through_wrapper, replace_prompt_loader, rollouts_sampled_by)
 from irm.sampling import SamplingRule, generate, rule  # noqa: E402
 
 
@@ -87,13 +88,7 @@ class ResumablePPOTrainer(PPOTrainer):
         self.rule = rule
         with _quiet():
             super().__init__(*args, **kwargs)
-        # TRL 1.12's reference pass (and its adapters-off context) reaches the policy as `self.model.policy`: under
-        # data parallelism that is an attribute of the DDP wrapper, which has none, so LoRA PPO on two processes
-        # failed ("'DistributedDataParallel' object has no attribute 'policy'"). The wrapper gets the policy as a
-        # plain attribute, not a registered module: its parameters and state dict stay as they were.
-        inner = self.accelerator.unwrap_model(self.model)
-        if inner is not self.model:
-            object.__setattr__(self.model, "policy", inner.policy)
+        expose_policy_through_wrapper(self)  # LoRA PPO under DDP: TRL reads self.model.policy
         # TRL prints every log dict (disable_tqdm) or draws its own bar; the stage shows one bar with reward and KL.
         self.remove_callback(PrinterCallback)
         # Own generator: starting the loader's iterator must not draw from the global RNG, which a resumed run

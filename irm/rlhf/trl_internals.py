@@ -1,4 +1,4 @@
-"""The two places irm replaces part of TRL's experimental PPOTrainer where TRL gives no public hook. Checked against
+"""The three places irm works around TRL's experimental PPOTrainer where TRL gives no public hook. Checked against
 trl==1.12.0 (pinned in pyproject.toml; PPOTrainer was removed in 1.13): `tests/test_rlhf.py` fails, naming what
 moved, when the installed TRL is another version or either internal below changed (`changed_internals`)."""
 
@@ -17,6 +17,16 @@ def replace_prompt_loader(trainer, loader) -> None:
     a shuffling sampler of its own (no argument chooses another) and `train()` iterates that attribute directly
     (`get_train_dataloader` is never called)."""
     trainer.dataloader = loader
+
+
+def expose_policy_through_wrapper(trainer) -> None:
+    """TRL's reference pass (and its adapters-off context) reaches the policy as `self.model.policy`: under data
+    parallelism `self.model` is the DDP wrapper, which has no such attribute, so LoRA PPO on several processes failed
+    ("'DistributedDataParallel' object has no attribute 'policy'"). The wrapper gets the policy as a plain
+    attribute, not a registered module: its parameters and state dict stay as they were. On one process, nothing."""
+    inner = trainer.accelerator.unwrap_model(trainer.model)
+    if inner is not trainer.model:
+        object.__setattr__(trainer.model, "policy", inner.policy)
 
 
 @contextlib.contextmanager
@@ -50,4 +60,8 @@ def changed_internals() -> list[str]:
         problems.append("PPOTrainer.train no longer samples through batch_generation")
     if "self.dataloader" not in train:
         problems.append("PPOTrainer.train no longer iterates self.dataloader")
+    # the reference pass: train() reads `model.policy` of `model = self.model`, the adapters-off context
+    # `self.model.policy`; both are what expose_policy_through_wrapper serves under DDP
+    if "forward(model.policy" not in train or "self.model.policy" not in inspect.getsource(PPOTrainer.null_ref_context):
+        problems.append("PPOTrainer's reference pass no longer reads the policy as self.model.policy")
     return problems
