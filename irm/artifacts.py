@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from irm.errors import UserError
 
@@ -185,6 +185,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256, for local_checksum's repeated questions
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def dir_checksum(path: str | os.PathLike) -> str:
+    """One hash of every file under `path` (relative names and contents)."""
+    path = Path(path)
+    return fingerprint([(str(f.relative_to(path)), _file_digest(f)) for f in sorted(path.rglob("*")) if f.is_file()])
+
+
+def local_checksum(name: str | os.PathLike) -> Optional[str]:
+    """The checksum of what a local `name` holds: a file's sha256, a directory's `dir_checksum`; None when `name` is
+    neither (a hub id). Each file is read once per process while its size and modification time stay the same, so
+    the stage graph may ask as often as it checks a stage."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _file_digest(path)
+    return dir_checksum(path) if path.is_dir() else None
 
 
 def fingerprint(*parts: Any) -> str:

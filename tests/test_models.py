@@ -13,6 +13,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from irm import models
+from irm.artifacts import dir_checksum
 from irm.config import ModelConfig
 from irm.data.generated import generate_reviews, vocabulary
 from irm.errors import UserError
@@ -487,10 +488,57 @@ def test_a_given_tuned_model_is_the_runs_policy_and_layer_divergence_sees_its_ch
     check_all(cfg)
     rlhf_run(cfg)
     record = read_json(Path(cfg.run_dir) / "manifest.json")["stages"]["rlhf"]
-    assert record["tuned"] == {"name": str(tuned_dir), "sha256": models.dir_checksum(tuned_dir)}
+    assert record["tuned"] == {"name": str(tuned_dir), "sha256": dir_checksum(tuned_dir)}
     assert not (Path(cfg.run_dir) / "rlhf" / "metrics.jsonl").exists()  # nothing trained
     policy, tok = models.load_tuned(cfg)
     assert tok.get_vocab() == models.tiny_tokenizer().get_vocab()
     divergence.run(cfg)
     got = read_json(Path(cfg.run_dir) / "divergence.json")["values"]
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)  # float32 weights: (w + d) - w rounds d
+
+
+def test_a_given_tuned_model_changed_in_place_redoes_its_policy_and_everything_downstream(tiny_cfg, tmp_path, capsys):
+    """model.tuned's fingerprint holds its path: a model retrained in place at that path must not leave the old
+    policy and its numbers "up to date". The rlhf record's checksum of the files is checked (given_tuned_unchanged);
+    a changed model redoes rlhf and, through its new stamp, divergence, which then measures the new weights."""
+    import dataclasses
+
+    from irm.artifacts import read_json
+    from irm.config import check_all
+    from irm.stages import divergence, up_to_date
+    from irm.stages.rlhf import run as rlhf_run
+
+    base, tok = models.load_model(tiny_cfg.model, seed=tiny_cfg.seed)
+    tuned_dir = tmp_path / "tuned"
+
+    def save_tuned(layer: int, size: float) -> list[float]:
+        """The base model with one block moved by `size` per weight, saved at tuned_dir; the Frobenius norms
+        the divergence stage should then report, computed here."""
+        model, _ = models.load_model(tiny_cfg.model, seed=tiny_cfg.seed)
+        expected = [0.0] * models.n_layers(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(models.block_prefix(model, layer)):
+                    p.add_(size)
+                    expected[layer] += float(torch.full(p.shape, size, dtype=torch.float64).norm())
+        model.save_pretrained(tuned_dir)
+        tok.save_pretrained(tuned_dir)
+        return expected
+
+    first = save_tuned(1, 0.01)
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, tuned=str(tuned_dir)))
+    check_all(cfg)
+    rlhf_run(cfg)
+    divergence.run(cfg)
+    assert read_json(Path(cfg.run_dir) / "divergence.json")["values"] == pytest.approx(first, rel=1e-3, abs=1e-6)
+    assert up_to_date(cfg, "rlhf") and up_to_date(cfg, "divergence")
+    capsys.readouterr()
+
+    second = save_tuned(2, 0.02)  # retrained in place: same path, other weights
+    assert not up_to_date(cfg, "rlhf") and not up_to_date(cfg, "divergence")
+    assert capsys.readouterr().err.count("changed since the rlhf stage saved it") == 1  # said once, not per check
+    rlhf_run(cfg)
+    assert up_to_date(cfg, "rlhf") and not up_to_date(cfg, "divergence")  # rlhf's new stamp redoes what reads it
+    divergence.run(cfg)
+    assert read_json(Path(cfg.run_dir) / "divergence.json")["values"] == pytest.approx(second, rel=1e-3, abs=1e-6)
+    assert up_to_date(cfg, "divergence")

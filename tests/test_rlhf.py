@@ -503,7 +503,7 @@ def test_a_runs_own_policy_given_as_model_tuned_reproduces_its_taus(in_tmp):
     from test_planted import CONSUMERS, SMALL
 
     from irm.cli import main
-    from irm.models import dir_checksum
+    from irm.artifacts import dir_checksum
 
     tiny = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     first, second = in_tmp / "first", in_tmp / "second"

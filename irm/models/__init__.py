@@ -40,7 +40,7 @@ from irm.models.sites import (
     supported_model_types,
 )
 from irm.models.tiny import TINY_MODELS, tiny_tokenizer, tiny_vocabulary
-from irm.models.tuned import dir_checksum, pair_problem, tuned_identity
+from irm.models.tuned import pair_problem, tuned_identity
 
 __all__ = [
     "EMBEDDED_ALIAS",
@@ -57,7 +57,6 @@ __all__ = [
     "capture",
     "converted_gguf",
     "d_model",
-    "dir_checksum",
     "embedded_gguf",
     "load_given_tuned",
     "load_model",

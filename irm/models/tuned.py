@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from irm.artifacts import sha256_file
+from irm.artifacts import local_checksum
 from irm.errors import UserError
 from irm.models.loading import first_line, has_tokenizer, hf_config, hf_source, model_hint
 from irm.models.tiny import TINY_MODELS, tiny_config, tiny_tokenizer
@@ -62,17 +62,9 @@ def tuned_identity(model_cfg: "ModelConfig", commit: Optional[str] = None) -> di
     the loaded model's config)."""
     name = model_cfg.tuned
     out: dict = {"name": name}
-    if name.endswith(".gguf"):
-        out["sha256"] = sha256_file(Path(name).expanduser())
-    elif Path(name).expanduser().is_dir():
-        out["sha256"] = dir_checksum(Path(name).expanduser())
+    digest = local_checksum(name)
+    if digest is not None:
+        out["sha256"] = digest
     elif commit is not None:
         out["commit"] = commit
     return out
-
-
-def dir_checksum(path: Path) -> str:
-    """One hash of every file under `path` (relative names and contents)."""
-    from irm.artifacts import fingerprint
-
-    return fingerprint([(str(f.relative_to(path)), sha256_file(f)) for f in sorted(path.rglob("*")) if f.is_file()])

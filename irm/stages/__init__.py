@@ -8,10 +8,11 @@ Standalone subcommands and the pipeline use the same fingerprints, so either can
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-from irm.artifacts import RunDir, fingerprint, read_json, write_json, write_text
+from irm.artifacts import RunDir, fingerprint, local_checksum, read_json, write_json, write_text
 from irm.config import RunConfig, fingerprint_data
 from irm.errors import UserError
 
@@ -35,7 +36,8 @@ class Stage:
     `upstream`: stages whose artifacts it reads (their completion stamps enter its fingerprint);
     `bookkeeping`: per config section it owns, fields that change how work is kept or scheduled, not what it
     produces (editing them redoes nothing anywhere); `outputs`: the artifacts it writes, each
-    a key and its path under run_dir, the one place a file name is spelled (`artifact(run_dir, key)`).
+    a key and its path under run_dir, the one place a file name is spelled (`artifact(run_dir, key)`);
+    `still_valid`: a check of files outside run_dir that the stage read (see `given_tuned_unchanged`).
 
     A stage's name is also its module's (`module`, under irm/stages/) and, where it has settings, its config
     section's (`section`), with `_` for `-`."""
@@ -47,6 +49,9 @@ class Stage:
     when: tuple[tuple[str, Callable[[RunConfig], bool]], ...] = ()
     bookkeeping: tuple[tuple[str, tuple[str, ...]], ...] = ()
     outputs: tuple[tuple[str, str], ...] = ()  # (artifact key, path under run_dir): read through `artifact`
+    # what a finished stage read from outside run_dir and its fingerprint holds only by name: (cfg, its completion
+    # record) -> whether that is still what the record says it was; False redoes it and everything downstream
+    still_valid: Optional[Callable[[RunConfig, dict], bool]] = None
 
     @property
     def section(self) -> str:
@@ -59,6 +64,25 @@ class Stage:
         return f"irm.stages.{self.section}"
 
 
+def given_tuned_unchanged(cfg: RunConfig, record: dict) -> bool:
+    """rlhf under `model.tuned`: the local files the run's policy was saved from still have the checksum its
+    completion record holds (`irm.models.tuned_identity`). The fingerprint holds model.tuned's path, so a model
+    retrained in place would otherwise leave the old policy, and every number after it, "up to date". A hub id
+    cannot be checked offline (the record keeps its commit); a PPO-trained run has nothing to check."""
+    if cfg.model.tuned is None:
+        return True
+    now = local_checksum(cfg.model.tuned)
+    if now is None or (record.get("tuned") or {}).get("sha256") == now:
+        return True
+    if (cfg.model.tuned, now) not in _TOLD:
+        _TOLD.add((cfg.model.tuned, now))
+        print(f"irm: model.tuned {cfg.model.tuned} changed since the rlhf stage saved it as the run's policy: rlhf and "
+              "every stage after it run again", file=sys.stderr)
+    return False
+
+
+_TOLD: set = set()  # changes already reported in this process (the stage graph asks many times)
+
 # The explainer's connection settings: where and how fast answers are fetched, not which answers.
 EXPLAIN_OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
 
@@ -66,7 +90,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("rlhf", "PPO fine-tuning of the base model against the reward (paper 4.1)",
           ("seed", "model", "corpus", "reward", "rlhf"),
           bookkeeping=(("rlhf", ("checkpoint_every", "keep_final_checkpoint")),),
-          outputs=(("policy", "rlhf/policy"), ("rlhf_metrics", "rlhf/metrics.jsonl"))),
+          outputs=(("policy", "rlhf/policy"), ("rlhf_metrics", "rlhf/metrics.jsonl")),
+          still_valid=given_tuned_unchanged),
     Stage("evaluate-reward", "mean reward of base vs tuned completions, paired difference (paper table 7)",
           ("seed", "model", "corpus", "reward", "rlhf", "evaluate_reward"), ("rlhf",),
           outputs=(("reward_eval", "reward_eval.json"),)),
@@ -216,7 +241,11 @@ def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
 
 
 def is_done(cfg: RunConfig, stage: str) -> bool:
-    return RunDir(cfg.run_dir).is_complete(stage, stage_fingerprint(cfg, stage))
+    rd = RunDir(cfg.run_dir)
+    if not rd.is_complete(stage, stage_fingerprint(cfg, stage)):
+        return False
+    check = BY_NAME[stage].still_valid
+    return check is None or check(cfg, rd.stage_record(stage))
 
 
 def up_to_date(cfg: RunConfig, stage: str) -> bool:
