@@ -178,3 +178,32 @@ def test_the_reward_lexicon_enters_fingerprints_by_content_not_path(tmp_path):
         cfg.model).items() if k != "tuned"}, "corpus": dataclasses.asdict(cfg.corpus), "reward": legacy,
         "rlhf": {k: v for k, v in dataclasses.asdict(cfg.rlhf).items()
                  if k not in ("checkpoint_every", "keep_final_checkpoint")}}, {})
+
+
+def test_a_local_classifier_enters_fingerprints_by_content_not_path(tmp_path):
+    """A reward classifier in a local directory, retrained in place, changes the fingerprint of every stage that
+    reads the reward (and of no other); the same files at another path change nothing; a hub id stays its name."""
+    import dataclasses
+
+    from irm.stages import ORDER, sections_of, stage_fingerprint
+
+    a, b = tmp_path / "clf", tmp_path / "moved"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "distilbert"}', encoding="utf-8")
+        (d / "model.safetensors").write_bytes(b"weights-1")
+
+    def fps(classifier):
+        cfg = parse_config("pipeline", ["--config", str(TINY), "--run_dir", str(tmp_path / "run")])
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, kind="classifier", classifier=classifier))
+        return {s: stage_fingerprint(cfg, s) for s in ORDER}
+
+    before = fps(str(a))
+    assert fps(str(b)) == before
+    (a / "model.safetensors").write_bytes(b"weights-2")
+    after = fps(str(a))
+    cfg = parse_config("pipeline", ["--config", str(TINY)])
+    reads_reward = {s for s in ORDER if "reward" in sections_of(cfg, s)}
+    assert {s for s in ORDER if after[s] != before[s]} == reads_reward and "rlhf" in reads_reward
+    hub = fps("lvwerra/distilbert-imdb")
+    assert hub != before and hub == fps("lvwerra/distilbert-imdb")

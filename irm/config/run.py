@@ -55,12 +55,21 @@ RENAMED_SECTIONS = {"evaluate": "evaluate_reward", "validate": "validate_feature
 
 def fingerprint_data(section: str, data: dict) -> dict:
     """Config section `section` (as a dict) the way stage fingerprints and the run identity hold it: the
-    `reward.lexicon` file by its content (sha256: editing the file reruns the stages that read the reward, moving it
-    reruns nothing); `reward.lexicon` and `model.tuned` left out when unset, so run directories made before these
+    `reward.lexicon` file and a `reward.classifier` in a local directory by their content (sha256: editing or
+    retraining them in place reruns the stages that read the reward, moving them reruns nothing; a classifier's hub
+    id stays its name); `reward.lexicon` and `model.tuned` left out when unset, so run directories made before these
     fields existed keep their fingerprints."""
     if section == "reward" and data.get("lexicon") is not None:
         from irm.reward_lexicon import lexicon_checksum
 
         return {**data, "lexicon": {"sha256": lexicon_checksum(RewardConfig(**data))}}
+    if section == "reward" and data.get("kind") == "classifier" and data.get("classifier"):
+        from pathlib import Path
+
+        from irm.artifacts import dir_checksum
+
+        local = Path(data["classifier"]).expanduser()
+        if local.is_dir():
+            return {**data, "classifier": {"sha256": dir_checksum(local)}}
     optional = {"reward": "lexicon", "model": "tuned"}.get(section)
     return {k: v for k, v in data.items() if not (k == optional and v is None)}
