@@ -95,13 +95,11 @@ def probe_values(reward: Reward, words: Sequence[str]) -> tuple[list[float], lis
 def classifier_lexicon(reward_cfg: RewardConfig) -> dict[str, float]:
     """The classifier reward's word values (PROBE_RULE) over VADER's one-word entries, cached on disk by classifier,
     label and rule (`irm.models.cache_dir()`): the reference a classifier-trained model is compared with."""
-    from irm.artifacts import dir_checksum, fingerprint, read_json, write_json
+    from irm.artifacts import fingerprint, local_checksum, read_json, write_json
     from irm.models import cache_dir
 
     source = reward_cfg.classifier or ""
-    local = Path(source).expanduser()
-    ident = [source, reward_cfg.positive_label, PROBE_RULE,
-             dir_checksum(local) if local.is_dir() else None]
+    ident = [source, reward_cfg.positive_label, PROBE_RULE, local_checksum(source) if source else None]
     path = cache_dir() / "probes" / f"{fingerprint(*ident)}.json"
     if path.is_file():
         return read_json(path)

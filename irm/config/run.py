@@ -64,12 +64,10 @@ def fingerprint_data(section: str, data: dict) -> dict:
 
         return {**data, "lexicon": {"sha256": lexicon_checksum(RewardConfig(**data))}}
     if section == "reward" and data.get("kind") == "classifier" and data.get("classifier"):
-        from pathlib import Path
+        from irm.artifacts import local_checksum
 
-        from irm.artifacts import dir_checksum
-
-        local = Path(data["classifier"]).expanduser()
-        if local.is_dir():
-            return {**data, "classifier": {"sha256": dir_checksum(local)}}
+        digest = local_checksum(data["classifier"])  # None for a hub id
+        if digest is not None:
+            return {**data, "classifier": {"sha256": digest}}
     optional = {"reward": "lexicon", "model": "tuned"}.get(section)
     return {k: v for k, v in data.items() if not (k == optional and v is None)}

@@ -64,6 +64,9 @@ class Stage:
         return f"irm.stages.{self.section}"
 
 
+_TOLD: set = set()  # model.tuned changes already reported in this process (the stage graph asks many times)
+
+
 def given_tuned_unchanged(cfg: RunConfig, record: dict) -> bool:
     """rlhf under `model.tuned`: the local files the run's policy was saved from still have the checksum its
     completion record holds (`irm.models.tuned_identity`). The fingerprint holds model.tuned's path, so a model
@@ -80,8 +83,6 @@ def given_tuned_unchanged(cfg: RunConfig, record: dict) -> bool:
               "every stage after it run again", file=sys.stderr)
     return False
 
-
-_TOLD: set = set()  # changes already reported in this process (the stage graph asks many times)
 
 # The explainer's connection settings: where and how fast answers are fetched, not which answers.
 EXPLAIN_OPERATIONAL = ("base_url", "api_key_env", "concurrency", "max_retries", "retry_backoff", "timeout")
